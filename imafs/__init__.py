@@ -1,0 +1,3 @@
+"""imafs: Linux IMA in user space, as a FUSE overlay filesystem."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from imafs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The FUSE adapter (pyfuse3 + trio). Thin: no IMA logic lives here."""
