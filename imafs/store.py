@@ -1,0 +1,86 @@
+"""The LMDB environment of one mount (``--state DIR``).
+
+One environment holds every piece of persistent state as named databases:
+
+``digests``   file identity -> cached digests (and fs-verity tree), see ima/engine
+``log``       (namespace id, sequence) -> measurement entry, see ima/measurelog
+``logidx``    per-view byte-offset index of the lists
+``pcr``       (namespace id, bank) -> PCR registers
+``ns``        namespace metadata
+``keys``      (namespace id, key id) -> certificate DER
+``meta``      small global values (schema version, epochs)
+
+Writes are LMDB transactions: a crash never leaves a list whose PCR values disagree
+with its entries, because an entry and its PCR extension commit together.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import lmdb
+
+SCHEMA_VERSION = b"1"
+DEFAULT_MAP_SIZE = 64 << 30  # sparse; LMDB only uses what it writes
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True,
+                 readonly: bool = False):
+        self.path = path
+        if not readonly:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                path, map_size=map_size, max_dbs=64, max_readers=512, subdir=True,
+                sync=sync, metasync=sync, readonly=readonly, lock=True,
+            )
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open state directory {path}: {e}") from e
+        self._dbs: dict[str, object] = {}
+        self._lock = threading.Lock()
+        if not readonly:
+            with self.env.begin(write=True, db=self.db("meta")) as txn:
+                old = txn.get(b"schema")
+                if old is None:
+                    txn.put(b"schema", SCHEMA_VERSION)
+                elif old != SCHEMA_VERSION:
+                    raise StoreError(f"state directory {path} has schema {old!r}, "
+                                     f"this imafs writes {SCHEMA_VERSION!r}")
+
+    def db(self, name: str, *, dupsort: bool = False):
+        """A named database handle (created on first use)."""
+        h = self._dbs.get(name)
+        if h is None:
+            with self._lock:
+                h = self._dbs.get(name)
+                if h is None:
+                    h = self.env.open_db(name.encode(), dupsort=dupsort,
+                                         create=not self.env.flags()["readonly"])
+                    self._dbs[name] = h
+        return h
+
+    def begin(self, *, write: bool = False, db: str | None = None) -> lmdb.Transaction:
+        return self.env.begin(write=write, db=self.db(db) if db else None)
+
+    @contextlib.contextmanager
+    def write(self):
+        """A write transaction, committed on success, aborted on exception."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self.db("meta")) as txn:
+            return txn.get(key)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        with self.env.begin(write=True, db=self.db("meta")) as txn:
+            txn.put(key, value)
+
+    def close(self) -> None:
+        self.env.close()
