@@ -1,11 +1,24 @@
-"""imafs command line (argparse). Subcommands are added by their modules."""
+"""imafs: Linux IMA in user space, as a FUSE overlay filesystem."""
+from __future__ import annotations
+
 import argparse
+import importlib
+import pkgutil
 import sys
+
+import imafs.commands
+
+
+class CommandError(Exception):
+    """A refusal with a one-line message for the user; exits with status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imafs", description=__doc__)
-    p.add_subparsers(dest="cmd", metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"imafs {imafs.__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    for mod in sorted(pkgutil.iter_modules(imafs.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"imafs.commands.{mod.name}").register(sub)
     return p
 
 
@@ -15,7 +28,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except CommandError as e:
+        print(f"imafs {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
