@@ -1,0 +1,940 @@
+"""The kernel IMA policy language: parse, print and match rules.
+
+A policy is a list of rules, one per line, in the language of the kernel's
+``Documentation/ABI/testing/ima_policy``::
+
+    action [condition ...] [option ...]     # comment
+
+The reference is the kernel's ``security/integrity/ima/ima_policy.c`` (Linux
+6.14 and later); this module reimplements its behaviour, not its code.
+
+Parsing (``parse_policy``) takes the whole text or nothing and raises
+``PolicyError`` with the line and the column of the offending word.  Printing
+(``str(rule)``, ``format_policy``) gives exactly the text the kernel shows in
+``/sys/kernel/security/ima/policy``: keywords in the kernel's fixed order, every
+keyword followed by one space (so each line ends in a space before its newline),
+``PATH_CHECK`` shown as ``FILE_CHECK``, ``FILE_MMAP`` as ``MMAP_CHECK``,
+``fsmagic=0x...`` in lower-case hex without leading zeros, ``mask=^MAY_READ``
+for the "any of these bits" form.  Matching (``Policy.match``) follows the
+kernel's ``ima_match_policy``: rules are walked in order, a rule is looked at only
+while its action pair (measure/dont_measure, appraise/dont_appraise,
+hash/dont_hash, audit) is still undecided, and the first rule of a pair whose
+conditions all hold decides that pair.
+
+LSM labels never match
+----------------------
+``subj_user= subj_role= subj_type= obj_user= obj_role= obj_type=`` are parsed,
+validated (where the kernel refuses them, e.g. with ``func=KEY_CHECK``) and
+printed, but a FUSE file system sees no LSM labels, so a rule with any of them
+**never matches**: it is dead.  This is what the kernel itself does with a label
+no active LSM knows.  (The kernel also hides such rules when it prints the policy;
+we print them, so that ``imafs policy check`` shows what was loaded.)
+
+Kernel-only hooks
+-----------------
+``MODULE_CHECK FIRMWARE_CHECK KEXEC_KERNEL_CHECK KEXEC_INITRAMFS_CHECK
+KEXEC_CMDLINE KEY_CHECK CRITICAL_DATA SETXATTR_CHECK`` are parsed and printed
+with the kernel's constraints, but the overlay produces no such events, so a
+rule restricted to one of them never matches a file access.  (An ``AccessEvent``
+with one of these ``func`` values is matched the kernel's way, including
+``keyrings=``/``label=`` against ``func_data`` for KEY_CHECK and CRITICAL_DATA.)
+``POST_SETATTR`` is accepted as an event func: as in the kernel, it ignores the
+``func=`` and ``mask=`` conditions.
+
+Where we differ from the kernel, on purpose
+-------------------------------------------
+* Word order does not matter.  The kernel refuses ``template=`` before the
+  action and ``appraise_type=sigv3`` before ``digest_type=verity`` -- yet prints
+  ``appraise_type=sigv3 digest_type=verity`` itself, a line it would refuse.
+  We check combinations after the whole rule is read, so anything we print
+  parses again (round trip).
+* Every keyword may appear once.  The kernel silently keeps the last ``fsname=``
+  or ``pcr=`` and accepts repeated ``digest_type=``/``appraise_type=``; we refuse
+  them.  As in the kernel, ``uid``/``euid`` share one condition (a rule may test
+  one of them) and so do ``gid``/``egid``.
+* ``appraise_flag=check_blacklist`` is accepted with ``appraise`` only and kept
+  and printed (after ``digest_type=``), as kernels up to 6.6 printed it.  Newer
+  kernels accept and drop it, since every signature rule checks the blacklist.
+* ``measure digest_type=verity`` with an explicit template lacking the
+  ``d-ngv2`` field (anything but ima-ngv2 and ima-sigv2) is refused: the kernel
+  only warns, and the list would then record an fs-verity digest that cannot
+  be told from a file hash.  Without ``template=``, the engine must use a
+  d-ngv2 template for such a measurement.
+* ``appraise_algos=`` accepts the kernel's hash names that this Python can
+  compute (the kernel's equivalent is "available in the crypto API").
+* uid/gid values are printed unsigned (the kernel prints ``%d``, so a uid
+  above 2^31 would come out negative and fail to parse again).
+* A word with an unprintable character (control characters, NUL, line or
+  paragraph separators) is refused.  As in the kernel, only space and tab
+  separate words and only ``\\n`` separates lines (``\\r`` is part of a word).
+* Policy text is limited to ``MAX_POLICY_BYTES``.
+
+Built-in policies
+-----------------
+``BUILTIN_POLICIES["tcb"]`` is what the kernel shows after booting with
+``ima_policy=tcb`` (its ``dont_measure_rules`` then ``default_measurement_rules``),
+``BUILTIN_POLICIES["appraise_tcb"]`` what it shows with ``ima_policy=appraise_tcb``
+(``default_appraise_rules``, built with CONFIG_IMA_WRITE_POLICY and without
+CONFIG_IMA_APPRAISE_SIGNED_INIT: policies loaded by path must be signed, files
+owned by root are appraised).  No architecture or secure-boot rules.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+__all__ = [
+    "MAY_EXEC", "MAY_WRITE", "MAY_READ", "MAY_APPEND",
+    "ACTIONS", "ALL_ACTIONS", "FUNCS", "FILE_FUNCS", "KERNEL_ONLY_FUNCS",
+    "TEMPLATES", "HASH_ALGOS", "DEFAULT_PCR", "PCR_LIMIT", "MAX_POLICY_BYTES",
+    "PolicyError", "Cmp", "Rule", "AccessEvent", "Decision", "Policy",
+    "parse_rule", "parse_policy", "format_policy", "load_policy_arg",
+    "BUILTIN_POLICIES", "FS_MAGIC",
+]
+
+# --------------------------------------------------------------------------
+# Constants (values as in the kernel)
+
+MAY_EXEC = 0x1
+MAY_WRITE = 0x2
+MAY_READ = 0x4
+MAY_APPEND = 0x8
+MASKS = {"MAY_EXEC": MAY_EXEC, "MAY_WRITE": MAY_WRITE,
+         "MAY_READ": MAY_READ, "MAY_APPEND": MAY_APPEND}
+_MASK_NAME = {v: k for k, v in MASKS.items()}
+
+#: Actions in the order the kernel prints them.
+ACTIONS = ("measure", "dont_measure", "appraise", "dont_appraise",
+           "audit", "hash", "dont_hash")
+#: Action -> the pair it decides.
+PAIR = {"measure": "measure", "dont_measure": "measure",
+        "appraise": "appraise", "dont_appraise": "appraise",
+        "audit": "audit", "hash": "hash", "dont_hash": "hash"}
+#: The four pairs; the default ``actions`` of ``Policy.match``.
+ALL_ACTIONS = frozenset({"measure", "appraise", "audit", "hash"})
+
+#: Hooks a rule may name, in the kernel's enum order.
+FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT", "BPRM_CHECK",
+         "CREDS_CHECK", "MODULE_CHECK", "FIRMWARE_CHECK", "KEXEC_KERNEL_CHECK",
+         "KEXEC_INITRAMFS_CHECK", "POLICY_CHECK", "KEXEC_CMDLINE", "KEY_CHECK",
+         "CRITICAL_DATA", "SETXATTR_CHECK")
+FUNC_ALIASES = {"PATH_CHECK": "FILE_CHECK", "FILE_MMAP": "MMAP_CHECK"}
+#: Hooks the overlay can produce events for.
+FILE_FUNCS = frozenset({"FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT",
+                        "BPRM_CHECK", "CREDS_CHECK", "POLICY_CHECK"})
+KERNEL_ONLY_FUNCS = frozenset(FUNCS) - FILE_FUNCS
+_EVENT_FUNCS = frozenset(FUNCS) | {"POST_SETATTR"}
+
+#: The kernel's built-in templates and their fields.
+TEMPLATES = {
+    "ima": ("d", "n"),
+    "ima-ng": ("d-ng", "n-ng"),
+    "ima-ngv2": ("d-ngv2", "n-ng"),
+    "ima-sig": ("d-ng", "n-ng", "sig"),
+    "ima-sigv2": ("d-ngv2", "n-ng", "sig"),
+    "ima-buf": ("d-ng", "n-ng", "buf"),
+    "ima-modsig": ("d-ng", "n-ng", "sig", "d-modsig", "modsig"),
+    "evm-sig": ("d-ng", "n-ng", "evmsig", "xattrnames", "xattrlengths",
+                "xattrvalues", "iuid", "igid", "imode"),
+}
+
+APPRAISE_TYPES = ("imasig", "imasig|modsig", "sigv3")
+APPRAISE_FLAGS = ("check_blacklist",)
+DIGEST_TYPES = ("verity",)
+
+#: The kernel's hash_algo_name table, in hash_algo id order (the order
+#: ``appraise_algos=`` is printed in), with the hashlib name where one exists.
+HASH_ALGOS = (
+    ("md4", "md4"), ("md5", "md5"), ("sha1", "sha1"), ("rmd160", "ripemd160"),
+    ("sha256", "sha256"), ("sha384", "sha384"), ("sha512", "sha512"),
+    ("sha224", "sha224"), ("rmd128", None), ("rmd256", None), ("rmd320", None),
+    ("wp256", None), ("wp384", None), ("wp512", "whirlpool"), ("tgr128", None),
+    ("tgr160", None), ("tgr192", None), ("sm3", "sm3"), ("streebog256", None),
+    ("streebog512", None), ("sha3-256", "sha3_256"), ("sha3-384", "sha3_384"),
+    ("sha3-512", "sha3_512"),
+)
+_ALGO_INDEX = {name: i for i, (name, _) in enumerate(HASH_ALGOS)}
+
+
+def _available(pyname):
+    if pyname is None:
+        return False
+    try:
+        hashlib.new(pyname)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+_ALGO_AVAILABLE = frozenset(n for n, py in HASH_ALGOS if _available(py))
+
+DEFAULT_PCR = 10            # CONFIG_IMA_MEASURE_PCR_IDX
+PCR_LIMIT = 64              # bits in the kernel's measured_pcrs (unsigned long)
+_ID_INVALID = 0xFFFFFFFF    # (uid_t)-1 is INVALID_UID
+MAX_POLICY_BYTES = 1 << 20  # refuse larger policy texts
+
+_LSM_KEYS = ("obj_user", "obj_role", "obj_type",
+             "subj_user", "subj_role", "subj_type")
+_ID_KEYS = ("uid", "euid", "gid", "egid", "fowner", "fgroup")
+# uid/euid and gid/egid share one slot in the kernel's rule entry
+_SLOT = {"euid": "uid", "egid": "gid"}
+_VALUE_KEYS = frozenset((
+    "func", "mask", "fsmagic", "fsname", "fsuuid", "pcr", "template",
+    "appraise_type", "appraise_flag", "appraise_algos", "digest_type",
+    "keyrings", "label") + _ID_KEYS + _LSM_KEYS)
+
+# Which keywords each hook allows (ima_validate_rule).  None = no func= given.
+_FILE_KEYS = frozenset((
+    "func", "mask", "fsmagic", "fsname", "fsuuid", "pcr", "template",
+    "appraise_type", "appraise_flag", "appraise_algos", "digest_type",
+    "permit_directio") + _ID_KEYS + _LSM_KEYS)
+_KERNEL_READ_KEYS = _FILE_KEYS - {"digest_type"}
+_ALLOWED = {f: _FILE_KEYS for f in (None, "FILE_CHECK", "MMAP_CHECK",
+                                    "MMAP_CHECK_REQPROT", "BPRM_CHECK",
+                                    "CREDS_CHECK", "FIRMWARE_CHECK",
+                                    "POLICY_CHECK")}
+_ALLOWED.update({f: _KERNEL_READ_KEYS for f in (
+    "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")})
+_ALLOWED["KEXEC_CMDLINE"] = frozenset((
+    "func", "fsmagic", "fsname", "fsuuid", "pcr", "template") + _ID_KEYS + _LSM_KEYS)
+_ALLOWED["KEY_CHECK"] = frozenset(("func", "uid", "gid", "pcr", "keyrings", "template"))
+_ALLOWED["CRITICAL_DATA"] = frozenset(("func", "uid", "gid", "pcr", "label", "template"))
+_ALLOWED["SETXATTR_CHECK"] = frozenset(("func", "appraise_algos") + _LSM_KEYS)
+_MODSIG_FUNCS = ("MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
+_MEASURE_ONLY_FUNCS = ("KEXEC_CMDLINE", "KEY_CHECK", "CRITICAL_DATA")
+
+#: Magic numbers of the file systems the built-in policies exclude.
+FS_MAGIC = {
+    "PROC_SUPER_MAGIC": 0x9FA0,
+    "SYSFS_MAGIC": 0x62656572,
+    "DEBUGFS_MAGIC": 0x64626720,
+    "TMPFS_MAGIC": 0x01021994,
+    "RAMFS_MAGIC": 0x858458F6,
+    "DEVPTS_SUPER_MAGIC": 0x1CD1,
+    "BINFMTFS_MAGIC": 0x42494E4D,
+    "SECURITYFS_MAGIC": 0x73636673,
+    "SELINUX_MAGIC": 0xF97CFF8C,
+    "SMACK_MAGIC": 0x43415D53,
+    "CGROUP_SUPER_MAGIC": 0x27E0EB,
+    "CGROUP2_SUPER_MAGIC": 0x63677270,
+    "NSFS_MAGIC": 0x6E736673,
+    "EFIVARFS_MAGIC": 0xDE5E81E4,
+}
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+class PolicyError(ValueError):
+    """A policy the kernel would refuse.
+
+    ``line`` and ``col`` are 1-based and point at the offending word (0 when
+    the error has no position, e.g. an unreadable file); ``msg`` says what is
+    wrong; ``source`` (optional) names the file.
+    """
+
+    def __init__(self, msg, line=0, col=0, source=None):
+        super().__init__(msg)
+        self.msg = msg
+        self.line = line
+        self.col = col
+        self.source = source
+
+    def with_source(self, source):
+        return PolicyError(self.msg, self.line, self.col, source)
+
+    def __str__(self):
+        where = f"line {self.line}, column {self.col}: " if self.line else ""
+        prefix = f"{self.source}: " if self.source else ""
+        return f"{prefix}{where}{self.msg}"
+
+    def __reduce__(self):
+        return (PolicyError, (self.msg, self.line, self.col, self.source))
+
+
+class _Bad(Exception):
+    """A bad word; the caller adds the position."""
+
+
+# --------------------------------------------------------------------------
+# Rules
+
+class Cmp(NamedTuple):
+    """An id condition: ``op`` is ``"="``, ``"<"`` or ``">"``."""
+    op: str
+    value: int
+
+    def test(self, actual):
+        if self.op == "=":
+            return actual == self.value
+        if self.op == "<":
+            return actual < self.value
+        return actual > self.value
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule.  Equality ignores ``line`` (where it was read from)."""
+    action: str
+    func: str | None = None
+    mask: int | None = None
+    mask_any: bool = False          # mask=^MAY_... (kernel IMA_INMASK)
+    fsmagic: int | None = None
+    fsname: str | None = None
+    fsuuid: str | None = None       # lower case, with dashes
+    uid: Cmp | None = None
+    euid: Cmp | None = None
+    gid: Cmp | None = None
+    egid: Cmp | None = None
+    fowner: Cmp | None = None
+    fgroup: Cmp | None = None
+    pcr: int | None = None
+    template: str | None = None
+    appraise_type: str | None = None
+    appraise_flag: str | None = None
+    appraise_algos: tuple[str, ...] | None = None   # in kernel id order
+    digest_type: str | None = None
+    permit_directio: bool = False
+    keyrings: tuple[str, ...] | None = None
+    label: tuple[str, ...] | None = None
+    obj_user: str | None = None
+    obj_role: str | None = None
+    obj_type: str | None = None
+    subj_user: str | None = None
+    subj_role: str | None = None
+    subj_type: str | None = None
+    line: int = field(default=0, compare=False)
+
+    # ---- printing (ima_policy_show) ----
+    def __str__(self):
+        out = [self.action]
+        if self.func is not None:
+            out.append(f"func={self.func}")
+        if self.mask is not None:
+            caret = "^" if self.mask_any else ""
+            for bit in (MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND):
+                if self.mask & bit:
+                    out.append(f"mask={caret}{_MASK_NAME[bit]}")
+        if self.fsmagic is not None:
+            out.append(f"fsmagic=0x{self.fsmagic:x}")
+        if self.fsname is not None:
+            out.append(f"fsname={self.fsname}")
+        if self.keyrings is not None:
+            out.append("keyrings=" + "|".join(self.keyrings))
+        if self.label is not None:
+            out.append("label=" + "|".join(self.label))
+        if self.pcr is not None:
+            out.append(f"pcr={self.pcr}")
+        if self.fsuuid is not None:
+            out.append(f"fsuuid={self.fsuuid}")
+        for key in _ID_KEYS:
+            cond = getattr(self, key)
+            if cond is not None:
+                out.append(f"{key}{cond.op}{cond.value}")
+        if self.appraise_algos is not None:
+            out.append("appraise_algos=" + ",".join(self.appraise_algos))
+        for key in _LSM_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                out.append(f"{key}={value}")
+        if self.template is not None:
+            out.append(f"template={self.template}")
+        if self.appraise_type is not None:
+            out.append(f"appraise_type={self.appraise_type}")
+        if self.digest_type is not None:
+            out.append(f"digest_type={self.digest_type}")
+        if self.appraise_flag is not None:
+            out.append(f"appraise_flag={self.appraise_flag}")
+        if self.permit_directio:
+            out.append("permit_directio")
+        # the kernel writes the action, then every keyword, each followed by a space
+        return " ".join(out) + " "
+
+    def __post_init__(self):
+        # a rule with an LSM label can never match (see the module docstring)
+        object.__setattr__(self, "_dead",
+                           any(getattr(self, k) is not None for k in _LSM_KEYS))
+
+    @property
+    def has_lsm(self):
+        """True if the rule names an LSM label: it can never match here."""
+        return self._dead
+
+    def fields_needed(self):
+        """Names of AccessEvent fields (beyond func and mask) that matching
+        this rule reads; empty for a rule that can never match."""
+        if self._dead:
+            return set()
+        return {key for key in ("fsmagic", "fsname", "uid", "euid", "gid", "egid",
+                                "fowner", "fgroup")
+                if getattr(self, key) is not None}
+
+    # ---- matching (ima_match_rules) ----
+    def matches(self, event: "AccessEvent") -> bool:
+        """True if every condition of this rule holds for ``event``."""
+        if self._dead:
+            return False        # no LSM labels through FUSE: never matches
+        func = event.func
+        setattr_ = func == "POST_SETATTR"
+        if self.func is not None and self.func != func and not setattr_:
+            return False
+        if func == "KEY_CHECK" or func == "CRITICAL_DATA":
+            # buffer hooks: the rule must name the hook; only uid and the
+            # keyrings/label list are looked at (as in the kernel)
+            if self.func != func:
+                return False
+            if self.uid is not None and not self.uid.test(_need(event, "uid")):
+                return False
+            items = self.keyrings if func == "KEY_CHECK" else self.label
+            if items is None:
+                return True
+            return event.func_data is not None and event.func_data in items
+        if self.mask is not None and not setattr_:
+            if self.mask_any:
+                if not self.mask & event.mask:
+                    return False
+            elif self.mask != event.mask:
+                return False
+        if self.fsmagic is not None and self.fsmagic != _need(event, "fsmagic"):
+            return False
+        if self.fsname is not None and self.fsname != _need(event, "fsname"):
+            return False
+        if self.fsuuid is not None and self.fsuuid != _event_uuid(event):
+            return False
+        if self.uid is not None and not self.uid.test(_need(event, "uid")):
+            return False
+        if self.euid is not None:
+            cond = self.euid
+            if event.cap_setuid:
+                ids = [_need(event, "euid"), event.uid, event.suid]
+                if not any(i is not None and cond.test(i) for i in ids):
+                    return False
+            elif not cond.test(_need(event, "euid")):
+                return False
+        if self.gid is not None and not self.gid.test(_need(event, "gid")):
+            return False
+        if self.egid is not None:
+            cond = self.egid
+            if event.cap_setgid:
+                ids = [_need(event, "egid"), event.gid, event.sgid]
+                if not any(i is not None and cond.test(i) for i in ids):
+                    return False
+            elif not cond.test(_need(event, "egid")):
+                return False
+        if self.fowner is not None and not self.fowner.test(_need(event, "fowner")):
+            return False
+        if self.fgroup is not None and not self.fgroup.test(_need(event, "fgroup")):
+            return False
+        return True
+
+
+_NULL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _event_uuid(event):
+    return _NULL_UUID if event.fsuuid is None else str(event.fsuuid).lower()
+
+
+def _need(event, name):
+    value = getattr(event, name)
+    if value is None:
+        raise ValueError(f"a policy rule tests {name}, but the access event "
+                         f"does not carry it (see Policy.needs)")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Events and decisions
+
+@dataclass(frozen=True)
+class AccessEvent:
+    """What the overlay saw: who accesses which file, through which hook.
+
+    ``func`` is a hook name (aliases PATH_CHECK and FILE_MMAP are accepted, and
+    POST_SETATTR); ``mask`` combines MAY_EXEC/MAY_WRITE/MAY_READ/MAY_APPEND.
+    Subject ids are the caller's real (``uid``, ``gid``) and effective
+    (``euid``, ``egid``) ids; ``suid``/``sgid`` and ``cap_setuid``/``cap_setgid``
+    serve the kernel's euid/egid rule: a caller with CAP_SETUID matches an
+    ``euid`` condition with its euid, saved uid or real uid.  ``fsuuid`` None
+    means the file system has no UUID (the kernel's null UUID).  An id or
+    file-system field left None is "unknown": a rule that tests it raises
+    ValueError, so use ``Policy.needs`` to learn which fields to fill in.
+    ``func_data`` is the keyring (KEY_CHECK) or label (CRITICAL_DATA).
+    """
+    func: str
+    mask: int = 0
+    uid: int | None = None
+    euid: int | None = None
+    gid: int | None = None
+    egid: int | None = None
+    fowner: int | None = None
+    fgroup: int | None = None
+    fsmagic: int | None = None
+    fsname: str | None = None
+    fsuuid: str | None = None
+    path: str = ""
+    suid: int | None = None
+    sgid: int | None = None
+    cap_setuid: bool = False
+    cap_setgid: bool = False
+    func_data: str | None = None
+
+    def __post_init__(self):
+        func = FUNC_ALIASES.get(self.func, self.func)
+        if func not in _EVENT_FUNCS:
+            raise ValueError(f"unknown IMA hook {self.func!r}")
+        object.__setattr__(self, "func", func)
+
+
+def _rule_dict(rule):
+    if rule is None:
+        return None
+    return {"action": rule.action, "rule": str(rule).rstrip(), "line": rule.line}
+
+
+@dataclass
+class Decision:
+    """What the policy says about one access.
+
+    ``measure``/``appraise``/``audit``/``hash`` say which actions apply;
+    ``measure_rule`` etc. are the rules that decided each pair (a ``dont_``
+    rule when it said no; None when no rule matched).  ``pcr`` and
+    ``template`` come from the deciding measure rule (template None: the
+    mount's default); the appraise options from the deciding appraise rule;
+    ``digest_type`` and ``permit_directio`` from any deciding rule (the kernel
+    ORs those flags).
+    """
+    measure: bool = False
+    appraise: bool = False
+    audit: bool = False
+    hash: bool = False
+    pcr: int = DEFAULT_PCR
+    template: str | None = None
+    appraise_type: str | None = None
+    appraise_flag: str | None = None
+    appraise_algos: tuple[str, ...] | None = None
+    digest_type: str | None = None
+    permit_directio: bool = False
+    measure_rule: Rule | None = None
+    appraise_rule: Rule | None = None
+    audit_rule: Rule | None = None
+    hash_rule: Rule | None = None
+
+    @property
+    def rules(self):
+        """Pair name -> deciding rule (or None)."""
+        return {"measure": self.measure_rule, "appraise": self.appraise_rule,
+                "audit": self.audit_rule, "hash": self.hash_rule}
+
+    def to_dict(self):
+        return {
+            "measure": self.measure, "appraise": self.appraise,
+            "audit": self.audit, "hash": self.hash,
+            "pcr": self.pcr, "template": self.template,
+            "appraise_type": self.appraise_type,
+            "appraise_flag": self.appraise_flag,
+            "appraise_algos": (list(self.appraise_algos)
+                               if self.appraise_algos is not None else None),
+            "digest_type": self.digest_type,
+            "permit_directio": self.permit_directio,
+            "rules": {k: _rule_dict(r) for k, r in self.rules.items()},
+        }
+
+
+class Policy:
+    """An immutable, ordered list of rules that answers ``match``."""
+
+    def __init__(self, rules: Iterable[Rule] = ()):
+        self.rules = tuple(rules)
+        needs = set()
+        for r in self.rules:
+            needs |= r.fields_needed()
+        #: AccessEvent fields some rule tests (beyond func and mask).
+        self.needs = frozenset(needs)
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(parse_policy(text))
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self):
+        return len(self.rules)
+
+    def __eq__(self, other):
+        return isinstance(other, Policy) and self.rules == other.rules
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Policy({len(self.rules)} rules)"
+
+    def text(self):
+        return format_policy(self.rules)
+
+    def match(self, event: AccessEvent, actions=ALL_ACTIONS) -> Decision:
+        """Decide ``actions`` (a subset of measure/appraise/audit/hash)."""
+        if isinstance(actions, str):
+            actions = (actions,)
+        open_pairs = set(actions)
+        unknown = open_pairs - ALL_ACTIONS
+        if unknown:
+            raise ValueError(f"unknown action(s) {sorted(unknown)}")
+        d = Decision()
+        for rule in self.rules:
+            if not open_pairs:
+                break
+            pair = PAIR[rule.action]
+            if pair not in open_pairs or not rule.matches(event):
+                continue
+            open_pairs.discard(pair)
+            setattr(d, pair + "_rule", rule)
+            do = rule.action == pair
+            if do:
+                setattr(d, pair, True)
+            if rule.action == "appraise":
+                d.hash = False          # the kernel clears IMA_HASH here
+                d.appraise_type = rule.appraise_type
+                d.appraise_flag = rule.appraise_flag
+                if rule.appraise_algos is not None:
+                    d.appraise_algos = rule.appraise_algos
+            if rule.pcr is not None:
+                d.pcr = rule.pcr
+            if rule.template is not None:
+                d.template = rule.template
+            if rule.digest_type is not None:
+                d.digest_type = rule.digest_type
+            if rule.permit_directio:
+                d.permit_directio = True
+        return d
+
+
+# --------------------------------------------------------------------------
+# Parsing
+
+_WORD = re.compile(r"[^ \t]+")
+_DEC = re.compile(r"\+?([0-9]+)")
+_SDEC = re.compile(r"([+-]?)([0-9]+)")
+_HEX = re.compile(r"\+?(?:0[xX](?=[0-9a-fA-F]))?([0-9a-fA-F]+)")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                   r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_KEY = re.compile(r"([^=<>]*)([=<>]?)(.*)", re.S)
+
+
+def _show(s):
+    """Quote a user string for a message, escaping anything odd."""
+    if len(s) > 60:
+        s = s[:57] + "..."
+    return '"' + s.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
+def _number(text, pattern, base, limit, what):
+    m = pattern.fullmatch(text)
+    digits = m.group(1).lstrip("0") if m else None
+    if digits is None:
+        kind = "hexadecimal" if base == 16 else "decimal"
+        raise _Bad(f"bad {what} {_show(text)}: {kind} number expected")
+    if len(digits) > 24 or int(digits or "0", base) > limit:
+        raise _Bad(f"{what} {_show(text)} is out of range")
+    return int(digits or "0", base)
+
+
+def _id(value, key):
+    n = _number(value, _DEC, 10, 0xFFFFFFFF, key)
+    if n == _ID_INVALID:
+        raise _Bad(f"{key} {_show(value)} is the invalid id (uid_t)-1")
+    return n
+
+
+def _opt_list(value, key):
+    items = tuple(value.split("|"))
+    if any(not i for i in items):
+        raise _Bad(f"empty item in {key} list {_show(value)}")
+    return items
+
+
+def _parse_value(key, op, value):
+    if key == "func":
+        func = FUNC_ALIASES.get(value, value)
+        if func not in FUNCS:
+            raise _Bad(f"unknown func {_show(value)} (one of {', '.join(FUNCS)}, "
+                       f"or the old names PATH_CHECK, FILE_MMAP)")
+        return func
+    if key == "mask":
+        name = value[1:] if value.startswith("^") else value
+        if name not in MASKS:
+            raise _Bad(f"bad mask {_show(value)} (MAY_EXEC, MAY_WRITE, MAY_READ or "
+                       f"MAY_APPEND, with a leading ^ for 'any of these bits')")
+        return (MASKS[name], value.startswith("^"))
+    if key == "fsmagic":
+        return _number(value, _HEX, 16, (1 << 64) - 1, "fsmagic")
+    if key == "fsuuid":
+        if not _UUID.fullmatch(value):
+            raise _Bad(f"bad fsuuid {_show(value)}: expected "
+                       f"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)")
+        return value.lower()
+    if key in _ID_KEYS:
+        return Cmp(op, _id(value, key))
+    if key == "pcr":
+        m = _SDEC.fullmatch(value)
+        if not m:
+            raise _Bad(f"bad pcr {_show(value)}: decimal number expected")
+        digits = m.group(2).lstrip("0") or "0"
+        n = int(digits) if len(digits) < 24 else PCR_LIMIT
+        if m.group(1) == "-" and n:
+            n = -1
+        if not 0 <= n < PCR_LIMIT:
+            raise _Bad(f"pcr {_show(value)} is out of range (0..{PCR_LIMIT - 1})")
+        return n
+    if key == "template":
+        if value not in TEMPLATES:
+            raise _Bad(f"unknown template {_show(value)} "
+                       f"(one of {', '.join(TEMPLATES)})")
+        return value
+    if key == "appraise_type":
+        if value not in APPRAISE_TYPES:
+            raise _Bad(f"bad appraise_type {_show(value)} "
+                       f"(imasig, imasig|modsig or sigv3)")
+        return value
+    if key == "appraise_flag":
+        if value not in APPRAISE_FLAGS:
+            raise _Bad(f"bad appraise_flag {_show(value)} (check_blacklist)")
+        return value
+    if key == "digest_type":
+        if value not in DIGEST_TYPES:
+            raise _Bad(f"bad digest_type {_show(value)} (verity)")
+        return value
+    if key == "appraise_algos":
+        seen = set()
+        for name in value.split(","):
+            if name not in _ALGO_INDEX:
+                raise _Bad(f"unknown hash algorithm {_show(name)} in appraise_algos")
+            if name not in _ALGO_AVAILABLE:
+                raise _Bad(f"unavailable hash algorithm {_show(name)} "
+                           f"in appraise_algos")
+            seen.add(name)
+        return tuple(sorted(seen, key=_ALGO_INDEX.__getitem__))
+    if key in ("keyrings", "label"):
+        return _opt_list(value, key)
+    # fsname and the LSM labels: any string
+    return value
+
+
+def parse_rule(line: str, lineno: int = 1) -> Rule | None:
+    """Parse one line; None for a blank or comment line.  Raises PolicyError."""
+    words = [(m.start() + 1, m.group()) for m in _WORD.finditer(line)]
+    if not words or words[0][1].startswith("#"):
+        return None
+    vals = {}       # keyword -> parsed value
+    pos = {}        # keyword -> (column, word) where it was given
+    slots = {}      # kernel slot -> keyword
+
+    def bad(col, msg):
+        return PolicyError(msg, lineno, col)
+
+    for col, word in words:
+        if word.startswith("#"):
+            break                       # comment to the end of the line
+        for ch in word:
+            if not ch.isprintable():
+                hint = " (a DOS line ending?)" if ch == "\r" else ""
+                raise bad(col, f"unprintable character U+{ord(ch):04X} "
+                               f"in {_show(word)}{hint}")
+        key, op, value = _KEY.fullmatch(word).groups()
+        if not op:
+            if key in ACTIONS:
+                if "action" in vals:
+                    raise bad(col, f"second action {_show(key)}: the rule already "
+                                   f"has {_show(vals['action'])}")
+                vals["action"] = key
+                pos["action"] = (col, word)
+                continue
+            if key == "permit_directio":
+                if key in vals:
+                    raise bad(col, 'duplicate "permit_directio"')
+                vals[key] = True
+                pos[key] = (col, word)
+                continue
+            if key in _VALUE_KEYS:
+                raise bad(col, f'"{key}" needs a value, as in {key}=...')
+            if key == "dont_audit":
+                raise bad(col, '"dont_audit" is not an IMA action '
+                               '(audit has no dont_ form)')
+            raise bad(col, f"unknown keyword {_show(word)}")
+        if key in ACTIONS or key == "permit_directio":
+            raise bad(col, f'"{key}" takes no value')
+        if key not in _VALUE_KEYS:
+            raise bad(col, f"unknown keyword {_show(key + op)}")
+        if op != "=" and key not in _ID_KEYS:
+            raise bad(col, f'"{key}" takes "=", not "{op}"')
+        if not value:
+            raise bad(col, f'"{key}{op}" needs a value')
+        slot = _SLOT.get(key, key)
+        if slot in slots:
+            other = slots[slot]
+            if other == key:
+                raise bad(col, f'duplicate "{key}"')
+            raise bad(col, f'"{key}" and "{other}" cannot be combined: a rule '
+                           f'has one {slot} condition')
+        try:
+            vals[key] = _parse_value(key, op, value)
+        except _Bad as e:
+            raise bad(col, str(e)) from None
+        slots[slot] = key
+        pos[key] = (col, word)
+
+    if "action" not in vals:
+        raise bad(words[0][0], "rule has no action (one of " + ", ".join(ACTIONS) + ")")
+    _validate(vals, pos, bad)
+    mask = vals.pop("mask", None)
+    if mask is not None:
+        vals["mask"], vals["mask_any"] = mask
+    return Rule(line=lineno, **vals)
+
+
+def _validate(vals, pos, bad):
+    """The kernel's ima_validate_rule, plus the combination checks of ima_parse_rule."""
+    action = vals["action"]
+    func = vals.get("func")
+    at = lambda key: pos[key][0]     # noqa: E731
+
+    # hooks restricted to certain actions
+    if func in _MEASURE_ONLY_FUNCS and action not in ("measure", "dont_measure"):
+        raise bad(at("func"), f"func={func} only works with measure and dont_measure")
+    if func == "SETXATTR_CHECK":
+        if action != "appraise":
+            raise bad(at("func"), "func=SETXATTR_CHECK only works with appraise")
+        if "appraise_algos" not in vals:
+            raise bad(at("func"), "func=SETXATTR_CHECK needs appraise_algos=")
+    # options that belong to one action
+    for key, need in (("pcr", "measure"), ("template", "measure"),
+                      ("appraise_type", "appraise"), ("appraise_flag", "appraise"),
+                      ("appraise_algos", "appraise")):
+        if key in vals and action != need:
+            raise bad(at(key), f'"{key}" is only allowed with {need}, not {action}')
+    # conditions and options each hook allows, reported in the order given
+    allowed = _ALLOWED[func]
+    for key in sorted(pos, key=at):
+        if key in ("action", "func") or key in allowed:
+            continue
+        if func is None:
+            where = [f for f in FUNCS if key in _ALLOWED[f]]
+            raise bad(at(key), f'"{key}" is only allowed with '
+                               + " or ".join(f"func={f}" for f in where))
+        raise bad(at(key), f'"{key}" is not allowed with func={func}')
+    atype = vals.get("appraise_type")
+    if atype == "imasig|modsig" and func not in _MODSIG_FUNCS:
+        raise bad(at("appraise_type"), "appraise_type=imasig|modsig is only allowed "
+                  "with " + ", ".join(f"func={f}" for f in _MODSIG_FUNCS))
+    # fs-verity digests
+    verity = vals.get("digest_type") == "verity"
+    if atype == "sigv3" and not verity:
+        raise bad(at("appraise_type"), "appraise_type=sigv3 needs digest_type=verity")
+    if verity:
+        if atype is not None and atype != "sigv3":
+            raise bad(at("digest_type"), f"digest_type=verity cannot be combined with "
+                                         f"appraise_type={atype} (use sigv3)")
+        if action == "appraise" and atype is None:
+            raise bad(at("digest_type"), "appraise digest_type=verity needs "
+                                         "appraise_type=sigv3")
+        tmpl = vals.get("template")
+        if tmpl is not None and "d-ngv2" not in TEMPLATES[tmpl]:
+            raise bad(at("template"), f"digest_type=verity needs a template with the "
+                                      f"d-ngv2 field (ima-ngv2 or ima-sigv2), "
+                                      f"not {tmpl}")
+
+
+def _size_error(text):
+    data = text.encode("utf-8", "surrogatepass")
+    head = data[:MAX_POLICY_BYTES].decode("utf-8", "ignore")
+    line = head.count("\n") + 1
+    col = len(head) - (head.rfind("\n") + 1) + 1
+    return PolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes", line, col)
+
+
+def parse_policy(text: str) -> list[Rule]:
+    """Parse a whole policy text; any bad line rejects all of it (PolicyError)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "surrogateescape")
+    if len(text) > MAX_POLICY_BYTES or (
+            len(text) * 4 > MAX_POLICY_BYTES
+            and len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES):
+        raise _size_error(text)
+    rules = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        rule = parse_rule(line, lineno)
+        if rule is not None:
+            rules.append(rule)
+    return rules
+
+
+def format_policy(rules: Iterable[Rule]) -> str:
+    """The text the kernel shows for these rules: one per line."""
+    return "".join(f"{r}\n" for r in rules)
+
+
+# --------------------------------------------------------------------------
+# Built-in policies
+
+def _fs_rules(action, names, tmpfs_func=None):
+    out = []
+    for name in names:
+        func = f"func={tmpfs_func} " if name == "TMPFS_MAGIC" and tmpfs_func else ""
+        out.append(f"{action} {func}fsmagic=0x{FS_MAGIC[name]:x} \n")
+    return "".join(out)
+
+
+_TCB = _fs_rules("dont_measure", (
+    "PROC_SUPER_MAGIC", "SYSFS_MAGIC", "DEBUGFS_MAGIC", "TMPFS_MAGIC",
+    "DEVPTS_SUPER_MAGIC", "BINFMTFS_MAGIC", "SECURITYFS_MAGIC", "SELINUX_MAGIC",
+    "SMACK_MAGIC", "CGROUP_SUPER_MAGIC", "CGROUP2_SUPER_MAGIC", "NSFS_MAGIC",
+    "EFIVARFS_MAGIC"), tmpfs_func="FILE_CHECK") + (
+    "measure func=MMAP_CHECK mask=MAY_EXEC \n"
+    "measure func=BPRM_CHECK mask=MAY_EXEC \n"
+    "measure func=FILE_CHECK mask=^MAY_READ euid=0 \n"
+    "measure func=FILE_CHECK mask=^MAY_READ uid=0 \n"
+    "measure func=MODULE_CHECK \n"
+    "measure func=FIRMWARE_CHECK \n"
+    "measure func=POLICY_CHECK \n")
+
+_APPRAISE_TCB = _fs_rules("dont_appraise", (
+    "PROC_SUPER_MAGIC", "SYSFS_MAGIC", "DEBUGFS_MAGIC", "TMPFS_MAGIC",
+    "RAMFS_MAGIC", "DEVPTS_SUPER_MAGIC", "BINFMTFS_MAGIC", "SECURITYFS_MAGIC",
+    "SELINUX_MAGIC", "SMACK_MAGIC", "NSFS_MAGIC", "EFIVARFS_MAGIC",
+    "CGROUP_SUPER_MAGIC", "CGROUP2_SUPER_MAGIC")) + (
+    "appraise func=POLICY_CHECK appraise_type=imasig \n"
+    "appraise fowner=0 \n")
+
+#: Built-in policies, as the kernel prints them.
+BUILTIN_POLICIES = {"tcb": _TCB, "appraise_tcb": _APPRAISE_TCB}
+
+
+def load_policy_arg(value: str) -> list[Rule]:
+    """Rules for a ``--policy`` argument.
+
+    ``tcb`` or ``appraise_tcb`` (or both, as ``tcb|appraise_tcb``, in the
+    kernel's order) name built-in policies; anything else is a file path
+    (write ``./tcb`` for a file called tcb).  Errors carry the name:
+    ``"FILE: line L, column C: msg"``.
+    """
+    parts = value.split("|")
+    if all(p in BUILTIN_POLICIES for p in parts):
+        rules = []
+        for name in BUILTIN_POLICIES:       # kernel order, each once
+            if name in parts:
+                rules += parse_policy(BUILTIN_POLICIES[name])
+        return rules
+    try:
+        with open(value, "rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise PolicyError(f"cannot read policy: {e.strerror or e}", source=value) from None
+    try:
+        if len(data) > MAX_POLICY_BYTES:
+            raise _size_error(data.decode("utf-8", "surrogateescape"))
+        return parse_policy(data.decode("utf-8", "surrogateescape"))
+    except PolicyError as e:
+        raise e.with_source(value) from None
