@@ -1,0 +1,404 @@
+"""Keyrings of X.509 certificates, with the kernel's IMA key ids.
+
+Key id
+    A ``security.ima`` signature names its key by a 32-bit id: the last 4 bytes of the
+    certificate's subjectKeyIdentifier (the kernel looks the key up as ``id:%08x``,
+    which matches the tail of the SKID). Without a usable SKID (absent or shorter than
+    4 bytes) the id is the last 4 bytes of SHA-1 over the subjectPublicKey bit string,
+    which is what ``evmctl`` computes (``calc_keyid_v2``) and what a
+    ``subjectKeyIdentifier=hash`` SKID holds anyway.
+
+What a keyring accepts (:meth:`Keyring.add`)
+    One X.509 certificate, DER or PEM, that is valid now (notBefore <= now <= notAfter),
+    has a keyUsage extension with digitalSignature (Linux 6.4+ restricts the .ima
+    keyring to such keys) and an RSA (>= 1024 bits) or ECDSA P-192/P-256/P-384/P-521
+    key, the key types the kernel verifies IMA signatures with. Refusals raise
+    :class:`KeyringError` (a KeyError) with a one-line reason. No CA chain is checked:
+    whoever may write a namespace's ``keys`` file is trusted to add keys.
+
+``list_text()`` format
+    One line per key, sorted by key id then fingerprint, fields separated by one space::
+
+        <keyid, 8 hex digits> <algo> <bits> <subject, RFC 4514> <notAfter, YYYY-MM-DDTHH:MM:SSZ>
+
+    ``algo`` is ``rsa`` or ``ecdsa-nist-p256`` / ``-p384`` / ``-p192`` / ``-p521``
+    (the kernel's names). The subject may contain spaces; notAfter is the last field.
+
+Persistence
+    ``Keyring(store, ns_id)`` loads the namespace's keys from the store's ``keys``
+    database and writes every add/remove through, keyed by
+    ``ns_id (be32) || keyid (be32) || sha256(cert DER)`` with the DER as value, so keys
+    survive a remount. Keys that are no longer valid when loaded stay in the store but
+    are not used; they are listed in ``load_errors``.
+
+``epoch`` changes on every add and remove (and is kept in the store's ``meta``
+database when there is a store, so it never goes back across remounts); a verdict
+cache includes it in its key.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+MIN_RSA_BITS = 1024
+EC_CURVES = {"secp192r1": "ecdsa-nist-p192", "secp256r1": "ecdsa-nist-p256",
+             "secp384r1": "ecdsa-nist-p384", "secp521r1": "ecdsa-nist-p521"}
+CERT_SUFFIXES = (".der", ".pem", ".crt", ".x509", ".cer")
+KEYS_DB = "keys"
+
+
+class KeyringError(KeyError):
+    """A certificate the keyring refuses; ``str()`` is the plain reason."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+# --- key ids ----------------------------------------------------------------------
+
+
+def _der_item(buf: bytes, off: int) -> tuple[int, int, int]:
+    """(tag, start of contents, end of contents) of the DER item at ``off``."""
+    tag = buf[off]
+    n = buf[off + 1]
+    off += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(buf[off:off + k], "big")
+        off += k
+    return tag, off, off + n
+
+
+def public_key_bits(public_key) -> bytes:
+    """The contents of the subjectPublicKey BIT STRING (without the unused-bits byte)."""
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    _, start, _ = _der_item(spki, 0)              # SubjectPublicKeyInfo SEQUENCE
+    _, _, alg_end = _der_item(spki, start)         # AlgorithmIdentifier
+    tag, bs, be = _der_item(spki, alg_end)        # BIT STRING
+    if tag != 0x03:
+        raise ValueError("SubjectPublicKeyInfo without a BIT STRING")
+    return spki[bs + 1:be]
+
+
+def keyid_of_public_key(public_key) -> int:
+    """evmctl's ``calc_keyid_v2``: last 4 bytes of SHA-1 over the public key bits."""
+    return struct.unpack(">I", hashlib.sha1(public_key_bits(public_key)).digest()[-4:])[0]
+
+
+def keyid_of(cert: x509.Certificate | bytes) -> int:
+    """The IMA key id of a certificate (object, DER or PEM)."""
+    if not isinstance(cert, x509.Certificate):
+        cert = parse_certificate(cert)
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        ski = b""
+    if len(ski) >= 4:
+        return struct.unpack(">I", ski[-4:])[0]
+    return keyid_of_public_key(cert.public_key())
+
+
+# --- certificates -----------------------------------------------------------------
+
+
+def parse_certificate(data: bytes) -> x509.Certificate:
+    """One certificate from DER or PEM bytes, or KeyringError."""
+    data = bytes(data)
+    if b"-----BEGIN" in data[:4096] or data.lstrip()[:5] == b"-----":
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            kinds = sorted({line.strip().decode("ascii", "replace")[11:-5]
+                            for line in data.splitlines() if line.startswith(b"-----BEGIN ")})
+            raise KeyringError("PEM data holds no CERTIFICATE block"
+                               + (f" (found: {', '.join(kinds)})" if kinds else ""))
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError as e:
+            raise KeyringError(f"unparseable PEM certificate: {e}") from None
+        if len(certs) != 1:
+            raise KeyringError(f"PEM data holds {len(certs)} certificates; add them one at a time")
+        return certs[0]
+    try:
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise KeyringError(f"not an X.509 certificate (DER or PEM): {e}") from None
+
+
+def _key_kind(public_key) -> tuple[str, int]:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise KeyringError(f"RSA key of {public_key.key_size} bits is too small "
+                               f"(minimum {MIN_RSA_BITS})")
+        return "rsa", public_key.key_size
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        name = EC_CURVES.get(public_key.curve.name)
+        if name is None:
+            raise KeyringError(f"unsupported elliptic curve {public_key.curve.name} "
+                               f"(supported: {', '.join(EC_CURVES)})")
+        return name, public_key.curve.key_size
+    raise KeyringError(f"unsupported key type {type(public_key).__name__.lstrip('_')}: "
+                       "IMA signatures use RSA or ECDSA keys")
+
+
+def _utc(d: _dt.datetime) -> str:
+    return d.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    keyid: int
+    fingerprint: bytes          # sha256 of the certificate DER
+    algo: str                   # "rsa", "ecdsa-nist-p256", ...
+    bits: int
+    subject: str                # RFC 4514
+    not_before: _dt.datetime
+    not_after: _dt.datetime
+    der: bytes = field(repr=False)
+    public_key: object = field(repr=False, compare=False)
+    cert: x509.Certificate = field(repr=False, compare=False)
+
+    def line(self) -> str:
+        return (f"{self.keyid:08x} {self.algo} {self.bits} {self.subject or '-'} "
+                f"{_utc(self.not_after)}")
+
+
+def check_certificate(cert: x509.Certificate, *, now: _dt.datetime | None = None,
+                      require_digsig: bool = True) -> KeyInfo:
+    """Validate a certificate for IMA use and describe it, or raise KeyringError."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=_dt.timezone.utc)
+    try:
+        public_key = cert.public_key()
+    except Exception as e:  # unknown algorithms, broken key encodings
+        raise KeyringError(f"unusable public key: {e}") from None
+    algo, bits = _key_kind(public_key)
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < nb:
+        raise KeyringError(f"certificate is not valid yet (notBefore {_utc(nb)})")
+    if now > na:
+        raise KeyringError(f"certificate has expired (notAfter {_utc(na)})")
+    if require_digsig:
+        try:
+            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            raise KeyringError("certificate has no keyUsage extension; IMA keys need "
+                               "keyUsage=digitalSignature") from None
+        except ValueError as e:
+            raise KeyringError(f"unparseable certificate extensions: {e}") from None
+        if not ku.digital_signature:
+            raise KeyringError("certificate keyUsage lacks digitalSignature")
+    try:
+        subject = cert.subject.rfc4514_string()
+        kid = keyid_of(cert)
+    except ValueError as e:
+        raise KeyringError(f"unparseable certificate: {e}") from None
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return KeyInfo(keyid=kid, fingerprint=hashlib.sha256(der).digest(), algo=algo,
+                   bits=bits, subject=subject, not_before=nb, not_after=na, der=der,
+                   public_key=public_key, cert=cert)
+
+
+# --- the keyring ------------------------------------------------------------------
+
+
+class Keyring:
+    """The keys of one namespace. Thread-safe."""
+
+    def __init__(self, store=None, ns_id: int = 0, *, require_digsig: bool = True):
+        if not 0 <= ns_id <= 0xFFFFFFFF:
+            raise ValueError(f"namespace id {ns_id} does not fit in 32 bits")
+        self.store = store
+        self.ns_id = ns_id
+        self.require_digsig = require_digsig
+        self._lock = threading.RLock()
+        self._keys: dict[bytes, KeyInfo] = {}      # fingerprint -> key
+        self._by_id: dict[int, list[KeyInfo]] = {}
+        self._epoch = 0
+        self.load_errors: list[tuple[str, str]] = []   # (fingerprint hex, reason)
+        if store is not None:
+            self._load_from_store()
+
+    # -- state
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def persistent(self) -> bool:
+        return self.store is not None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self):
+        with self._lock:
+            keys = sorted(self._keys.values(), key=lambda k: (k.keyid, k.fingerprint))
+        return iter(keys)
+
+    def __contains__(self, keyid: int) -> bool:
+        return bool(self._by_id.get(keyid))
+
+    def lookup(self, keyid: int) -> list[KeyInfo]:
+        """Every key with this id (ids are 32 bits, so collisions are possible)."""
+        with self._lock:
+            return list(self._by_id.get(keyid, ()))
+
+    def list_text(self) -> str:
+        return "".join(k.line() + "\n" for k in self)
+
+    # -- changes
+    def add(self, data: bytes, *, now: _dt.datetime | None = None) -> KeyInfo:
+        """Add one certificate (DER or PEM). Adding a certificate already present returns
+        the existing entry and leaves the epoch alone."""
+        info = check_certificate(parse_certificate(data), now=now,
+                                 require_digsig=self.require_digsig)
+        with self._lock:
+            old = self._keys.get(info.fingerprint)
+            if old is not None:
+                return old
+            if self.store is not None:
+                with self.store.write() as txn:
+                    txn.put(self._store_key(info), info.der, db=self.store.db(KEYS_DB))
+                    self._bump(txn)
+            else:
+                self._epoch += 1
+            self._insert(info)
+        return info
+
+    def remove(self, keyid: int, fingerprint: bytes | None = None) -> int:
+        """Remove the keys with this id (only the one with this sha256 fingerprint when
+        given). Returns how many were removed."""
+        with self._lock:
+            victims = [k for k in self._by_id.get(keyid, ())
+                       if fingerprint is None or k.fingerprint == fingerprint]
+            if not victims:
+                return 0
+            if self.store is not None:
+                with self.store.write() as txn:
+                    for k in victims:
+                        txn.delete(self._store_key(k), db=self.store.db(KEYS_DB))
+                    self._bump(txn)
+            else:
+                self._epoch += 1
+            for k in victims:
+                del self._keys[k.fingerprint]
+                lst = self._by_id[keyid]
+                lst.remove(k)
+                if not lst:
+                    del self._by_id[keyid]
+            return len(victims)
+
+    def load_dir(self, path: str, *, now: _dt.datetime | None = None
+                 ) -> tuple[list[KeyInfo], list[tuple[str, str]]]:
+        """Add every certificate file (*.der, *.pem, *.crt, *.x509, *.cer) of a
+        directory, in name order. PEM bundles are split; PEM files holding only a
+        private key (a ``keygen`` directory) are skipped silently.
+        Returns (keys added or already present, [(file, reason) refused])."""
+        loaded: list[KeyInfo] = []
+        refused: list[tuple[str, str]] = []
+        for name in sorted(os.listdir(path)):
+            if not name.lower().endswith(CERT_SUFFIXES):
+                continue
+            fp = os.path.join(path, name)
+            if not os.path.isfile(fp):
+                continue
+            try:
+                with open(fp, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError as e:
+                refused.append((fp, e.strerror or str(e)))
+                continue
+            for blob in _split_pem(data):
+                if blob is None:
+                    break
+                try:
+                    loaded.append(self.add(blob, now=now))
+                except KeyringError as e:
+                    refused.append((fp, str(e)))
+        return loaded, refused
+
+    def persist(self) -> int:
+        """Write every in-memory key to the store (keys added before a store was
+        attached); returns the number written."""
+        if self.store is None:
+            raise ValueError("this keyring has no store")
+        with self._lock, self.store.write() as txn:
+            for k in self._keys.values():
+                txn.put(self._store_key(k), k.der, db=self.store.db(KEYS_DB))
+            return len(self._keys)
+
+    # -- internals
+    def _insert(self, info: KeyInfo) -> None:
+        self._keys[info.fingerprint] = info
+        self._by_id.setdefault(info.keyid, []).append(info)
+
+    def _store_key(self, info: KeyInfo) -> bytes:
+        return struct.pack(">II", self.ns_id, info.keyid) + info.fingerprint
+
+    def _epoch_key(self) -> bytes:
+        return b"keys-epoch:" + struct.pack(">I", self.ns_id)
+
+    def _bump(self, txn) -> None:
+        self._epoch += 1
+        txn.put(self._epoch_key(), struct.pack(">Q", self._epoch), db=self.store.db("meta"))
+
+    def _load_from_store(self) -> None:
+        prefix = struct.pack(">I", self.ns_id)
+        db = self.store.db(KEYS_DB)
+        with self.store.begin() as txn:
+            raw = txn.get(self._epoch_key(), db=self.store.db("meta"))
+            self._epoch = struct.unpack(">Q", raw)[0] if raw and len(raw) == 8 else 0
+            cur = txn.cursor(db=db)
+            entries = []
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    entries.append((bytes(k), bytes(v)))
+        for k, der in entries:
+            try:
+                info = check_certificate(parse_certificate(der),
+                                         require_digsig=self.require_digsig)
+            except KeyringError as e:
+                self.load_errors.append((k[8:].hex(), str(e)))
+                continue
+            self._insert(info)
+
+
+def _split_pem(data: bytes):
+    """The certificates of a file: the DER itself, each PEM CERTIFICATE block, or a
+    single None for a PEM file without certificates but with a private key."""
+    if b"-----BEGIN" not in data:
+        yield data
+        return
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    if begin not in data and b"PRIVATE KEY-----" in data:
+        yield None
+        return
+    if data.count(begin) <= 1:
+        yield data
+        return
+    pos = 0
+    while True:
+        i = data.find(begin, pos)
+        if i < 0:
+            return
+        j = data.find(end, i)
+        if j < 0:
+            yield data[i:]
+            return
+        yield data[i:j + len(end)] + b"\n"
+        pos = j + len(end)
