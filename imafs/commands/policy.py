@@ -19,7 +19,7 @@ def _check(args) -> int:
         if source == "-":
             data = sys.stdin.buffer.read(MAX_POLICY_BYTES + 1)
             try:
-                rules = parse_policy(data.decode("utf-8", "surrogateescape"))
+                rules = parse_policy(data)
             except PolicyError as e:
                 raise e.with_source("<stdin>") from None
         else:

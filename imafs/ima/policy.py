@@ -847,22 +847,29 @@ def _validate(vals, pos, bad):
                                       f"not {tmpl}")
 
 
-def _size_error(text):
-    data = text.encode("utf-8", "surrogatepass")
+def _size_error(data: bytes):
+    """The refusal of an oversized policy, placed where the limit is crossed."""
     head = data[:MAX_POLICY_BYTES].decode("utf-8", "ignore")
     line = head.count("\n") + 1
     col = len(head) - (head.rfind("\n") + 1) + 1
     return PolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes", line, col)
 
 
-def parse_policy(text: str) -> list[Rule]:
-    """Parse a whole policy text; any bad line rejects all of it (PolicyError)."""
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", "surrogateescape")
-    if len(text) > MAX_POLICY_BYTES or (
-            len(text) * 4 > MAX_POLICY_BYTES
-            and len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES):
-        raise _size_error(text)
+def parse_policy(text: str | bytes) -> list[Rule]:
+    """Parse a whole policy text; any bad line rejects all of it (PolicyError).
+
+    Bytes are decoded as UTF-8; a byte that is not UTF-8 is refused as an
+    unprintable character, with its position.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        data = bytes(text)
+        if len(data) > MAX_POLICY_BYTES:
+            raise _size_error(data)
+        text = data.decode("utf-8", "surrogateescape")
+    elif len(text) * 4 > MAX_POLICY_BYTES:      # else it cannot be too large
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data) > MAX_POLICY_BYTES:
+            raise _size_error(data)
     rules = []
     for lineno, line in enumerate(text.split("\n"), 1):
         rule = parse_rule(line, lineno)
@@ -933,8 +940,6 @@ def load_policy_arg(value: str) -> list[Rule]:
     except OSError as e:
         raise PolicyError(f"cannot read policy: {e.strerror or e}", source=value) from None
     try:
-        if len(data) > MAX_POLICY_BYTES:
-            raise _size_error(data.decode("utf-8", "surrogateescape"))
-        return parse_policy(data.decode("utf-8", "surrogateescape"))
+        return parse_policy(data)
     except PolicyError as e:
         raise e.with_source(value) from None
