@@ -1,0 +1,942 @@
+"""File digests and fs-verity Merkle trees, computed in one streaming pass.
+
+Pure Python (hashlib, os.pread); no FUSE or trio import.
+
+* The algorithm table maps the kernel's ``enum hash_algo`` (include/uapi/linux/
+  hash_info.h: the ids used in ``security.ima`` and signature headers) and the
+  fs-verity ids (``FS_VERITY_HASH_ALG_SHA256`` = 1, ``_SHA512`` = 2) to names,
+  digest sizes and hashlib constructors.
+* :func:`hash_fd` reads a file once with ``pread`` and feeds every requested
+  flat digest and, optionally, the fs-verity Merkle tree.  Large files are
+  pipelined over a small pool of persistent helper threads (hashlib drops the
+  GIL for buffers of 2 KiB and more); small files are hashed inline in the
+  calling thread, with no thread hand-off at all.
+* :class:`MerkleTree` is the fs-verity tree (Documentation/filesystems/
+  fsverity.rst): data blocks hashed with the salt (zero-padded to the hash's
+  input block size) prepended and a short last block zero-padded; hashes packed
+  into blocks level by level until one block is left; the root is the hash of
+  that block.  The measurement that ``fsverity digest`` prints is the hash of
+  the 256-byte ``struct fsverity_descriptor``, not the root.
+
+Like the kernel's IMA (ima_calc_file_hash), :func:`hash_fd` hashes the file up
+to the size ``fstat`` reports when it starts; if the file is shorter by then,
+the result covers (and ``FileDigests.size`` reports) what was there.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import os
+import queue
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple
+
+__all__ = [
+    "HashAlgo", "HASH_ALGOS", "HASH_ALGO_BY_ID", "VERITY_ALGOS", "VERITY_ALGO_BY_ID",
+    "HashAlgoError", "UnsupportedAlgorithm", "TreeFormatError",
+    "hash_algo", "algo_id", "algo_name", "digest_size", "available_algos",
+    "format_digest", "parse_digest",
+    "VeritySpec", "FileDigests", "MerkleTree", "VerifyResult",
+    "hash_fd", "hash_bytes", "fsverity_digest_fd", "fsverity_digest_text",
+    "aligned_range", "set_max_helpers",
+]
+
+
+# --------------------------------------------------------------------------
+# Algorithm table
+# --------------------------------------------------------------------------
+
+class HashAlgoError(ValueError):
+    """An algorithm name or id that imafs does not know."""
+
+
+class UnsupportedAlgorithm(HashAlgoError):
+    """A kernel hash algorithm this Python's hashlib cannot compute."""
+
+
+@dataclass(frozen=True)
+class HashAlgo:
+    name: str                 # the kernel's hash_algo_name[]
+    ima_id: int               # enum hash_algo value
+    digest_size: int
+    hashlib_name: str | None  # None: no hashlib implementation exists at all
+    verity_id: int | None = None  # FS_VERITY_HASH_ALG_* when fs-verity supports it
+
+    @property
+    def available(self) -> bool:
+        return _constructor(self.name) is not None
+
+    def new(self, data=b""):
+        """A fresh hashlib object; UnsupportedAlgorithm if hashlib lacks it."""
+        return self.constructor()(data)
+
+    def constructor(self) -> Callable:
+        ctor = _constructor(self.name)
+        if ctor is None:
+            why = ("no implementation in Python's hashlib" if self.hashlib_name is None
+                   else f"hashlib/OpenSSL here does not provide {self.hashlib_name!r}")
+            raise UnsupportedAlgorithm(
+                f"hash algorithm {self.name} (kernel id {self.ima_id}) is not available: {why}")
+        return ctor
+
+
+# include/uapi/linux/hash_info.h and crypto/hash_info.c (Linux 6.x)
+_TABLE = (
+    HashAlgo("md4", 0, 16, "md4"),
+    HashAlgo("md5", 1, 16, "md5"),
+    HashAlgo("sha1", 2, 20, "sha1"),
+    HashAlgo("rmd160", 3, 20, "ripemd160"),
+    HashAlgo("sha256", 4, 32, "sha256", 1),
+    HashAlgo("sha384", 5, 48, "sha384"),
+    HashAlgo("sha512", 6, 64, "sha512", 2),
+    HashAlgo("sha224", 7, 28, "sha224"),
+    HashAlgo("rmd128", 8, 16, None),
+    HashAlgo("rmd256", 9, 32, None),
+    HashAlgo("rmd320", 10, 40, None),
+    HashAlgo("wp256", 11, 32, None),
+    HashAlgo("wp384", 12, 48, None),
+    HashAlgo("wp512", 13, 64, "whirlpool"),
+    HashAlgo("tgr128", 14, 16, None),
+    HashAlgo("tgr160", 15, 20, None),
+    HashAlgo("tgr192", 16, 24, None),
+    HashAlgo("sm3", 17, 32, "sm3"),
+    HashAlgo("streebog256", 18, 32, None),
+    HashAlgo("streebog512", 19, 64, None),
+    HashAlgo("sha3-256", 20, 32, "sha3_256"),
+    HashAlgo("sha3-384", 21, 48, "sha3_384"),
+    HashAlgo("sha3-512", 22, 64, "sha3_512"),
+)
+
+HASH_ALGOS: dict[str, HashAlgo] = {a.name: a for a in _TABLE}
+HASH_ALGO_BY_ID: dict[int, HashAlgo] = {a.ima_id: a for a in _TABLE}
+VERITY_ALGOS: dict[str, int] = {a.name: a.verity_id for a in _TABLE if a.verity_id}
+VERITY_ALGO_BY_ID: dict[int, HashAlgo] = {a.verity_id: a for a in _TABLE if a.verity_id}
+
+_ALIASES = {
+    "ripemd160": "rmd160", "ripemd-160": "rmd160", "rmd-160": "rmd160",
+    "sha3_256": "sha3-256", "sha3_384": "sha3-384", "sha3_512": "sha3-512",
+    "sm3-256": "sm3", "sm3_256": "sm3", "whirlpool": "wp512",
+    "sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256", "sha-384": "sha384",
+    "sha-512": "sha512",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor(name: str) -> Callable | None:
+    """The fastest hashlib constructor for a kernel algorithm name, or None."""
+    a = HASH_ALGOS[name]
+    if a.hashlib_name is None:
+        return None
+    direct = getattr(hashlib, a.hashlib_name, None)
+    ctor = direct if callable(direct) else functools.partial(hashlib.new, a.hashlib_name)
+    try:
+        if ctor(b"").digest_size != a.digest_size:
+            return None
+    except (ValueError, TypeError):  # "unsupported hash type" (e.g. OpenSSL 3 legacy algos)
+        return None
+    return ctor
+
+
+def hash_algo(name_or_id: str | int) -> HashAlgo:
+    """Look up by kernel name (``sha256``, ``sha3-256``, ``rmd160``; common aliases
+    such as ``ripemd160`` and ``sha3_256`` also work) or by kernel id."""
+    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+        try:
+            return HASH_ALGO_BY_ID[name_or_id]
+        except KeyError:
+            raise HashAlgoError(f"unknown kernel hash algorithm id {name_or_id}") from None
+    if not isinstance(name_or_id, str):
+        raise HashAlgoError(f"hash algorithm must be a name or an id, not {name_or_id!r}")
+    key = name_or_id.strip().lower()
+    key = _ALIASES.get(key, key)
+    try:
+        return HASH_ALGOS[key]
+    except KeyError:
+        raise HashAlgoError(f"unknown hash algorithm {name_or_id!r} "
+                            f"(known: {', '.join(HASH_ALGOS)})") from None
+
+
+def algo_id(name: str) -> int:
+    """Kernel ``enum hash_algo`` id of an algorithm name."""
+    return hash_algo(name).ima_id
+
+
+def algo_name(ima_id: int) -> str:
+    """Kernel name of an ``enum hash_algo`` id."""
+    return hash_algo(int(ima_id)).name
+
+
+def digest_size(name_or_id: str | int) -> int:
+    return hash_algo(name_or_id).digest_size
+
+
+def available_algos() -> list[str]:
+    """Kernel names of the algorithms hashlib can compute here."""
+    return [a.name for a in _TABLE if a.available]
+
+
+def format_digest(algo: str, digest: bytes) -> str:
+    """``"sha256:<hex>"`` (the kernel's and fsverity's text form)."""
+    return f"{hash_algo(algo).name}:{bytes(digest).hex()}"
+
+
+def parse_digest(text: str) -> tuple[str, bytes]:
+    """Inverse of :func:`format_digest`; checks the digest length."""
+    algo, sep, hexpart = text.strip().partition(":")
+    if not sep:
+        raise ValueError(f"digest {text!r} is not of the form ALGO:HEX")
+    a = hash_algo(algo)
+    try:
+        d = bytes.fromhex(hexpart)
+    except ValueError:
+        raise ValueError(f"digest {text!r}: not a hex string") from None
+    if len(d) != a.digest_size:
+        raise ValueError(f"digest {text!r}: {a.name} digests are {a.digest_size} bytes, "
+                         f"got {len(d)}")
+    return a.name, d
+
+
+def _resolve_algos(algos: Iterable[str] | str) -> list[tuple[str, Callable]]:
+    if isinstance(algos, (str, int)):
+        algos = (algos,)
+    out: dict[str, Callable] = {}
+    for name in algos:
+        a = hash_algo(name)
+        if a.name not in out:
+            out[a.name] = a.constructor()
+    return list(out.items())
+
+
+# --------------------------------------------------------------------------
+# fs-verity parameters
+# --------------------------------------------------------------------------
+
+MIN_BLOCK_SIZE = 1024
+MAX_BLOCK_SIZE = 65536
+MAX_SALT_SIZE = 32          # sizeof(fsverity_descriptor.salt)
+DESCRIPTOR_SIZE = 256
+
+
+@dataclass(frozen=True)
+class VeritySpec:
+    """fs-verity Merkle tree parameters (what ``fsverity digest`` takes)."""
+    hash_alg: str = "sha256"
+    block_size: int = 4096
+    salt: bytes = b""
+    # derived, filled in by __post_init__
+    algo: HashAlgo = field(init=False, repr=False, compare=False)
+    padded_salt: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        name = self.hash_alg.lower() if isinstance(self.hash_alg, str) else self.hash_alg
+        if name not in VERITY_ALGOS:
+            raise HashAlgoError(f"fs-verity hash algorithm must be one of "
+                                f"{', '.join(VERITY_ALGOS)}, not {self.hash_alg!r}")
+        bs = self.block_size
+        if (not isinstance(bs, int) or isinstance(bs, bool) or bs & (bs - 1)
+                or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE):
+            raise ValueError(f"fs-verity block size must be a power of two from "
+                             f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, not {bs!r}")
+        salt = bytes(self.salt)
+        if len(salt) > MAX_SALT_SIZE:
+            raise ValueError(f"fs-verity salt is at most {MAX_SALT_SIZE} bytes, "
+                             f"not {len(salt)}")
+        algo = HASH_ALGOS[name]
+        ctor = algo.constructor()
+        object.__setattr__(self, "hash_alg", name)
+        object.__setattr__(self, "salt", salt)
+        object.__setattr__(self, "algo", algo)
+        # fs-verity pads the salt with zeros to the hash's input block size
+        # (64 bytes for sha256, 128 for sha512) so it costs one compression.
+        hb = ctor().block_size
+        padded = salt + bytes(-len(salt) % hb) if salt else b""
+        object.__setattr__(self, "padded_salt", padded)
+
+    @property
+    def verity_id(self) -> int:
+        return self.algo.verity_id
+
+    @property
+    def digest_size(self) -> int:
+        return self.algo.digest_size
+
+    @property
+    def log_blocksize(self) -> int:
+        return self.block_size.bit_length() - 1
+
+    def block_hasher(self) -> Callable[[memoryview], bytes]:
+        """f(data) -> digest of many blocks: ``data`` is a whole number of blocks
+        (the last one may be short: it is zero-padded); returns their hashes
+        concatenated, as they appear in a tree level."""
+        return _block_hasher(self.hash_alg, self.block_size, self.padded_salt)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_hasher(name: str, bs: int, padded_salt: bytes) -> Callable[[memoryview], bytes]:
+    ctor = _constructor(name)
+    join = b"".join
+
+    if padded_salt:
+        copy = ctor(padded_salt).copy
+
+        def one(b):
+            h = copy()
+            h.update(b)
+            return h.digest()
+    else:
+        def one(b):
+            return ctor(b).digest()
+
+    def hash_blocks(mv) -> bytes:
+        n = len(mv)
+        full = n - n % bs
+        if padded_salt:
+            out = join([one(mv[i:i + bs]) for i in range(0, full, bs)])
+        else:  # the hot loop: no extra Python frame per block
+            out = join([ctor(mv[i:i + bs]).digest() for i in range(0, full, bs)])
+        if full != n:
+            out += one(bytes(mv[full:]) + bytes(bs - (n - full)))
+        return out
+
+    return hash_blocks
+
+
+def _num_blocks(size: int, bs: int) -> int:
+    return -(-size // bs)
+
+
+def aligned_range(offset: int, size: int, file_size: int, block_size: int = 4096
+                  ) -> tuple[int, int]:
+    """The whole-block range ``(start, length)`` to read so that the bytes
+    ``[offset, offset+size)`` can be verified: ``start`` is ``offset`` rounded
+    down to a block, the end is rounded up to a block but never past
+    ``file_size``.  Length 0 when nothing of the request lies before EOF."""
+    if offset < 0 or size < 0:
+        raise ValueError("offset and size must not be negative")
+    start = offset - offset % block_size
+    end = min(offset + size, file_size)
+    if end <= offset:
+        return start, 0
+    end = min(end + (-end % block_size), file_size)
+    return start, end - start
+
+
+# --------------------------------------------------------------------------
+# Merkle tree
+# --------------------------------------------------------------------------
+
+class TreeFormatError(ValueError):
+    """A stored tree blob that is not a valid, intact imafs Merkle tree."""
+
+
+class VerifyResult(NamedTuple):
+    ok: bool
+    first_bad_block: int | None = None  # index of the first data block that failed
+    expected: bytes | None = None       # its hash in the tree (b"" if past the tree's end)
+    found: bytes | None = None          # the hash of the data supplied for it
+
+
+_OK = VerifyResult(True)
+
+# Blob layout (little-endian), version 1:
+#   magic "IMVT" | u8 version | u8 fs-verity hash id | u8 log2 block size | u8 salt size
+#   | u64 data size | salt | fs-verity digest (hash of the descriptor) | leaf hashes
+# Only the leaf level is stored: the upper levels are 1/128 of it (sha256, 4 KiB) and
+# are rebuilt on load; the rebuilt tree must reproduce the stored fs-verity digest,
+# which covers every header field, the salt and (through the root) every leaf.
+_BLOB_MAGIC = b"IMVT"
+_BLOB_VERSION = 1
+_BLOB_HEAD = struct.Struct("<4sBBBBQ")
+
+
+class MerkleTree:
+    """A file's fs-verity Merkle tree.
+
+    ``leaves`` are the hashes of the data blocks in order (one per block); for a
+    file of two blocks or more they form the tree's bottom level, for a one-block
+    file the single leaf is the root, for an empty file there are none and the
+    root is all zeros.  Trees are immutable.
+    """
+
+    __slots__ = ("spec", "data_size", "leaves", "_levels", "_root", "_digest", "_hash_blocks")
+
+    def __init__(self, spec: VeritySpec, data_size: int, leaves: bytes):
+        if data_size < 0:
+            raise ValueError("data_size must not be negative")
+        leaves = bytes(leaves)
+        want = _num_blocks(data_size, spec.block_size) * spec.digest_size
+        if len(leaves) != want:
+            raise ValueError(f"{data_size} bytes in {spec.block_size}-byte blocks need "
+                             f"{want} bytes of {spec.hash_alg} leaf hashes, got {len(leaves)}")
+        self.spec = spec
+        self.data_size = data_size
+        self.leaves = leaves
+        self._hash_blocks = spec.block_hasher()
+        self._levels, self._root = self._build_upper_levels()
+        self._digest = None
+
+    def _build_upper_levels(self) -> tuple[list[bytes], bytes]:
+        ds, bs = self.spec.digest_size, self.spec.block_size
+        cur = self.leaves
+        if len(cur) == 0:
+            return [], bytes(ds)       # fs-verity: the root of an empty file is all zeros
+        if len(cur) == ds:
+            return [], cur             # one data block: no tree blocks, root = its hash
+        bottom_up = []
+        while len(cur) > ds:
+            bottom_up.append(cur)
+            cur = self._hash_blocks(memoryview(cur))   # pads the level's last block
+        bottom_up.reverse()            # fs-verity stores the top level first
+        return bottom_up, cur
+
+    # -- parameters ---------------------------------------------------------
+    @property
+    def hash_alg(self) -> str:
+        return self.spec.hash_alg
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    @property
+    def salt(self) -> bytes:
+        return self.spec.salt
+
+    @property
+    def digest_size(self) -> int:
+        return self.spec.digest_size
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.leaves) // self.spec.digest_size
+
+    # -- the tree -----------------------------------------------------------
+    @property
+    def levels(self) -> list[bytes]:
+        """The tree levels in fs-verity storage order, top (one block) first and
+        the level of data-block hashes last; each is its hashes concatenated,
+        without the zero padding of its last block.  Empty for files of 0 or 1 blocks."""
+        return list(self._levels)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self._levels)
+
+    @property
+    def root_hash(self) -> bytes:
+        return self._root
+
+    def tree_bytes(self) -> bytes:
+        """The Merkle tree exactly as fs-verity stores it (and as
+        ``fsverity digest --out-merkle-tree`` writes it): every level padded to
+        whole blocks, top level first."""
+        bs = self.spec.block_size
+        return b"".join(lv + bytes(-len(lv) % bs) for lv in self._levels)
+
+    def descriptor(self) -> bytes:
+        """The 256-byte ``struct fsverity_descriptor`` (version 1, no signature)."""
+        spec = self.spec
+        return struct.pack(
+            "<BBBBIQ64s32s144x", 1, spec.verity_id, spec.log_blocksize, len(spec.salt),
+            0, self.data_size, self._root, spec.salt)
+
+    @property
+    def verity_digest(self) -> bytes:
+        """The fs-verity file digest (what ``fsverity digest`` and
+        FS_IOC_MEASURE_VERITY report): the hash of the descriptor."""
+        if self._digest is None:
+            self._digest = self.spec.algo.new(self.descriptor()).digest()
+        return self._digest
+
+    @property
+    def verity_digest_text(self) -> str:
+        return format_digest(self.spec.hash_alg, self.verity_digest)
+
+    def block_hash(self, index: int) -> bytes:
+        """The hash of data block ``index`` (O(1))."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block {index} out of range (file has {self.num_blocks})")
+        ds = self.spec.digest_size
+        return self.leaves[index * ds:(index + 1) * ds]
+
+    def hash_block(self, data) -> bytes:
+        """Hash one data block as the tree does (salted; zero-padded if short)."""
+        if len(data) > self.spec.block_size:
+            raise ValueError("more than one block")
+        return self._hash_blocks(memoryview(data))
+
+    # -- verification -------------------------------------------------------
+    def aligned_range(self, offset: int, size: int, file_size: int | None = None
+                      ) -> tuple[int, int]:
+        """Whole blocks ``(start, length)`` covering ``[offset, offset+size)``,
+        clipped at ``file_size`` (default: the size the tree was built over)."""
+        return aligned_range(offset, size,
+                             self.data_size if file_size is None else file_size,
+                             self.spec.block_size)
+
+    def verify_range(self, offset: int, data) -> VerifyResult:
+        """Check ``data`` read at ``offset`` against the tree.
+
+        ``offset`` must be block-aligned; ``data`` must end on a block boundary
+        or exactly at the end of the file (use :meth:`aligned_range`).  Data ending
+        mid-block before the end, or reaching past the end, fails at that block.
+        Returns ``VerifyResult(ok, first_bad_block, expected, found)``.
+        """
+        bs, ds = self.spec.block_size, self.spec.digest_size
+        if offset < 0 or offset % bs:
+            raise ValueError(f"offset {offset} is not a multiple of the block size {bs}")
+        mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) \
+            else memoryview(data)
+        n = len(mv)
+        if n == 0:
+            return _OK
+        first = offset // bs
+        end = offset + n
+        found = self._hash_blocks(mv)
+        expected = self.leaves[first * ds:first * ds + len(found)]
+        size_bad = None
+        if end > self.data_size:
+            size_bad = max(first, self.data_size // bs)
+        elif n % bs and end != self.data_size:
+            size_bad = first + (n - 1) // bs
+        if size_bad is None and found == expected:
+            return _OK
+        bad = size_bad if size_bad is not None else first + len(found) // ds
+        for i in range(0, min(len(found), len(expected)), ds):
+            if found[i:i + ds] != expected[i:i + ds]:
+                bad = min(bad, first + i // ds)
+                break
+        j = (bad - first) * ds
+        return VerifyResult(False, bad, expected[j:j + ds], found[j:j + ds])
+
+    verify = verify_range
+
+    def verify_read(self, fd: int, offset: int, size: int) -> tuple[VerifyResult, bytes]:
+        """Read the whole blocks around ``[offset, offset+size)`` from ``fd``, verify
+        them, and return ``(result, the requested bytes)`` (clipped at the tree's size).
+        A short read (the file shrank) fails at the first missing block."""
+        start, length = self.aligned_range(offset, size)
+        if length == 0:
+            return _OK, b""
+        buf = _pread_full(fd, length, start)
+        res = self.verify_range(start, buf)
+        if res.ok and len(buf) < length:
+            bad = (start + len(buf)) // self.spec.block_size
+            res = VerifyResult(False, bad, self.block_hash(bad), b"")
+        lo = offset - start
+        if lo == 0 and len(buf) <= size:
+            return res, buf
+        return res, buf[lo:lo + size]
+
+    # -- storage ------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Compact, versioned blob for the digest cache (see :meth:`from_bytes`)."""
+        spec = self.spec
+        return b"".join((
+            _BLOB_HEAD.pack(_BLOB_MAGIC, _BLOB_VERSION, spec.verity_id, spec.log_blocksize,
+                            len(spec.salt), self.data_size),
+            spec.salt, self.verity_digest, self.leaves))
+
+    @classmethod
+    def from_bytes(cls, blob) -> "MerkleTree":
+        """Rebuild a tree from :meth:`to_bytes`; raises :class:`TreeFormatError`
+        for anything that is not an intact blob of a known version.  Rebuilding the
+        upper levels costs about 1/128 of hashing the file (sha256, 4 KiB blocks)."""
+        try:
+            blob = bytes(blob)
+        except TypeError:
+            raise TreeFormatError("tree blob must be bytes") from None
+        if len(blob) < _BLOB_HEAD.size:
+            raise TreeFormatError(f"tree blob truncated: {len(blob)} bytes, header needs "
+                                  f"{_BLOB_HEAD.size}")
+        magic, version, alg_id, log_bs, salt_size, data_size = _BLOB_HEAD.unpack_from(blob)
+        if magic != _BLOB_MAGIC:
+            raise TreeFormatError(f"not an imafs Merkle tree blob (magic {magic!r})")
+        if version != _BLOB_VERSION:
+            raise TreeFormatError(f"unsupported Merkle tree blob version {version} "
+                                  f"(this imafs reads version {_BLOB_VERSION})")
+        algo = VERITY_ALGO_BY_ID.get(alg_id)
+        if algo is None:
+            raise TreeFormatError(f"tree blob: unknown fs-verity hash algorithm id {alg_id}")
+        if not MIN_BLOCK_SIZE <= (1 << min(log_bs, 63)) <= MAX_BLOCK_SIZE:
+            raise TreeFormatError(f"tree blob: block size 2^{log_bs} out of range")
+        if salt_size > MAX_SALT_SIZE:
+            raise TreeFormatError(f"tree blob: salt size {salt_size} > {MAX_SALT_SIZE}")
+        bs, ds = 1 << log_bs, algo.digest_size
+        if data_size >= 1 << 63:
+            raise TreeFormatError(f"tree blob: data size {data_size} out of range")
+        want = _BLOB_HEAD.size + salt_size + ds + _num_blocks(data_size, bs) * ds
+        if len(blob) != want:
+            raise TreeFormatError(f"tree blob: {len(blob)} bytes, expected {want} for "
+                                  f"{data_size} bytes of data (truncated or corrupted)")
+        p = _BLOB_HEAD.size
+        salt = blob[p:p + salt_size]
+        stored = blob[p + salt_size:p + salt_size + ds]
+        leaves = blob[p + salt_size + ds:]
+        tree = cls(VeritySpec(algo.name, bs, salt), data_size, leaves)
+        if not hmac.compare_digest(tree.verity_digest, stored):
+            raise TreeFormatError("tree blob corrupted: its leaves and header do not "
+                                  "reproduce the stored fs-verity digest")
+        return tree
+
+    # -- misc ---------------------------------------------------------------
+    def __eq__(self, other):
+        if not isinstance(other, MerkleTree):
+            return NotImplemented
+        return (self.spec == other.spec and self.data_size == other.data_size
+                and self.leaves == other.leaves)
+
+    def __hash__(self):
+        return hash((self.spec, self.data_size, self._root))
+
+    def __repr__(self):
+        return (f"MerkleTree({self.spec.hash_alg}, block_size={self.spec.block_size}, "
+                f"salt={self.spec.salt.hex() or '-'}, data_size={self.data_size}, "
+                f"levels={self.num_levels}, digest={self.verity_digest_text})")
+
+
+# --------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileDigests:
+    size: int                   # bytes hashed
+    digests: dict[str, bytes]   # kernel algorithm name -> flat digest
+    tree: MerkleTree | None = None
+
+    def __getitem__(self, algo: str) -> bytes:
+        return self.digests[hash_algo(algo).name]
+
+    def text(self, algo: str) -> str:
+        """``"sha256:<hex>"``."""
+        return format_digest(algo, self[algo])
+
+
+class _FlatLane:
+    """One flat digest."""
+    __slots__ = ("name", "h")
+
+    def __init__(self, name, ctor):
+        self.name = name
+        self.h = ctor()
+
+    def feed(self, mv):
+        self.h.update(mv)
+
+
+class _TreeLane:
+    """The leaf level of the Merkle tree (the upper levels are built at the end)."""
+    __slots__ = ("spec", "hash_blocks", "leaves")
+
+    def __init__(self, spec: VeritySpec):
+        self.spec = spec
+        self.hash_blocks = spec.block_hasher()
+        self.leaves = bytearray()
+
+    def feed(self, mv):
+        self.leaves += self.hash_blocks(mv)
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    """pread until ``size`` bytes or EOF."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _readinto_full(fd: int, mv: memoryview, offset: int) -> int:
+    got = os.preadv(fd, [mv], offset)
+    want = len(mv)
+    while 0 < got < want:
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+class _Helper:
+    """A persistent worker thread running one job at a time."""
+
+    def __init__(self):
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        t = threading.Thread(target=self._run, name="imafs-hash", daemon=True)
+        t.start()
+
+    def _run(self):
+        get = self.inbox.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            job()
+
+
+class _HelperPool:
+    """Up to ``limit`` helper threads, started on first need and kept idle after.
+    ``take`` never blocks: a caller gets what is free and does the rest itself."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._idle: list[_Helper] = []
+        self._started = 0
+
+    def take(self, n: int) -> list[_Helper]:
+        out: list[_Helper] = []
+        new = 0
+        with self._lock:
+            while len(out) < n and self._idle:
+                out.append(self._idle.pop())
+            while len(out) + new < n and self._started < self.limit:
+                self._started += 1
+                new += 1
+        for _ in range(new):
+            try:
+                out.append(_Helper())
+            except RuntimeError:          # can't start new thread
+                with self._lock:
+                    self._started -= 1
+        return out
+
+    def give(self, helpers: list[_Helper]):
+        with self._lock:
+            self._idle.extend(helpers)
+
+    def set_limit(self, limit: int):
+        with self._lock:
+            self.limit = limit
+            while self._started > limit and self._idle:
+                self._idle.pop().inbox.put(None)
+                self._started -= 1
+
+    def _after_fork(self):
+        self._lock = threading.Lock()
+        self._idle = []
+        self._started = 0
+
+
+# Below this many chunks a file is hashed inline: handing chunks to a thread costs
+# tens of microseconds, which small files cannot win back.
+_PARALLEL_MIN_CHUNKS = 2
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_POOL = _HelperPool(_cpus())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL._after_fork)
+
+
+def set_max_helpers(n: int | None = None) -> None:
+    """Limit the helper threads hash_fd may use (0: always hash in the calling
+    thread; None: one per CPU)."""
+    _POOL.set_limit(_cpus() if n is None else max(0, int(n)))
+
+
+def _make_lanes(algos, verity):
+    lanes: list = []
+    if verity is not None:
+        if verity is True:
+            verity = VeritySpec()
+        elif not isinstance(verity, VeritySpec):
+            raise TypeError("verity must be a VeritySpec, True or None")
+        lanes.append(_TreeLane(verity))
+    lanes.extend(_FlatLane(name, ctor) for name, ctor in _resolve_algos(algos))
+    return lanes
+
+
+def _results(lanes, size: int) -> FileDigests:
+    digests: dict[str, bytes] = {}
+    tree = None
+    for lane in lanes:
+        if isinstance(lane, _TreeLane):
+            tree = MerkleTree(lane.spec, size, lane.leaves)
+        else:
+            digests[lane.name] = lane.h.digest()
+    return FileDigests(size, digests, tree)
+
+
+def hash_bytes(data, algos: Iterable[str] | str = ("sha256",), *,
+               verity: VeritySpec | None = None) -> FileDigests:
+    """Same as :func:`hash_fd` for data already in memory (single-threaded)."""
+    lanes = _make_lanes(algos, verity)
+    mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) \
+        else memoryview(data)
+    if len(mv):
+        for lane in lanes:
+            lane.feed(mv)
+    return _results(lanes, len(mv))
+
+
+def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
+            verity: VeritySpec | None = None, chunk: int = 1 << 20) -> FileDigests:
+    """Hash an open regular file in one pass of ``pread`` calls (the file offset is
+    neither used nor moved).
+
+    ``algos``: kernel names of the flat digests wanted (may be empty);
+    ``verity``: also build the fs-verity Merkle tree with these parameters
+    (``True`` for the defaults).  Memory: two ``chunk`` buffers plus the tree.
+    When there are two digests or more (the tree counts as one) and the file
+    has two chunks or more, flat digests run in helper threads while the
+    calling thread reads and builds the tree; otherwise everything runs in the
+    calling thread.  Raises :class:`HashAlgoError` / :class:`UnsupportedAlgorithm`
+    before reading, and ``OSError`` for read errors.
+    """
+    lanes = _make_lanes(algos, verity)
+    size = os.fstat(fd).st_size
+    if not lanes:
+        return FileDigests(size, {}, None)
+    has_tree = isinstance(lanes[0], _TreeLane)
+    bs = lanes[0].spec.block_size if has_tree else 4096
+    chunk = max(bs, int(chunk) - int(chunk) % bs)
+
+    if size <= chunk:                                    # small: one read, inline
+        data = _pread_full(fd, size, 0) if size else b""
+        if data:
+            mv = memoryview(data)
+            for lane in lanes:
+                lane.feed(mv)
+        return _results(lanes, len(data))
+
+    helpers: list[_Helper] = []
+    if size >= _PARALLEL_MIN_CHUNKS * chunk and len(lanes) > 1:
+        # Flat digests go to helpers; the calling thread keeps the tree, or one
+        # flat digest (hashed right where it was read, while it is in cache).
+        helpers = _POOL.take(min(len(lanes) - 1, _POOL.limit))
+    try:
+        return _results(lanes, _stream(fd, size, chunk, lanes, helpers))
+    finally:
+        if helpers:
+            _POOL.give(helpers)
+
+
+def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper]) -> int:
+    """Read ``fd`` chunk by chunk and feed every lane; returns the bytes read.
+
+    The flat lanes at the end of ``lanes`` run in ``helpers``, the rest here.
+    Hashing a tree means one short hashlib call per block, each dropping and
+    retaking the GIL; a thread that needs the GIL meanwhile (to return from a
+    long ``update``) can be starved for milliseconds.  So the two sides go in
+    lock step: this thread reads chunk k (while the helpers hash chunk k-1),
+    waits for the helpers to finish k-1, hands them k, waits until each has
+    entered its ``update`` (GIL released), and only then hashes its own share
+    of k.  Two buffers alternate.
+    """
+    nloc = len(lanes) - len(helpers)
+    local, remote = lanes[:nloc], lanes[nloc:]
+    bufs = [memoryview(bytearray(min(chunk, size))) for _ in range(2 if helpers else 1)]
+    if not helpers:
+        off = 0
+        buf = bufs[0]
+        while off < size:
+            want = min(chunk, size - off)
+            n = _readinto_full(fd, buf[:want], off)
+            if n:
+                view = buf[:n]
+                for lane in lanes:
+                    lane.feed(view)
+            off += n
+            if n < want:
+                break
+        return off
+
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    errors: list[BaseException] = []
+    inboxes, started, done = [], [], []
+    for lane, helper in zip(remote, helpers):
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        s_lock, d_lock = threading.Lock(), threading.Lock()
+        s_lock.acquire()
+        d_lock.acquire()
+        inboxes.append(inbox)
+        started.append(s_lock)
+        done.append(d_lock)
+        helper.inbox.put(_lane_job(lane, inbox, bufs, s_lock, d_lock, errors))
+
+    busy = False      # helpers hold a chunk not yet waited for
+    off = 0
+    k = 0
+    try:
+        while off < size:
+            want = min(chunk, size - off)
+            buf = bufs[k & 1]
+            n = _readinto_full(fd, buf[:want], off)   # helpers may still be on k-1
+            if busy:
+                for d in done:
+                    d.acquire()
+                busy = False
+            if errors or not n:
+                break
+            for inbox in inboxes:
+                inbox.put((k & 1, n))
+            busy = True
+            for s in started:
+                s.acquire()
+            view = buf[:n]
+            for lane in local:
+                lane.feed(view)
+            off += n
+            k += 1
+            if n < want:
+                break
+    finally:
+        if busy:
+            for d in done:
+                d.acquire()
+        for inbox in inboxes:
+            inbox.put(None)
+    if errors:
+        raise errors[0]
+    return off
+
+
+def _lane_job(lane, inbox, bufs, started, done, errors):
+    def job():
+        get = inbox.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            j, n = item
+            started.release()
+            try:
+                if not errors:
+                    lane.feed(bufs[j][:n])
+            except BaseException as e:  # re-raised by the reading thread
+                errors.append(e)
+            done.release()
+    return job
+
+
+def fsverity_digest_fd(fd: int, algo: str = "sha256", block_size: int = 4096,
+                       salt: bytes = b"") -> bytes:
+    """The fs-verity digest of an open file, as ``fsverity digest`` computes it."""
+    return hash_fd(fd, (), verity=VeritySpec(algo, block_size, salt)).tree.verity_digest
+
+
+def fsverity_digest_text(fd: int, algo: str = "sha256", block_size: int = 4096,
+                         salt: bytes = b"") -> str:
+    """``"sha256:<hex>"`` — the first word of ``fsverity digest``'s output."""
+    return format_digest(algo, fsverity_digest_fd(fd, algo, block_size, salt))
