@@ -4,7 +4,9 @@ One environment holds every piece of persistent state as named databases:
 
 ``digests``   file identity -> cached digests (and fs-verity tree), see ima/engine
 ``log``       (namespace id, sequence) -> measurement entry, see ima/measurelog
-``logidx``    per-view byte-offset index of the lists
+``logidx``    per-view byte-offset checkpoints of the lists, see ima/measurelog
+``loghash``   (namespace id, pcr, sha1 template hash) -> sequence (duplicate check)
+``logmeta``   namespace id -> list banks, entry/violation counts, view sizes
 ``pcr``       (namespace id, bank) -> PCR registers
 ``ns``        namespace metadata
 ``keys``      (namespace id, key id) -> certificate DER

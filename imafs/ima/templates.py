@@ -269,6 +269,17 @@ class TemplateEntry:
             if len(self.fields[1]) > IMA_EVENT_NAME_LEN_MAX + 1:
                 raise TemplateError("the ima template's name exceeds 255 bytes")
 
+    @classmethod
+    def _trusted(cls, pcr: int, template: str, fields: tuple[bytes, ...],
+                 violation: bool = False, recorded_hash: bytes | None = None) -> "TemplateEntry":
+        """Rebuild an entry this module validated before (from our own store)
+        without validating it again."""
+        self = object.__new__(cls)
+        for k, v in (("pcr", pcr), ("template", template), ("fields", fields),
+                     ("violation", violation), ("recorded_hash", recorded_hash)):
+            object.__setattr__(self, k, v)
+        return self
+
     # --- structure
     @property
     def field_ids(self) -> tuple[str, ...] | None:

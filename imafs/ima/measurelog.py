@@ -1,0 +1,417 @@
+"""A namespace's measurement list and PCR banks, kept in the mount's LMDB store.
+
+The list is append-only.  Every append is one LMDB write transaction that
+stores the entry, its duplicate-check key, the offset checkpoints and the new
+PCR registers, so after a crash the list and the PCRs always agree.
+
+Layout (named databases of imafs/store.py; ``ns`` is a big-endian u32 so a
+namespace's rows are contiguous):
+
+``log``      ns | seq (u64 BE)              -> packed entry + its template hash per bank
+``loghash``  ns | pcr (u32 BE) | sha1 hash  -> seq   (the kernel's hash table)
+``logidx``   ns | view (u8) | offset (u64)  -> seq   (every CHECKPOINT_EVERY-th entry)
+``pcr``      ns | bank name                 -> 24 registers, concatenated
+``logmeta``  ns | b"banks"                  -> b"sha1,sha256"
+             ns | b"state"                  -> count, violations, size of every view
+
+Views are ``ascii_<bank>`` and ``binary_<bank>`` for every bank of the list;
+``ascii`` and ``binary`` are the sha1 ones, as in the kernel's securityfs.
+``read(view, offset, size)`` finds the last checkpoint at or before ``offset``
+(one B-tree lookup), then renders at most CHECKPOINT_EVERY - 1 entries to reach
+the offset: O(log n) per read, no list in memory.  The index costs about
+4 * 30 / CHECKPOINT_EVERY bytes per entry with two banks.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import Iterable, Iterator
+
+from .templates import (TemplateEntry, build_entry, hash_size, new_hash,
+                        violation_entry)
+
+__all__ = ["MeasurementList", "boot_aggregate_entry", "read_tpm_pcrs", "NUM_PCRS",
+           "CHECKPOINT_EVERY", "DEFAULT_BANKS"]
+
+NUM_PCRS = 24
+CHECKPOINT_EVERY = 16
+DEFAULT_BANKS = ("sha1", "sha256")
+BOOT_AGGREGATE_NAME = "boot_aggregate"
+
+_NS = struct.Struct(">I")
+_LOGKEY = struct.Struct(">IQ")
+_IDXKEY = struct.Struct(">IBQ")
+_HASHKEY = struct.Struct(">II")
+_SEQ = struct.Struct(">Q")
+_ENTRY_HEAD = struct.Struct("<BIB")      # flags, pcr, template name length
+_U32 = struct.Struct("<I")
+
+
+# -- boot aggregate -----------------------------------------------------------
+
+def read_tpm_pcrs(tpm_pcr_dir: str, bank: str, count: int) -> list[bytes] | None:
+    """PCRs 0..count-1 of one bank from sysfs (``pcr-<bank>/<n>``, kernel >= 5.12;
+    for sha1 also the TPM 1.2 ``device/pcrs`` file), or None if unreadable."""
+    size = hash_size(bank)
+    regs = []
+    try:
+        for i in range(count):
+            with open(os.path.join(tpm_pcr_dir, f"pcr-{bank}", str(i)), "rb") as f:
+                val = bytes.fromhex(f.read(256).decode("ascii").strip())
+            if len(val) != size:
+                return None
+            regs.append(val)
+        return regs
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    if bank != "sha1":
+        return None
+    try:    # TPM 1.2: "PCR-00: 3A 3F ..."
+        with open(os.path.join(tpm_pcr_dir, "device", "pcrs"), "rb") as f:
+            text = f.read(1 << 16).decode("ascii")
+        found = {}
+        for line in text.splitlines():
+            head, _, hx = line.partition(":")
+            if head.startswith("PCR-") and head[4:].isdigit():
+                found[int(head[4:])] = bytes.fromhex(hx.replace(" ", ""))
+        regs = [found[i] for i in range(count)]
+        return regs if all(len(r) == size for r in regs) else None
+    except (OSError, ValueError, UnicodeDecodeError, KeyError):
+        return None
+
+
+def _tpm_banks(tpm_pcr_dir: str) -> list[str]:
+    try:
+        names = os.listdir(tpm_pcr_dir)
+    except OSError:
+        return []
+    banks = [n[4:] for n in names if n.startswith("pcr-")]
+    if not banks and os.path.exists(os.path.join(tpm_pcr_dir, "device", "pcrs")):
+        banks = ["sha1"]
+    return banks
+
+
+def boot_aggregate_entry(template: str = "ima-ng", tpm_pcr_dir: str = "/sys/class/tpm/tpm0",
+                         *, hash_algo: str = "sha256", pcr: int = 10,
+                         ns_id: int = 0) -> TemplateEntry:
+    """The first entry of a list, as ima_add_boot_aggregate() makes it.
+
+    The kernel hashes PCRs 0-7 (sha1 bank) or 0-9 (any other bank), choosing the
+    bank of ``hash_algo`` (ima_hash_algo), else sha256, else sha1; the digest
+    carries that bank's algorithm.  The ``ima`` template only takes a sha1
+    aggregate.  Without a readable TPM the digest is all zeros of
+    ``hash_algo``'s size (20 bytes for ``ima``).
+    """
+    available = _tpm_banks(tpm_pcr_dir)
+    want = "sha1" if template == "ima" else hash_algo
+    chosen = next((b for b in (want, "sha256", "sha1") if b in available), None)
+    algo, digest = ("sha1" if template == "ima" else hash_algo), None
+    if chosen is not None and (template != "ima" or chosen == "sha1"):
+        regs = read_tpm_pcrs(tpm_pcr_dir, chosen, 8 if chosen == "sha1" else 10)
+        if regs is not None:
+            try:
+                h = new_hash(chosen)
+            except ValueError:
+                h = None
+            if h is not None:
+                for r in regs:
+                    h.update(r)
+                algo, digest = chosen, h.digest()
+    if digest is None:
+        digest = bytes(hash_size(algo))
+    return build_entry(template, name=BOOT_AGGREGATE_NAME, algo=algo, digest=digest,
+                       pcr=pcr, ns_id=ns_id)
+
+
+# -- entry storage ------------------------------------------------------------
+
+def _pack_entry(entry: TemplateEntry, hashes: list[bytes]) -> bytes:
+    name = entry.template.encode()
+    return b"".join([_ENTRY_HEAD.pack(1 if entry.violation else 0, entry.pcr, len(name)),
+                     name, _U32.pack(len(entry.fields)),
+                     *(_U32.pack(len(f)) + f for f in entry.fields), *hashes])
+
+
+def _unpack_entry(blob: bytes, sizes: list[int]) -> tuple[TemplateEntry, list[bytes]]:
+    mv = memoryview(blob)
+    flags, pcr, nlen = _ENTRY_HEAD.unpack_from(mv, 0)
+    pos = _ENTRY_HEAD.size
+    template = bytes(mv[pos:pos + nlen]).decode("ascii")
+    pos += nlen
+    (nf,) = _U32.unpack_from(mv, pos)
+    pos += 4
+    fields = []
+    for _ in range(nf):
+        (flen,) = _U32.unpack_from(mv, pos)
+        pos += 4
+        fields.append(bytes(mv[pos:pos + flen]))
+        pos += flen
+    hashes = []
+    for s in sizes:
+        hashes.append(bytes(mv[pos:pos + s]))
+        pos += s
+    entry = TemplateEntry._trusted(pcr, template, tuple(fields), bool(flags & 1), hashes[0])
+    return entry, hashes
+
+
+# -- the list -----------------------------------------------------------------
+
+class MeasurementList:
+    """The measurement list and PCR banks of namespace ``ns_id``.
+
+    A new list starts with the boot aggregate entry (``template``,
+    ``hash_algo``, ``tpm_pcr_dir``), unless ``boot_aggregate=False``.
+    Thread-safe: appends are serialised (a lock here, and LMDB's single
+    writer across processes); reads use read-only transactions.
+    """
+
+    def __init__(self, store, ns_id: int, banks: Iterable[str] = DEFAULT_BANKS, *,
+                 template: str = "ima-ng", hash_algo: str = "sha256",
+                 tpm_pcr_dir: str = "/sys/class/tpm/tpm0", boot_aggregate: bool = True):
+        if not 0 <= ns_id < 1 << 32:
+            raise ValueError("namespace id must fit in a u32")
+        banks = tuple(banks)
+        if not banks or banks[0] != "sha1" or len(set(banks)) != len(banks):
+            raise ValueError("banks must start with sha1 and not repeat")
+        for b in banks:
+            new_hash(b)
+        self.store = store
+        self.ns_id = ns_id
+        self.template = template
+        self.hash_algo = hash_algo
+        self._ns = _NS.pack(ns_id)
+        self._lock = threading.Lock()
+        self._log = store.db("log")
+        self._idx = store.db("logidx")
+        self._hash = store.db("loghash")
+        self._pcr = store.db("pcr")
+        self._meta = store.db("logmeta")
+        env = store.env
+        created = False
+        with self._lock, env.begin(write=True) as txn:
+            stored = txn.get(self._ns + b"banks", db=self._meta)
+            if stored is None:
+                txn.put(self._ns + b"banks", ",".join(banks).encode(), db=self._meta)
+                created = True
+            elif tuple(stored.decode().split(",")) != banks:
+                raise ValueError(f"list of namespace {ns_id} has banks {stored.decode()}, "
+                                 f"not {','.join(banks)}")
+            self.banks = banks
+            self._sizes = [hash_size(b) for b in banks]
+            self._views = {}
+            for i, b in enumerate(banks):
+                self._views[f"ascii_{b}"] = (2 * i, b, True)
+                self._views[f"binary_{b}"] = (2 * i + 1, b, False)
+            self._views["ascii"] = self._views["ascii_sha1"]
+            self._views["binary"] = self._views["binary_sha1"]
+            self._state = struct.Struct(f"<QQ{2 * len(banks)}Q")
+            if created:
+                txn.put(self._ns + b"state", self._state.pack(0, 0, *[0] * (2 * len(banks))),
+                        db=self._meta)
+                for b, s in zip(banks, self._sizes):
+                    txn.put(self._ns + b.encode(), bytes(s * NUM_PCRS), db=self._pcr)
+        if created and boot_aggregate:
+            self.add(boot_aggregate_entry(template, tpm_pcr_dir, hash_algo=hash_algo,
+                                          ns_id=ns_id))
+
+    # --- views
+    @property
+    def views(self) -> list[str]:
+        return list(self._views)
+
+    def _view(self, view: str):
+        try:
+            return self._views[view]
+        except KeyError:
+            raise ValueError(f"unknown view {view!r}; have {', '.join(self._views)}") from None
+
+    # --- state
+    def _read_state(self, txn) -> tuple[int, int, list[int]]:
+        count, violations, *sizes = self._state.unpack(txn.get(self._ns + b"state",
+                                                               db=self._meta))
+        return count, violations, sizes
+
+    def _snapshot(self):
+        with self.store.env.begin() as txn:
+            return self._read_state(txn)
+
+    @property
+    def count(self) -> int:
+        return self._snapshot()[0]
+
+    @property
+    def violations(self) -> int:
+        return self._snapshot()[1]
+
+    def size(self, view: str) -> int:
+        vid = self._view(view)[0]
+        return self._snapshot()[2][vid]
+
+    def pcrs(self, bank: str) -> list[bytes]:
+        if bank not in self.banks:
+            raise ValueError(f"no bank {bank!r}")
+        with self.store.env.begin() as txn:
+            raw = bytes(txn.get(self._ns + bank.encode(), db=self._pcr))
+        s = hash_size(bank)
+        return [raw[i * s:(i + 1) * s] for i in range(NUM_PCRS)]
+
+    def pcr(self, bank: str, index: int) -> bytes:
+        if not 0 <= index < NUM_PCRS:
+            raise ValueError("PCR index out of range")
+        return self.pcrs(bank)[index]
+
+    def pcrs_text(self, bank: str) -> str:
+        """Every register as "PCR-NN: <hex>" lines (what evmctl --pcrs reads)."""
+        return "".join(f"PCR-{i:02d}: {r.hex()}\n" for i, r in enumerate(self.pcrs(bank)))
+
+    # --- appends
+    def _render(self, entry: TemplateEntry, hashes: list[bytes]) -> list[bytes]:
+        out = []
+        for b, h in zip(self.banks, hashes):
+            out.append(entry.ascii_line(b, template_hash=h))
+            out.append(entry.binary_record(b, template_hash=h))
+        return out
+
+    def _prepare(self, entry: TemplateEntry):
+        if not isinstance(entry, TemplateEntry):
+            raise TypeError("expected a TemplateEntry")
+        if not 0 <= entry.pcr < NUM_PCRS:
+            raise ValueError(f"PCR {entry.pcr} is not one of the {NUM_PCRS} registers")
+        hashes = [entry.template_hash(b) for b in self.banks]
+        lengths = [len(r) for r in self._render(entry, hashes)]
+        return entry, hashes, lengths, _pack_entry(entry, hashes)
+
+    def _append(self, txn, prepared) -> bool:
+        entry, hashes, lengths, blob = prepared
+        dupkey = None
+        if not entry.violation:
+            dupkey = _HASHKEY.pack(self.ns_id, entry.pcr) + hashes[0]
+            if txn.get(dupkey, db=self._hash) is not None:
+                return False
+        count, violations, sizes = self._read_state(txn)
+        seq = count
+        txn.put(_LOGKEY.pack(self.ns_id, seq), blob, db=self._log)
+        if dupkey is not None:
+            txn.put(dupkey, _SEQ.pack(seq), db=self._hash)
+        if seq % CHECKPOINT_EVERY == 0:
+            for vid, off in enumerate(sizes):
+                txn.put(_IDXKEY.pack(self.ns_id, vid, off), _SEQ.pack(seq), db=self._idx)
+        for i, b in enumerate(self.banks):
+            key = self._ns + b.encode()
+            s = self._sizes[i]
+            regs = bytearray(txn.get(key, db=self._pcr))
+            old = regs[entry.pcr * s:(entry.pcr + 1) * s]
+            h = new_hash(b)
+            h.update(old)
+            h.update(entry.extend_value(b, hashes[i]))
+            regs[entry.pcr * s:(entry.pcr + 1) * s] = h.digest()
+            txn.put(key, bytes(regs), db=self._pcr)
+        sizes = [a + b for a, b in zip(sizes, lengths)]
+        txn.put(self._ns + b"state",
+                self._state.pack(count + 1, violations + bool(entry.violation), *sizes),
+                db=self._meta)
+        return True
+
+    def add(self, entry: TemplateEntry) -> bool:
+        """Append ``entry`` unless an entry with the same PCR and sha1 template
+        hash is already in this list (the kernel's hash table).  A violation
+        entry is always appended (see add_violation).  True if appended."""
+        prepared = self._prepare(entry)
+        with self._lock, self.store.env.begin(write=True) as txn:
+            return self._append(txn, prepared)
+
+    def add_many(self, entries: Iterable[TemplateEntry]) -> list[bool]:
+        """add() for many entries in one transaction (all or nothing)."""
+        prepared = [self._prepare(e) for e in entries]
+        with self._lock, self.store.env.begin(write=True) as txn:
+            return [self._append(txn, p) for p in prepared]
+
+    def add_violation(self, template_name: str | None, path: str | bytes,
+                      pcr: int = 10) -> TemplateEntry:
+        """Record a violation (open-writers, ToMToU) as the kernel does: a
+        zero-digest entry with a zero template hash, PCRs extended with 0xff..,
+        violation counter incremented.  Returns the entry."""
+        entry = violation_entry(template_name or self.template, path, pcr=pcr,
+                                algo=self.hash_algo, ns_id=self.ns_id)
+        self.add(entry)
+        return entry
+
+    # --- reads
+    def _entries_from(self, txn, seq: int) -> Iterator[tuple[TemplateEntry, list[bytes]]]:
+        cur = txn.cursor(db=self._log)
+        if not cur.set_range(_LOGKEY.pack(self.ns_id, seq)):
+            return
+        for key, blob in cur:
+            if key[:4] != self._ns:
+                return
+            yield _unpack_entry(blob, self._sizes)
+
+    def entries(self, start: int = 0, *, batch: int = 4096) -> Iterator[TemplateEntry]:
+        """The entries from sequence number ``start`` on (``recorded_hash`` is the
+        sha1 template hash).  Uses short read transactions, ``batch`` entries each."""
+        seq = start
+        while True:
+            with self.store.env.begin() as txn:
+                got = 0
+                for entry, _ in self._entries_from(txn, seq):
+                    yield entry
+                    got += 1
+                    if got == batch:
+                        break
+            if got < batch:
+                return
+            seq += got
+
+    def entry(self, seq: int) -> TemplateEntry:
+        with self.store.env.begin() as txn:
+            blob = txn.get(_LOGKEY.pack(self.ns_id, seq), db=self._log)
+        if blob is None:
+            raise IndexError(seq)
+        return _unpack_entry(blob, self._sizes)[0]
+
+    def read(self, view: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a view, as the kernel file would give them."""
+        vid, bank, is_ascii = self._view(view)
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        bi = self.banks.index(bank)
+        with self.store.env.begin() as txn:
+            total = self._read_state(txn)[2][vid]
+            end = min(offset + size, total)
+            if offset >= end:
+                return b""
+            cur = txn.cursor(db=self._idx)
+            target = _IDXKEY.pack(self.ns_id, vid, offset)
+            # The last checkpoint at or before offset (checkpoint 0 is at 0).
+            if cur.set_range(target):
+                if cur.key() != target and not cur.prev():
+                    raise RuntimeError("measurement list index is missing")
+            elif not cur.last():
+                raise RuntimeError("measurement list index is missing")
+            ns_, vid_, pos = _IDXKEY.unpack(cur.key())
+            if (ns_, vid_) != (self.ns_id, vid) or pos > offset:
+                raise RuntimeError("measurement list index is inconsistent")
+            (seq,) = _SEQ.unpack(cur.value())
+            out = []
+            for entry, hashes in self._entries_from(txn, seq):
+                h = hashes[bi]
+                rec = (entry.ascii_line(bank, template_hash=h) if is_ascii
+                       else entry.binary_record(bank, template_hash=h))
+                nxt = pos + len(rec)
+                if nxt > offset:
+                    out.append(rec[max(0, offset - pos):end - pos])
+                pos = nxt
+                if pos >= end:
+                    break
+        return b"".join(out)
+
+    def iter_view(self, view: str, chunk: int = 1 << 17) -> Iterator[bytes]:
+        """A whole view in chunks (each one read() call)."""
+        off = 0
+        while True:
+            data = self.read(view, off, chunk)
+            if not data:
+                return
+            yield data
+            off += len(data)
