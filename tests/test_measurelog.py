@@ -178,6 +178,23 @@ def test_append_is_atomic(store, tmp_path, monkeypatch):
     assert ml.count == 3
 
 
+def test_creation_is_atomic(store, tmp_path, monkeypatch):
+    real, calls = M.new_hash, []
+
+    def failing_extend(algo):          # bank checks pass, the PCR extension fails
+        calls.append(algo)
+        if len(calls) > 2:
+            raise ZeroDivisionError
+        return real(algo)
+    monkeypatch.setattr(M, "new_hash", failing_extend)
+    with pytest.raises(ZeroDivisionError):
+        MeasurementList(store, 4, tpm_pcr_dir=no_tpm(tmp_path))
+    monkeypatch.undo()
+    ml = MeasurementList(store, 4, tpm_pcr_dir=no_tpm(tmp_path))
+    assert ml.count == 1                          # created now, with its boot aggregate
+    assert next(ml.entries()).recorded_hash.hex() == BOOT_AGGREGATE_NO_TPM
+
+
 def test_threads(store, tmp_path):
     ml = MeasurementList(store, 0, tpm_pcr_dir=no_tpm(tmp_path))
     results = []

@@ -187,33 +187,37 @@ class MeasurementList:
         self._hash = store.db("loghash")
         self._pcr = store.db("pcr")
         self._meta = store.db("logmeta")
+        self.banks = banks
+        self._sizes = [hash_size(b) for b in banks]
+        self._views = {}
+        for i, b in enumerate(banks):
+            self._views[f"ascii_{b}"] = (2 * i, b, True)
+            self._views[f"binary_{b}"] = (2 * i + 1, b, False)
+        self._views["ascii"] = self._views["ascii_sha1"]
+        self._views["binary"] = self._views["binary_sha1"]
+        self._state = struct.Struct(f"<QQ{2 * len(banks)}Q")
         env = store.env
-        created = False
+        with env.begin() as txn:
+            exists = txn.get(self._ns + b"banks", db=self._meta) is not None
+        first = None
+        if not exists and boot_aggregate:
+            first = self._prepare(boot_aggregate_entry(template, tpm_pcr_dir,
+                                                       hash_algo=hash_algo, ns_id=ns_id))
+        # Creation and the boot aggregate commit together.
         with self._lock, env.begin(write=True) as txn:
             stored = txn.get(self._ns + b"banks", db=self._meta)
-            if stored is None:
-                txn.put(self._ns + b"banks", ",".join(banks).encode(), db=self._meta)
-                created = True
-            elif tuple(stored.decode().split(",")) != banks:
-                raise ValueError(f"list of namespace {ns_id} has banks {stored.decode()}, "
-                                 f"not {','.join(banks)}")
-            self.banks = banks
-            self._sizes = [hash_size(b) for b in banks]
-            self._views = {}
-            for i, b in enumerate(banks):
-                self._views[f"ascii_{b}"] = (2 * i, b, True)
-                self._views[f"binary_{b}"] = (2 * i + 1, b, False)
-            self._views["ascii"] = self._views["ascii_sha1"]
-            self._views["binary"] = self._views["binary_sha1"]
-            self._state = struct.Struct(f"<QQ{2 * len(banks)}Q")
-            if created:
-                txn.put(self._ns + b"state", self._state.pack(0, 0, *[0] * (2 * len(banks))),
-                        db=self._meta)
-                for b, s in zip(banks, self._sizes):
-                    txn.put(self._ns + b.encode(), bytes(s * NUM_PCRS), db=self._pcr)
-        if created and boot_aggregate:
-            self.add(boot_aggregate_entry(template, tpm_pcr_dir, hash_algo=hash_algo,
-                                          ns_id=ns_id))
+            if stored is not None:
+                if tuple(bytes(stored).decode().split(",")) != banks:
+                    raise ValueError(f"list of namespace {ns_id} has banks "
+                                     f"{bytes(stored).decode()}, not {','.join(banks)}")
+                return
+            txn.put(self._ns + b"banks", ",".join(banks).encode(), db=self._meta)
+            txn.put(self._ns + b"state", self._state.pack(0, 0, *[0] * (2 * len(banks))),
+                    db=self._meta)
+            for b, size in zip(banks, self._sizes):
+                txn.put(self._ns + b.encode(), bytes(size * NUM_PCRS), db=self._pcr)
+            if first is not None:
+                self._append(txn, first)
 
     # --- views
     @property

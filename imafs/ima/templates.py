@@ -6,7 +6,7 @@ encoded fields.  This module encodes the fields the way the kernel's
 ``ima_calc_field_array_hash`` does, prints the ascii and binary records the way
 ``ima_fs.c`` does, and parses both formats back.
 
-Choices (see docs/internals.md):
+Choices:
 
 * Multi-byte integers are little-endian, as the kernel writes them with
   ``ima_canonical_fmt`` (and as it writes them natively on x86).
