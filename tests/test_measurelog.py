@@ -156,6 +156,10 @@ def test_persistence_and_namespaces(tmp_path):
     with pytest.raises(ValueError, match="banks"):
         MeasurementList(s, 1, banks=("sha1", "sha384"))
     s.close()
+    ro = Store(path, readonly=True)                # e.g. verify-log on a stopped mount
+    a = MeasurementList(ro, 1)
+    assert (a.count, a.pcrs("sha1"), a.read("ascii", 0, 1 << 20)) == state_a
+    ro.close()
 
 
 def test_append_is_atomic(store, tmp_path, monkeypatch):

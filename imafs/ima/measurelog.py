@@ -197,19 +197,16 @@ class MeasurementList:
         self._views["binary"] = self._views["binary_sha1"]
         self._state = struct.Struct(f"<QQ{2 * len(banks)}Q")
         env = store.env
-        with env.begin() as txn:
-            exists = txn.get(self._ns + b"banks", db=self._meta) is not None
+        with env.begin() as txn:        # an existing list needs no write (read-only stores)
+            if self._check_banks(txn):
+                return
         first = None
-        if not exists and boot_aggregate:
+        if boot_aggregate:
             first = self._prepare(boot_aggregate_entry(template, tpm_pcr_dir,
                                                        hash_algo=hash_algo, ns_id=ns_id))
         # Creation and the boot aggregate commit together.
         with self._lock, env.begin(write=True) as txn:
-            stored = txn.get(self._ns + b"banks", db=self._meta)
-            if stored is not None:
-                if tuple(bytes(stored).decode().split(",")) != banks:
-                    raise ValueError(f"list of namespace {ns_id} has banks "
-                                     f"{bytes(stored).decode()}, not {','.join(banks)}")
+            if self._check_banks(txn):
                 return
             txn.put(self._ns + b"banks", ",".join(banks).encode(), db=self._meta)
             txn.put(self._ns + b"state", self._state.pack(0, 0, *[0] * (2 * len(banks))),
@@ -218,6 +215,17 @@ class MeasurementList:
                 txn.put(self._ns + b.encode(), bytes(size * NUM_PCRS), db=self._pcr)
             if first is not None:
                 self._append(txn, first)
+
+    def _check_banks(self, txn) -> bool:
+        """True if the list exists (with our banks); ValueError if other banks."""
+        stored = txn.get(self._ns + b"banks", db=self._meta)
+        if stored is None:
+            return False
+        stored = bytes(stored).decode()
+        if tuple(stored.split(",")) != self.banks:
+            raise ValueError(f"list of namespace {self.ns_id} has banks {stored}, "
+                             f"not {','.join(self.banks)}")
+        return True
 
     # --- views
     @property
