@@ -246,13 +246,43 @@ def test_does_not_move_file_offset(mkfile):
         os.close(fd)
 
 
-def test_read_error_is_oserror(tmp_path):
+def test_non_regular_files_rejected(tmp_path):
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(IsADirectoryError):
             H.hash_fd(fd, ["sha256"], verity=True)
     finally:
         os.close(fd)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError, match="regular file"):
+            H.hash_fd(r, ["sha256"])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("left", [2 << 20, (2 << 20) + 1000, 100, 0])
+def test_file_shrinking_while_hashed(left, mkfile, monkeypatch, helpers_mode):
+    """Like IMA: hash up to the size seen at the start; if the file is shorter by
+    the time it is read, the result covers (and reports) what was there."""
+    data = rand(3 << 20)
+    p = mkfile(data)
+    real_fstat = os.fstat
+
+    def fstat_before_truncate(fd):      # the size seen before the file shrank
+        st = real_fstat(fd)
+        return os.stat_result(tuple(st)[:6] + (len(data),) + tuple(st)[7:10])
+    fd = fd_of(p)
+    try:
+        os.truncate(p, left)
+        monkeypatch.setattr(H.os, "fstat", fstat_before_truncate)
+        r = H.hash_fd(fd, ["sha256"], verity=True, chunk=1 << 19)
+    finally:
+        os.close(fd)
+    assert r.size == left
+    assert r["sha256"] == hashlib.sha256(data[:left]).digest()
+    assert r.tree.verity_digest == ref_verity_digest(data[:left])
 
 
 def test_helper_failure_propagates_and_pool_survives(mkfile, monkeypatch):

@@ -24,11 +24,13 @@ the result covers (and ``FileDigests.size`` reports) what was there.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import hmac
 import os
 import queue
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -714,7 +716,12 @@ class _HelperPool:
 
     def give(self, helpers: list[_Helper]):
         with self._lock:
-            self._idle.extend(helpers)
+            for h in helpers:
+                if self._started > self.limit:      # the limit was lowered meanwhile
+                    h.inbox.put(None)
+                    self._started -= 1
+                else:
+                    self._idle.append(h)
 
     def set_limit(self, limit: int):
         with self._lock:
@@ -790,7 +797,7 @@ def hash_bytes(data, algos: Iterable[str] | str = ("sha256",), *,
 def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
             verity: VeritySpec | None = None, chunk: int = 1 << 20) -> FileDigests:
     """Hash an open regular file in one pass of ``pread`` calls (the file offset is
-    neither used nor moved).
+    neither used nor moved; other file types raise ``OSError``).
 
     ``algos``: kernel names of the flat digests wanted (may be empty);
     ``verity``: also build the fs-verity Merkle tree with these parameters
@@ -802,7 +809,11 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
     before reading, and ``OSError`` for read errors.
     """
     lanes = _make_lanes(algos, verity)
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):     # IMA, too, only measures regular files
+        err = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+        raise OSError(err, f"hash_fd needs a regular file ({os.strerror(err)})")
+    size = st.st_size
     if not lanes:
         return FileDigests(size, {}, None)
     has_tree = isinstance(lanes[0], _TreeLane)
