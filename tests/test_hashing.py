@@ -308,6 +308,26 @@ def test_helper_failure_propagates_and_pool_survives(mkfile, monkeypatch):
     assert r.tree.verity_digest == ref_verity_digest(data)
 
 
+def test_reader_side_failure_waits_for_helpers(mkfile, monkeypatch):
+    data = rand(6 << 20)
+    p = mkfile(data)
+    real = H._TreeLane.feed
+    calls = []
+
+    def feed(self, mv):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, mv)
+    monkeypatch.setattr(H._TreeLane, "feed", feed)
+    with pytest.raises(KeyboardInterrupt):
+        digests_of(p, ["sha256", "sha1"], verity=True)
+    monkeypatch.setattr(H._TreeLane, "feed", real)
+    r = digests_of(p, ["sha256", "sha1"], verity=True)
+    assert r["sha1"] == hashlib.sha1(data).digest()
+    assert r["sha256"] == hashlib.sha256(data).digest()
+
+
 def test_flat_lanes_use_helper_threads_for_big_files(mkfile, monkeypatch):
     p = mkfile(rand(4 << 20))
     names = set()

@@ -886,7 +886,13 @@ def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper])
         done.append(d_lock)
         helper.inbox.put(_lane_job(lane, inbox, bufs, s_lock, d_lock, errors))
 
-    busy = False      # helpers hold a chunk not yet waited for
+    busy: list = []   # done-locks of helpers holding a chunk not yet waited for
+
+    def wait_done():  # safe to call again after an interruption
+        while busy:
+            busy[-1].acquire()
+            busy.pop()
+
     off = 0
     k = 0
     try:
@@ -894,15 +900,12 @@ def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper])
             want = min(chunk, size - off)
             buf = bufs[k & 1]
             n = _readinto_full(fd, buf[:want], off)   # helpers may still be on k-1
-            if busy:
-                for d in done:
-                    d.acquire()
-                busy = False
+            wait_done()
             if errors or not n:
                 break
-            for inbox in inboxes:
+            for inbox, d in zip(inboxes, done):
                 inbox.put((k & 1, n))
-            busy = True
+                busy.append(d)
             for s in started:
                 s.acquire()
             view = buf[:n]
@@ -913,9 +916,7 @@ def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper])
             if n < want:
                 break
     finally:
-        if busy:
-            for d in done:
-                d.acquire()
+        wait_done()
         for inbox in inboxes:
             inbox.put(None)
     if errors:
