@@ -1,0 +1,146 @@
+"""Shared fixtures. Mount tests mount real FUSE filesystems in temporary directories
+and always unmount them, even when the test fails."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMAFS = [sys.executable, "-m", "imafs"]
+
+
+def _is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == path for line in f)
+
+
+def force_unmount(mnt: str) -> None:
+    """Unmount whatever is at mnt, even when the daemon hangs or died."""
+    for cmd in (["fusermount3", "-u", mnt], ["umount", mnt], ["umount", "-l", mnt]):
+        if not _is_mounted(mnt):
+            return
+        subprocess.run(cmd, capture_output=True)
+    if _is_mounted(mnt):
+        # a wedged daemon: abort its FUSE connection, then detach
+        try:
+            dev = os.stat(mnt).st_dev
+        except OSError:
+            dev = None
+        if dev is not None:
+            ctl = "/sys/fs/fuse/connections"
+            if not os.path.exists(os.path.join(ctl, str(os.minor(dev)))):
+                subprocess.run(["mount", "-t", "fusectl", "none", ctl], capture_output=True)
+            with contextlib.suppress(OSError):
+                Path(ctl, str(os.minor(dev)), "abort").write_text("1")
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+class Mount:
+    """One imafs mount: ``backing``, ``mnt``, ``state``, plus helpers."""
+
+    def __init__(self, backing: Path, mnt: Path, state: Path, args: list[str]):
+        self.backing, self.mnt, self.state, self.args = backing, mnt, state, args
+        self.log = state / "imafs.log"
+
+    def start(self) -> "Mount":
+        cmd = IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
+                       "--log-file", str(self.log), "--log-level", "debug"] + self.args
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+        if p.returncode != 0:
+            raise RuntimeError(f"mount failed ({p.returncode}): {p.stderr}\n{self.log_text()}")
+        assert _is_mounted(str(self.mnt))
+        return self
+
+    def stop(self) -> None:
+        if _is_mounted(str(self.mnt)):
+            subprocess.run(IMAFS + ["umount", str(self.mnt)], capture_output=True, timeout=60,
+                           cwd=REPO)
+        force_unmount(str(self.mnt))
+
+    def restart(self, extra: list[str] | None = None) -> "Mount":
+        self.stop()
+        if extra is not None:
+            self.args = extra
+        return self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def ctl(self, name: str = "") -> Path:
+        return self.mnt / ".imafs" / name
+
+
+@pytest.fixture
+def world_tmp():
+    """A temporary directory that unprivileged test users can traverse (pytest's
+    tmp_path lives under a 0700 directory)."""
+    d = Path(tempfile.mkdtemp(prefix="imafs-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    for sub in d.iterdir():
+        if _is_mounted(str(sub)):
+            force_unmount(str(sub))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_mount(world_tmp):
+    """Factory: make_mount(args=[...], backing=None) -> started Mount; all are
+    unmounted at teardown."""
+    tmp_path = world_tmp
+    mounts: list[Mount] = []
+    n = [0]
+
+    def factory(args=None, backing: Path | None = None, start: bool = True) -> Mount:
+        n[0] += 1
+        b = backing or tmp_path / f"backing{n[0]}"
+        b.mkdir(exist_ok=True)
+        m = tmp_path / f"mnt{n[0]}"
+        m.mkdir()
+        s = tmp_path / f"state{n[0]}"
+        mt = Mount(b, m, s, list(args or []))
+        mounts.append(mt)
+        return mt.start() if start else mt
+
+    yield factory
+    for mt in mounts:
+        mt.stop()
+    # a daemon that failed leaves its log: show it for the failing test
+    for mt in mounts:
+        assert not _is_mounted(str(mt.mnt)), f"{mt.mnt} still mounted"
+
+
+@pytest.fixture
+def plain_mount(make_mount):
+    """A passthrough mount with integrity off."""
+    return make_mount(["--no-integrity"])
+
+
+def run_as(uid: int, gid: int, argv: list[str], **kw):
+    """Run argv as uid/gid (no supplementary groups)."""
+    def demote():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return subprocess.run(argv, preexec_fn=demote, **kw)
+
+
+def wait_for(pred, timeout=5.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

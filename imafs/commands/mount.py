@@ -1,0 +1,60 @@
+"""imafs mount / imafs umount."""
+from __future__ import annotations
+
+from imafs.cli import CommandError
+from imafs.fs import daemon
+
+
+def _mount(args) -> int:
+    allow_other = True
+    for o in args.o or []:
+        for word in o.split(","):
+            if word == "allow_other":
+                allow_other = True
+            elif word == "noallow_other":
+                allow_other = False
+            elif word:
+                raise CommandError(f"unknown -o option {word!r} (allow_other, noallow_other)")
+    opts = daemon.MountOptions(
+        backing=args.backing, mountpoint=args.mountpoint, state=args.state,
+        foreground=args.foreground, log_file=args.log_file, log_level=args.log_level,
+        allow_other=allow_other, policy=args.policy, control_name=args.control_name,
+        integrity=not args.no_integrity, attr_timeout=args.attr_timeout)
+    try:
+        return daemon.mount(opts)
+    except daemon.MountError as e:
+        raise CommandError(str(e))
+
+
+def _umount(args) -> int:
+    return daemon.umount(args.mountpoint, lazy=args.lazy)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mount", help="mount BACKING at MOUNTPOINT through imafs",
+                       description="Show BACKING at MOUNTPOINT; measure, appraise and audit "
+                                   "opens and execs as the policy says. Returns once mounted; "
+                                   "the daemon runs in the background.")
+    p.add_argument("backing", metavar="BACKING")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--state", metavar="DIR",
+                   help=f"LMDB state directory (default {daemon.DEFAULT_STATE_ROOT}/<hash of BACKING>)")
+    p.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log file (default: stderr in foreground, STATE/imafs.log otherwise)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("-o", action="append", metavar="OPT", help="mount options: allow_other (default), noallow_other")
+    p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
+                   help="the root namespace's IMA policy (default: no rules, as the kernel)")
+    p.add_argument("--control-name", default=".imafs", metavar="NAME",
+                   help="name of the control directory at the mount root (default .imafs)")
+    p.add_argument("--no-integrity", action="store_true",
+                   help="plain passthrough: no measurement, appraisal or control directory")
+    p.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS",
+                   help="how long the kernel may cache attributes and names (default 1)")
+    p.set_defaults(func=_mount)
+
+    u = sub.add_parser("umount", help="unmount an imafs mount and wait for its daemon")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--lazy", "-l", action="store_true", help="detach even when busy")
+    u.set_defaults(func=_umount)

@@ -1,0 +1,352 @@
+"""Mounting: argument checks, the daemon's life (background or foreground), clean
+unmount on SIGTERM/SIGINT, and ``imafs umount``.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("imafs")
+
+DEFAULT_STATE_ROOT = "/var/lib/imafs"
+
+
+class MountError(Exception):
+    """A refusal before anything was mounted; the message is one line for the user."""
+
+
+@dataclass
+class MountOptions:
+    backing: str
+    mountpoint: str
+    state: str | None = None
+    foreground: bool = False
+    log_file: str | None = None
+    log_level: str = "info"
+    allow_other: bool = True
+    policy: str | None = None          # file path, "tcb", "appraise_tcb" or None
+    control_name: str = ".imafs"
+    integrity: bool = True             # False: plain passthrough (benchmarks)
+    attr_timeout: float = 1.0
+    extra: dict = field(default_factory=dict)  # options of later layers (engine)
+
+
+def mountinfo_points() -> set[str]:
+    pts = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                p = line.split(b" ")[4]
+                pts.add(os.fsdecode(p.replace(b"\\040", b" ").replace(b"\\011", b"\t")
+                                    .replace(b"\\012", b"\n").replace(b"\\134", b"\\")))
+    except OSError:
+        pass
+    return pts
+
+
+def default_state_dir(backing: str) -> str:
+    h = hashlib.sha256(os.fsencode(os.path.realpath(backing))).hexdigest()[:16]
+    return os.path.join(DEFAULT_STATE_ROOT, h)
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_mount_args(opts: MountOptions) -> None:
+    """Refuse, with one clear line, anything that cannot or must not be mounted."""
+    for what, path in (("backing directory", opts.backing), ("mount point", opts.mountpoint)):
+        if not os.path.lexists(path):
+            raise MountError(f"{what} {path!r} does not exist")
+        if not os.path.isdir(path):
+            raise MountError(f"{what} {path!r} is not a directory")
+    backing = os.path.realpath(opts.backing)
+    mnt = os.path.realpath(opts.mountpoint)
+    if mnt in mountinfo_points() or os.path.ismount(mnt):
+        raise MountError(f"mount point {opts.mountpoint!r} is already a mount point "
+                         f"(imafs umount {opts.mountpoint} first)")
+    if _inside(backing, mnt):
+        raise MountError(f"backing directory {opts.backing!r} is inside the mount point "
+                         f"{opts.mountpoint!r}")
+    if _inside(mnt, backing):
+        raise MountError(f"mount point {opts.mountpoint!r} is inside the backing directory "
+                         f"{opts.backing!r}")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing (load the fuse module or run with --device /dev/fuse)")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        raise MountError(f"cannot open /dev/fuse: {e.strerror}")
+    if opts.state is not None and os.path.exists(opts.state) and not os.path.isdir(opts.state):
+        raise MountError(f"state {opts.state!r} is not a directory")
+    if "/" in opts.control_name or opts.control_name in ("", ".", ".."):
+        raise MountError(f"control name {opts.control_name!r} must be a single file name")
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise MountError(f"unknown log level {level!r} (debug, info, warning, error)")
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+
+class StateLock:
+    """An exclusive lock on the state directory, held for the daemon's life."""
+
+    def __init__(self, state: str):
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state, "daemon.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(self.fd, 32, 0).decode().strip()
+            except OSError:
+                pid = "?"
+            os.close(self.fd)
+            raise MountError(f"state directory {state!r} is in use by imafs daemon pid {pid}")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def update_pid(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    o = {"fsname=imafs", "subtype=imafs", "default_permissions"}
+    if opts.allow_other:
+        o.add("allow_other")
+    if os.geteuid() == 0:
+        # a container rootfs has set-uid programs and device nodes
+        o.update({"suid", "dev"})
+    return o
+
+
+def mount(opts: MountOptions) -> int:
+    """Mount; in the background unless ``foreground``. Returns an exit status once
+    the mount is ready (background) or unmounted (foreground)."""
+    check_mount_args(opts)
+    if opts.state is None:
+        opts.state = default_state_dir(opts.backing)
+    if not opts.foreground and opts.log_file is None:
+        opts.log_file = os.path.join(opts.state, "imafs.log")
+    lock = StateLock(opts.state)
+    if opts.foreground:
+        return _serve(opts, lock, None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        code = 1
+        try:
+            lock.update_pid()
+            code = _serve(opts, lock, w)
+        except BaseException as e:  # report, never raise into the forked copy of main
+            _report(w, f"error: {e}")
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        msg += chunk
+    os.close(r)
+    os.close(lock.fd)  # the daemon keeps its own copy of the locked descriptor
+    text = msg.decode(errors="replace").strip()
+    if text == "ok":
+        return 0
+    print(f"imafs mount: {text.removeprefix('error: ') or 'the daemon exited before mounting'}",
+          file=sys.stderr)
+    return 1
+
+
+def _report(fd, text: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, text.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
+    import pyfuse3
+    import trio
+
+    from imafs.fs import assemble, sysio
+
+    setup_logging(opts.log_level, opts.log_file)
+    os.umask(0)  # modes of new files come from the caller's request, not from us
+    sysio.raise_nofile_limit()
+    try:
+        fs = assemble.build(opts)
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        if ready_fd is None:
+            print(f"imafs mount: {e}", file=sys.stderr)
+        _report(ready_fd, f"error: {e}")
+        return 1
+    # resolve before mounting: afterwards a lookup would wait on this very daemon
+    mnt_real = os.path.realpath(opts.mountpoint)
+    try:
+        pyfuse3.init(fs.ops, mnt_real, fuse_options(opts))
+    except Exception as e:
+        fs.close()
+        msg = f"cannot mount {opts.mountpoint}: {e}"
+        log.error(msg)
+        if ready_fd is None:
+            print(f"imafs mount: {msg}", file=sys.stderr)
+        _report(ready_fd, f"error: {msg}")
+        return 1
+    _register_daemon(mnt_real)
+    log.info("mounted %s on %s (state %s, integrity %s)", opts.backing, opts.mountpoint,
+             opts.state, "on" if opts.integrity else "off")
+    if ready_fd is not None:
+        _report(ready_fd, "ok")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGHUP) as sigs:
+                    async for sig in sigs:
+                        log.info("signal %d: unmounting", sig)
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(on_signal)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+
+    code = 0
+    try:
+        trio.run(main)
+    except BaseException as e:  # noqa: BLE001 - a crash must still unmount
+        log.exception("daemon failed: %s", e)
+        code = 1
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as e:
+            log.warning("unmount at exit: %s", e)
+        fs.close()
+        _unregister_daemon(mnt_real)
+        log.info("unmounted %s", opts.mountpoint)
+    return code
+
+
+def daemon_pid(state: str) -> int | None:
+    try:
+        with open(os.path.join(state, "daemon.lock")) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _fuse_mount_of(mnt: str) -> dict | None:
+    """The /proc/self/mountinfo entry of an imafs (FUSE) mount at mnt, if any."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                parts = line.split(b" ")
+                if os.fsdecode(parts[4]) == mnt:
+                    sep = parts.index(b"-")
+                    return {"fstype": parts[sep + 1].decode(), "source": parts[sep + 2].decode()}
+    except OSError:
+        pass
+    return None
+
+
+def umount(mountpoint: str, *, timeout: float = 10.0, lazy: bool = False) -> int:
+    mnt = os.path.realpath(mountpoint)
+    info = _fuse_mount_of(mnt)
+    if info is None:
+        print(f"imafs umount: {mountpoint!r} is not mounted", file=sys.stderr)
+        return 1
+    if not info["fstype"].startswith("fuse"):
+        print(f"imafs umount: {mountpoint!r} is a {info['fstype']} mount, not imafs",
+              file=sys.stderr)
+        return 1
+    # the daemon exits when its mount goes away; find it to wait for it
+    pid = _daemon_of(mnt)
+    cmds = [["fusermount3", "-u", mnt]] if not lazy else []
+    cmds += [["umount", mnt], ["umount", "-l", mnt]]
+    last = ""
+    for cmd in cmds:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            continue
+        if p.returncode == 0:
+            break
+        last = (p.stderr or p.stdout).strip()
+    else:
+        print(f"imafs umount: cannot unmount {mountpoint!r}: {last}", file=sys.stderr)
+        return 1
+    if pid:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+    return 0
+
+
+RUN_DIR = "/run/imafs"
+
+
+def _runfile(mnt: str) -> str:
+    return os.path.join(RUN_DIR, hashlib.sha256(os.fsencode(mnt)).hexdigest()[:24] + ".pid")
+
+
+def _register_daemon(mnt: str) -> None:
+    try:
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        with open(_runfile(mnt), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        log.warning("cannot record daemon pid: %s", e)
+
+
+def _unregister_daemon(mnt: str) -> None:
+    try:
+        os.unlink(_runfile(mnt))
+    except OSError:
+        pass
+
+
+def _daemon_of(mnt: str) -> int | None:
+    """pid of the daemon serving mnt, from the file it writes under /run/imafs."""
+    try:
+        with open(_runfile(mnt)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["MountError", "MountOptions", "mount", "umount", "check_mount_args",
+           "default_state_dir", "errno"]

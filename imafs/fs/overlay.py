@@ -1,0 +1,819 @@
+"""Passthrough of a backing directory, as the calling process.
+
+Every inode the kernel knows is backed by an O_PATH descriptor of the backing inode,
+opened relative to its parent's descriptor with O_NOFOLLOW: a name is never resolved
+from the backing root, so a symlink in the tree (``/etc -> /host/etc``) is shown as a
+symlink and never followed by the daemon, and ``..`` at the mount root stays there.
+Inode numbers are the backing ones (the backing root shows as FUSE's root, 1); inodes
+of other devices below the backing root get numbers from a private range.
+
+Integrity never lives here: ``hooks`` (an object with the methods of
+:class:`NullHooks`) is told about opens, releases, writes and attribute changes, in
+a worker thread, and may refuse an open with an errno. ``control`` serves the
+virtual control directory.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from imafs.fs import sysio
+
+log = logging.getLogger("imafs.fs")
+
+FMODE_EXEC = 0o40  # __FMODE_EXEC: set in the FUSE open flags of an execve()
+_OPEN_PASS_MASK = ~(FMODE_EXEC | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_PATH", 0))
+OTHER_DEV_BASE = 1 << 56       # inode numbers for files on other devices below the root
+CONTROL_BASE = 1 << 60         # inode numbers of the virtual control directory
+SMALL_IO = 1 << 20
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request (from the FUSE request context)."""
+    pid: int
+    uid: int
+    gid: int
+    umask: int = 0o022
+
+
+class Denied(Exception):
+    """Raised by hooks to refuse an operation with an errno."""
+
+    def __init__(self, err: int, reason: str = ""):
+        super().__init__(reason or os.strerror(err))
+        self.errno = err
+        self.reason = reason
+
+
+class NullHooks:
+    """Integrity off: every method is a no-op. The engine adapter overrides them.
+
+    All methods run in a worker thread, never on the event loop.
+    """
+    active = False
+
+    def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
+        """Called after the backing file is opened; return a token kept with the
+        handle, or raise Denied."""
+        return None
+
+    def created(self, caller: Caller, inode: "Inode", fd: int, flags: int):
+        return None
+
+    def release(self, token) -> None:
+        pass
+
+    def read(self, token, fd: int, off: int, size: int):
+        """Return the bytes to serve, or None to let the overlay read them."""
+        return None
+
+    def wrote(self, token) -> None:
+        pass
+
+    def changed(self, inode: "Inode") -> None:
+        """Attributes or content changed through the mount (setattr, truncate)."""
+
+    def setxattr(self, caller: Caller, inode: "Inode", name: bytes, value: bytes | None):
+        """Validate an xattr write (value None: removal); raise Denied to refuse;
+        return (name, value) to store instead, or None to store as given."""
+        return None
+
+    def getxattr(self, caller: Caller, inode: "Inode", name: bytes):
+        """Return a name to read instead of ``name``, or None."""
+        return None
+
+    def keep_cache(self, inode: "Inode") -> bool:
+        return True
+
+
+class Inode:
+    __slots__ = ("nodeid", "fd", "dev", "ino", "nlookup", "parent", "name", "kind",
+                 "lock", "seen", "__weakref__")
+
+    def __init__(self, nodeid: int, fd: int, st: os.stat_result, parent, name: bytes):
+        self.nodeid = nodeid
+        self.fd = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.kind = stat.S_IFMT(st.st_mode)
+        self.nlookup = 0
+        self.parent = parent
+        self.name = name
+        self.lock = None   # created on demand by the integrity adapter
+        self.seen = None   # (mtime_ns, ctime_ns, size) at the last open: keep_cache
+
+    def path(self) -> bytes:
+        """Path inside the mount, from the names the kernel last looked up."""
+        parts = []
+        node = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/" + b"/".join(reversed(parts))
+
+
+class OpenFile:
+    __slots__ = ("fd", "inode", "flags", "token", "writable")
+
+    def __init__(self, fd, inode, flags, token):
+        self.fd = fd
+        self.inode = inode
+        self.flags = flags
+        self.token = token
+        self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+class DirHandle:
+    __slots__ = ("inode", "entries")
+
+    def __init__(self, inode):
+        self.inode = inode
+        self.entries = None
+
+
+def _caller(ctx) -> Caller:
+    return Caller(ctx.pid, ctx.uid, ctx.gid, getattr(ctx, "umask", 0o022))
+
+
+def _fuse_error(e: OSError) -> FUSEError:
+    return FUSEError(e.errno or errno.EIO)
+
+
+class Overlay(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, backing: str, *, hooks: NullHooks | None = None, control=None,
+                 control_name: bytes = b".imafs", attr_timeout: float = 1.0,
+                 entry_timeout: float = 1.0, max_threads: int = 8):
+        super().__init__()
+        self.backing = os.path.realpath(backing)
+        self.hooks = hooks or NullHooks()
+        self.control = control
+        self.control_name = control_name
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.limiter = trio.CapacityLimiter(max_threads)
+        rootfd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY)
+        st = os.fstat(rootfd)
+        self.root_dev, self.root_ino = st.st_dev, st.st_ino
+        self.root = Inode(pyfuse3.ROOT_INODE, rootfd, st, None, b"")
+        self.root.nlookup = 1
+        self.inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: self.root}
+        self.by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
+        self.other_dev: dict[tuple[int, int], int] = {}
+        self.handles: dict[int, object] = {}
+        self._next_fh = 1
+        self._fh_lock = threading.Lock()
+        self._nowait = True
+
+    # ------------------------------------------------------------------ helpers
+    def _nodeid_for(self, dev: int, ino: int) -> int:
+        if dev == self.root_dev:
+            if ino == self.root_ino:
+                return pyfuse3.ROOT_INODE
+            if ino != pyfuse3.ROOT_INODE and ino < OTHER_DEV_BASE:
+                return ino
+        key = (dev, ino)
+        n = self.other_dev.get(key)
+        if n is None:
+            n = OTHER_DEV_BASE + len(self.other_dev) + 1
+            self.other_dev[key] = n
+        return n
+
+    def inode(self, nodeid: int) -> Inode:
+        node = self.inodes.get(nodeid)
+        if node is None or node.fd < 0:
+            raise FUSEError(errno.ESTALE)
+        return node
+
+    def _attr(self, st: os.stat_result, nodeid: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = nodeid
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _remember(self, parent: Inode, name: bytes, fd: int, st: os.stat_result) -> Inode:
+        """Register one more kernel reference to the inode behind fd (consumes fd)."""
+        key = (st.st_dev, st.st_ino)
+        node = self.by_key.get(key)
+        if node is not None and node.fd >= 0:
+            os.close(fd)
+        else:
+            node = Inode(self._nodeid_for(*key), fd, st, parent, name)
+            self.by_key[key] = node
+            self.inodes[node.nodeid] = node
+        if node is not self.root:
+            node.parent, node.name = parent, name
+        node.nlookup += 1
+        return node
+
+    def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _fuse_error(e)
+        node = self._remember(parent, name, fd, st)
+        return self._attr(st, node.nodeid)
+
+    def _new_fh(self, obj) -> int:
+        with self._fh_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+        self.handles[fh] = obj
+        return fh
+
+    async def _in_thread(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def _is_control(self, nodeid: int) -> bool:
+        return nodeid >= CONTROL_BASE and self.control is not None
+
+    def _own_new(self, fd_or_node_fd: int, caller: Caller, parent: Inode, mode: int,
+                 is_dir: bool, *, path_fd: bool = True) -> None:
+        """Give a newly created inode to the caller, as the kernel would have:
+        owner = caller's fsuid; group = parent's group when the parent is set-gid,
+        else the caller's fsgid. chown by root clears S_ISUID/S_ISGID, so restore the
+        requested special bits after it (S_ISGID only if the caller may have it)."""
+        pst = os.fstat(parent.fd)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
+        sysio.fchown_empty(fd_or_node_fd, caller.uid, gid)
+        special = mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX)
+        if is_dir and pst.st_mode & stat.S_ISGID:
+            special |= stat.S_ISGID
+        if special and not stat.S_ISLNK(os.fstat(fd_or_node_fd).st_mode):
+            if (special & stat.S_ISGID and not is_dir and caller.uid != 0
+                    and gid != caller.gid and gid not in _sup_groups(caller.pid)):
+                special &= ~stat.S_ISGID
+            os.chmod(sysio.proc_path(fd_or_node_fd), (mode & 0o777) | special)
+
+    # ------------------------------------------------------------------ lookup
+    async def lookup(self, parent_inode, name, ctx=None):
+        if self._is_control(parent_inode):
+            return self.control.lookup(parent_inode, name, ctx)
+        parent = self.inode(parent_inode)
+        if parent is self.root:
+            if name == self.control_name and self.control is not None:
+                return self.control.lookup_root(ctx)
+            if name == b"..":
+                name = b"."
+        if name == b".":
+            st = os.fstat(parent.fd)
+            parent.nlookup += 1
+            return self._attr(st, parent.nodeid)
+        if name == b"..":
+            up = parent.parent or self.root
+            up.nlookup += 1
+            return self._attr(os.fstat(up.fd), up.nodeid)
+        return self._entry(parent, name)
+
+    async def forget(self, inode_list):
+        for nodeid, n in inode_list:
+            if nodeid >= CONTROL_BASE:
+                if self.control is not None:
+                    self.control.forget(nodeid, n)
+                continue
+            node = self.inodes.get(nodeid)
+            if node is None:
+                continue
+            node.nlookup -= n
+            if node.nlookup <= 0 and node is not self.root:
+                del self.inodes[nodeid]
+                if self.by_key.get((node.dev, node.ino)) is node:
+                    del self.by_key[(node.dev, node.ino)]
+                if node.fd >= 0:
+                    os.close(node.fd)
+                    node.fd = -1
+
+    async def getattr(self, inode, ctx=None):
+        if self._is_control(inode):
+            return self.control.getattr(inode, ctx)
+        node = self.inode(inode)
+        try:
+            st = os.fstat(node.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        return self._attr(st, node.nodeid)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if self._is_control(inode):
+            return self.control.setattr(inode, attr, fields, fh, ctx)
+        node = self.inode(inode)
+        path = sysio.proc_path(node.fd)
+        try:
+            if fields.update_size:
+                h = self.handles.get(fh) if fh is not None else None
+                if isinstance(h, OpenFile) and h.writable:
+                    os.ftruncate(h.fd, attr.st_size)
+                else:
+                    os.truncate(path, attr.st_size)
+            if fields.update_uid or fields.update_gid:
+                st = os.fstat(node.fd)
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                sysio.fchown_empty(node.fd, uid, gid)
+                # chown clears S_ISUID/S_ISGID on the backing file even for root; the
+                # kernel sends a mode with the bits still set only if they must stay
+                if not fields.update_mode and stat.S_ISREG(st.st_mode) and \
+                        st.st_mode & (stat.S_ISUID | stat.S_ISGID) and ctx.uid == 0:
+                    os.chmod(path, stat.S_IMODE(st.st_mode))
+            if fields.update_mode:
+                if node.kind != stat.S_IFLNK:
+                    os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_atime or fields.update_mtime:
+                sysio.utimens_empty(
+                    node.fd,
+                    attr.st_atime_ns if fields.update_atime else None,
+                    attr.st_mtime_ns if fields.update_mtime else None)
+            st = os.fstat(node.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        if self.hooks.active and (fields.update_size or fields.update_mode
+                                  or fields.update_uid or fields.update_gid):
+            await self._in_thread(self.hooks.changed, node)
+        return self._attr(st, node.nodeid)
+
+    async def readlink(self, inode, ctx):
+        if self._is_control(inode):
+            raise FUSEError(errno.EINVAL)
+        node = self.inode(inode)
+        try:
+            return sysio.readlink_empty(node.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    # ------------------------------------------------------------------ namespace ops
+    def _no_control(self, parent_inode: int, name: bytes | None = None) -> None:
+        if self._is_control(parent_inode):
+            raise FUSEError(errno.EPERM)
+        if (name is not None and parent_inode == pyfuse3.ROOT_INODE
+                and name == self.control_name and self.control is not None):
+            raise FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        caller = _caller(ctx)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        try:
+            os.mknod(name, stat.S_IFMT(mode) | (perm & 0o777), rdev, dir_fd=parent.fd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            self._own_new(fd, caller, parent, perm, False)
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _fuse_error(e)
+        return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        caller = _caller(ctx)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        try:
+            os.mkdir(name, perm & 0o777, dir_fd=parent.fd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            self._own_new(fd, caller, parent, perm, True)
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _fuse_error(e)
+        return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        caller = _caller(ctx)
+        try:
+            os.symlink(target, name, dir_fd=parent.fd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            self._own_new(fd, caller, parent, 0o777, False)
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _fuse_error(e)
+        return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+
+    async def unlink(self, parent_inode, name, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        try:
+            os.unlink(name, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        try:
+            os.rmdir(name, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._no_control(parent_inode_old, name_old)
+        self._no_control(parent_inode_new, name_new)
+        old = self.inode(parent_inode_old)
+        new = self.inode(parent_inode_new)
+        try:
+            if flags:
+                sysio.renameat2(old.fd, name_old, new.fd, name_new, flags)
+            else:
+                os.rename(name_old, name_new, src_dir_fd=old.fd, dst_dir_fd=new.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        # keep the names we report (measurement paths) in step with the tree
+        self._renamed(new, name_new)
+        if flags & sysio.RENAME_EXCHANGE:
+            self._renamed(old, name_old)
+
+    def _renamed(self, parent: Inode, name: bytes) -> None:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return
+        node = self.by_key.get((st.st_dev, st.st_ino))
+        if node is not None and node is not self.root:
+            node.parent, node.name = parent, name
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._no_control(new_parent_inode, new_name)
+        if self._is_control(inode):
+            raise FUSEError(errno.EPERM)
+        node = self.inode(inode)
+        parent = self.inode(new_parent_inode)
+        try:
+            sysio.link_empty(node.fd, parent.fd, new_name)
+            st = os.fstat(node.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        node.nlookup += 1
+        return self._attr(st, node.nodeid)
+
+    # ------------------------------------------------------------------ files
+    async def open(self, inode, flags, ctx):
+        if self._is_control(inode):
+            h = self.control.open(inode, flags, ctx)
+            return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, nonseekable=False)
+        node = self.inode(inode)
+        exec_ = bool(flags & FMODE_EXEC)
+        oflags = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC
+        try:
+            fd = os.open(sysio.proc_path(node.fd), oflags)
+        except OSError as e:
+            raise _fuse_error(e)
+        token = None
+        if self.hooks.active:
+            try:
+                token = await self._in_thread(self.hooks.open, _caller(ctx), node, fd, flags, exec_)
+            except Denied as d:
+                os.close(fd)
+                raise FUSEError(d.errno)
+            except BaseException:
+                os.close(fd)
+                raise
+        h = OpenFile(fd, node, oflags, token)
+        keep = self._keep_cache(node, fd) and (not self.hooks.active or self.hooks.keep_cache(node))
+        return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
+
+    def _keep_cache(self, node: Inode, fd: int) -> bool:
+        st = os.fstat(fd)
+        seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        keep = node.seen == seen
+        node.seen = seen
+        return keep
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._no_control(parent_inode, name)
+        parent = self.inode(parent_inode)
+        caller = _caller(ctx)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+        base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(name, base | os.O_CREAT | os.O_EXCL, perm & 0o777, dir_fd=parent.fd)
+                created = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                fd = os.open(name, base, dir_fd=parent.fd)
+                created = False
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            if created:
+                self._own_new(pfd, caller, parent, perm, False)
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            os.close(pfd)
+            raise _fuse_error(e)
+        node = self._remember(parent, name, pfd, st)
+        token = None
+        if self.hooks.active:
+            try:
+                if created:
+                    token = await self._in_thread(self.hooks.created, caller, node, fd, flags)
+                else:
+                    token = await self._in_thread(self.hooks.open, caller, node, fd, flags, False)
+            except Denied as d:
+                os.close(fd)
+                raise FUSEError(d.errno)
+        node.seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        h = OpenFile(fd, node, base, token)
+        return pyfuse3.FileInfo(fh=self._new_fh(h)), self._attr(st, node.nodeid)
+
+    async def read(self, fh, off, size):
+        h = self.handles.get(fh)
+        if not isinstance(h, OpenFile):
+            if h is not None and self.control is not None:
+                return self.control.read(h, off, size)
+            raise FUSEError(errno.EBADF)
+        if h.token is not None:
+            data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
+            if data is not None:
+                return data
+        if self._nowait:
+            try:
+                return self._read_fast(h.fd, off, size)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise _fuse_error(e)
+                self._nowait = False  # backing fs without RWF_NOWAIT
+        try:
+            return await self._in_thread(os.pread, h.fd, size, off)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    @staticmethod
+    def _read_fast(fd: int, off: int, size: int) -> bytearray:
+        """Serve from the page cache without blocking the event loop; raises
+        BlockingIOError when the data would need disk I/O (then a worker reads).
+        Never returns a short read before EOF: FUSE takes one as the file's end."""
+        buf = bytearray(size)
+        n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        if n < size:
+            if off + n < os.fstat(fd).st_size:
+                raise BlockingIOError(errno.EAGAIN, "partly cached")
+            del buf[n:]
+        return buf
+
+    async def write(self, fh, off, buf):
+        h = self.handles.get(fh)
+        if not isinstance(h, OpenFile):
+            if h is not None and self.control is not None:
+                return await self.control.write(h, off, buf)
+            raise FUSEError(errno.EBADF)
+        try:
+            if len(buf) > SMALL_IO:
+                n = await self._in_thread(os.pwrite, h.fd, buf, off)
+            else:
+                n = os.pwrite(h.fd, buf, off)
+        except OSError as e:
+            raise _fuse_error(e)
+        if h.token is not None:
+            self.hooks.wrote(h.token)
+        return n
+
+    async def flush(self, fh):
+        h = self.handles.get(fh)
+        if isinstance(h, OpenFile):
+            # close(dup) reports delayed write errors (NFS-like backends) per close()
+            try:
+                os.close(os.dup(h.fd))
+            except OSError as e:
+                raise _fuse_error(e)
+
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if not isinstance(h, OpenFile):
+            if self.control is not None:
+                self.control.release(h)
+            return
+        try:
+            os.close(h.fd)
+        except OSError:
+            pass
+        if h.token is not None:
+            await self._in_thread(self.hooks.release, h.token)
+
+    async def fsync(self, fh, datasync):
+        h = self.handles.get(fh)
+        if not isinstance(h, OpenFile):
+            return
+        try:
+            await self._in_thread(os.fdatasync if datasync else os.fsync, h.fd)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    # ------------------------------------------------------------------ directories
+    async def opendir(self, inode, ctx):
+        if self._is_control(inode):
+            return self._new_fh(self.control.opendir(inode, ctx))
+        return self._new_fh(DirHandle(self.inode(inode)))
+
+    def _list(self, node: Inode):
+        fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(fd) as it:
+                names = [os.fsencode(e.name) for e in it]
+        finally:
+            os.close(fd)
+        names.sort()
+        return [b".", b".."] + names
+
+    async def readdir(self, fh, start_id, token):
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            if h is not None and self.control is not None:
+                return self.control.readdir(h, start_id, token)
+            raise FUSEError(errno.EBADF)
+        node = h.inode
+        if h.entries is None or start_id == 0:
+            try:
+                h.entries = await self._in_thread(self._list, node)
+            except OSError as e:
+                raise _fuse_error(e)
+        entries = h.entries
+        hide = node is self.root and self.control is not None
+        for i in range(start_id, len(entries)):
+            name = entries[i]
+            if name == b"." or name == b"..":
+                target = node if name == b"." or node is self.root else (node.parent or self.root)
+                try:
+                    st = os.fstat(target.fd)
+                except OSError:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._attr(st, target.nodeid), i + 1):
+                    return
+                # the kernel takes no reference for "." and ".." (no forget follows)
+                continue
+            if hide and name == self.control_name:
+                continue
+            try:
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=node.fd)
+            except OSError:
+                continue  # removed since the listing: skip, as getdents would
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                os.close(fd)
+                continue
+            nodeid = self._nodeid_for(st.st_dev, st.st_ino)
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, nodeid), i + 1):
+                os.close(fd)
+                return
+            self._remember(node, name, fd, st)
+
+    async def releasedir(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is not None and not isinstance(h, DirHandle) and self.control is not None:
+            self.control.release(h)
+
+    async def fsyncdir(self, fh, datasync):
+        h = self.handles.get(fh)
+        if isinstance(h, DirHandle):
+            fd = os.open(sysio.proc_path(h.inode.fd), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    async def statfs(self, ctx):
+        st = os.statvfs(self.backing)
+        s = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(s, attr, getattr(st, attr))
+        return s
+
+    async def access(self, inode, mode, ctx):
+        return True  # default_permissions: the kernel checks
+
+    # ------------------------------------------------------------------ xattrs
+    def _xattr_path(self, node: Inode) -> str:
+        # following /proc/self/fd/N lands on the inode itself, symlinks included
+        return sysio.proc_path(node.fd)
+
+    async def setxattr(self, inode, name, value, ctx):
+        if self._is_control(inode):
+            raise FUSEError(errno.EPERM)
+        node = self.inode(inode)
+        if self.hooks.active:
+            try:
+                repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, value)
+            except Denied as d:
+                raise FUSEError(d.errno)
+            if repl is not None:
+                name, value = repl
+        try:
+            os.setxattr(self._xattr_path(node), name, value)
+        except OSError as e:
+            raise _fuse_error(e)
+        if self.hooks.active:
+            await self._in_thread(self.hooks.changed, node)
+
+    async def getxattr(self, inode, name, ctx):
+        if self._is_control(inode):
+            raise FUSEError(pyfuse3.ENOATTR)
+        node = self.inode(inode)
+        if self.hooks.active:
+            alt = self.hooks.getxattr(_caller(ctx), node, name)
+            if alt is not None:
+                name = alt
+        try:
+            return os.getxattr(self._xattr_path(node), name)
+        except OSError as e:
+            raise _fuse_error(e)
+
+    async def listxattr(self, inode, ctx):
+        if self._is_control(inode):
+            return []
+        node = self.inode(inode)
+        try:
+            return [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+        except OSError as e:
+            raise _fuse_error(e)
+
+    async def removexattr(self, inode, name, ctx):
+        if self._is_control(inode):
+            raise FUSEError(errno.EPERM)
+        node = self.inode(inode)
+        if self.hooks.active:
+            try:
+                repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, None)
+            except Denied as d:
+                raise FUSEError(d.errno)
+            if repl is not None:
+                name = repl[0]
+        try:
+            os.removexattr(self._xattr_path(node), name)
+        except OSError as e:
+            raise _fuse_error(e)
+        if self.hooks.active:
+            await self._in_thread(self.hooks.changed, node)
+
+    def close_all(self) -> None:
+        for h in list(self.handles.values()):
+            if isinstance(h, OpenFile):
+                try:
+                    os.close(h.fd)
+                except OSError:
+                    pass
+        self.handles.clear()
+        for node in list(self.inodes.values()):
+            if node.fd >= 0:
+                try:
+                    os.close(node.fd)
+                except OSError:
+                    pass
+                node.fd = -1
+
+
+def _sup_groups(pid: int) -> set[int]:
+    try:
+        return pyfuse3.get_sup_groups(pid)
+    except Exception:
+        return set()

