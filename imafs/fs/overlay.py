@@ -59,7 +59,8 @@ class NullHooks:
 
     All methods run in a worker thread, never on the event loop.
     """
-    active = False
+    active = False         # open/release/read/write/setattr hooks wanted
+    watch_xattrs = False   # setxattr/getxattr/removexattr hooks wanted
 
     def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
         """Called after the backing file is opened; return a token kept with the
@@ -278,11 +279,11 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ lookup
     async def lookup(self, parent_inode, name, ctx=None):
         if self._is_control(parent_inode):
-            return self.control.lookup(parent_inode, name, ctx)
+            return await self.control.lookup(parent_inode, name, ctx)
         parent = self.inode(parent_inode)
         if parent is self.root:
             if name == self.control_name and self.control is not None:
-                return self.control.lookup_root(ctx)
+                return await self.control.lookup_root(ctx)
             if name == b"..":
                 name = b"."
         if name == b".":
@@ -315,7 +316,7 @@ class Overlay(pyfuse3.Operations):
 
     async def getattr(self, inode, ctx=None):
         if self._is_control(inode):
-            return self.control.getattr(inode, ctx)
+            return await self.control.getattr(inode, ctx)
         node = self.inode(inode)
         try:
             st = os.fstat(node.fd)
@@ -325,7 +326,7 @@ class Overlay(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         if self._is_control(inode):
-            return self.control.setattr(inode, attr, fields, fh, ctx)
+            return await self.control.setattr(inode, attr, fields, fh, ctx)
         node = self.inode(inode)
         path = sysio.proc_path(node.fd)
         try:
@@ -490,7 +491,7 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
     async def open(self, inode, flags, ctx):
         if self._is_control(inode):
-            h = self.control.open(inode, flags, ctx)
+            h = await self.control.open(inode, flags, ctx)
             return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, nonseekable=False)
         node = self.inode(inode)
         exec_ = bool(flags & FMODE_EXEC)
@@ -565,7 +566,7 @@ class Overlay(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not isinstance(h, OpenFile):
             if h is not None and self.control is not None:
-                return self.control.read(h, off, size)
+                return await self.control.read(h, off, size)
             raise FUSEError(errno.EBADF)
         if h.token is not None:
             data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
@@ -630,7 +631,7 @@ class Overlay(pyfuse3.Operations):
             return
         if not isinstance(h, OpenFile):
             if self.control is not None:
-                self.control.release(h)
+                await self.control.release(h)
             return
         try:
             os.close(h.fd)
@@ -651,7 +652,7 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
         if self._is_control(inode):
-            return self._new_fh(self.control.opendir(inode, ctx))
+            return self._new_fh(await self.control.opendir(inode, ctx))
         return self._new_fh(DirHandle(self.inode(inode)))
 
     def _list(self, node: Inode):
@@ -668,7 +669,7 @@ class Overlay(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
             if h is not None and self.control is not None:
-                return self.control.readdir(h, start_id, token)
+                return await self.control.readdir(h, start_id, token)
             raise FUSEError(errno.EBADF)
         node = h.inode
         if h.entries is None or start_id == 0:
@@ -710,7 +711,7 @@ class Overlay(pyfuse3.Operations):
     async def releasedir(self, fh):
         h = self.handles.pop(fh, None)
         if h is not None and not isinstance(h, DirHandle) and self.control is not None:
-            self.control.release(h)
+            await self.control.release(h)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)
@@ -741,7 +742,7 @@ class Overlay(pyfuse3.Operations):
         if self._is_control(inode):
             raise FUSEError(errno.EPERM)
         node = self.inode(inode)
-        if self.hooks.active:
+        if self.hooks.watch_xattrs:
             try:
                 repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, value)
             except Denied as d:
@@ -752,14 +753,14 @@ class Overlay(pyfuse3.Operations):
             os.setxattr(self._xattr_path(node), name, value)
         except OSError as e:
             raise _fuse_error(e)
-        if self.hooks.active:
+        if self.hooks.watch_xattrs:
             await self._in_thread(self.hooks.changed, node)
 
     async def getxattr(self, inode, name, ctx):
         if self._is_control(inode):
             raise FUSEError(pyfuse3.ENOATTR)
         node = self.inode(inode)
-        if self.hooks.active:
+        if self.hooks.watch_xattrs:
             alt = self.hooks.getxattr(_caller(ctx), node, name)
             if alt is not None:
                 name = alt
@@ -781,7 +782,7 @@ class Overlay(pyfuse3.Operations):
         if self._is_control(inode):
             raise FUSEError(errno.EPERM)
         node = self.inode(inode)
-        if self.hooks.active:
+        if self.hooks.watch_xattrs:
             try:
                 repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, None)
             except Denied as d:
@@ -792,7 +793,7 @@ class Overlay(pyfuse3.Operations):
             os.removexattr(self._xattr_path(node), name)
         except OSError as e:
             raise _fuse_error(e)
-        if self.hooks.active:
+        if self.hooks.watch_xattrs:
             await self._in_thread(self.hooks.changed, node)
 
     def close_all(self) -> None:
