@@ -736,8 +736,8 @@ def test_property_tree_matches_reference(data, spec):
         assert t.verify_range(0, data).ok
 
 
-@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(deadline=None, max_examples=60,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(size=st.integers(0, 600_000), seed=st.integers(0, 2**32),
        chunk=st.sampled_from([4096, 16384, 65536, 1 << 20]),
        spec=specs, serial=st.booleans())
