@@ -618,7 +618,9 @@ class Overlay(pyfuse3.Operations):
 
     async def flush(self, fh):
         h = self.handles.get(fh)
-        if isinstance(h, OpenFile):
+        if h is not None and not isinstance(h, (OpenFile, DirHandle)) and self.control is not None:
+            await self.control.flush(h)  # control writes take effect (or fail) at close()
+        elif isinstance(h, OpenFile):
             # close(dup) reports delayed write errors (NFS-like backends) per close()
             try:
                 os.close(os.dup(h.fd))
