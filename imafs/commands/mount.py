@@ -1,6 +1,8 @@
 """imafs mount / imafs umount."""
 from __future__ import annotations
 
+import os
+
 from imafs.cli import CommandError
 from imafs.fs import daemon
 
@@ -19,11 +21,36 @@ def _mount(args) -> int:
         backing=args.backing, mountpoint=args.mountpoint, state=args.state,
         foreground=args.foreground, log_file=args.log_file, log_level=args.log_level,
         allow_other=allow_other, policy=args.policy, control_name=args.control_name,
-        integrity=not args.no_integrity, attr_timeout=args.attr_timeout)
+        integrity=not args.no_integrity, attr_timeout=args.attr_timeout,
+        extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
+               "appraise": args.appraise, "template": args.template, "hash": args.hash,
+               "audit_log": args.audit_log})
+    _check_engine_args(opts)
     try:
         return daemon.mount(opts)
     except daemon.MountError as e:
         raise CommandError(str(e))
+
+
+def _check_engine_args(opts) -> None:
+    """Refuse bad policy, keys or algorithms before anything is mounted."""
+    from imafs.ima.policy import PolicyError, load_policy_arg
+    if opts.policy is not None:
+        try:
+            load_policy_arg(opts.policy)
+        except PolicyError as e:
+            raise CommandError(f"--policy: {e}")
+    for d in opts.extra["keys_dirs"]:
+        if not os.path.isdir(d):
+            raise CommandError(f"--keys: {d!r} is not a directory")
+    for k in opts.extra["key_files"]:
+        if not os.path.isfile(k):
+            raise CommandError(f"--key: {k!r} is not a file")
+    from imafs.ima import hashing
+    try:
+        hashing.hash_algo(opts.extra["hash"]).new()
+    except (ValueError, hashing.HashAlgoError) as e:
+        raise CommandError(f"--hash: {e}")
 
 
 def _umount(args) -> int:
@@ -46,6 +73,19 @@ def register(sub) -> None:
     p.add_argument("-o", action="append", metavar="OPT", help="mount options: allow_other (default), noallow_other")
     p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
                    help="the root namespace's IMA policy (default: no rules, as the kernel)")
+    p.add_argument("--keys", action="append", metavar="DIR",
+                   help="load every certificate (*.der, *.pem, *.crt) of DIR into the root keyring")
+    p.add_argument("--key", action="append", metavar="CERT",
+                   help="load one certificate (DER or PEM) into the root keyring; repeatable")
+    p.add_argument("--appraise", choices=["enforce", "log", "fix", "off"], default="enforce",
+                   help="what a failed appraisal does: enforce (EACCES, default), log "
+                        "(allow and record), fix (write the hash, allow), off")
+    p.add_argument("--template", default="ima-ng",
+                   choices=["ima", "ima-ng", "ima-sig", "ima-ngv2", "ima-sigv2", "ima-ns"],
+                   help="default measurement template (default ima-ng, as the kernel)")
+    p.add_argument("--hash", default="sha256", metavar="ALGO",
+                   help="hash algorithm for measurement and fix mode (default sha256)")
+    p.add_argument("--audit-log", metavar="FILE", help="audit log (default STATE/audit.log)")
     p.add_argument("--control-name", default=".imafs", metavar="NAME",
                    help="name of the control directory at the mount root (default .imafs)")
     p.add_argument("--no-integrity", action="store_true",

@@ -1,8 +1,13 @@
 """Builds the FUSE operations object for a mount from its options: the overlay,
-and (when integrity is on) the engine adapter and the control directory."""
+and (when integrity is on) the engine, its FUSE adapter and the control directory."""
 from __future__ import annotations
 
+import logging
+import os
+
 from imafs.fs.overlay import Overlay
+
+log = logging.getLogger("imafs")
 
 
 class Filesystem:
@@ -15,11 +20,47 @@ class Filesystem:
         for c in self._closers:
             try:
                 c()
-            except Exception:
-                pass
+            except Exception as e:  # noqa: BLE001 - closing must go on
+                log.warning("close: %s", e)
 
 
 def build(opts) -> Filesystem:
-    ops = Overlay(opts.backing, control_name=opts.control_name.encode(),
-                  attr_timeout=opts.attr_timeout, entry_timeout=opts.attr_timeout)
-    return Filesystem(ops)
+    common = dict(control_name=opts.control_name.encode(), attr_timeout=opts.attr_timeout,
+                  entry_timeout=opts.attr_timeout)
+    if not opts.integrity:
+        return Filesystem(Overlay(opts.backing, **common))
+
+    from imafs.fs.control import ControlDir
+    from imafs.fs.integrity import IntegrityHooks
+    from imafs.ima.audit import AuditLog
+    from imafs.ima.engine import Engine
+    from imafs.ima.keys import Keyring
+    from imafs.ima.measurelog import MeasurementList
+    from imafs.ima.namespaces import Namespace, NamespaceTree
+    from imafs.ima.policy import Policy, load_policy_arg
+    from imafs.store import Store
+
+    x = opts.extra
+    rules = load_policy_arg(opts.policy) if opts.policy else []
+    store = Store(os.path.join(opts.state, "lmdb"))
+    keyring = Keyring(store, 0)
+    for d in x.get("keys_dirs", []):
+        loaded, refused = keyring.load_dir(d)
+        for fp, why in refused:
+            raise ValueError(f"key {fp}: {why}")
+    for cert in x.get("key_files", []):
+        with open(cert, "rb") as f:
+            keyring.add(f.read())
+    mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
+                            hash_algo=x.get("hash", "sha256"))
+    root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
+                     keyring=keyring, appraise_mode=x.get("appraise", "enforce"),
+                     template=x.get("template", "ima-ng"), hash_algo=x.get("hash", "sha256"))
+    tree = NamespaceTree(root)
+    audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
+    engine = Engine(tree, store=store, audit=audit)
+    overlay = Overlay(opts.backing, hooks=IntegrityHooks(engine), **common)
+    overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
+    log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s",
+             len(rules), len(keyring), root.appraise_mode, root.template, root.hash_algo)
+    return Filesystem(overlay, [audit.close, store.close])

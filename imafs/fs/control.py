@@ -1,0 +1,450 @@
+"""The virtual control directory (``MNT/.imafs/``), like the kernel's securityfs
+``/sys/kernel/security/ima/``.
+
+Every process sees its own integrity namespace's files at the top; an ancestor sees
+each descendant under ``namespaces/NAME/``. Node ids encode (namespace slot, file):
+slot 0 is "the caller's own namespace" (resolved at open from the caller's pid), slot
+``id + 1`` a named namespace (checked at open: the caller must be that namespace or
+an ancestor). Entries are never cached by the kernel (timeout 0), so two processes of
+different namespaces never share a resolved name.
+
+Files are served here; what they say comes from the engine (lists stream from LMDB
+with ``read(view, offset, size)``; nothing builds a whole list in memory).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from imafs.fs import sysio
+from imafs.fs.resolve import resolve
+from imafs.fs.overlay import CONTROL_BASE
+from imafs.ima.engine import Engine, FileRef, Subject
+from imafs.ima.keys import KeyringError
+from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
+
+log = logging.getLogger("imafs.control")
+
+SLOT = 1024
+DIR, FILE = "dir", "file"
+MAX_QUERY_BYTES = 4096
+MAX_KEY_BYTES = 64 * 1024
+
+# idx: (name, parent idx, kind, mode)
+ENTRIES: dict[int, tuple[str, int | None, str, int]] = {
+    0: ("", None, DIR, 0o555),
+    1: ("namespaces", 0, DIR, 0o555),
+    2: ("pcrs", 0, DIR, 0o550),
+    3: ("policy", 0, FILE, 0o600),
+    4: ("ascii_runtime_measurements", 0, FILE, 0o440),
+    5: ("ascii_runtime_measurements_sha1", 0, FILE, 0o440),
+    6: ("ascii_runtime_measurements_sha256", 0, FILE, 0o440),
+    7: ("binary_runtime_measurements", 0, FILE, 0o440),
+    8: ("binary_runtime_measurements_sha1", 0, FILE, 0o440),
+    9: ("binary_runtime_measurements_sha256", 0, FILE, 0o440),
+    10: ("runtime_measurements_count", 0, FILE, 0o440),
+    11: ("violations", 0, FILE, 0o440),
+    12: ("sha1", 2, FILE, 0o440),
+    13: ("sha256", 2, FILE, 0o440),
+    14: ("keys", 0, FILE, 0o600),
+    15: ("query", 0, FILE, 0o600),
+}
+CHILDREN: dict[int, dict[bytes, int]] = {}
+for _i, (_name, _parent, _kind, _mode) in ENTRIES.items():
+    if _parent is not None:
+        CHILDREN.setdefault(_parent, {})[_name.encode()] = _i
+VIEWS = {
+    "ascii_runtime_measurements": "ascii", "ascii_runtime_measurements_sha1": "ascii_sha1",
+    "ascii_runtime_measurements_sha256": "ascii_sha256",
+    "binary_runtime_measurements": "binary", "binary_runtime_measurements_sha1": "binary_sha1",
+    "binary_runtime_measurements_sha256": "binary_sha256",
+}
+
+
+class CtlHandle:
+    __slots__ = ("name", "ns", "pid", "uid", "gid", "data", "pending", "result", "is_dir",
+                 "slot", "idx", "dirty")
+
+    def __init__(self, name, ns, ctx, slot, idx, is_dir=False):
+        self.name = name
+        self.ns = ns
+        self.pid, self.uid, self.gid = ctx.pid, ctx.uid, ctx.gid
+        self.data: bytes | None = None
+        self.pending = bytearray()
+        self.result: bytes | None = None
+        self.is_dir = is_dir
+        self.slot, self.idx = slot, idx
+        self.dirty = False
+
+
+class ControlDir:
+    def __init__(self, engine: Engine, overlay, *, mountpoint: str = ""):
+        self.engine = engine
+        self.overlay = overlay
+        self.mountpoint = os.path.realpath(mountpoint) if mountpoint else ""
+        self.started = time.time_ns()
+        self.last_query: dict[tuple[int, int], bytes] = {}
+
+    # ------------------------------------------------------------------ nodes
+    @staticmethod
+    def nodeid(slot: int, idx: int) -> int:
+        return CONTROL_BASE + slot * SLOT + idx
+
+    @staticmethod
+    def split(nodeid: int) -> tuple[int, int]:
+        return divmod(nodeid - CONTROL_BASE, SLOT)
+
+    def _target(self, slot: int, pid: int):
+        """The namespace a node of ``slot`` shows to process ``pid``; EACCES when the
+        process may not see it (not the namespace itself nor an ancestor)."""
+        own = self.engine.tree.of_pid(pid)
+        if slot == 0:
+            return own
+        ns = self.engine.tree.by_id.get(slot - 1)
+        if ns is None:
+            raise FUSEError(errno.ENOENT)
+        if own not in ns.chain():
+            raise FUSEError(errno.EACCES)
+        return ns
+
+    def _attr(self, nodeid: int) -> pyfuse3.EntryAttributes:
+        slot, idx = self.split(nodeid)
+        name, parent, kind, mode = ENTRIES[idx]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = nodeid
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_mode = (stat.S_IFDIR if kind == DIR else stat.S_IFREG) | mode
+        a.st_nlink = 2 if kind == DIR else 1
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_size = 0
+        a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
+        return a
+
+    async def lookup_root(self, ctx):
+        return self._attr(self.nodeid(0, 0))
+
+    async def lookup(self, parent_nodeid, name, ctx):
+        slot, idx = self.split(parent_nodeid)
+        ns = self._target(slot, ctx.pid)
+        if name == b".":
+            return self._attr(parent_nodeid)
+        if idx == 1:  # namespaces/: the children of ns
+            if name == b"..":
+                return self._attr(self.nodeid(slot, 0))
+            child = ns.children.get(os.fsdecode(name))
+            if child is None:
+                raise FUSEError(errno.ENOENT)
+            return self._attr(self.nodeid(child.id + 1, 0))
+        if name == b"..":
+            parent = ENTRIES[idx][1]
+            if parent is None:
+                raise FUSEError(errno.ENOENT)  # handled by the overlay for the mount root
+            return self._attr(self.nodeid(slot, parent))
+        child_idx = CHILDREN.get(idx, {}).get(name)
+        if child_idx is None:
+            raise FUSEError(errno.ENOENT)
+        return self._attr(self.nodeid(slot, child_idx))
+
+    def forget(self, nodeid, n) -> None:
+        pass
+
+    async def getattr(self, nodeid, ctx):
+        slot, idx = self.split(nodeid)
+        if idx not in ENTRIES:
+            raise FUSEError(errno.ENOENT)
+        self._target(slot, ctx.pid)
+        return self._attr(nodeid)
+
+    async def setattr(self, nodeid, attr, fields, fh, ctx):
+        # truncation of a control file (O_TRUNC from a shell redirect) is a no-op
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise FUSEError(errno.EPERM)
+        return await self.getattr(nodeid, ctx)
+
+    # ------------------------------------------------------------------ files
+    async def open(self, nodeid, flags, ctx):
+        slot, idx = self.split(nodeid)
+        if idx not in ENTRIES or ENTRIES[idx][2] != FILE:
+            raise FUSEError(errno.EISDIR)
+        ns = self._target(slot, ctx.pid)
+        name = ENTRIES[idx][0]
+        acc = flags & os.O_ACCMODE
+        writing = acc != os.O_RDONLY
+        if writing and name not in ("policy", "keys", "query"):
+            raise FUSEError(errno.EACCES)
+        if writing and name in ("policy", "keys") and ctx.uid != 0:
+            raise FUSEError(errno.EACCES)
+        h = CtlHandle(name, ns, ctx, slot, idx)
+        if acc != os.O_WRONLY:
+            h.data = await trio.to_thread.run_sync(self._snapshot, h)
+        return h
+
+    def _snapshot(self, h: CtlHandle) -> bytes | None:
+        """Contents of small files, taken at open (lists are read in place)."""
+        ns = h.ns
+        if h.name in VIEWS:
+            return None
+        if h.name == "policy":
+            return ns.policy.text().encode()
+        if h.name == "runtime_measurements_count":
+            return f"{ns.mlist.count}\n".encode()
+        if h.name == "violations":
+            return f"{ns.mlist.violations}\n".encode()
+        if h.name in ("sha1", "sha256"):
+            return ns.mlist.pcrs_text(h.name).encode()
+        if h.name == "keys":
+            return ns.keyring.list_text().encode()
+        if h.name == "query":
+            return self.last_query.get((ns.id, h.uid), b"")
+        return b""
+
+    async def read(self, h: CtlHandle, off: int, size: int):
+        if h.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if h.name in VIEWS:
+            view = VIEWS[h.name]
+            return await trio.to_thread.run_sync(h.ns.mlist.read, view, off, size)
+        data = h.result if (h.name == "query" and h.result is not None) else h.data
+        if data is None:
+            raise FUSEError(errno.EBADF)
+        return data[off:off + size]
+
+    async def write(self, h: CtlHandle, off: int, buf: bytes) -> int:
+        if h.name == "policy":
+            return await trio.to_thread.run_sync(self._write_policy, h, bytes(buf))
+        if h.name == "keys":
+            return await trio.to_thread.run_sync(self._write_keys, h, bytes(buf), False)
+        if h.name == "query":
+            return await trio.to_thread.run_sync(self._write_query, h, bytes(buf))
+        raise FUSEError(errno.EACCES)
+
+    async def flush(self, h: CtlHandle) -> None:
+        if h.name == "policy" and h.pending:
+            await trio.to_thread.run_sync(self._write_policy, h, b"\n")
+        elif h.name == "keys" and h.pending:
+            await trio.to_thread.run_sync(self._write_keys, h, b"", True)
+
+    async def release(self, h: CtlHandle) -> None:
+        try:
+            await self.flush(h)
+        except FUSEError:
+            pass
+
+    # --- policy: each write() is parsed whole; a partial last line waits for the next
+    def _write_policy(self, h: CtlHandle, buf: bytes) -> int:
+        data = bytes(h.pending) + buf
+        if len(data) > MAX_POLICY_BYTES:
+            h.pending.clear()
+            log.warning("policy write of ns %s refused: over %d bytes", h.ns.path, MAX_POLICY_BYTES)
+            raise FUSEError(errno.EFBIG)
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            h.pending[:] = data
+            return len(buf)
+        complete, rest = data[:cut + 1], data[cut + 1:]
+        stripped = complete.strip()
+        try:
+            if stripped.startswith(b"/") and b"\n" not in stripped:
+                rules = self._policy_from_file(h, os.fsdecode(stripped))
+            else:
+                rules = parse_policy(complete)
+        except PolicyError as e:
+            h.pending.clear()
+            log.warning("policy write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, e)
+            self.engine.audit.record("policy_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid,
+                                     error=str(e))
+            raise FUSEError(errno.EINVAL)
+        h.pending[:] = rest
+        if rules:
+            ns = h.ns
+            ns.set_policy(Policy(list(ns.policy.rules) + rules))
+            self.engine.audit.record("policy_update", ns=ns.path, pid=h.pid, uid=h.uid,
+                                     rules=len(rules), total=len(ns.policy))
+            log.info("namespace %s: %d rule(s) added by pid %d (%d in all)", ns.path,
+                     len(rules), h.pid, len(ns.policy))
+        return len(buf)
+
+    def _policy_from_file(self, h: CtlHandle, path: str):
+        """A policy loaded by path (inside the mount), appraised as POLICY_CHECK."""
+        f, fd = self._open_in_mount(path)
+        try:
+            self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
+                                  writable=False, append=False, exec_=False,
+                                  funcs=[("POLICY_CHECK", 4)])
+            size = f.st.st_size
+            if size > MAX_POLICY_BYTES:
+                raise PolicyError(f"{path}: policy file over {MAX_POLICY_BYTES} bytes")
+            text = os.pread(fd, size, 0)
+        except OSError as e:
+            raise PolicyError(f"{path}: {e.strerror}")
+        except Exception as e:  # AccessDenied
+            raise PolicyError(f"{path}: {e}")
+        finally:
+            os.close(fd)
+        try:
+            return parse_policy(text)
+        except PolicyError as e:
+            raise e.with_source(path)
+
+    # --- keys: DER (length from its header), PEM, or a path inside the mount
+    def _write_keys(self, h: CtlHandle, buf: bytes, final: bool) -> int:
+        h.pending += buf
+        if len(h.pending) > MAX_KEY_BYTES:
+            h.pending.clear()
+            raise FUSEError(errno.EFBIG)
+        data = bytes(h.pending)
+        cert = None
+        if data[:1] == b"\x30":
+            total = _der_total(data)
+            if total is None or len(data) < total:
+                if final:
+                    return self._key_error(h, "truncated DER certificate")
+                return len(buf)
+            cert, h.pending[:] = data[:total], data[total:]
+        elif data.lstrip().startswith(b"-----BEGIN"):
+            end = data.find(b"-----END CERTIFICATE-----")
+            if end < 0:
+                if final:
+                    return self._key_error(h, "incomplete PEM certificate")
+                return len(buf)
+            stop = end + len(b"-----END CERTIFICATE-----")
+            cert, h.pending[:] = data[:stop], data[stop:].lstrip()
+        elif data.strip().startswith(b"/"):
+            if b"\n" not in data and not final:
+                return len(buf)
+            line, _, rest = data.partition(b"\n")
+            h.pending[:] = rest
+            try:
+                f, fd = self._open_in_mount(os.fsdecode(line.strip()))
+                try:
+                    cert = os.pread(fd, min(f.st.st_size, MAX_KEY_BYTES), 0)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                return self._key_error(h, f"{os.fsdecode(line.strip())}: {e.strerror}")
+        elif data.strip() == b"":
+            h.pending.clear()
+            return len(buf)
+        else:
+            return self._key_error(h, "expected a DER or PEM certificate, or a path to one")
+        try:
+            info = h.ns.keyring.add(cert)
+            h.ns.keyring.persist() if h.ns.keyring.persistent else None
+        except (KeyringError, ValueError) as e:
+            return self._key_error(h, str(e))
+        self.engine.audit.record("key_added", ns=h.ns.path, pid=h.pid, uid=h.uid,
+                                 keyid=f"{info.keyid:08x}", subject=info.subject)
+        log.info("namespace %s: key %08x added (%s)", h.ns.path, info.keyid, info.subject)
+        return len(buf)
+
+    def _key_error(self, h: CtlHandle, msg: str):
+        h.pending.clear()
+        log.warning("key write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
+        self.engine.audit.record("key_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid, error=msg)
+        raise FUSEError(errno.EINVAL)
+
+    # --- query: write a path, read what the engine decided and why
+    def _write_query(self, h: CtlHandle, buf: bytes) -> int:
+        h.pending += buf
+        if len(h.pending) > MAX_QUERY_BYTES:
+            h.pending.clear()
+            raise FUSEError(errno.EINVAL)
+        data = bytes(h.pending)
+        if b"\n" not in data:
+            # a path without a newline (printf) is taken as complete too
+            pass
+        words = data.split(b"\n")[0].strip().split()
+        h.pending.clear()
+        if not words:
+            raise FUSEError(errno.EINVAL)
+        exec_ = False
+        if words[0] == b"exec" and len(words) == 2:
+            exec_, words = True, words[1:]
+        if len(words) != 1:
+            raise FUSEError(errno.EINVAL)
+        path = os.fsdecode(words[0])
+        try:
+            f, fd = self._open_in_mount(path)
+        except OSError as e:
+            result = {"path": path, "error": e.strerror}
+        else:
+            try:
+                result = self.engine.explain(Subject(h.pid, h.uid, h.gid), f, exec_=exec_)
+            except OSError as e:
+                result = {"path": path, "error": e.strerror}
+            finally:
+                os.close(fd)
+        out = (json.dumps(result, indent=2, default=str) + "\n").encode()
+        h.result = out
+        self.last_query[(h.ns.id, h.uid)] = out
+        return len(buf)
+
+    def _open_in_mount(self, path: str) -> tuple[FileRef, int]:
+        """Open a path of the mount (absolute in the mount, or a host path below the
+        mount point) read-only, resolving symlinks inside the mount only."""
+        if self.mountpoint and (path == self.mountpoint or path.startswith(self.mountpoint + "/")):
+            path = path[len(self.mountpoint):] or "/"
+        if not path.startswith("/"):
+            raise OSError(errno.EINVAL, "path must be absolute (inside the mount)")
+        node_fd, rel = resolve(self.overlay.root.fd, path)
+        try:
+            fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(node_fd)
+        st = os.fstat(fd)
+        p = sysio.proc_path(fd)
+
+        def getxattr(name):
+            try:
+                return os.getxattr(p, name)
+            except OSError:
+                return None
+        from imafs.fs.integrity import fs_info
+        f = FileRef(fd=fd, st=st, path=rel.encode(), readable=True,
+                    reopen=lambda: os.open(p, os.O_RDONLY | os.O_CLOEXEC),
+                    getxattr=getxattr, setxattr=lambda n, v: os.setxattr(p, n, v),
+                    fs=fs_info(fd, st.st_dev))
+        return f, fd
+
+    # ------------------------------------------------------------------ directories
+    async def opendir(self, nodeid, ctx):
+        slot, idx = self.split(nodeid)
+        if idx not in ENTRIES or ENTRIES[idx][2] != DIR:
+            raise FUSEError(errno.ENOTDIR)
+        ns = self._target(slot, ctx.pid)
+        return CtlHandle(ENTRIES[idx][0], ns, ctx, slot, idx, is_dir=True)
+
+    async def readdir(self, h: CtlHandle, start_id: int, token) -> None:
+        if h.idx == 1:
+            names = [(n.encode(), self.nodeid(c.id + 1, 0))
+                     for n, c in sorted(h.ns.children.items())]
+        else:
+            names = [(n, self.nodeid(h.slot, i)) for n, i in CHILDREN.get(h.idx, {}).items()]
+        for i in range(start_id, len(names)):
+            name, nodeid = names[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(nodeid), i + 1):
+                return
+
+
+def _der_total(data: bytes) -> int | None:
+    """Total length of the DER element at the start of data (None if unknown yet)."""
+    if len(data) < 2:
+        return None
+    first = data[1]
+    if first < 0x80:
+        return 2 + first
+    n = first & 0x7F
+    if n == 0 or n > 4 or len(data) < 2 + n:
+        return None
+    return 2 + n + int.from_bytes(data[2:2 + n], "big")

@@ -1,0 +1,159 @@
+"""Connects the overlay's hooks to the integrity engine.
+
+Only translation lives here: a FUSE open (caller, inode, flags) becomes an engine
+``Subject`` and ``FileRef``; an engine refusal becomes an errno. No policy, list or
+signature is looked at in this module.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+
+from imafs.fs import sysio
+from imafs.fs.overlay import Caller, Denied, Inode, NullHooks
+from imafs.ima.appraise import XattrError, parse_ima_xattr
+from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, Subject
+
+log = logging.getLogger("imafs.fs.integrity")
+
+IMA_XATTR = b"security.ima"
+PRIVATE_PREFIX = b"security.imafs."   # per-namespace security.ima copies
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
+                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
+                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
+                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fs_info(fd: int, dev: int) -> FsInfo:
+    """Magic, type name and UUID of the backing filesystem holding ``fd``."""
+    buf = _Statfs()
+    magic = None
+    if _libc.fstatfs(fd, ctypes.byref(buf)) == 0:
+        magic = buf.f_type & 0xFFFFFFFF
+    name = None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[2] == want:
+                    name = parts[parts.index("-") + 1]
+                    break
+    except (OSError, ValueError):
+        pass
+    uuid = None
+    try:
+        for link in os.listdir("/dev/disk/by-uuid"):
+            try:
+                if os.stat(os.path.join("/dev/disk/by-uuid", link)).st_rdev == dev:
+                    uuid = link.lower()
+                    break
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return FsInfo(magic=magic, name=name, uuid=uuid)
+
+
+class IntegrityHooks(NullHooks):
+    watch_xattrs = True
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._fs: dict[int, FsInfo] = {}
+
+    @property
+    def active(self) -> bool:  # open/release hooks only while some policy has rules
+        return self.engine.active()
+
+    def _fsinfo(self, fd: int, dev: int) -> FsInfo:
+        info = self._fs.get(dev)
+        if info is None:
+            info = self._fs[dev] = fs_info(fd, dev)
+        return info
+
+    def _file(self, inode: Inode, fd: int, flags: int) -> FileRef | None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        path = sysio.proc_path(inode.fd)
+        acc = flags & os.O_ACCMODE
+
+        def getxattr(name: str):
+            try:
+                return os.getxattr(path, name)
+            except OSError as e:
+                if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                    return None
+                raise
+
+        return FileRef(
+            fd=fd, st=st, path=inode.path(), readable=acc != os.O_WRONLY,
+            reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+            getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
+            fs=self._fsinfo(fd, st.st_dev))
+
+    def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
+              created: bool):
+        f = self._file(inode, fd, flags)
+        if f is None:
+            return None
+        acc = flags & os.O_ACCMODE
+        try:
+            return self.engine.file_open(
+                Subject(caller.pid, caller.uid, caller.gid), f,
+                readable=acc != os.O_WRONLY, writable=acc != os.O_RDONLY,
+                append=bool(flags & os.O_APPEND), exec_=exec_, created=created)
+        except AccessDenied as e:
+            log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, e.reason)
+            raise Denied(e.errno, e.reason)
+
+    def open(self, caller, inode, fd, flags, exec_):
+        return self._open(caller, inode, fd, flags, exec_, False)
+
+    def created(self, caller, inode, fd, flags):
+        return self._open(caller, inode, fd, flags, False, True)
+
+    def release(self, token) -> None:
+        self.engine.file_release(token)
+
+    def wrote(self, token) -> None:
+        self.engine.file_written(token)
+
+    def changed(self, inode: Inode) -> None:
+        self.engine.file_changed((inode.dev, inode.ino))
+
+    def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None):
+        if name.startswith(PRIVATE_PREFIX):
+            raise Denied(errno.EPERM, "namespace-private integrity attributes are managed by imafs")
+        if name != IMA_XATTR:
+            return None
+        if value is not None:
+            try:
+                parse_ima_xattr(value)
+            except XattrError as e:
+                log.warning("refused security.ima on %s: %s", os.fsdecode(inode.path()), e)
+                raise Denied(errno.EINVAL, str(e))
+        ns = self.engine.tree.of_pid(caller.pid)
+        self.engine.file_changed((inode.dev, inode.ino))
+        if ns.id != 0:
+            return (ns.xattr_name.encode(), value)
+        return None
+
+    def getxattr(self, caller: Caller, inode: Inode, name: bytes):
+        if name == IMA_XATTR:
+            ns = self.engine.tree.of_pid(caller.pid)
+            if ns.id != 0:
+                return ns.xattr_name.encode()
+        return None

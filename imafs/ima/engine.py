@@ -1,0 +1,544 @@
+"""The integrity engine's one entry point: an access event in, a verdict out.
+
+The FUSE adapter describes an open (who, which file, which hook and mask) with
+:class:`Subject` and :class:`FileRef`; :meth:`Engine.file_open` measures, appraises
+and audits it under the caller's namespace **and every ancestor's** policy, as the
+kernel's ``process_measurement()`` does for one namespace, and returns an
+:class:`OpenState` to hand back at release, or raises :class:`AccessDenied`.
+
+Per file (``IInt``, the kernel's ``integrity_iint_cache``): the version it was last
+seen at, its digests for that version, and per namespace what was measured (per
+PCR), appraised (per policy/keyring epoch) and audited; plus the counts of readers
+and writers through the mount, for the kernel's open-writers and ToMToU violations.
+Digests are also kept in LMDB under the file's identity, so a remount does not
+rehash an unchanged file.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from imafs.ima import appraise as ap
+from imafs.ima import hashing
+from imafs.ima.audit import AuditLog
+from imafs.ima.namespaces import Namespace, NamespaceTree
+from imafs.ima.policy import AccessEvent, Decision
+from imafs.ima.templates import build_entry, violation_entry
+
+log = logging.getLogger("imafs.engine")
+
+MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND = 1, 2, 4, 8
+ELF_MAGIC = b"\x7fELF"
+IINT_CACHE_SIZE = 65536
+
+
+class AccessDenied(Exception):
+    def __init__(self, err: int, reason: str):
+        super().__init__(reason)
+        self.errno = err
+        self.reason = reason
+
+
+@dataclass
+class Subject:
+    """The process behind a request: pid and the fsuid/fsgid the request carries;
+    real/effective ids are read from /proc only when a rule needs them."""
+    pid: int
+    uid: int
+    gid: int
+
+    def ids(self) -> dict:
+        """uid, euid, suid, gid, egid, sgid (from /proc/PID/status, else fsuid/fsgid)."""
+        out = {"uid": self.uid, "euid": self.uid, "suid": self.uid,
+               "gid": self.gid, "egid": self.gid, "sgid": self.gid, "cap_setuid": False,
+               "cap_setgid": False}
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        r, e, s, _ = line.split()[1:5]
+                        out.update(uid=int(r), euid=int(e), suid=int(s))
+                    elif line.startswith(b"Gid:"):
+                        r, e, s, _ = line.split()[1:5]
+                        out.update(gid=int(r), egid=int(e), sgid=int(s))
+                    elif line.startswith(b"CapEff:"):
+                        caps = int(line.split()[1], 16)
+                        out.update(cap_setuid=bool(caps & (1 << 7)),
+                                   cap_setgid=bool(caps & (1 << 6)))
+                        break
+        except (OSError, ValueError):
+            pass
+        return out
+
+
+@dataclass
+class FsInfo:
+    magic: int | None = None
+    name: str | None = None
+    uuid: str | None = None
+
+
+@dataclass
+class FileRef:
+    """A file as the adapter opened it. ``fd`` is the caller's descriptor (it may be
+    write-only); ``reopen()`` gives a fresh read-only descriptor of the same inode
+    (the engine closes it); ``getxattr``/``setxattr`` act on the backing inode."""
+    fd: int
+    st: os.stat_result
+    path: bytes
+    readable: bool
+    reopen: Callable[[], int]
+    getxattr: Callable[[str], bytes | None]
+    setxattr: Callable[[str, bytes], None]
+    fs: FsInfo = field(default_factory=FsInfo)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.st.st_dev, self.st.st_ino)
+
+    @property
+    def version(self) -> tuple[int, int, int]:
+        return (self.st.st_mtime_ns, self.st.st_ctime_ns, self.st.st_size)
+
+
+class IInt:
+    """Per-inode integrity state (the kernel's iint)."""
+    __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
+                 "appraised", "audited", "readers", "writers", "lock", "dirty")
+
+    def __init__(self, key):
+        self.key = key
+        self.version = None
+        self.digests: dict[str, bytes] = {}
+        self.tree = None
+        self.measured: dict[int, set[int]] = {}      # ns id -> PCRs measured into
+        self.must_measure: set[int] = set()          # ns ids whose policy measured a read
+        self.appraised: dict = {}                    # (ns id, flags) -> (epoch, result)
+        self.audited: set[int] = set()
+        self.readers = 0
+        self.writers = 0
+        self.lock = threading.Lock()
+        self.dirty = False                           # written through the mount
+
+    def reset(self, version) -> None:
+        self.version = version
+        self.digests = {}
+        self.tree = None
+        self.measured = {}
+        self.must_measure = set()
+        self.appraised = {}
+        self.audited = set()
+
+
+@dataclass
+class OpenState:
+    """What the engine remembers about one open handle until its release."""
+    iint: IInt
+    ns: Namespace
+    file: FileRef
+    readable: bool
+    writable: bool
+    decisions: list = field(default_factory=list)   # [(ns, Decision)] of this open
+
+
+_DIGEST_KEY = struct.Struct(">QQ")
+_DIGEST_VER = struct.Struct(">QQQ")
+
+
+class DigestCache:
+    """file identity -> digests of one version, in LMDB (db ``digests``)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db("digests") if store is not None else None
+
+    def get(self, key, version) -> dict[str, bytes] | None:
+        if self.db is None:
+            return None
+        with self.store.env.begin(db=self.db) as txn:
+            raw = txn.get(_DIGEST_KEY.pack(*key))
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        if _DIGEST_VER.unpack_from(raw, 0) != tuple(version):
+            return None
+        out, off = {}, _DIGEST_VER.size
+        try:
+            while off < len(raw):
+                n = raw[off]
+                name = raw[off + 1:off + 1 + n].decode()
+                off += 1 + n
+                d = raw[off]
+                out[name] = raw[off + 1:off + 1 + d]
+                off += 1 + d
+        except (IndexError, UnicodeDecodeError):
+            return None
+        return out
+
+    def put(self, key, version, digests: dict[str, bytes]) -> None:
+        if self.db is None:
+            return
+        blob = bytearray(_DIGEST_VER.pack(*version))
+        for name, d in sorted(digests.items()):
+            nb = name.encode()
+            blob += bytes([len(nb)]) + nb + bytes([len(d)]) + d
+        with self.store.env.begin(write=True, db=self.db) as txn:
+            txn.put(_DIGEST_KEY.pack(*key), bytes(blob))
+
+
+class Engine:
+    def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None):
+        self.tree = tree
+        self.store = store
+        self.audit = audit or AuditLog(None)
+        self.cache = DigestCache(store)
+        self._iints: OrderedDict = OrderedDict()
+        self._iints_lock = threading.Lock()
+        self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0}
+
+    # ------------------------------------------------------------------ state
+    def iint(self, key) -> IInt:
+        with self._iints_lock:
+            ii = self._iints.get(key)
+            if ii is None:
+                ii = IInt(key)
+                self._iints[key] = ii
+                if len(self._iints) > IINT_CACHE_SIZE:
+                    # forget the oldest idle inode (never one with open handles)
+                    for k, old in self._iints.items():
+                        if old.readers == 0 and old.writers == 0:
+                            del self._iints[k]
+                            break
+            else:
+                self._iints.move_to_end(key)
+            return ii
+
+    def active(self) -> bool:
+        return any(len(ns.policy) for ns in self.tree.by_id.values())
+
+    # ------------------------------------------------------------------ events
+    def _events(self, ns_chain, subject: Subject, f: FileRef, flags_mask: int, exec_: bool,
+                funcs=None):
+        """The (func, mask) hooks an open triggers (DESIGN.md: hook mapping)."""
+        hooks = []
+        if funcs:
+            hooks.extend(funcs)
+        elif exec_:
+            hooks.append(("FILE_CHECK", MAY_EXEC))
+            hooks.append(("BPRM_CHECK", MAY_EXEC))
+        else:
+            hooks.append(("FILE_CHECK", flags_mask))
+            if (flags_mask == MAY_READ and stat.S_ISREG(f.st.st_mode) and f.st.st_size >= 4
+                    and any(_has_func(ns.policy, "MMAP_CHECK") for ns in ns_chain)):
+                # the dynamic loader's open of a library: an mmap with PROT_EXEC follows
+                try:
+                    if os.pread(f.fd, 4, 0) == ELF_MAGIC:
+                        hooks.append(("MMAP_CHECK", MAY_EXEC))
+                except OSError:
+                    pass
+        needs = set()
+        for ns in ns_chain:
+            needs |= ns.policy.needs
+        ids = subject.ids() if needs & _SUBJECT_FIELDS else {
+            "uid": subject.uid, "euid": subject.uid, "gid": subject.gid, "egid": subject.gid}
+        out = []
+        for func, mask in hooks:
+            out.append(AccessEvent(
+                func=func, mask=mask, uid=ids["uid"], euid=ids["euid"], gid=ids["gid"],
+                egid=ids["egid"], suid=ids.get("suid"), sgid=ids.get("sgid"),
+                cap_setuid=ids.get("cap_setuid", False), cap_setgid=ids.get("cap_setgid", False),
+                fowner=f.st.st_uid, fgroup=f.st.st_gid, fsmagic=f.fs.magic, fsname=f.fs.name,
+                fsuuid=f.fs.uuid, path=os.fsdecode(f.path)))
+        return out
+
+    def decide(self, ns: Namespace, events) -> list[tuple[Namespace, AccessEvent, Decision]]:
+        out = []
+        for n in ns.chain():
+            if not len(n.policy):
+                continue
+            for ev in events:
+                d = n.policy.match(ev)
+                if d.measure or d.appraise or d.audit or d.hash:
+                    out.append((n, ev, d))
+        return out
+
+    # ------------------------------------------------------------------ open
+    def file_open(self, subject: Subject, f: FileRef, *, readable: bool, writable: bool,
+                  append: bool, exec_: bool, created: bool = False,
+                  funcs: list[tuple[str, int]] | None = None) -> OpenState | None:
+        """Measure/appraise/audit one open; raises AccessDenied to refuse it.
+        ``funcs`` overrides the hooks derived from the open (e.g. POLICY_CHECK)."""
+        ns = self.tree.of_pid(subject.pid)
+        if not stat.S_ISREG(f.st.st_mode):
+            return None
+        mask = (MAY_READ if readable else 0) | (MAY_WRITE if writable else 0) | \
+               (MAY_APPEND if append else 0)
+        chain = ns.chain()
+        events = self._events(chain, subject, f, mask, exec_, funcs)
+        decided = self.decide(ns, events)
+        ii = self.iint(f.key)
+        with ii.lock:
+            if ii.version != f.version:
+                ii.reset(f.version)
+            try:
+                self._process(subject, ns, f, ii, decided, readable, writable, created)
+            finally:
+                # counted even when refused? no: a refused open never gets a handle
+                pass
+            if readable:
+                ii.readers += 1
+            if writable:
+                ii.writers += 1
+        return OpenState(ii, ns, f, readable, writable, decided)
+
+    def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
+        # violations (ima_rdwr_violation_check), before anything is measured
+        for n, ev, d in decided:
+            if ev.func not in ("FILE_CHECK", "POLICY_CHECK"):
+                continue
+            if writable and ii.readers > 0 and n.id in ii.must_measure:
+                self._violation(n, f, subject, "ToMToU", d)
+            if d.measure and not writable and ii.writers > 0:
+                self._violation(n, f, subject, "open_writers", d)
+        if not decided:
+            return
+        # which digests are needed
+        algos = set()
+        xattrs: dict[int, bytes | None] = {}
+        for n, ev, d in decided:
+            if n.id not in xattrs:
+                xattrs[n.id] = f.getxattr(n.xattr_name)
+            if d.measure or d.audit or d.hash:
+                algos.add(n.hash_algo)
+            if d.appraise:
+                want = ap.needed_algo(xattrs[n.id]) or n.hash_algo
+                algos.add(want)
+        denial = None
+        for n, ev, d in decided:
+            if d.measure:
+                if readable and not writable:
+                    ii.must_measure.add(n.id)
+                done = ii.measured.setdefault(n.id, set())
+                if d.pcr not in done:
+                    template = d.template or n.template
+                    # the ima template records a sha1 digest whatever the hash algorithm
+                    algo = "sha1" if template == "ima" else n.hash_algo
+                    digest = self._digest(ii, f, algo, algos | {algo})
+                    entry = _entry(template, f.path, n, digest, xattrs.get(n.id), d.pcr, algo)
+                    n.mlist.add(entry)
+                    done.add(d.pcr)
+            if d.audit and n.id not in ii.audited:
+                digest = self._digest(ii, f, n.hash_algo, algos)
+                self.audit.record("audit", ns=n.path, path=f.path, hash=f"{n.hash_algo}:{digest.hex()}",
+                                  pid=subject.pid, uid=subject.uid, func=ev.func,
+                                  rule=str(d.audit_rule).rstrip())
+                ii.audited.add(n.id)
+            if d.appraise and denial is None:
+                denial = self._appraise(subject, n, ev, d, f, ii, xattrs.get(n.id), algos,
+                                        writable, created)
+        if denial is not None:
+            raise denial
+
+    def _appraise(self, subject, n: Namespace, ev, d: Decision, f: FileRef, ii: IInt,
+                  xattr, algos, writable, created):
+        if n.appraise_mode == "off":
+            return None
+        flags = (d.appraise_type, d.appraise_algos, d.digest_type)
+        cache_key = (n.id, flags)
+        cached = ii.appraised.get(cache_key)
+        if cached is not None and cached[0] == n.epoch():
+            result = cached[1]
+        else:
+            result = ap.appraise(
+                xattr, lambda a: self._digest(ii, f, a, algos | {a}), n.keyring,
+                require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
+                allowed_algos=d.appraise_algos,
+                sigv3_required=d.appraise_type == "sigv3",
+                verity_required=d.digest_type == "verity",
+                default_algo=n.hash_algo, new_file=created, file_size=f.st.st_size)
+            ii.appraised[cache_key] = (n.epoch(), result)
+        if result.passed:
+            if writable and xattr and xattr[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG) \
+                    and n.appraise_mode == "enforce" and not created:
+                # a signed file is immutable: the kernel refuses to open it for write
+                self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid,
+                                  uid=subject.uid, func=ev.func, result="fail",
+                                  cause="write-signed-file", mode=n.appraise_mode)
+                return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: signed file opened for write")
+            return None
+        if created:
+            return None
+        self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
+                          func=ev.func, result=result.status, cause=result.cause,
+                          detail=result.detail, mode=n.appraise_mode)
+        if n.appraise_mode == "fix" and ap.may_fix(xattr):
+            digest = self._digest(ii, f, n.hash_algo, algos)
+            try:
+                f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
+                log.info("fix: wrote %s hash of %s", n.xattr_name, os.fsdecode(f.path))
+            except OSError as e:
+                log.warning("fix: cannot write %s of %s: %s", n.xattr_name, os.fsdecode(f.path), e)
+            return None
+        if n.appraise_mode == "enforce":
+            return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: {result}")
+        return None
+
+    def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str, d) -> None:
+        template = d.template or n.template
+        n.mlist.add(violation_entry(template, f.path, pcr=d.pcr, algo=n.hash_algo, ns_id=n.id))
+        self.audit.record("violation", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
+                          cause=cause)
+        log.info("violation %s: %s (ns %s)", cause, os.fsdecode(f.path), n.path)
+
+    def _digest(self, ii: IInt, f: FileRef, algo: str, algos) -> bytes:
+        """The file's digest in ``algo``; computes every algorithm in ``algos`` that is
+        missing in one pass (or takes them from the LMDB cache)."""
+        d = ii.digests.get(algo)
+        if d is not None:
+            return d
+        if not ii.digests:
+            cached = self.cache.get(ii.key, ii.version)
+            if cached:
+                ii.digests.update(cached)
+                self.stats["cache_hits"] += 1
+                d = ii.digests.get(algo)
+                if d is not None:
+                    return d
+        want = sorted({a for a in algos if a not in ii.digests} | {algo})
+        fd = f.fd if f.readable else f.reopen()
+        try:
+            res = hashing.hash_fd(fd, want)
+        finally:
+            if fd != f.fd:
+                os.close(fd)
+        self.stats["hashed_files"] += 1
+        self.stats["hashed_bytes"] += res.size
+        ii.digests.update(res.digests)
+        self.cache.put(ii.key, ii.version, ii.digests)
+        return ii.digests[algo]
+
+    # ------------------------------------------------------------------ release
+    def file_release(self, state: OpenState) -> None:
+        ii = state.iint
+        with ii.lock:
+            if state.readable:
+                ii.readers -= 1
+            if state.writable:
+                ii.writers -= 1
+                if ii.writers == 0 and ii.dirty:
+                    ii.dirty = False
+                    self._last_writer(state)
+
+    def file_written(self, state: OpenState) -> None:
+        state.iint.dirty = True
+
+    def _last_writer(self, state: OpenState) -> None:
+        """The last writer closed a changed file: forget its verdicts (the next open
+        re-measures), and update the hash xattr where policy says so (``hash`` rule or
+        appraise in fix mode: ima_update_xattr)."""
+        f = state.file
+        try:
+            fd = f.reopen()
+        except OSError:
+            state.iint.reset(None)
+            return
+        try:
+            st = os.fstat(fd)
+            state.iint.reset((st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+            for n, ev, d in state.decisions:
+                if not (d.hash or (d.appraise and n.appraise_mode == "fix")):
+                    continue
+                cur = f.getxattr(n.xattr_name)
+                if not ap.may_fix(cur):
+                    continue
+                digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
+                try:
+                    f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
+                except OSError as e:
+                    log.warning("cannot update %s of %s: %s", n.xattr_name,
+                                os.fsdecode(f.path), e)
+        finally:
+            os.close(fd)
+
+    def file_changed(self, key) -> None:
+        """Attributes or xattrs changed through the mount: verdicts are stale."""
+        with self._iints_lock:
+            ii = self._iints.get(key)
+        if ii is not None:
+            with ii.lock:
+                ii.reset(None)
+
+    # ------------------------------------------------------------------ query
+    def explain(self, subject: Subject, f: FileRef, *, exec_: bool = False) -> dict:
+        """What the engine decides about a file for this subject, and why (the
+        ``query`` control file): digest, matching rules, measurement and appraisal."""
+        ns = self.tree.of_pid(subject.pid)
+        out = {"path": os.fsdecode(f.path), "namespace": ns.path, "namespaces": []}
+        if not stat.S_ISREG(f.st.st_mode):
+            out["error"] = "not a regular file: IMA measures and appraises regular files only"
+            return out
+        events = self._events(ns.chain(), subject, f, MAY_EXEC if exec_ else MAY_READ, exec_)
+        ii = self.iint(f.key)
+        with ii.lock:
+            if ii.version != f.version:
+                ii.reset(f.version)
+            for n in ns.chain():
+                entry = {"namespace": n.path, "appraise_mode": n.appraise_mode, "hooks": []}
+                xv = f.getxattr(n.xattr_name)
+                entry["xattr"] = ap.describe_xattr(xv) if xv else None
+                digest = self._digest(ii, f, n.hash_algo, {n.hash_algo})
+                entry["digest"] = f"{n.hash_algo}:{digest.hex()}"
+                entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
+                for ev in events:
+                    d = n.policy.match(ev)
+                    h = {"func": ev.func, "mask": ev.mask, "decision": d.to_dict()}
+                    if d.appraise:
+                        r = ap.appraise(
+                            xv, lambda a: self._digest(ii, f, a, {a}), n.keyring,
+                            require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
+                            allowed_algos=d.appraise_algos,
+                            sigv3_required=d.appraise_type == "sigv3",
+                            verity_required=d.digest_type == "verity",
+                            default_algo=n.hash_algo)
+                        h["appraisal"] = {"status": r.status, "cause": r.cause,
+                                          "detail": r.detail, "keyid": (f"{r.keyid:08x}"
+                                                                        if r.keyid is not None else None),
+                                          "allowed": r.passed or n.appraise_mode != "enforce"}
+                    entry["hooks"].append(h)
+                out["namespaces"].append(entry)
+        return out
+
+    def record_event(self, ns: Namespace, name: str, buf: bytes, *, pcr: int = 10) -> bool:
+        """Measure a buffer (``ima-buf``) into a namespace's list (namespace creation,
+        policy updates...)."""
+        from imafs.ima.templates import buf_entry
+        return ns.mlist.add(buf_entry(name, buf, algo=ns.hash_algo, pcr=pcr))
+
+
+_FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
+               "PATH_CHECK": "FILE_CHECK"}
+_SUBJECT_FIELDS = {"uid", "euid", "gid", "egid", "suid", "sgid"}
+
+
+def _has_func(policy, func: str) -> bool:
+    cache = getattr(policy, "_imafs_funcs", None)
+    if cache is None:
+        cache = {_FUNC_ALIAS.get(r.func, r.func) for r in policy.rules}
+        try:
+            policy._imafs_funcs = cache
+        except AttributeError:
+            pass
+    return func in cache or None in cache
+
+
+def _entry(template: str, path: bytes, n: Namespace, digest: bytes, xattr, pcr: int,
+           algo: str):
+    return build_entry(template, name=path, algo=algo, digest=digest, pcr=pcr, xattr=xattr,
+                       ns_id=n.id)
