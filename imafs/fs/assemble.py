@@ -2,6 +2,7 @@
 and (when integrity is on) the engine, its FUSE adapter and the control directory."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -37,7 +38,8 @@ def build(opts) -> Filesystem:
     from imafs.ima.keys import Keyring
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
-    from imafs.ima.policy import Policy, load_policy_arg
+    from imafs.ima.binding import CgroupBinder
+    from imafs.ima.policy import Policy, load_policy_arg, parse_policy
     from imafs.store import Store
 
     x = opts.extra
@@ -56,9 +58,23 @@ def build(opts) -> Filesystem:
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=x.get("appraise", "enforce"),
                      template=x.get("template", "ima-ng"), hash_algo=x.get("hash", "sha256"))
-    tree = NamespaceTree(root)
+
+    def factory(nsid, name, parent, o, policy_text):
+        """A child namespace: its own list, PCRs, keyring and policy; options default
+        to the parent's."""
+        template = o.get("template") or parent.template
+        algo = o.get("hash") or parent.hash_algo
+        return Namespace(
+            id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
+            mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
+            keyring=Keyring(store, nsid), appraise_mode=o.get("appraise") or parent.appraise_mode,
+            template=template, hash_algo=algo)
+
+    binder = CgroupBinder(os.path.basename(os.path.realpath(opts.state))[:12] +
+                          hashlib.sha256(os.fsencode(os.path.realpath(opts.state))).hexdigest()[:8])
+    tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
-    engine = Engine(tree, store=store, audit=audit)
+    engine = Engine(tree, store=store, audit=audit, binder=binder)
     overlay = Overlay(opts.backing, hooks=IntegrityHooks(engine), **common)
     overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s",

@@ -29,6 +29,7 @@ from imafs.fs.resolve import resolve
 from imafs.fs.overlay import CONTROL_BASE
 from imafs.ima.engine import Engine, FileRef, Subject
 from imafs.ima.keys import KeyringError
+from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
 
 log = logging.getLogger("imafs.control")
@@ -56,6 +57,9 @@ ENTRIES: dict[int, tuple[str, int | None, str, int]] = {
     13: ("sha256", 2, FILE, 0o440),
     14: ("keys", 0, FILE, 0o600),
     15: ("query", 0, FILE, 0o600),
+    16: ("ns-create", 0, FILE, 0o600),
+    17: ("ns-remove", 0, FILE, 0o200),
+    18: ("stats", 0, FILE, 0o440),
 }
 CHILDREN: dict[int, dict[bytes, int]] = {}
 for _i, (_name, _parent, _kind, _mode) in ENTRIES.items():
@@ -67,6 +71,15 @@ VIEWS = {
     "binary_runtime_measurements": "binary", "binary_runtime_measurements_sha1": "binary_sha1",
     "binary_runtime_measurements_sha256": "binary_sha256",
 }
+
+
+NS_CREATE_USAGE = """\
+Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off]" here to create a
+child integrity namespace of your own and move the writing process (and every process
+it creates afterwards) into it. The child starts with an empty policy, an empty
+keyring and its own measurement list and PCRs; your namespace's rules still apply to
+it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-remove.
+"""
 
 
 class CtlHandle:
@@ -106,6 +119,8 @@ class ControlDir:
         """The namespace a node of ``slot`` shows to process ``pid``; EACCES when the
         process may not see it (not the namespace itself nor an ancestor)."""
         own = self.engine.tree.of_pid(pid)
+        if own is None:
+            raise FUSEError(errno.EACCES)   # a process we cannot place sees nothing
         if slot == 0:
             return own
         ns = self.engine.tree.by_id.get(slot - 1)
@@ -115,7 +130,21 @@ class ControlDir:
             raise FUSEError(errno.EACCES)
         return ns
 
-    def _attr(self, nodeid: int) -> pyfuse3.EntryAttributes:
+    def _size(self, name: str, ns, uid: int) -> int:
+        """The size a file reports. securityfs says 0, but sendfile()/splice (busybox
+        cat) stop at i_size on a FUSE file, so report what a read would return now."""
+        if ns is None:
+            return 0
+        if name in VIEWS:
+            return ns.mlist.size(VIEWS[name])
+        if name == "query":
+            return len(self.last_query.get((ns.id, uid), b""))
+        h = CtlHandle.__new__(CtlHandle)
+        h.name, h.ns, h.uid = name, ns, uid
+        data = self._snapshot(h)
+        return len(data) if data else 0
+
+    def _attr(self, nodeid: int, ns=None, uid: int = 0) -> pyfuse3.EntryAttributes:
         slot, idx = self.split(nodeid)
         name, parent, kind, mode = ENTRIES[idx]
         a = pyfuse3.EntryAttributes()
@@ -126,7 +155,7 @@ class ControlDir:
         a.st_nlink = 2 if kind == DIR else 1
         a.st_uid = 0
         a.st_gid = 0
-        a.st_size = 0
+        a.st_size = self._size(name, ns, uid) if kind == FILE else 0
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
         return a
@@ -154,7 +183,7 @@ class ControlDir:
         child_idx = CHILDREN.get(idx, {}).get(name)
         if child_idx is None:
             raise FUSEError(errno.ENOENT)
-        return self._attr(self.nodeid(slot, child_idx))
+        return self._attr(self.nodeid(slot, child_idx), ns, ctx.uid)
 
     def forget(self, nodeid, n) -> None:
         pass
@@ -163,8 +192,8 @@ class ControlDir:
         slot, idx = self.split(nodeid)
         if idx not in ENTRIES:
             raise FUSEError(errno.ENOENT)
-        self._target(slot, ctx.pid)
-        return self._attr(nodeid)
+        ns = self._target(slot, ctx.pid)
+        return self._attr(nodeid, ns, ctx.uid)
 
     async def setattr(self, nodeid, attr, fields, fh, ctx):
         # truncation of a control file (O_TRUNC from a shell redirect) is a no-op
@@ -181,9 +210,9 @@ class ControlDir:
         name = ENTRIES[idx][0]
         acc = flags & os.O_ACCMODE
         writing = acc != os.O_RDONLY
-        if writing and name not in ("policy", "keys", "query"):
+        if writing and name not in ("policy", "keys", "query", "ns-create", "ns-remove"):
             raise FUSEError(errno.EACCES)
-        if writing and name in ("policy", "keys") and ctx.uid != 0:
+        if writing and name in ("policy", "keys", "ns-create", "ns-remove") and ctx.uid != 0:
             raise FUSEError(errno.EACCES)
         h = CtlHandle(name, ns, ctx, slot, idx)
         if acc != os.O_WRONLY:
@@ -207,6 +236,13 @@ class ControlDir:
             return ns.keyring.list_text().encode()
         if h.name == "query":
             return self.last_query.get((ns.id, h.uid), b"")
+        if h.name == "ns-create":
+            return NS_CREATE_USAGE.encode()
+        if h.name == "stats":
+            # the engine's hashing counters (mount-wide, not per namespace)
+            with self.engine._stats_lock:
+                stats = dict(self.engine.stats)
+            return (json.dumps(stats, sort_keys=True) + "\n").encode()
         return b""
 
     async def read(self, h: CtlHandle, off: int, size: int):
@@ -227,6 +263,8 @@ class ControlDir:
             return await trio.to_thread.run_sync(self._write_keys, h, bytes(buf), False)
         if h.name == "query":
             return await trio.to_thread.run_sync(self._write_query, h, bytes(buf))
+        if h.name in ("ns-create", "ns-remove"):
+            return await trio.to_thread.run_sync(self._write_ns, h, bytes(buf))
         raise FUSEError(errno.EACCES)
 
     async def flush(self, h: CtlHandle) -> None:
@@ -269,6 +307,7 @@ class ControlDir:
         if rules:
             ns = h.ns
             ns.set_policy(Policy(list(ns.policy.rules) + rules))
+            self.engine.tree.save_policy(ns)
             self.engine.audit.record("policy_update", ns=ns.path, pid=h.pid, uid=h.uid,
                                      rules=len(rules), total=len(ns.policy))
             log.info("namespace %s: %d rule(s) added by pid %d (%d in all)", ns.path,
@@ -296,6 +335,25 @@ class ControlDir:
             return parse_policy(text)
         except PolicyError as e:
             raise e.with_source(path)
+
+    # --- namespaces: "NAME [template=T] [hash=H] [appraise=M]" / "NAME"
+    def _write_ns(self, h: CtlHandle, buf: bytes) -> int:
+        if len(buf) > 4096 or b"\0" in buf:
+            raise FUSEError(errno.EINVAL)
+        text = buf.decode("utf-8", "replace").strip()
+        try:
+            if h.name == "ns-create":
+                ns = self.engine.create_namespace(h.ns, text, h.pid, h.uid)
+                log.info("namespace %s (id %d) created by pid %d", ns.path, ns.id, h.pid)
+            else:
+                ns = self.engine.remove_namespace(h.ns, text, h.pid, h.uid)
+                log.info("namespace %s (id %d) removed by pid %d", ns.path, ns.id, h.pid)
+        except NamespaceError as e:
+            log.warning("%s by pid %d refused: %s", h.name, h.pid, e)
+            self.engine.audit.record(h.name.replace("-", "_") + "_rejected", ns=h.ns.path,
+                                     pid=h.pid, uid=h.uid, error=str(e))
+            raise FUSEError(e.errno)
+        return len(buf)
 
     # --- keys: DER (length from its header), PEM, or a path inside the mount
     def _write_keys(self, h: CtlHandle, buf: bytes, final: bool) -> int:

@@ -146,6 +146,8 @@ class IntegrityHooks(NullHooks):
                 log.warning("refused security.ima on %s: %s", os.fsdecode(inode.path()), e)
                 raise Denied(errno.EINVAL, str(e))
         ns = self.engine.tree.of_pid(caller.pid)
+        if ns is None:
+            raise Denied(errno.EACCES, f"pid {caller.pid}: integrity namespace unknown")
         self.engine.file_changed((inode.dev, inode.ino))
         if ns.id != 0:
             return (ns.xattr_name.encode(), value)
@@ -154,6 +156,8 @@ class IntegrityHooks(NullHooks):
     def getxattr(self, caller: Caller, inode: Inode, name: bytes):
         if name == IMA_XATTR:
             ns = self.engine.tree.of_pid(caller.pid)
+            if ns is None:
+                return PRIVATE_PREFIX + b"unknown"   # reads as ENODATA
             if ns.id != 0:
                 return ns.xattr_name.encode()
         return None

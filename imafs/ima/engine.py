@@ -28,8 +28,8 @@ from typing import Callable
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
 from imafs.ima.audit import AuditLog
-from imafs.ima.namespaces import Namespace, NamespaceTree
-from imafs.ima.policy import AccessEvent, Decision
+from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
+from imafs.ima.policy import DEFAULT_PCR, AccessEvent, Decision
 from imafs.ima.templates import build_entry, violation_entry
 
 log = logging.getLogger("imafs.engine")
@@ -132,7 +132,10 @@ class IInt:
         self.digests = {}
         self.tree = None
         self.measured = {}
-        self.must_measure = set()
+        if self.readers == 0:
+            # the kernel's IMA_MUST_MEASURE belongs to the open readers: a writer
+            # that truncates the file on open (O_TRUNC) must still see it (ToMToU)
+            self.must_measure = set()
         self.appraised = {}
         self.audited = set()
 
@@ -194,14 +197,17 @@ class DigestCache:
 
 
 class Engine:
-    def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None):
+    def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
+                 binder=None):
         self.tree = tree
+        self.binder = binder
         self.store = store
         self.audit = audit or AuditLog(None)
         self.cache = DigestCache(store)
         self._iints: OrderedDict = OrderedDict()
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0}
+        self._stats_lock = threading.Lock()   # hashing runs in many worker threads
 
     # ------------------------------------------------------------------ state
     def iint(self, key) -> IInt:
@@ -222,6 +228,14 @@ class Engine:
 
     def active(self) -> bool:
         return any(len(ns.policy) for ns in self.tree.by_id.values())
+
+    def namespace_of(self, subject: Subject) -> Namespace:
+        """The caller's namespace; a process that cannot be placed is refused, never
+        treated as the host."""
+        ns = self.tree.of_pid(subject.pid)
+        if ns is None:
+            raise AccessDenied(errno.EACCES, f"pid {subject.pid}: integrity namespace unknown")
+        return ns
 
     # ------------------------------------------------------------------ events
     def _events(self, ns_chain, subject: Subject, f: FileRef, flags_mask: int, exec_: bool,
@@ -275,7 +289,7 @@ class Engine:
                   funcs: list[tuple[str, int]] | None = None) -> OpenState | None:
         """Measure/appraise/audit one open; raises AccessDenied to refuse it.
         ``funcs`` overrides the hooks derived from the open (e.g. POLICY_CHECK)."""
-        ns = self.tree.of_pid(subject.pid)
+        ns = self.namespace_of(subject)
         if not stat.S_ISREG(f.st.st_mode):
             return None
         mask = (MAY_READ if readable else 0) | (MAY_WRITE if writable else 0) | \
@@ -287,26 +301,38 @@ class Engine:
         with ii.lock:
             if ii.version != f.version:
                 ii.reset(f.version)
-            try:
-                self._process(subject, ns, f, ii, decided, readable, writable, created)
-            finally:
-                # counted even when refused? no: a refused open never gets a handle
-                pass
-            if readable:
+            self._violations(chain, events, subject, f, ii, decided, writable)
+            self._process(subject, ns, f, ii, decided, readable, writable, created)
+            # a refused open never gets a handle, so it is not counted.  Readers are
+            # the read-only opens (the kernel's i_readcount).
+            if readable and not writable:
                 ii.readers += 1
             if writable:
                 ii.writers += 1
         return OpenState(ii, ns, f, readable, writable, decided)
 
-    def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
-        # violations (ima_rdwr_violation_check), before anything is measured
-        for n, ev, d in decided:
-            if ev.func not in ("FILE_CHECK", "POLICY_CHECK"):
+    def _violations(self, chain, events, subject, f, ii: IInt, decided, writable) -> None:
+        """ima_rdwr_violation_check, before anything is measured: for FILE_CHECK and
+        MMAP_CHECK, in every namespace whose policy has a measure rule -- whether or
+        not a rule matched this open (a writer matches no read rule, yet it is the
+        one that causes a ToMToU)."""
+        for n in chain:
+            if not _has_measure(n.policy):
                 continue
-            if writable and ii.readers > 0 and n.id in ii.must_measure:
-                self._violation(n, f, subject, "ToMToU", d)
-            if d.measure and not writable and ii.writers > 0:
-                self._violation(n, f, subject, "open_writers", d)
+            for ev in events:
+                if ev.func not in _VIOLATION_FUNCS:
+                    continue
+                if writable:
+                    if ii.readers > 0 and n.id in ii.must_measure:
+                        self._violation(n, f, subject, "ToMToU")
+                    break       # one per open: a writer triggers FILE_CHECK only
+                must = any(d.measure for nn, e, d in decided if nn is n and e is ev)
+                if must:
+                    ii.must_measure.add(n.id)
+                    if ii.writers > 0:
+                        self._violation(n, f, subject, "open_writers")
+
+    def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
         if not decided:
             return
         # which digests are needed
@@ -323,15 +349,13 @@ class Engine:
         denial = None
         for n, ev, d in decided:
             if d.measure:
-                if readable and not writable:
-                    ii.must_measure.add(n.id)
                 done = ii.measured.setdefault(n.id, set())
                 if d.pcr not in done:
                     template = d.template or n.template
                     # the ima template records a sha1 digest whatever the hash algorithm
                     algo = "sha1" if template == "ima" else n.hash_algo
                     digest = self._digest(ii, f, algo, algos | {algo})
-                    entry = _entry(template, f.path, n, digest, xattrs.get(n.id), d.pcr, algo)
+                    entry = _entry(template, f.path, ns.id, digest, xattrs.get(n.id), d.pcr, algo)
                     n.mlist.add(entry)
                     done.add(d.pcr)
             if d.audit and n.id not in ii.audited:
@@ -390,9 +414,11 @@ class Engine:
             return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: {result}")
         return None
 
-    def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str, d) -> None:
-        template = d.template or n.template
-        n.mlist.add(violation_entry(template, f.path, pcr=d.pcr, algo=n.hash_algo, ns_id=n.id))
+    def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str) -> None:
+        # as ima_add_violation: the namespace's default template, PCR 10 (the
+        # kernel's CONFIG_IMA_MEASURE_PCR_IDX), whatever the rule said
+        n.mlist.add(violation_entry(n.template, f.path, pcr=DEFAULT_PCR, algo=n.hash_algo,
+                                    ns_id=n.id))
         self.audit.record("violation", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
                           cause=cause)
         log.info("violation %s: %s (ns %s)", cause, os.fsdecode(f.path), n.path)
@@ -407,7 +433,8 @@ class Engine:
             cached = self.cache.get(ii.key, ii.version)
             if cached:
                 ii.digests.update(cached)
-                self.stats["cache_hits"] += 1
+                with self._stats_lock:
+                    self.stats["cache_hits"] += 1
                 d = ii.digests.get(algo)
                 if d is not None:
                     return d
@@ -418,8 +445,9 @@ class Engine:
         finally:
             if fd != f.fd:
                 os.close(fd)
-        self.stats["hashed_files"] += 1
-        self.stats["hashed_bytes"] += res.size
+        with self._stats_lock:
+            self.stats["hashed_files"] += 1
+            self.stats["hashed_bytes"] += res.size
         ii.digests.update(res.digests)
         self.cache.put(ii.key, ii.version, ii.digests)
         return ii.digests[algo]
@@ -428,7 +456,7 @@ class Engine:
     def file_release(self, state: OpenState) -> None:
         ii = state.iint
         with ii.lock:
-            if state.readable:
+            if state.readable and not state.writable:
                 ii.readers -= 1
             if state.writable:
                 ii.writers -= 1
@@ -479,7 +507,7 @@ class Engine:
     def explain(self, subject: Subject, f: FileRef, *, exec_: bool = False) -> dict:
         """What the engine decides about a file for this subject, and why (the
         ``query`` control file): digest, matching rules, measurement and appraisal."""
-        ns = self.tree.of_pid(subject.pid)
+        ns = self.namespace_of(subject)
         out = {"path": os.fsdecode(f.path), "namespace": ns.path, "namespaces": []}
         if not stat.S_ISREG(f.st.st_mode):
             out["error"] = "not a regular file: IMA measures and appraises regular files only"
@@ -515,6 +543,47 @@ class Engine:
                 out["namespaces"].append(entry)
         return out
 
+    # ------------------------------------------------------------------ namespaces
+    def create_namespace(self, parent: Namespace, text: str, pid: int, uid: int) -> Namespace:
+        """``ns-create``: a child of ``parent``; the writing process moves into it. The
+        creation is measured in the parent's list (``ns-create``) and starts the
+        child's (``ns-init``), with the same data, so a verifier ties them."""
+        name, opts = self.tree.parse_create(text)
+        child = self.tree.create(parent, name, opts)
+        if self.binder is not None:
+            try:
+                self.binder.bind(pid, child.id)
+            except Exception as e:
+                self.tree.remove(parent, name)
+                raise NamespaceError(errno.EPERM, str(e))
+        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
+                f"template={child.template} hash={child.hash_algo} "
+                f"appraise={child.appraise_mode}").encode()
+        self.record_event(parent, "ns-create", data)
+        self.record_event(child, "ns-init", data)
+        self.audit.record("ns_create", ns=parent.path, child=child.path, id=child.id,
+                          uuid=child.uuid, pid=pid, uid=uid)
+        return child
+
+    def remove_namespace(self, parent: Namespace, text: str, pid: int, uid: int) -> Namespace:
+        name = text.strip()
+        child = parent.children.get(name)
+        if child is None:
+            raise NamespaceError(errno.ENOENT, f"no namespace {name!r} under {parent.path}")
+        if self.binder is not None and self.binder.members(child.id):
+            raise NamespaceError(errno.EBUSY, f"namespace {child.path} still has processes")
+        self.tree.remove(parent, name)
+        if self.binder is not None:
+            try:
+                self.binder.remove(child.id)
+            except Exception as e:  # noqa: BLE001 - the namespace is gone either way
+                log.warning("namespace %s: %s", child.path, e)
+        self.record_event(parent, "ns-remove", f"ns-remove name={child.path} id={child.id} "
+                                               f"uuid={child.uuid}".encode())
+        self.audit.record("ns_remove", ns=parent.path, child=child.path, id=child.id, pid=pid,
+                          uid=uid)
+        return child
+
     def record_event(self, ns: Namespace, name: str, buf: bytes, *, pcr: int = 10) -> bool:
         """Measure a buffer (``ima-buf``) into a namespace's list (namespace creation,
         policy updates...)."""
@@ -525,6 +594,21 @@ class Engine:
 _FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
                "PATH_CHECK": "FILE_CHECK"}
 _SUBJECT_FIELDS = {"uid", "euid", "gid", "egid", "suid", "sgid"}
+
+
+_VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
+
+
+def _has_measure(policy) -> bool:
+    """Does the policy have a measure rule (the kernel's ima_policy_flag & IMA_MEASURE)?"""
+    cache = getattr(policy, "_imafs_measures", None)
+    if cache is None:
+        cache = any(r.action == "measure" for r in policy.rules)
+        try:
+            policy._imafs_measures = cache
+        except AttributeError:
+            pass
+    return cache
 
 
 def _has_func(policy, func: str) -> bool:
@@ -538,7 +622,9 @@ def _has_func(policy, func: str) -> bool:
     return func in cache or None in cache
 
 
-def _entry(template: str, path: bytes, n: Namespace, digest: bytes, xattr, pcr: int,
+def _entry(template: str, path: bytes, subject_ns: int, digest: bytes, xattr, pcr: int,
            algo: str):
+    """``ns`` (template ima-ns) records the namespace of the process that accessed the
+    file, so a host list tells containers apart."""
     return build_entry(template, name=path, algo=algo, digest=digest, pcr=pcr, xattr=xattr,
-                       ns_id=n.id)
+                       ns_id=subject_ns)

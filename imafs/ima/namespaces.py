@@ -7,7 +7,12 @@ The root namespace (id 0) is the mount's. Binding processes to namespaces lives 
 """
 from __future__ import annotations
 
+import errno
+import json
+import re
+import struct
 import threading
+import uuid
 from dataclasses import dataclass, field
 
 from imafs.ima.keys import Keyring
@@ -63,16 +68,134 @@ class Namespace:
         return (self.policy_epoch, self.keyring.epoch)
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+CREATE_OPTIONS = {"template", "hash", "appraise"}
+
+
+class NamespaceError(Exception):
+    """A refused namespace operation; ``errno`` says how the control file fails."""
+
+    def __init__(self, err: int, msg: str):
+        super().__init__(msg)
+        self.errno = err
+
+
 class NamespaceTree:
-    def __init__(self, root: Namespace, resolver=None):
+    """All namespaces of a mount, persisted in LMDB (db ``ns``: id -> JSON)."""
+
+    def __init__(self, root: Namespace, resolver=None, *, store=None, factory=None):
         self.root = root
         self.by_id: dict[int, Namespace] = {root.id: root}
         self._resolver = resolver
+        self.store = store
+        self._factory = factory          # (id, name, parent, opts, policy_text) -> Namespace
+        self._lock = threading.RLock()
+        if store is not None:
+            self._load()
 
-    def of_pid(self, pid: int) -> Namespace:
-        """The namespace of a process (the root one unless a resolver says otherwise;
-        a resolver returning None for a process it cannot place gets the root)."""
+    # --- processes
+    def of_pid(self, pid: int) -> Namespace | None:
+        """The namespace of a process; None when it cannot be determined (the caller
+        must then refuse, never fall back to the host)."""
         if self._resolver is None:
             return self.root
         nsid = self._resolver(pid)
-        return self.by_id.get(nsid, self.root) if nsid is not None else self.root
+        if nsid is None:
+            return None
+        return self.by_id.get(nsid)
+
+    # --- persistence
+    def _save(self, ns: Namespace, txn=None) -> None:
+        if self.store is None or ns.parent is None:
+            return
+        rec = {"name": ns.name, "parent": ns.parent.id, "template": ns.template,
+               "hash": ns.hash_algo, "appraise": ns.appraise_mode,
+               "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", "")}
+        with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
+            t.put(struct.pack(">I", ns.id), json.dumps(rec).encode())
+
+    def _load(self) -> None:
+        with self.store.env.begin(db=self.store.db("ns")) as txn:
+            recs = [(struct.unpack(">I", bytes(k))[0], json.loads(bytes(v)))
+                    for k, v in txn.cursor()]
+        for nsid, rec in sorted(recs):
+            parent = self.by_id.get(rec["parent"])
+            if parent is None:
+                continue
+            ns = self._factory(nsid, rec["name"], parent,
+                               {"template": rec["template"], "hash": rec["hash"],
+                                "appraise": rec["appraise"]}, rec["policy"])
+            ns.uuid = rec.get("uuid", "")
+            parent.children[ns.name] = ns
+            self.by_id[nsid] = ns
+
+    def _next_id(self) -> int:
+        """Namespace ids are never reused (a removed namespace's list stays in LMDB)."""
+        nxt = max(self.by_id) + 1
+        if self.store is not None:
+            with self.store.env.begin(write=True, db=self.store.db("meta")) as t:
+                raw = t.get(b"ns_next")
+                if raw is not None:
+                    nxt = max(nxt, int(bytes(raw)))
+                t.put(b"ns_next", str(nxt + 1).encode())
+        return nxt
+
+    def save_policy(self, ns: Namespace) -> None:
+        self._save(ns)
+
+    # --- create / remove
+    def parse_create(self, text: str) -> tuple[str, dict]:
+        words = text.split()
+        if not words:
+            raise NamespaceError(errno.EINVAL, "ns-create needs a name")
+        name, opts = words[0], {}
+        if not NAME_RE.match(name):
+            raise NamespaceError(errno.EINVAL, f"bad namespace name {name!r} (letters, digits, "
+                                               f"'.', '_', '-'; at most 63)")
+        for w in words[1:]:
+            k, eq, v = w.partition("=")
+            if not eq or k not in CREATE_OPTIONS:
+                raise NamespaceError(errno.EINVAL, f"unknown option {w!r} (template=, hash=, "
+                                                   f"appraise=)")
+            if k in opts:
+                raise NamespaceError(errno.EINVAL, f"option {k} given twice")
+            opts[k] = v
+        if "appraise" in opts and opts["appraise"] not in APPRAISE_MODES:
+            raise NamespaceError(errno.EINVAL, f"appraise must be one of {', '.join(APPRAISE_MODES)}")
+        if "template" in opts:
+            from imafs.ima.templates import TEMPLATES
+            if opts["template"] not in TEMPLATES:
+                raise NamespaceError(errno.EINVAL, f"unknown template {opts['template']!r}")
+        if "hash" in opts:
+            from imafs.ima import hashing
+            try:
+                hashing.hash_algo(opts["hash"]).new()
+            except (ValueError, hashing.HashAlgoError) as e:
+                raise NamespaceError(errno.EINVAL, f"hash: {e}")
+        return name, opts
+
+    def create(self, parent: Namespace, name: str, opts: dict) -> Namespace:
+        with self._lock:
+            if name in parent.children:
+                raise NamespaceError(errno.EEXIST, f"namespace {parent.path.rstrip('/')}/{name} exists")
+            nsid = self._next_id()
+            ns = self._factory(nsid, name, parent, opts, "")
+            ns.uuid = str(uuid.uuid4())
+            parent.children[name] = ns
+            self.by_id[nsid] = ns
+            self._save(ns)
+            return ns
+
+    def remove(self, parent: Namespace, name: str) -> Namespace:
+        with self._lock:
+            ns = parent.children.get(name)
+            if ns is None:
+                raise NamespaceError(errno.ENOENT, f"no namespace {name!r} under {parent.path}")
+            if ns.children:
+                raise NamespaceError(errno.ENOTEMPTY, f"namespace {ns.path} has child namespaces")
+            del parent.children[name]
+            del self.by_id[ns.id]
+            if self.store is not None:
+                with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
+                    t.delete(struct.pack(">I", ns.id))
+            return ns
