@@ -307,13 +307,20 @@ def umount(mountpoint: str, *, timeout: float = 10.0, lazy: bool = False) -> int
         return 1
     if pid:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.01)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs. A daemon that has exited but is not reaped yet (its
+    parent, often a container's init, reaps when it pleases) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 RUN_DIR = "/run/imafs"

@@ -123,7 +123,7 @@ class Inode:
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode", "flags", "token", "writable")
+    __slots__ = ("fd", "inode", "flags", "token", "writable", "drop_sgid")
 
     def __init__(self, fd, inode, flags, token):
         self.fd = fd
@@ -131,14 +131,22 @@ class OpenFile:
         self.flags = flags
         self.token = token
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        # the opener may not keep S_ISGID on a write (see Overlay._open_privs)
+        self.drop_sgid = None
 
 
 class DirHandle:
-    __slots__ = ("inode", "entries")
+    """An open backing directory. Offsets are the backing file system's own
+    (getdents ``d_off``): stable while the directory changes, as the kernel's are."""
+    __slots__ = ("inode", "fd", "buf", "i", "at", "entries")
 
-    def __init__(self, inode):
+    def __init__(self, inode, fd):
         self.inode = inode
-        self.entries = None
+        self.fd = fd
+        self.buf = []      # entries read at offset ``at``; buf[i] is the next to send
+        self.i = 0
+        self.at = 0
+        self.entries = None  # fallback without getdents64: a listing, offsets = indexes
 
 
 def _caller(ctx) -> Caller:
@@ -147,6 +155,27 @@ def _caller(ctx) -> Caller:
 
 def _fuse_error(e: OSError) -> FUSEError:
     return FUSEError(e.errno or errno.EIO)
+
+
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def _in_group(caller: Caller, gid: int) -> bool:
+    return gid == caller.gid or gid in _sup_groups(caller.pid)
+
+
+def _privs_to_drop(st: os.stat_result, caller: Caller) -> int:
+    """The set-id bits a write or truncation by caller removes from a regular file,
+    as the kernel's setattr_should_drop_suidgid(): S_ISUID always, S_ISGID when
+    group-executable or when the caller is not in the file's group; nothing for a
+    privileged caller (CAP_FSETID, approximated by fsuid 0)."""
+    mode = st.st_mode
+    if not mode & _SETID or caller.uid == 0 or not stat.S_ISREG(mode):
+        return 0
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group(caller, st.st_gid)):
+        kill |= stat.S_ISGID
+    return kill
 
 
 class Overlay(pyfuse3.Operations):
@@ -233,6 +262,8 @@ class Overlay(pyfuse3.Operations):
         return node
 
     def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        if b"/" in name:  # O_NOFOLLOW guards the last component only
+            raise FUSEError(errno.EINVAL)
         try:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as e:
@@ -355,6 +386,13 @@ class Overlay(pyfuse3.Operations):
                     attr.st_atime_ns if fields.update_atime else None,
                     attr.st_mtime_ns if fields.update_mtime else None)
             st = os.fstat(node.fd)
+            if fields.update_size and not fields.update_mode and ctx.uid != 0:
+                # the kernel sends a new mode only for S_ISUID and group-executable
+                # S_ISGID; the rest of the rule is ours (we truncate as root)
+                kill = _privs_to_drop(st, _caller(ctx))
+                if kill:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~kill)
+                    st = os.fstat(node.fd)
         except OSError as e:
             raise _fuse_error(e)
         if self.hooks.active and (fields.update_size or fields.update_mode
@@ -511,15 +549,41 @@ class Overlay(pyfuse3.Operations):
                 os.close(fd)
                 raise
         h = OpenFile(fd, node, oflags, token)
-        keep = self._keep_cache(node, fd) and (not self.hooks.active or self.hooks.keep_cache(node))
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & _SETID and h.writable:
+                st = self._open_privs(h, st, _caller(ctx), bool(oflags & os.O_TRUNC))
+        except OSError as e:
+            os.close(fd)
+            if token is not None:
+                await self._in_thread(self.hooks.release, token)
+            raise _fuse_error(e)
+        keep = self._keep_cache(node, st) and (not self.hooks.active or self.hooks.keep_cache(node))
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
 
-    def _keep_cache(self, node: Inode, fd: int) -> bool:
-        st = os.fstat(fd)
+    @staticmethod
+    def _keep_cache(node: Inode, st: os.stat_result) -> bool:
         seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         keep = node.seen == seen
         node.seen = seen
         return keep
+
+    @staticmethod
+    def _open_privs(h: OpenFile, st: os.stat_result, caller: Caller, truncated: bool):
+        """Set-id bits on a writable open of a set-id file by an unprivileged caller.
+        We open as root, so the backing file system never drops them itself; the
+        kernel does on write and truncate() through its own setattr, except for
+        O_TRUNC (the open carries it) and S_ISGID without group-exec, which it leaves
+        to us. Returns the (new) stat."""
+        kill = _privs_to_drop(st, caller)
+        if not kill:
+            return st
+        if truncated:
+            os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~kill)
+            return os.fstat(h.fd)
+        if kill & stat.S_ISGID and not st.st_mode & stat.S_IXGRP:
+            h.drop_sgid = True   # at the first write
+        return st
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._no_control(parent_inode, name)
@@ -539,10 +603,13 @@ class Overlay(pyfuse3.Operations):
             pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as e:
             raise _fuse_error(e)
+        h = OpenFile(fd, None, base, None)
         try:
             if created:
                 self._own_new(pfd, caller, parent, perm, False)
             st = os.fstat(fd)
+            if not created and st.st_mode & _SETID and h.writable:
+                st = self._open_privs(h, st, caller, bool(base & os.O_TRUNC))
         except OSError as e:
             os.close(fd)
             os.close(pfd)
@@ -559,7 +626,7 @@ class Overlay(pyfuse3.Operations):
                 os.close(fd)
                 raise FUSEError(d.errno)
         node.seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-        h = OpenFile(fd, node, base, token)
+        h.inode, h.token = node, token
         return pyfuse3.FileInfo(fh=self._new_fh(h)), self._attr(st, node.nodeid)
 
     async def read(self, fh, off, size):
@@ -569,7 +636,10 @@ class Overlay(pyfuse3.Operations):
                 return await self.control.read(h, off, size)
             raise FUSEError(errno.EBADF)
         if h.token is not None:
-            data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
+            try:
+                data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
+            except Denied as d:   # read-time verification failed: EIO, no byte served
+                raise FUSEError(d.errno)
             if data is not None:
                 return data
         if self._nowait:
@@ -605,6 +675,8 @@ class Overlay(pyfuse3.Operations):
             if h is not None and self.control is not None:
                 return await self.control.write(h, off, buf)
             raise FUSEError(errno.EBADF)
+        if h.drop_sgid:
+            self._drop_sgid(h)
         try:
             if len(buf) > SMALL_IO:
                 n = await self._in_thread(os.pwrite, h.fd, buf, off)
@@ -615,6 +687,16 @@ class Overlay(pyfuse3.Operations):
         if h.token is not None:
             self.hooks.wrote(h.token)
         return n
+
+    @staticmethod
+    def _drop_sgid(h: OpenFile) -> None:
+        h.drop_sgid = False
+        try:
+            st = os.fstat(h.fd)
+            if st.st_mode & stat.S_ISGID and not st.st_mode & stat.S_IXGRP:
+                os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+        except OSError as e:
+            raise _fuse_error(e)
 
     async def flush(self, fh):
         h = self.handles.get(fh)
@@ -654,75 +736,94 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
         if self._is_control(inode):
-            return self._new_fh(await self.control.opendir(inode, ctx))
-        return self._new_fh(DirHandle(self.inode(inode)))
-
-    def _list(self, node: Inode):
-        fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return self._new_fh(self.control.opendir(inode, ctx))
+        node = self.inode(inode)
         try:
-            with os.scandir(fd) as it:
-                names = [os.fsencode(e.name) for e in it]
-        finally:
-            os.close(fd)
+            fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _fuse_error(e)
+        return self._new_fh(DirHandle(node, fd))
+
+    @staticmethod
+    def _list(h: DirHandle):
+        with os.scandir(h.fd) as it:
+            names = [os.fsencode(e.name) for e in it]
         names.sort()
-        return [b".", b".."] + names
+        return list(zip([b".", b".."] + names, range(1, len(names) + 3)))
+
+    def _fill(self, h: DirHandle, start_id: int) -> None:
+        """Make h.buf[h.i] the entry that follows offset start_id (worker thread)."""
+        if h.entries is not None or not sysio.HAVE_GETDENTS:
+            if h.entries is None or start_id == 0:
+                h.entries = self._list(h)
+            h.buf, h.i, h.at = h.entries, start_id, start_id
+            return
+        if h.at != start_id:       # a seekdir(), rewinddir() or a reply cut short
+            os.lseek(h.fd, start_id, os.SEEK_SET)
+            h.buf, h.i, h.at = [], 0, start_id
+        if h.i >= len(h.buf):
+            h.buf, h.i = sysio.getdents(h.fd), 0
 
     async def readdir(self, fh, start_id, token):
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
             if h is not None and self.control is not None:
-                return await self.control.readdir(h, start_id, token)
+                return self.control.readdir(h, start_id, token)
             raise FUSEError(errno.EBADF)
         node = h.inode
-        if h.entries is None or start_id == 0:
-            try:
-                h.entries = await self._in_thread(self._list, node)
-            except OSError as e:
-                raise _fuse_error(e)
-        entries = h.entries
         hide = node is self.root and self.control is not None
-        for i in range(start_id, len(entries)):
-            name = entries[i]
+        while True:
+            if h.at != start_id or h.i >= len(h.buf):
+                try:
+                    await self._in_thread(self._fill, h, start_id)
+                except OSError as e:
+                    raise _fuse_error(e)
+                if h.i >= len(h.buf):
+                    return  # end of the directory
+            name, off = h.buf[h.i]
             if name == b"." or name == b"..":
                 target = node if name == b"." or node is self.root else (node.parent or self.root)
                 try:
                     st = os.fstat(target.fd)
                 except OSError:
-                    continue
-                if not pyfuse3.readdir_reply(token, name, self._attr(st, target.nodeid), i + 1):
-                    return
+                    st = None
                 # the kernel takes no reference for "." and ".." (no forget follows)
-                continue
-            if hide and name == self.control_name:
-                continue
-            try:
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=node.fd)
-            except OSError:
-                continue  # removed since the listing: skip, as getdents would
-            try:
-                st = os.fstat(fd)
-            except OSError:
-                os.close(fd)
-                continue
-            nodeid = self._nodeid_for(st.st_dev, st.st_ino)
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, nodeid), i + 1):
-                os.close(fd)
-                return
-            self._remember(node, name, fd, st)
+                if st is not None and not pyfuse3.readdir_reply(
+                        token, name, self._attr(st, target.nodeid), off):
+                    return
+            elif not (hide and name == self.control_name):
+                try:
+                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=node.fd)
+                except OSError:
+                    fd = -1  # removed since it was read: skip, as getdents would
+                if fd >= 0:
+                    try:
+                        st = os.fstat(fd)
+                    except OSError:
+                        os.close(fd)
+                    else:
+                        nodeid = self._nodeid_for(st.st_dev, st.st_ino)
+                        if not pyfuse3.readdir_reply(token, name, self._attr(st, nodeid), off):
+                            os.close(fd)
+                            return
+                        self._remember(node, name, fd, st)
+            h.i += 1
+            h.at = start_id = off
 
     async def releasedir(self, fh):
         h = self.handles.pop(fh, None)
-        if h is not None and not isinstance(h, DirHandle) and self.control is not None:
-            await self.control.release(h)
+        if isinstance(h, DirHandle):
+            os.close(h.fd)
+        elif h is not None and self.control is not None:
+            self.control.release(h)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)
         if isinstance(h, DirHandle):
-            fd = os.open(sysio.proc_path(h.inode.fd), os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                await self._in_thread(os.fdatasync if datasync else os.fsync, h.fd)
+            except OSError as e:
+                raise _fuse_error(e)
 
     async def statfs(self, ctx):
         st = os.statvfs(self.backing)
@@ -776,9 +877,14 @@ class Overlay(pyfuse3.Operations):
             return []
         node = self.inode(inode)
         try:
-            return [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+            names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
         except OSError as e:
             raise _fuse_error(e)
+        if ctx.uid != 0:
+            # the kernel lists trusted.* only to CAP_SYS_ADMIN (approximated by
+            # fsuid 0); we list as root, so hide them from everyone else
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     async def removexattr(self, inode, name, ctx):
         if self._is_control(inode):
@@ -800,7 +906,7 @@ class Overlay(pyfuse3.Operations):
 
     def close_all(self) -> None:
         for h in list(self.handles.values()):
-            if isinstance(h, OpenFile):
+            if isinstance(h, (OpenFile, DirHandle)):
                 try:
                     os.close(h.fd)
                 except OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -69,6 +70,34 @@ def readlink_empty(fd: int) -> bytes:
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
     _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags), "renameat2", newname)
+
+
+_SYS_GETDENTS64 = {
+    "x86_64": 217, "aarch64": 61, "riscv64": 61, "loongarch64": 61, "ppc64le": 202,
+    "ppc64": 202, "s390x": 220, "i386": 220, "i686": 220, "armv7l": 217, "armv6l": 217,
+}.get(os.uname().machine)
+HAVE_GETDENTS = _SYS_GETDENTS64 is not None
+_libc.syscall.restype = ctypes.c_long
+_DIRENT = struct.Struct("=QqHB")   # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def getdents(fd: int, bufsize: int = 32768) -> list[tuple[bytes, int]]:
+    """One getdents64() at the descriptor's position: [(name, d_off)], [] at the end.
+    d_off is the file system's own cookie for the position after the entry: it stays
+    valid while the directory changes, and lseek() to it resumes there."""
+    buf = ctypes.create_string_buffer(bufsize)
+    n = _check(_libc.syscall(ctypes.c_long(_SYS_GETDENTS64), ctypes.c_long(fd), buf,
+                             ctypes.c_long(bufsize)), "getdents64")
+    raw = buf.raw[:n]
+    out = []
+    pos = 0
+    unpack = _DIRENT.unpack_from
+    while pos < n:
+        _ino, off, reclen, _type = unpack(raw, pos)
+        name = raw[pos + 19:raw.index(b"\0", pos + 19)]
+        out.append((name, off))
+        pos += reclen
+    return out
 
 
 def raise_nofile_limit() -> int:
