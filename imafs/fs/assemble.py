@@ -79,4 +79,5 @@ def build(opts) -> Filesystem:
     overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s",
              len(rules), len(keyring), root.appraise_mode, root.template, root.hash_algo)
-    return Filesystem(overlay, [audit.close, store.close])
+    # the binder last: a namespace's cgroup goes only once nothing serves it
+    return Filesystem(overlay, [audit.close, store.close, binder.close])

@@ -65,6 +65,9 @@ CHILDREN: dict[int, dict[bytes, int]] = {}
 for _i, (_name, _parent, _kind, _mode) in ENTRIES.items():
     if _parent is not None:
         CHILDREN.setdefault(_parent, {})[_name.encode()] = _i
+# Only in a process's own view (slot 0): ns-create under namespaces/NAME/ would move
+# the writer, an ancestor's process, into a descendant of its own namespace.
+OWN_ONLY = {16}
 VIEWS = {
     "ascii_runtime_measurements": "ascii", "ascii_runtime_measurements_sha1": "ascii_sha1",
     "ascii_runtime_measurements_sha256": "ascii_sha256",
@@ -181,7 +184,7 @@ class ControlDir:
                 raise FUSEError(errno.ENOENT)  # handled by the overlay for the mount root
             return self._attr(self.nodeid(slot, parent))
         child_idx = CHILDREN.get(idx, {}).get(name)
-        if child_idx is None:
+        if child_idx is None or (slot and child_idx in OWN_ONLY):
             raise FUSEError(errno.ENOENT)
         return self._attr(self.nodeid(slot, child_idx), ns, ctx.uid)
 
@@ -190,7 +193,7 @@ class ControlDir:
 
     async def getattr(self, nodeid, ctx):
         slot, idx = self.split(nodeid)
-        if idx not in ENTRIES:
+        if idx not in ENTRIES or (slot and idx in OWN_ONLY):
             raise FUSEError(errno.ENOENT)
         ns = self._target(slot, ctx.pid)
         return self._attr(nodeid, ns, ctx.uid)
@@ -206,6 +209,8 @@ class ControlDir:
         slot, idx = self.split(nodeid)
         if idx not in ENTRIES or ENTRIES[idx][2] != FILE:
             raise FUSEError(errno.EISDIR)
+        if slot and idx in OWN_ONLY:
+            raise FUSEError(errno.ENOENT)
         ns = self._target(slot, ctx.pid)
         name = ENTRIES[idx][0]
         acc = flags & os.O_ACCMODE
@@ -488,7 +493,8 @@ class ControlDir:
             names = [(n.encode(), self.nodeid(c.id + 1, 0))
                      for n, c in sorted(h.ns.children.items())]
         else:
-            names = [(n, self.nodeid(h.slot, i)) for n, i in CHILDREN.get(h.idx, {}).items()]
+            names = [(n, self.nodeid(h.slot, i)) for n, i in CHILDREN.get(h.idx, {}).items()
+                     if not (h.slot and i in OWN_ONLY)]
         for i in range(start_id, len(names)):
             name, nodeid = names[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(nodeid), i + 1):

@@ -18,14 +18,27 @@ the hierarchy mounted and root in the initial user namespace: a container proces
 (own mount namespace, no CAP_SYS_ADMIN there) cannot. Where named v1 hierarchies are
 not available, the unified cgroup v2 tree is used under ``imafs.<key>/``.
 
-A process whose ``/proc/PID/cgroup`` cannot be read is **unknown** (None): the engine
-refuses it rather than treat it as the host.
+A process whose ``/proc/PID/cgroup`` cannot be read, or that sits anywhere in the
+hierarchy but its root (the host) or a namespace cgroup ``nsN``, is **unknown**
+(None): the engine refuses it rather than treat it as the host.
+
+Cost: ``ns_of`` is one read of ``/proc/PID/cgroup`` per call (about 4-5 us; the
+kernel prints one line per mounted v1 hierarchy). A cache keyed by (pid, start time)
+would still need one read of ``/proc/PID/stat`` per call to tell a reused pid from
+the process it cached, which costs the same, so there is none.
+
+At unmount (:meth:`close`) the empty namespace cgroups are removed and the hierarchy
+is unmounted; the kernel then destroys it, unless some namespace still has processes:
+then it lives on unmounted and the next mount of the same state joins it again, so
+those processes stay in their namespaces across a daemon restart.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import subprocess
+import time
 
 log = logging.getLogger("imafs.binding")
 
@@ -42,7 +55,10 @@ class CgroupBinder:
         self.name = f"imafs.{self.key}"
         self.mode = None        # "v1" or "v2"
         self.root = None        # directory whose subdirs are namespace cgroups
+        self._mounted = False   # this binder mounted the v1 hierarchy (close unmounts)
         self._setup()
+        # the line of /proc/PID/cgroup that names this mount's hierarchy
+        self._needle = (f":name={self.name}:" if self.mode == "v1" else "0::").encode()
 
     def _setup(self) -> None:
         mnt = os.path.join(RUN_CG, self.key)
@@ -50,9 +66,10 @@ class CgroupBinder:
             self.mode, self.root = "v1", mnt
             return
         os.makedirs(mnt, exist_ok=True)
-        r = os.system(f"mount -t cgroup -o none,name={self.name} cgroup {mnt} 2>/dev/null")
-        if r == 0:
-            self.mode, self.root = "v1", mnt
+        r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}", "cgroup",
+                            mnt], capture_output=True)
+        if r.returncode == 0:
+            self.mode, self.root, self._mounted = "v1", mnt, True
             return
         v2 = _cgroup2_mount()
         if v2 is None:
@@ -86,31 +103,43 @@ class CgroupBinder:
             raise BindingError(f"cannot move pid {pid} into namespace {ns_id}: {e.strerror}")
 
     def ns_of(self, pid: int) -> int | None:
-        """The namespace id of a process: 0 (root) when it is in no namespace cgroup of
-        this mount, None when it cannot be determined."""
+        """The namespace id of a process: 0 (root) when it is at the root of this
+        mount's hierarchy (v2: outside its subtree), N in cgroup ``nsN``, and None when
+        it cannot be determined (no such process, no line for the hierarchy, or any
+        other cgroup of it)."""
         try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                text = f.read()
+            fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-        want = f"name={self.name}" if self.mode == "v1" else ""
-        for line in text.splitlines():
-            hid, ctrl, path = line.split(":", 2)
-            if self.mode == "v1":
-                if ctrl != want:
-                    continue
-            elif hid != "0":
-                continue
-            else:
-                prefix = "/" + self.name
-                if not path.startswith(prefix):
-                    return 0
-                path = path[len(prefix):]
-            leaf = path.rstrip("/").rsplit("/", 1)[-1]
-            if leaf.startswith("ns") and leaf[2:].isdigit():
-                return int(leaf[2:])
+        try:
+            text = os.read(fd, 1 << 16)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        # the needle must start the line's second field (v1: "ID:name=imafs.KEY:PATH")
+        # or the line (v2: "0::PATH"); a path of another hierarchy may contain it too
+        needle, v1 = self._needle, self.mode == "v1"
+        i = text.find(needle)
+        while i >= 0:
+            head = text[text.rfind(b"\n", 0, i) + 1:i]
+            if head.isdigit() if v1 else head == b"":
+                break
+            i = text.find(needle, i + 1)
+        if i < 0:
+            return None
+        end = text.find(b"\n", i)
+        path = text[i + len(needle):end if end >= 0 else len(text)]
+        if self.mode == "v2":
+            prefix = b"/" + self.name.encode()
+            if path != prefix and not path.startswith(prefix + b"/"):
+                return 0
+            path = path[len(prefix):] or b"/"
+        if path == b"/":
             return 0
-        return 0 if self.mode == "v1" else None
+        if path.startswith(b"/ns") and path[3:].isdigit() and path[3:4] != b"0":
+            return int(path[3:])
+        return None
 
     def members(self, ns_id: int) -> list[int]:
         try:
@@ -125,6 +154,56 @@ class CgroupBinder:
         except OSError as e:
             if e.errno not in (errno.ENOENT,):
                 raise BindingError(f"namespace {ns_id} still has processes")
+
+    def close(self, wait: float = 0.0) -> list[int]:
+        """At unmount: remove the empty namespace cgroups (waiting up to ``wait``
+        seconds for exiting processes) and unmount the hierarchy; returns the ids of
+        namespaces that still have processes (their cgroups, and so the hierarchy,
+        stay until the next mount of the same state joins them again)."""
+        if self.root is None:
+            return []
+        deadline = time.monotonic() + wait
+        busy: list[int] = []
+        while True:
+            busy = []
+            try:
+                names = os.listdir(self.root)
+            except OSError:
+                names = []
+            for n in names:
+                if not (n.startswith("ns") and n[2:].isdigit()):
+                    continue
+                try:
+                    os.rmdir(os.path.join(self.root, n))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    busy.append(int(n[2:]))
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if self.mode == "v1" and self._mounted:
+            subprocess.run(["umount", self.root], capture_output=True)
+            # A removed cgroup is released after an RCU grace period; a hierarchy
+            # unmounted before that is never destroyed. Mounting it again once the
+            # removed cgroups are gone, then unmounting, destroys it.
+            for _ in range(5 if not busy else 0):
+                time.sleep(0.05)
+                if self.ns_of(os.getpid()) is None:
+                    break
+                r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}",
+                                    "cgroup", self.root], capture_output=True)
+                if r.returncode == 0:
+                    subprocess.run(["umount", self.root], capture_output=True)
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass
+            self._mounted = False
+        if busy:
+            log.info("namespaces %s still have processes: their cgroups stay",
+                     ", ".join(map(str, sorted(busy))))
+        return busy
 
 
 def _cgroup2_mount() -> str | None:

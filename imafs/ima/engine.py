@@ -301,7 +301,7 @@ class Engine:
         with ii.lock:
             if ii.version != f.version:
                 ii.reset(f.version)
-            self._violations(chain, events, subject, f, ii, decided, writable)
+            self._violations(chain, events, subject, f, ii, decided, writable, ns.id)
             self._process(subject, ns, f, ii, decided, readable, writable, created)
             # a refused open never gets a handle, so it is not counted.  Readers are
             # the read-only opens (the kernel's i_readcount).
@@ -311,7 +311,8 @@ class Engine:
                 ii.writers += 1
         return OpenState(ii, ns, f, readable, writable, decided)
 
-    def _violations(self, chain, events, subject, f, ii: IInt, decided, writable) -> None:
+    def _violations(self, chain, events, subject, f, ii: IInt, decided, writable,
+                    subject_ns: int = 0) -> None:
         """ima_rdwr_violation_check, before anything is measured: for FILE_CHECK and
         MMAP_CHECK, in every namespace whose policy has a measure rule -- whether or
         not a rule matched this open (a writer matches no read rule, yet it is the
@@ -324,13 +325,13 @@ class Engine:
                     continue
                 if writable:
                     if ii.readers > 0 and n.id in ii.must_measure:
-                        self._violation(n, f, subject, "ToMToU")
+                        self._violation(n, f, subject, "ToMToU", subject_ns)
                     break       # one per open: a writer triggers FILE_CHECK only
                 must = any(d.measure for nn, e, d in decided if nn is n and e is ev)
                 if must:
                     ii.must_measure.add(n.id)
                     if ii.writers > 0:
-                        self._violation(n, f, subject, "open_writers")
+                        self._violation(n, f, subject, "open_writers", subject_ns)
 
     def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
         if not decided:
@@ -414,11 +415,13 @@ class Engine:
             return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: {result}")
         return None
 
-    def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str) -> None:
+    def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str,
+                   subject_ns: int = 0) -> None:
         # as ima_add_violation: the namespace's default template, PCR 10 (the
-        # kernel's CONFIG_IMA_MEASURE_PCR_IDX), whatever the rule said
+        # kernel's CONFIG_IMA_MEASURE_PCR_IDX), whatever the rule said; ``ns`` (ima-ns)
+        # names the accessing process's namespace, as in a measurement
         n.mlist.add(violation_entry(n.template, f.path, pcr=DEFAULT_PCR, algo=n.hash_algo,
-                                    ns_id=n.id))
+                                    ns_id=subject_ns))
         self.audit.record("violation", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
                           cause=cause)
         log.info("violation %s: %s (ns %s)", cause, os.fsdecode(f.path), n.path)
@@ -578,8 +581,16 @@ class Engine:
                 self.binder.remove(child.id)
             except Exception as e:  # noqa: BLE001 - the namespace is gone either way
                 log.warning("namespace %s: %s", child.path, e)
+        # The child's list stays in LMDB (its id is never given again) but is no longer
+        # served; its final length and PCR 10 go into the parent's list.
+        final = f"entries={child.mlist.count}"
+        try:
+            bank = "sha256" if "sha256" in child.mlist.banks else child.mlist.banks[0]
+            final += f" pcr10={bank}:{child.mlist.pcr(bank, 10).hex()}"
+        except Exception:  # noqa: BLE001 - a list without PCRs (tests)
+            pass
         self.record_event(parent, "ns-remove", f"ns-remove name={child.path} id={child.id} "
-                                               f"uuid={child.uuid}".encode())
+                                               f"uuid={child.uuid} {final}".encode())
         self.audit.record("ns_remove", ns=parent.path, child=child.path, id=child.id, pid=pid,
                           uid=uid)
         return child

@@ -90,6 +90,7 @@ class NamespaceTree:
         self.store = store
         self._factory = factory          # (id, name, parent, opts, policy_text) -> Namespace
         self._lock = threading.RLock()
+        self._high = root.id             # highest id ever given (ids are never reused)
         if store is not None:
             self._load()
 
@@ -130,14 +131,16 @@ class NamespaceTree:
             self.by_id[nsid] = ns
 
     def _next_id(self) -> int:
-        """Namespace ids are never reused (a removed namespace's list stays in LMDB)."""
-        nxt = max(self.by_id) + 1
+        """Namespace ids are never reused (a removed namespace's list stays in LMDB):
+        not after removing the newest one, not across a reload."""
+        nxt = max(max(self.by_id), self._high) + 1
         if self.store is not None:
             with self.store.env.begin(write=True, db=self.store.db("meta")) as t:
                 raw = t.get(b"ns_next")
                 if raw is not None:
                     nxt = max(nxt, int(bytes(raw)))
                 t.put(b"ns_next", str(nxt + 1).encode())
+        self._high = nxt
         return nxt
 
     def save_policy(self, ns: Namespace) -> None:

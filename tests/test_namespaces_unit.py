@@ -1,0 +1,285 @@
+"""Integrity namespaces without a mount: the namespace tree (create, refuse, remove,
+persist) and the cgroup binder with real processes (double fork, setsid, dead pids)."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+
+import pytest
+import trio
+
+from imafs.ima.binding import CgroupBinder
+from imafs.ima.engine import AccessDenied, Engine, Subject
+from imafs.ima.keys import Keyring
+from imafs.ima.measurelog import MeasurementList
+from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
+from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.templates import parse_ascii
+from imafs.store import Store
+
+from conftest import wait_for
+
+
+def make_tree(store=None, resolver=None) -> NamespaceTree:
+    def mlist(nsid, template="ima-ng", algo="sha256"):
+        if store is None:
+            return _NoList()
+        return MeasurementList(store, nsid, template=template, hash_algo=algo)
+
+    root = Namespace(id=0, name="", parent=None, policy=Policy([]), mlist=mlist(0),
+                     keyring=Keyring(store, 0))
+
+    def factory(nsid, name, parent, o, policy_text):
+        template = o.get("template") or parent.template
+        algo = o.get("hash") or parent.hash_algo
+        return Namespace(id=nsid, name=name, parent=parent,
+                         policy=Policy(parse_policy(policy_text)),
+                         mlist=mlist(nsid, template, algo), keyring=Keyring(store, nsid),
+                         appraise_mode=o.get("appraise") or parent.appraise_mode,
+                         template=template, hash_algo=algo)
+
+    return NamespaceTree(root, resolver, store=store, factory=factory)
+
+
+class _NoList:
+    def add(self, entry):
+        return True
+
+
+# ------------------------------------------------------------------ the tree
+def test_create_nested_and_paths():
+    t = make_tree()
+    a = t.create(t.root, *t.parse_create("a"))
+    b = t.create(a, *t.parse_create("b template=ima-ns hash=sha512 appraise=log"))
+    c = t.create(b, *t.parse_create("c"))
+    assert (a.id, b.id, c.id) == (1, 2, 3)
+    assert c.path == "/a/b/c" and [n.id for n in c.chain()] == [3, 2, 1, 0]
+    assert (b.template, b.hash_algo, b.appraise_mode) == ("ima-ns", "sha512", "log")
+    # options are inherited from the parent unless given
+    assert (c.template, c.hash_algo, c.appraise_mode) == ("ima-ns", "sha512", "log")
+    assert c.xattr_name == "security.imafs.ns3.ima" and t.root.xattr_name == "security.ima"
+    assert len({a.uuid, b.uuid, c.uuid}) == 3 and uuid.UUID(a.uuid)
+    # the same name under another parent is another namespace
+    a2 = t.create(t.root, *t.parse_create("b"))
+    assert a2.id == 4 and a2.parent is t.root
+
+
+def test_duplicate_name_is_eexist():
+    t = make_tree()
+    t.create(t.root, *t.parse_create("web"))
+    with pytest.raises(NamespaceError) as e:
+        t.create(t.root, *t.parse_create("web"))
+    assert e.value.errno == errno.EEXIST and "exists" in str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "-x", ".hidden", "a/b", "..", "x" * 64, "na\u00efve", "a b=",
+    "a bogus=1", "a template", "a template=nope", "a hash=md6", "a appraise=maybe",
+    "a appraise=log appraise=off",
+])
+def test_bad_names_and_options_are_einval(text):
+    t = make_tree()
+    with pytest.raises(NamespaceError) as e:
+        t.parse_create(text)
+    assert e.value.errno == errno.EINVAL and str(e.value)
+
+
+def test_remove_and_ids_never_reused():
+    t = make_tree()
+    a = t.create(t.root, *t.parse_create("a"))
+    b = t.create(a, *t.parse_create("b"))
+    with pytest.raises(NamespaceError) as e:
+        t.remove(t.root, "a")
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(NamespaceError) as e:
+        t.remove(t.root, "zzz")
+    assert e.value.errno == errno.ENOENT
+    assert t.remove(a, "b") is b and b.id not in t.by_id and "b" not in a.children
+    # the highest id was removed: a new namespace still gets a fresh id
+    b2 = t.create(a, *t.parse_create("b"))
+    assert b2.id == 3
+
+
+def test_persistence_across_reload(tmp_path):
+    store = Store(str(tmp_path / "lmdb"))
+    t = make_tree(store)
+    a = t.create(t.root, *t.parse_create("a template=ima-ns appraise=log"))
+    b = t.create(a, *t.parse_create("b hash=sha512"))
+    gone = t.create(t.root, *t.parse_create("gone"))
+    a.set_policy(Policy(parse_policy(b"measure func=FILE_CHECK mask=MAY_READ\n")))
+    t.save_policy(a)
+    t.remove(t.root, "gone")
+    uuids = (a.uuid, b.uuid)
+    store.close()
+
+    store = Store(str(tmp_path / "lmdb"))
+    try:
+        t2 = make_tree(store)
+        assert sorted(t2.by_id) == [0, 1, 2]
+        a2, b2 = t2.root.children["a"], t2.root.children["a"].children["b"]
+        assert "gone" not in t2.root.children
+        assert (a2.id, b2.id) == (a.id, b.id) and (a2.uuid, b2.uuid) == uuids
+        assert (a2.template, a2.appraise_mode, b2.hash_algo) == ("ima-ns", "log", "sha512")
+        assert b2.template == "ima-ns"            # inherited, and kept
+        assert a2.policy.text() == a.policy.text() and len(a2.policy) == 1
+        # the removed namespace's id is never given again
+        new = t2.create(t2.root, *t2.parse_create("gone"))
+        assert new.id == gone.id + 1
+    finally:
+        store.close()
+
+
+def test_unknown_namespace_is_refused_never_host():
+    """A resolver that cannot place a process (None) or places it in a namespace the
+    tree does not know: the engine refuses, the control directory shows nothing."""
+    from pyfuse3 import FUSEError
+    from imafs.fs.control import ControlDir
+
+    for answer in (None, 99):
+        t = make_tree(resolver=lambda pid, a=answer: a)
+        eng = Engine(t)
+        with pytest.raises(AccessDenied) as e:
+            eng.namespace_of(Subject(pid=1234, uid=0, gid=0))
+        assert e.value.errno == errno.EACCES and "unknown" in e.value.reason
+        ctl = ControlDir(eng, overlay=None)
+
+        class Ctx:
+            pid, uid, gid, umask = 1234, 0, 0, 0o22
+
+        for call in (lambda: ctl.getattr(ctl.nodeid(0, 3), Ctx),          # policy
+                     lambda: ctl.open(ctl.nodeid(0, 3), os.O_RDONLY, Ctx),
+                     lambda: ctl.lookup(ctl.nodeid(0, 0), b"policy", Ctx),
+                     lambda: ctl.opendir(ctl.nodeid(0, 1), Ctx)):
+            with pytest.raises(FUSEError) as e:
+                trio.run(call)
+            assert e.value.errno == errno.EACCES
+    # the same calls succeed for a host process
+    t = make_tree(resolver=lambda pid: 0)
+    ctl = ControlDir(Engine(t), overlay=None)
+    assert trio.run(lambda: ctl.getattr(ctl.nodeid(0, 3), Ctx)).st_ino == ctl.nodeid(0, 3)
+
+
+def test_descendant_views_have_no_ns_create():
+    """Under namespaces/NAME/ an ancestor sees the child's files, but ns-create there
+    would move the ancestor's own process into a descendant: it is not offered."""
+    from pyfuse3 import FUSEError
+    from imafs.fs.control import ControlDir
+
+    t = make_tree(resolver=lambda pid: 0)
+    c = t.create(t.root, *t.parse_create("c"))
+    ctl = ControlDir(Engine(t), overlay=None)
+
+    class Ctx:
+        pid, uid, gid, umask = 1234, 0, 0, 0o22
+
+    slot = c.id + 1
+    with pytest.raises(FUSEError) as e:
+        trio.run(lambda: ctl.lookup(ctl.nodeid(slot, 0), b"ns-create", Ctx))
+    assert e.value.errno == errno.ENOENT
+    trio.run(lambda: ctl.lookup(ctl.nodeid(slot, 0), b"ns-remove", Ctx))
+    trio.run(lambda: ctl.lookup(ctl.nodeid(0, 0), b"ns-create", Ctx))
+
+
+def test_ns_remove_records_final_state(tmp_path):
+    """ns-remove is measured in the parent with the child's final entry count and
+    PCR 10, so the parent's list pins what the child's list ended as."""
+    store = Store(str(tmp_path / "lmdb"))
+    try:
+        t = make_tree(store)
+        eng = Engine(t, store=store)
+        c = eng.create_namespace(t.root, "c", pid=1, uid=0)
+        eng.remove_namespace(t.root, "c", pid=1, uid=0)
+        entries = [e for e in t.root.mlist.entries() if e.name in (b"ns-create", b"ns-remove")]
+        assert [e.name for e in entries] == [b"ns-create", b"ns-remove"]
+        buf = entries[1].get("buf").decode()
+        assert f"id={c.id}" in buf and f"uuid={c.uuid}" in buf
+        assert f"entries={c.mlist.count}" in buf
+        assert "pcr10=sha256:" + c.mlist.pcr("sha256", 10).hex() in buf
+        # the removed namespace's list stays readable in the store
+        assert [e.name for e in MeasurementList(store, c.id).entries()][-1] == b"ns-init"
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ the binder
+@pytest.fixture
+def binder():
+    b = CgroupBinder(f"ut{os.getpid()}{uuid.uuid4().hex[:6]}")
+    procs: list = []            # Popen (our children) or pids (reparented grandchildren)
+    yield b, procs
+    pids = [p.pid if isinstance(p, subprocess.Popen) else p for p in procs]
+    for nsid in (1, 2):
+        pids += b.members(nsid)
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    # reap: a zombie still holds its cgroup, and a hierarchy unmounted while it does
+    # outlives the unmount
+    for p in procs:
+        if isinstance(p, subprocess.Popen):
+            p.wait()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 5.0)
+    assert b.close(wait=2.0) == []
+    assert wait_for(lambda: b.ns_of(os.getpid()) is None, 2.0), "hierarchy outlived close()"
+
+
+def _sleeper(procs, cmd="exec sleep 30"):
+    p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    procs.append(p)
+    return p
+
+
+def test_binder_host_child_dead(binder):
+    b, procs = binder
+    assert b.ns_of(os.getpid()) == 0
+    p = _sleeper(procs)
+    assert b.ns_of(p.pid) == 0
+    b.bind(p.pid, 1)
+    assert b.ns_of(p.pid) == 1 and b.members(1) == [p.pid]
+    assert b.ns_of(os.getpid()) == 0            # binding a child never moves the parent
+    p.kill()
+    p.wait()
+    assert b.ns_of(p.pid) is None                # dead: unknown, never the host
+    assert b.members(1) == []
+    b.remove(1)
+    assert not os.path.exists(os.path.join(b.root, "ns1"))
+
+
+def test_binder_double_fork_setsid_grandchild(binder):
+    """A process bound to a namespace double-forks a daemon (setsid, reparented to
+    init): the daemon is still in the namespace; so is a thread's tid."""
+    b, procs = binder
+    p = _sleeper(procs, "read go; setsid sh -c 'sleep 30 & echo $!' ; exec sleep 30")
+    b.bind(p.pid, 2)
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    gpid = int(p.stdout.readline())
+    procs.append(gpid)
+    with open(f"/proc/{gpid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    assert ppid != p.pid                         # reparented away from its creator
+    assert os.getsid(gpid) not in (os.getsid(0), os.getsid(p.pid))   # a new session
+    assert b.ns_of(gpid) == 2
+    # the intermediate shell exits: the creator and the daemon remain
+    assert wait_for(lambda: sorted(b.members(2)) == sorted([p.pid, gpid]))
+
+
+def test_binder_foreign_cgroup_is_unknown(binder):
+    """A process in a cgroup of the hierarchy that is no namespace's is unknown."""
+    b, procs = binder
+    p = _sleeper(procs)
+    d = os.path.join(b.root, "intruder")
+    os.mkdir(d)
+    try:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(p.pid))
+        assert b.ns_of(p.pid) is None
+        p.kill()
+        p.wait()
+    finally:
+        os.rmdir(d)
