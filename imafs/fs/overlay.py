@@ -736,7 +736,7 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
         if self._is_control(inode):
-            return self._new_fh(self.control.opendir(inode, ctx))
+            return self._new_fh(await self.control.opendir(inode, ctx))
         node = self.inode(inode)
         try:
             fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -768,7 +768,7 @@ class Overlay(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
             if h is not None and self.control is not None:
-                return self.control.readdir(h, start_id, token)
+                return await self.control.readdir(h, start_id, token)
             raise FUSEError(errno.EBADF)
         node = h.inode
         hide = node is self.root and self.control is not None
@@ -815,7 +815,7 @@ class Overlay(pyfuse3.Operations):
         if isinstance(h, DirHandle):
             os.close(h.fd)
         elif h is not None and self.control is not None:
-            self.control.release(h)
+            await self.control.release(h)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)
