@@ -24,7 +24,7 @@ def _mount(args) -> int:
         integrity=not args.no_integrity, attr_timeout=args.attr_timeout,
         extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
-               "audit_log": args.audit_log})
+               "audit_log": args.audit_log, "verify_reads": args.verify_reads})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
@@ -86,6 +86,12 @@ def register(sub) -> None:
     p.add_argument("--hash", default="sha256", metavar="ALGO",
                    help="hash algorithm for measurement and fix mode (default sha256)")
     p.add_argument("--audit-log", metavar="FILE", help="audit log (default STATE/audit.log)")
+    p.add_argument("--verify-reads", nargs="?", const="on", choices=["on", "off"],
+                   metavar="on|off",
+                   help="check every read of a measured or appraised file against the "
+                        "fs-verity Merkle tree computed when it was measured; a changed "
+                        "block is EIO and a violation (default: on when the --policy has "
+                        "an appraise rule, else off; decided at mount time)")
     p.add_argument("--control-name", default=".imafs", metavar="NAME",
                    help="name of the control directory at the mount root (default .imafs)")
     p.add_argument("--no-integrity", action="store_true",

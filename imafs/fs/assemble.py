@@ -74,10 +74,16 @@ def build(opts) -> Filesystem:
                           hashlib.sha256(os.fsencode(os.path.realpath(opts.state))).hexdigest()[:8])
     tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
-    engine = Engine(tree, store=store, audit=audit, binder=binder)
-    overlay = Overlay(opts.backing, hooks=IntegrityHooks(engine), **common)
+    # --verify-reads on|off; default: on when the root policy has an appraise rule
+    vr = x.get("verify_reads")
+    verify_reads = vr == "on" if vr in ("on", "off") else any(
+        r.action == "appraise" for r in rules)
+    engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads)
+    hooks = IntegrityHooks(engine)
+    overlay = Overlay(opts.backing, hooks=hooks, **common)
     overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
-    log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s",
-             len(rules), len(keyring), root.appraise_mode, root.template, root.hash_algo)
+    log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
+             "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
+             root.hash_algo, "on" if verify_reads else "off")
     # the binder last: a namespace's cgroup goes only once nothing serves it
-    return Filesystem(overlay, [audit.close, store.close, binder.close])
+    return Filesystem(overlay, [hooks.close, audit.close, store.close, binder.close])

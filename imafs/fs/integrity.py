@@ -10,7 +10,11 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
+
+import pyfuse3
 
 from imafs.fs import sysio
 from imafs.fs.overlay import Caller, Denied, Inode, NullHooks
@@ -72,6 +76,14 @@ class IntegrityHooks(NullHooks):
     def __init__(self, engine: Engine):
         self.engine = engine
         self._fs: dict[int, FsInfo] = {}
+        # read-time verification: nodeids whose kernel page cache must not be kept at
+        # the next open (a failed verification, or pages read unverified before a
+        # verified open), nodeids read through unverified handles, and the queue of
+        # the thread that sends the kernel its cache invalidations
+        self._tainted: set[int] = set()
+        self._unverified: set[int] = set()
+        self._inval_q: queue.SimpleQueue | None = None
+        self._inval_lock = threading.Lock()
 
     @property
     def active(self) -> bool:  # open/release hooks only while some policy has rules
@@ -120,7 +132,81 @@ class IntegrityHooks(NullHooks):
             raise Denied(e.errno, e.reason)
 
     def open(self, caller, inode, fd, flags, exec_):
-        return self._open(caller, inode, fd, flags, exec_, False)
+        state = self._open(caller, inode, fd, flags, exec_, False)
+        if state is not None and self.engine.verify_reads:
+            state.ref = inode.nodeid
+            if state.tree is not None and inode.nodeid in self._unverified:
+                # the kernel may hold pages of this inode that were served without
+                # verification: do not let this verified open keep them
+                self._unverified.discard(inode.nodeid)
+                self._tainted.add(inode.nodeid)
+        return state
+
+    # ------------------------------------------------------------------ verified reads
+    def read(self, token, fd, off, size):
+        if token.tree is None:
+            if token.ref is not None:
+                self._unverified.add(token.ref)
+            return None
+        try:
+            data = self.engine.read_verified(token, fd, off, size)
+        except AccessDenied as e:
+            log.warning("read refused: %s", e.reason)
+            self._tainted.add(token.ref)
+            self.invalidate(token.ref)
+            raise Denied(errno.EIO, e.reason)
+        if data is None and token.ref is not None:   # no longer verified (a writer)
+            self._unverified.add(token.ref)
+        return data
+
+    def keep_cache(self, inode: Inode) -> bool:
+        """Whether an open may keep the kernel's cached pages of the inode (the overlay
+        has already checked that the file is unchanged since the last open): not after
+        a failed verification, nor when pages read unverified could be among them."""
+        if inode.nodeid in self._tainted:
+            self._tainted.discard(inode.nodeid)
+            return False
+        return True
+
+    def invalidate(self, nodeid: int) -> None:
+        """Make the kernel drop its cached pages and attributes of an inode, mapped
+        pages included (they fault and are read -- and verified -- again).
+
+        pyfuse3.invalidate_inode() writes FUSE_NOTIFY_INVAL_INODE to /dev/fuse and the
+        kernel acts on it inside that write (fuse_reverse_inval_inode ->
+        invalidate_inode_pages2_range), locking every cached page of the inode -- and
+        waiting for the pages of reads still in flight, which stay locked until the
+        daemon answers those reads.  Done in a request handler, or in a worker thread
+        a handler waits for (our case: the failed read itself), it would wait for its
+        own answer: a deadlock.  So invalidations go to one thread that does nothing
+        else; pyfuse3 drops the GIL for the write, the event loop answers the read
+        (EIO) meanwhile, and the invalidation completes right after."""
+        if nodeid is None:
+            return
+        with self._inval_lock:
+            if self._inval_q is None:
+                self._inval_q = queue.SimpleQueue()
+                threading.Thread(target=self._invalidator, args=(self._inval_q,),
+                                 name="imafs-invalidate", daemon=True).start()
+        self._inval_q.put(nodeid)
+
+    @staticmethod
+    def _invalidator(q: queue.SimpleQueue) -> None:
+        while True:
+            nodeid = q.get()
+            if nodeid is None:
+                return
+            try:
+                pyfuse3.invalidate_inode(nodeid, attr_only=False)
+                log.debug("invalidated the kernel cache of inode %d", nodeid)
+            except OSError as e:   # ENOENT: the kernel has forgotten the inode
+                log.debug("invalidate inode %d: %s", nodeid, e)
+            except Exception as e:  # noqa: BLE001 - never let the thread die
+                log.warning("invalidate inode %d: %s", nodeid, e)
+
+    def close(self) -> None:
+        if self._inval_q is not None:
+            self._inval_q.put(None)
 
     def created(self, caller, inode, fd, flags):
         return self._open(caller, inode, fd, flags, False, True)

@@ -30,7 +30,7 @@ from imafs.ima import hashing
 from imafs.ima.audit import AuditLog
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
 from imafs.ima.policy import DEFAULT_PCR, AccessEvent, Decision
-from imafs.ima.templates import build_entry, violation_entry
+from imafs.ima.templates import TEMPLATES, build_entry, violation_entry
 
 log = logging.getLogger("imafs.engine")
 
@@ -111,7 +111,7 @@ class FileRef:
 class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
-                 "appraised", "audited", "readers", "writers", "lock", "dirty")
+                 "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen")
 
     def __init__(self, key):
         self.key = key
@@ -126,6 +126,7 @@ class IInt:
         self.writers = 0
         self.lock = threading.Lock()
         self.dirty = False                           # written through the mount
+        self.wgen = 0                                # writable opens through the mount
 
     def reset(self, version) -> None:
         self.version = version
@@ -149,6 +150,19 @@ class OpenState:
     readable: bool
     writable: bool
     decisions: list = field(default_factory=list)   # [(ns, Decision)] of this open
+    # read-time verification: the Merkle tree this handle's reads are checked against
+    # (None: reads are not verified), the namespaces that measured/appraised the file,
+    # the opener, and ii.wgen at open (a writable open through the mount since stops it)
+    tree: object = None
+    watchers: tuple = ()
+    subject: Subject | None = None
+    wgen: int = 0
+    failed: bool = False
+    ref: object = None      # the adapter's own data about the handle (opaque here)
+
+
+class ReadVerifyError(AccessDenied):
+    """A read that does not match the tree the file was measured with (EIO)."""
 
 
 _DIGEST_KEY = struct.Struct(">QQ")
@@ -195,18 +209,67 @@ class DigestCache:
         with self.store.env.begin(write=True, db=self.db) as txn:
             txn.put(_DIGEST_KEY.pack(*key), bytes(blob))
 
+    def delete(self, key) -> None:
+        if self.db is None:
+            return
+        with self.store.env.begin(write=True, db=self.db) as txn:
+            txn.delete(_DIGEST_KEY.pack(*key))
+
+
+class TreeCache:
+    """file identity -> fs-verity Merkle tree of one version, in LMDB (db ``trees``):
+    value = version (3 x u64) + ``MerkleTree.to_bytes()`` (leaf level only; the upper
+    levels are rebuilt on load and must reproduce the stored fs-verity digest)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db("trees") if store is not None else None
+
+    def get(self, key, version):
+        if self.db is None or version is None:
+            return None
+        with self.store.env.begin(db=self.db) as txn:
+            raw = txn.get(_DIGEST_KEY.pack(*key))
+            if raw is None:
+                return None
+            raw = bytes(raw)
+        if _DIGEST_VER.unpack_from(raw, 0) != tuple(version):
+            return None
+        try:
+            return hashing.MerkleTree.from_bytes(raw[_DIGEST_VER.size:])
+        except hashing.TreeFormatError as e:
+            log.warning("tree cache: dropping a bad entry: %s", e)
+            return None
+
+    def put(self, key, version, tree) -> None:
+        if self.db is None or version is None:
+            return
+        with self.store.env.begin(write=True, db=self.db) as txn:
+            txn.put(_DIGEST_KEY.pack(*key), _DIGEST_VER.pack(*version) + tree.to_bytes())
+
+    def delete(self, key) -> None:
+        if self.db is None:
+            return
+        with self.store.env.begin(write=True, db=self.db) as txn:
+            txn.delete(_DIGEST_KEY.pack(*key))
+
 
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
-                 binder=None):
+                 binder=None, verify_reads: bool = False):
         self.tree = tree
         self.binder = binder
         self.store = store
         self.audit = audit or AuditLog(None)
         self.cache = DigestCache(store)
+        self.trees = TreeCache(store)
+        # read-time verification (docs/internals.md): every digest pass also builds the
+        # file's Merkle tree, and reads of measured/appraised files are checked with it
+        self.verify_reads = bool(verify_reads)
         self._iints: OrderedDict = OrderedDict()
         self._iints_lock = threading.Lock()
-        self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0}
+        self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
+                      "tree_loads": 0, "read_failures": 0}
         self._stats_lock = threading.Lock()   # hashing runs in many worker threads
 
     # ------------------------------------------------------------------ state
@@ -309,7 +372,20 @@ class Engine:
                 ii.readers += 1
             if writable:
                 ii.writers += 1
-        return OpenState(ii, ns, f, readable, writable, decided)
+                ii.wgen += 1
+            state = OpenState(ii, ns, f, readable, writable, decided, subject=subject,
+                              wgen=ii.wgen)
+            if self.verify_reads and readable and not writable and ii.writers == 0:
+                watchers = _watchers(decided)
+                if watchers:
+                    try:
+                        self._digest(ii, f, watchers[0].hash_algo, {watchers[0].hash_algo},
+                                     tree=True)
+                    except BaseException:
+                        ii.readers -= 1
+                        raise
+                    state.tree, state.watchers = ii.tree, watchers
+        return state
 
     def _violations(self, chain, events, subject, f, ii: IInt, decided, writable,
                     subject_ns: int = 0) -> None:
@@ -342,7 +418,9 @@ class Engine:
         for n, ev, d in decided:
             if n.id not in xattrs:
                 xattrs[n.id] = f.getxattr(n.xattr_name)
-            if d.measure or d.audit or d.hash:
+            if d.measure or d.audit:
+                algos.add(_measure_algo(n, xattrs[n.id]))
+            if d.hash:
                 algos.add(n.hash_algo)
             if d.appraise:
                 want = ap.needed_algo(xattrs[n.id]) or n.hash_algo
@@ -353,15 +431,24 @@ class Engine:
                 done = ii.measured.setdefault(n.id, set())
                 if d.pcr not in done:
                     template = d.template or n.template
-                    # the ima template records a sha1 digest whatever the hash algorithm
-                    algo = "sha1" if template == "ima" else n.hash_algo
-                    digest = self._digest(ii, f, algo, algos | {algo})
-                    entry = _entry(template, f.path, ns.id, digest, xattrs.get(n.id), d.pcr, algo)
+                    if d.digest_type == "verity":
+                        # the fs-verity digest, in a d-ngv2 template ("verity:sha256:...")
+                        template = _verity_template(template)
+                        algo = n.hash_algo if n.hash_algo in hashing.VERITY_ALGOS else "sha256"
+                        digest = self._verity_digest(ii, f, algo, algos)
+                    else:
+                        # the ima template records a sha1 digest whatever the hash algorithm
+                        algo = ("sha1" if template == "ima"
+                                else _measure_algo(n, xattrs.get(n.id)))
+                        digest = self._digest(ii, f, algo, algos | {algo})
+                    entry = _entry(template, f.path, ns.id, digest, xattrs.get(n.id), d.pcr, algo,
+                                   "verity" if d.digest_type == "verity" else "ima")
                     n.mlist.add(entry)
                     done.add(d.pcr)
             if d.audit and n.id not in ii.audited:
-                digest = self._digest(ii, f, n.hash_algo, algos)
-                self.audit.record("audit", ns=n.path, path=f.path, hash=f"{n.hash_algo}:{digest.hex()}",
+                algo = _measure_algo(n, xattrs.get(n.id))
+                digest = self._digest(ii, f, algo, algos | {algo})
+                self.audit.record("audit", ns=n.path, path=f.path, hash=f"{algo}:{digest.hex()}",
                                   pid=subject.pid, uid=subject.uid, func=ev.func,
                                   rule=str(d.audit_rule).rstrip())
                 ii.audited.add(n.id)
@@ -385,6 +472,7 @@ class Engine:
                 xattr, lambda a: self._digest(ii, f, a, algos | {a}), n.keyring,
                 require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
                 allowed_algos=d.appraise_algos,
+                verity_digest=lambda a: self._verity_digest(ii, f, a, algos),
                 sigv3_required=d.appraise_type == "sigv3",
                 verity_required=d.digest_type == "verity",
                 default_algo=n.hash_algo, new_file=created, file_size=f.st.st_size)
@@ -416,35 +504,55 @@ class Engine:
         return None
 
     def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str,
-                   subject_ns: int = 0) -> None:
+                   subject_ns: int = 0, **detail) -> None:
         # as ima_add_violation: the namespace's default template, PCR 10 (the
         # kernel's CONFIG_IMA_MEASURE_PCR_IDX), whatever the rule said; ``ns`` (ima-ns)
         # names the accessing process's namespace, as in a measurement
         n.mlist.add(violation_entry(n.template, f.path, pcr=DEFAULT_PCR, algo=n.hash_algo,
                                     ns_id=subject_ns))
         self.audit.record("violation", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
-                          cause=cause)
+                          cause=cause, **detail)
         log.info("violation %s: %s (ns %s)", cause, os.fsdecode(f.path), n.path)
 
-    def _digest(self, ii: IInt, f: FileRef, algo: str, algos) -> bytes:
+    def _digest(self, ii: IInt, f: FileRef, algo: str, algos, *, tree: bool = False) -> bytes:
         """The file's digest in ``algo``; computes every algorithm in ``algos`` that is
-        missing in one pass (or takes them from the LMDB cache)."""
+        missing in one pass (or takes them from the LMDB cache).
+
+        ``algo`` may also be ``"verity-<alg>"``: the fs-verity file digest.  With
+        ``tree`` -- always when reads are verified -- the same pass also builds the
+        fs-verity Merkle tree (``ii.tree``, sha256, 4096-byte blocks, no salt), so the
+        tree describes exactly the bytes the digests were computed from; a cached
+        tree is only used together with the digests cached with it."""
+        tree = tree or self.verify_reads
         d = ii.digests.get(algo)
-        if d is not None:
+        if d is not None and (ii.tree is not None or not tree):
             return d
-        if not ii.digests:
+        if not ii.digests and ii.tree is None:
             cached = self.cache.get(ii.key, ii.version)
-            if cached:
+            t = self.trees.get(ii.key, ii.version) if cached and tree else None
+            if cached and (t is not None or not tree):
                 ii.digests.update(cached)
+                ii.tree = t
                 with self._stats_lock:
                     self.stats["cache_hits"] += 1
+                    self.stats["tree_loads"] += t is not None
                 d = ii.digests.get(algo)
                 if d is not None:
                     return d
-        want = sorted({a for a in algos if a not in ii.digests} | {algo})
+            # else: digests cached without their tree -- hash again, both in one pass
+        need_tree = (tree and ii.tree is None) or (algo == _VERITY_TREE_DIGEST
+                                                   and algo not in ii.digests)
+        want = sorted(a for a in set(algos) | {algo}
+                      if a not in ii.digests and not a.startswith("verity-"))
+        other_verity = (algo.startswith("verity-") and algo != _VERITY_TREE_DIGEST
+                        and algo not in ii.digests)
         fd = f.fd if f.readable else f.reopen()
         try:
-            res = hashing.hash_fd(fd, want)
+            res = hashing.hash_fd(fd, want, verity=hashing.VeritySpec() if need_tree else None)
+            if other_verity:   # fs-verity digest with another hash (sha512): its own pass
+                vt = hashing.hash_fd(fd, [], verity=hashing.VeritySpec(algo[7:])).tree
+                ii.digests[algo] = vt.verity_digest
+            st = os.fstat(fd)
         finally:
             if fd != f.fd:
                 os.close(fd)
@@ -452,8 +560,110 @@ class Engine:
             self.stats["hashed_files"] += 1
             self.stats["hashed_bytes"] += res.size
         ii.digests.update(res.digests)
-        self.cache.put(ii.key, ii.version, ii.digests)
+        if res.tree is not None:
+            ii.tree = res.tree
+            ii.digests[_VERITY_TREE_DIGEST] = res.tree.verity_digest
+        # a file that changed while it was hashed: keep the result for this open (the
+        # bytes served are checked against this very tree), but never cache it under
+        # an identity it may not belong to
+        if ii.version is not None and ii.version == (st.st_mtime_ns, st.st_ctime_ns, st.st_size) \
+                and res.size == st.st_size:
+            self.cache.put(ii.key, ii.version, ii.digests)
+            if res.tree is not None:
+                self.trees.put(ii.key, ii.version, res.tree)
         return ii.digests[algo]
+
+    def _verity_digest(self, ii: IInt, f: FileRef, algo: str, algos) -> bytes | None:
+        """The fs-verity file digest in ``algo`` (what ``fsverity digest`` prints),
+        computed here whether or not the backing file has fs-verity enabled; None for
+        an algorithm fs-verity does not have."""
+        try:
+            algo = hashing.hash_algo(algo).name
+        except hashing.HashAlgoError:
+            return None
+        if algo not in hashing.VERITY_ALGOS:
+            return None
+        return self._digest(ii, f, "verity-" + algo, algos)
+
+    # ------------------------------------------------------------------ reads
+    def read_verified(self, state: OpenState, fd: int, off: int, size: int) -> bytes | None:
+        """Read ``size`` bytes at ``off`` from ``fd`` (the handle's backing descriptor)
+        and check them against the Merkle tree the file was measured with; returns the
+        bytes, or None when this handle's reads are not verified.  A block that does
+        not match, a file shorter than measured, or bytes past the measured end raise
+        :class:`ReadVerifyError` (EIO) -- no byte of such a read is returned.
+
+        Cost: one pread of the whole blocks covering the request (FUSE reads are
+        page-aligned, so normally exactly the request) and one hash per 4 KiB block;
+        leaf lookups are O(1), nothing touches LMDB or takes a lock."""
+        tree = state.tree
+        if tree is None:
+            return None
+        if state.wgen != state.iint.wgen:
+            # opened for write through the mount since this handle was opened: a change
+            # IMA itself accounts for (ToMToU / open_writers violations, re-measurement
+            # at the next open); this handle's reads are no longer verified
+            return None
+        bs = tree.block_size
+        dsize = tree.data_size
+        start = off - off % bs
+        end = min(off + size, dsize)
+        length = min(end + (-end % bs), dsize) - start if end > off else 0
+        # a request reaching past the measured end: one more byte shows a grown file
+        probe = off + size > dsize
+        try:
+            if length > 0:
+                buf = os.pread(fd, length + probe, start)
+            else:
+                buf = b""
+                length = 0
+            extra = len(buf) > length or (probe and length == 0 and os.pread(fd, 1, dsize) != b"")
+        except OSError as e:
+            raise ReadVerifyError(e.errno or errno.EIO, f"read error: {e}") from None
+        if len(buf) > length:
+            buf = buf[:length]
+        res = tree.verify_range(start, buf) if buf else hashing.VerifyResult(True)
+        if not res.ok:
+            self._read_failure(state, off, res.first_bad_block, res.expected, res.found,
+                               "content")
+        if len(buf) < length:
+            bad = (start + len(buf)) // bs
+            self._read_failure(state, off, bad, tree.block_hash(bad), b"", "short")
+        if extra:
+            self._read_failure(state, off, dsize // bs, b"", b"", "past-end")
+        lo = off - start
+        if lo == 0 and len(buf) <= size:
+            return buf
+        return buf[lo:lo + size]
+
+    def _read_failure(self, state: OpenState, off: int, block: int, expected: bytes,
+                      found: bytes, what: str) -> None:
+        """A read of ``state`` does not match its tree: the file changed behind the
+        mount.  Record a violation (list, PCRs, audit) in every namespace that measured
+        or appraised the file -- once per handle -- forget the file's verdicts and
+        cached digests (the next open measures and appraises it again), raise EIO."""
+        ii = state.iint
+        f = state.file
+        with ii.lock:
+            first = not state.failed
+            state.failed = True
+            if ii.tree is state.tree:
+                ii.reset(None)
+                self.cache.delete(ii.key)
+                self.trees.delete(ii.key)
+        detail = dict(offset=off, block=block, what=what, expected=expected.hex(),
+                      found=found.hex())
+        if first:
+            with self._stats_lock:
+                self.stats["read_failures"] += 1
+            subject = state.subject or Subject(0, 0, 0)
+            for n in state.watchers:
+                self._violation(n, f, subject, "read-verify", state.ns.id, **detail)
+        else:
+            log.debug("read-verify: %s offset %d block %d (%s) again", os.fsdecode(f.path),
+                      off, block, what)
+        raise ReadVerifyError(errno.EIO, f"{os.fsdecode(f.path)}: block {block} at offset "
+                                         f"{off} does not match the measured file ({what})")
 
     # ------------------------------------------------------------------ release
     def file_release(self, state: OpenState) -> None:
@@ -535,6 +745,7 @@ class Engine:
                             xv, lambda a: self._digest(ii, f, a, {a}), n.keyring,
                             require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
                             allowed_algos=d.appraise_algos,
+                            verity_digest=lambda a: self._verity_digest(ii, f, a, {a}),
                             sigv3_required=d.appraise_type == "sigv3",
                             verity_required=d.digest_type == "verity",
                             default_algo=n.hash_algo)
@@ -607,7 +818,23 @@ _FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
 _SUBJECT_FIELDS = {"uid", "euid", "gid", "egid", "suid", "sgid"}
 
 
+_VERITY_TREE_DIGEST = "verity-sha256"   # the fs-verity digest of ii.tree, in ii.digests
 _VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
+
+
+def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
+    """The algorithm of a measurement (and of an audit record): the one the file's
+    ``security.ima`` names, when this Python can compute it (the kernel's
+    ima_get_hash_algo(), so a signature in an ima-sig entry covers the recorded
+    digest); else the namespace's ``--hash``."""
+    algo = ap.needed_algo(xattr)
+    if algo is None or algo == n.hash_algo:
+        return n.hash_algo
+    try:
+        hashing.hash_algo(algo).new()
+    except (ValueError, hashing.HashAlgoError):
+        return n.hash_algo
+    return algo
 
 
 def _has_measure(policy) -> bool:
@@ -634,8 +861,28 @@ def _has_func(policy, func: str) -> bool:
 
 
 def _entry(template: str, path: bytes, subject_ns: int, digest: bytes, xattr, pcr: int,
-           algo: str):
+           algo: str, digest_type: str = "ima"):
     """``ns`` (template ima-ns) records the namespace of the process that accessed the
     file, so a host list tells containers apart."""
     return build_entry(template, name=path, algo=algo, digest=digest, pcr=pcr, xattr=xattr,
-                       ns_id=subject_ns)
+                       ns_id=subject_ns, digest_type=digest_type)
+
+
+def _verity_template(template: str) -> str:
+    """A template that can say "this is an fs-verity digest" (the d-ngv2 field):
+    ``digest_type=verity`` without ``template=`` and a namespace default lacking it
+    records with ima-ngv2 (ima-sigv2 when the default records signatures)."""
+    fields = TEMPLATES.get(template, ())
+    if "d-ngv2" in fields:
+        return template
+    return "ima-sigv2" if "sig" in fields else "ima-ngv2"
+
+
+def _watchers(decided) -> tuple:
+    """The namespaces whose policy measured or appraised an open, in chain order:
+    the ones whose reads are verified, and that record a read-verify violation."""
+    out = []
+    for n, ev, d in decided:
+        if (d.measure or (d.appraise and n.appraise_mode != "off")) and n not in out:
+            out.append(n)
+    return tuple(out)

@@ -1,0 +1,360 @@
+"""Read-time verification in the engine, without a mount: the Merkle tree built in the
+digest pass, ``Engine.read_verified`` (good reads, changed blocks, shrunk and grown
+files), violations and audit lines, the LMDB tree cache, and ``digest_type=verity``
+(measurement of the fs-verity digest, sigv3 appraisal)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+import _ima_testkeys as tk
+from imafs.ima import appraise as ap
+from imafs.ima import hashing
+from imafs.ima.audit import AuditLog
+from imafs.ima.engine import AccessDenied, Engine, FileRef, ReadVerifyError, Subject
+from imafs.ima.keys import Keyring, keyid_of
+from imafs.ima.measurelog import MeasurementList
+from imafs.ima.namespaces import Namespace, NamespaceTree
+from imafs.ima.policy import Policy, parse_policy
+from imafs.store import Store
+
+BS = 4096
+MEASURE = "measure func=FILE_CHECK mask=MAY_READ\n"
+ME = Subject(os.getpid(), 0, 0)
+
+
+class World:
+    """An engine over an LMDB store in tmp; ``open()`` opens a backing file the way
+    the FUSE adapter does."""
+
+    def __init__(self, tmp, policy=MEASURE, *, verify=True, template="ima-ng", keys=()):
+        self.tmp = tmp
+        self.store = Store(str(tmp / "lmdb"))
+        ring = Keyring(self.store, 0)
+        for k in keys:
+            ring.add(k)
+        root = Namespace(id=0, name="", parent=None, policy=Policy(parse_policy(policy)),
+                         mlist=MeasurementList(self.store, 0, template=template,
+                                               hash_algo="sha256"),
+                         keyring=ring, template=template, hash_algo="sha256")
+        self.root = root
+        self.audit_path = tmp / "audit.log"
+        self.audit = AuditLog(str(self.audit_path))
+        self.engine = Engine(NamespaceTree(root), store=self.store, audit=self.audit,
+                             verify_reads=verify)
+        self.fds = []
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.audit.close()
+        self.store.close()
+
+    def open(self, path, *, write=False):
+        fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        self.fds.append(fd)
+        st = os.fstat(fd)
+        spath = str(path)
+
+        def getxattr(name):
+            try:
+                return os.getxattr(spath, name)
+            except OSError:
+                return None
+
+        f = FileRef(fd=fd, st=st, path=os.fsencode("/" + os.path.basename(spath)),
+                    readable=True, reopen=lambda: os.open(spath, os.O_RDONLY),
+                    getxattr=getxattr, setxattr=lambda n, v: os.setxattr(spath, n, v))
+        state = self.engine.file_open(ME, f, readable=True, writable=write, append=False,
+                                      exec_=False)
+        return state, fd
+
+    def audit_lines(self, type_="violation"):
+        out = []
+        for line in self.audit_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["type"] == type_:
+                out.append(rec)
+        return out
+
+
+@pytest.fixture
+def world(tmp_path):
+    worlds = []
+
+    def make(*a, **kw):
+        w = World(tmp_path / f"w{len(worlds)}", *a, **kw)
+        worlds.append(w)
+        return w
+    for i in range(4):
+        (tmp_path / f"w{i}").mkdir()
+    yield make
+    for w in worlds:
+        w.close()
+
+
+def data_file(tmp, name="f", size=5 * BS + 123, seed=1):
+    p = tmp / name
+    p.write_bytes(random.Random(seed).randbytes(size))
+    return p
+
+
+def fsverity_digest(path) -> bytes:
+    with open(path, "rb") as f:
+        return hashing.fsverity_digest_fd(f.fileno())
+
+
+# ------------------------------------------------------------------ good reads
+def test_tree_built_with_the_digest_and_reads_verified(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    data = p.read_bytes()
+    state, fd = w.open(p)
+    assert state.tree is not None and state.watchers == (w.root,)
+    assert state.tree.verity_digest == fsverity_digest(p)
+    assert w.engine.stats["hashed_files"] == 1      # one pass: digest and tree
+    for off, size in [(0, BS), (0, 128 << 10), (BS, 2 * BS), (100, 10), (5 * BS, 4096),
+                      (5 * BS + 100, 4096), (len(data), 4096), (len(data) + BS, 10),
+                      (3 * BS + 17, 0), (BS - 1, 2)]:
+        assert w.engine.read_verified(state, fd, off, size) == data[off:off + size], (off, size)
+    assert w.root.mlist.violations == 0
+
+
+def test_no_tree_when_not_measured_or_verify_off(tmp_path, world):
+    p = data_file(tmp_path)
+    w = world("measure func=BPRM_CHECK\n")
+    state, fd = w.open(p)
+    assert state.tree is None and w.engine.read_verified(state, fd, 0, 10) is None
+    w2 = world(verify=False)
+    state, fd = w2.open(p)
+    assert state.tree is None and w2.engine.read_verified(state, fd, 0, 10) is None
+
+
+def test_empty_file(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path, size=0)
+    state, fd = w.open(p)
+    assert state.tree.data_size == 0
+    assert w.engine.read_verified(state, fd, 0, 4096) == b""
+    p.write_bytes(b"x")
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, 0, 4096)
+
+
+# ------------------------------------------------------------------ changes behind
+def test_changed_block_is_eio_with_violation_and_audit(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    data = p.read_bytes()
+    state, fd = w.open(p)
+    before = w.root.mlist.count
+    with open(p, "r+b") as f:            # same size, one byte of block 2
+        f.seek(2 * BS + 5)
+        f.write(bytes([data[2 * BS + 5] ^ 0xFF]))
+    # blocks 0-1 are unchanged and still served
+    assert w.engine.read_verified(state, fd, 0, 2 * BS) == data[:2 * BS]
+    with pytest.raises(ReadVerifyError) as ei:
+        w.engine.read_verified(state, fd, BS, 4 * BS)
+    assert ei.value.errno == errno.EIO and isinstance(ei.value, AccessDenied)
+    # a violation entry: zero digest, PCR 10, counted
+    assert w.root.mlist.violations == 1
+    assert w.root.mlist.count == before + 1
+    last = list(w.root.mlist.entries())[-1]
+    assert last.pcr == 10 and set(last.file_digest[2]) == {0}
+    (rec,) = w.audit_lines()
+    assert rec["cause"] == "read-verify" and rec["path"] == "/f" and rec["offset"] == BS
+    assert rec["block"] == 2
+    assert rec["expected"] == state.tree.block_hash(2).hex()
+    changed = bytearray(data[2 * BS:3 * BS])
+    changed[5] ^= 0xFF
+    assert rec["found"] == hashlib.sha256(changed).hexdigest()
+    # one violation per handle; the verdicts and cached digests are forgotten
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, 2 * BS, BS)
+    assert w.root.mlist.violations == 1
+    assert state.iint.version is None and state.iint.tree is None
+    assert w.engine.cache.get(state.iint.key, state.file.version) is None
+    assert w.engine.trees.get(state.iint.key, state.file.version) is None
+
+
+def test_truncated_file_is_eio(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    data = p.read_bytes()
+    state, fd = w.open(p)
+    os.truncate(p, 2 * BS)               # at a block boundary: blocks 2.. are gone
+    assert w.engine.read_verified(state, fd, 0, 2 * BS) == data[:2 * BS]
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, 2 * BS, BS)
+    (rec,) = w.audit_lines()
+    assert rec["what"] == "short" and rec["block"] == 2 and rec["found"] == ""
+    state2, fd2 = w.open(p)              # reopened: measured again, verified again
+    os.truncate(p, BS + 10)              # mid-block
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state2, fd2, 0, 2 * BS)
+
+
+def test_grown_file_is_eio_past_the_measured_end(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    data = p.read_bytes()
+    state, fd = w.open(p)
+    with open(p, "ab") as f:
+        f.write(b"appended")
+    # reads inside the measured file still pass...
+    assert w.engine.read_verified(state, fd, 0, 5 * BS) == data[:5 * BS]
+    # ...a read reaching past its end does not, not even past EOF
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, 5 * BS, 2 * BS)
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, len(data), BS)
+    (rec,) = w.audit_lines()
+    assert rec["what"] == "past-end"
+
+
+def test_a_writer_through_the_mount_stops_verification(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    state, fd = w.open(p)
+    wstate, wfd = w.open(p, write=True)
+    assert wstate.tree is None           # a writer's own reads are never verified
+    os.pwrite(wfd, b"new", 0)
+    assert w.engine.read_verified(state, fd, 0, 3) is None   # known change: unverified
+    w.engine.file_release(wstate)
+    assert w.root.mlist.violations == 1   # the kernel's ToMToU, not a read-verify one
+    assert [r["cause"] for r in w.audit_lines()] == ["ToMToU"]
+
+
+def test_fresh_open_after_a_change_is_measured_again(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    state, fd = w.open(p)
+    n = w.root.mlist.count
+    st = os.stat(p)
+    with open(p, "r+b") as f:
+        f.write(b"Z")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))   # mtime restored, ctime moves
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(state, fd, 0, BS)
+    state2, fd2 = w.open(p)
+    assert state2.tree is not state.tree and state2.tree.verity_digest == fsverity_digest(p)
+    assert w.engine.read_verified(state2, fd2, 0, BS) == p.read_bytes()[:BS]
+    assert w.root.mlist.count == n + 2       # the violation and the new measurement
+
+
+# ------------------------------------------------------------------ LMDB
+def test_tree_cached_in_lmdb_across_engines(tmp_path, world):
+    p = data_file(tmp_path, size=300 * BS + 7)
+    data = p.read_bytes()
+    w = world()
+    state, fd = w.open(p)
+    tree = state.tree
+    w.close()
+    w.fds = []
+    # the same store, a new engine (a remount): no rehash, the same tree
+    w2 = World.__new__(World)
+    w2.__init__(tmp_path / "w0")
+    try:
+        state2, fd2 = w2.open(p)
+        assert w2.engine.stats["hashed_files"] == 0 and w2.engine.stats["tree_loads"] == 1
+        assert state2.tree == tree
+        assert w2.engine.read_verified(state2, fd2, 100 * BS, 128 << 10) == \
+            data[100 * BS:100 * BS + (128 << 10)]
+    finally:
+        w2.close()
+
+
+def test_digests_cached_without_a_tree_are_hashed_again(tmp_path, world):
+    p = data_file(tmp_path)
+    w = world(verify=False)
+    state, fd = w.open(p)
+    assert state.tree is None
+    w.close()
+    w.fds = []
+    w2 = World(tmp_path / "w0", verify=True)
+    try:
+        state2, fd2 = w2.open(p)
+        assert state2.tree is not None and w2.engine.stats["hashed_files"] == 1
+    finally:
+        w2.close()
+
+
+# ------------------------------------------------------------------ digest_type=verity
+def test_measure_digest_type_verity(tmp_path, world):
+    p = data_file(tmp_path)
+    w = world("measure func=FILE_CHECK mask=MAY_READ digest_type=verity\n", verify=False)
+    state, fd = w.open(p)
+    e = list(w.root.mlist.entries())[-1]
+    assert e.template == "ima-ngv2"      # the namespace default (ima-ng) lacks d-ngv2
+    assert e.fields[0] == b"verity:sha256:\0" + fsverity_digest(p)
+    w2 = world("measure func=FILE_CHECK mask=MAY_READ digest_type=verity\n", verify=False,
+               template="ima-sig")
+    w2.open(p)
+    assert list(w2.root.mlist.entries())[-1].template == "ima-sigv2"
+    w3 = world("measure func=FILE_CHECK mask=MAY_READ template=ima-ngv2\n", verify=False)
+    w3.open(p)
+    assert list(w3.root.mlist.entries())[-1].fields[0].startswith(b"ima:sha256:\0")
+
+
+SIGV3 = "appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3\n"
+
+
+def _cert():
+    return tk.der(tk.cert(tk.key("rsa")))
+
+
+def test_appraise_sigv3(tmp_path, world):
+    p = data_file(tmp_path)
+    kid = keyid_of(tk.cert(tk.key("rsa")))
+    w = world(SIGV3, keys=[_cert()])
+    assert w.engine.verify_reads
+    # no signature
+    with pytest.raises(AccessDenied) as ei:
+        w.open(p)
+    assert ei.value.errno == errno.EACCES
+    os.setxattr(p, "security.ima", ap.sign_v3(tk.key("rsa"), "sha256", fsverity_digest(p), kid))
+    w2 = world(SIGV3, keys=[_cert()])
+    state, fd = w2.open(p)
+    assert state.tree is not None and state.watchers == (w2.root,)
+    # a v2 signature over the flat digest is not enough
+    flat = hashlib.sha256(p.read_bytes()).digest()
+    q = data_file(tmp_path, "g", seed=2)
+    os.setxattr(q, "security.ima", ap.sign_v2(tk.key("rsa"), "sha256", flat, kid))
+    with pytest.raises(AccessDenied):
+        w2.open(q)
+    # changed: the read fails, a fresh open is refused
+    with open(p, "r+b") as f:
+        f.seek(3 * BS)
+        f.write(b"evil")
+    with pytest.raises(ReadVerifyError):
+        w2.engine.read_verified(state, fd, 3 * BS, BS)
+    with pytest.raises(AccessDenied) as ei:
+        w2.open(p)
+    assert ei.value.errno == errno.EACCES
+
+
+def test_appraise_sigv3_sha512(tmp_path, world):
+    p = data_file(tmp_path)
+    kid = keyid_of(tk.cert(tk.key("rsa")))
+    with open(p, "rb") as f:
+        vd = hashing.fsverity_digest_fd(f.fileno(), "sha512")
+    os.setxattr(p, "security.ima", ap.sign_v3(tk.key("rsa"), "sha512", vd, kid))
+    w = world(SIGV3, keys=[_cert()])
+    state, fd = w.open(p)
+    assert state.tree is not None
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/fsverity"), reason="fsverity-utils missing")
+def test_tree_digest_matches_fsverity_utils(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path, size=129 * BS + 1)
+    state, _ = w.open(p)
+    out = subprocess.run(["fsverity", "digest", str(p)], capture_output=True, text=True,
+                         check=True).stdout.split()[0]
+    assert out == state.tree.verity_digest_text
