@@ -207,3 +207,10 @@ def test_persist_writes_keys_added_before(tmp_path):
     assert ring.persist() == 1
     assert len(km.Keyring(store)) == 1
     store.close()
+
+
+def test_read_only_store_without_keys(tmp_path):
+    Store(str(tmp_path), sync=False).close()
+    store = Store(str(tmp_path), readonly=True)
+    assert len(km.Keyring(store)) == 0
+    store.close()

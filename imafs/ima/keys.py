@@ -270,9 +270,10 @@ class Keyring:
             if old is not None:
                 return old
             if self.store is not None:
+                kdb, mdb = self._dbs()
                 with self.store.write() as txn:
-                    txn.put(self._store_key(info), info.der, db=self.store.db(KEYS_DB))
-                    self._bump(txn)
+                    txn.put(self._store_key(info), info.der, db=kdb)
+                    self._bump(txn, mdb)
             else:
                 self._epoch += 1
             self._insert(info)
@@ -287,10 +288,11 @@ class Keyring:
             if not victims:
                 return 0
             if self.store is not None:
+                kdb, mdb = self._dbs()
                 with self.store.write() as txn:
                     for k in victims:
-                        txn.delete(self._store_key(k), db=self.store.db(KEYS_DB))
-                    self._bump(txn)
+                        txn.delete(self._store_key(k), db=kdb)
+                    self._bump(txn, mdb)
             else:
                 self._epoch += 1
             for k in victims:
@@ -335,9 +337,10 @@ class Keyring:
         attached); returns the number written."""
         if self.store is None:
             raise ValueError("this keyring has no store")
+        kdb, _ = self._dbs()
         with self._lock, self.store.write() as txn:
             for k in self._keys.values():
-                txn.put(self._store_key(k), k.der, db=self.store.db(KEYS_DB))
+                txn.put(self._store_key(k), k.der, db=kdb)
             return len(self._keys)
 
     # -- internals
@@ -351,15 +354,25 @@ class Keyring:
     def _epoch_key(self) -> bytes:
         return b"keys-epoch:" + struct.pack(">I", self.ns_id)
 
-    def _bump(self, txn) -> None:
+    def _dbs(self):
+        # open (or look up) the handles before a write transaction: opening a database
+        # inside one would start a second write transaction and wait for ourselves
+        return self.store.db(KEYS_DB), self.store.db("meta")
+
+    def _bump(self, txn, meta_db) -> None:
         self._epoch += 1
-        txn.put(self._epoch_key(), struct.pack(">Q", self._epoch), db=self.store.db("meta"))
+        txn.put(self._epoch_key(), struct.pack(">Q", self._epoch), db=meta_db)
 
     def _load_from_store(self) -> None:
         prefix = struct.pack(">I", self.ns_id)
-        db = self.store.db(KEYS_DB)
+        try:
+            db, mdb = self._dbs()
+        except Exception:
+            if self.store.env.flags().get("readonly"):
+                return          # a read-only state directory that never had keys
+            raise
         with self.store.begin() as txn:
-            raw = txn.get(self._epoch_key(), db=self.store.db("meta"))
+            raw = txn.get(self._epoch_key(), db=mdb)
             self._epoch = struct.unpack(">Q", raw)[0] if raw and len(raw) == 8 else 0
             cur = txn.cursor(db=db)
             entries = []
