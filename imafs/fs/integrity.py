@@ -84,6 +84,7 @@ class IntegrityHooks(NullHooks):
         self._unverified: set[int] = set()
         self._inval_q: queue.SimpleQueue | None = None
         self._inval_lock = threading.Lock()
+        self._inval_pending: set[int] = set()
 
     @property
     def active(self) -> bool:  # open/release hooks only while some policy has rules
@@ -184,18 +185,22 @@ class IntegrityHooks(NullHooks):
         if nodeid is None:
             return
         with self._inval_lock:
+            if nodeid in self._inval_pending:   # one is queued already
+                return
+            self._inval_pending.add(nodeid)
             if self._inval_q is None:
                 self._inval_q = queue.SimpleQueue()
                 threading.Thread(target=self._invalidator, args=(self._inval_q,),
                                  name="imafs-invalidate", daemon=True).start()
         self._inval_q.put(nodeid)
 
-    @staticmethod
-    def _invalidator(q: queue.SimpleQueue) -> None:
+    def _invalidator(self, q: queue.SimpleQueue) -> None:
         while True:
             nodeid = q.get()
             if nodeid is None:
                 return
+            with self._inval_lock:
+                self._inval_pending.discard(nodeid)
             try:
                 pyfuse3.invalidate_inode(nodeid, attr_only=False)
                 log.debug("invalidated the kernel cache of inode %d", nodeid)
