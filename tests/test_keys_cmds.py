@@ -1,0 +1,254 @@
+"""``imafs keygen``, ``imafs sign`` and ``imafs verify`` (in process, no external tools)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import stat
+
+import pytest
+from cryptography import x509
+
+from imafs.cli import main
+from imafs.commands import keys_cmds
+from imafs.ima import appraise as ap
+from imafs.ima.keys import Keyring, keyid_of, keyid_of_public_key
+
+import _ima_testkeys as tk
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def ima(path, name="security.ima"):
+    return os.getxattr(path, name)
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
+    return d
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "a").write_bytes(b"alpha\n")
+    (tmp_path / "b").write_bytes(b"beta\n" * 1000)
+    return tmp_path
+
+
+# --- keygen -------------------------------------------------------------------------
+
+
+def test_keygen_files(keydir, capsys):
+    key = keydir / "signing_key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    cert = x509.load_der_x509_certificate((keydir / "signing_cert.der").read_bytes())
+    assert x509.load_pem_x509_certificate((keydir / "signing_cert.pem").read_bytes()) == cert
+    ext = cert.extensions
+    ku = ext.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
+    assert ext.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+    assert cert.subject.rfc4514_string() == "CN=unit test"
+    info = Keyring().add((keydir / "signing_cert.der").read_bytes())
+    assert info.algo == "rsa" and info.bits == 2048
+    assert keyid_of(cert) == keyid_of_public_key(cert.public_key())
+
+
+def test_keygen_ec_and_refusals(tmp_path, capsys):
+    rc, out, _ = run(capsys, "keygen", "--out", tmp_path, "--type", "ec", "--curve",
+                     "secp384r1", "--days", "10")
+    assert rc == 0 and out.startswith("key id ")
+    info = Keyring().add((tmp_path / "signing_cert.der").read_bytes())
+    assert info.algo == "ecdsa-nist-p384"
+    assert out.split()[2].rstrip(":") == f"{info.keyid:08x}"
+    rc, _, err = run(capsys, "keygen", "--out", tmp_path)
+    assert rc == 2 and "exists; use --force" in err
+    assert run(capsys, "keygen", "--out", tmp_path, "--force", "--type", "ec")[0] == 0
+    rc, _, err = run(capsys, "keygen", "--out", tmp_path / "x", "--type", "ec", "--curve", "nope")
+    assert rc == 2 and "--curve nope" in err
+    rc, _, err = run(capsys, "keygen", "--out", tmp_path / "x", "--type", "ec", "--bits", "256")
+    assert rc == 2
+    rc, _, err = run(capsys, "keygen", "--out", tmp_path / "x", "--bits", "512")
+    assert rc == 2 and "1024..16384" in err
+
+
+# --- sign ---------------------------------------------------------------------------
+
+
+def test_sign_and_verify(keydir, files, capsys):
+    rc, out, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a", files / "b")
+    assert (rc, out, err) == (0, "", "")
+    cert = x509.load_der_x509_certificate((keydir / "signing_cert.der").read_bytes())
+    for n in "ab":
+        x = ap.parse_ima_xattr(ima(files / n))
+        assert (x.type, x.algo, x.keyid) == (3, "sha256", keyid_of(cert))
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, files / "a", files / "b")
+    assert rc == 0 and out == f"{files}/a: pass\n{files}/b: pass\n"
+    (files / "a").write_bytes(b"tampered\n")
+    rc, out, _ = run(capsys, "verify", "--key", keydir / "signing_cert.der", files / "a",
+                     files / "b")
+    assert rc == 1 and out == f"{files}/a: fail (invalid-signature)\n{files}/b: pass\n"
+    rc, out, _ = run(capsys, "verify", "-v", "--failures-only", "--key",
+                     keydir / "signing_cert.der", files / "a", files / "b")
+    assert out.startswith(f"{files}/a: fail (invalid-signature) [fail: key ") and "b:" not in out
+
+
+def test_sign_refuses_special_files_one_message_each(keydir, files, capsys):
+    os.mkfifo(files / "fifo")
+    os.symlink("a", files / "link")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(files / "sock"))
+    os.mkdir(files / "dir")
+    try:
+        rc, _, err = run(capsys, "sign", "-q", "--key", keydir / "signing_key.pem", files / "fifo",
+                         files / "a", files / "link", files / "sock", files / "dir",
+                         files / "missing", files / "b")
+    finally:
+        s.close()
+    assert rc == 1
+    lines = err.splitlines()
+    assert lines == [
+        f"imafs sign: {files}/fifo: is a fifo, not a regular file",
+        f"imafs sign: {files}/link: is a symbolic link (sign its target instead)",
+        f"imafs sign: {files}/sock: is a socket, not a regular file",
+        f"imafs sign: {files}/dir: is a directory (use -r)",
+        f"imafs sign: {files}/missing: No such file or directory",
+        "imafs sign: 5 of 7 file(s) not signed",
+    ]
+    assert ima(files / "a")[0] == 3 and ima(files / "b")[0] == 3
+
+
+def test_sign_refuses_unreadable_files(keydir, files, capsys, monkeypatch):
+    real = keys_cmds._open_regular
+
+    def fake(path):
+        if path.endswith("/a"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(keys_cmds, "_open_regular", fake)
+    rc, _, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a", files / "b")
+    assert rc == 1 and f"{files}/a: cannot open: Permission denied" in err
+    assert ima(files / "b")[0] == 3
+
+
+def test_sign_recursive(keydir, files, capsys):
+    (files / "d" / "e").mkdir(parents=True)
+    (files / "d" / "e" / "f").write_bytes(b"deep")
+    os.symlink("f", files / "d" / "e" / "g")
+    os.symlink("e", files / "d" / "elink")
+    rc, _, err = run(capsys, "sign", "-r", "--key", keydir / "signing_key.pem", files)
+    assert rc == 1 and err.count("symbolic link") == 2
+    assert ima(files / "d" / "e" / "f")[0] == 3
+    rc, _, err = run(capsys, "sign", "-r", "--skip-special", "--key", keydir / "signing_key.pem",
+                     files)
+    assert (rc, err) == (0, "")
+    rc, out, _ = run(capsys, "verify", "-r", "--skip-special", "--keys", keydir, files)
+    assert rc == 0 and out.count(": pass") == 3
+
+
+def test_sign_hash_only_and_user_xattr(files, capsys):
+    assert run(capsys, "sign", "--hash-only", files / "a")[0] == 0
+    assert ima(files / "a") == b"\x04\x04" + hashlib.sha256(b"alpha\n").digest()
+    assert run(capsys, "sign", "--hash-only", "-a", "sha1", "--xattr", "user", files / "b")[0] == 0
+    assert ima(files / "b", "user.ima") == b"\x01" + hashlib.sha1(b"beta\n" * 1000).digest()
+    rc, out, _ = run(capsys, "verify", files / "a")
+    assert rc == 0 and out.endswith("a: pass\n")
+    rc, out, _ = run(capsys, "verify", "--require-sig", files / "a")
+    assert rc == 1 and out.endswith("a: fail (IMA-signature-required)\n")
+    rc, out, _ = run(capsys, "verify", "--xattr", "user", files / "b")
+    assert rc == 0
+    rc, out, _ = run(capsys, "verify", files / "b")          # no security.ima on b
+    assert rc == 1 and out.endswith("b: fail (missing-hash)\n")
+
+
+def test_sign_print_only(keydir, files, capsys):
+    rc, out, _ = run(capsys, "sign", "-n", "--key", keydir / "signing_key.pem", files / "a")
+    assert rc == 0 and out.startswith(f"{files}/a: 0302")
+    with pytest.raises(OSError):
+        ima(files / "a")
+    # RSA PKCS#1 v1.5 is deterministic: the printed value is what sign writes
+    run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a")
+    assert ima(files / "a").hex() == out.split(": ")[1].strip()
+
+
+def test_sign_key_ids(tmp_path, files, capsys):
+    k = tk.key("ec")
+    (tmp_path / "k.pem").write_bytes(tk.key_pem(k))
+    c = tk.cert(k, ski=b"\x00" * 16 + b"\xab\xcd\xef\x01")
+    (tmp_path / "c.der").write_bytes(tk.der(c))
+    run(capsys, "sign", "--key", tmp_path / "k.pem", "--cert", tmp_path / "c.der", files / "a")
+    assert ap.parse_ima_xattr(ima(files / "a")).keyid == 0xABCDEF01
+    run(capsys, "sign", "--key", tmp_path / "k.pem", files / "a")       # evmctl's fallback
+    assert ap.parse_ima_xattr(ima(files / "a")).keyid == keyid_of_public_key(k.public_key())
+    (tmp_path / "kc.pem").write_bytes(tk.key_pem(k) + tk.pem(c))       # cert in the key file
+    run(capsys, "sign", "--key", tmp_path / "kc.pem", files / "a")
+    assert ap.parse_ima_xattr(ima(files / "a")).keyid == 0xABCDEF01
+    run(capsys, "sign", "--key", tmp_path / "k.pem", "--keyid", "1234", files / "a")
+    assert ap.parse_ima_xattr(ima(files / "a")).keyid == 0x1234
+    (tmp_path / "other.der").write_bytes(tk.der(tk.cert(tk.key("rsa"))))
+    rc, _, err = run(capsys, "sign", "--key", tmp_path / "k.pem", "--cert", tmp_path / "other.der",
+                     files / "a")
+    assert rc == 2 and "does not hold the public key" in err
+
+
+def test_sign_usage_errors(keydir, files, capsys):
+    rc, _, err = run(capsys, "sign", files / "a")
+    assert rc == 2 and "--key is required" in err
+    rc, _, err = run(capsys, "sign", "--key", keydir / "signing_cert.pem", files / "a")
+    assert rc == 2 and "not a usable private key" in err
+    rc, _, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", "-a", "wp512", files / "a")
+    assert rc == 2 and "wp512" in err
+    rc, _, err = run(capsys, "sign", "--verity", "-a", "sha384", "--key",
+                     keydir / "signing_key.pem", files / "a")
+    assert rc == 2 and "--verity needs" in err
+
+
+def test_sign_verity(keydir, files, capsys):
+    assert run(capsys, "sign", "--verity", "--key", keydir / "signing_key.pem", files / "b")[0] == 0
+    v = ima(files / "b")
+    assert v[:3] == b"\x06\x03\x04"
+    fd = os.open(files / "b", os.O_RDONLY)
+    try:
+        vd = keys_cmds._fsverity_digest(fd)
+    finally:
+        os.close(fd)
+    ring = Keyring()
+    ring.load_dir(str(keydir))
+    r = ap.appraise(v, lambda a: b"", ring, require_sig=False, sigv3_required=True,
+                    verity_digest=lambda a: vd)
+    assert r.passed
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, files / "b")
+    assert rc == 0 and out.endswith("b: pass\n")
+
+
+def test_streaming_hash_matches_hashlib(tmp_path):
+    p = tmp_path / "big"
+    data = os.urandom(keys_cmds.CHUNK * 2 + 12345)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        got = keys_cmds._hash_fd(fd, ["sha256", "sha512"])
+    finally:
+        os.close(fd)
+    assert got == {"sha256": hashlib.sha256(data).digest(), "sha512": hashlib.sha512(data).digest()}
+
+
+def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tmp_path, capsys):
+    d = tmp_path / "k"
+    d.mkdir()
+    for n in ("signing_key.pem", "signing_cert.der"):
+        (d / n).write_bytes((keydir / n).read_bytes())
+    (d / "junk.der").write_bytes(b"junk")
+    run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a")
+    rc, out, err = run(capsys, "verify", "--keys", d, files / "a")
+    assert rc == 0 and "junk.der" in err and "signing_key" not in err
+    rc, _, err = run(capsys, "verify", "--key", d / "junk.der", files / "a")
+    assert rc == 2 and "not an X.509 certificate" in err
