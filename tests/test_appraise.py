@@ -309,8 +309,15 @@ def test_allowed_algorithms():
     assert (r.status, r.cause) == ("fail", "denied-hash-algorithm")
     assert ap.appraise(v, digests(), None, require_sig=False,
                        allowed_algos={"sha256", "sha512"}).passed
-    # no value: the default algorithm is what is checked, as in the kernel
+    # checked once appraisal passed, as in the kernel: other failures keep their cause
+    r = ap.appraise(b"\x04\x04" + b"x" * 32, digests(), None, require_sig=False,
+                    allowed_algos={"sha512"})
+    assert r.cause == "invalid-hash"
     r = ap.appraise(None, digests(), None, require_sig=False, allowed_algos={"sha512"})
+    assert r.cause == "missing-hash"
+    # a new file without a label is judged by the default algorithm
+    r = ap.appraise(None, digests(), None, require_sig=False, allowed_algos={"sha512"},
+                    new_file=True)
     assert r.cause == "denied-hash-algorithm"
 
 
@@ -482,7 +489,8 @@ def test_parse_arbitrary_bytes_only_raises_xattr_error(value):
     assert x.raw == value and x.describe()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(xattr_values(), st.booleans(), st.booleans(), st.booleans())
 def test_appraise_never_raises(ring, value, require_sig, verity, new_file):
     r = ap.appraise(value, digests(), ring, require_sig=require_sig,

@@ -84,7 +84,8 @@ def test_keygen_ec_and_refusals(tmp_path, capsys):
 
 
 def test_sign_and_verify(keydir, files, capsys):
-    rc, out, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a", files / "b")
+    rc, out, err = run(capsys, "sign", "--key", keydir / "signing_key.pem",
+                       files / "a", files / "b")
     assert (rc, out, err) == (0, "", "")
     cert = x509.load_der_x509_certificate((keydir / "signing_cert.der").read_bytes())
     for n in "ab":
@@ -204,7 +205,8 @@ def test_sign_usage_errors(keydir, files, capsys):
     assert rc == 2 and "--key is required" in err
     rc, _, err = run(capsys, "sign", "--key", keydir / "signing_cert.pem", files / "a")
     assert rc == 2 and "not a usable private key" in err
-    rc, _, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", "-a", "wp512", files / "a")
+    rc, _, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", "-a", "wp512",
+                     files / "a")
     assert rc == 2 and "wp512" in err
     rc, _, err = run(capsys, "sign", "--verity", "-a", "sha384", "--key",
                      keydir / "signing_key.pem", files / "a")

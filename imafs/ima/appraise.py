@@ -507,6 +507,8 @@ def appraise(xattr: bytes | None,
     ``new_file``/``file_size``  IMA_NEW_FILE handling: a file created by this open may
                        have no label yet.
     """
+    if evm_status not in STATUSES:
+        raise ValueError(f"evm_status must be one of {STATUSES}, not {evm_status!r}")
     digsig_required = bool(require_sig or sigv3_required)
     verity_req = bool(verity_required or sigv3_required)
     value = bytes(xattr) if xattr else b""
@@ -517,14 +519,18 @@ def appraise(xattr: bytes | None,
     except UnsupportedHashError as e:
         return AppraiseResult(UNKNOWN, "unavailable-hash-algorithm", algo, None, str(e))
     keyid = None
-    if len(value) >= SIG_HDR_SIZE and value[0] in (EVM_IMA_XATTR_DIGSIG, IMA_VERITY_DIGSIG):
+    if (len(value) >= SIG_HDR_SIZE and value[0] in (EVM_IMA_XATTR_DIGSIG, IMA_VERITY_DIGSIG)
+            and value[1] in (2, 3)):
         keyid = struct.unpack_from(">I", value, 3)[0]
 
     def result(status, cause, detail=""):
         return AppraiseResult(status, cause, algo, keyid, detail)
 
-    # process_measurement(): the value must use an algorithm the policy allows
-    if allowed_algos is not None:
+    res = _appraise_value(value, algo, result, digest_for, keyring, digsig_required,
+                          verity_req, verity_digest, evm_status, new_file, file_size)
+    # process_measurement(): once appraisal passed, the digest must also have been made
+    # with an algorithm the rule allows (appraise_algos=)
+    if res.passed and allowed_algos is not None:
         allowed = set()
         for n in allowed_algos:
             try:
@@ -535,7 +541,11 @@ def appraise(xattr: bytes | None,
             return result(FAIL, "denied-hash-algorithm",
                           f"{algo} is not among the allowed algorithms "
                           f"({', '.join(sorted(allowed)) or 'none'})")
+    return res
 
+
+def _appraise_value(value, algo, result, digest_for, keyring, digsig_required, verity_req,
+                    verity_digest, evm_status, new_file, file_size) -> AppraiseResult:
     try:
         new_hash(algo)
     except UnsupportedHashError as e:
@@ -572,11 +582,8 @@ def appraise(xattr: bytes | None,
         return result(status, "invalid-fail-immutable", "EVM portable signature failed")
     if status == FAIL:
         return result(status, "invalid-HMAC", "security.evm does not match")
-    if status not in (PASS, PASS_IMMUTABLE, UNKNOWN):
-        raise ValueError(f"evm_status must be one of {STATUSES}, not {status!r}")
 
-    res = _xattr_verify(value, algo, keyring, digest, status, digsig_required,
-                        verity_req, keyid)
+    res = _xattr_verify(value, algo, keyring, digest, status, digsig_required, verity_req)
     digsig = res[2]
     res = result(*res[:2], res[3])
     # permit new, still empty files that carry a signature
@@ -586,7 +593,7 @@ def appraise(xattr: bytes | None,
 
 
 def _xattr_verify(value: bytes, algo: str, keyring, digest: Callable[[], bytes],
-                  status: str, digsig_required: bool, verity_req: bool, keyid):
+                  status: str, digsig_required: bool, verity_req: bool):
     """xattr_verify(): (status, cause, digsig-bit, detail)."""
     t = value[0]
     if t in (IMA_XATTR_DIGEST, IMA_XATTR_DIGEST_NG):
