@@ -214,3 +214,9 @@ def test_read_only_store_without_keys(tmp_path):
     store = Store(str(tmp_path), readonly=True)
     assert len(km.Keyring(store)) == 0
     store.close()
+
+
+def test_pem_with_leading_text():
+    c = tk.cert(tk.key("ec"))
+    text = b"Certificate:\n" + b"    some openssl -text output\n" * 300 + tk.pem(c)
+    assert km.Keyring().add(text).fingerprint == hashlib.sha256(tk.der(c)).digest()

@@ -117,7 +117,7 @@ def keyid_of(cert: x509.Certificate | bytes) -> int:
 def parse_certificate(data: bytes) -> x509.Certificate:
     """One certificate from DER or PEM bytes, or KeyringError."""
     data = bytes(data)
-    if b"-----BEGIN" in data[:4096] or data.lstrip()[:5] == b"-----":
+    if data[:1] != b"\x30" and b"-----BEGIN" in data:    # DER starts with a SEQUENCE
         if b"-----BEGIN CERTIFICATE-----" not in data:
             kinds = sorted({line.strip().decode("ascii", "replace")[11:-5]
                             for line in data.splitlines() if line.startswith(b"-----BEGIN ")})
