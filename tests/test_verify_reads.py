@@ -1,0 +1,443 @@
+"""Read-time verification through a real mount: a file changed behind the mount while
+it is open (rewritten in place, truncated, extended) is never served changed -- reads
+fail with EIO, a violation is logged, mapped pages fault -- and a fresh open is
+appraised again; a random tamper test; ``digest_type=verity`` with sigv3 signatures
+written by ``imafs sign --verity``.
+
+Mounts use ``--attr-timeout 30``: within it the kernel keeps the size it knew at open,
+so a read after a truncation reaches the daemon (and fails) instead of ending at the
+new size, which the kernel learns from a getattr once the timeout expires (then the
+read ends early -- still without a changed byte)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import _ima_testkeys as tk
+from conftest import IMAFS, REPO, wait_for
+from imafs.ima import appraise as ap
+from imafs.ima import hashing
+from imafs.ima.keys import keyid_of
+
+pytestmark = pytest.mark.mount
+
+BS = 4096
+SIZE = 8 * 1024 * 1024 + 1234           # not a whole number of pages: see the extend case
+APPRAISE = ("appraise func=FILE_CHECK appraise_type=imasig\n"
+            "measure func=FILE_CHECK mask=MAY_READ\n")
+SH = 60
+
+
+def _key():
+    return tk.key("rsa")
+
+
+def _cert_file(tmp):
+    p = tmp / "cert.der"
+    if not p.exists():
+        p.write_bytes(tk.der(tk.cert(_key())))
+    return p
+
+
+def sign_v2(path):
+    import hashlib
+    d = hashlib.sha256(path.read_bytes()).digest()
+    os.setxattr(path, "security.ima", ap.sign_v2(_key(), "sha256", d, keyid_of(tk.cert(_key()))))
+
+
+def setup(make_mount, world_tmp, policy=APPRAISE, *, size=SIZE, extra=(), seed=7):
+    backing = world_tmp / "backing"
+    backing.mkdir(exist_ok=True)
+    data = random.Random(seed).randbytes(size)
+    f = backing / "big"
+    f.write_bytes(data)
+    sign_v2(f)
+    pol = world_tmp / "policy"
+    pol.write_text(policy)
+    m = make_mount(["--policy", str(pol), "--key", str(_cert_file(world_tmp)),
+                    "--attr-timeout", "30", *extra], backing=backing)
+    return m, f, data
+
+
+def violations(m) -> int:
+    return int(m.ctl("violations").read_text())
+
+
+def audit(m, type_="violation", cause="read-verify"):
+    out = []
+    with open(m.state / "audit.log") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["type"] == type_ and (cause is None or rec.get("cause") == cause):
+                out.append(rec)
+    return out
+
+
+def read_on(fd, got: bytearray, chunk=65536):
+    """Read to EOF; returns the error that ended it, or None."""
+    try:
+        while True:
+            b = os.read(fd, chunk)
+            if not b:
+                return None
+            got += b
+    except OSError as e:
+        return e
+
+
+def changed_bytes(got, orig) -> int:
+    n = min(len(got), len(orig))
+    diff = sum(1 for a, b in zip(got[:n], orig[:n]) if a != b) if got[:n] != orig[:n] else 0
+    return diff + max(0, len(got) - len(orig))   # bytes past the original end are changed
+
+
+def tamper(f, data, how):
+    if how == "same":            # rewritten in place, same size: every block differs
+        new = bytearray(data)
+        for i in range(0, len(new), BS):
+            new[i] ^= 0xFF
+        with open(f, "r+b") as fh:
+            fh.write(new)
+    elif how == "truncate":
+        os.truncate(f, len(data) * 3 // 4 + 100)
+    elif how == "extend":
+        with open(f, "ab") as fh:
+            fh.write(b"appended behind the mount" * 100)
+
+
+# ------------------------------------------------------------------ mid-read changes
+@pytest.mark.parametrize("how", ["same", "truncate", "extend"])
+def test_change_behind_the_mount_mid_read(make_mount, world_tmp, how):
+    m, f, data = setup(make_mount, world_tmp)
+    v0 = violations(m)
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray()
+        while len(got) < len(data) // 2:
+            got += os.read(fd, 65536)
+        assert got == data[:len(got)]
+        tamper(f, data, how)
+        err = read_on(fd, got)
+    finally:
+        os.close(fd)
+    assert err is not None and err.errno == errno.EIO, (err, len(got))
+    assert changed_bytes(got, data) == 0
+    assert len(got) < len(data) + (how == "extend")
+    assert violations(m) == v0 + 1
+    (rec,) = audit(m)
+    assert rec["path"] == "/big" and rec["offset"] >= len(data) // 2 - (128 << 10)
+    assert {"block", "expected", "found"} <= set(rec)
+    if how == "same":
+        assert rec["expected"] != rec["found"] and len(rec["found"]) == 64
+    # the violation is in the list: zero digest, PCR 10
+    lines = m.ctl("ascii_runtime_measurements").read_text().splitlines()
+    assert any(ln.split()[0] == "10" and set(ln.split()[3].split(":")[-1]) == {"0"}
+               and ln.split()[-1] == "/big" for ln in lines)
+    # a fresh open is appraised again, and refused: the signature no longer matches
+    with pytest.raises(PermissionError):
+        (m.mnt / "big").read_bytes()
+    assert any(r["result"] == "fail" for r in audit(m, "appraise", None))
+
+
+def test_a_fresh_open_after_restoring_is_appraised_and_served(make_mount, world_tmp):
+    m, f, data = setup(make_mount, world_tmp)
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        os.read(fd, 4096)
+        tamper(f, data, "same")
+        with pytest.raises(OSError) as ei:
+            os.pread(fd, 1 << 20, len(data) // 2)
+        assert ei.value.errno == errno.EIO
+        f.write_bytes(data)      # restored (xattr kept): a new version, signature good
+        assert (m.mnt / "big").read_bytes() == data
+    finally:
+        os.close(fd)
+
+
+_MMAP_CHILD = r"""
+import mmap, os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_RDONLY)
+m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+half = size // 2 // 4096 * 4096
+m[:half]                                    # the first half is read and cached
+print("ready", flush=True)
+sys.stdin.readline()
+for off in range(0, size, 4096):            # every page of the mapping, in order
+    page = m[off:off + 4096]
+    print(off, page.hex()[:16], flush=True)
+print("end", flush=True)
+"""
+
+
+def _mmap_child(path, size):
+    def nocore():
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return subprocess.Popen([sys.executable, "-c", _MMAP_CHILD, str(path), str(size)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=nocore)
+
+
+def _pages(out: str, data: bytes, new: bytes):
+    """(pages that read as the original, pages that read as the changed file)."""
+    old_pages = new_pages = 0
+    for line in out.splitlines():
+        if line in ("ready", "end"):
+            continue
+        off, head = line.split()
+        off = int(off)
+        if head == data[off:off + 8].hex():
+            old_pages += 1
+        elif head == new[off:off + 8].hex():
+            new_pages += 1
+    return old_pages, new_pages
+
+
+@pytest.mark.parametrize("seen", [False, True], ids=["unseen", "seen-by-daemon"])
+def test_mmap_after_the_change_never_shows_new_bytes(make_mount, world_tmp, seen):
+    """A mapping made before the change: its pages that were read stay the verified
+    original until the daemon sees the change; pages faulted in afterwards fail
+    (SIGBUS). Once the daemon has seen the change (a failed read through another
+    descriptor) it drops the inode's cached pages: every page of the mapping faults,
+    the first one already."""
+    m, f, data = setup(make_mount, world_tmp)
+    new = bytearray(data)
+    for i in range(0, len(new), BS):
+        new[i] ^= 0xFF
+    other = os.open(m.mnt / "big", os.O_RDONLY)
+    child = _mmap_child(m.mnt / "big", len(data))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        tamper(f, data, "same")
+        if seen:
+            with pytest.raises(OSError) as ei:
+                os.pread(other, 1 << 20, len(data) - (1 << 20))
+            assert ei.value.errno == errno.EIO
+            time.sleep(0.5)   # the invalidation is sent right after the EIO reply
+        out, _ = child.communicate("go\n", timeout=SH)
+    finally:
+        os.close(other)
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGBUS, (child.returncode, out[-300:])
+    old_pages, new_pages = _pages(out, data, bytes(new))
+    assert new_pages == 0
+    if seen:
+        assert old_pages == 0            # page 0 faulted: nothing stale survived
+    else:
+        assert old_pages >= len(data) // 2 // BS - 1
+
+
+def test_mmap_of_a_fresh_open_is_refused(make_mount, world_tmp):
+    m, f, data = setup(make_mount, world_tmp)
+    (m.mnt / "big").read_bytes()
+    tamper(f, data, "same")
+    child = _mmap_child(m.mnt / "big", len(data))
+    out, _ = child.communicate("go\n", timeout=SH)
+    assert child.returncode != 0 and "ready" not in out     # open: EACCES
+
+
+# ------------------------------------------------------------------ random tamper
+def test_random_tamper_while_readers_run(make_mount, world_tmp):
+    size = 2 * 1024 * 1024 + 777
+    m, f, data = setup(make_mount, world_tmp, size=size)
+    path = m.mnt / "big"
+    stop = time.monotonic() + 5.0
+    lock = threading.Lock()
+    stats = {"changed": 0, "bytes": 0, "eio": 0, "eacces": 0, "full": 0, "tampers": 0}
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        while time.monotonic() < stop:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except PermissionError:
+                with lock:
+                    stats["eacces"] += 1
+                continue
+            try:
+                off = rnd.randrange(0, size) // BS * BS if rnd.random() < 0.5 else 0
+                got = bytearray()
+                if rnd.random() < 0.5:
+                    # a long-lived reader: random blocks for a while, each fetched
+                    # from the daemon (cached pages dropped first)
+                    until = time.monotonic() + 0.2
+                    err = None
+                    while time.monotonic() < until and err is None:
+                        off = rnd.randrange(0, size)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        got = bytearray()
+                        try:
+                            got += os.pread(fd, rnd.choice([1, 100, 4096, 70000]), off)
+                        except OSError as e:
+                            err = e
+                        n = min(len(got), size - off)
+                        bad = sum(1 for a, b in zip(got[:n], data[off:off + n]) if a != b)
+                        with lock:
+                            stats["changed"] += bad + max(0, len(got) - (size - off))
+                            stats["bytes"] += len(got)
+                    with lock:
+                        if err is None:
+                            stats["full"] += 1
+                        elif err.errno == errno.EIO:
+                            stats["eio"] += 1
+                        else:
+                            raise err
+                    continue
+                os.lseek(fd, off, os.SEEK_SET)
+                err = read_on(fd, got, rnd.choice([4096, 65536, 1 << 20]))
+                n = min(len(got), size - off)
+                bad = sum(1 for a, b in zip(got[:n], data[off:off + n]) if a != b) \
+                    if got[:n] != data[off:off + n] else 0
+                bad += max(0, len(got) - (size - off))
+                with lock:
+                    stats["changed"] += bad
+                    stats["bytes"] += len(got)
+                    if err is None:
+                        stats["full"] += 1
+                    elif err.errno == errno.EIO:
+                        stats["eio"] += 1
+                    else:
+                        raise err
+            finally:
+                os.close(fd)
+
+    def tamperer():
+        rnd = random.Random(99)
+        with open(f, "r+b") as fh:
+            while time.monotonic() < stop:
+                off = rnd.randrange(0, size)
+                fh.seek(off)
+                fh.write(bytes([data[off] ^ rnd.randrange(1, 256)]))
+                fh.flush()
+                stats["tampers"] += 1
+                time.sleep(rnd.random() * 0.01)
+                fh.seek(off)
+                fh.write(data[off:off + 1])       # restored
+                fh.flush()
+                time.sleep(rnd.random() * 0.01)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=tamperer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SH)
+    assert not any(t.is_alive() for t in threads)
+    print(stats)
+    assert stats["changed"] == 0, stats
+    assert stats["tampers"] > 50 and stats["bytes"] > 0
+    assert stats["eio"] + stats["eacces"] > 0, stats     # tampering was noticed
+    f.write_bytes(data)
+    assert path.read_bytes() == data
+
+
+# ------------------------------------------------------------------ options
+def test_verify_reads_off_serves_the_changed_bytes(make_mount, world_tmp):
+    """What the kernel's IMA does (and --verify-reads=off): checked at open only."""
+    m, f, data = setup(make_mount, world_tmp, extra=["--verify-reads=off"])
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray(os.read(fd, 4096))
+        tamper(f, data, "same")
+        assert read_on(fd, got) is None
+    finally:
+        os.close(fd)
+    assert changed_bytes(got, data) > 0
+    assert not audit(m)
+
+
+def test_verify_reads_on_for_a_measure_only_policy(make_mount, world_tmp):
+    m, f, data = setup(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n",
+                       extra=["--verify-reads=on"])
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray(os.read(fd, 4096))
+        tamper(f, data, "same")
+        assert read_on(fd, got).errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert changed_bytes(got, data) == 0
+    # not appraised: a fresh open is measured again (a new entry) and served
+    n = int(m.ctl("runtime_measurements_count").read_text())
+    assert (m.mnt / "big").read_bytes() == f.read_bytes()
+    assert int(m.ctl("runtime_measurements_count").read_text()) == n + 1
+
+
+def test_remount_loads_the_tree_instead_of_rehashing(make_mount, world_tmp):
+    m, f, data = setup(make_mount, world_tmp)
+    assert (m.mnt / "big").read_bytes() == data
+    m.restart()
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray(os.read(fd, 4096))
+        tamper(f, data, "same")
+        assert read_on(fd, got).errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert changed_bytes(got, data) == 0
+
+
+# ------------------------------------------------------------------ digest_type=verity
+VERITY_POLICY = ("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3\n"
+                 "measure func=FILE_CHECK mask=MAY_READ digest_type=verity template=ima-ngv2\n")
+
+
+def _imafs(*args, **kw):
+    return subprocess.run(IMAFS + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=SH, cwd=REPO, **kw)
+
+
+def test_digest_type_verity_with_sigv3_signatures(make_mount, world_tmp):
+    backing = world_tmp / "backing"
+    backing.mkdir()
+    keys = world_tmp / "keys"
+    assert _imafs("keygen", "--out", keys).returncode == 0
+    good, v2, unsigned = backing / "good", backing / "v2", backing / "unsigned"
+    for i, p in enumerate((good, v2, unsigned)):
+        p.write_bytes(random.Random(i).randbytes(300 * BS + 11))
+    r = _imafs("sign", "--verity", "--key", keys / "signing_key.pem", "-q", good)
+    assert r.returncode == 0, r.stderr
+    assert os.getxattr(good, "security.ima")[:2] == b"\x06\x03"
+    assert _imafs("sign", "--key", keys / "signing_key.pem", "-q", v2).returncode == 0
+    r = _imafs("verify", "--key", keys / "signing_cert.der", "-q", "-v", good)
+    assert r.returncode == 0 and "pass" in r.stdout, r.stdout + r.stderr
+    pol = world_tmp / "policy"
+    pol.write_text(VERITY_POLICY)
+    m = make_mount(["--policy", str(pol), "--key", str(keys / "signing_cert.der"),
+                    "--attr-timeout", "30"], backing=backing)
+    data = good.read_bytes()
+    assert (m.mnt / "good").read_bytes() == data
+    for p in ("v2", "unsigned"):
+        with pytest.raises(PermissionError):
+            (m.mnt / p).read_bytes()
+    # measured as the fs-verity digest, exactly what fsverity-utils computes
+    want = subprocess.run(["fsverity", "digest", str(good)], capture_output=True, text=True,
+                          check=True).stdout.split()[0] if os.path.exists("/usr/bin/fsverity") \
+        else hashing.fsverity_digest_text(os.open(good, os.O_RDONLY))
+    lines = [ln.split() for ln in m.ctl("ascii_runtime_measurements").read_text().splitlines()]
+    mine = [ln for ln in lines if ln[-1] == "/good"]
+    assert mine and mine[0][2] == "ima-ngv2" and mine[0][3] == "verity:" + want
+    # and reads are verified (the pages the kernel cached above are the verified
+    # original: drop them, so that the reads reach the daemon)
+    fd = os.open(m.mnt / "good", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        got = bytearray(os.read(fd, 4096))
+        tamper(good, data, "same")
+        assert read_on(fd, got).errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert changed_bytes(got, data) == 0
+    with pytest.raises(PermissionError):
+        (m.mnt / "good").read_bytes()
