@@ -87,7 +87,9 @@ def test_evmctl_replays_the_mount(make_mount, world_tmp, signing_key):
     key, cert = signing_key
     b = world_tmp / "backing1"
     populate(b)
-    subprocess.run([EVMCTL, "ima_sign", "--key", str(key), "-a", "sha256",
+    # signed with sha512 on a sha256 mount: the entry must carry the sha512 digest that
+    # the signature covers (the kernel hashes in the xattr's algorithm)
+    subprocess.run([EVMCTL, "ima_sign", "--key", str(key), "-a", "sha512",
                     str(b / "etc/signed.conf")], check=True, capture_output=True, timeout=SH)
     m = mount(make_mount, world_tmp, b)
     activity(m)

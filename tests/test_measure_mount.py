@@ -275,6 +275,46 @@ def test_open_writers_and_tomtou(make_mount, world_tmp):
     assert causes == ["open_writers", "ToMToU", "ToMToU"]
 
 
+def test_no_violation_from_a_late_release(make_mount, world_tmp):
+    """FUSE RELEASE is asynchronous: close(writer); open(reader) may reach the daemon
+    as open before release. That must not look like open_writers (nor the reverse like
+    ToMToU); real ones are still seen."""
+    m = mount_with(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n")
+    p = m.mnt / "busy.txt"
+    p.write_bytes(b"0")
+    for i in range(150):
+        with open(p, "ab") as w:
+            w.write(b"%d" % i)
+        with open(p, "rb") as r:
+            r.read()
+        with open(p, "r+b") as w:
+            w.write(b"x")
+    assert violations(m) == 0
+    with open(p, "rb"):
+        with open(p, "ab"):
+            pass
+    with open(p, "ab"):
+        with open(p, "rb") as r:
+            r.read()
+    assert violations(m) == 2
+
+
+def test_policy_loaded_by_path_is_no_lasting_reader(make_mount, world_tmp):
+    m = mount_with(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n"
+                                          "measure func=POLICY_CHECK\n")
+    (m.backing / "extra.policy").write_text("measure func=BPRM_CHECK\n")
+    with open(m.ctl("policy"), "w") as f:
+        f.write("/extra.policy\n")
+    assert m.ctl("policy").read_text().endswith("measure func=BPRM_CHECK \n")
+    pol = [e for e in entries(m) if e.name == b"/extra.policy"]
+    assert len(pol) == 1                                    # POLICY_CHECK measured it
+    # read (measured) and closed, then written: no ToMToU from the policy load
+    (m.mnt / "extra.policy").read_bytes()
+    with open(m.mnt / "extra.policy", "a") as f:
+        f.write("# edited\n")
+    assert violations(m) == 0
+
+
 # -- audit ----------------------------------------------------------------------
 
 def test_audit_rule_one_line_per_version(make_mount, world_tmp):
@@ -322,8 +362,11 @@ def test_sha512_and_templates(make_mount, world_tmp):
     for name, owner in (("plain", 0), ("signed", 1000), ("unsigned", 1000), ("old", 1001)):
         (b / name).write_text(f"content of {name}\n")
         os.chown(b / name, owner, owner)
-    sig = ap.sign_v2(key("rsa"), "sha512", sha("sha512", b / "signed"), 0x12345678)
+    # the kernel hashes a file in its security.ima's algorithm (ima_get_hash_algo) and
+    # records that digest, whatever the mount's --hash says
+    sig = ap.sign_v2(key("rsa"), "sha256", sha("sha256", b / "signed"), 0x12345678)
     os.setxattr(b / "signed", "security.ima", sig)
+    os.setxattr(b / "plain", "security.ima", ap.hash_xattr("sha384", sha("sha384", b / "plain")))
     m = mount_with(make_mount, world_tmp, TEMPLATES_POLICY, "--hash", "sha512", backing=b)
     for name in ("plain", "signed", "unsigned", "old"):
         (m.mnt / name).read_bytes()
@@ -332,12 +375,13 @@ def test_sha512_and_templates(make_mount, world_tmp):
     assert got[b"boot_aggregate"].file_digest == (None, "sha512", bytes(64))
     e = got[b"/plain"]
     assert e.template == "ima-ng"
-    assert e.fields == (b"sha512:\0" + sha("sha512", b / "plain"), b"/plain\0")
+    assert e.fields == (b"sha384:\0" + sha("sha384", b / "plain"), b"/plain\0")
     e = got[b"/signed"]
     assert e.template == "ima-sig"
-    assert e.fields == (b"sha512:\0" + sha("sha512", b / "signed"), b"/signed\0", sig)
+    assert e.fields == (b"sha256:\0" + sha("sha256", b / "signed"), b"/signed\0", sig)
     e = got[b"/unsigned"]
     assert e.template == "ima-sig" and e.fields[2] == b""
+    assert e.fields[0] == b"sha512:\0" + sha("sha512", b / "unsigned")
     e = got[b"/old"]
     assert e.template == "ima"
     assert e.fields == (sha("sha1", b / "old"), b"/old\0")
@@ -354,7 +398,11 @@ def test_sha512_and_templates(make_mount, world_tmp):
     assert [(e.template, e.fields, e.recorded_hash) for e in parse_ascii(ascii_)] == \
         [(e.template, e.fields, e.recorded_hash) for e in entries(m)]
     assert b" /unsigned \n" in ascii_
-    assert f" ima-sig sha512:{sha('sha512', b / 'signed').hex()} /signed {sig.hex()}\n".encode() in ascii_
+    assert f" ima-sig sha256:{sha('sha256', b / 'signed').hex()} /signed {sig.hex()}\n".encode() in ascii_
+    # the ascii view of the sha256 bank: 64-hex template hashes, same entries
+    lines256 = m.ctl("ascii_runtime_measurements_sha256").read_bytes().splitlines()
+    assert [bytes.fromhex(ln.split()[1].decode()) for ln in lines256] == \
+        [e.recorded_hash for e in by256]
     check_replay(m)
 
 

@@ -322,10 +322,11 @@ class ControlDir:
     def _policy_from_file(self, h: CtlHandle, path: str):
         """A policy loaded by path (inside the mount), appraised as POLICY_CHECK."""
         f, fd = self._open_in_mount(path)
+        state = None
         try:
-            self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
-                                  writable=False, append=False, exec_=False,
-                                  funcs=[("POLICY_CHECK", 4)])
+            state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
+                                          writable=False, append=False, exec_=False,
+                                          funcs=[("POLICY_CHECK", 4)])
             size = f.st.st_size
             if size > MAX_POLICY_BYTES:
                 raise PolicyError(f"{path}: policy file over {MAX_POLICY_BYTES} bytes")
@@ -335,6 +336,8 @@ class ControlDir:
         except Exception as e:  # AccessDenied
             raise PolicyError(f"{path}: {e}")
         finally:
+            if state is not None:     # a reader no more (ToMToU, open_writers)
+                self.engine.file_release(state)
             os.close(fd)
         try:
             return parse_policy(text)

@@ -98,6 +98,8 @@ class FileRef:
     getxattr: Callable[[str], bytes | None]
     setxattr: Callable[[str, bytes], None]
     fs: FsInfo = field(default_factory=FsInfo)
+    # is this open still open? (None: trust the release calls; see _still_open)
+    alive: Callable[[], bool] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -111,7 +113,7 @@ class FileRef:
 class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
-                 "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen")
+                 "appraised", "audited", "readers", "writers", "lock", "dirty", "opened", "wgen")
 
     def __init__(self, key):
         self.key = key
@@ -124,6 +126,7 @@ class IInt:
         self.audited: set[int] = set()
         self.readers = 0
         self.writers = 0
+        self.opened: list = []                       # OpenStates not released yet
         self.lock = threading.Lock()
         self.dirty = False                           # written through the mount
         self.wgen = 0                                # writable opens through the mount
@@ -375,6 +378,7 @@ class Engine:
                 ii.wgen += 1
             state = OpenState(ii, ns, f, readable, writable, decided, subject=subject,
                               wgen=ii.wgen)
+            ii.opened.append(state)
             if self.verify_reads and readable and not writable and ii.writers == 0:
                 watchers = _watchers(decided)
                 if watchers:
@@ -400,13 +404,13 @@ class Engine:
                 if ev.func not in _VIOLATION_FUNCS:
                     continue
                 if writable:
-                    if ii.readers > 0 and n.id in ii.must_measure:
+                    if n.id in ii.must_measure and _still_open(ii, writers=False):
                         self._violation(n, f, subject, "ToMToU", subject_ns)
                     break       # one per open: a writer triggers FILE_CHECK only
                 must = any(d.measure for nn, e, d in decided if nn is n and e is ev)
                 if must:
                     ii.must_measure.add(n.id)
-                    if ii.writers > 0:
+                    if _still_open(ii, writers=True):
                         self._violation(n, f, subject, "open_writers", subject_ns)
 
     def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
@@ -669,6 +673,10 @@ class Engine:
     def file_release(self, state: OpenState) -> None:
         ii = state.iint
         with ii.lock:
+            for i, st in enumerate(ii.opened):
+                if st is state:          # identity: OpenStates compare by value
+                    del ii.opened[i]
+                    break
             if state.readable and not state.writable:
                 ii.readers -= 1
             if state.writable:
@@ -835,6 +843,24 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
     except (ValueError, hashing.HashAlgoError):
         return n.hash_algo
     return algo
+
+
+def _still_open(ii: "IInt", writers: bool) -> int:
+    """How many opens of one kind (writers, or read-only readers) are still open.
+    The counters are exact once every release has reached the engine, but a FUSE
+    RELEASE is asynchronous: ``close(w); open(r)`` may reach us as open before release.
+    A handle whose FileRef can tell (``alive()``) that it is closed already is not
+    counted, so such a race records no violation."""
+    if (ii.writers if writers else ii.readers) == 0:
+        return 0
+    n = 0
+    for st in ii.opened:
+        if st.writable != writers or (not writers and not st.readable):
+            continue
+        alive = st.file.alive
+        if alive is None or alive():
+            n += 1
+    return n
 
 
 def _has_measure(policy) -> bool:
