@@ -68,6 +68,12 @@ for _i, (_name, _parent, _kind, _mode) in ENTRIES.items():
 # Only in a process's own view (slot 0): ns-create under namespaces/NAME/ would move
 # the writer, an ancestor's process, into a descendant of its own namespace.
 OWN_ONLY = {16}
+# Every other file of one's own view is the namespace's own inode (slot id + 1, the
+# same inode as the ancestors' namespaces/NAME/FILE): the kernel keeps file pages per
+# inode, and splice/sendfile (busybox cat) read through the page cache even with
+# direct_io, so two namespaces must never share a file inode. Each lookup and getattr
+# reports a new mtime, so the kernel drops the pages it cached before (auto_inval_data):
+# what a reader sees is never older than its open.
 VIEWS = {
     "ascii_runtime_measurements": "ascii", "ascii_runtime_measurements_sha1": "ascii_sha1",
     "ascii_runtime_measurements_sha256": "ascii_sha256",
@@ -161,6 +167,8 @@ class ControlDir:
         a.st_size = self._size(name, ns, uid) if kind == FILE else 0
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
+        if kind == FILE:
+            a.st_mtime_ns = a.st_ctime_ns = max(time.time_ns(), self.started)
         return a
 
     async def lookup_root(self, ctx):
@@ -186,7 +194,16 @@ class ControlDir:
         child_idx = CHILDREN.get(idx, {}).get(name)
         if child_idx is None or (slot and child_idx in OWN_ONLY):
             raise FUSEError(errno.ENOENT)
-        return self._attr(self.nodeid(slot, child_idx), ns, ctx.uid)
+        return self._attr(self.nodeid(self._file_slot(slot, child_idx, ns), child_idx), ns,
+                          ctx.uid)
+
+    @staticmethod
+    def _file_slot(slot: int, idx: int, ns) -> int:
+        """The slot of a node of a directory of ``slot``: a file of one's own view is
+        the namespace's own (see OWN_ONLY)."""
+        if slot == 0 and ENTRIES[idx][2] == FILE and idx not in OWN_ONLY:
+            return ns.id + 1
+        return slot
 
     def forget(self, nodeid, n) -> None:
         pass
@@ -496,7 +513,8 @@ class ControlDir:
             names = [(n.encode(), self.nodeid(c.id + 1, 0))
                      for n, c in sorted(h.ns.children.items())]
         else:
-            names = [(n, self.nodeid(h.slot, i)) for n, i in CHILDREN.get(h.idx, {}).items()
+            names = [(n, self.nodeid(self._file_slot(h.slot, i, h.ns), i))
+                     for n, i in CHILDREN.get(h.idx, {}).items()
                      if not (h.slot and i in OWN_ONLY)]
         for i in range(start_id, len(names)):
             name, nodeid = names[i]
