@@ -532,12 +532,35 @@ def test_control_directory(make_mount, world_tmp):
                capture_output=True, text=True, timeout=SH)
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
-    # --control-name renames it
-    m2 = mount_with(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n",
-                    "--control-name", "ima-ctl")
+    # --control-name renames it; --policy tcb is the kernel's tcb policy
+    from imafs.ima.policy import BUILTIN_POLICIES
+    m2 = make_mount(["--policy", "tcb", "--control-name", "ima-ctl"])
+    ctl2 = m2.mnt / "ima-ctl"
     assert not os.path.exists(m2.mnt / ".imafs")
     assert os.listdir(m2.mnt) == []
-    assert int((m2.mnt / "ima-ctl" / "runtime_measurements_count").read_text()) == 1
+    assert (ctl2 / "policy").read_text() == BUILTIN_POLICIES["tcb"]
+    (m2.backing / "root-reads").write_text("measured by tcb (uid=0, not tmpfs)\n")
+    (m2.mnt / "root-reads").read_text()
+    tmpfs = _fs_magic(m2.backing) == 0x01021994     # tcb: dont_measure FILE_CHECK on tmpfs
+    assert int((ctl2 / "runtime_measurements_count").read_text()) == (1 if tmpfs else 2)
+
+    # no --policy: no rules, nothing measured, until rules are written
+    m3 = make_mount([])
+    (m3.backing / "f").write_text("x")
+    (m3.mnt / "f").read_text()
+    assert m3.ctl("policy").read_text() == ""
+    assert int(m3.ctl("runtime_measurements_count").read_text()) == 1
+    m3.ctl("policy").write_text("measure func=FILE_CHECK\n")
+    (m3.mnt / "f").read_text()
+    assert int(m3.ctl("runtime_measurements_count").read_text()) == 2
+
+
+def _fs_magic(path) -> int:
+    import ctypes
+    buf = (ctypes.c_long * 16)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.statfs(os.fsencode(str(path)), buf) == 0
+    return buf[0] & 0xFFFFFFFF
 
 
 def test_policy_file(make_mount, world_tmp):

@@ -742,8 +742,9 @@ class Engine:
                 entry = {"namespace": n.path, "appraise_mode": n.appraise_mode, "hooks": []}
                 xv = f.getxattr(n.xattr_name)
                 entry["xattr"] = ap.describe_xattr(xv) if xv else None
-                digest = self._digest(ii, f, n.hash_algo, {n.hash_algo})
-                entry["digest"] = f"{n.hash_algo}:{digest.hex()}"
+                algo = _measure_algo(n, xv)        # the digest a measurement records
+                digest = self._digest(ii, f, algo, {algo})
+                entry["digest"] = f"{algo}:{digest.hex()}"
                 entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
                 for ev in events:
                     d = n.policy.match(ev)
