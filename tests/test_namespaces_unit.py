@@ -224,7 +224,7 @@ def binder():
             p.wait()
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 5.0)
     assert b.close(wait=2.0) == []
-    assert wait_for(lambda: b.ns_of(os.getpid()) is None, 2.0), "hierarchy outlived close()"
+    assert wait_for(lambda: b.read_ns(os.getpid()) is None, 2.0), "hierarchy outlived close()"
 
 
 def _sleeper(procs, cmd="exec sleep 30"):
@@ -267,6 +267,29 @@ def test_binder_double_fork_setsid_grandchild(binder):
     assert b.ns_of(gpid) == 2
     # the intermediate shell exits: the creator and the daemon remain
     assert wait_for(lambda: sorted(b.members(2)) == sorted([p.pid, gpid]))
+
+
+def test_binder_cache_keyed_by_start_time(binder, monkeypatch):
+    """ns_of caches per (pid, start time): a bind is seen at once; a different process
+    under the same pid (another start time) never gets the cached answer."""
+    from imafs.ima import binding as bmod
+    b, procs = binder
+    p = _sleeper(procs)
+    assert b.ns_of(p.pid) == 0
+    b.bind(p.pid, 1)
+    assert b.ns_of(p.pid) == 1 and b.ns_of(p.pid) == 1      # second answer from the cache
+    # move it behind the binder's back: the cache still answers for this process ...
+    with open(os.path.join(b.root, "cgroup.procs"), "w") as f:
+        f.write(str(p.pid))
+    assert b.read_ns(p.pid) == 0 and b.ns_of(p.pid) == 1
+    # ... but not for another process that got its pid (a later start time)
+    real = bmod._start_time
+    monkeypatch.setattr(bmod, "_start_time", lambda pid: real(pid) + b"1")
+    assert b.ns_of(p.pid) == 0
+    monkeypatch.undo()
+    p.kill()
+    p.wait()
+    assert b.ns_of(p.pid) is None
 
 
 def test_binder_foreign_cgroup_is_unknown(binder):
