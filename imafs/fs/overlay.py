@@ -36,6 +36,17 @@ CONTROL_BASE = 1 << 60         # inode numbers of the virtual control directory
 SMALL_IO = 1 << 20
 
 
+def _truncate_opened(fd: int, oflags: int) -> None:
+    """The O_TRUNC of an open, done after the hooks allowed it (regular files only,
+    as open(2) ignores O_TRUNC on FIFOs and devices)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return
+    if oflags & os.O_ACCMODE != os.O_RDONLY:
+        os.ftruncate(fd, 0)
+    else:                       # O_RDONLY|O_TRUNC truncates too (with write permission)
+        os.truncate(sysio.proc_path(fd), 0)
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who made a request (from the FUSE request context)."""
@@ -534,8 +545,12 @@ class Overlay(pyfuse3.Operations):
         node = self.inode(inode)
         exec_ = bool(flags & FMODE_EXEC)
         oflags = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC
+        # O_TRUNC (FUSE atomic_o_trunc) waits for the hooks: the kernel appraises a
+        # file before it truncates it (do_open: ima_file_check, then handle_truncate),
+        # so a refused open -- a signed file in enforce mode -- leaves it intact
+        trunc = bool(oflags & os.O_TRUNC) and self.hooks.active
         try:
-            fd = os.open(sysio.proc_path(node.fd), oflags)
+            fd = os.open(sysio.proc_path(node.fd), oflags & ~os.O_TRUNC if trunc else oflags)
         except OSError as e:
             raise _fuse_error(e)
         token = None
@@ -550,6 +565,10 @@ class Overlay(pyfuse3.Operations):
                 raise
         h = OpenFile(fd, node, oflags, token)
         try:
+            if trunc:
+                _truncate_opened(fd, oflags)
+                if token is not None:
+                    self.hooks.wrote(token)
             st = os.fstat(fd)
             if st.st_mode & _SETID and h.writable:
                 st = self._open_privs(h, st, _caller(ctx), bool(oflags & os.O_TRUNC))
@@ -591,6 +610,7 @@ class Overlay(pyfuse3.Operations):
         caller = _caller(ctx)
         perm = stat.S_IMODE(mode) & ~caller.umask
         base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
+        trunc = False
         try:
             try:
                 fd = os.open(name, base | os.O_CREAT | os.O_EXCL, perm & 0o777, dir_fd=parent.fd)
@@ -598,7 +618,9 @@ class Overlay(pyfuse3.Operations):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                fd = os.open(name, base, dir_fd=parent.fd)
+                # as in open(): truncate only once the hooks allowed the open
+                trunc = bool(base & os.O_TRUNC) and self.hooks.active
+                fd = os.open(name, base & ~os.O_TRUNC if trunc else base, dir_fd=parent.fd)
                 created = False
             pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as e:
@@ -625,6 +647,17 @@ class Overlay(pyfuse3.Operations):
             except Denied as d:
                 os.close(fd)
                 raise FUSEError(d.errno)
+        if trunc:
+            try:
+                _truncate_opened(fd, base)
+                st = os.fstat(fd)
+            except OSError as e:
+                os.close(fd)
+                if token is not None:
+                    await self._in_thread(self.hooks.release, token)
+                raise _fuse_error(e)
+            if token is not None:
+                self.hooks.wrote(token)
         node.seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         h.inode, h.token = node, token
         return pyfuse3.FileInfo(fh=self._new_fh(h)), self._attr(st, node.nodeid)

@@ -113,7 +113,8 @@ class FileRef:
 class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
-                 "appraised", "audited", "readers", "writers", "lock", "dirty", "opened", "wgen")
+                 "appraised", "audited", "readers", "writers", "lock", "dirty", "opened", "wgen",
+                 "update_xattr")
 
     def __init__(self, key):
         self.key = key
@@ -130,6 +131,9 @@ class IInt:
         self.lock = threading.Lock()
         self.dirty = False                           # written through the mount
         self.wgen = 0                                # writable opens through the mount
+        # ns ids where a writable open passed appraisal (the kernel's IMA_UPDATE_XATTR):
+        # the last writer's close relabels the file; kept across reset()
+        self.update_xattr: set[int] = set()
 
     def reset(self, version) -> None:
         self.version = version
@@ -489,6 +493,8 @@ class Engine:
                                   uid=subject.uid, func=ev.func, result="fail",
                                   cause="write-signed-file", mode=n.appraise_mode)
                 return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: signed file opened for write")
+            if writable:
+                ii.update_xattr.add(n.id)
             return None
         if created:
             return None
@@ -690,9 +696,11 @@ class Engine:
 
     def _last_writer(self, state: OpenState) -> None:
         """The last writer closed a changed file: forget its verdicts (the next open
-        re-measures), and update the hash xattr where policy says so (``hash`` rule or
-        appraise in fix mode: ima_update_xattr)."""
+        re-measures), and update the hash xattr where policy says so (``hash`` rule,
+        appraise in fix mode, or an appraised writer whose appraisal passed -- a new
+        file, a file whose hash matched: ima_update_xattr; never over a signature)."""
         f = state.file
+        update, state.iint.update_xattr = state.iint.update_xattr, set()
         try:
             fd = f.reopen()
         except OSError:
@@ -702,11 +710,12 @@ class Engine:
             st = os.fstat(fd)
             state.iint.reset((st.st_mtime_ns, st.st_ctime_ns, st.st_size))
             for n, ev, d in state.decisions:
-                if not (d.hash or (d.appraise and n.appraise_mode == "fix")):
+                if not (d.hash or (d.appraise and (n.appraise_mode == "fix"
+                                                   or n.id in update))):
                     continue
                 cur = f.getxattr(n.xattr_name)
-                if not ap.may_fix(cur):
-                    continue
+                if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
+                    continue        # ima_update_xattr(): never over a signature (IMA_DIGSIG)
                 digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
                 try:
                     f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
