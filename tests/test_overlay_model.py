@@ -269,7 +269,7 @@ def _run(make_mount, world_tmp, worker, uids, gids, examples, steps):
 
 
 # bounded for the suite; IMAFS_MODEL_EXAMPLES=500 for a long hunt
-EXAMPLES = int(os.environ.get("IMAFS_MODEL_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("IMAFS_MODEL_EXAMPLES", "30"))
 
 
 def test_model_as_root(make_mount, world_tmp):
