@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import queue
@@ -71,21 +70,6 @@ def fs_info(fd: int, dev: int) -> FsInfo:
     return FsInfo(magic=magic, name=name, uuid=uuid)
 
 
-def _fd_alive(fd: int, key: tuple[int, int], writable: bool) -> bool:
-    """Is the open whose backing descriptor is ``fd`` still open?  The kernel sends
-    FUSE RELEASE asynchronously and the overlay tells the hooks in a worker thread,
-    so ``close(w); open(r)`` can reach the engine as open before release (a false
-    open_writers or ToMToU violation).  The overlay closes the handle's descriptor as
-    soon as RELEASE arrives, though; a number reused since is told apart by inode and
-    access mode (a reuse with the same inode and mode is a live open of that kind)."""
-    try:
-        st = os.fstat(fd)
-        acc = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == key and (acc != os.O_RDONLY) == writable
-
-
 class IntegrityHooks(NullHooks):
     watch_xattrs = True
 
@@ -127,12 +111,11 @@ class IntegrityHooks(NullHooks):
                     return None
                 raise
 
-        key, writable = (st.st_dev, st.st_ino), acc != os.O_RDONLY
         return FileRef(
             fd=fd, st=st, path=inode.path(), readable=acc != os.O_WRONLY,
             reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
             getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
-            fs=self._fsinfo(fd, st.st_dev), alive=lambda: _fd_alive(fd, key, writable))
+            fs=self._fsinfo(fd, st.st_dev))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
               created: bool):
@@ -233,8 +216,9 @@ class IntegrityHooks(NullHooks):
     def created(self, caller, inode, fd, flags):
         return self._open(caller, inode, fd, flags, False, True)
 
-    def release(self, token) -> None:
-        self.engine.file_release(token)
+    def release(self, token):
+        """Runs on the event loop (cheap): returns the slow part, or None."""
+        return self.engine.file_release(token)
 
     def wrote(self, token) -> None:
         self.engine.file_written(token)

@@ -81,8 +81,10 @@ class NullHooks:
     def created(self, caller: Caller, inode: "Inode", fd: int, flags: int):
         return None
 
-    def release(self, token) -> None:
-        pass
+    def release(self, token):
+        """Called on the event loop as soon as the handle is released: must be cheap.
+        May return a callable with slow work, which then runs in a worker thread."""
+        return None
 
     def read(self, token, fd: int, off: int, size: int):
         """Return the bytes to serve, or None to let the overlay read them."""
@@ -755,7 +757,11 @@ class Overlay(pyfuse3.Operations):
         except OSError:
             pass
         if h.token is not None:
-            await self._in_thread(self.hooks.release, h.token)
+            # inline, before any later request runs: FUSE RELEASE is asynchronous to
+            # close(), and the next OPEN must see the open counts without this handle
+            slow = self.hooks.release(h.token)
+            if slow is not None:
+                await self._in_thread(slow)
 
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)

@@ -98,8 +98,6 @@ class FileRef:
     getxattr: Callable[[str], bytes | None]
     setxattr: Callable[[str, bytes], None]
     fs: FsInfo = field(default_factory=FsInfo)
-    # is this open still open? (None: trust the release calls; see _still_open)
-    alive: Callable[[], bool] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -113,7 +111,7 @@ class FileRef:
 class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
-                 "appraised", "audited", "readers", "writers", "lock", "dirty", "opened", "wgen",
+                 "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
                  "update_xattr")
 
     def __init__(self, key):
@@ -127,7 +125,6 @@ class IInt:
         self.audited: set[int] = set()
         self.readers = 0
         self.writers = 0
-        self.opened: list = []                       # OpenStates not released yet
         self.lock = threading.Lock()
         self.dirty = False                           # written through the mount
         self.wgen = 0                                # writable opens through the mount
@@ -375,14 +372,14 @@ class Engine:
             self._process(subject, ns, f, ii, decided, readable, writable, created)
             # a refused open never gets a handle, so it is not counted.  Readers are
             # the read-only opens (the kernel's i_readcount).
-            if readable and not writable:
-                ii.readers += 1
-            if writable:
-                ii.writers += 1
-                ii.wgen += 1
+            with _COUNTS:
+                if readable and not writable:
+                    ii.readers += 1
+                if writable:
+                    ii.writers += 1
+                    ii.wgen += 1
             state = OpenState(ii, ns, f, readable, writable, decided, subject=subject,
                               wgen=ii.wgen)
-            ii.opened.append(state)
             if self.verify_reads and readable and not writable and ii.writers == 0:
                 watchers = _watchers(decided)
                 if watchers:
@@ -390,7 +387,8 @@ class Engine:
                         self._digest(ii, f, watchers[0].hash_algo, {watchers[0].hash_algo},
                                      tree=True)
                     except BaseException:
-                        ii.readers -= 1
+                        with _COUNTS:
+                            ii.readers -= 1
                         raise
                     state.tree, state.watchers = ii.tree, watchers
         return state
@@ -408,13 +406,13 @@ class Engine:
                 if ev.func not in _VIOLATION_FUNCS:
                     continue
                 if writable:
-                    if n.id in ii.must_measure and _still_open(ii, writers=False):
+                    if n.id in ii.must_measure and ii.readers > 0:
                         self._violation(n, f, subject, "ToMToU", subject_ns)
                     break       # one per open: a writer triggers FILE_CHECK only
                 must = any(d.measure for nn, e, d in decided if nn is n and e is ev)
                 if must:
                     ii.must_measure.add(n.id)
-                    if _still_open(ii, writers=True):
+                    if ii.writers > 0:
                         self._violation(n, f, subject, "open_writers", subject_ns)
 
     def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
@@ -676,20 +674,27 @@ class Engine:
                                          f"{off} does not match the measured file ({what})")
 
     # ------------------------------------------------------------------ release
-    def file_release(self, state: OpenState) -> None:
+    def file_release(self, state: OpenState):
+        """A handle was released. Cheap and non-blocking, so the adapter calls it as
+        soon as FUSE RELEASE arrives, before it handles any later request: the counts
+        (the kernel's i_readcount / i_writecount) drop in order, and a
+        ``close(w); open(r)`` is never seen as open-writers. Returns the slow part
+        (the last writer's close: re-measure, relabel) as a callable for a worker
+        thread, or None."""
         ii = state.iint
-        with ii.lock:
-            for i, st in enumerate(ii.opened):
-                if st is state:          # identity: OpenStates compare by value
-                    del ii.opened[i]
-                    break
+        with _COUNTS:
             if state.readable and not state.writable:
                 ii.readers -= 1
             if state.writable:
                 ii.writers -= 1
                 if ii.writers == 0 and ii.dirty:
                     ii.dirty = False
-                    self._last_writer(state)
+                    return lambda: self._last_writer_locked(state)
+        return None
+
+    def _last_writer_locked(self, state: OpenState) -> None:
+        with state.iint.lock:
+            self._last_writer(state)
 
     def file_written(self, state: OpenState) -> None:
         state.iint.dirty = True
@@ -831,6 +836,7 @@ class Engine:
         return ns.mlist.add(buf_entry(name, buf, algo=ns.hash_algo, pcr=pcr))
 
 
+_COUNTS = threading.Lock()   # guards every IInt's readers/writers/wgen (held briefly)
 _FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
                "PATH_CHECK": "FILE_CHECK"}
 _SUBJECT_FIELDS = {"uid", "euid", "gid", "egid", "suid", "sgid"}
@@ -853,24 +859,6 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
     except (ValueError, hashing.HashAlgoError):
         return n.hash_algo
     return algo
-
-
-def _still_open(ii: "IInt", writers: bool) -> int:
-    """How many opens of one kind (writers, or read-only readers) are still open.
-    The counters are exact once every release has reached the engine, but a FUSE
-    RELEASE is asynchronous: ``close(w); open(r)`` may reach us as open before release.
-    A handle whose FileRef can tell (``alive()``) that it is closed already is not
-    counted, so such a race records no violation."""
-    if (ii.writers if writers else ii.readers) == 0:
-        return 0
-    n = 0
-    for st in ii.opened:
-        if st.writable != writers or (not writers and not st.readable):
-            continue
-        alive = st.file.alive
-        if alive is None or alive():
-            n += 1
-    return n
 
 
 def _has_measure(policy) -> bool:
