@@ -1,0 +1,107 @@
+"""imafs verify-log: replay a measurement list offline, as a verifier would."""
+from __future__ import annotations
+
+import os
+import sys
+
+from imafs.cli import CommandError
+
+
+def _pcr_arg(text: str):
+    bank, sep, path = text.partition(",")
+    if not sep or not bank or not path:
+        raise CommandError(f"--pcrs takes BANK,FILE (e.g. sha256,MNT/.imafs/pcrs/sha256), not {text!r}")
+    return bank, path
+
+
+def _pcr_value(text: str):
+    # BANK:N=HEX
+    try:
+        head, value = text.split("=", 1)
+        bank, n = head.split(":", 1)
+        return bank, int(n), bytes.fromhex(value)
+    except ValueError:
+        raise CommandError(f"--pcr takes BANK:INDEX=HEX (e.g. sha1:10=ab12...), not {text!r}")
+
+
+def _run(args) -> int:
+    from imafs.ima import verifylog
+    from imafs.ima.keys import Keyring, KeyringError
+
+    expected: dict[str, dict[int, bytes]] = {}
+    for spec in args.pcrs or []:
+        bank, path = _pcr_arg(spec)
+        try:
+            with open(path) as f:
+                expected.setdefault(bank, {}).update(verifylog.parse_pcr_file(f.read()))
+        except OSError as e:
+            raise CommandError(f"{path}: {e.strerror}")
+        except ValueError as e:
+            raise CommandError(f"{path}: {e}")
+    for spec in args.pcr or []:
+        bank, n, value = _pcr_value(spec)
+        expected.setdefault(bank, {})[n] = value
+    keyring = None
+    if args.keys or args.key:
+        keyring = Keyring(require_digsig=False)
+        try:
+            for d in args.keys or []:
+                _, refused = keyring.load_dir(d)
+                for fp, why in refused:
+                    print(f"imafs verify-log: key {fp} not loaded: {why}", file=sys.stderr)
+            for k in args.key or []:
+                with open(k, "rb") as f:
+                    keyring.add(f.read())
+        except (OSError, KeyringError) as e:
+            raise CommandError(f"keys: {e}")
+    try:
+        stream = open(args.list, "rb")
+    except OSError as e:
+        raise CommandError(f"{args.list}: {e.strerror}")
+    with stream:
+        fmt = args.format
+        if fmt == "auto":
+            head = stream.read(32)
+            stream.seek(0) if stream.seekable() else None
+            fmt = verifylog.detect_format(head)
+            if not stream.seekable():
+                raise CommandError("give --format for a list that cannot be re-read")
+        rep = verifylog.verify(verifylog.entries_of(stream, fmt, args.bank), bank=args.bank,
+                               banks=args.banks.split(","), expected=expected,
+                               keyring=keyring, all_problems=args.all)
+    name = os.path.basename(args.list)
+    for p in rep.problems:
+        print(f"imafs verify-log: {name}: {p}", file=sys.stderr)
+    if rep.ok:
+        checked = "; ".join(
+            f"{b} PCR {', '.join(str(i) for i in sorted(r) if i in rep.used_pcrs or any(r[i]))}"
+            f" match" for b, r in expected.items()) or "no PCR values given"
+        print(f"{name}: OK: {rep.entries} entries ({rep.violations} violations), "
+              f"{rep.signatures_checked} signatures verified; {checked}")
+        if args.show_pcrs:
+            for b, regs in rep.pcrs.items():
+                for i in sorted(rep.used_pcrs):
+                    print(f"{b} PCR-{i:02d}: {regs[i].hex()}")
+        return 0
+    return 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify-log", help="replay a measurement list offline and check it",
+                       description="Check every template hash, replay the list into the PCR "
+                                   "banks and compare with the values given; with keys, "
+                                   "verify ima-sig signatures. Reports the first bad entry "
+                                   "(--all: every one). Exit 0 when the list is good.")
+    p.add_argument("list", metavar="LIST", help="ascii or binary list (a file, or MNT/.imafs/...)")
+    p.add_argument("--pcrs", action="append", metavar="BANK,FILE",
+                   help="expected PCRs from a pcrs/ file (PCR-NN: <hex> lines); repeatable")
+    p.add_argument("--pcr", action="append", metavar="BANK:N=HEX", help="one expected PCR value")
+    p.add_argument("--bank", default="sha1",
+                   help="bank of the template hashes in LIST (binary lists; default sha1)")
+    p.add_argument("--banks", default="sha1,sha256", help="banks to replay (default sha1,sha256)")
+    p.add_argument("--format", choices=["auto", "ascii", "binary"], default="auto")
+    p.add_argument("--keys", action="append", metavar="DIR", help="certificates to check signatures")
+    p.add_argument("--key", action="append", metavar="CERT", help="one certificate")
+    p.add_argument("--all", action="store_true", help="report every bad entry, not only the first")
+    p.add_argument("--show-pcrs", action="store_true", help="print the replayed PCR values")
+    p.set_defaults(func=_run)
