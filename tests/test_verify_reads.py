@@ -374,6 +374,30 @@ def test_verify_reads_on_for_a_measure_only_policy(make_mount, world_tmp):
     assert int(m.ctl("runtime_measurements_count").read_text()) == n + 1
 
 
+def test_changes_through_the_mount_are_not_read_failures(make_mount, world_tmp):
+    """A write or truncation through the mount is IMA's business (ToMToU, a new
+    measurement at the next open), not a change behind the mount: readers open at
+    the time go on without EIO."""
+    m, f, data = setup(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n",
+                       extra=["--verify-reads=on"])
+    for how in ("write", "truncate"):
+        fd = os.open(m.mnt / "big", os.O_RDONLY)
+        try:
+            got = bytearray(os.read(fd, 4096))
+            if how == "write":
+                with open(m.mnt / "big", "r+b") as w:
+                    w.seek(len(data) // 2)
+                    w.write(b"through the mount")
+            else:
+                os.truncate(m.mnt / "big", len(data) // 2 + 10)
+            assert read_on(fd, got) is None
+        finally:
+            os.close(fd)
+        assert got == f.read_bytes()[:len(got)]
+    assert not audit(m)
+    assert [r["cause"] for r in audit(m, cause=None)] == ["ToMToU"]
+
+
 def test_remount_loads_the_tree_instead_of_rehashing(make_mount, world_tmp):
     m, f, data = setup(make_mount, world_tmp)
     assert (m.mnt / "big").read_bytes() == data

@@ -224,7 +224,11 @@ class IntegrityHooks(NullHooks):
         self.engine.file_written(token)
 
     def changed(self, inode: Inode) -> None:
-        self.engine.file_changed((inode.dev, inode.ino))
+        try:
+            size = os.fstat(inode.fd).st_size if inode.kind == stat.S_IFREG else None
+        except OSError:
+            size = None
+        self.engine.file_changed((inode.dev, inode.ino), size)
 
     def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None):
         if name.startswith(PRIVATE_PREFIX):

@@ -730,12 +730,18 @@ class Engine:
         finally:
             os.close(fd)
 
-    def file_changed(self, key) -> None:
-        """Attributes or xattrs changed through the mount: verdicts are stale."""
+    def file_changed(self, key, size: int | None = None) -> None:
+        """Attributes or xattrs changed through the mount: verdicts are stale.
+        ``size``: the file's size now; one that differs from the measured size is a
+        content change through the mount (truncate), which, like a writable open,
+        ends the read-time verification of the handles open now."""
         with self._iints_lock:
             ii = self._iints.get(key)
         if ii is not None:
             with ii.lock:
+                if size is not None and (ii.version is None or ii.version[2] != size):
+                    with _COUNTS:
+                        ii.wgen += 1
                 ii.reset(None)
 
     # ------------------------------------------------------------------ query
