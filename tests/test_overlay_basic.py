@@ -56,3 +56,20 @@ def test_exec_through_mount(plain_mount):
 
 def test_control_dir_absent_without_integrity(plain_mount):
     assert not (plain_mount.mnt / ".imafs").exists()
+
+
+def test_open_nofollow_and_tar(plain_mount):
+    # O_NOFOLLOW reaches OPEN (tar reads files so); a symlink is refused by the kernel
+    m, b = plain_mount.mnt, plain_mount.backing
+    (b / "f").write_text("hi\n")
+    os.symlink("f", b / "l")
+    fd = os.open(m / "f", os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        assert os.read(fd, 10) == b"hi\n"
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as ei:
+        os.open(m / "l", os.O_RDONLY | os.O_NOFOLLOW)
+    assert ei.value.errno == errno.ELOOP
+    r = subprocess.run(["tar", "cf", "-", "f", "l"], cwd=m, capture_output=True)
+    assert r.returncode == 0 and b"hi\n" in r.stdout, r.stderr

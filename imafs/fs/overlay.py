@@ -30,7 +30,10 @@ from imafs.fs import sysio
 log = logging.getLogger("imafs.fs")
 
 FMODE_EXEC = 0o40  # __FMODE_EXEC: set in the FUSE open flags of an execve()
-_OPEN_PASS_MASK = ~(FMODE_EXEC | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_PATH", 0))
+# O_NOFOLLOW: the kernel resolved the name already (a symlink never reaches OPEN); on
+# our /proc/self/fd/N path it would refuse every open with ELOOP (tar opens so)
+_OPEN_PASS_MASK = ~(FMODE_EXEC | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+                    | getattr(os, "O_PATH", 0))
 OTHER_DEV_BASE = 1 << 56       # inode numbers for files on other devices below the root
 CONTROL_BASE = 1 << 60         # inode numbers of the virtual control directory
 SMALL_IO = 1 << 20
