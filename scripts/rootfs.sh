@@ -42,12 +42,23 @@ fi
 MIRROR=${IMAFS_MIRROR:-$(mirror)}
 [ -n "$MIRROR" ] || { echo "rootfs.sh: no Debian mirror found in the apt configuration (set IMAFS_MIRROR)" >&2; exit 1; }
 
-rm -rf "$DIR.partial" "$DIR" "$MARKER"
+remove() {
+    # a killed debootstrap may leave /proc, /sys or a bind-mounted /dev mounted inside:
+    # unmount them, and never let rm cross into another file system
+    local d=$1 m
+    [ -e "$d" ] || return 0
+    for m in $(findmnt -rn -o TARGET | grep -F "$d/" | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    rm -rf --one-file-system "$d"
+}
+trap '[ -f "$MARKER" ] || remove "$DIR.partial"' EXIT
+trap 'exit 130' INT TERM
+remove "$DIR.partial"; remove "$DIR"; rm -f "$MARKER"
 echo "rootfs.sh: debootstrap --variant=minbase $SUITE $DIR from $MIRROR (a few minutes)" >&2
 start=$(date +%s)
 if ! debootstrap --variant=minbase "$SUITE" "$DIR.partial" "$MIRROR" >"$DIR.log" 2>&1; then
     tail -n 20 "$DIR.log" >&2
-    rm -rf "$DIR.partial"
     echo "rootfs.sh: debootstrap failed (log: $DIR.log)" >&2
     exit 1
 fi
