@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import run_as, wait_for
+from conftest import IMAFS, REPO, _is_mounted, run_as, wait_for
 from imafs.cli import main as imafs_main
 from imafs.ima import appraise as ap
 from imafs.ima.keys import keyid_of
@@ -502,6 +502,23 @@ def test_keys_control_file(make_mount, world_tmp, keys):
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
+def test_mount_refuses_bad_certificates(world_tmp, keys):
+    b, mnt = world_tmp / "b", world_tmp / "m"
+    b.mkdir()
+    mnt.mkdir()
+    kd = world_tmp / "keys"
+    kd.mkdir()
+    shutil.copy(keys["nodigsig"], kd / "nodigsig.der")
+    for args, want in [(["--key", str(keys["expired"])],
+                        f"--key {keys['expired']}: certificate has expired"),
+                       (["--keys", str(kd)], f"--keys {kd}: {kd}/nodigsig.der: certificate "
+                                             "keyUsage lacks digitalSignature")]:
+        r = sh(*IMAFS, "mount", b, mnt, "--state", world_tmp / "s", *args, check=False,
+               cwd=REPO)
+        assert r.returncode != 0 and want in r.stderr, r.stderr
+        assert not _is_mounted(str(mnt))
+
+
 # -- policy ---------------------------------------------------------------------
 
 def test_policy_append_rederives_verdicts_and_appraise_algos(make_mount, world_tmp, keys):
@@ -569,6 +586,19 @@ def test_remount_does_not_rehash_and_changes_are_seen(make_mount, world_tmp, key
     assert not readable(m.mnt / names[0])
     assert stats(m)["hashed_files"] == 22
     os.truncate(b / names[0], 4096)              # back to the signed content (new ctime)
+    # changed through the mount (a write-only open is not appraised by a MAY_READ rule):
+    # the next read is appraised again, and refused
+    orig = (b / names[2]).read_bytes()
+    fd = os.open(m.mnt / names[2], os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([orig[0] ^ 1]), 0)
+    finally:
+        os.close(fd)
+    assert not readable(m.mnt / names[2])
+    assert appraisals(m, f"/{names[2]}") == [("fail", "invalid-signature", "enforce")]
+    assert stats(m)["hashed_files"] == 23
+    (b / names[2]).write_bytes(orig)
+    assert readable(m.mnt / names[2])            # hashed (24) and cached for the remount
 
     # remount with the same --state: digests come from LMDB
     m.restart()

@@ -40,12 +40,23 @@ def _check_engine_args(opts) -> None:
             load_policy_arg(opts.policy)
         except PolicyError as e:
             raise CommandError(f"--policy: {e}")
+    from imafs.ima.keys import Keyring, KeyringError
+    ring = Keyring()        # refusals named by file, as the keys control file does
     for d in opts.extra["keys_dirs"]:
         if not os.path.isdir(d):
             raise CommandError(f"--keys: {d!r} is not a directory")
+        for fp, why in ring.load_dir(d)[1]:
+            raise CommandError(f"--keys {d}: {fp}: {why}")
     for k in opts.extra["key_files"]:
         if not os.path.isfile(k):
             raise CommandError(f"--key: {k!r} is not a file")
+        try:
+            with open(k, "rb") as f:
+                ring.add(f.read())
+        except OSError as e:
+            raise CommandError(f"--key {k}: {e.strerror}")
+        except KeyringError as e:
+            raise CommandError(f"--key {k}: {e}")
     from imafs.ima import hashing
     try:
         hashing.hash_algo(opts.extra["hash"]).new()
