@@ -11,9 +11,52 @@ from imafs.fs.overlay import Overlay
 log = logging.getLogger("imafs")
 
 
+# every request handler pyfuse3 calls (forget is answered by nobody: it only logs)
+_HANDLERS = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir",
+             "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write",
+             "flush", "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir",
+             "statfs", "setxattr", "getxattr", "listxattr", "removexattr", "access",
+             "create")
+
+
+def guard(ops):
+    """Make every request handler of ``ops`` answer an unexpected exception with an
+    errno (the OSError's own, else EIO) and a logged traceback.  pyfuse3 ends its main
+    loop on any exception that is not a FUSEError: one failing request (a full disk
+    under the state directory, a bug) would otherwise take the whole mount down, and
+    every process on it would get ENOTCONN.  Cancellation (BaseException) passes."""
+    import errno
+    import functools
+
+    import pyfuse3
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        async def guarded(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the point of this wrapper
+                log.error("%s failed: %s: %s", name, type(e).__name__, e, exc_info=True)
+                if name == "forget":
+                    return None
+                err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+                raise pyfuse3.FUSEError(err) from None
+        return guarded
+
+    for name in _HANDLERS:
+        fn = getattr(ops, name, None)
+        if fn is not None and not getattr(fn, "_imafs_guarded", False):
+            g = wrap(name, fn)
+            g._imafs_guarded = True
+            setattr(ops, name, g)
+    return ops
+
+
 class Filesystem:
     def __init__(self, ops, closers=()):
-        self.ops = ops
+        self.ops = guard(ops)
         self._closers = list(closers)
 
     def close(self) -> None:

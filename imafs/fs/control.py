@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 
 import pyfuse3
@@ -37,6 +38,9 @@ log = logging.getLogger("imafs.control")
 SLOT = 1024
 DIR, FILE = "dir", "file"
 MAX_QUERY_BYTES = 4096
+# rules one namespace's policy may hold: every open is matched against the policy of
+# its namespace and of every ancestor, rule by rule (about 1.5 us a rule here)
+MAX_POLICY_RULES = 4096
 MAX_KEY_BYTES = 64 * 1024
 
 # idx: (name, parent idx, kind, mode)
@@ -93,7 +97,7 @@ it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-rem
 
 class CtlHandle:
     __slots__ = ("name", "ns", "pid", "uid", "gid", "data", "pending", "result", "is_dir",
-                 "slot", "idx", "dirty")
+                 "slot", "idx", "dirty", "rules", "written", "refused")
 
     def __init__(self, name, ns, ctx, slot, idx, is_dir=False):
         self.name = name
@@ -105,6 +109,9 @@ class CtlHandle:
         self.is_dir = is_dir
         self.slot, self.idx = slot, idx
         self.dirty = False
+        self.rules: list = []       # policy rules written, loaded at flush (close)
+        self.written = 0            # bytes written through this open
+        self.refused = False        # a write of this open was refused: load nothing
 
 
 class ControlDir:
@@ -114,6 +121,7 @@ class ControlDir:
         self.mountpoint = os.path.realpath(mountpoint) if mountpoint else ""
         self.started = time.time_ns()
         self.last_query: dict[tuple[int, int], bytes] = {}
+        self._policy_lock = threading.Lock()
 
     # ------------------------------------------------------------------ nodes
     @staticmethod
@@ -290,8 +298,11 @@ class ControlDir:
         raise FUSEError(errno.EACCES)
 
     async def flush(self, h: CtlHandle) -> None:
-        if h.name == "policy" and h.pending:
-            await trio.to_thread.run_sync(self._write_policy, h, b"\n")
+        if h.name == "policy":
+            if h.pending:
+                await trio.to_thread.run_sync(self._write_policy, h, b"\n")
+            if h.rules:
+                await trio.to_thread.run_sync(self._load_policy, h)
         elif h.name == "keys" and h.pending:
             await trio.to_thread.run_sync(self._write_keys, h, b"", True)
 
@@ -301,13 +312,28 @@ class ControlDir:
         except FUSEError:
             pass
 
-    # --- policy: each write() is parsed whole; a partial last line waits for the next
+    # --- policy: as the kernel's securityfs file, rules written through one open are
+    # parsed as they come (a bad line fails its write with EINVAL) and loaded together
+    # when the file is closed (flush), only if no write of that open was refused.  The
+    # kernel splits a large write(2) into FUSE writes, so "the whole write" can only
+    # be the whole open.  Over MAX_POLICY_BYTES through one open, or a policy over
+    # MAX_POLICY_RULES rules: EFBIG.  A partial last line waits for the next write.
+    def _refuse_policy(self, h: CtlHandle, err: int, msg: str):
+        h.pending.clear()
+        h.rules.clear()
+        h.refused = True
+        log.warning("policy write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
+        self.engine.audit.record("policy_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid,
+                                 error=msg)
+        raise FUSEError(err)
+
     def _write_policy(self, h: CtlHandle, buf: bytes) -> int:
+        if h.refused:
+            raise FUSEError(errno.EINVAL)
+        h.written += len(buf)
+        if h.written > MAX_POLICY_BYTES:
+            self._refuse_policy(h, errno.EFBIG, f"over {MAX_POLICY_BYTES} bytes written")
         data = bytes(h.pending) + buf
-        if len(data) > MAX_POLICY_BYTES:
-            h.pending.clear()
-            log.warning("policy write of ns %s refused: over %d bytes", h.ns.path, MAX_POLICY_BYTES)
-            raise FUSEError(errno.EFBIG)
         cut = data.rfind(b"\n")
         if cut < 0:
             h.pending[:] = data
@@ -320,21 +346,39 @@ class ControlDir:
             else:
                 rules = parse_policy(complete)
         except PolicyError as e:
-            h.pending.clear()
-            log.warning("policy write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, e)
-            self.engine.audit.record("policy_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid,
-                                     error=str(e))
-            raise FUSEError(errno.EINVAL)
+            self._refuse_policy(h, errno.EINVAL, str(e))
         h.pending[:] = rest
-        if rules:
-            ns = h.ns
-            ns.set_policy(Policy(list(ns.policy.rules) + rules))
-            self.engine.tree.save_policy(ns)
-            self.engine.audit.record("policy_update", ns=ns.path, pid=h.pid, uid=h.uid,
-                                     rules=len(rules), total=len(ns.policy))
-            log.info("namespace %s: %d rule(s) added by pid %d (%d in all)", ns.path,
-                     len(rules), h.pid, len(ns.policy))
+        if len(h.ns.policy) + len(h.rules) + len(rules) > MAX_POLICY_RULES:
+            self._refuse_policy(h, errno.EFBIG, f"a policy holds at most {MAX_POLICY_RULES} rules")
+        h.rules.extend(rules)
         return len(buf)
+
+    def _load_policy(self, h: CtlHandle) -> None:
+        """Append the rules written through ``h`` to its namespace's policy: stored
+        first, then in force (a state that cannot be written -- a full disk -- leaves
+        the old policy in place: EIO)."""
+        rules, h.rules = h.rules, []
+        if h.refused or not rules:
+            return
+        ns = h.ns
+        with self._policy_lock:
+            if len(ns.policy) + len(rules) > MAX_POLICY_RULES:
+                self._refuse_policy(h, errno.EFBIG,
+                                    f"a policy holds at most {MAX_POLICY_RULES} rules")
+            old = ns.policy
+            ns.set_policy(Policy(list(old.rules) + rules))
+            try:
+                self.engine.tree.save_policy(ns)
+            except Exception as e:  # noqa: BLE001 - lmdb.Error: keep the old policy
+                ns.set_policy(old)
+                log.error("policy of namespace %s not changed: cannot store it: %s", ns.path, e)
+                self.engine.audit.record("policy_rejected", ns=ns.path, pid=h.pid, uid=h.uid,
+                                         error=f"cannot store the policy: {e}")
+                raise FUSEError(errno.EIO)
+        self.engine.audit.record("policy_update", ns=ns.path, pid=h.pid, uid=h.uid,
+                                 rules=len(rules), total=len(ns.policy))
+        log.info("namespace %s: %d rule(s) added by pid %d (%d in all)", ns.path,
+                 len(rules), h.pid, len(ns.policy))
 
     def _policy_from_file(self, h: CtlHandle, path: str):
         """A policy loaded by path (inside the mount), appraised as POLICY_CHECK."""

@@ -652,6 +652,9 @@ class Overlay(pyfuse3.Operations):
             except Denied as d:
                 os.close(fd)
                 raise FUSEError(d.errno)
+            except BaseException:
+                os.close(fd)
+                raise
         if trunc:
             try:
                 _truncate_opened(fd, base)

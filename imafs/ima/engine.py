@@ -178,6 +178,7 @@ class DigestCache:
 
     def __init__(self, store):
         self.store = store
+        self.db_name = "digest"
         self.db = store.db("digests") if store is not None else None
 
     def get(self, key, version) -> dict[str, bytes] | None:
@@ -210,14 +211,20 @@ class DigestCache:
         for name, d in sorted(digests.items()):
             nb = name.encode()
             blob += bytes([len(nb)]) + nb + bytes([len(d)]) + d
-        with self.store.env.begin(write=True, db=self.db) as txn:
-            txn.put(_DIGEST_KEY.pack(*key), bytes(blob))
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                txn.put(_DIGEST_KEY.pack(*key), bytes(blob))
+        except Exception as e:  # noqa: BLE001 - a cache: a full disk only costs a rehash
+            log.warning("digest cache: cannot store an entry: %s", e)
 
     def delete(self, key) -> None:
         if self.db is None:
             return
-        with self.store.env.begin(write=True, db=self.db) as txn:
-            txn.delete(_DIGEST_KEY.pack(*key))
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                txn.delete(_DIGEST_KEY.pack(*key))
+        except Exception as e:  # noqa: BLE001 - entries are checked against the version
+            log.warning("%s cache: cannot delete an entry: %s", self.db_name, e)
 
 
 class TreeCache:
@@ -227,6 +234,7 @@ class TreeCache:
 
     def __init__(self, store):
         self.store = store
+        self.db_name = "tree"
         self.db = store.db("trees") if store is not None else None
 
     def get(self, key, version):
@@ -248,14 +256,20 @@ class TreeCache:
     def put(self, key, version, tree) -> None:
         if self.db is None or version is None:
             return
-        with self.store.env.begin(write=True, db=self.db) as txn:
-            txn.put(_DIGEST_KEY.pack(*key), _DIGEST_VER.pack(*version) + tree.to_bytes())
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                txn.put(_DIGEST_KEY.pack(*key), _DIGEST_VER.pack(*version) + tree.to_bytes())
+        except Exception as e:  # noqa: BLE001 - a cache: a full disk only costs a rehash
+            log.warning("tree cache: cannot store an entry: %s", e)
 
     def delete(self, key) -> None:
         if self.db is None:
             return
-        with self.store.env.begin(write=True, db=self.db) as txn:
-            txn.delete(_DIGEST_KEY.pack(*key))
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                txn.delete(_DIGEST_KEY.pack(*key))
+        except Exception as e:  # noqa: BLE001 - entries are checked against the version
+            log.warning("%s cache: cannot delete an entry: %s", self.db_name, e)
 
 
 class Engine:
@@ -449,7 +463,7 @@ class Engine:
                         digest = self._digest(ii, f, algo, algos | {algo})
                     entry = _entry(template, f.path, ns.id, digest, xattrs.get(n.id), d.pcr, algo,
                                    "verity" if d.digest_type == "verity" else "ima")
-                    n.mlist.add(entry)
+                    self._record(n, entry, subject, f, "measurement")
                     done.add(d.pcr)
             if d.audit and n.id not in ii.audited:
                 algo = _measure_algo(n, xattrs.get(n.id))
@@ -511,13 +525,29 @@ class Engine:
             return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: {result}")
         return None
 
+    def _record(self, n: Namespace, entry, subject: Subject, f: FileRef, what: str) -> None:
+        """Append to a namespace's list, or fail closed: an entry that cannot be stored
+        (LMDB map full, disk full, I/O error) refuses the access with EIO -- it never
+        goes on unmeasured -- with the reason in the log and the audit log.  Nothing is
+        marked measured, so the next open tries again (and succeeds once space
+        returns)."""
+        try:
+            n.mlist.add(entry)
+        except Exception as e:  # noqa: BLE001 - lmdb.Error and friends: fail closed
+            reason = (f"{os.fsdecode(f.path)}: cannot record the {what} in namespace "
+                      f"{n.path}: {e}")
+            log.error("%s (pid %d): access refused", reason, subject.pid)
+            self.audit.record("measurement_failed", ns=n.path, path=f.path, pid=subject.pid,
+                              uid=subject.uid, what=what, error=str(e))
+            raise AccessDenied(errno.EIO, reason) from None
+
     def _violation(self, n: Namespace, f: FileRef, subject: Subject, cause: str,
                    subject_ns: int = 0, **detail) -> None:
         # as ima_add_violation: the namespace's default template, PCR 10 (the
         # kernel's CONFIG_IMA_MEASURE_PCR_IDX), whatever the rule said; ``ns`` (ima-ns)
         # names the accessing process's namespace, as in a measurement
-        n.mlist.add(violation_entry(n.template, f.path, pcr=DEFAULT_PCR, algo=n.hash_algo,
-                                    ns_id=subject_ns))
+        self._record(n, violation_entry(n.template, f.path, pcr=DEFAULT_PCR, algo=n.hash_algo,
+                                        ns_id=subject_ns), subject, f, f"{cause} violation")
         self.audit.record("violation", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
                           cause=cause, **detail)
         log.info("violation %s: %s (ns %s)", cause, os.fsdecode(f.path), n.path)
