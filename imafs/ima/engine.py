@@ -822,18 +822,33 @@ class Engine:
         creation is measured in the parent's list (``ns-create``) and starts the
         child's (``ns-init``), with the same data, so a verifier ties them."""
         name, opts = self.tree.parse_create(text)
-        child = self.tree.create(parent, name, opts)
+        try:
+            child = self.tree.create(parent, name, opts)
+        except NamespaceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
+            raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
+        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
+                f"template={child.template} hash={child.hash_algo} "
+                f"appraise={child.appraise_mode}").encode()
+        # recorded before the process moves: a creation the host's list cannot show
+        # (full disk) never takes a process into the child
+        try:
+            self.record_event(parent, "ns-create", data)
+            self.record_event(child, "ns-init", data)
+        except Exception as e:  # noqa: BLE001 - fail closed, the writer stays where it is
+            try:
+                self.tree.remove(parent, name)
+            except Exception:  # noqa: BLE001
+                pass
+            raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
+                                            f"{e}") from None
         if self.binder is not None:
             try:
                 self.binder.bind(pid, child.id)
             except Exception as e:
                 self.tree.remove(parent, name)
                 raise NamespaceError(errno.EPERM, str(e))
-        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
-                f"template={child.template} hash={child.hash_algo} "
-                f"appraise={child.appraise_mode}").encode()
-        self.record_event(parent, "ns-create", data)
-        self.record_event(child, "ns-init", data)
         self.audit.record("ns_create", ns=parent.path, child=child.path, id=child.id,
                           uuid=child.uuid, pid=pid, uid=uid)
         return child
