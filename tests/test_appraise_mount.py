@@ -70,7 +70,8 @@ def keys(tmp_path_factory):
     and certificates a keyring must refuse (expired, no digitalSignature)."""
     base = tmp_path_factory.mktemp("appraise-keys")
     out = {}
-    for name, extra in [("rsa", []), ("ec", ["--type", "ec"]), ("other", [])]:
+    for name, extra in [("rsa", []), ("ec", ["--type", "ec"]), ("other", []),
+                        ("p384", ["--type", "ec", "--curve", "secp384r1"])]:
         d = base / name
         assert imafs_main(["keygen", "--out", str(d), "--cn", f"imafs {name}", *extra]) == 0
         out[name] = Key(d / "signing_key.pem", d / "signing_cert.der", d / "signing_cert.pem")
@@ -452,7 +453,7 @@ def test_setxattr_through_mount_checked_and_resets_verdict(make_mount, world_tmp
 def test_keys_control_file(make_mount, world_tmp, keys):
     b = world_tmp / "backing1"
     b.mkdir()
-    for n in ("rsa", "ec", "other"):
+    for n in ("rsa", "ec", "other", "p384"):
         (b / n).write_bytes(os.urandom(4096))
         imafs_sign(b / n, keys[n])
     (b / "certs").mkdir()
@@ -461,7 +462,7 @@ def test_keys_control_file(make_mount, world_tmp, keys):
                           "appraise_type=imasig\n"), backing=b)
     kf = m.ctl("keys")
     assert kf.read_text() == ""
-    for n in ("rsa", "ec", "other"):      # refused, and the verdicts are cached
+    for n in ("rsa", "ec", "other", "p384"):    # refused, and the verdicts are cached
         assert not readable(m.mnt / n)
     assert appraisals(m, "/rsa") == [("fail", "invalid-signature", "enforce")]
 
@@ -473,11 +474,18 @@ def test_keys_control_file(make_mount, world_tmp, keys):
     assert readable(m.mnt / "ec") and not readable(m.mnt / "other")
     # PEM
     sh("sh", "-c", 'cat "$1" > "$0"', kf, keys["other"].pem)
-    assert readable(m.mnt / "other")
+    assert readable(m.mnt / "other") and not readable(m.mnt / "p384")
+    # PEM after text, as ``openssl x509 -text`` writes it
+    text = world_tmp / "p384.txt"
+    text.write_bytes(b"Certificate:\n    Data:\n        Version: 3 (0x2)\n"
+                     + keys["p384"].pem.read_bytes())
+    sh("sh", "-c", 'cat "$1" > "$0"', kf, text)
+    assert readable(m.mnt / "p384")
     lines = kf.read_text().splitlines()
     want = sorted([(keys["rsa"].keyid, "rsa", "2048", "CN=imafs rsa"),
                    (keys["ec"].keyid, "ecdsa-nist-p256", "256", "CN=imafs ec"),
-                   (keys["other"].keyid, "rsa", "2048", "CN=imafs other")])
+                   (keys["other"].keyid, "rsa", "2048", "CN=imafs other"),
+                   (keys["p384"].keyid, "ecdsa-nist-p384", "384", "CN=imafs p384")])
     got = []
     for line in lines:
         mt = re.fullmatch(r"([0-9a-f]{8}) (\S+) (\d+) (.+) \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line)

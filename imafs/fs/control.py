@@ -439,7 +439,9 @@ class ControlDir:
                     return self._key_error(h, "truncated DER certificate")
                 return len(buf)
             cert, h.pending[:] = data[:total], data[total:]
-        elif data.lstrip().startswith(b"-----BEGIN"):
+        elif data.lstrip().startswith(b"-----BEGIN") or (
+                not data.strip().startswith(b"/") and b"\n-----BEGIN CERTIFICATE-----" in data):
+            # PEM, also after text (``openssl x509 -text`` output) or other PEM blocks
             end = data.find(b"-----END CERTIFICATE-----")
             if end < 0:
                 if final:
