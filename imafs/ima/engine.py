@@ -485,7 +485,8 @@ class Engine:
         flags = (d.appraise_type, d.appraise_algos, d.digest_type)
         cache_key = (n.id, flags)
         cached = ii.appraised.get(cache_key)
-        if cached is not None and cached[0] == n.epoch():
+        fresh = cached is None or cached[0] != n.epoch()
+        if not fresh:
             result = cached[1]
         else:
             result = ap.appraise(
@@ -510,9 +511,10 @@ class Engine:
             return None
         if created:
             return None
-        self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid, uid=subject.uid,
-                          func=ev.func, result=result.status, cause=result.cause,
-                          detail=result.detail, mode=n.appraise_mode)
+        if fresh:   # as the kernel: audited when appraised, not on a cached status
+            self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid,
+                              uid=subject.uid, func=ev.func, result=result.status,
+                              cause=result.cause, detail=result.detail, mode=n.appraise_mode)
         if n.appraise_mode == "fix" and ap.may_fix(xattr):
             digest = self._digest(ii, f, n.hash_algo, algos)
             try:
