@@ -39,17 +39,42 @@ class MountOptions:
     extra: dict = field(default_factory=dict)  # options of later layers (engine)
 
 
-def mountinfo_points() -> set[str]:
-    pts = set()
+def _unescape(p: bytes) -> str:
+    return os.fsdecode(p.replace(b"\\040", b" ").replace(b"\\011", b"\t")
+                       .replace(b"\\012", b"\n").replace(b"\\134", b"\\"))
+
+
+def _mountinfo() -> list[dict]:
+    """/proc/self/mountinfo: mount point, device (major:minor), fs type, source."""
+    out = []
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
-                p = line.split(b" ")[4]
-                pts.add(os.fsdecode(p.replace(b"\\040", b" ").replace(b"\\011", b"\t")
-                                    .replace(b"\\012", b"\n").replace(b"\\134", b"\\")))
-    except OSError:
+                parts = line.rstrip(b"\n").split(b" ")
+                sep = parts.index(b"-")
+                out.append({"mnt": _unescape(parts[4]), "dev": parts[2].decode(),
+                            "fstype": parts[sep + 1].decode(),
+                            "source": _unescape(parts[sep + 2])})
+    except (OSError, ValueError, IndexError):
         pass
-    return pts
+    return out
+
+
+def mountinfo_points() -> set[str]:
+    return {m["mnt"] for m in _mountinfo()}
+
+
+def resolve_mountpoint(path: str) -> str:
+    """The absolute, symlink-free path of a (would-be) mount point, found without
+    stat()ing the mount point itself: on a hung or dead FUSE mount that blocks or
+    fails (ENOTCONN)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    candidate = os.path.join(os.path.realpath(parent), name)
+    if candidate in mountinfo_points():
+        return candidate
+    return os.path.realpath(candidate)
 
 
 def default_state_dir(backing: str) -> str:
@@ -63,6 +88,10 @@ def _inside(child: str, parent: str) -> bool:
 
 def check_mount_args(opts: MountOptions) -> None:
     """Refuse, with one clear line, anything that cannot or must not be mounted."""
+    # first, without touching it: a dead FUSE mount fails every stat (ENOTCONN)
+    if resolve_mountpoint(opts.mountpoint) in mountinfo_points():
+        raise MountError(f"mount point {opts.mountpoint!r} is already a mount point "
+                         f"(imafs umount {opts.mountpoint} first)")
     for what, path in (("backing directory", opts.backing), ("mount point", opts.mountpoint)):
         if not os.path.lexists(path):
             raise MountError(f"{what} {path!r} does not exist")
@@ -266,21 +295,16 @@ def daemon_pid(state: str) -> int | None:
 
 
 def _fuse_mount_of(mnt: str) -> dict | None:
-    """The /proc/self/mountinfo entry of an imafs (FUSE) mount at mnt, if any."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                parts = line.split(b" ")
-                if os.fsdecode(parts[4]) == mnt:
-                    sep = parts.index(b"-")
-                    return {"fstype": parts[sep + 1].decode(), "source": parts[sep + 2].decode()}
-    except OSError:
-        pass
-    return None
+    """The /proc/self/mountinfo entry of the (topmost) mount at mnt, if any."""
+    found = None
+    for m in _mountinfo():
+        if m["mnt"] == mnt:
+            found = m
+    return found
 
 
 def umount(mountpoint: str, *, timeout: float = 10.0, lazy: bool = False) -> int:
-    mnt = os.path.realpath(mountpoint)
+    mnt = resolve_mountpoint(mountpoint)
     info = _fuse_mount_of(mnt)
     if info is None:
         print(f"imafs umount: {mountpoint!r} is not mounted", file=sys.stderr)
@@ -291,25 +315,77 @@ def umount(mountpoint: str, *, timeout: float = 10.0, lazy: bool = False) -> int
         return 1
     # the daemon exits when its mount goes away; find it to wait for it
     pid = _daemon_of(mnt)
-    cmds = [["fusermount3", "-u", mnt]] if not lazy else []
-    cmds += [["umount", mnt], ["umount", "-l", mnt]]
+    if os.geteuid() == 0:
+        err = _umount_as_root(mnt, info, pid, lazy)
+    else:
+        err = _umount_with_fusermount(mnt, lazy)
+    if err is not None:
+        print(f"imafs umount: cannot unmount {mountpoint!r}: {err}", file=sys.stderr)
+        return 1
+    if pid:
+        # a stopped daemon exits only once continued: do not wait for it
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid) and not _stopped(pid):
+            time.sleep(0.01)
+    return 0
+
+
+def _umount_as_root(mnt: str, info: dict, pid: int | None, lazy: bool) -> str | None:
+    """umount2() directly: umount(8) and fusermount3 stat the mount point first,
+    which blocks for ever on a hung daemon. A stopped daemon's connection is
+    aborted first, so that processes blocked in its requests are released (they get
+    ENOTCONN) and nothing waits on it. A busy mount is detached lazily."""
+    from imafs.fs import sysio
+    if pid is not None and _alive(pid) and _stopped(pid):
+        _abort_connection(info["dev"])
+    try:
+        sysio.umount2(mnt, sysio.MNT_DETACH if lazy else 0)
+        return None
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            return e.strerror
+    try:
+        sysio.umount2(mnt, sysio.MNT_DETACH)   # busy: gone from the tree now, the
+        return None                             # daemon ends with its last user
+    except OSError as e:
+        return e.strerror
+
+
+def _umount_with_fusermount(mnt: str, lazy: bool) -> str | None:
     last = ""
-    for cmd in cmds:
+    for cmd in ([] if lazy else [["fusermount3", "-u", mnt]]) + [["fusermount3", "-u", "-z", mnt]]:
         try:
             p = subprocess.run(cmd, capture_output=True, text=True)
         except FileNotFoundError:
-            continue
+            return "fusermount3 is not installed"
         if p.returncode == 0:
-            break
+            return None
         last = (p.stderr or p.stdout).strip()
-    else:
-        print(f"imafs umount: cannot unmount {mountpoint!r}: {last}", file=sys.stderr)
-        return 1
-    if pid:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.01)
-    return 0
+    return last
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def _abort_connection(dev: str) -> None:
+    """Abort the FUSE connection of device "0:minor" through fusectl."""
+    minor = dev.split(":")[1]
+    if not os.path.isdir(os.path.join(FUSECTL, minor)):
+        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True)
+    try:
+        with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("cannot abort FUSE connection %s: %s", minor, e)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
 
 
 def _alive(pid: int) -> bool:
@@ -340,17 +416,27 @@ def _register_daemon(mnt: str) -> None:
 
 
 def _unregister_daemon(mnt: str) -> None:
+    # only our own record: a daemon that was stopped, cut off and replaced by a new
+    # mount on the same mount point must not remove its successor's
     try:
+        with open(_runfile(mnt)) as f:
+            if int(f.read().strip()) != os.getpid():
+                return
         os.unlink(_runfile(mnt))
-    except OSError:
+    except (OSError, ValueError):
         pass
 
 
 def _daemon_of(mnt: str) -> int | None:
-    """pid of the daemon serving mnt, from the file it writes under /run/imafs."""
+    """pid of the daemon serving mnt, from the file it writes under /run/imafs
+    (None when that process is gone or is no imafs daemon: a reused pid)."""
     try:
         with open(_runfile(mnt)) as f:
-            return int(f.read().strip())
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"imafs" not in f.read():
+                return None
+        return pid
     except (OSError, ValueError):
         return None
 

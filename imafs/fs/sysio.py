@@ -100,6 +100,14 @@ def getdents(fd: int, bufsize: int = 32768) -> list[tuple[bytes, int]]:
     return out
 
 
+MNT_DETACH = 2
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2): no stat() of the target first, unlike umount(8)."""
+    _check(_libc.umount2(os.fsencode(target), flags), "umount2", target)
+
+
 def raise_nofile_limit() -> int:
     """Raise RLIMIT_NOFILE as far as the kernel allows (the overlay holds one O_PATH
     descriptor per inode the kernel remembers)."""
