@@ -24,7 +24,8 @@ def _mount(args) -> int:
         integrity=not args.no_integrity, attr_timeout=args.attr_timeout,
         extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
-               "audit_log": args.audit_log, "verify_reads": args.verify_reads})
+               "audit_log": args.audit_log, "verify_reads": args.verify_reads,
+               "tpm": args.tpm})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
@@ -57,6 +58,18 @@ def _check_engine_args(opts) -> None:
             raise CommandError(f"--key {k}: {e.strerror}")
         except KeyringError as e:
             raise CommandError(f"--key {k}: {e}")
+    if opts.extra.get("tpm"):
+        from imafs.ima.tpm import TPMError, parse_tcti
+        try:
+            parse_tcti(opts.extra["tpm"])
+            import tpm2_pytss  # noqa: F401
+        except TPMError as e:
+            raise CommandError(f"--tpm: {e}")
+        except ImportError as e:
+            raise CommandError(f"--tpm needs tpm2-pytss (pip install 'imafs[tpm]'; it builds "
+                               f"against libtss2-dev): {e}")
+        if not opts.integrity:
+            raise CommandError("--tpm needs integrity (not with --no-integrity)")
     from imafs.ima import hashing
     try:
         hashing.hash_algo(opts.extra["hash"]).new()
@@ -103,6 +116,11 @@ def register(sub) -> None:
                         "fs-verity Merkle tree computed when it was measured; a changed "
                         "block is EIO and a violation (default: on when the --policy has "
                         "an appraise rule, else off; decided at mount time)")
+    p.add_argument("--tpm", metavar="TCTI",
+                   help="also extend the root namespace's list into PCR 10 (and the PCR of "
+                        "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "
+                        "device:/dev/tpmrm0; the boot aggregate comes from its PCRs 0-9 "
+                        "(needs tpm2-pytss: pip install 'imafs[tpm]')")
     p.add_argument("--control-name", default=".imafs", metavar="NAME",
                    help="name of the control directory at the mount root (default .imafs)")
     p.add_argument("--no-integrity", action="store_true",

@@ -96,8 +96,25 @@ def build(opts) -> Filesystem:
     for cert in x.get("key_files", []):
         with open(cert, "rb") as f:
             keyring.add(f.read())
-    mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
-                            hash_algo=x.get("hash", "sha256"))
+    tpm = None
+    if x.get("tpm"):
+        # --tpm: the root list is also extended into this TPM (imafs/ima/tpm.py); its
+        # boot aggregate comes from the TPM's PCRs 0-9; an unreachable TPM, or one whose
+        # PCRs hold something else, refuses the mount
+        from imafs.ima.tpm import TPM, TPMError
+        try:
+            tpm = TPM(x["tpm"])
+            mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
+                                    hash_algo=x.get("hash", "sha256"), tpm=tpm)
+        except TPMError as e:
+            if tpm is not None:
+                tpm.close()
+            store.close()
+            raise ValueError(f"--tpm {x['tpm']}: {e}") from None
+        log.info("root namespace list extended into %r", tpm)
+    else:
+        mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
+                                hash_algo=x.get("hash", "sha256"))
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=x.get("appraise", "enforce"),
                      template=x.get("template", "ima-ng"), hash_algo=x.get("hash", "sha256"))
@@ -129,4 +146,5 @@ def build(opts) -> Filesystem:
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")
     # the binder last: a namespace's cgroup goes only once nothing serves it
-    return Filesystem(overlay, [hooks.close, audit.close, store.close, binder.close])
+    return Filesystem(overlay, [hooks.close, audit.close, store.close, binder.close]
+                      + ([tpm.close] if tpm is not None else []))

@@ -23,6 +23,7 @@ the offset: O(log n) per read, no list in memory.  The index costs about
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -46,6 +47,8 @@ _HASHKEY = struct.Struct(">II")
 _SEQ = struct.Struct(">Q")
 _ENTRY_HEAD = struct.Struct("<BIB")      # flags, pcr, template name length
 _U32 = struct.Struct("<I")
+
+log = logging.getLogger("imafs.measurelog")
 
 
 # -- boot aggregate -----------------------------------------------------------
@@ -94,7 +97,7 @@ def _tpm_banks(tpm_pcr_dir: str) -> list[str]:
 
 def boot_aggregate_entry(template: str = "ima-ng", tpm_pcr_dir: str = "/sys/class/tpm/tpm0",
                          *, hash_algo: str = "sha256", pcr: int = 10,
-                         ns_id: int = 0) -> TemplateEntry:
+                         ns_id: int = 0, tpm=None) -> TemplateEntry:
     """The first entry of a list, as ima_add_boot_aggregate() makes it.
 
     The kernel hashes PCRs 0-7 (sha1 bank) or 0-9 (any other bank), choosing the
@@ -102,13 +105,23 @@ def boot_aggregate_entry(template: str = "ima-ng", tpm_pcr_dir: str = "/sys/clas
     carries that bank's algorithm.  The ``ima`` template only takes a sha1
     aggregate.  Without a readable TPM the digest is all zeros of
     ``hash_algo``'s size (20 bytes for ``ima``).
+
+    ``tpm`` (an :class:`imafs.ima.tpm.TPM`, ``--tpm``): the PCRs come from that
+    TPM instead of sysfs; its errors (TPMError) propagate.
     """
-    available = _tpm_banks(tpm_pcr_dir)
+    if tpm is not None:
+        available = list(tpm.banks)
+
+        def read_pcrs(_dir, bank, count):
+            return tpm.read_many(bank, range(count))
+    else:
+        available = _tpm_banks(tpm_pcr_dir)
+        read_pcrs = read_tpm_pcrs
     want = "sha1" if template == "ima" else hash_algo
     chosen = next((b for b in (want, "sha256", "sha1") if b in available), None)
     algo, digest = ("sha1" if template == "ima" else hash_algo), None
     if chosen is not None and (template != "ima" or chosen == "sha1"):
-        regs = read_tpm_pcrs(tpm_pcr_dir, chosen, 8 if chosen == "sha1" else 10)
+        regs = read_pcrs(tpm_pcr_dir, chosen, 8 if chosen == "sha1" else 10)
         if regs is not None:
             try:
                 h = new_hash(chosen)
@@ -168,7 +181,8 @@ class MeasurementList:
 
     def __init__(self, store, ns_id: int, banks: Iterable[str] = DEFAULT_BANKS, *,
                  template: str = "ima-ng", hash_algo: str = "sha256",
-                 tpm_pcr_dir: str = "/sys/class/tpm/tpm0", boot_aggregate: bool = True):
+                 tpm_pcr_dir: str = "/sys/class/tpm/tpm0", boot_aggregate: bool = True,
+                 tpm=None):
         if not 0 <= ns_id < 1 << 32:
             raise ValueError("namespace id must fit in a u32")
         banks = tuple(banks)
@@ -196,14 +210,21 @@ class MeasurementList:
         self._views["ascii"] = self._views["ascii_sha1"]
         self._views["binary"] = self._views["binary_sha1"]
         self._state = struct.Struct(f"<QQ{2 * len(banks)}Q")
-        env = store.env
+        self._tpm = None
+        self._create(boot_aggregate, tpm_pcr_dir, tpm)
+        if tpm is not None:
+            self.attach_tpm(tpm)
+
+    def _create(self, boot_aggregate: bool, tpm_pcr_dir: str, tpm) -> None:
+        env, banks, ns_id = self.store.env, self.banks, self.ns_id
         with env.begin() as txn:        # an existing list needs no write (read-only stores)
             if self._check_banks(txn):
                 return
         first = None
         if boot_aggregate:
-            first = self._prepare(boot_aggregate_entry(template, tpm_pcr_dir,
-                                                       hash_algo=hash_algo, ns_id=ns_id))
+            first = self._prepare(boot_aggregate_entry(self.template, tpm_pcr_dir,
+                                                       hash_algo=self.hash_algo, ns_id=ns_id,
+                                                       tpm=tpm))
         # Creation and the boot aggregate commit together.
         with self._lock, env.begin(write=True) as txn:
             if self._check_banks(txn):
@@ -330,14 +351,22 @@ class MeasurementList:
         hash is already in this list (the kernel's hash table).  A violation
         entry is always appended (see add_violation).  True if appended."""
         prepared = self._prepare(entry)
-        with self._lock, self.store.env.begin(write=True) as txn:
-            return self._append(txn, prepared)
+        with self._lock:
+            with self.store.env.begin(write=True) as txn:
+                added = self._append(txn, prepared)
+            if self._tpm is not None:
+                self._tpm_flush()
+            return added
 
     def add_many(self, entries: Iterable[TemplateEntry]) -> list[bool]:
         """add() for many entries in one transaction (all or nothing)."""
         prepared = [self._prepare(e) for e in entries]
-        with self._lock, self.store.env.begin(write=True) as txn:
-            return [self._append(txn, p) for p in prepared]
+        with self._lock:
+            with self.store.env.begin(write=True) as txn:
+                added = [self._append(txn, p) for p in prepared]
+            if self._tpm is not None:
+                self._tpm_flush()
+            return added
 
     def add_violation(self, template_name: str | None, path: str | bytes,
                       pcr: int = 10) -> TemplateEntry:
@@ -348,6 +377,162 @@ class MeasurementList:
                                 algo=self.hash_algo, ns_id=self.ns_id)
         self.add(entry)
         return entry
+
+    # --- a TPM (--tpm): every entry is also extended into the TPM's PCRs
+    def attach_tpm(self, tpm) -> None:
+        """Extend this list into ``tpm`` (:class:`imafs.ima.tpm.TPM`) from now on: each
+        appended entry, after its LMDB commit and in list order, into its PCR in every
+        allocated bank the TPM has and Python can hash (the list's banks with the
+        list's template hashes; others, such as sha384, with the template hash in that
+        algorithm, as the kernel extends every bank; 0xff.. for a violation).
+
+        Attaching checks the TPM against the list, PCR by PCR (10 and every PCR the
+        list has extended, in the banks both have): equal -- the TPM already holds this
+        list (a remount); all zero -- a reset TPM (a fresh list, or a restarted swtpm):
+        the whole list is replayed into it; anything else -- someone else extends these
+        PCRs (kernel IMA uses PCR 10 of the machine's TPM) or the TPM holds another
+        state's list: TPMError, and the mount is refused.
+
+        A failed extension raises TPMError from add() (the entry is in the list, so the
+        caller fails the open: EIO) and is retried at the next append, after the TPM is
+        checked again: a command that did reach the TPM is not applied twice; a reset
+        TPM is replayed; a TPM that holds anything else stays failed (every append
+        raises) until a remount."""
+        from imafs.ima.tpm import TPMError
+        common = [b for b in self.banks if b in tpm.banks]
+        if not common:
+            raise TPMError(f"TPM {tpm.tcti} has none of the list's PCR banks "
+                           f"({', '.join(self.banks)}; it has {', '.join(tpm.banks)})")
+        extend_banks = []
+        for b in tpm.banks:
+            try:
+                new_hash(b)
+            except ValueError:
+                continue
+            extend_banks.append(b)
+        with self._lock:
+            self._tpm = tpm
+            self._tpm_common = common
+            self._tpm_banks = extend_banks
+            self._tpm_failed = None          # why the TPM is unusable until a remount
+            self._tpm_doubt = False          # the last extension failed: did it apply?
+            # what the TPM should hold once it has seen the whole list
+            count = self.count
+            self._tpm_seq = count
+            self._tpm_expect = {b: self.pcrs(b) for b in common}
+            try:
+                self._tpm_sync()
+                self._tpm_flush()
+            except BaseException:
+                self._tpm = None
+                raise
+
+    def _tpm_used(self) -> list[int]:
+        used = {10}
+        for regs in self._tpm_expect.values():
+            used |= {i for i, r in enumerate(regs) if any(r)}
+        return sorted(used)
+
+    def _tpm_sync(self, pending=None) -> None:
+        """Compare the TPM with what it should hold after ``_tpm_seq`` entries (and,
+        when ``pending`` -- the entry whose extension failed -- with that entry
+        applied); lock held."""
+        from imafs.ima.tpm import TPMMismatch
+        tpm = self._tpm
+        used = self._tpm_used()
+        if pending is not None and pending[0].pcr not in used:
+            used = sorted(set(used) | {pending[0].pcr})
+        hw = {b: dict(zip(used, tpm.read_many(b, used))) for b in self._tpm_common}
+        expect = {b: {i: self._tpm_expect[b][i] for i in used} for b in self._tpm_common}
+        if hw == expect:
+            return
+        if pending is not None:
+            after = {b: dict(v) for b, v in expect.items()}
+            for b in self._tpm_common:
+                after[b][pending[0].pcr] = self._extended(b, after[b][pending[0].pcr],
+                                                          pending[0], pending[1])
+            if hw == after:            # the failed command had reached the TPM
+                self._tpm_applied(pending[0], pending[1])
+                return
+        if all(not any(v) for regs in hw.values() for v in regs.values()):
+            log.info("TPM %s: PCRs %s at their reset value: extending the %d entries of "
+                     "the list of namespace %d into them", tpm.tcti, used,
+                     self.count, self.ns_id)
+            self._tpm_seq = 0
+            self._tpm_expect = {b: [bytes(hash_size(b))] * NUM_PCRS for b in self._tpm_common}
+            return
+        bank = next(b for b in self._tpm_common if hw[b] != expect[b])
+        pcr = next(i for i in used if hw[bank][i] != expect[bank][i])
+        raise TPMMismatch(
+            f"TPM {tpm.tcti}: {bank} PCR {pcr} is {hw[bank][pcr].hex()}, but the measurement "
+            f"list (namespace {self.ns_id}, {self._tpm_seq} entries) gives "
+            f"{expect[bank][pcr].hex()}: something else extends this PCR (kernel IMA uses "
+            f"PCR 10 of the machine's TPM) or the TPM holds another state's list; use a TPM "
+            f"of its own (swtpm), reset it, or the --state whose list it holds")
+
+    def _extended(self, bank: str, old: bytes, entry: TemplateEntry, hashes) -> bytes:
+        h = new_hash(bank)
+        h.update(old)
+        h.update(entry.extend_value(bank, hashes[self.banks.index(bank)]))
+        return h.digest()
+
+    def _tpm_applied(self, entry: TemplateEntry, hashes) -> None:
+        for b in self._tpm_common:
+            regs = list(self._tpm_expect[b])
+            regs[entry.pcr] = self._extended(b, regs[entry.pcr], entry, hashes)
+            self._tpm_expect[b] = regs
+        self._tpm_seq += 1
+
+    def _tpm_flush(self) -> None:
+        """Extend every entry the TPM has not seen yet; lock held.  TPMError when the
+        TPM cannot take them (they stay pending)."""
+        from imafs.ima.tpm import TPMError, TPMMismatch
+        tpm = self._tpm
+        if self._tpm_failed:
+            raise TPMError(self._tpm_failed)
+        while True:
+            with self.store.env.begin() as txn:
+                batch = []
+                for item in self._entries_from(txn, self._tpm_seq):
+                    batch.append(item)
+                    if len(batch) == 256:
+                        break
+            if not batch:
+                return
+            for entry, hashes in batch:
+                if self._tpm_doubt:
+                    try:
+                        seq = self._tpm_seq
+                        self._tpm_sync((entry, hashes))
+                    except TPMMismatch as e:
+                        self._tpm_failed = str(e)
+                        log.error("%s; measured opens fail (EIO) until a remount", e)
+                        raise
+                    self._tpm_doubt = False
+                    if self._tpm_seq != seq:
+                        break          # applied, or replay from 0: read the list again
+                digests = {}
+                for b in self._tpm_banks:
+                    if b in self.banks:
+                        digests[b] = entry.extend_value(b, hashes[self.banks.index(b)])
+                    else:
+                        digests[b] = entry.extend_value(b)
+                self._tpm_doubt = True
+                try:
+                    tpm.extend(entry.pcr, digests)
+                except TPMError as e:
+                    log.error("TPM extend of entry %d (PCR %d) failed: %s", self._tpm_seq,
+                              entry.pcr, e)
+                    raise
+                self._tpm_doubt = False
+                self._tpm_applied(entry, hashes)
+
+    @property
+    def tpm_pending(self) -> int:
+        """Entries appended but not yet extended into the TPM (0 without one)."""
+        if self._tpm is None:
+            return 0
+        return self.count - self._tpm_seq
 
     # --- reads
     def _entries_from(self, txn, seq: int) -> Iterator[tuple[TemplateEntry, list[bytes]]]:

@@ -4,7 +4,7 @@
 
 IMAFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr ima-evm-utils fsverity
                     busybox-static stress-ng util-linux python3-gpg swtpm swtpm-tools
-                    tpm2-tools debootstrap)
+                    tpm2-tools debootstrap libtss2-dev gcc python3-dev)
 
 imafs_setup() {
     local top
