@@ -1107,3 +1107,62 @@ def test_daemon_never_resolves_through_symlinks(world_tmp):
         trio.run(main)
     finally:
         ov.close_all()
+
+
+@pytest.mark.parametrize("getdents", [True, False], ids=["getdents", "fallback"])
+def test_readdir_resumes_and_seeks_in_process(world_tmp, monkeypatch, getdents):
+    """readdir through the overlay without a kernel: replies cut short (a full
+    buffer) resume at the last offset sent, seeks to remembered offsets give the same
+    entry, and a restart from 0 lists everything again; with the backing's getdents
+    cookies and with the fallback listing."""
+    import pyfuse3
+    from imafs.fs import overlay as ov_mod
+    from imafs.fs import sysio
+    monkeypatch.setattr(sysio, "HAVE_GETDENTS", getdents)
+    b = world_tmp / "backing"
+    b.mkdir()
+    names = {f"n{i:03d}" for i in range(150)}
+    for n in names:
+        (b / n).touch()
+    ov = ov_mod.Overlay(str(b))
+    budget = [0]
+
+    def reply(token, name, attr, off):
+        if budget[0] <= 0:
+            return False
+        budget[0] -= 1
+        token.append((name.decode(), off))
+        return True
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def listing(fh, start, per_call):
+        out = []
+        while True:
+            got = []
+            budget[0] = per_call
+            await ov.readdir(fh, start, got)
+            if not got:
+                return out
+            out += got
+            start = got[-1][1]
+
+    async def main():
+        fh = await ov.opendir(pyfuse3.ROOT_INODE, _Ctx())
+        first = await listing(fh, 0, 7)
+        got = [n for n, _ in first]
+        assert sorted(got) == sorted(names | {".", ".."}) and len(got) == len(set(got))
+        for i in (0, 5, 77, 140):                 # seek to where entry i+1 followed
+            budget[0] = 1
+            one = []
+            await ov.readdir(fh, first[i][1], one)
+            assert one[0][0] == first[i + 1][0]
+        for n in ("n000", "n001", "n149"):
+            os.unlink(b / n)
+        again = [n for n, _ in await listing(fh, 0, 1000)]
+        assert sorted(again) == sorted(names - {"n000", "n001", "n149"} | {".", ".."})
+        await ov.releasedir(fh)
+
+    try:
+        trio.run(main)
+    finally:
+        ov.close_all()

@@ -791,6 +791,7 @@ class Overlay(pyfuse3.Operations):
 
     @staticmethod
     def _list(h: DirHandle):
+        os.lseek(h.fd, 0, os.SEEK_SET)   # scandir(fd) reads from the shared offset
         with os.scandir(h.fd) as it:
             names = [os.fsencode(e.name) for e in it]
         names.sort()
