@@ -17,9 +17,9 @@ import threading
 import pyfuse3
 
 from imafs.fs import sysio
-from imafs.fs.overlay import Caller, Denied, Inode, NullHooks
+from imafs.fs.overlay import NOT_NOW, Caller, Denied, Inode, NullHooks
 from imafs.ima.appraise import XattrError, parse_ima_xattr
-from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, Subject
+from imafs.ima.engine import WOULD_BLOCK, AccessDenied, Engine, FileRef, FsInfo, Subject
 
 log = logging.getLogger("imafs.fs.integrity")
 
@@ -105,7 +105,7 @@ class IntegrityHooks(NullHooks):
 
         def getxattr(name: str):
             try:
-                return os.getxattr(path, name)
+                return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
             except OSError as e:
                 if e.errno in (errno.ENODATA, errno.ENOTSUP):
                     return None
@@ -118,7 +118,7 @@ class IntegrityHooks(NullHooks):
             fs=self._fsinfo(fd, st.st_dev))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
-              created: bool):
+              created: bool, inline: bool = False):
         f = self._file(inode, fd, flags)
         if f is None:
             return None
@@ -127,13 +127,25 @@ class IntegrityHooks(NullHooks):
             return self.engine.file_open(
                 Subject(caller.pid, caller.uid, caller.gid), f,
                 readable=acc != os.O_WRONLY, writable=acc != os.O_RDONLY,
-                append=bool(flags & os.O_APPEND), exec_=exec_, created=created)
+                append=bool(flags & os.O_APPEND), exec_=exec_, created=created,
+                inline=inline)
         except AccessDenied as e:
             log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, e.reason)
             raise Denied(e.errno, e.reason)
 
+    def open_inline(self, caller, inode, fd, flags, exec_):
+        """On the event loop: a warm open (nothing to hash, nobody hashing it) is
+        decided right here, which saves the worker-thread round trip that costs more
+        than the decision itself; anything else answers NOT_NOW."""
+        state = self._open(caller, inode, fd, flags, exec_, False, inline=True)
+        if state is WOULD_BLOCK:
+            return NOT_NOW
+        return self._opened(state, inode)
+
     def open(self, caller, inode, fd, flags, exec_):
-        state = self._open(caller, inode, fd, flags, exec_, False)
+        return self._opened(self._open(caller, inode, fd, flags, exec_, False), inode)
+
+    def _opened(self, state, inode: Inode):
         if state is not None and self.engine.verify_reads:
             state.ref = inode.nodeid
             if state.tree is not None and inode.nodeid in self._unverified:

@@ -50,6 +50,14 @@ def _truncate_opened(fd: int, oflags: int) -> None:
         os.truncate(sysio.proc_path(fd), 0)
 
 
+class _NotNow:
+    def __repr__(self):
+        return "NOT_NOW"
+
+
+NOT_NOW = _NotNow()   # a hook that cannot decide on the event loop says so
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who made a request (from the FUSE request context)."""
@@ -75,6 +83,11 @@ class NullHooks:
     """
     active = False         # open/release/read/write/setattr hooks wanted
     watch_xattrs = False   # setxattr/getxattr/removexattr hooks wanted
+
+    def open_inline(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
+        """Called on the event loop first: decide without blocking, or return NOT_NOW
+        to have ``open`` called in a worker thread."""
+        return NOT_NOW
 
     def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
         """Called after the backing file is opened; return a token kept with the
@@ -560,8 +573,11 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
         token = None
         if self.hooks.active:
+            caller = _caller(ctx)
             try:
-                token = await self._in_thread(self.hooks.open, _caller(ctx), node, fd, flags, exec_)
+                token = self.hooks.open_inline(caller, node, fd, flags, exec_)
+                if token is NOT_NOW:
+                    token = await self._in_thread(self.hooks.open, caller, node, fd, flags, exec_)
             except Denied as d:
                 os.close(fd)
                 raise FUSEError(d.errno)
@@ -580,7 +596,9 @@ class Overlay(pyfuse3.Operations):
         except OSError as e:
             os.close(fd)
             if token is not None:
-                await self._in_thread(self.hooks.release, token)
+                slow = self.hooks.release(token)
+                if slow is not None:
+                    await self._in_thread(slow)
             raise _fuse_error(e)
         keep = self._keep_cache(node, st) and (not self.hooks.active or self.hooks.keep_cache(node))
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
@@ -662,7 +680,9 @@ class Overlay(pyfuse3.Operations):
             except OSError as e:
                 os.close(fd)
                 if token is not None:
-                    await self._in_thread(self.hooks.release, token)
+                    slow = self.hooks.release(token)
+                    if slow is not None:
+                        await self._in_thread(slow)
                 raise _fuse_error(e)
             if token is not None:
                 self.hooks.wrote(token)

@@ -89,7 +89,8 @@ class FsInfo:
 class FileRef:
     """A file as the adapter opened it. ``fd`` is the caller's descriptor (it may be
     write-only); ``reopen()`` gives a fresh read-only descriptor of the same inode
-    (the engine closes it); ``getxattr``/``setxattr`` act on the backing inode."""
+    (the engine closes it); ``getxattr``/``setxattr`` act on the backing inode
+    (``getxattr`` may read through ``fd``: use it only while the open is decided)."""
     fd: int
     st: os.stat_result
     path: bytes
@@ -367,9 +368,14 @@ class Engine:
     # ------------------------------------------------------------------ open
     def file_open(self, subject: Subject, f: FileRef, *, readable: bool, writable: bool,
                   append: bool, exec_: bool, created: bool = False,
-                  funcs: list[tuple[str, int]] | None = None) -> OpenState | None:
+                  funcs: list[tuple[str, int]] | None = None, inline: bool = False):
         """Measure/appraise/audit one open; raises AccessDenied to refuse it.
-        ``funcs`` overrides the hooks derived from the open (e.g. POLICY_CHECK)."""
+        ``funcs`` overrides the hooks derived from the open (e.g. POLICY_CHECK).
+
+        ``inline``: the caller is an event loop that must not block. The open is then
+        decided only if that needs no hashing and no waiting for the file's lock (a
+        warm file: its digests for this version are known); otherwise nothing is done
+        and WOULD_BLOCK is returned, for the caller to retry from a worker thread."""
         ns = self.namespace_of(subject)
         if not stat.S_ISREG(f.st.st_mode):
             return None
@@ -379,7 +385,14 @@ class Engine:
         events = self._events(chain, subject, f, mask, exec_, funcs)
         decided = self.decide(ns, events)
         ii = self.iint(f.key)
-        with ii.lock:
+        if inline:
+            warm = ii.version == f.version and ii.digests and (
+                ii.tree is not None or not self.verify_reads or writable)
+            if (decided and not warm) or not ii.lock.acquire(blocking=False):
+                return WOULD_BLOCK
+        else:
+            ii.lock.acquire()
+        try:
             if ii.version != f.version:
                 ii.reset(f.version)
             self._violations(chain, events, subject, f, ii, decided, writable, ns.id)
@@ -405,6 +418,8 @@ class Engine:
                             ii.readers -= 1
                         raise
                     state.tree, state.watchers = ii.tree, watchers
+        finally:
+            ii.lock.release()
         return state
 
     def _violations(self, chain, events, subject, f, ii: IInt, decided, writable,
@@ -750,7 +765,7 @@ class Engine:
                 if not (d.hash or (d.appraise and (n.appraise_mode == "fix"
                                                    or n.id in update))):
                     continue
-                cur = f.getxattr(n.xattr_name)
+                cur = _fgetxattr(fd, n.xattr_name)   # f.getxattr's descriptor is closed
                 if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
                     continue        # ima_update_xattr(): never over a signature (IMA_DIGSIG)
                 digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
@@ -889,6 +904,14 @@ class Engine:
         return ns.mlist.add(buf_entry(name, buf, algo=ns.hash_algo, pcr=pcr))
 
 
+def _fgetxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
+
+
+WOULD_BLOCK = object()       # file_open(inline=True): decide it in a worker thread
 _COUNTS = threading.Lock()   # guards every IInt's readers/writers/wgen (held briefly)
 _FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
                "PATH_CHECK": "FILE_CHECK"}
