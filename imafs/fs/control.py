@@ -382,7 +382,10 @@ class ControlDir:
 
     def _policy_from_file(self, h: CtlHandle, path: str):
         """A policy loaded by path (inside the mount), appraised as POLICY_CHECK."""
-        f, fd = self._open_in_mount(path)
+        try:
+            f, fd = self._open_in_mount(path)
+        except OSError as e:
+            raise PolicyError(f"{path}: {e.strerror}") from None
         state = None
         try:
             state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
@@ -526,6 +529,8 @@ class ControlDir:
             path = path[len(self.mountpoint):] or "/"
         if not path.startswith("/"):
             raise OSError(errno.EINVAL, "path must be absolute (inside the mount)")
+        if "\0" in path:
+            raise OSError(errno.EINVAL, "path contains a NUL byte")
         node_fd, rel = resolve(self.overlay.root.fd, path)
         try:
             fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_CLOEXEC)

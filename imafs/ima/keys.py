@@ -106,9 +106,15 @@ def keyid_of(cert: x509.Certificate | bytes) -> int:
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
         ski = b""
+    except Exception as e:  # noqa: BLE001 - DuplicateExtension etc. are no ValueErrors
+        raise KeyringError(f"unparseable certificate extensions: {e}") from None
     if len(ski) >= 4:
         return struct.unpack(">I", ski[-4:])[0]
-    return keyid_of_public_key(cert.public_key())
+    try:
+        public_key = cert.public_key()
+    except Exception as e:  # noqa: BLE001 - unknown algorithms (UnsupportedAlgorithm)
+        raise KeyringError(f"unusable public key: {e}") from None
+    return keyid_of_public_key(public_key)
 
 
 # --- certificates -----------------------------------------------------------------
@@ -125,14 +131,14 @@ def parse_certificate(data: bytes) -> x509.Certificate:
                                + (f" (found: {', '.join(kinds)})" if kinds else ""))
         try:
             certs = x509.load_pem_x509_certificates(data)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - ValueError, x509.InvalidVersion, ...
             raise KeyringError(f"unparseable PEM certificate: {e}") from None
         if len(certs) != 1:
             raise KeyringError(f"PEM data holds {len(certs)} certificates; add them one at a time")
         return certs[0]
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - ValueError, x509.InvalidVersion (not a ValueError)
         raise KeyringError(f"not an X.509 certificate (DER or PEM): {e}") from None
 
 
@@ -196,7 +202,7 @@ def check_certificate(cert: x509.Certificate, *, now: _dt.datetime | None = None
         except x509.ExtensionNotFound:
             raise KeyringError("certificate has no keyUsage extension; IMA keys need "
                                "keyUsage=digitalSignature") from None
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - ValueError, DuplicateExtension, ...
             raise KeyringError(f"unparseable certificate extensions: {e}") from None
         if not ku.digital_signature:
             raise KeyringError("certificate keyUsage lacks digitalSignature")

@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""Fuzz every imafs parser that takes bytes from outside, and report how many inputs
+each one survived.
+
+    .venv/bin/python scripts/fuzz.py [--runs N] [--engine atheris|hypothesis|random]
+                                     [--target NAME ...] [--seconds S]
+
+Targets (each takes one byte string):
+
+  policy       parse_policy; what parses prints and parses back to the same rules
+  xattr        parse_ima_xattr / needed_algo / describe_xattr / appraise against a keyring
+  cert         certificate parsing and keyring checks (DER and PEM)
+  ctl-policy   writes to the ``policy`` control file (ControlDir, no mount), loaded at close
+  ctl-keys     writes to ``keys``
+  ctl-ns       writes to ``ns-create`` and ``ns-remove``
+  ctl-query    writes to ``query`` (paths resolved in a small tree with symlinks)
+  list-binary  verify-log on a binary list (template hashes, PCR replay)
+  list-ascii   verify-log on an ascii list
+  pcrs         PCR-NN: <hex> files given to verify-log --pcrs
+
+A *bug* is any exception but the target's documented rejection (PolicyError,
+XattrError, KeyringError, TemplateError, ValueError where the API says so, FUSEError
+with an errno the control file documents), a rejection without a message, an input
+that takes longer than --timeout seconds, or resident memory over --rss-mb.
+
+Engines: ``atheris`` (coverage-guided libFuzzer, ``pip install atheris``; one process
+per target, the default when importable), ``hypothesis`` (random and seed-mutated
+inputs, shrinks a failure) and ``random`` (seed mutations only, no dependency).
+Exit status 0 when no target failed. tests/test_hostile_input.py runs the same
+targets with a few hundred hypothesis inputs each.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+# --------------------------------------------------------------------------- seeds
+
+
+def _seed_entries():
+    from imafs.ima.templates import build_entry, buf_entry, violation_entry
+    return [
+        build_entry("ima-ng", name="/bin/sh", algo="sha256", digest=bytes(range(32)), pcr=10),
+        build_entry("ima", name="/etc/passwd", algo="sha1", digest=bytes(20), pcr=10),
+        build_entry("ima-sig", name="/a b", algo="sha256", digest=bytes(32), pcr=10,
+                    xattr=b"\x03\x02\x04\x01\x02\x03\x04\x00\x02ab"),
+        build_entry("ima-ns", name="/x", algo="sha256", digest=bytes(32), pcr=11, ns_id=3),
+        buf_entry("ns-create", b"name=/c id=1", algo="sha256"),
+        violation_entry("ima-ng", "/v", algo="sha256"),
+    ]
+
+
+def _cert_seeds() -> list[bytes]:
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    import _ima_testkeys as tk
+    c = tk.cert(tk.key("ec"))
+    r = tk.cert(tk.key("rsa"), ski=False)
+    return [tk.der(c), tk.pem(c), tk.der(r), tk.pem(r) + tk.pem(c),
+            b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"]
+
+
+def seeds(target: str) -> list[bytes]:
+    if target in ("policy", "ctl-policy"):
+        from imafs.ima.policy import BUILTIN_POLICIES
+        out = [t.encode() for t in BUILTIN_POLICIES.values()]
+        out += [b"measure func=BPRM_CHECK mask=MAY_EXEC uid>1000 fowner<5 pcr=11 "
+                b"template=ima-sig\n",
+                b"appraise func=FILE_CHECK appraise_type=imasig|modsig "
+                b"appraise_algos=sha256,sha512 fsuuid=01234567-89ab-cdef-0123-456789abcdef\n",
+                b"dont_measure fsmagic=0x9fa0\naudit func=MMAP_CHECK mask=^MAY_READ\n",
+                b"measure digest_type=verity func=BPRM_CHECK obj_type=foo_t\n# c\n\n"]
+        return out
+    if target == "xattr":
+        from imafs.ima import appraise as ap
+        return [ap.hash_xattr("sha256", bytes(32)), b"\x01" + bytes(20), b"\x01" + bytes(16),
+                b"\x03\x02\x04\x00\x00\x00\x01\x00\x02ab", b"\x06\x03\x04\x00\x00\x00\x01\x00\x01a",
+                b"\x05\x02", b"\x04\x11" + bytes(32)]
+    if target in ("cert", "ctl-keys"):
+        return _cert_seeds() + [b"/keys/k.der\n", b"/nope\n"]
+    if target == "ctl-ns":
+        return [b"web", b"web template=ima-sig hash=sha512 appraise=log\n",
+                b"-x template=nope", b"\xffname"]
+    if target == "ctl-query":
+        return [b"/a\n", b"exec /bin/x\n", b"/out/../../etc/passwd", b"/loop\n", b"rel",
+                b"/dir\n", b"/a /b\n"]
+    if target == "list-binary":
+        return [b"".join(e.binary_record("sha1") for e in _seed_entries())]
+    if target == "list-ascii":
+        return [b"".join(e.ascii_line("sha1") for e in _seed_entries()),
+                b"".join(e.ascii_line("sha256") for e in _seed_entries())]
+    if target == "pcrs":
+        return [b"".join(f"PCR-{i:02d}: {'00' * 20}\n".encode() for i in range(24))]
+    raise KeyError(target)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Bug(Exception):
+    """The input made a parser misbehave."""
+
+
+def _clear(e: BaseException) -> None:
+    """A rejection must say what is wrong."""
+    if not str(e).strip():
+        raise Bug(f"{type(e).__name__} without a message")
+
+
+class Targets:
+    """The targets, with what they need built once per process (a keyring, a store,
+    a control directory over a small tree)."""
+
+    def __init__(self):
+        self._tmp = None
+        self._ctl = None
+        self._keyring = None
+
+    # --- policy
+    def policy(self, data: bytes) -> None:
+        from imafs.ima.policy import (AccessEvent, Policy, PolicyError, format_policy,
+                                      parse_policy)
+        try:
+            rules = parse_policy(data)
+        except PolicyError as e:
+            _clear(e)
+            if not (e.line >= 1 and e.col >= 1):
+                raise Bug(f"PolicyError without a position: {e}")
+            return
+        text = format_policy(rules)
+        again = parse_policy(text)
+        if format_policy(again) != text:
+            raise Bug("a parsed policy does not print back to itself")
+        ev = AccessEvent(func="BPRM_CHECK", mask=1, uid=0, euid=0, gid=0, egid=0, fowner=0,
+                         fgroup=0, fsmagic=0xEF53, path="/bin/sh")
+        Policy(rules).match(ev)
+
+    # --- security.ima
+    def xattr(self, data: bytes) -> None:
+        from imafs.ima import appraise as ap
+        try:
+            v = ap.parse_ima_xattr(data)
+            v.describe()
+        except ap.XattrError as e:
+            _clear(e)
+        ap.describe_xattr(data)
+        ap.needed_algo(data)
+        kr = self.keyring()
+        for require_sig in (False, True):
+            r = ap.appraise(data, lambda a: b"\x11" * ap.hash_algo(a).size, kr,
+                            require_sig=require_sig, verity_digest=lambda a: None,
+                            file_size=10)
+            str(r)
+
+    def keyring(self):
+        if self._keyring is None:
+            from imafs.ima.keys import Keyring
+            self._keyring = Keyring()
+            for s in _cert_seeds()[:1]:
+                self._keyring.add(s)
+        return self._keyring
+
+    # --- certificates
+    def cert(self, data: bytes) -> None:
+        from imafs.ima.keys import Keyring, KeyringError, keyid_of, parse_certificate
+        try:
+            c = parse_certificate(data)
+        except KeyringError as e:
+            _clear(e)
+            return
+        try:
+            keyid_of(c)
+        except (ValueError, KeyringError) as e:
+            _clear(e)
+        try:
+            Keyring().add(data)
+        except KeyringError as e:
+            _clear(e)
+
+    # --- control files (no mount: the ControlDir methods the FUSE handlers call)
+    def control(self):
+        if self._ctl is None:
+            self._ctl = _Control()
+        return self._ctl
+
+    def ctl_policy(self, data: bytes) -> None:
+        self.control().write("policy", data)
+
+    def ctl_keys(self, data: bytes) -> None:
+        self.control().write("keys", data)
+
+    def ctl_ns(self, data: bytes) -> None:
+        self.control().write("ns-create", data)
+
+    def ctl_query(self, data: bytes) -> None:
+        self.control().write("query", data)
+
+    # --- verify-log
+    def list_binary(self, data: bytes) -> None:
+        self._verify(data, "binary")
+
+    def list_ascii(self, data: bytes) -> None:
+        self._verify(data, "ascii")
+
+    def _verify(self, data: bytes, fmt: str) -> None:
+        from imafs.ima.verifylog import entries_of, verify
+        for bank in ("sha1", "sha256"):
+            rep = verify(entries_of(io.BytesIO(data), fmt, bank), bank=bank,
+                         keyring=self.keyring(), all_problems=True)
+            for p in rep.problems:
+                if not str(p).strip():
+                    raise Bug("a problem without a description")
+
+    def pcrs(self, data: bytes) -> None:
+        from imafs.ima.verifylog import parse_pcr_file
+        try:
+            parse_pcr_file(data.decode("utf-8", "surrogateescape"))
+        except ValueError as e:
+            _clear(e)
+
+
+class _Handle:
+    pid, uid, gid = os.getpid(), 0, 0
+
+
+class _Control:
+    """A ControlDir over an engine with a real LMDB store (in a temporary directory),
+    no FUSE: writes go through the same methods the FUSE handlers call."""
+
+    ALLOWED = {
+        "policy": {errno.EINVAL, errno.EFBIG},
+        "keys": {errno.EINVAL, errno.EFBIG},
+        "ns-create": {errno.EINVAL, errno.EEXIST},
+        "ns-remove": {errno.EINVAL, errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY},
+        "query": {errno.EINVAL},
+    }
+
+    def __init__(self):
+        from imafs.fs.control import ControlDir, CtlHandle
+        from imafs.ima.engine import Engine
+        from imafs.ima.keys import Keyring
+        from imafs.ima.measurelog import MeasurementList
+        from imafs.ima.namespaces import Namespace, NamespaceTree
+        from imafs.ima.policy import Policy, parse_policy
+        from imafs.store import Store
+        self.tmp = tempfile.mkdtemp(prefix="imafs-fuzz-")
+        tree_dir = os.path.join(self.tmp, "tree")
+        os.makedirs(os.path.join(tree_dir, "bin"))
+        os.makedirs(os.path.join(tree_dir, "dir"))
+        os.makedirs(os.path.join(tree_dir, "keys"))
+        with open(os.path.join(tree_dir, "a"), "w") as f:
+            f.write("a file\n")
+        with open(os.path.join(tree_dir, "bin", "x"), "wb") as f:
+            f.write(b"\x7fELF" + bytes(100))
+        with open(os.path.join(tree_dir, "keys", "k.der"), "wb") as f:
+            f.write(_cert_seeds()[0])
+        os.symlink("/etc/passwd", os.path.join(tree_dir, "out"))
+        os.symlink("loop", os.path.join(tree_dir, "loop"))
+        store = Store(os.path.join(self.tmp, "lmdb"), sync=False, map_size=1 << 30)
+
+        def factory(nsid, name, parent, o, policy_text):
+            template = o.get("template") or parent.template
+            algo = o.get("hash") or parent.hash_algo
+            return Namespace(id=nsid, name=name, parent=parent,
+                             policy=Policy(parse_policy(policy_text)),
+                             mlist=MeasurementList(store, nsid, template=template,
+                                                   hash_algo=algo),
+                             keyring=Keyring(store, nsid),
+                             appraise_mode=o.get("appraise") or parent.appraise_mode,
+                             template=template, hash_algo=algo)
+        root = Namespace(id=0, name="", parent=None, policy=Policy([]),
+                         mlist=MeasurementList(store, 0), keyring=Keyring(store, 0))
+        tree = NamespaceTree(root, None, store=store, factory=factory)
+        self.engine = Engine(tree, store=store)
+        self.root = root
+        self.rootfd = os.open(tree_dir, os.O_PATH | os.O_DIRECTORY)
+
+        class _Overlay:
+            class root:
+                fd = self.rootfd
+        self.ctl = ControlDir(self.engine, _Overlay())
+        self.CtlHandle = CtlHandle
+        self._Policy = Policy
+
+    def write(self, name: str, data: bytes) -> None:
+        from pyfuse3 import FUSEError
+        h = self.CtlHandle(name, self.root, _Handle(), 0, 0)
+        # the first byte (when there is one) cuts the input into two write() calls
+        cut = data[0] % (len(data) + 1) if data else 0
+        parts = [data[1:cut], data[cut:]] if data else [b""]
+        fn = {"policy": lambda b: self.ctl._write_policy(h, b),
+              "keys": lambda b: self.ctl._write_keys(h, b, False),
+              "query": lambda b: self.ctl._write_query(h, b),
+              "ns-create": lambda b: self.ctl._write_ns(h, b)}[name]
+        try:
+            try:
+                for p in parts:
+                    if p or name != "ns-create":
+                        n = fn(p)
+                        if n != len(p):
+                            raise Bug(f"{name}: write of {len(p)} bytes returned {n}")
+                # close(): flush
+                if name == "policy":
+                    if h.pending:
+                        self.ctl._write_policy(h, b"\n")
+                    self.ctl._load_policy(h)
+                elif name == "keys" and h.pending:
+                    self.ctl._write_keys(h, b"", True)
+            except FUSEError as e:
+                if e.errno not in self.ALLOWED[name]:
+                    raise Bug(f"{name}: errno {e.errno} ({os.strerror(e.errno)})")
+        finally:
+            self._reset(name)
+
+    def _reset(self, name: str) -> None:
+        """Keep the state bounded: children removed, the root policy emptied."""
+        if name == "policy":
+            self.root.set_policy(self._Policy([]))
+        elif name == "ns-create":
+            for child in list(self.root.children):
+                self.engine.remove_namespace(self.root, child, os.getpid(), 0)
+        elif name == "keys":
+            for k in list(self.root.keyring):
+                self.root.keyring.remove(k.keyid)
+
+
+TARGETS = {
+    "policy": "policy", "xattr": "xattr", "cert": "cert", "ctl-policy": "ctl_policy",
+    "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
+    "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
+}
+
+
+def make_runner(target: str, timeout: float = 10.0):
+    """A callable(data) that raises Bug (or the unexpected exception) on a bug."""
+    fn = getattr(Targets(), TARGETS[target])
+
+    def run(data: bytes) -> None:
+        t = time.monotonic()
+        fn(bytes(data))
+        dt = time.monotonic() - t
+        if dt > timeout:
+            raise Bug(f"{target}: one input of {len(data)} bytes took {dt:.1f} s")
+    return run
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randrange(1, 8)):
+        op = rng.randrange(8)
+        pos = rng.randrange(len(b) + 1)
+        if op == 0 and b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op == 1 and b:
+            del b[pos:pos + rng.randrange(1, 16)]
+        elif op == 2:
+            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16)))
+        elif op == 3 and b:
+            j = rng.randrange(len(b))
+            b[pos:pos] = b[j:j + rng.randrange(1, 64)]
+        elif op == 4:
+            other = rng.choice(pool)
+            j = rng.randrange(len(other) + 1)
+            b[pos:] = other[j:]
+        elif op == 5:
+            b[pos:pos] = rng.choice([b"\n", b" ", b"\0", b"\xff", b"=", b"-----",
+                                     b"\xff\xff\xff\xff", b"\x00\x00\x00\x80", b"0x",
+                                     b"4294967296", b"%", b"\\", "é".encode()])
+        elif op == 6 and b:
+            b = b * rng.randrange(2, 5)
+        elif op == 7 and len(b) > 4:
+            j = rng.randrange(len(b) - 3)
+            b[j:j + 4] = rng.randrange(1 << 32).to_bytes(4, "little")
+    return bytes(b[:1 << 20])
+
+
+def run_random(target: str, runs: int, seconds: float | None, rng_seed: int) -> dict:
+    run = make_runner(target)
+    rng = random.Random(rng_seed)
+    pool = seeds(target)
+    n, t0 = 0, time.monotonic()
+    for s in pool:
+        run(s)
+        n += 1
+    while n < runs and (seconds is None or time.monotonic() - t0 < seconds):
+        data = (mutate(rng, rng.choice(pool), pool) if rng.random() < 0.8
+                else rng.randbytes(rng.randrange(0, 300)))
+        try:
+            run(data)
+        except Exception as e:
+            raise Bug(f"{target}: {type(e).__name__}: {e} on input {data[:200]!r}") from e
+        n += 1
+        if rng.random() < 0.01 and len(pool) < 200:
+            pool.append(data)
+    return {"inputs": n, "seconds": time.monotonic() - t0}
+
+
+def run_hypothesis(target: str, runs: int, seconds: float | None, rng_seed: int) -> dict:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    run = make_runner(target)
+    pool = seeds(target)
+    count = [0]
+    rng = random.Random(rng_seed)
+
+    @settings(max_examples=runs, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=400),
+                     st.sampled_from(pool).flatmap(
+                         lambda s: st.integers(0, 2**32).map(
+                             lambda k: mutate(random.Random(k), s, pool)))))
+    def prop(data):
+        count[0] += 1
+        run(data)
+
+    t0 = time.monotonic()
+    for s in pool:
+        run(s)
+    prop()
+    _ = rng
+    return {"inputs": count[0] + len(pool), "seconds": time.monotonic() - t0}
+
+
+def run_atheris_child(target: str, runs: int, seconds: float | None, timeout: float,
+                      rss_mb: int) -> int:
+    """In a child process: libFuzzer over one target, the seeds as its corpus."""
+    import atheris
+    with atheris.instrument_imports():
+        import imafs.ima.policy, imafs.ima.appraise, imafs.ima.keys  # noqa: F401
+        import imafs.ima.templates, imafs.ima.verifylog, imafs.fs.control  # noqa: F401
+        import imafs.ima.namespaces  # noqa: F401
+    run = make_runner(target, timeout)
+    corpus = tempfile.mkdtemp(prefix=f"imafs-corpus-{target}-")
+    for i, s in enumerate(seeds(target)):
+        with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
+            f.write(s)
+    args = [sys.argv[0], f"-runs={runs}", f"-timeout={int(timeout)}", f"-rss_limit_mb={rss_mb}",
+            "-max_len=65536", "-print_final_stats=1",
+            f"-artifact_prefix={os.environ.get('IMAFS_FUZZ_ARTIFACTS', tempfile.gettempdir())}/",
+            corpus]
+    if seconds:
+        args.insert(1, f"-max_total_time={int(seconds)}")
+    atheris.Setup(args, run)
+    atheris.Fuzz()
+    return 0
+
+
+def run_atheris(target: str, runs: int, seconds: float | None, timeout: float,
+                rss_mb: int) -> dict:
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_atheris", target,
+                        "--runs", str(runs), "--timeout", str(timeout), "--rss-mb", str(rss_mb)]
+                       + (["--seconds", str(seconds)] if seconds else []),
+                       capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    m = re.search(r"stat::number_of_executed_units:\s*(\d+)", out) or \
+        re.search(r"Done (\d+) runs", out)
+    cov = re.search(r"stat::peak_rss_mb:\s*(\d+)", out)
+    res = {"inputs": int(m.group(1)) if m else 0, "seconds": time.monotonic() - t0,
+           "peak_rss_mb": int(cov.group(1)) if cov else None}
+    if p.returncode != 0:
+        tail = "\n".join(out.splitlines()[-40:])
+        raise Bug(f"{target}: libFuzzer exit {p.returncode}\n{tail}")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20000, help="inputs per target (default 20000)")
+    ap.add_argument("--seconds", type=float, help="stop each target after this long")
+    ap.add_argument("--engine", choices=["atheris", "hypothesis", "random"])
+    ap.add_argument("--target", action="append", choices=sorted(TARGETS))
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds one input may take")
+    ap.add_argument("--rss-mb", type=int, default=2048, help="memory limit (MiB)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--_atheris", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    import logging
+    logging.disable(logging.CRITICAL)     # every rejection logs a line: not here
+    if a._atheris:
+        return run_atheris_child(a._atheris, a.runs, a.seconds, a.timeout, a.rss_mb)
+    engine = a.engine
+    if engine is None:
+        try:
+            import atheris  # noqa: F401
+            engine = "atheris"
+        except ImportError:
+            engine = "hypothesis"
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if engine != "atheris":
+        resource.setrlimit(resource.RLIMIT_AS, (a.rss_mb << 20 << 2, hard))
+    total, failed = 0, []
+    print(f"engine {engine}, {a.runs} inputs per target")
+    for t in a.target or sorted(TARGETS):
+        try:
+            if engine == "atheris":
+                r = run_atheris(t, a.runs, a.seconds, a.timeout, a.rss_mb)
+            elif engine == "hypothesis":
+                r = run_hypothesis(t, a.runs, a.seconds, a.seed)
+            else:
+                r = run_random(t, a.runs, a.seconds, a.seed)
+        except Exception as e:  # noqa: BLE001 - report every target
+            print(f"{t:12} FAILED: {e}")
+            failed.append(t)
+            continue
+        total += r["inputs"]
+        rss = r.get("peak_rss_mb")
+        rss = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print(f"{t:12} {r['inputs']:>9} inputs  {r['seconds']:7.1f} s  peak RSS {rss} MiB  ok")
+    print(f"total: {total} inputs, {len(failed)} target(s) failed"
+          + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
