@@ -51,14 +51,29 @@ class Env:
             fn(r)
 
 
-@pytest.fixture
-def env(make_mount, world_tmp):
+def _env(make_mount, world_tmp, args):
     native = world_tmp / "native"
     native.mkdir()
-    mount = make_mount(["--no-integrity"], start=False)
+    mount = make_mount(args, start=False)
     for d in (native, mount.backing):
         os.chmod(d, 0o777)
     return Env(mount.start(), native)
+
+
+@pytest.fixture
+def env(make_mount, world_tmp):
+    return _env(make_mount, world_tmp, ["--no-integrity"])
+
+
+@pytest.fixture(params=["plain", "integrity"])
+def env_any(request, make_mount, world_tmp):
+    """The same checks with the integrity hooks active (a policy that measures every
+    open): open/create/truncate take other paths then."""
+    if request.param == "plain":
+        return _env(make_mount, world_tmp, ["--no-integrity"])
+    pol = world_tmp / "measure-all.policy"
+    pol.write_text("measure func=FILE_CHECK\n")
+    return _env(make_mount, world_tmp, ["--policy", str(pol)])
 
 
 @pytest.fixture
@@ -165,7 +180,8 @@ r = out
     assert r[-1] == "reopen ok"
 
 
-def test_open_flags_excl_trunc_append(env, user_w):
+def test_open_flags_excl_trunc_append(env_any, user_w):
+    env = env_any
     code = """
 out = []
 p = root + '/f'
@@ -769,7 +785,8 @@ _ACTIONS = {
 _CAP = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
-def test_suid_sgid_cleared_as_the_kernel_does(env, root_w, user_w):
+def test_suid_sgid_cleared_as_the_kernel_does(env_any, root_w, user_w):
+    env = env_any
     results = {}
     for i, (name, mode, uid, gid, actor, action) in enumerate(SUID_SCENARIOS):
         def prep(root: Path, i=i, mode=mode, uid=uid, gid=gid, action=action):

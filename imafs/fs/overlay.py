@@ -653,7 +653,9 @@ class Overlay(pyfuse3.Operations):
             if created:
                 self._own_new(pfd, caller, parent, perm, False)
             st = os.fstat(fd)
-            if not created and st.st_mode & _SETID and h.writable:
+            # set-id bits of an existing file: now, or after a truncation the hooks
+            # must allow first (a refused open changes nothing)
+            if not created and not trunc and st.st_mode & _SETID and h.writable:
                 st = self._open_privs(h, st, caller, bool(base & os.O_TRUNC))
         except OSError as e:
             os.close(fd)
@@ -677,6 +679,8 @@ class Overlay(pyfuse3.Operations):
             try:
                 _truncate_opened(fd, base)
                 st = os.fstat(fd)
+                if st.st_mode & _SETID and h.writable:
+                    st = self._open_privs(h, st, caller, True)
             except OSError as e:
                 os.close(fd)
                 if token is not None:
