@@ -425,10 +425,11 @@ def test_odd_names_recorded_as_the_kernel_does(make_mount, world_tmp):
         want = n.replace(b" ", b"_")               # the kernel's only rewrite of a name
         assert want in recorded, (n, list(recorded))
         assert recorded[want].file_digest[2] == hashlib.sha256(n).digest()
-    # the binary list is exact; the ascii line of a name with a newline is not
-    # splittable (the kernel prints %s), but every other line parses
+    # the binary list is exact; the ascii line of a name with a newline prints it
+    # \012 (the kernel's %s would split the line), and parses back to the name
     ascii_ = m.ctl("ascii_runtime_measurements").read_bytes()
-    assert b" /new\nline\n" in ascii_
+    assert b" /new\\012line\n" in ascii_
+    assert {e.name for e in parse_ascii(ascii_)} == set(recorded)
     assert b" /raw\xff\xfe_bytes\n" in ascii_
     check_replay(m)
 

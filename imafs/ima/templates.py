@@ -12,8 +12,10 @@ Choices:
   ``ima_canonical_fmt`` (and as it writes them natively on x86).
 * Names (``n``, ``n-ng``) are recorded as the kernel records them: every space
   becomes ``_`` before hashing; nothing else is escaped.  The kernel prints a
-  name with ``%s`` and no escaping, so a name holding a newline yields an ascii
-  line that cannot be split back; the binary record is always exact.
+  name with ``%s`` and no escaping, so a name holding a newline would yield an
+  ascii line that cannot be split back: there (only) the ascii views print the
+  newline as ``\\012`` and a backslash as ``\\134``, and the parser takes the
+  escaped form when the template hash says so.  The binary record is always exact.
 * ``ns`` (our field, template ``ima-ns`` = ``d-ng|n-ng|ns``) is the namespace id
   as a little-endian u32, printed in decimal: the kernel's own uint fields
   (``iuid``, ``igid``) use the same encoding.
@@ -392,7 +394,7 @@ def _show_ascii(fid: str, data: bytes) -> bytes:
     if kind == DIGEST or kind == HEX:
         return data.hex().encode()
     if kind == STRING:
-        return data.split(b"\0", 1)[0]
+        return _escape_newline(data.split(b"\0", 1)[0])
     if kind == DIGEST_ALGO:
         colon = data.find(b":")
         if colon < 0 or data[colon + 1:colon + 2] != b"\0":
@@ -714,9 +716,58 @@ def _parse_ascii_line(line: bytes | str) -> TemplateEntry:
             raise TemplateError(f"template {template} has {len(ids)} fields, "
                                 f"line has {len(tokens)}")
     fields = tuple(_parse_ascii_field(fid, tok) for fid, tok in zip(ids, tokens))
+    if b"\\012" in rest and any(thash):
+        # a name printed with its newline escaped (_escape_newline): the data the
+        # template hash covers has the newline; a name that holds the text "\012"
+        # itself hashes as printed
+        alt = tuple(_unescape_newline(f) if FIELD_KINDS[fid] == STRING else f
+                    for fid, f in zip(ids, fields))
+        bank = _BANK_OF_SIZE.get(len(thash))
+        if alt != fields and bank is not None:
+            try:
+                if TemplateEntry(pcr, template, alt, False).template_hash(bank) == thash:
+                    fields = alt
+            except (TemplateError, ValueError):
+                pass
     if template == "ima" and len(fields[1]) > IMA_EVENT_NAME_LEN_MAX + 1:
         raise TemplateError("ima name exceeds 255 bytes")
     return TemplateEntry(pcr, template, fields, not any(thash), recorded_hash=thash)
+
+
+_BANK_OF_SIZE = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}
+_ESCAPED = re.compile(rb"\\(012|134)")
+
+
+def _escape_newline(s: bytes) -> bytes:
+    """A name as an ascii line shows it: as the kernel prints it (``%s``), except a
+    name holding a newline, which would split the line: there the newline is printed
+    ``\\012`` and a backslash ``\\134`` (the octal escapes of /proc/self/mountinfo).
+    Only the ascii views differ; the template data, the template hash and the binary
+    list keep the name as recorded."""
+    if b"\n" not in s:
+        return s
+    return s.replace(b"\\", b"\\134").replace(b"\n", b"\\012")
+
+
+def _unescape_newline(field_data: bytes) -> bytes:
+    return _ESCAPED.sub(lambda m: b"\n" if m.group(1) == b"012" else b"\\", field_data)
+
+
+# the longest ascii line a parser reads: the hex of the largest template data, with room
+# for the PCR, the template hash and the names (memory stays bounded by it)
+MAX_ASCII_LINE = 2 * MAX_TEMPLATE_DATA_LEN + 4096
+
+
+def _bounded_lines(stream) -> Iterator[bytes]:
+    """Lines of a stream, none read past MAX_ASCII_LINE + 1 bytes (a longer one is
+    refused by the caller without being held whole)."""
+    while True:
+        line = stream.readline(MAX_ASCII_LINE + 1)
+        if not line:
+            return
+        yield line
+        if len(line) > MAX_ASCII_LINE:
+            return
 
 
 def parse_ascii(source: bytes | Iterable[bytes] | BinaryIO) -> Iterator[TemplateEntry]:
@@ -725,11 +776,15 @@ def parse_ascii(source: bytes | Iterable[bytes] | BinaryIO) -> Iterator[Template
     offset of the line's start."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
+    if hasattr(source, "readline"):
+        source = _bounded_lines(source)
     offset = 0
     n = 0
     for line in source:
         start = offset
         offset += len(line)
+        if len(line) > MAX_ASCII_LINE:
+            raise TemplateError(f"line longer than {MAX_ASCII_LINE} bytes", entry=n, offset=start)
         if line in (b"\n", b"", "\n", ""):
             continue
         yield parse_ascii_line(line, entry=n, offset=start)
