@@ -843,6 +843,8 @@ class Engine:
             child = self.tree.create(parent, name, opts)
         except NamespaceError:
             raise
+        except ValueError as e:     # options the list or the templates refuse
+            raise NamespaceError(errno.EINVAL, f"namespace {name!r}: {e}") from None
         except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
             raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
         data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "

@@ -172,9 +172,11 @@ class NamespaceTree:
         if "hash" in opts:
             from imafs.ima import hashing
             try:
-                hashing.hash_algo(opts["hash"]).new()
+                algo = hashing.hash_algo(opts["hash"])
+                algo.new()
             except (ValueError, hashing.HashAlgoError) as e:
                 raise NamespaceError(errno.EINVAL, f"hash: {e}")
+            opts["hash"] = algo.name        # the kernel's name: "SHA512" is sha512
         return name, opts
 
     def create(self, parent: Namespace, name: str, opts: dict) -> Namespace:
