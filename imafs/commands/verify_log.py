@@ -41,6 +41,16 @@ def _run(args) -> int:
     for spec in args.pcr or []:
         bank, n, value = _pcr_value(spec)
         expected.setdefault(bank, {})[n] = value
+    # every bank named must be one we can compute, and every bank with expected values
+    # is replayed: a misspelt bank must never make a list "match" unchecked
+    from imafs.ima.templates import new_hash
+    banks = [b for b in args.banks.split(",") if b]
+    for b in [args.bank, *banks, *expected]:
+        try:
+            new_hash(b)
+        except ValueError as e:
+            raise CommandError(f"bank {b!r}: {e}")
+    banks += [b for b in expected if b not in banks]
     keyring = None
     if args.keys or args.key:
         keyring = Keyring(require_digsig=False)
@@ -67,7 +77,7 @@ def _run(args) -> int:
             if not stream.seekable():
                 raise CommandError("give --format for a list that cannot be re-read")
         rep = verifylog.verify(verifylog.entries_of(stream, fmt, args.bank), bank=args.bank,
-                               banks=args.banks.split(","), expected=expected,
+                               banks=banks, expected=expected,
                                keyring=keyring, all_problems=args.all)
     name = os.path.basename(args.list)
     for p in rep.problems:
