@@ -138,7 +138,11 @@ def build(opts) -> Filesystem:
     vr = x.get("verify_reads")
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
-    engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads)
+    # digests and Merkle trees are a cache: their own environment, committed without
+    # waiting for the disk (a cold open paid two fsyncs for them otherwise)
+    cache_store = Store(os.path.join(opts.state, "cache"), sync=False)
+    engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads,
+                    cache_store=cache_store)
     hooks = IntegrityHooks(engine)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
     overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
@@ -146,5 +150,6 @@ def build(opts) -> Filesystem:
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")
     # the binder last: a namespace's cgroup goes only once nothing serves it
-    return Filesystem(overlay, [hooks.close, audit.close, store.close, binder.close]
+    return Filesystem(overlay, [hooks.close, audit.close, store.close, cache_store.close,
+                                binder.close]
                       + ([tpm.close] if tpm is not None else []))

@@ -275,13 +275,18 @@ class TreeCache:
 
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
-                 binder=None, verify_reads: bool = False):
+                 binder=None, verify_reads: bool = False, cache_store=None):
+        """``store`` holds what must survive a crash (lists, PCRs, namespaces, keys;
+        synchronous commits). ``cache_store`` holds digests and Merkle trees, which
+        are only a cache: a lost entry is rehashed, so its commits need not wait for
+        the disk (default: ``store``)."""
         self.tree = tree
         self.binder = binder
         self.store = store
         self.audit = audit or AuditLog(None)
-        self.cache = DigestCache(store)
-        self.trees = TreeCache(store)
+        cache_store = cache_store if cache_store is not None else store
+        self.cache = DigestCache(cache_store)
+        self.trees = TreeCache(cache_store)
         # read-time verification (docs/internals.md): every digest pass also builds the
         # file's Merkle tree, and reads of measured/appraised files are checked with it
         self.verify_reads = bool(verify_reads)
