@@ -244,6 +244,9 @@ class ControlDir:
             raise FUSEError(errno.EACCES)
         if writing and name in ("policy", "keys", "ns-create", "ns-remove") and ctx.uid != 0:
             raise FUSEError(errno.EACCES)
+        if name == "stats" and ns.parent is not None:
+            # mount-wide counters: they count the host's and the siblings' hashing too
+            raise FUSEError(errno.EACCES)
         h = CtlHandle(name, ns, ctx, slot, idx)
         if acc != os.O_WRONLY:
             h.data = await trio.to_thread.run_sync(self._snapshot, h)
@@ -512,7 +515,8 @@ class ControlDir:
             result = {"path": path, "error": e.strerror}
         else:
             try:
-                result = self.engine.explain(Subject(h.pid, h.uid, h.gid), f, exec_=exec_)
+                result = _own_view(self.engine.explain(Subject(h.pid, h.uid, h.gid), f,
+                                                       exec_=exec_))
             except OSError as e:
                 result = {"path": path, "error": e.strerror}
             finally:
@@ -571,6 +575,25 @@ class ControlDir:
             name, nodeid = names[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(nodeid), i + 1):
                 return
+
+
+def _own_view(result: dict) -> dict:
+    """What a query may tell: everything about the caller's own namespace; of each
+    ancestor only whether its appraisal lets the access through. The ancestors'
+    rules, labels and measurements are theirs (a child never reads its parent's
+    policy or list), and the caller learns the verdict anyway by trying."""
+    own = result.get("namespace")
+    out = []
+    for entry in result.get("namespaces", ()):
+        if entry.get("namespace") == own:
+            out.append(entry)
+            continue
+        allowed = all((hk.get("appraisal") or {}).get("allowed", True)
+                      for hk in entry.get("hooks", ()))
+        out.append({"namespace": entry.get("namespace"), "ancestor": True, "allowed": allowed})
+    if "namespaces" in result:
+        result["namespaces"] = out
+    return result
 
 
 def _der_total(data: bytes) -> int | None:
