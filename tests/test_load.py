@@ -1,0 +1,111 @@
+"""Load: 16 processes of mixed work (exec of a binary and of scripts, reads, writes,
+renames, readdir, control-file reads) for IMAFS_LOAD_SECONDS (default 60) against
+one mount, 4 on the host and 6 in each of two child integrity namespaces.
+
+Checks: no error at all (every file a worker changes is its own, so the backing file
+system would give none), no deadlock (every worker finishes, the mount answers), the
+daemon's anonymous memory stays bounded, and afterwards every list (host and both
+children) replays to its PCRs (imafs.ima.verifylog and evmctl). Prints the
+throughput (operations per second, by kind).
+
+Run time: IMAFS_LOAD_SECONDS + about 10 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from test_crash import check_list, evmctl_check, read_list
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
+SECONDS = float(os.environ.get("IMAFS_LOAD_SECONDS", "60"))
+WORKER = Path(__file__).with_name("_loadworker.py")
+POLICY = "measure func=BPRM_CHECK\nmeasure func=FILE_CHECK mask=MAY_READ\n"
+
+
+def daemon_pid(m) -> int:
+    return int((m.state / "daemon.lock").read_text().strip())
+
+
+def mem_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"):
+                out[k] = int(v.split()[0])
+    return out
+
+
+def test_sixteen_workers_two_namespaces(make_mount, world_tmp):
+    pol = world_tmp / "policy"
+    pol.write_text(POLICY)
+    backing = world_tmp / "rootfs"
+    (backing / "bin").mkdir(parents=True)
+    (backing / "data").mkdir()
+    shutil.copy("/bin/busybox", backing / "bin" / "busybox")
+    for n in range(32):
+        (backing / "data" / f"s{n:02d}").write_bytes(os.urandom(20000 + n * 1000))
+    m = make_mount(["--policy", str(pol), "--log-level", "info"], backing=backing)
+    out = world_tmp / "results"
+    out.mkdir()
+    pid = daemon_pid(m)
+    mem = [mem_kib(pid)]
+    groups = [("-", 4, 0), ("A", 6, 4), ("B", 6, 10)]
+    t0 = time.monotonic()
+    launchers = [subprocess.Popen([sys.executable, str(WORKER), "launch", str(m.mnt), ns,
+                                   str(count), str(first), str(SECONDS), str(1000 + first),
+                                   str(out)])
+                 for ns, count, first in groups]
+    while any(p.poll() is None for p in launchers):
+        time.sleep(1)
+        mem.append(mem_kib(pid))
+        assert time.monotonic() - t0 < SECONDS + 120, "workers did not finish: deadlock?"
+    elapsed = time.monotonic() - t0
+    assert [p.returncode for p in launchers] == [0, 0, 0]
+    t = time.monotonic()
+    assert int(m.ctl("runtime_measurements_count").read_text()) > 0
+    assert time.monotonic() - t < 5
+
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(results) == 16
+    errors = [e for r in results for e in r["errors"]]
+    assert not errors, errors[:10]
+    ops: dict[str, int] = {}
+    for r in results:
+        for k, v in r["ops"].items():
+            ops[k] = ops.get(k, 0) + v
+    total = sum(ops.values())
+    worst = max(r["max_latency"] for r in results)
+
+    # memory: the anonymous part (the LMDB map is file-backed) must level off
+    anon = [x["RssAnon"] for x in mem]
+    quarter = anon[len(anon) // 4]
+    growth = (anon[-1] - quarter) / 1024
+    peak = max(x["VmRSS"] for x in mem) / 1024
+
+    # the lists: host and both children replay to their PCRs
+    counts = {}
+    for name, d in [("host", m.ctl()), ("A", m.ctl("namespaces/A")), ("B", m.ctl("namespaces/B"))]:
+        lst = read_list(d)
+        check_list(lst, name)
+        evmctl_check(lst, world_tmp)
+        counts[name] = lst["count"]
+    assert counts["A"] > 10 and counts["B"] > 10
+
+    print(f"load: 16 workers, {elapsed:.0f} s: {total} ops, {total / elapsed:.0f} ops/s "
+          f"({', '.join(f'{k} {v / elapsed:.0f}/s' for k, v in sorted(ops.items()))}); "
+          f"worst op {worst * 1000:.0f} ms; daemon RSS peak {peak:.0f} MiB, anon growth "
+          f"after the first quarter {growth:.1f} MiB; entries host {counts['host']} "
+          f"A {counts['A']} B {counts['B']}")
+    assert peak < 400, f"daemon RSS reached {peak:.0f} MiB"
+    assert growth < 64, f"daemon anonymous memory grew {growth:.0f} MiB under steady load"
