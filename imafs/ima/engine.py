@@ -291,6 +291,7 @@ class Engine:
         # file's Merkle tree, and reads of measured/appraised files are checked with it
         self.verify_reads = bool(verify_reads)
         self._iints: OrderedDict = OrderedDict()
+        self._recorded = 0          # entries this engine appended (trims the store's map)
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
                       "tree_loads": 0, "read_failures": 0}
@@ -555,6 +556,9 @@ class Engine:
         returns)."""
         try:
             n.mlist.add(entry)
+            self._recorded += 1
+            if self._recorded % 1024 == 0 and hasattr(self.store, "trim"):
+                self.store.trim()       # appends fault LMDB pages in too (Store.trim)
         except Exception as e:  # noqa: BLE001 - lmdb.Error and friends: fail closed
             reason = (f"{os.fsdecode(f.path)}: cannot record the {what} in namespace "
                       f"{n.path}: {e}")
