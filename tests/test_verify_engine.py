@@ -358,3 +358,21 @@ def test_tree_digest_matches_fsverity_utils(tmp_path, world):
     out = subprocess.run(["fsverity", "digest", str(p)], capture_output=True, text=True,
                          check=True).stdout.split()[0]
     assert out == state.tree.verity_digest_text
+
+
+def test_nowait_reads_leave_failures_to_the_thread_path(tmp_path, world):
+    w = world()
+    p = data_file(tmp_path)
+    data = p.read_bytes()
+    state, fd = w.open(p)
+    got = w.engine.read_verified(state, fd, BS, 2 * BS, nowait=True)
+    assert bytes(got) == data[BS:3 * BS]
+    with open(p, "r+b") as f:
+        f.seek(BS)
+        f.write(b"!")
+    with pytest.raises(BlockingIOError):
+        w.engine.read_verified(state, fd, BS, 2 * BS, nowait=True)
+    assert w.root.mlist.violations == 0 and not state.failed   # nothing recorded...
+    with pytest.raises(ReadVerifyError):                        # ...until the retry
+        w.engine.read_verified(state, fd, BS, 2 * BS)
+    assert w.root.mlist.violations == 1

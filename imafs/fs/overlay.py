@@ -106,6 +106,17 @@ class NullHooks:
         """Return the bytes to serve, or None to let the overlay read them."""
         return None
 
+    def wants_read(self, token) -> bool:
+        """On the event loop, cheap: whether ``read``/``read_cached`` must see the
+        reads of this handle (False: the overlay reads itself, no thread hop)."""
+        return True
+
+    def read_cached(self, token, fd: int, off: int, size: int):
+        """On the event loop, must not block: the bytes to serve when they can be
+        produced from the page cache right away, else None (then ``read`` runs in a
+        worker thread)."""
+        return None
+
     def wrote(self, token) -> None:
         pass
 
@@ -700,9 +711,11 @@ class Overlay(pyfuse3.Operations):
             if h is not None and self.control is not None:
                 return await self.control.read(h, off, size)
             raise FUSEError(errno.EBADF)
-        if h.token is not None:
+        if h.token is not None and self.hooks.wants_read(h.token):
             try:
-                data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
+                data = self.hooks.read_cached(h.token, h.fd, off, size)
+                if data is None:
+                    data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
             except Denied as d:   # read-time verification failed: EIO, no byte served
                 raise FUSEError(d.errno)
             if data is not None:

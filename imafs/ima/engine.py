@@ -650,12 +650,19 @@ class Engine:
         return self._digest(ii, f, "verity-" + algo, algos)
 
     # ------------------------------------------------------------------ reads
-    def read_verified(self, state: OpenState, fd: int, off: int, size: int) -> bytes | None:
+    def read_verified(self, state: OpenState, fd: int, off: int, size: int, *,
+                      nowait: bool = False) -> bytes | None:
         """Read ``size`` bytes at ``off`` from ``fd`` (the handle's backing descriptor)
         and check them against the Merkle tree the file was measured with; returns the
         bytes, or None when this handle's reads are not verified.  A block that does
         not match, a file shorter than measured, or bytes past the measured end raise
         :class:`ReadVerifyError` (EIO) -- no byte of such a read is returned.
+
+        ``nowait`` (for the event loop): read with RWF_NOWAIT and raise
+        BlockingIOError when the data is not all in the page cache, or when the read
+        fails verification (the caller retries in a worker thread, which records the
+        failure: recording takes the IInt lock); other OSErrors (EOPNOTSUPP: no
+        RWF_NOWAIT here) propagate as they are.
 
         Cost: one pread of the whole blocks covering the request (FUSE reads are
         page-aligned, so normally exactly the request) and one hash per 4 KiB block;
@@ -676,17 +683,27 @@ class Engine:
         # a request reaching past the measured end: one more byte shows a grown file
         probe = off + size > dsize
         try:
-            if length > 0:
+            if length > 0 and nowait:
+                buf = bytearray(length + probe)
+                n = os.preadv(fd, [buf], start, os.RWF_NOWAIT)
+                if n < length:
+                    raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+                del buf[n:]
+            elif length > 0:
                 buf = os.pread(fd, length + probe, start)
             else:
                 buf = b""
                 length = 0
             extra = len(buf) > length or (probe and length == 0 and os.pread(fd, 1, dsize) != b"")
         except OSError as e:
+            if nowait:
+                raise
             raise ReadVerifyError(e.errno or errno.EIO, f"read error: {e}") from None
         if len(buf) > length:
             buf = buf[:length]
         res = tree.verify_range(start, buf) if buf else hashing.VerifyResult(True)
+        if nowait and (not res.ok or len(buf) < length or extra):
+            raise BlockingIOError(errno.EAGAIN, "verification failed: retry in a thread")
         if not res.ok:
             self._read_failure(state, off, res.first_bad_block, res.expected, res.found,
                                "content")
