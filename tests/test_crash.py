@@ -13,11 +13,15 @@ daemon mounts the same ``--state``, and
 - the backing tree holds what the workers wrote up to their last fsync (appends are
   intact prefixes, an fsync'ed file renamed over another is there whole, old or new).
 
+Also: a full --state disk (a small tmpfs) and a full LMDB map fail closed (EIO, the
+reason logged) and the daemon measures again when space returns.
+
 Environment: IMAFS_CRASH_ROUNDS (default 50), IMAFS_CRASH_SEED (default: time).
-Run time: about 1 s a round (50-70 s on 2 cores).
+Run time: about 1-2 s a round (50-100 s on 2 cores); the full-disk tests, 3 s.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -234,3 +238,118 @@ def test_sigkill_rounds(world_tmp):
           f"host entries: {host['count']}, {elapsed:.1f} s")
     assert survived == ROUNDS
     assert facts_checked > ROUNDS       # the workers did get work done between kills
+
+
+# ------------------------------------------------------------------ a full disk
+
+def _fill(path: Path) -> None:
+    """Fill the file system holding path until ENOSPC."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+        try:
+            os.fsync(f.fileno())
+        except OSError:
+            pass
+
+
+def test_full_state_disk_fails_closed_and_recovers(world_tmp):
+    """--state on a small tmpfs: once it is full, an open that needs a new measurement
+    fails with EIO (never succeeds unmeasured), with the reason in the log; an open
+    that needs none still works; the daemon lives on, and measures again as soon as
+    space returns; the list and its PCRs agree throughout."""
+    backing, mnt, state = world_tmp / "backing", world_tmp / "mnt", world_tmp / "state"
+    for d in (backing, mnt, state):
+        d.mkdir()
+    for i in range(8):
+        (backing / f"f{i}").write_text(f"file {i}\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
+    policy = world_tmp / "policy"
+    policy.write_text(POLICY)
+    try:
+        mount(backing, mnt, state, policy)
+        try:
+            assert (mnt / "f0").read_text() == "file 0\n"
+            before = read_list(mnt / ".imafs")
+            _fill(state / "filler")
+            for i in (1, 2, 3):
+                with pytest.raises(OSError) as ei:
+                    (mnt / f"f{i}").read_text()
+                assert ei.value.errno == errno.EIO
+            assert (mnt / "f0").read_text() == "file 0\n"      # measured already
+            full = read_list(mnt / ".imafs")
+            assert full["count"] == before["count"]
+            check_list(full, "full disk")
+            os.unlink(state / "filler")
+            for i in (1, 2, 3):
+                assert (mnt / f"f{i}").read_text() == f"file {i}\n"
+            after = read_list(mnt / ".imafs")
+            names = check_list(after, "after recovery")
+            assert after["count"] == before["count"] + 3
+            for i in (1, 2, 3):
+                digest = hashlib.sha256(f"file {i}\n".encode()).hexdigest()
+                assert (f"/f{i}".encode(), digest) in names
+            evmctl_check(after, world_tmp)
+            text = (state / "imafs.log").read_text(errors="replace")
+            assert "cannot record the measurement in namespace /" in text, text[-3000:]
+            assert "No space left on device" in text
+        finally:
+            umount(mnt)
+        # and the state is sound for the next mount
+        mount(backing, mnt, state, policy)
+        check_list(read_list(mnt / ".imafs"), "remount")
+    finally:
+        umount(mnt)
+        subprocess.run(["umount", str(state)], capture_output=True)
+
+
+def test_map_full_fails_closed(tmp_path, monkeypatch):
+    """LMDB's map full (MDB_MAP_FULL) surfaces like a full disk: the open that needs
+    the measurement is refused with EIO (AccessDenied), the list is unchanged, the
+    reason is in the audit log. (How full a map must be for one append to fail
+    depends on where its keys land, so the list's append raises what a full map
+    raises; the filling itself is shown first.)"""
+    import lmdb
+    from imafs.ima.audit import AuditLog
+    from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
+    from imafs.ima.keys import Keyring
+    from imafs.ima.measurelog import MeasurementList
+    from imafs.ima.namespaces import Namespace, NamespaceTree
+    from imafs.ima.policy import Policy, parse_policy
+    from imafs.ima.templates import build_entry
+    from imafs.store import Store
+    store = Store(str(tmp_path / "lmdb"), map_size=256 << 10)
+    ml = MeasurementList(store, 0)
+    with pytest.raises(lmdb.MapFullError) as full:
+        for i in range(100000):
+            ml.add(build_entry("ima-ng", name=f"/{i}", digest=hashlib.sha256(b"%d" % i).digest()))
+    root = Namespace(id=0, name="", parent=None, mlist=ml, keyring=Keyring(store, 0),
+                     policy=Policy(parse_policy("measure func=FILE_CHECK mask=MAY_READ\n")))
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    engine = Engine(NamespaceTree(root), store=store, audit=audit)
+
+    def add(entry):
+        raise full.value
+    monkeypatch.setattr(ml, "add", add)
+    p = tmp_path / "file"
+    p.write_text("measure me\n")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        f = FileRef(fd=fd, st=os.fstat(fd), path=b"/file", readable=True,
+                    reopen=lambda: os.open(p, os.O_RDONLY), getxattr=lambda n: None,
+                    setxattr=lambda n, v: None)
+        count = ml.count
+        with pytest.raises(AccessDenied) as ei:
+            engine.file_open(Subject(os.getpid(), 0, 0), f, readable=True, writable=False,
+                             append=False, exec_=False)
+        assert ei.value.errno == errno.EIO and "MDB_MAP_FULL" in ei.value.reason
+        assert ml.count == count
+        assert '"type": "measurement_failed"' in (tmp_path / "audit.log").read_text()
+    finally:
+        os.close(fd)
+        audit.close()
+        store.close()
