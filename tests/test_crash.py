@@ -58,9 +58,10 @@ def daemon_pid(state: Path) -> int:
     return int((state / "daemon.lock").read_text().strip())
 
 
-def mount(backing, mnt, state, policy) -> None:
+def mount(backing, mnt, state, policy, log=None) -> None:
+    log = log or state / "imafs.log"
     r = subprocess.run(IMAFS + ["mount", str(backing), str(mnt), "--state", str(state),
-                                "--policy", str(policy), "--log-file", str(state / "imafs.log")],
+                                "--policy", str(policy), "--log-file", str(log)],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert _is_mounted(str(mnt))
@@ -270,8 +271,9 @@ def test_full_state_disk_fails_closed_and_recovers(world_tmp):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
     policy = world_tmp / "policy"
     policy.write_text(POLICY)
+    log = world_tmp / "imafs.log"      # the log elsewhere: a full disk loses its lines
     try:
-        mount(backing, mnt, state, policy)
+        mount(backing, mnt, state, policy, log)
         try:
             assert (mnt / "f0").read_text() == "file 0\n"
             before = read_list(mnt / ".imafs")
@@ -294,13 +296,13 @@ def test_full_state_disk_fails_closed_and_recovers(world_tmp):
                 digest = hashlib.sha256(f"file {i}\n".encode()).hexdigest()
                 assert (f"/f{i}".encode(), digest) in names
             evmctl_check(after, world_tmp)
-            text = (state / "imafs.log").read_text(errors="replace")
+            text = log.read_text(errors="replace")
             assert "cannot record the measurement in namespace /" in text, text[-3000:]
             assert "No space left on device" in text
         finally:
             umount(mnt)
         # and the state is sound for the next mount
-        mount(backing, mnt, state, policy)
+        mount(backing, mnt, state, policy, log)
         check_list(read_list(mnt / ".imafs"), "remount")
     finally:
         umount(mnt)
