@@ -800,28 +800,36 @@ def plot(bench: Bench, path: Path) -> bool:
     wls = bench.workloads
     if not modes or not wls:
         return False
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(wls) * max(1, len(modes)) ** 0.5 + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 2 + len(wls) * (0.3 * len(modes) + 0.5))),
+                                    5.0))
     width = 0.8 / len(modes)
+    ratios = [r for w in wls for m in modes
+              if (r := cell_summary(bench.results, w.key, m.name)["ratio_native"]) is not None]
+    log = bool(ratios) and max(ratios) > 20   # a few huge ratios would flatten the rest
     for i, m in enumerate(modes):
         xs, ys = [], []
         for j, w in enumerate(wls):
             r = cell_summary(bench.results, w.key, m.name)["ratio_native"]
             x = j - 0.4 + width * (i + 0.5)
             if r is None:
-                ax.text(x, 1.0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(x, 1.0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                 continue
             xs.append(x)
             ys.append(r)
         bars = ax.bar(xs, ys, width, label=m.name)
         for b_, y in zip(bars, ys):
-            ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.1f}", ha="center",
-                    va="bottom", fontsize=7)
+            ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.0f}" if y >= 10 else f"{y:.1f}",
+                    ha="center", va="bottom", fontsize=6, rotation=90 if len(modes) > 4 else 0)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(wls)), [w.key for w in wls])
-    ax.set_ylabel("time / native (lower is better)")
+    ax.set_ylabel("time / native (lower is better" + (", log scale)" if log else ")"))
     ax.set_title(f"imafs: time relative to the native directory ({bench.args.reps} reps, median)")
-    ax.legend(fontsize=8)
-    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, ncol=2 if len(modes) > 5 else 1)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, max(ratios) * 3)
+    else:
+        ax.set_ylim(bottom=0, top=max(ratios or [1]) * 1.15)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -851,6 +859,8 @@ def parse_args(argv=None):
                    help="where to create the temporary tree (default /var/tmp); removed afterwards")
     p.add_argument("--keep", action="store_true", help="keep the temporary tree")
     p.add_argument("--timeout", type=float, default=600, help="limit per timed run, seconds")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: write the tables, markdown and plot again from a --json file")
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps must be at least 1")
@@ -896,12 +906,55 @@ def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
         b.close(wait=2.0)
 
 
+def load_json(path: str, args) -> tuple["Bench", dict]:
+    """A Bench (not to be run) holding the results of an earlier --json file."""
+    data = json.loads(Path(path).read_text())
+    modes = [MODE_BY_NAME.get(m["name"]) or Mode(m["name"], m["title"], native=m["native"],
+                                                  args=tuple(m["args"]), state=m["state"],
+                                                  integrity=m["integrity"])
+             for m in data["modes"]]
+    wls = [Workload(k, w["title"], _w_cat, w["amount"], w["unit"])
+           for k, w in data["workloads"].items()]
+    args.reps, args.quick = data["args"]["reps"], data["args"]["quick"]
+    bench = Bench(args, Sizes(**data["sizes"]), modes, wls, Path("/nonexistent"))
+    for k, w in data["workloads"].items():
+        for name, c in w["modes"].items():
+            bench.results[k][name] = Cell(times=list(c["times"]), error=c["error"], note=c["note"])
+    return bench, data["machine"]
+
+
+def report(bench: "Bench", info: dict, args) -> None:
+    print(f"\nimafs benchmark — {info['date']} — {info['nproc']} CPUs, Linux {info['kernel']}, "
+          f"Python {info['python']}, imafs {info['imafs_commit']}")
+    print_tables(bench)
+    md_path = Path(args.markdown)
+    plot_path = None
+    if args.plot != "none":
+        plot_path = Path(args.plot) if args.plot else md_path.with_suffix(".png")
+        if not plot(bench, plot_path):
+            plot_path = None
+    plot_rel = None
+    if plot_path is not None:
+        plot_rel = os.path.relpath(plot_path.resolve(), md_path.resolve().parent)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(bench, info, plot_rel))
+    print(f"\nbench: wrote {md_path}" + (f" and {plot_path}" if plot_path else ""))
+    if args.json and not args.from_json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(to_json(bench, info), indent=2) + "\n")
+        print(f"bench: wrote {args.json}")
+
+
 def _on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        bench, info = load_json(args.from_json, args)
+        report(bench, info, args)
+        return 0
     sizes = QUICK if args.quick else FULL
     modes = select_modes(args.modes)
     wls = select_workloads(workloads(sizes), args.only)
@@ -932,31 +985,14 @@ def main(argv=None) -> int:
             with contextlib.suppress(OSError):
                 os.rmdir(RUN_DIR)
     info = machine_info(Path(args.workdir), load_start)
-    print(f"\nimafs benchmark — {info['date']} — {info['nproc']} CPUs, Linux {info['kernel']}, "
-          f"Python {info['python']}, imafs {info['imafs_commit']}")
-    print_tables(bench)
-    if MODE_BY_NAME["namespace"] in modes:
+    print_ns = MODE_BY_NAME["namespace"] in modes
+    report(bench, info, args)
+    if print_ns:
         with contextlib.suppress(Exception):
             us = ns_resolution_micro()
             print(f"\nnamespace resolution per open (CgroupBinder.ns_of): host process "
                   f"{us['host']:.1f} us, process in a child namespace {us['child']:.1f} us "
                   f"(uncached: {us['host uncached']:.1f} us, {us['child uncached']:.1f} us)")
-    md_path = Path(args.markdown)
-    plot_path = None
-    if args.plot != "none":
-        plot_path = Path(args.plot) if args.plot else md_path.with_suffix(".png")
-        if not plot(bench, plot_path):
-            plot_path = None
-    plot_rel = None
-    if plot_path is not None:
-        plot_rel = os.path.relpath(plot_path.resolve(), md_path.resolve().parent)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown(bench, info, plot_rel))
-    print(f"\nbench: wrote {md_path}" + (f" and {plot_path}" if plot_path else ""))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(to_json(bench, info), indent=2) + "\n")
-        print(f"bench: wrote {args.json}")
     return 0
 
 
