@@ -11,9 +11,9 @@ import os
 import random
 import subprocess
 
+import _ima_testkeys as tk
 import pytest
 
-import _ima_testkeys as tk
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
 from imafs.ima.audit import AuditLog
@@ -253,7 +253,7 @@ def test_tree_cached_in_lmdb_across_engines(tmp_path, world):
     p = data_file(tmp_path, size=300 * BS + 7)
     data = p.read_bytes()
     w = world()
-    state, fd = w.open(p)
+    state, _fd = w.open(p)
     tree = state.tree
     w.close()
     w.fds = []
@@ -273,13 +273,13 @@ def test_tree_cached_in_lmdb_across_engines(tmp_path, world):
 def test_digests_cached_without_a_tree_are_hashed_again(tmp_path, world):
     p = data_file(tmp_path)
     w = world(verify=False)
-    state, fd = w.open(p)
+    state, _fd = w.open(p)
     assert state.tree is None
     w.close()
     w.fds = []
     w2 = World(tmp_path / "w0", verify=True)
     try:
-        state2, fd2 = w2.open(p)
+        state2, _fd2 = w2.open(p)
         assert state2.tree is not None and w2.engine.stats["hashed_files"] == 1
     finally:
         w2.close()
@@ -289,7 +289,7 @@ def test_digests_cached_without_a_tree_are_hashed_again(tmp_path, world):
 def test_measure_digest_type_verity(tmp_path, world):
     p = data_file(tmp_path)
     w = world("measure func=FILE_CHECK mask=MAY_READ digest_type=verity\n", verify=False)
-    state, fd = w.open(p)
+    _state, _fd = w.open(p)
     e = list(w.root.mlist.entries())[-1]
     assert e.template == "ima-ngv2"      # the namespace default (ima-ng) lacks d-ngv2
     assert e.fields[0] == b"verity:sha256:\0" + fsverity_digest(p)
@@ -346,7 +346,7 @@ def test_appraise_sigv3_sha512(tmp_path, world):
         vd = hashing.fsverity_digest_fd(f.fileno(), "sha512")
     os.setxattr(p, "security.ima", ap.sign_v3(tk.key("rsa"), "sha512", vd, kid))
     w = world(SIGV3, keys=[_cert()])
-    state, fd = w.open(p)
+    state, _fd = w.open(p)
     assert state.tree is not None
 
 

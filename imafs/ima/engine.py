@@ -392,9 +392,10 @@ class Engine:
         decided = self.decide(ns, events)
         ii = self.iint(f.key)
         if inline:
-            warm = ii.version == f.version and ii.digests and (
-                ii.tree is not None or not self.verify_reads or writable)
-            if (decided and not warm) or not ii.lock.acquire(blocking=False):
+            if not ii.lock.acquire(blocking=False):
+                return WOULD_BLOCK
+            if decided and not self._warm(ii, f):
+                ii.lock.release()
                 return WOULD_BLOCK
         else:
             ii.lock.acquire()
@@ -427,6 +428,28 @@ class Engine:
         finally:
             ii.lock.release()
         return state
+
+    def _warm(self, ii: IInt, f: FileRef) -> bool:
+        """Are this version's digests (and tree, when reads are verified) at hand
+        without hashing -- in memory, or in the LMDB cache (loaded here, a few reads)?
+        Called with ii.lock held."""
+        if ii.version != f.version:
+            ii.reset(f.version)
+        need_tree = self.verify_reads
+        if ii.digests:
+            return ii.tree is not None or not need_tree
+        cached = self.cache.get(ii.key, ii.version)
+        if not cached:
+            return False
+        t = self.trees.get(ii.key, ii.version) if need_tree else None
+        if need_tree and t is None:
+            return False
+        ii.digests.update(cached)
+        ii.tree = t
+        with self._stats_lock:
+            self.stats["cache_hits"] += 1
+            self.stats["tree_loads"] += t is not None
+        return True
 
     def _violations(self, chain, events, subject, f, ii: IInt, decided, writable,
                     subject_ns: int = 0) -> None:
@@ -732,8 +755,8 @@ class Engine:
                 ii.reset(None)
                 self.cache.delete(ii.key)
                 self.trees.delete(ii.key)
-        detail = dict(offset=off, block=block, what=what, expected=expected.hex(),
-                      found=found.hex())
+        detail = {"offset": off, "block": block, "what": what, "expected": expected.hex(),
+                  "found": found.hex()}
         if first:
             with self._stats_lock:
                 self.stats["read_failures"] += 1
