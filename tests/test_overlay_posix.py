@@ -1109,9 +1109,8 @@ def test_daemon_never_resolves_through_symlinks(world_tmp):
         # still names the original directory, never /etc
         os.rename(b / "d", b / "d.old")
         os.symlink("/etc", b / "d")
-        with pytest.raises(pyfuse3.FUSEError) as ei:
-            await ov.lookup(d.st_ino, b"passwd", ctx)
-        assert ei.value.errno == errno.ENOENT
+        # not there (a missing name is a negative entry the kernel may cache)
+        assert (await ov.lookup(d.st_ino, b"passwd", ctx)).st_ino == 0
         got = await ov.lookup(d.st_ino, b"inside", ctx)
         assert got.st_ino == os.stat(b / "d.old" / "inside").st_ino
         up = await ov.lookup(d.st_ino, b"..", ctx)

@@ -306,6 +306,14 @@ class Overlay(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         try:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except FileNotFoundError:
+            # a negative entry the kernel may cache for entry_timeout (PATH and library
+            # searches look up many missing names); creating the name through the
+            # mount replaces it at once
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.entry_timeout
+            return a
         except OSError as e:
             raise _fuse_error(e)
         try:
