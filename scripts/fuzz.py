@@ -157,17 +157,22 @@ class Targets:
         ap.describe_xattr(data)
         ap.needed_algo(data)
         kr = self.keyring()
-        for require_sig in (False, True):
-            r = ap.appraise(data, lambda a: b"\x11" * ap.hash_algo(a).size, kr,
-                            require_sig=require_sig, verity_digest=lambda a: None,
-                            file_size=10)
-            str(r)
+        values = [data]
+        if len(data) >= 7 and data[0] in (3, 6):
+            # the same value naming each key of the keyring: the signature is checked
+            values += [data[:3] + k.keyid.to_bytes(4, "big") + data[7:] for k in kr]
+        for value in values:
+            for require_sig in (False, True):
+                r = ap.appraise(value, lambda a: b"\x11" * ap.hash_algo(a).size, kr,
+                                require_sig=require_sig, verity_digest=lambda a: b"\x22" * 32,
+                                verity_required=value[:1] == b"\x06", file_size=10)
+                str(r)
 
     def keyring(self):
         if self._keyring is None:
             from imafs.ima.keys import Keyring
             self._keyring = Keyring()
-            for s in _cert_seeds()[:1]:
+            for s in _cert_seeds()[:3:2]:          # an EC and an RSA key
                 self._keyring.add(s)
         return self._keyring
 

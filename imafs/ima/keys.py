@@ -191,7 +191,10 @@ def check_certificate(cert: x509.Certificate, *, now: _dt.datetime | None = None
     except Exception as e:  # unknown algorithms, broken key encodings
         raise KeyringError(f"unusable public key: {e}") from None
     algo, bits = _key_kind(public_key)
-    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    try:
+        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    except Exception as e:  # noqa: BLE001 - times cryptography cannot represent
+        raise KeyringError(f"unparseable validity period: {e}") from None
     if now < nb:
         raise KeyringError(f"certificate is not valid yet (notBefore {_utc(nb)})")
     if now > na:
@@ -209,7 +212,9 @@ def check_certificate(cert: x509.Certificate, *, now: _dt.datetime | None = None
     try:
         subject = cert.subject.rfc4514_string()
         kid = keyid_of(cert)
-    except ValueError as e:
+    except KeyringError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError (a bad name attribute)
         raise KeyringError(f"unparseable certificate: {e}") from None
     der = cert.public_bytes(serialization.Encoding.DER)
     return KeyInfo(keyid=kid, fingerprint=hashlib.sha256(der).digest(), algo=algo,
