@@ -48,6 +48,7 @@ class Store:
         self._dbs: dict[str, object] = {}
         self._lock = threading.Lock()
         self._map_ranges: list[tuple[int, int]] | None = None   # see trim()
+        self.trim()                     # no huge-page mappings of the map, from the start
         if not readonly:
             with self.env.begin(write=True, db=self.db("meta")) as txn:
                 old = txn.get(b"schema")
