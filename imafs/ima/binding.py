@@ -73,7 +73,10 @@ class CgroupBinder:
     def _setup(self) -> None:
         mnt = os.path.join(RUN_CG, self.key)
         if self._mounted_named(mnt):
-            self.mode, self.root = "v1", mnt
+            # left mounted by a daemon of this state that died (SIGKILL): the hierarchy
+            # is named after the state, whose lock this daemon holds, so it is this
+            # daemon's to clean up at unmount (it stayed mounted forever otherwise)
+            self.mode, self.root, self._mounted = "v1", mnt, True
             return
         os.makedirs(mnt, exist_ok=True)
         r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}", "cgroup",
