@@ -465,58 +465,38 @@ class Overlay(pyfuse3.Operations):
                 and name == self.control_name and self.control is not None):
             raise FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def _make(self, parent_inode, name, ctx, perm, is_dir, make):
+        """Create a node with ``make(parent_fd, perm)``, give it to the caller, and
+        return its entry (mknod, mkdir, symlink)."""
         self._no_control(parent_inode, name)
         parent = self.inode(parent_inode)
         caller = _caller(ctx)
-        perm = stat.S_IMODE(mode) & ~caller.umask
+        perm &= ~caller.umask
         try:
-            os.mknod(name, stat.S_IFMT(mode) | (perm & 0o777), rdev, dir_fd=parent.fd)
+            make(parent.fd, perm & 0o777)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as e:
             raise _fuse_error(e)
         try:
-            self._own_new(fd, caller, parent, perm, False)
+            self._own_new(fd, caller, parent, perm, is_dir)
             st = os.fstat(fd)
         except OSError as e:
             os.close(fd)
             raise _fuse_error(e)
         return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._make(parent_inode, name, ctx, stat.S_IMODE(mode), False,
+                          lambda d, p: os.mknod(name, stat.S_IFMT(mode) | p, rdev, dir_fd=d))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._no_control(parent_inode, name)
-        parent = self.inode(parent_inode)
-        caller = _caller(ctx)
-        perm = stat.S_IMODE(mode) & ~caller.umask
-        try:
-            os.mkdir(name, perm & 0o777, dir_fd=parent.fd)
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent.fd)
-        except OSError as e:
-            raise _fuse_error(e)
-        try:
-            self._own_new(fd, caller, parent, perm, True)
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise _fuse_error(e)
-        return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+        return self._make(parent_inode, name, ctx, stat.S_IMODE(mode), True,
+                          lambda d, p: os.mkdir(name, p, dir_fd=d))
 
     async def symlink(self, parent_inode, name, target, ctx):
-        self._no_control(parent_inode, name)
-        parent = self.inode(parent_inode)
-        caller = _caller(ctx)
-        try:
-            os.symlink(target, name, dir_fd=parent.fd)
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
-        except OSError as e:
-            raise _fuse_error(e)
-        try:
-            self._own_new(fd, caller, parent, 0o777, False)
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise _fuse_error(e)
-        return self._attr(st, self._remember(parent, name, fd, st).nodeid)
+        # a symlink's mode is always 0777 (make ignores the mode it is given)
+        return self._make(parent_inode, name, ctx, 0o777, False,
+                          lambda d, p: os.symlink(target, name, dir_fd=d))
 
     async def unlink(self, parent_inode, name, ctx):
         self._no_control(parent_inode, name)
