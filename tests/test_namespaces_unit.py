@@ -269,10 +269,25 @@ def test_binder_double_fork_setsid_grandchild(binder):
     assert wait_for(lambda: sorted(b.members(2)) == sorted([p.pid, gpid]))
 
 
-def test_binder_cache_keyed_by_start_time(binder, monkeypatch):
-    """ns_of caches per (pid, start time): a bind is seen at once; a different process
-    under the same pid (another start time) never gets the cached answer."""
-    from imafs.ima import binding as bmod
+def _spawn_with_pid(pid: int, procs, tries: int = 200):
+    """A sleeper that gets exactly ``pid`` (free again: its process was reaped), by
+    writing ns_last_pid just before forking, as CRIU restores pids; None when other
+    processes of the machine keep taking it first."""
+    for _ in range(tries):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        p = _sleeper(procs)
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    return None
+
+
+def test_binder_cache_per_process(binder):
+    """ns_of caches per process (a pidfd): a bind is seen at once; the cache answers
+    for the process it was read for even when it is moved behind the binder's back;
+    another process that gets the same pid never gets the cached answer."""
     b, procs = binder
     p = _sleeper(procs)
     assert b.ns_of(p.pid) == 0
@@ -282,14 +297,56 @@ def test_binder_cache_keyed_by_start_time(binder, monkeypatch):
     with open(os.path.join(b.root, "cgroup.procs"), "w") as f:
         f.write(str(p.pid))
     assert b.read_ns(p.pid) == 0 and b.ns_of(p.pid) == 1
-    # ... but not for another process that got its pid (a later start time)
-    real = bmod._start_time
-    monkeypatch.setattr(bmod, "_start_time", lambda pid: real(pid) + b"1")
-    assert b.ns_of(p.pid) == 0
-    monkeypatch.undo()
+    # ... but a new process under its pid, once it is reaped, is read afresh
+    b.bind(p.pid, 1)
+    assert b.ns_of(p.pid) == 1
+    pid = p.pid
     p.kill()
     p.wait()
-    assert b.ns_of(p.pid) is None
+    assert b.ns_of(pid) is None                  # dead: unknown, never the host
+    assert b.ns_of(pid) is None
+    q = _spawn_with_pid(pid, procs)
+    if q is None:
+        pytest.skip(f"pid {pid} was taken by another process each time")
+    assert b.ns_of(pid) == 0                     # the new process is at the root
+    # and a cached answer is dropped when its process exits and the pid comes back
+    b.bind(q.pid, 1)
+    assert b.ns_of(pid) == 1
+    q.kill()
+    q.wait()
+    r = _spawn_with_pid(pid, procs)
+    if r is None:
+        pytest.skip(f"pid {pid} was taken by another process each time")
+    assert b.ns_of(pid) == 0
+
+
+def test_binder_cache_threads(binder):
+    """FUSE reports a thread id: a thread of a bound process is in its namespace, and
+    is cached (PIDFD_THREAD) without confusing it with its process."""
+    import threading
+    b, procs = binder
+    me = os.getpid()
+    assert b.ns_of(me) == 0
+    box = {}
+    go = threading.Event()
+
+    def run():
+        box["tid"] = threading.get_native_id()
+        go.wait(10)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        while "tid" not in box:
+            pass
+        tid = box["tid"]
+        assert tid != me
+        assert b.ns_of(tid) == 0 and b.ns_of(tid) == 0
+    finally:
+        go.set()
+        t.join()
+    # join() returns before the kernel has reaped the thread
+    assert wait_for(lambda: not os.path.exists(f"/proc/self/task/{tid}"), 5.0)
+    assert b.ns_of(tid) is None                  # the thread is gone
 
 
 def test_binder_foreign_cgroup_is_unknown(binder):

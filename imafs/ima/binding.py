@@ -22,12 +22,16 @@ A process whose ``/proc/PID/cgroup`` cannot be read, or that sits anywhere in th
 hierarchy but its root (the host) or a namespace cgroup ``nsN``, is **unknown**
 (None): the engine refuses it rather than treat it as the host.
 
-Cost: reading ``/proc/PID/cgroup`` costs about 4 us on a system with a dozen cgroup
+Cost: reading ``/proc/PID/cgroup`` costs about 10 us on a system with a dozen cgroup
 hierarchies, and grows with their number (the kernel prints one line per mounted v1
-hierarchy and takes the css_set lock): 15-20 us with 60. So ``ns_of`` caches the answer
-per (pid, start time): a hit costs one read of ``/proc/PID/stat`` (3-4 us, whatever
-the hierarchies). The start time (field 22, clock ticks since boot) tells a reused pid
-from the process cached under it: a new process under that pid starts later. Only
+hierarchy and takes the css_set lock): 15-80 us with 60. So ``ns_of`` caches the answer
+per pid, together with a **pidfd** of the process it was read for (``pidfd_open``; with
+``PIDFD_THREAD``, since FUSE reports the caller's thread id). A hit is served only while
+that pidfd's process still exists -- ``pidfd_send_signal(fd, 0)``, one system call,
+about 0.5 us where reading ``/proc/PID/stat`` for a start time cost 6 us. A pid is
+reused only after its process has exited and been reaped, and then the pidfd answers
+ESRCH: a new process under a cached pid never gets the old answer. Where pidfds are
+unavailable (kernels before 5.3; a thread id before 6.9) nothing is cached. Only
 :meth:`bind` moves processes in this hierarchy; it starts a new cache generation
 before and after the move, and an answer read in an older generation is never served
 (a read racing with the move cannot be cached as current).
@@ -42,6 +46,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -49,7 +54,8 @@ import time
 log = logging.getLogger("imafs.binding")
 
 RUN_CG = "/run/imafs/cg"
-CACHE_MAX = 8192           # cached (pid, start time) answers; cleared when full
+CACHE_MAX = 4096           # cached answers (each holds a pidfd); cleared when full
+PIDFD_THREAD = os.O_EXCL   # pidfd_open(2) flag (Linux 6.9): a pidfd of one thread
 
 
 class BindingError(Exception):
@@ -63,7 +69,7 @@ class CgroupBinder:
         self.mode = None        # "v1" or "v2"
         self.root = None        # directory whose subdirs are namespace cgroups
         self._mounted = False   # this binder mounted the v1 hierarchy (close unmounts)
-        self._cache: dict[tuple[int, bytes], tuple[int, int]] = {}  # -> (generation, ns)
+        self._cache: dict[int, tuple[int, int, int]] = {}  # pid -> (generation, ns, pidfd)
         self._gen = 0
         self._lock = threading.Lock()
         self._setup()
@@ -108,7 +114,13 @@ class CgroupBinder:
     def _new_generation(self) -> None:
         with self._lock:
             self._gen += 1
-            self._cache.clear()
+            self._clear()
+
+    def _clear(self) -> None:
+        """Forget every cached answer (with self._lock held)."""
+        for _gen, _ns, pidfd in self._cache.values():
+            os.close(pidfd)
+        self._cache.clear()
 
     def bind(self, pid: int, ns_id: int) -> None:
         """Move the process (its whole thread group) into namespace ns_id."""
@@ -127,22 +139,30 @@ class CgroupBinder:
         """The namespace id of a process: 0 (root) when it is at the root of this
         mount's hierarchy (v2: outside its subtree), N in cgroup ``nsN``, and None when
         it cannot be determined (no such process, no line for the hierarchy, or any
-        other cgroup of it). Cached per (pid, start time)."""
-        start = _start_time(pid)
-        if start is None:
-            return None
-        key = (pid, start)
-        gen = self._gen
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == gen:
-            return hit[1]
+        other cgroup of it). Cached per pid while the process lives (its pidfd)."""
+        with self._lock:
+            hit = self._cache.get(pid)
+            if hit is not None:
+                if hit[0] == self._gen and _alive(hit[2]):
+                    return hit[1]
+                del self._cache[pid]        # exited: the pid may belong to another now
+                os.close(hit[2])
+            gen = self._gen
+        pidfd = _pidfd_open(pid)
         nsid = self.read_ns(pid)
-        if nsid is not None:
-            with self._lock:
-                if gen == self._gen:
-                    if len(self._cache) >= CACHE_MAX:
-                        self._cache.clear()
-                    self._cache[key] = (gen, nsid)
+        if pidfd is None:
+            return nsid
+        with self._lock:
+            # cached only if read in the current generation, for the process the pidfd
+            # holds (still alive after the read: the pid was not reused meanwhile)
+            if nsid is not None and gen == self._gen and _alive(pidfd) \
+                    and pid not in self._cache:
+                if len(self._cache) >= CACHE_MAX:
+                    self._clear()
+                self._cache[pid] = (gen, nsid, pidfd)
+                pidfd = None
+        if pidfd is not None:
+            os.close(pidfd)
         return nsid
 
     def read_ns(self, pid: int) -> int | None:
@@ -248,21 +268,27 @@ class CgroupBinder:
         return busy
 
 
-def _start_time(pid: int) -> bytes | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks after boot), as read."""
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd of the thread (or process) ``pid``, or None (no such task, or no pidfd
+    support for it on this kernel)."""
+    for flags in (PIDFD_THREAD, 0):
+        try:
+            return os.pidfd_open(pid, flags)
+        except OSError as e:
+            if e.errno != errno.EINVAL:    # EINVAL: no PIDFD_THREAD, or not a leader
+                return None
+        except AttributeError:             # Python built without pidfd_open
+            return None
+    return None
+
+
+def _alive(pidfd: int) -> bool:
+    """Whether the task of ``pidfd`` still exists (a zombie does: its pid is not free)."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        signal.pidfd_send_signal(pidfd, 0)
     except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    # the command name (field 2) is in parentheses and may hold spaces and ")"
-    fields = raw[raw.rfind(b")") + 2:].split(b" ", 20)
-    return fields[19] if len(fields) > 20 else None
+        return False
+    return True
 
 
 def _cgroup2_mount() -> str | None:
