@@ -53,9 +53,16 @@ class Subject:
     pid: int
     uid: int
     gid: int
+    _ids: dict | None = field(default=None, repr=False, compare=False)
 
     def ids(self) -> dict:
-        """uid, euid, suid, gid, egid, sgid (from /proc/PID/status, else fsuid/fsgid)."""
+        """uid, euid, suid, gid, egid, sgid (from /proc/PID/status, else fsuid/fsgid);
+        read once per Subject (one request)."""
+        if self._ids is None:
+            self._ids = self._read_ids()
+        return self._ids
+
+    def _read_ids(self) -> dict:
         out = {"uid": self.uid, "euid": self.uid, "suid": self.uid,
                "gid": self.gid, "egid": self.gid, "sgid": self.gid, "cap_setuid": False,
                "cap_setgid": False}
@@ -113,7 +120,7 @@ class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
-                 "update_xattr")
+                 "update_xattr", "done")
 
     def __init__(self, key):
         self.key = key
@@ -132,6 +139,9 @@ class IInt:
         # ns ids where a writable open passed appraisal (the kernel's IMA_UPDATE_XATTR):
         # the last writer's close relabels the file; kept across reset()
         self.update_xattr: set[int] = set()
+        # read-only opens whose every action is done for this version (the kernel's
+        # IMA_DONE_MASK flags): (ns id, who, mask, exec) -> (epochs, decided, watchers)
+        self.done: dict = {}
 
     def reset(self, version) -> None:
         self.version = version
@@ -144,6 +154,7 @@ class IInt:
             self.must_measure = set()
         self.appraised = {}
         self.audited = set()
+        self.done = {}
 
 
 @dataclass
@@ -388,9 +399,16 @@ class Engine:
         mask = (MAY_READ if readable else 0) | (MAY_WRITE if writable else 0) | \
                (MAY_APPEND if append else 0)
         chain = ns.chain()
+        ii = self.iint(f.key)
+        done_key = None
+        if not writable and not created and funcs is None:
+            done_key = self._done_key(chain, ns, subject, mask, exec_)
+            if done_key is not None:
+                state = self._open_done(ii, ns, chain, subject, f, readable, done_key)
+                if state is not None:
+                    return state
         events = self._events(chain, subject, f, mask, exec_, funcs)
         decided = self.decide(ns, events)
-        ii = self.iint(f.key)
         if inline:
             if not ii.lock.acquire(blocking=False):
                 return WOULD_BLOCK
@@ -402,6 +420,8 @@ class Engine:
         try:
             if ii.version != f.version:
                 ii.reset(f.version)
+            epochs = _epochs(chain)
+            writers = ii.writers
             self._violations(chain, events, subject, f, ii, decided, writable, ns.id)
             self._process(subject, ns, f, ii, decided, readable, writable, created)
             # a refused open never gets a handle, so it is not counted.  Readers are
@@ -414,6 +434,7 @@ class Engine:
                     ii.wgen += 1
             state = OpenState(ii, ns, f, readable, writable, decided, subject=subject,
                               wgen=ii.wgen)
+            watchers = ()
             if self.verify_reads and readable and not writable and ii.writers == 0:
                 watchers = _watchers(decided)
                 if watchers:
@@ -425,9 +446,57 @@ class Engine:
                             ii.readers -= 1
                         raise
                     state.tree, state.watchers = ii.tree, watchers
+            if done_key is not None and writers == 0 and ii.version == f.version:
+                # everything this kind of open needs is done for this version: the
+                # next one like it takes _open_done (unless policy or keys change)
+                ii.done[done_key] = (epochs, decided, watchers)
         finally:
             ii.lock.release()
         return state
+
+    @staticmethod
+    def _done_key(chain, ns: Namespace, subject: Subject, mask: int, exec_: bool):
+        """What a read-only open's decisions depend on besides the file version and
+        the policy/keyring epochs: the namespace, the caller's ids that some rule of
+        the chain looks at, the mask and the hook."""
+        for n in chain:
+            if n.policy.needs & _SUBJECT_FIELDS:
+                ids = subject.ids()
+                who = (ids["uid"], ids["euid"], ids["suid"], ids["gid"], ids["egid"],
+                       ids["sgid"], ids["cap_setuid"], ids["cap_setgid"])
+                break
+        else:
+            who = (subject.uid, subject.gid)
+        return (ns.id, who, mask, exec_)
+
+    def _open_done(self, ii: IInt, ns: Namespace, chain, subject: Subject, f: FileRef,
+                   readable: bool, done_key):
+        """A read-only open like one already decided for this file version: measured,
+        appraised (passed) and audited as it needs, nothing writing the file -- as the
+        kernel's process_measurement() returns when no action is left out of
+        iint->flags.  Returns its OpenState, or None to take the full path."""
+        hit = ii.done.get(done_key)
+        if hit is None or ii.version != f.version or ii.writers:
+            return None
+        if not ii.lock.acquire(blocking=False):
+            return None
+        try:
+            if ii.done.get(done_key) is not hit or ii.version != f.version or ii.writers \
+                    or hit[0] != _epochs(chain):
+                return None
+            epochs, decided, watchers = hit
+            if watchers and ii.tree is None:
+                return None
+            if readable:
+                with _COUNTS:
+                    ii.readers += 1
+            state = OpenState(ii, ns, f, readable, False, decided, subject=subject,
+                              wgen=ii.wgen)
+            if watchers:
+                state.tree, state.watchers = ii.tree, watchers
+            return state
+        finally:
+            ii.lock.release()
 
     def _warm(self, ii: IInt, f: FileRef) -> bool:
         """Are this version's digests (and tree, when reads are verified) at hand
@@ -986,6 +1055,11 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
     except (ValueError, hashing.HashAlgoError):
         return n.hash_algo
     return algo
+
+
+def _epochs(chain) -> tuple:
+    """The policy and keyring epochs of a namespace chain (verdicts depend on them)."""
+    return tuple(n.epoch() for n in chain)
 
 
 def _has_measure(policy) -> bool:
