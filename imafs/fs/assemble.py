@@ -78,7 +78,7 @@ def build(opts) -> Filesystem:
     from imafs.fs.integrity import IntegrityHooks
     from imafs.ima.audit import AuditLog
     from imafs.ima.engine import Engine
-    from imafs.ima.keys import Keyring
+    from imafs.ima.keys import Keyring, VerifiedSignatures
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
     from imafs.ima.binding import CgroupBinder
@@ -115,6 +115,11 @@ def build(opts) -> Filesystem:
     else:
         mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
                                 hash_algo=x.get("hash", "sha256"))
+    # digests, Merkle trees and verified signatures are a cache: their own environment,
+    # committed without waiting for the disk (a cold open paid fsyncs for them otherwise)
+    cache_store = Store(os.path.join(opts.state, "cache"), sync=False)
+    verified = VerifiedSignatures(cache_store)
+    keyring.verified = verified
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=x.get("appraise", "enforce"),
                      template=x.get("template", "ima-ng"), hash_algo=x.get("hash", "sha256"))
@@ -124,10 +129,12 @@ def build(opts) -> Filesystem:
         to the parent's."""
         template = o.get("template") or parent.template
         algo = o.get("hash") or parent.hash_algo
+        ring = Keyring(store, nsid)
+        ring.verified = verified
         return Namespace(
             id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
             mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
-            keyring=Keyring(store, nsid), appraise_mode=o.get("appraise") or parent.appraise_mode,
+            keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
             template=template, hash_algo=algo)
 
     binder = CgroupBinder(os.path.basename(os.path.realpath(opts.state))[:12] +
@@ -138,9 +145,6 @@ def build(opts) -> Filesystem:
     vr = x.get("verify_reads")
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
-    # digests and Merkle trees are a cache: their own environment, committed without
-    # waiting for the disk (a cold open paid two fsyncs for them otherwise)
-    cache_store = Store(os.path.join(opts.state, "cache"), sync=False)
     engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads,
                     cache_store=cache_store)
     hooks = IntegrityHooks(engine)

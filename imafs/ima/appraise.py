@@ -464,10 +464,15 @@ def _check_sig(keyring, sig: ImaXattr, signed: bytes) -> tuple[bool, str]:
     keys = _lookup(keyring, sig.keyid)
     if not keys:
         return False, f"no key with id {sig.keyid:08x} in the keyring"
+    memo = getattr(keyring, "verified", None)   # keys.VerifiedSignatures
     reasons = []
     for k in keys:
+        if memo is not None and memo.known(k.fingerprint, sig.algo, signed, sig.signature):
+            return True, f"signed by key {sig.keyid:08x} ({k.subject})"
         why = verify_signature(k.public_key, sig.algo, signed, sig.signature)
         if why is None:
+            if memo is not None:
+                memo.add(k.fingerprint, sig.algo, signed, sig.signature)
             return True, f"signed by key {sig.keyid:08x} ({k.subject})"
         reasons.append(why)
     if len(keys) == 1:
