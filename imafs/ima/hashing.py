@@ -277,6 +277,12 @@ class VeritySpec:
 
 
 @functools.lru_cache(maxsize=64)
+def _verity_spec(name: str, bs: int, salt: bytes) -> VeritySpec:
+    """A shared VeritySpec (immutable) for trees loaded from the cache."""
+    return VeritySpec(name, bs, salt)
+
+
+@functools.lru_cache(maxsize=64)
 def _block_hasher(name: str, bs: int, padded_salt: bytes) -> Callable[[memoryview], bytes]:
     ctor = _constructor(name)
     join = b"".join
@@ -578,7 +584,7 @@ class MerkleTree:
         salt = blob[p:p + salt_size]
         stored = blob[p + salt_size:p + salt_size + ds]
         leaves = blob[p + salt_size + ds:]
-        tree = cls(VeritySpec(algo.name, bs, salt), data_size, leaves)
+        tree = cls(_verity_spec(algo.name, bs, salt), data_size, leaves)
         if not hmac.compare_digest(tree.verity_digest, stored):
             raise TreeFormatError("tree blob corrupted: its leaves and header do not "
                                   "reproduce the stored fs-verity digest")

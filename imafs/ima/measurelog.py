@@ -350,6 +350,13 @@ class MeasurementList:
         """Append ``entry`` unless an entry with the same PCR and sha1 template
         hash is already in this list (the kernel's hash table).  A violation
         entry is always appended (see add_violation).  True if appended."""
+        if not entry.violation and self._tpm is None:
+            # already listed (a remount measuring what it measured before): a read
+            # transaction, before rendering the entry or taking the writer's lock
+            dupkey = _HASHKEY.pack(self.ns_id, entry.pcr) + entry.template_hash(self.banks[0])
+            with self.store.env.begin(db=self._hash) as txn:
+                if txn.get(dupkey) is not None:
+                    return False
         prepared = self._prepare(entry)
         with self._lock:
             with self.store.env.begin(write=True) as txn:
