@@ -105,3 +105,57 @@ def test_cli(mlist, tmp_path):
     assert r.returncode == 2 and "BANK,FILE" in r.stderr
     r = run(str(tmp_path / "missing"))
     assert r.returncode == 2 and "No such file" in r.stderr
+
+
+def test_cli_pcr_value_as_tpm2_pcrread_prints_it(mlist, tmp_path):
+    """--pcr BANK:INDEX=HEX takes the value as tpm2_pcrread prints it (0x, upper case)
+    or plain, and refuses a value that is not the bank's digest size in one line."""
+    lst = tmp_path / "list"
+    lst.write_bytes(mlist.read("binary", 0, mlist.size("binary")))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "imafs", "verify-log", str(lst), *a],
+                                    capture_output=True, text=True)
+    v1, v256 = mlist.pcr("sha1", 10).hex(), mlist.pcr("sha256", 10).hex()
+    for spec in (f"sha256:10=0x{v256.upper()}", f"sha256:10=0X{v256}", f"sha256:10={v256.upper()}",
+                 f"sha1:10={v1}", f"SHA1:10=0x{v1}"):
+        r = run("--pcr", spec)
+        assert r.returncode == 0 and "PCR 10 match" in r.stdout, (spec, r.stderr)
+    r = run("--pcr", f"sha1:10=0x{v1}", "--pcr", f"sha256:10=0x{v256}")
+    assert r.returncode == 0 and "sha1 PCR 10 match; sha256 PCR 10 match" in r.stdout
+    # a wrong value of the right size is a mismatch; everything else is refused (rc 2)
+    wrong = "0x" + ("ff" * 32)
+    r = run("--pcr", f"sha256:10={wrong}")
+    assert r.returncode == 1 and "pcr-mismatch" in r.stderr and "ff" * 32 in r.stderr
+    for spec, why in ((f"sha256:10=", "32 bytes (64 hex digits), this one has 0"),
+                      (f"sha256:10=0x", "this one has 0"),
+                      (f"sha256:10={v1}", "this one has 40"),          # a sha1 value
+                      (f"sha1:10={v256}", "20 bytes (40 hex digits), this one has 64"),
+                      (f"sha256:10=0x{v256}00", "this one has 66"),
+                      (f"sha256:10=0x{v256[:-1]}", "this one has 63"),
+                      (f"sha256:10=0x{v256[:-2]} 0", "not hex"),
+                      (f"sha256:10=0x{v256[:-2]}zz", "not hex"),
+                      (f"sha256:24=0x{v256}", "index must be 0-23"),
+                      (f"sha256:-1=0x{v256}", "index must be 0-23"),
+                      (f"sha256=0x{v256}", "BANK:INDEX=HEX"),
+                      (f"nosuch:10=0x{v256}", "unknown hash algorithm")):
+        r = run("--pcr", spec)
+        assert r.returncode == 2, (spec, r.stdout, r.stderr)
+        assert why in r.stderr and len(r.stderr.strip().splitlines()) == 1, (spec, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_pcr_file_out_of_range_and_wrong_size(mlist, tmp_path):
+    """A pcrs/ file with a PCR beyond 23 or values of another bank is reported, never a
+    traceback or a silent match."""
+    data = mlist.read("ascii", 0, mlist.size("ascii"))
+    rep = verifylog.verify_bytes(data, expected={"sha1": {30: b"\x01" * 20}})
+    assert [p.kind for p in rep.problems] == ["pcr-mismatch"] and "no such PCR" in str(rep.problems[0])
+    rep = verifylog.verify_bytes(data, expected={"sha256": {10: mlist.pcr("sha1", 10)}})
+    assert [p.kind for p in rep.problems] == ["pcr-mismatch"]
+    assert "is 20 bytes, a sha256 PCR is 32" in str(rep.problems[0])
+    p = tmp_path / "pcrs"
+    p.write_text(mlist.pcrs_text("sha1") + "PCR-30: " + "00" * 20 + "\n")
+    lst = tmp_path / "list"
+    lst.write_bytes(data)
+    r = subprocess.run([sys.executable, "-m", "imafs", "verify-log", str(lst), "--pcrs", f"sha1,{p}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no such PCR" in r.stderr and "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import string
 import sys
 
 from imafs.cli import CommandError
@@ -15,13 +16,30 @@ def _pcr_arg(text: str):
 
 
 def _pcr_value(text: str):
-    # BANK:N=HEX
+    """``BANK:INDEX=HEX``, HEX as ``tpm2_pcrread`` prints it too (``0x`` prefix, upper
+    case): (bank, index, value). The value must be exactly the bank's digest size."""
+    from imafs.ima.templates import hash_size
+    from imafs.ima.verifylog import NUM_PCRS
+    usage = f"--pcr takes BANK:INDEX=HEX (e.g. sha256:10=0x0831d9...), not {text!r}"
+    head, sep, value = text.partition("=")
+    bank, sep2, n = head.partition(":")
+    if not sep or not sep2 or not bank.strip() or not n.strip():
+        raise CommandError(usage)
+    bank, n, value = bank.strip().lower(), n.strip(), value.strip()
+    if not n.isdigit() or int(n) >= NUM_PCRS:
+        raise CommandError(f"--pcr {text!r}: the index must be 0-{NUM_PCRS - 1}")
     try:
-        head, value = text.split("=", 1)
-        bank, n = head.split(":", 1)
-        return bank, int(n), bytes.fromhex(value)
-    except ValueError:
-        raise CommandError(f"--pcr takes BANK:INDEX=HEX (e.g. sha1:10=ab12...), not {text!r}")
+        size = hash_size(bank)
+    except ValueError as e:
+        raise CommandError(f"--pcr {text!r}: bank {bank!r}: {e}")
+    if value[:2] in ("0x", "0X"):
+        value = value[2:]
+    if value.strip(string.hexdigits):
+        raise CommandError(f"--pcr {text!r}: the value is not hex")
+    if len(value) != 2 * size:
+        raise CommandError(f"--pcr {text!r}: a {bank} PCR value is {size} bytes "
+                           f"({2 * size} hex digits), this one has {len(value)} digits")
+    return bank, int(n), bytes.fromhex(value)
 
 
 def _run(args) -> int:

@@ -136,6 +136,15 @@ def verify(entries: Iterable[TemplateEntry], *, bank: str = "sha1",
         if b not in rep.pcrs:
             continue
         for idx, value in sorted(regs.items()):
+            if not 0 <= idx < NUM_PCRS:
+                problem(Problem(None, "pcr-mismatch", f"{b} PCR {idx}: there is no such PCR "
+                                                      f"(0-{NUM_PCRS - 1})"))
+                continue
+            if len(value) != hash_size(b):
+                problem(Problem(None, "pcr-mismatch",
+                                f"{b} PCR {idx}: expected value {value.hex() or '(empty)'} is "
+                                f"{len(value)} bytes, a {b} PCR is {hash_size(b)}"))
+                continue
             if idx in rep.used_pcrs or any(value):
                 got = rep.pcrs[b][idx]
                 if got != value:
