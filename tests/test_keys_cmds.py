@@ -155,6 +155,78 @@ def test_sign_recursive(keydir, files, capsys):
     assert rc == 0 and out.count(": pass") == 3
 
 
+def _as_nobody(tmp, *argv):
+    """``imafs ARGV`` (options first, then one or more paths starting with ``/``) in
+    a forked child running as nobody: a fork, not an exec, since the interpreter and
+    its standard library may live where nobody cannot reach them (so the command is
+    first run here as root on an empty directory, to import what it imports)."""
+    import subprocess
+    import sys
+    opts = [str(a) for a in argv if not str(a).startswith("/")]
+    empty = tmp / "nobody.empty"
+    empty.mkdir(exist_ok=True)
+    main(opts + [str(empty)])
+    out, err = tmp / "nobody.out", tmp / "nobody.err"
+    pid = os.fork()
+    if pid == 0:                                   # child: never returns into pytest
+        rc = 99
+        try:
+            with open(out, "w") as o, open(err, "w") as e:    # opened as root
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                sys.stdout, sys.stderr = o, e
+                try:
+                    rc = main([str(a) for a in argv])
+                except SystemExit as x:
+                    rc = x.code if isinstance(x.code, int) else 98
+                except BaseException:   # noqa: BLE001 - shown by the test's assertion
+                    import traceback
+                    traceback.print_exc(file=e)
+                finally:
+                    o.flush()
+                    e.flush()
+        finally:
+            os._exit(rc)
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status),
+                                       out.read_text(), err.read_text())
+
+
+@pytest.mark.parametrize("sub", ["zz", "aa"])
+def test_recursive_reports_every_unreadable_directory(world_tmp, sub):
+    """An unreadable directory is an error with a message, wherever the walk meets
+    it: before other directories ("aa"), as the last one visited ("zz"), or as the
+    path itself; the readable rest is still signed."""
+    t = world_tmp / "t3"
+    (t / "locked").mkdir(parents=True)
+    os.chmod(t / "locked", 0o700)                  # root's: nobody cannot list it
+    (t / sub).mkdir()
+    (t / sub / "z").write_bytes(b"zzz\n")
+    os.chown(t / sub / "z", 65534, 65534)
+    locked_msg = f"{t}/locked: cannot list directory: Permission denied"
+    p = _as_nobody(world_tmp, "sign", "-q", "--xattr", "user", "--hash-only", "-r", t)
+    assert p.returncode == 1, p
+    assert f"imafs sign: {locked_msg}" in p.stderr.splitlines(), p.stderr
+    assert "1 of 2 file(s) not signed" in p.stderr
+    assert ima(t / sub / "z", "user.ima") == b"\x04\x04" + hashlib.sha256(b"zzz\n").digest()
+    p = _as_nobody(world_tmp, "verify", "-q", "--xattr", "user", "-r", t)
+    assert p.returncode == 1, p
+    assert sorted(p.stdout.splitlines()) == sorted([f"{t}/locked: error ("
+                                                    "cannot list directory: Permission denied)",
+                                                    f"{t}/{sub}/z: pass"]), p.stdout
+    # the path itself, and a nested one after the last file
+    (t / sub / "zlast").mkdir()
+    os.chmod(t / sub / "zlast", 0o700)
+    p = _as_nobody(world_tmp, "sign", "-q", "--xattr", "user", "--hash-only", "-r", t / "locked",
+                   t / sub)
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"imafs sign: {locked_msg}",
+                                     f"imafs sign: {t}/{sub}/zlast: cannot list directory: "
+                                     "Permission denied",
+                                     "imafs sign: 2 of 3 file(s) not signed"], p.stderr
+
+
 def test_sign_hash_only_and_user_xattr(files, capsys):
     assert run(capsys, "sign", "--hash-only", files / "a")[0] == 0
     assert ima(files / "a") == b"\x04\x04" + hashlib.sha256(b"alpha\n").digest()

@@ -113,12 +113,20 @@ def _walk(paths, recursive: bool, skip_special: bool):
             if not recursive:
                 yield p, "is a directory (use -r)"
                 continue
-            errs = []
+            # os.walk reports a directory it cannot list through onerror, and then
+            # goes on (or stops, when it was the last one): report every such error
+            # before the next directory's files and once more after the walk, so the
+            # last directory visited (or ``p`` itself) is never skipped silently
+            errs: list[OSError] = []
+
+            def pending():
+                for e in errs:
+                    yield (getattr(e, "filename", None) or p,
+                           f"cannot list directory: {e.strerror or e}")
+                errs.clear()
             for root, dirs, files in os.walk(p, onerror=errs.append):
                 dirs.sort()
-                for e in errs:
-                    yield getattr(e, "filename", root) or root, e.strerror or str(e)
-                errs.clear()
+                yield from pending()
                 for name in sorted(files) + sorted(d for d in dirs
                                                    if os.path.islink(os.path.join(root, d))):
                     fp = os.path.join(root, name)
@@ -126,6 +134,7 @@ def _walk(paths, recursive: bool, skip_special: bool):
                     if why and skip_special:
                         continue
                     yield fp, why
+            yield from pending()
             continue
         yield p, _kind_refusal(p, st)
 
