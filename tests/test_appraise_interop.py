@@ -69,7 +69,9 @@ def keys(tmp_path_factory):
     base = tmp_path_factory.mktemp("interop-keys")
     out = {}
     for name, extra in [("imafs-rsa", []), ("imafs-ec", ["--type", "ec"]),
-                        ("imafs-p384", ["--type", "ec", "--curve", "secp384r1"])]:
+                        ("imafs-p384", ["--type", "ec", "--curve", "secp384r1"]),
+                        ("imafs-p384-bits", ["--type", "ec", "--bits", "384"]),
+                        ("imafs-p521", ["--type", "ec", "--bits", "521"])]:
         assert main(["keygen", "--out", str(base / name), *extra]) == 0
         out[name] = Key(name, base / name / "signing_key.pem", base / name / "signing_cert.der")
     out["openssl-rsa"] = Key("openssl-rsa", *_openssl_key(base / "o-rsa", ["-newkey", "rsa:2048"]))
@@ -78,7 +80,8 @@ def keys(tmp_path_factory):
     return out
 
 
-KEYS = ["imafs-rsa", "imafs-ec", "imafs-p384", "openssl-rsa", "openssl-ec"]
+KEYS = ["imafs-rsa", "imafs-ec", "imafs-p384", "imafs-p384-bits", "imafs-p521", "openssl-rsa",
+        "openssl-ec"]
 
 
 def offline(path, ring, **kw):

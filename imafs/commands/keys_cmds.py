@@ -23,6 +23,7 @@ KEY_NAME, CERT_DER, CERT_PEM = "signing_key.pem", "signing_cert.der", "signing_c
 CURVES = {"prime256v1": "secp256r1", "secp256r1": "secp256r1", "p256": "secp256r1",
           "secp384r1": "secp384r1", "p384": "secp384r1",
           "secp521r1": "secp521r1", "p521": "secp521r1"}
+EC_BITS = {256: "secp256r1", 384: "secp384r1", 521: "secp521r1"}    # keygen --type ec --bits
 
 
 def _fail(msg: str):
@@ -191,18 +192,28 @@ def cmd_keygen(args) -> int:
     from cryptography.x509.oid import NameOID
 
     if args.type == "rsa":
-        bits = args.bits or 2048
+        if args.curve is not None:
+            _fail("--curve applies to EC keys (--type ec)")
+        bits = args.bits if args.bits is not None else 2048
         if bits < km.MIN_RSA_BITS or bits > 16384:
             _fail(f"--bits {bits}: RSA keys must have {km.MIN_RSA_BITS}..16384 bits")
         key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     else:
-        if args.bits:
-            _fail("--bits applies to RSA keys; choose the EC key size with --curve")
-        curve = CURVES.get(args.curve.lower())
-        if curve is None:
-            _fail(f"--curve {args.curve}: choose one of {', '.join(CURVES)}")
+        curve = None
+        if args.curve is not None:
+            curve = CURVES.get(args.curve.lower())
+            if curve is None:
+                _fail(f"--curve {args.curve}: choose one of {', '.join(CURVES)}")
+        if args.bits is not None:
+            by_bits = EC_BITS.get(args.bits)
+            if by_bits is None:
+                _fail(f"--bits {args.bits}: EC keys have 256 (P-256), 384 (P-384) or "
+                      "521 (P-521) bits")
+            if curve is not None and curve != by_bits:
+                _fail(f"--bits {args.bits} is {by_bits}, but --curve {args.curve} is {curve}")
+            curve = by_bits
         key = ec.generate_private_key({"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(),
-                                       "secp521r1": ec.SECP521R1()}[curve])
+                                       "secp521r1": ec.SECP521R1()}[curve or "secp256r1"])
     if args.days < 1:
         _fail("--days must be at least 1")
     out = args.out
@@ -498,8 +509,9 @@ def register(sub) -> None:
                        "subjectKeyIdentifier=hash, keyUsage=digitalSignature, CA:FALSE.")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--type", choices=("rsa", "ec"), default="rsa")
-    p.add_argument("--bits", type=int, help="RSA key size (default 2048)")
-    p.add_argument("--curve", default="prime256v1", help="EC curve: prime256v1 (default), "
+    p.add_argument("--bits", type=int, help="key size: RSA 1024..16384 (default 2048); "
+                   "EC 256 (P-256, default), 384 (P-384) or 521 (P-521)")
+    p.add_argument("--curve", help="EC curve, instead of --bits: prime256v1 (default), "
                    "secp384r1 or secp521r1")
     p.add_argument("--cn", default="imafs signing key", help="certificate common name")
     p.add_argument("--days", type=int, default=365, help="validity (default 365)")
