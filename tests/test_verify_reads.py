@@ -247,6 +247,130 @@ def test_mmap_of_a_fresh_open_is_refused(make_mount, world_tmp):
     assert child.returncode != 0 and "ready" not in out     # open: EACCES
 
 
+_READER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+got = bytearray()
+err = "none"
+try:
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        got += b
+except OSError as e:
+    err = str(e.errno)
+sys.stdout.buffer.write(err.encode() + b"\n" + bytes(got))
+"""
+
+
+def _read_as(uid, path):
+    """(errno or None, bytes read) of a whole read of ``path`` by another process."""
+    cmd = [sys.executable, "-c", _READER, str(path)]
+    if uid is not None:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] + cmd
+    out = subprocess.run(cmd, capture_output=True, timeout=SH).stdout
+    head, _, body = out.partition(b"\n")
+    return (None if head == b"none" else int(head)), body
+
+
+# ------------------------------------------------------------------ one page cache
+ROOT_ONLY = ("appraise func=FILE_CHECK appraise_type=imasig uid=0\n"
+             "measure func=FILE_CHECK mask=MAY_READ uid=0\n")
+
+
+@pytest.mark.parametrize("second", ["unverified-user", "measured-root"])
+def test_another_reader_cannot_fill_the_cache_with_changed_bytes(make_mount, world_tmp, second):
+    """The kernel's page cache of an inode is shared by all its handles, and a cached
+    page is read without asking the daemon. After the file changed behind the mount, a
+    second reader -- one the policy does not cover (uid 1000), or one that measures
+    the new version (root, measure-only policy) -- must not put changed pages into the
+    cache that the first, verified handle would then read unchecked."""
+    policy = ROOT_ONLY if second == "unverified-user" else "measure func=FILE_CHECK mask=MAY_READ\n"
+    m, f, data = setup(make_mount, world_tmp, policy, extra=["--verify-reads=on"])
+    os.chmod(f, 0o644)
+    v0 = violations(m)
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray()
+        while len(got) < len(data) // 2:
+            got += os.read(fd, 65536)
+        tamper(f, data, "same")
+        err2, got2 = _read_as(1000 if second == "unverified-user" else None, m.mnt / "big")
+        err = read_on(fd, got)
+    finally:
+        os.close(fd)
+    assert changed_bytes(got, data) == 0
+    assert err is not None and err.errno == errno.EIO, (err, len(got))
+    # the second reader got no changed block either, while the verified handle was open
+    assert err2 == errno.EIO and changed_bytes(got2, data) == 0, (err2, len(got2))
+    assert violations(m) > v0
+    # once the old handle is closed, the file is what it is now: the measure-only
+    # policy serves the new version; under the root-only appraisal uid 1000 reads it
+    # unverified, as the policy says
+    new = f.read_bytes()
+    err3, got3 = _read_as(1000 if second == "unverified-user" else None, m.mnt / "big")
+    assert err3 is None and got3 == new
+
+
+def test_mapped_pages_never_come_from_another_readers_fill(make_mount, world_tmp):
+    """A verified mapping (an exec's text, a library) keeps its handle open; after the
+    file changed behind the mount, another process reads it whole: the mapping's later
+    faults must not find changed pages that the other reader put in the cache."""
+    m, f, data = setup(make_mount, world_tmp, "measure func=FILE_CHECK mask=MAY_READ\n",
+                       extra=["--verify-reads=on"])
+    new = bytearray(data)
+    for i in range(0, len(new), BS):
+        new[i] ^= 0xFF
+    child = _mmap_child(m.mnt / "big", len(data))
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        tamper(f, data, "same")
+        err2, got2 = _read_as(None, m.mnt / "big")      # root: measures the new version
+        out, _ = child.communicate("go\n", timeout=SH)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert changed_bytes(got2, data) == 0
+    assert child.returncode == -signal.SIGBUS, (child.returncode, out[-300:])
+    old_pages, new_pages = _pages(out, data, bytes(new))
+    assert new_pages == 0
+
+
+def test_block_aligned_truncation_with_the_default_attribute_timeout(make_mount, world_tmp):
+    """With the default --attr-timeout (1 s) the kernel refreshes the size of a file
+    truncated behind the mount; it must still be shown the measured size while a
+    verified handle is open, so the read of the missing part fails (EIO, violation)
+    instead of ending early at the new size."""
+    backing = world_tmp / "backing"
+    backing.mkdir()
+    data = random.Random(3).randbytes(SIZE)
+    f = backing / "big"
+    f.write_bytes(data)
+    sign_v2(f)
+    pol = world_tmp / "policy"
+    pol.write_text(APPRAISE)
+    m = make_mount(["--policy", str(pol), "--key", str(_cert_file(world_tmp))],
+                   backing=backing)
+    v0 = violations(m)
+    fd = os.open(m.mnt / "big", os.O_RDONLY)
+    try:
+        got = bytearray()
+        while len(got) < len(data) // 2:
+            got += os.read(fd, 65536)
+        os.truncate(f, 6 * 1024 * 1024)          # a whole number of blocks, past the reader
+        time.sleep(2.5)                          # the kernel's attributes time out
+        assert os.fstat(fd).st_size == len(data)  # the size it was measured with
+        err = read_on(fd, got)
+    finally:
+        os.close(fd)
+    assert err is not None and err.errno == errno.EIO, (err, len(got))
+    assert changed_bytes(got, data) == 0
+    assert violations(m) == v0 + 1
+    with pytest.raises(PermissionError):
+        (m.mnt / "big").read_bytes()
+
+
 # ------------------------------------------------------------------ random tamper
 def test_random_tamper_while_readers_run(make_mount, world_tmp):
     size = 2 * 1024 * 1024 + 777

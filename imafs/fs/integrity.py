@@ -158,10 +158,6 @@ class IntegrityHooks(NullHooks):
 
     # ------------------------------------------------------------------ verified reads
     def read(self, token, fd, off, size):
-        if token.tree is None:
-            if token.ref is not None:
-                self._unverified.add(token.ref)
-            return None
         try:
             data = self.engine.read_verified(token, fd, off, size)
         except AccessDenied as e:
@@ -173,11 +169,22 @@ class IntegrityHooks(NullHooks):
             self._unverified.add(token.ref)
         return data
 
+    def shown_size(self, st: os.stat_result) -> int | None:
+        """While handles that verify a file's reads are open, the kernel is shown the
+        size they were measured with: otherwise, once the attributes time out, it
+        would clip reads of a file truncated behind the mount at the new end (a clean
+        EOF, no read reaching the daemon) instead of letting them fail."""
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = self.engine.measured_size((st.st_dev, st.st_ino))
+        return size if size is not None and size != st.st_size else None
+
     def wants_read(self, token) -> bool:
-        """On the event loop: only verified handles need the read hooks; reads of the
-        others are served by the overlay directly (and their inode remembered: the
+        """On the event loop: reads need the hooks while some handle of the file
+        verifies (every read of it is then checked: they all fill one page cache);
+        other reads are served by the overlay directly (and their inode remembered: the
         kernel may cache pages of it that were never verified)."""
-        if token.tree is None or token.wgen != token.iint.wgen:
+        if not self.engine.verifies(token):
             if token.ref is not None:
                 self._unverified.add(token.ref)
             return False

@@ -106,6 +106,10 @@ class NullHooks:
         """Return the bytes to serve, or None to let the overlay read them."""
         return None
 
+    def shown_size(self, st: os.stat_result) -> int | None:
+        """On the event loop, cheap: a size to report instead of ``st.st_size``."""
+        return None
+
     def wants_read(self, token) -> bool:
         """On the event loop, cheap: whether ``read``/``read_cached`` must see the
         reads of this handle (False: the overlay reads itself, no thread hop)."""
@@ -279,6 +283,10 @@ class Overlay(pyfuse3.Operations):
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
+        if self.hooks.active:
+            shown = self.hooks.shown_size(st)
+            if shown is not None:
+                a.st_size = shown
         a.st_blksize = st.st_blksize
         a.st_blocks = st.st_blocks
         a.st_atime_ns = st.st_atime_ns

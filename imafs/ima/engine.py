@@ -120,7 +120,7 @@ class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
-                 "update_xattr", "done")
+                 "update_xattr", "done", "live", "live_wgen")
 
     def __init__(self, key):
         self.key = key
@@ -142,6 +142,12 @@ class IInt:
         # read-only opens whose every action is done for this version (the kernel's
         # IMA_DONE_MASK flags): (ns id, who, mask, exec) -> (epochs, decided, watchers)
         self.done: dict = {}
+        # read-time verification: the trees open handles verify their reads against,
+        # id(tree) -> [tree, watchers, handles], valid while live_wgen == wgen (a
+        # writable open ends every verification); kept across reset(): the handles
+        # are still open, and the kernel's page cache of the inode is shared by all
+        self.live: dict = {}
+        self.live_wgen = 0
 
     def reset(self, version) -> None:
         self.version = version
@@ -173,7 +179,7 @@ class OpenState:
     watchers: tuple = ()
     subject: Subject | None = None
     wgen: int = 0
-    failed: bool = False
+    failed: set = field(default_factory=set)   # id()s of trees this handle failed
     ref: object = None      # the adapter's own data about the handle (opaque here)
 
 
@@ -302,6 +308,7 @@ class Engine:
         # file's Merkle tree, and reads of measured/appraised files are checked with it
         self.verify_reads = bool(verify_reads)
         self._iints: OrderedDict = OrderedDict()
+        self._live_keys: dict = {}  # file identity -> IInt, while a handle verifies reads
         self._recorded = 0          # entries this engine appended (trims the store's map)
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
@@ -446,6 +453,8 @@ class Engine:
                             ii.readers -= 1
                         raise
                     state.tree, state.watchers = ii.tree, watchers
+            if state.tree is not None:
+                self._live_add(ii, state)
             if done_key is not None and writers == 0 and ii.version == f.version:
                 # everything this kind of open needs is done for this version: the
                 # next one like it takes _open_done (unless policy or keys change)
@@ -494,6 +503,7 @@ class Engine:
                               wgen=ii.wgen)
             if watchers:
                 state.tree, state.watchers = ii.tree, watchers
+                self._live_add(ii, state)
             return state
         finally:
             ii.lock.release()
@@ -742,13 +752,73 @@ class Engine:
         return self._digest(ii, f, "verity-" + algo, algos)
 
     # ------------------------------------------------------------------ reads
+    # The kernel's page cache of an inode is shared by every handle of it, and a handle
+    # whose pages are cached reads them without asking the daemon.  So a page must not
+    # enter the cache unless it matches every tree a handle open now verifies against:
+    # while any verified handle of the file is open, every read of it -- through any
+    # handle, verified or not -- is checked against all those trees (normally one; two
+    # after the file changed behind the mount and was measured again while a handle of
+    # the old version is still open: then only unchanged blocks are served).
+
+    def _live_add(self, ii: IInt, state: OpenState) -> None:
+        """Register a verifying handle (with ii.lock held)."""
+        with _COUNTS:
+            if ii.live_wgen != ii.wgen:
+                ii.live, ii.live_wgen = {}, ii.wgen
+            rec = ii.live.get(id(state.tree))
+            if rec is None:
+                ii.live[id(state.tree)] = [state.tree, state.watchers, 1]
+                self._live_keys[ii.key] = ii
+            else:
+                rec[2] += 1
+
+    def _live_drop(self, state: OpenState) -> None:
+        """A verifying handle was released (with _COUNTS held)."""
+        ii = state.iint
+        if state.tree is None or state.wgen != ii.live_wgen:
+            return
+        rec = ii.live.get(id(state.tree))
+        if rec is not None:
+            rec[2] -= 1
+            if rec[2] <= 0:
+                del ii.live[id(state.tree)]
+        if not ii.live:
+            self._live_keys.pop(ii.key, None)
+
+    @staticmethod
+    def _live_trees(ii: IInt) -> list:
+        with _COUNTS:
+            if ii.live_wgen != ii.wgen or not ii.live:
+                return []
+            return [(rec[0], rec[1]) for rec in ii.live.values()]
+
+    def verifies(self, state: OpenState) -> bool:
+        """Whether reads through this handle are checked (its own tree, or the trees of
+        other handles of the file open now). Cheap, for the event loop."""
+        ii = state.iint
+        if ii.live_wgen != ii.wgen or not ii.live:
+            return False
+        return not state.writable
+
+    def measured_size(self, key) -> int | None:
+        """The size the kernel must be shown for a file while handles verifying it are
+        open (the size their trees were built over), or None: reads past a shorter
+        backing file then reach the daemon and fail, instead of the kernel clipping them
+        at the new end without asking."""
+        ii = self._live_keys.get(key)
+        if ii is None:
+            return None
+        sizes = {t.data_size for t, _w in self._live_trees(ii)}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def read_verified(self, state: OpenState, fd: int, off: int, size: int, *,
                       nowait: bool = False) -> bytes | None:
         """Read ``size`` bytes at ``off`` from ``fd`` (the handle's backing descriptor)
-        and check them against the Merkle tree the file was measured with; returns the
-        bytes, or None when this handle's reads are not verified.  A block that does
-        not match, a file shorter than measured, or bytes past the measured end raise
-        :class:`ReadVerifyError` (EIO) -- no byte of such a read is returned.
+        and check them against the Merkle trees of the file's verifying handles (this
+        one's first); returns the bytes, or None when no handle of the file verifies
+        reads.  A block that does not match a tree, a file shorter than a tree, or
+        bytes past a tree's end raise :class:`ReadVerifyError` (EIO) -- no byte of
+        such a read is returned.
 
         ``nowait`` (for the event loop): read with RWF_NOWAIT and raise
         BlockingIOError when the data is not all in the page cache, or when the read
@@ -757,70 +827,87 @@ class Engine:
         RWF_NOWAIT here) propagate as they are.
 
         Cost: one pread of the whole blocks covering the request (FUSE reads are
-        page-aligned, so normally exactly the request) and one hash per 4 KiB block;
-        leaf lookups are O(1), nothing touches LMDB or takes a lock."""
-        tree = state.tree
-        if tree is None:
+        page-aligned, so normally exactly the request) and one hash per 4 KiB block
+        per tree (normally one); leaf lookups are O(1), nothing touches LMDB."""
+        ii = state.iint
+        if state.writable:
             return None
-        if state.wgen != state.iint.wgen:
-            # opened for write through the mount since this handle was opened: a change
-            # IMA itself accounts for (ToMToU / open_writers violations, re-measurement
-            # at the next open); this handle's reads are no longer verified
+        trees = self._live_trees(ii)
+        if not trees:
             return None
-        bs = tree.block_size
-        dsize = tree.data_size
+        own = state.tree if state.wgen == ii.wgen else None
+        if own is not None:
+            trees.sort(key=lambda tw: tw[0] is not own)
+        bs = trees[0][0].block_size
         start = off - off % bs
-        end = min(off + size, dsize)
-        length = min(end + (-end % bs), dsize) - start if end > off else 0
-        # a request reaching past the measured end: one more byte shows a grown file
-        probe = off + size > dsize
+        spans = []          # per tree: (whole-block length to check, request past its end)
+        for t, _w in trees:
+            dsize = t.data_size
+            end = min(off + size, dsize)
+            spans.append((min(end + (-end % bs), dsize) - start if end > off else 0,
+                          off + size > dsize))
+        # one read for all trees: the longest span, one byte more where a request
+        # reaches past a tree's end (that byte shows a grown file)
+        want = max((ln + pr for ln, pr in spans if ln > 0), default=0)
+        longest = max(ln for ln, _pr in spans)
         try:
-            if length > 0 and nowait:
-                buf = bytearray(length + probe)
+            if want > 0 and nowait:
+                buf = bytearray(want)
                 n = os.preadv(fd, [buf], start, os.RWF_NOWAIT)
-                if n < length:
+                if n < longest:
                     raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
                 del buf[n:]
-            elif length > 0:
-                buf = os.pread(fd, length + probe, start)
+            elif want > 0:
+                buf = os.pread(fd, want, start)
             else:
                 buf = b""
-                length = 0
-            extra = len(buf) > length or (probe and length == 0 and os.pread(fd, 1, dsize) != b"")
+            # a request at or past a tree's end: is there a byte at that end?
+            grown = [pr and ln == 0 and os.pread(fd, 1, t.data_size) != b""
+                     for (t, _w), (ln, pr) in zip(trees, spans)]
         except OSError as e:
             if nowait:
                 raise
             raise ReadVerifyError(e.errno or errno.EIO, f"read error: {e}") from None
-        if len(buf) > length:
-            buf = buf[:length]
-        res = tree.verify_range(start, buf) if buf else hashing.VerifyResult(True)
-        if nowait and (not res.ok or len(buf) < length or extra):
-            raise BlockingIOError(errno.EAGAIN, "verification failed: retry in a thread")
-        if not res.ok:
-            self._read_failure(state, off, res.first_bad_block, res.expected, res.found,
-                               "content")
-        if len(buf) < length:
-            bad = (start + len(buf)) // bs
-            self._read_failure(state, off, bad, tree.block_hash(bad), b"", "short")
-        if extra:
-            self._read_failure(state, off, dsize // bs, b"", b"", "past-end")
+        served = longest
+        for (t, watchers), (length, probe), grew in zip(trees, spans, grown):
+            part = buf[:length]
+            res = t.verify_range(start, part) if part else hashing.VerifyResult(True)
+            short = len(part) < length
+            extra = grew or (probe and length > 0 and len(buf) > length)
+            if nowait and (not res.ok or short or extra):
+                raise BlockingIOError(errno.EAGAIN, "verification failed: retry in a thread")
+            if not res.ok:
+                self._read_failure(state, t, watchers, off, res.first_bad_block,
+                                   res.expected, res.found, "content")
+            if short:
+                bad = (start + len(part)) // bs
+                self._read_failure(state, t, watchers, off, bad, t.block_hash(bad), b"",
+                                   "short")
+            if extra:
+                self._read_failure(state, t, watchers, off, t.data_size // bs, b"", b"",
+                                   "past-end")
+            served = min(served, length)
+        if len(buf) > served:
+            buf = buf[:served]
         lo = off - start
         if lo == 0 and len(buf) <= size:
             return buf
         return buf[lo:lo + size]
 
-    def _read_failure(self, state: OpenState, off: int, block: int, expected: bytes,
-                      found: bytes, what: str) -> None:
-        """A read of ``state`` does not match its tree: the file changed behind the
-        mount.  Record a violation (list, PCRs, audit) in every namespace that measured
-        or appraised the file -- once per handle -- forget the file's verdicts and
-        cached digests (the next open measures and appraises it again), raise EIO."""
+    def _read_failure(self, state: OpenState, tree, watchers, off: int, block: int,
+                      expected: bytes, found: bytes, what: str) -> None:
+        """A read through ``state`` does not match ``tree`` (this handle's, or another
+        open handle's): the file changed behind the mount.  Record a violation (list,
+        PCRs, audit) in every namespace that measured or appraised the file against that
+        tree -- once per reading handle and tree -- forget the file's verdicts and
+        cached digests when the tree is the current one (the next open measures and
+        appraises it again), and raise EIO."""
         ii = state.iint
         f = state.file
         with ii.lock:
-            first = not state.failed
-            state.failed = True
-            if ii.tree is state.tree:
+            first = id(tree) not in state.failed
+            state.failed.add(id(tree))
+            if ii.tree is tree:
                 ii.reset(None)
                 self.cache.delete(ii.key)
                 self.trees.delete(ii.key)
@@ -830,7 +917,7 @@ class Engine:
             with self._stats_lock:
                 self.stats["read_failures"] += 1
             subject = state.subject or Subject(0, 0, 0)
-            for n in state.watchers:
+            for n in watchers:
                 self._violation(n, f, subject, "read-verify", state.ns.id, **detail)
         else:
             log.debug("read-verify: %s offset %d block %d (%s) again", os.fsdecode(f.path),
@@ -848,6 +935,7 @@ class Engine:
         thread, or None."""
         ii = state.iint
         with _COUNTS:
+            self._live_drop(state)
             if state.readable and not state.writable:
                 ii.readers -= 1
             if state.writable:
