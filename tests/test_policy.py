@@ -234,18 +234,35 @@ def test_comments_blank_lines_and_whitespace():
             "\n"
             "   \t  \n"
             "  # indented comment\n"
-            "\tmeasure  \t func=BPRM_CHECK   # trailing comment uid=0\n"
-            "appraise fowner=0 #\n"
+            "\t#measure func=BPRM_CHECK\n"
+            "\tmeasure  \t func=BPRM_CHECK   \n"
+            "appraise fowner=0\n"
             "audit func=BPRM_CHECK\n"
             "dont_measure fsmagic=0x9fa0")        # no final newline
     rules = parse_policy(text)
     assert [str(r) for r in rules] == ["measure func=BPRM_CHECK ", "appraise fowner=0 ",
                                        "audit func=BPRM_CHECK ",
                                        "dont_measure fsmagic=0x9fa0 "]
-    assert [r.line for r in rules] == [5, 6, 7, 8]
+    assert [r.line for r in rules] == [6, 7, 8, 9]
     assert parse_policy("") == []
     assert parse_policy("# only\n\n") == []
     assert parse_rule("   ") is None
+    assert parse_rule(" \t# x uid=0") is None
+
+
+@pytest.mark.parametrize("text,col", [
+    ("measure func=BPRM_CHECK # exec", 25),
+    ("measure func=BPRM_CHECK #exec", 25),
+    ("appraise fowner=0 #", 19),
+    ("measure\t#", 9),
+])
+def test_trailing_comment_is_refused(text, col):
+    # the kernel skips only lines whose first non-blank character is '#'
+    # (ima_parse_add_rule); a '#' word inside a rule is Opt_err: -EINVAL
+    with pytest.raises(PolicyError) as ei:
+        parse_policy("measure\n" + text + "\n")
+    assert (ei.value.line, ei.value.col) == (2, col)
+    assert "comment" in ei.value.msg and "line of its own" in ei.value.msg
 
 
 def test_format_policy_and_round_trip():
@@ -384,7 +401,8 @@ ERRORS = [
     ("measure template=ima-sig digest_type=verity", 1, 9, "d-ngv2"),
     # position: the line number counts comments and blank lines
     ("# c\n\nmeasure func=BPRM_CHECK\n\tappraise  bogus\n", 4, 12, "unknown keyword"),
-    ("measure\nmeasure\n  measure pcr=99 # x\n", 3, 11, "out of range"),
+    ("measure\nmeasure\n  measure pcr=99\n", 3, 11, "out of range"),
+    ("measure pcr=99 # x\n", 1, 9, "out of range"),
 ]
 
 
@@ -831,7 +849,7 @@ def test_valid_rules_round_trip(words, rnd, seps, comment):
     rnd.shuffle(shuffled)       # the order of words does not matter
     text = seps[0] + "".join(wd + seps[i + 1] for i, wd in enumerate(shuffled))
     if comment:
-        text += "# " + " ".join(words)
+        text = "# " + " ".join(words) + "\n" + text
     rules = parse_policy(text)
     assert len(rules) == 1
     rule = rules[0]

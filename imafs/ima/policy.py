@@ -3,7 +3,8 @@
 A policy is a list of rules, one per line, in the language of the kernel's
 ``Documentation/ABI/testing/ima_policy``::
 
-    action [condition ...] [option ...]     # comment
+    action [condition ...] [option ...]
+    # a comment: a line whose first non-blank character is '#'
 
 The reference is the kernel's ``security/integrity/ima/ima_policy.c`` (Linux
 6.14 and later); this module reimplements its behaviour, not its code.
@@ -737,7 +738,10 @@ def parse_rule(line: str, lineno: int = 1) -> Rule | None:
 
     for col, word in words:
         if word.startswith("#"):
-            break                       # comment to the end of the line
+            # ima_parse_add_rule() skips only a line whose first non-blank
+            # character is '#'; inside a rule "#..." is an unknown word (Opt_err)
+            raise bad(col, f"comment {_show(word)} after a rule: a comment must be "
+                           f"a line of its own (its first non-blank character '#')")
         for ch in word:
             if not ch.isprintable():
                 hint = " (a DOS line ending?)" if ch == "\r" else ""
