@@ -142,22 +142,37 @@ def _keylime():
     return ima, Hash
 
 
-def pcr10(m, bank: str) -> str:
-    line = (m.ctl(f"pcrs/{bank}")).read_text().splitlines()[10]
+def pcr10(m, bank: str, ns: str = "") -> str:
+    line = (m.ctl(f"{ns}pcrs/{bank}")).read_text().splitlines()[10]
     assert line.startswith("PCR-10: ")
     return line.split()[1]
 
 
-def keylime_check(m, policy):
-    """Replay the mount's ascii list with keylime against both PCR banks; returns the
-    failure of the sha1 replay (the sha256 one must agree)."""
+def keylime_keyrings(policy):
+    """What keylime's verifier checks ima-sig signatures with: the policy's
+    verification-keys as its tenant keyring (keylime.cloud_verifier_common)."""
+    _keylime()
+    from keylime.ima import file_signatures
+    rings = file_signatures.ImaKeyrings()
+    rings.set_tenant_keyring(file_signatures.ImaKeyring.from_string(
+        policy.get("verification-keys") or ""))
+    return rings
+
+
+def keylime_check(m, policy, ns: str = "", keys: bool = False):
+    """Replay the mount's ascii list (``ns``: "namespaces/NAME/" for a namespace's)
+    with keylime against both PCR banks; returns the failure of the sha1 replay (the
+    sha256 one must agree). ``keys``: check signatures with the policy's
+    verification-keys, as keylime's verifier does."""
     ima, Hash = _keylime()
-    lines = m.ctl("ascii_runtime_measurements").read_text().splitlines(True)
+    ima.validate_runtime_policy(policy)
+    lines = m.ctl(f"{ns}ascii_runtime_measurements").read_text().splitlines(True)
     results = []
     for bank, alg in (("sha1", Hash.SHA1), ("sha256", Hash.SHA256)):
-        want = pcr10(m, bank)
+        want = pcr10(m, bank, ns)
         running, failure = ima.process_measurement_list(
-            None, lines, json.loads(json.dumps(policy)), pcrval=want, hash_alg=alg)
+            None, lines, json.loads(json.dumps(policy)), pcrval=want, hash_alg=alg,
+            ima_keyrings=keylime_keyrings(policy) if keys else None)
         assert running == want, bank
         assert "ima.pcr_mismatch" not in {e.event_id for e in failure.events}
         results.append({e.event_id for e in failure.events})
@@ -246,3 +261,147 @@ def test_keylime_policy_refusals(world_tmp):
     r = subprocess.run(IMAFS + ["keylime-policy", "--rootfs", str(world_tmp), "--algo", "md5"],
                        capture_output=True, text=True, timeout=SH, cwd=REPO)
     assert r.returncode == 2 and "--algo" in r.stderr
+
+
+NS_POLICY = "measure func=FILE_CHECK mask=MAY_READ\n"
+
+
+def ns_activity(m):
+    """A shell enters namespace web (and a child web/inner) and reads files there."""
+    mnt = m.mnt
+    script = (f"echo web > {mnt}/.imafs/ns-create && printf '{NS_POLICY}' > {mnt}/.imafs/policy"
+              f" && cat {mnt}/etc/hostname {mnt}/etc/signed.conf >/dev/null"
+              f" && {mnt}/bin/busybox true"
+              f" && echo inner > {mnt}/.imafs/ns-create"
+              f" && printf '{NS_POLICY}' > {mnt}/.imafs/policy"
+              f" && cat '{mnt}/etc/with space.conf' >/dev/null")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=SH)
+    assert r.returncode == 0, r.stderr
+
+
+def keygen(d, kind="rsa"):
+    imafs("keygen", "--out", str(d), "--type", kind)
+    return d
+
+
+def signed_world(make_mount, world_tmp):
+    """A rootfs whose busybox is signed with an RSA key and signed.conf with an EC key,
+    mounted with ima-sig everywhere; the host and namespaces web, web/inner active."""
+    b = world_tmp / "backing1"
+    populate(b)
+    rsa, ec = keygen(world_tmp / "rsa"), keygen(world_tmp / "ec", "ec")
+    imafs("sign", "-q", "--key", str(rsa / "signing_key.pem"), str(b / "bin/busybox"))
+    imafs("sign", "-q", "--key", str(ec / "signing_key.pem"), str(b / "etc/signed.conf"))
+    m = mount(make_mount, world_tmp, b, "--template", "ima-sig", "--attr-timeout", "0")
+    activity(m)
+    ns_activity(m)
+    return b, m, rsa, ec
+
+
+def test_keylime_policy_of_a_namespace(make_mount, world_tmp):
+    """--mount MNT --ns NAME: the policy of a namespace's list (a/b: a grandchild);
+    keylime accepts each list with its own policy, not with the host's."""
+    ima, _ = _keylime()
+    b, m, _, _ = signed_world(make_mount, world_tmp)
+    web = json.loads(imafs("keylime-policy", "--mount", str(m.mnt), "--ns", "web").stdout)
+    inner = json.loads(imafs("keylime-policy", "--mount", str(m.mnt), "--ns", "web/inner").stdout)
+    host = json.loads(imafs("keylime-policy", "--mount", str(m.mnt)).stdout)
+    for p in (web, inner, host):
+        ima.validate_runtime_policy(p)
+    # inner's read is web's too (every ancestor's rules apply)
+    assert set(web["digests"]) == {"boot_aggregate", "/etc/hostname", "/etc/signed.conf",
+                                   "/etc/with_space.conf"}
+    assert set(web["ima-buf"]) == {"ns-init", "ns-create"}          # its own, and inner's
+    assert set(inner["digests"]) == {"boot_aggregate", "/etc/with_space.conf"}
+    assert set(inner["ima-buf"]) == {"ns-init"}
+    assert set(host["ima-buf"]) == {"ns-create"}
+    # web's ns-init is the host's ns-create, inner's ns-init web's ns-create
+    assert web["ima-buf"]["ns-init"] == host["ima-buf"]["ns-create"]
+    assert inner["ima-buf"]["ns-init"] == web["ima-buf"]["ns-create"]
+    assert keylime_check(m, web, "namespaces/web/") == set()
+    assert keylime_check(m, inner, "namespaces/web/namespaces/inner/") == set()
+    assert keylime_check(m, host) == set()
+    # another namespace's policy does not fit
+    assert keylime_check(m, host, "namespaces/web/") != set()
+
+
+def test_keylime_policy_rootfs_with_the_lists_buffers_and_keys(make_mount, world_tmp):
+    """--rootfs DIR with --mount MNT [--ns NAME]: files from the tree, the boot
+    aggregate and ns-create/ns-init from the list; --keys/--key fill verification-keys
+    in keylime's own format, so keylime verifies the ima-sig signatures."""
+    ima, _ = _keylime()
+    b, m, rsa, ec = signed_world(make_mount, world_tmp)
+    tree = {"/bin/busybox", "/etc/hostname", "/etc/with_space.conf", "/etc/signed.conf"}
+    # the tree alone: keylime knows no boot aggregate and no ns-create (the issue)
+    alone = json.loads(imafs("keylime-policy", "--rootfs", str(b)).stdout)
+    assert keylime_check(m, alone) == {"ima.validation.ima-ng.not_in_allowlist"}
+
+    out = world_tmp / "host.json"
+    imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt), "--keys", str(rsa),
+          "--key", str(ec / "signing_cert.pem"), "--output", str(out))
+    host = json.loads(out.read_text())
+    ima.validate_runtime_policy(host)
+    assert set(host["digests"]) == tree | {"boot_aggregate"}
+    assert host["digests"]["boot_aggregate"] == ["00" * 32]
+    assert set(host["ima-buf"]) == {"ns-create"}
+    keys = json.loads(host["verification-keys"])
+    from imafs.ima.keys import keyid_of
+    assert sorted(keys["keyids"]) == sorted(
+        keyid_of((d / "signing_cert.der").read_bytes()) for d in (rsa, ec))
+    assert keylime_check(m, host) == set()
+    assert keylime_check(m, host, keys=True) == set()
+
+    web = json.loads(imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt),
+                           "--ns", "web", "--keys", str(rsa), "--keys", str(ec)).stdout)
+    ima.validate_runtime_policy(web)
+    assert set(web["digests"]) == tree | {"boot_aggregate"}
+    assert set(web["ima-buf"]) == {"ns-init", "ns-create"}
+    assert keylime_check(m, web, "namespaces/web/", keys=True) == set()
+    inner = json.loads(imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt),
+                             "--ns", "web/inner").stdout)
+    assert keylime_check(m, inner, "namespaces/web/namespaces/inner/") == set()
+
+    # the keys are what keylime checks signatures with: without the signed files'
+    # digests the signed entries pass only with verification-keys, and only the
+    # right ones
+    no_signed = json.loads(json.dumps(host))
+    del no_signed["digests"]["/bin/busybox"], no_signed["digests"]["/etc/signed.conf"]
+    assert keylime_check(m, no_signed, keys=True) == set()
+    assert keylime_check(m, no_signed) == {"ima.validation.ima-ng.not_in_allowlist"}
+    other = keygen(world_tmp / "other")
+    wrong = json.loads(imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt),
+                             "--keys", str(other)).stdout)
+    del wrong["digests"]["/bin/busybox"], wrong["digests"]["/etc/signed.conf"]
+    assert keylime_check(m, wrong, keys=True) == {"ima.validation.ima-ng.not_in_allowlist"}
+
+    # a file changed behind the mount: its new digest comes from the list, which
+    # with --rootfs never adds file digests; the tree's (old) one does not match
+    imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt), "--output", str(out))
+    before = json.loads(out.read_text())
+    (b / "etc/hostname").write_text("changed behind the mount\n")
+    (m.mnt / "etc/hostname").read_bytes()
+    assert "ima.validation.ima-ng.runtime_policy_hash" in keylime_check(m, before)
+    # re-made from the changed tree it passes again: the tree is the reference
+    after = json.loads(imafs("keylime-policy", "--rootfs", str(b), "--mount", str(m.mnt)).stdout)
+    assert after["digests"]["/etc/hostname"] != before["digests"]["/etc/hostname"]
+    assert len(after["digests"]["/etc/hostname"]) == 1
+
+
+def test_keylime_policy_ns_and_key_refusals(make_mount, world_tmp):
+    b, m, rsa, _ = signed_world(make_mount, world_tmp)
+
+    def refused(*args):
+        r = subprocess.run(IMAFS + ["keylime-policy", *args], capture_output=True, text=True,
+                           timeout=SH, cwd=REPO)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        return r.stderr
+    assert "--ns NAME needs --mount" in refused("--rootfs", str(b), "--ns", "web")
+    assert "--ns nope" in refused("--mount", str(m.mnt), "--ns", "nope")
+    assert "not found" in refused("--mount", str(m.mnt), "--ns", "web/nope")
+    assert "not a namespace name" in refused("--mount", str(m.mnt), "--ns", "../web")
+    assert "--key" in refused("--rootfs", str(b), "--key", str(rsa / "signing_key.pem"))
+    assert "--key" in refused("--rootfs", str(b), "--key", str(world_tmp / "missing.der"))
+    empty = world_tmp / "nokeys"
+    empty.mkdir()
+    assert "no usable certificate" in refused("--rootfs", str(b), "--keys", str(empty))

@@ -14,16 +14,83 @@ Write a keylime (7.x) runtime policy: the JSON document a keylime verifier check
 IMA measurement list against.
 
 --mount MNT   allow what the mount measured: every entry of
-              MNT/.imafs/ascii_runtime_measurements (the boot aggregate too;
-              violations never).
+              MNT/.imafs/ascii_runtime_measurements (the boot aggregate and buffer
+              entries such as ns-create too; violations never).
+--ns NAME     with --mount: the list of the mount's integrity namespace NAME
+              instead (MNT/.imafs/namespaces/NAME/...; a/b for a child b of a).
 --list FILE   the same from an ascii measurement list file (a copy, or the
               kernel's /sys/kernel/security/ima/ascii_runtime_measurements).
 --rootfs DIR  hash every regular file below DIR (symlinks not followed, other
               file systems not entered) and allow it under its path inside DIR,
               as a mount of DIR records it (DIR/usr/bin/ls -> /usr/bin/ls).
+--keys DIR, --key CERT
+              X.509 certificates (DER or PEM) for keylime's "verification-keys":
+              keylime accepts an ima-sig entry whose signature one of them verifies
+              (and otherwise checks its digest against the policy).
 
-Sources can be combined; digests add up.  Paths are written as IMA writes them
-(spaces become "_")."""
+With --rootfs, the files are the tree's alone: a --mount or --list then adds only
+its boot aggregate and its buffer entries (ns-create, ns-init, ns-remove; the
+keys a kernel's list records), never the file digests it recorded: a file changed
+after the tree was hashed fails, the entries no tree holds pass. Without --rootfs, lists add
+everything they hold. Paths are written as IMA writes them (spaces become "_")."""
+
+
+def _ns_list(mnt: str, control: str, ns: str | None) -> str:
+    """The ascii list of namespace ``ns`` ("a/b": child b of a) of a mount."""
+    base = os.path.join(mnt, control)
+    if ns is not None:
+        parts = [p for p in ns.strip("/").split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            raise CommandError(f"--ns: {ns!r} is not a namespace name")
+        for part in parts:
+            base = os.path.join(base, "namespaces", part)
+        if not os.path.isdir(base):
+            raise CommandError(f"--ns {ns}: {base} not found (no such namespace below the "
+                               f"caller's namespace of {mnt}; see {mnt}/{control}/namespaces/)")
+    path = os.path.join(base, "ascii_runtime_measurements")
+    if not os.path.exists(path):
+        raise CommandError(f"--mount: {path} not found (is {mnt} an imafs mount "
+                           f"with integrity on?)")
+    return path
+
+
+def _verification_keys(dirs: list[str], certs: list[str]) -> str:
+    """keylime's "verification-keys": the JSON string of
+    keylime.ima.file_signatures.ImaKeyring.to_string(), {"pubkeys": [base64 of the
+    DER SubjectPublicKeyInfo], "keyids": [the IMA key id as an integer]}; keylime
+    looks a signature's key up by that id."""
+    import base64
+    from cryptography.hazmat.primitives import serialization
+    from imafs.ima.keys import Keyring, KeyringError
+
+    ring = Keyring(require_digsig=False)
+    for d in dirs:
+        try:
+            loaded, refused = ring.load_dir(d)
+        except OSError as e:
+            raise CommandError(f"--keys {d}: {e.strerror}")
+        for fp, why in refused:
+            print(f"imafs keylime-policy: key {fp} not used: {why}", file=sys.stderr)
+        if not loaded:
+            raise CommandError(f"--keys {d}: no usable certificate (*.der, *.pem, *.crt, ...)")
+    for c in certs:
+        try:
+            with open(c, "rb") as f:
+                ring.add(f.read(1 << 20))
+        except OSError as e:
+            raise CommandError(f"--key {c}: {e.strerror}")
+        except KeyringError as e:
+            raise CommandError(f"--key {c}: {e}")
+    pubkeys, keyids = [], []
+    for info in ring:
+        if info.keyid in keyids:
+            print(f"imafs keylime-policy: two keys have the id {info.keyid:08x}; keylime "
+                  f"keeps one of them", file=sys.stderr)
+        keyids.append(info.keyid)
+        pubkeys.append(base64.b64encode(info.public_key.public_bytes(
+            serialization.Encoding.DER,
+            serialization.PublicFormat.SubjectPublicKeyInfo)).decode("ascii"))
+    return json.dumps({"pubkeys": pubkeys, "keyids": keyids})
 
 
 def _run(args) -> int:
@@ -33,22 +100,29 @@ def _run(args) -> int:
                         format="imafs keylime-policy: %(message)s")
     if not (args.mount or args.list or args.rootfs):
         raise CommandError("give --mount MNT, --list FILE or --rootfs DIR")
+    if args.ns is not None and not args.mount:
+        raise CommandError("--ns NAME needs --mount MNT")
     if args.algo is not None and args.algo not in rp.KEYLIME_ALGOS:
         raise CommandError(f"--algo: keylime takes {', '.join(rp.KEYLIME_ALGOS)}")
     policy = rp.empty_policy()
     lists = list(args.list or [])
     for mnt in args.mount or []:
-        path = os.path.join(mnt, args.control_name, "ascii_runtime_measurements")
-        if not os.path.exists(path):
-            raise CommandError(f"--mount: {path} not found (is {mnt} an imafs mount "
-                               f"with integrity on?)")
-        lists.append(path)
+        lists.append(_ns_list(mnt, args.control_name, args.ns))
     for path in lists:
+        # with --rootfs the tree gives the files: a list gives what no tree holds
+        target = rp.empty_policy() if args.rootfs else policy
         try:
             with open(path, "rb") as f:
-                rp.from_ascii_list(f, algo=args.algo, policy=policy)
+                rp.from_ascii_list(f, algo=None if args.rootfs else args.algo, policy=target)
         except OSError as e:
             raise CommandError(f"{path}: {e.strerror}")
+        if target is not policy:
+            ba = target["digests"].get(rp.BOOT_AGGREGATE)
+            if ba:
+                policy["digests"].setdefault(rp.BOOT_AGGREGATE, []).extend(ba)
+            for key in ("ima-buf", "keyrings"):
+                for name, digests in target[key].items():
+                    policy[key].setdefault(name, []).extend(digests)
     for root in args.rootfs or []:
         try:
             rp.from_rootfs(root, algo=args.algo or "sha256", excludes=args.exclude or [],
@@ -65,6 +139,8 @@ def _run(args) -> int:
         policy["digests"].setdefault(rp.BOOT_AGGREGATE, []).append(value.lower())
     for regex in args.exclude_regex or []:
         policy["excludes"].append(regex)
+    if args.keys or args.key:
+        policy["verification-keys"] = _verification_keys(args.keys or [], args.key or [])
     rp.finish(policy)
     text = json.dumps(policy, indent=2) + "\n"
     if args.output in (None, "-"):
@@ -81,8 +157,11 @@ def _run(args) -> int:
         except OSError:
             pass
         raise CommandError(f"--output: {e.strerror}")
+    nkeys = len(json.loads(policy["verification-keys"])["keyids"]) \
+        if policy["verification-keys"] else 0
     print(f"{args.output}: {len(policy['digests'])} path(s), {len(policy['ima-buf'])} "
-          f"buffer(s), {len(policy['keyrings'])} keyring(s)", file=sys.stderr)
+          f"buffer(s), {len(policy['keyrings'])} keyring(s), {nkeys} verification key(s)",
+          file=sys.stderr)
     return 0
 
 
@@ -94,10 +173,19 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mount", action="append", metavar="MNT",
                    help="an imafs mount: allow what it measured")
+    p.add_argument("--ns", metavar="NAME",
+                   help="with --mount: the list of the mount's integrity namespace NAME "
+                        "(MNT/.imafs/namespaces/NAME/; a/b: child b of a)")
     p.add_argument("--list", action="append", metavar="FILE",
                    help="an ascii measurement list: allow what it holds")
     p.add_argument("--rootfs", action="append", metavar="DIR",
-                   help="a root file system tree: allow its files as they are now")
+                   help="a root file system tree: allow its files as they are now (lists "
+                        "then add only their boot aggregate and buffer entries)")
+    p.add_argument("--keys", action="append", metavar="DIR",
+                   help="certificates of a directory for keylime's verification-keys "
+                        "(ima-sig signatures)")
+    p.add_argument("--key", action="append", metavar="CERT",
+                   help="one certificate (DER or PEM) for verification-keys")
     p.add_argument("--algo", metavar="ALGO",
                    help="file digest algorithm: for --rootfs (default sha256); with "
                         "--mount/--list, keep only entries of this algorithm")
