@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 import struct
 
@@ -220,3 +221,158 @@ def test_pem_with_leading_text():
     c = tk.cert(tk.key("ec"))
     text = b"Certificate:\n" + b"    some openssl -text output\n" * 300 + tk.pem(c)
     assert km.Keyring().add(text).fingerprint == hashlib.sha256(tk.der(c)).digest()
+
+
+# --- the root namespace's keyring: per mount ------------------------------------------
+
+
+def _stored(store, ns_id):
+    prefix = struct.pack(">I", ns_id)
+    with store.begin(db="keys") as txn:
+        return [bytes(k) for k, _ in txn.cursor() if bytes(k).startswith(prefix)]
+
+
+def test_per_mount_keyring_forgets_and_deletes_stored_keys(tmp_path):
+    """persist_keys=False (the root namespace's keyring): nothing is loaded from the
+    store, keys stored by earlier mounts are deleted, nothing added is stored, and the
+    epoch still only moves forward, across remounts too."""
+    store = Store(str(tmp_path), sync=False)
+    old = km.Keyring(store, 0)                       # as earlier mounts stored them
+    a = old.add(tk.der(tk.cert(tk.key("rsa"))))
+    old.add(tk.der(tk.cert(tk.key("ec"))))
+    child = km.Keyring(store, 5)
+    c = child.add(tk.der(tk.cert(tk.key("p384"))))
+    e0 = old.epoch
+    assert len(_stored(store, 0)) == 2
+
+    ring = km.Keyring(store, 0, persist_keys=False)
+    assert len(ring) == 0 and ring.lookup(a.keyid) == [] and ring.purged == 2
+    assert not ring.persistent and ring.epoch > e0
+    assert _stored(store, 0) == []
+    assert [k.fingerprint for k in km.Keyring(store, 5)] == [c.fingerprint]   # untouched
+    e1 = ring.epoch
+    b = ring.add(tk.der(tk.cert(tk.key("ec", 1))))
+    assert ring.lookup(b.keyid) == [b] and ring.epoch == e1 + 1
+    assert _stored(store, 0) == [] and ring.persist() == 0
+    assert ring.remove(b.keyid) == 1 and ring.epoch == e1 + 2 and len(ring) == 0
+    e2 = ring.epoch
+    store.close()
+
+    store = Store(str(tmp_path), sync=False)
+    again = km.Keyring(store, 0, persist_keys=False)          # the next mount
+    assert len(again) == 0 and again.purged == 0 and again.epoch > e2
+    # a persistent keyring of the same namespace (an older imafs) finds nothing either
+    assert len(km.Keyring(store, 0)) == 0
+    store.close()
+
+
+def test_per_mount_keyring_on_a_read_only_store(tmp_path):
+    store = Store(str(tmp_path), sync=False)
+    km.Keyring(store, 0).add(tk.der(tk.cert(tk.key("rsa"))))
+    epoch = km.Keyring(store, 0).epoch
+    store.close()
+    store = Store(str(tmp_path), readonly=True)
+    ring = km.Keyring(store, 0, persist_keys=False)
+    assert len(ring) == 0 and ring.epoch == epoch and ring.purged == 0
+    store.close()
+    Store(str(tmp_path / "empty"), sync=False).close()
+    store = Store(str(tmp_path / "empty"), readonly=True)
+    assert len(km.Keyring(store, 0, persist_keys=False)) == 0
+    store.close()
+
+
+# --- removal (the keys control file's ``remove KEYID``) --------------------------------
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_remove_by_id_and_fingerprint_through_a_store(tmp_path, persist):
+    store = Store(str(tmp_path), sync=False)
+    ring = km.Keyring(store, 3, persist_keys=persist)
+    same = b"\x42" * 16 + b"\xca\xfe\xf0\x0d"
+    a = ring.add(tk.der(tk.cert(tk.key("rsa"), ski=same)))
+    b = ring.add(tk.der(tk.cert(tk.key("ec"), ski=same)))
+    c = ring.add(tk.der(tk.cert(tk.key("p384"))))
+    e = ring.epoch
+    assert ring.remove(0xCAFEF00D, b"\x00" * 32) == 0 and ring.epoch == e   # no such key
+    assert ring.remove(c.keyid ^ 1 if c.keyid ^ 1 != 0xCAFEF00D else 1) == 0
+    assert ring.remove(0xCAFEF00D, a.fingerprint) == 1 and ring.epoch == e + 1
+    assert ring.lookup(0xCAFEF00D) == [b] and 0xCAFEF00D in ring
+    assert ring.remove(0xCAFEF00D) == 1 and ring.epoch == e + 2
+    assert 0xCAFEF00D not in ring and [k.keyid for k in ring] == [c.keyid]
+    assert ring.list_text().startswith(f"{c.keyid:08x} ecdsa-nist-p384 384 ")
+    store.close()
+    store = Store(str(tmp_path), sync=False)
+    again = km.Keyring(store, 3)
+    assert [k.fingerprint for k in again] == ([c.fingerprint] if persist else [])
+    assert again.epoch == e + 2
+    store.close()
+
+
+# --- through a mount -------------------------------------------------------------
+
+
+def _keygen(d, *extra):
+    from imafs.cli import main
+    assert main(["keygen", "--out", str(d), *extra]) == 0
+    return d / "signing_key.pem", d / "signing_cert.der"
+
+
+def _readable(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read()
+        return True
+    except PermissionError:
+        return False
+
+
+def _root_epoch(state):
+    store = Store(str(state / "lmdb"), readonly=True)
+    try:
+        raw = store.get_meta(b"keys-epoch:" + struct.pack(">I", 0))
+        return struct.unpack(">Q", raw)[0], len(_stored(store, 0))
+    finally:
+        store.close()
+
+
+@pytest.mark.mount
+def test_root_keyring_is_the_command_lines_at_each_mount(make_mount, world_tmp):
+    """Sign with key A: a mount with --key A passes the file; a remount with --key B
+    only refuses it (A was never given to that mount), and a key written to the keys
+    file at run time is gone at the next mount too. The epoch only grows."""
+    from imafs.cli import main
+    ka, ca = _keygen(world_tmp / "a")
+    kb, cb = _keygen(world_tmp / "b", "--type", "ec")
+    kc, cc = _keygen(world_tmp / "c", "--type", "ec", "--bits", "384")
+    b = world_tmp / "backing1"
+    b.mkdir()
+    for n, k in (("by-a", ka), ("by-b", kb), ("by-c", kc)):
+        (b / n).write_bytes(os.urandom(5000))
+        assert main(["sign", "-q", "--key", str(k), str(b / n)]) == 0
+    pol = world_tmp / "policy"
+    pol.write_text("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n")
+    m = make_mount(["--policy", str(pol), "--key", str(ca)], backing=b)
+    assert _readable(m.mnt / "by-a")
+    assert not _readable(m.mnt / "by-b") and not _readable(m.mnt / "by-c")
+    with open(m.ctl("keys"), "wb") as f:                   # run time: this mount only
+        f.write(cc.read_bytes())
+    assert _readable(m.mnt / "by-c")
+    assert len(m.ctl("keys").read_text().splitlines()) == 2
+    m.stop()
+    e1, stored = _root_epoch(m.state)
+    assert stored == 0                                    # root keys are never stored
+
+    m.restart(["--policy", str(pol), "--key", str(cb)])
+    assert not _readable(m.mnt / "by-a"), "a key not given to this mount was trusted"
+    assert not _readable(m.mnt / "by-c"), "a key added at run time outlived its mount"
+    assert _readable(m.mnt / "by-b")
+    lines = m.ctl("keys").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split()[1] == "ecdsa-nist-p256", lines
+    m.stop()
+    e2, _ = _root_epoch(m.state)
+    assert e2 > e1
+
+    m.restart(["--policy", str(pol), "--keys", str(world_tmp / "a")])     # A is back
+    assert _readable(m.mnt / "by-a") and not _readable(m.mnt / "by-b")
+    m.stop()
+    assert _root_epoch(m.state)[0] > e2

@@ -88,14 +88,26 @@ def build(opts) -> Filesystem:
     x = opts.extra
     rules = load_policy_arg(opts.policy) if opts.policy else []
     store = Store(os.path.join(opts.state, "lmdb"))
-    keyring = Keyring(store, 0)
-    for d in x.get("keys_dirs", []):
-        loaded, refused = keyring.load_dir(d)
-        for fp, why in refused:
-            raise ValueError(f"key {fp}: {why}")
-    for cert in x.get("key_files", []):
-        with open(cert, "rb") as f:
-            keyring.add(f.read())
+    # the root keyring is the command line's, at each mount, as the kernel's .ima
+    # keyring is built at each boot: keys written to MNT/.imafs/keys last for this
+    # mount, and root keys stored by earlier mounts are deleted, so a certificate taken
+    # out of --keys DIR is no longer trusted (only the epoch persists: it never goes
+    # back). Child namespaces keep their stored keyrings (the factory below).
+    try:
+        keyring = Keyring(store, 0, persist_keys=False)
+        for d in x.get("keys_dirs", []):
+            loaded, refused = keyring.load_dir(d)
+            for fp, why in refused:
+                raise ValueError(f"key {fp}: {why}")
+        for cert in x.get("key_files", []):
+            with open(cert, "rb") as f:
+                keyring.add(f.read())
+    except BaseException:
+        store.close()
+        raise
+    if keyring.purged:
+        log.info("root keyring: %d key(s) stored by earlier mounts dropped (the root "
+                 "keyring comes from --keys/--key at each mount)", keyring.purged)
     tpm = None
     if x.get("tpm"):
         # --tpm: the root list is also extended into this TPM (imafs/ima/tpm.py); its

@@ -31,9 +31,17 @@ Persistence
     survive a remount. Keys that are no longer valid when loaded stay in the store but
     are not used; they are listed in ``load_errors``.
 
-``epoch`` changes on every add and remove (and is kept in the store's ``meta``
-database when there is a store, so it never goes back across remounts); a verdict
-cache includes it in its key.
+    ``Keyring(store, ns_id, persist_keys=False)`` is a keyring for one mount only, as
+    the kernel's ``.ima`` keyring is for one boot (the root namespace's: its keys come
+    from the command line at each mount). It loads no key from the store and deletes
+    the namespace's keys stored by earlier mounts (counted in ``purged``), so a
+    certificate taken out of ``--keys DIR`` is untrusted at the next mount, and neither
+    an older imafs nor a tool reading the state finds it there; keys added later
+    (``add``) last as long as the object. The store still keeps its ``epoch``.
+
+``epoch`` changes on every add and remove, and when a per-mount keyring is made (it
+is kept in the store's ``meta`` database when there is a store, so it never goes back
+across remounts); a verdict cache includes it in its key.
 
 Verified signatures (:class:`VerifiedSignatures`)
     A keyring may carry ``verified``, a memo of the signatures its keys verified:
@@ -290,12 +298,15 @@ class VerifiedSignatures:
 class Keyring:
     """The keys of one namespace. Thread-safe."""
 
-    def __init__(self, store=None, ns_id: int = 0, *, require_digsig: bool = True):
+    def __init__(self, store=None, ns_id: int = 0, *, require_digsig: bool = True,
+                 persist_keys: bool = True):
         if not 0 <= ns_id <= 0xFFFFFFFF:
             raise ValueError(f"namespace id {ns_id} does not fit in 32 bits")
         self.store = store
         self.ns_id = ns_id
         self.require_digsig = require_digsig
+        self.persist_keys = bool(persist_keys)
+        self.purged = 0         # stored keys of earlier mounts a per-mount keyring deleted
         self._lock = threading.RLock()
         self._keys: dict[bytes, KeyInfo] = {}      # fingerprint -> key
         self._by_id: dict[int, list[KeyInfo]] = {}
@@ -303,7 +314,10 @@ class Keyring:
         self.load_errors: list[tuple[str, str]] = []   # (fingerprint hex, reason)
         self.verified: VerifiedSignatures | None = None  # memo of verified signatures
         if store is not None:
-            self._load_from_store()
+            if self.persist_keys:
+                self._load_from_store()
+            else:
+                self._start_per_mount()
 
     # -- state
     @property
@@ -312,7 +326,8 @@ class Keyring:
 
     @property
     def persistent(self) -> bool:
-        return self.store is not None
+        """Whether keys are written to the store (and come back at a remount)."""
+        return self.store is not None and self.persist_keys
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -346,7 +361,8 @@ class Keyring:
             if self.store is not None:
                 kdb, mdb = self._dbs()
                 with self.store.write() as txn:
-                    txn.put(self._store_key(info), info.der, db=kdb)
+                    if self.persist_keys:
+                        txn.put(self._store_key(info), info.der, db=kdb)
                     self._bump(txn, mdb)
             else:
                 self._epoch += 1
@@ -355,7 +371,9 @@ class Keyring:
 
     def remove(self, keyid: int, fingerprint: bytes | None = None) -> int:
         """Remove the keys with this id (only the one with this sha256 fingerprint when
-        given). Returns how many were removed."""
+        given), from memory and, for a persistent keyring, from the store. Returns how
+        many were removed (0: nothing matched, the epoch is unchanged); otherwise the
+        epoch moves on, so verdicts that relied on the key are derived again."""
         with self._lock:
             victims = [k for k in self._by_id.get(keyid, ())
                        if fingerprint is None or k.fingerprint == fingerprint]
@@ -364,8 +382,9 @@ class Keyring:
             if self.store is not None:
                 kdb, mdb = self._dbs()
                 with self.store.write() as txn:
-                    for k in victims:
-                        txn.delete(self._store_key(k), db=kdb)
+                    if self.persist_keys:
+                        for k in victims:
+                            txn.delete(self._store_key(k), db=kdb)
                     self._bump(txn, mdb)
             else:
                 self._epoch += 1
@@ -408,9 +427,12 @@ class Keyring:
 
     def persist(self) -> int:
         """Write every in-memory key to the store (keys added before a store was
-        attached); returns the number written."""
+        attached); returns the number written (0 for a per-mount keyring, whose keys
+        are never stored)."""
         if self.store is None:
             raise ValueError("this keyring has no store")
+        if not self.persist_keys:
+            return 0
         kdb, _ = self._dbs()
         with self._lock, self.store.write() as txn:
             for k in self._keys.values():
@@ -436,6 +458,38 @@ class Keyring:
     def _bump(self, txn, meta_db) -> None:
         self._epoch += 1
         txn.put(self._epoch_key(), struct.pack(">Q", self._epoch), db=meta_db)
+
+    def _start_per_mount(self) -> None:
+        """A per-mount keyring: the stored epoch, moved on; the namespace's stored keys
+        (from mounts before per-mount root keyrings, or a downgrade) deleted."""
+        prefix = struct.pack(">I", self.ns_id)
+        try:
+            db, mdb = self._dbs()
+        except Exception:
+            if self.store.env.flags().get("readonly"):
+                return          # a read-only state directory that never had keys
+            raise
+        if self.store.env.flags().get("readonly"):
+            with self.store.begin() as txn:
+                self._epoch = self._stored_epoch(txn, mdb)
+            return
+        with self.store.write() as txn:
+            self._epoch = self._stored_epoch(txn, mdb)
+            stale = []
+            with txn.cursor(db=db) as cur:
+                if cur.set_range(prefix):
+                    for k in cur.iternext(values=False):
+                        if not k.startswith(prefix):
+                            break
+                        stale.append(bytes(k))
+            for k in stale:
+                txn.delete(k, db=db)
+            self.purged = len(stale)
+            self._bump(txn, mdb)
+
+    def _stored_epoch(self, txn, mdb) -> int:
+        raw = txn.get(self._epoch_key(), db=mdb)
+        return struct.unpack(">Q", raw)[0] if raw and len(raw) == 8 else 0
 
     def _load_from_store(self) -> None:
         prefix = struct.pack(">I", self.ns_id)
