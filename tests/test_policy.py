@@ -164,8 +164,9 @@ PRINT_VECTORS = [
      "appraise func=KEXEC_KERNEL_CHECK appraise_type=imasig|modsig "),
     ("appraise func=BPRM_CHECK digest_type=verity appraise_type=sigv3",
      "appraise func=BPRM_CHECK appraise_type=sigv3 digest_type=verity "),
+    # appraise_flag= is accepted and dropped (Linux 6.6+)
     ("appraise appraise_type=imasig appraise_flag=check_blacklist",
-     "appraise appraise_type=imasig appraise_flag=check_blacklist "),
+     "appraise appraise_type=imasig "),
     ("appraise appraise_algos=sha512,sha256,sha1,sha256",
      "appraise appraise_algos=sha1,sha256,sha512 "),
     ("measure func=FILE_CHECK digest_type=verity template=ima-ngv2",
@@ -225,8 +226,27 @@ def test_kernel_keyword_order():
             "euid>8 func=MODULE_CHECK")
     expected = ("appraise func=MODULE_CHECK euid>8 egid<9 "
                 "appraise_algos=sha256,sha384 appraise_type=imasig|modsig "
-                "appraise_flag=check_blacklist permit_directio ")
+                "permit_directio ")
     assert str(parse_rule(text)) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "appraise appraise_flag=check_blacklist",
+    "appraise func=MODULE_CHECK appraise_type=imasig|modsig appraise_flag=check_blacklist",
+    "appraise appraise_flag=blacklist",              # any value
+    "measure appraise_flag=check_blacklist",         # any action
+    "dont_appraise appraise_flag=x",
+    "measure func=KEY_CHECK appraise_flag=check_blacklist",   # sets no flag at all
+])
+def test_appraise_flag_is_accepted_and_ignored(text):
+    # Linux 6.6+ (commit f20765fdfdc2, still in 7.1): Opt_appraise_flag only logs
+    # the word; the blacklist is checked for every appraise_type= signature rule
+    rule = parse_rule(text)
+    expected = text.replace(" appraise_flag=" + text.rsplit("appraise_flag=", 1)[1], "")
+    assert rule == parse_rule(expected)
+    assert "appraise_flag" not in str(rule)
+    assert not hasattr(rule, "appraise_flag")
+    assert "appraise_flag" not in Policy([rule]).match(ev()).to_dict()
 
 
 def test_comments_blank_lines_and_whitespace():
@@ -334,7 +354,7 @@ ERRORS = [
     ("measure pcr=ten", 1, 9, "decimal number expected"),
     ("measure template=foo", 1, 9, 'unknown template "foo"'),
     ("appraise appraise_type=modsig", 1, 10, "bad appraise_type"),
-    ("appraise appraise_flag=blacklist", 1, 10, "bad appraise_flag"),
+    ("appraise appraise_flag=", 1, 10, '"appraise_flag=" needs a value'),
     ("measure digest_type=hash", 1, 9, "bad digest_type"),
     ("appraise appraise_algos=sha257", 1, 10, 'unknown hash algorithm "sha257"'),
     ("appraise appraise_algos=sha256,", 1, 10, 'unknown hash algorithm ""'),
@@ -365,7 +385,6 @@ ERRORS = [
     ("template=ima-ng audit", 1, 1, '"template" is only allowed with measure'),
     ("measure appraise_type=imasig", 1, 9, "only allowed with appraise"),
     ("dont_appraise appraise_type=imasig", 1, 15, "only allowed with appraise"),
-    ("hash appraise_flag=check_blacklist", 1, 6, "only allowed with appraise"),
     ("measure appraise_algos=sha256", 1, 9, "only allowed with appraise"),
     # what each hook allows
     ("measure keyrings=.ima", 1, 9, '"keyrings" is only allowed with func=KEY_CHECK'),
@@ -683,23 +702,21 @@ def test_decision_options():
             "appraise func=BPRM_CHECK appraise_type=sigv3 digest_type=verity "
             "appraise_algos=sha256,sha512 permit_directio\n"
             "measure template=ima-ng\n"
-            "appraise appraise_type=imasig appraise_flag=check_blacklist\n")
+            "appraise appraise_type=imasig\n")
     d = p.match(ev("BPRM_CHECK", P.MAY_EXEC))
     assert d.measure and d.appraise
     assert (d.pcr, d.template, d.digest_type) == (12, "ima-sigv2", "verity")
-    assert (d.appraise_type, d.appraise_algos, d.appraise_flag) == (
-        "sigv3", ("sha256", "sha512"), None)
+    assert (d.appraise_type, d.appraise_algos) == ("sigv3", ("sha256", "sha512"))
     assert d.permit_directio
     d = p.match(ev())
     assert (d.pcr, d.template, d.digest_type, d.permit_directio) == (10, "ima-ng", None, False)
-    assert (d.appraise_type, d.appraise_flag, d.appraise_algos) == (
-        "imasig", "check_blacklist", None)
+    assert (d.appraise_type, d.appraise_algos) == ("imasig", None)
     js = json.loads(json.dumps(d.to_dict()))
     assert js["measure"] and js["appraise"] and not js["audit"] and not js["hash"]
     assert js["rules"]["measure"] == {"action": "measure", "rule": "measure template=ima-ng",
                                       "line": 3}
     assert js["rules"]["audit"] is None
-    assert set(js) >= {"pcr", "template", "appraise_type", "appraise_flag",
+    assert set(js) >= {"pcr", "template", "appraise_type",
                        "appraise_algos", "digest_type"}
     assert d.rules["appraise"].line == 4
 
@@ -831,8 +848,6 @@ def valid_rules(draw):
             atype = draw(st.sampled_from(types))
             w["appraise_type"] = f"appraise_type={atype}"
             verity = atype == "sigv3"
-        if maybe("appraise_flag"):
-            w["appraise_flag"] = "appraise_flag=check_blacklist"
     elif maybe("digest_type"):
         verity = True
     if verity:

@@ -42,6 +42,16 @@ with one of these ``func`` values is matched the kernel's way, including
 ``POST_SETATTR`` is accepted as an event func: as in the kernel, it ignores the
 ``func=`` and ``mask=`` conditions.
 
+``appraise_flag=`` is accepted and ignored
+-------------------------------------------
+As in the kernel since Linux 6.6 (commit f20765fdfdc2, "integrity: Always
+reference the blacklist keyring with appraisal"; still so in 7.1): the word
+``appraise_flag=VALUE`` is logged and dropped whatever VALUE (non-empty) and
+action, it sets nothing and is never printed, because every signature
+requirement (``appraise_type=``) now checks the blacklist keyring by itself.
+(Up to 6.5 it needed CONFIG_IMA_APPRAISE_MODSIG, a value containing
+"blacklist" and ``appraise_type=imasig|modsig``, and was printed.)
+
 Where we differ from the kernel, on purpose
 -------------------------------------------
 * Word order does not matter.  The kernel refuses ``template=`` before the
@@ -53,9 +63,6 @@ Where we differ from the kernel, on purpose
   or ``pcr=`` and accepts repeated ``digest_type=``/``appraise_type=``; we refuse
   them.  As in the kernel, ``uid``/``euid`` share one condition (a rule may test
   one of them) and so do ``gid``/``egid``.
-* ``appraise_flag=check_blacklist`` is accepted with ``appraise`` only and kept
-  and printed (after ``digest_type=``), as kernels up to 6.6 printed it.  Newer
-  kernels accept and drop it, since every signature rule checks the blacklist.
 * ``measure digest_type=verity`` with an explicit template lacking the
   ``d-ngv2`` field (anything but ima-ngv2 and ima-sigv2) is refused: the kernel
   only warns, and the list would then record an fs-verity digest that cannot
@@ -142,7 +149,6 @@ TEMPLATES = {
 }
 
 APPRAISE_TYPES = ("imasig", "imasig|modsig", "sigv3")
-APPRAISE_FLAGS = ("check_blacklist",)
 DIGEST_TYPES = ("verity",)
 
 #: The kernel's hash_algo_name table, in hash_algo id order (the order
@@ -189,7 +195,7 @@ _VALUE_KEYS = frozenset((
 # Which keywords each hook allows (ima_validate_rule).  None = no func= given.
 _FILE_KEYS = frozenset((
     "func", "mask", "fsmagic", "fsname", "fsuuid", "pcr", "template",
-    "appraise_type", "appraise_flag", "appraise_algos", "digest_type",
+    "appraise_type", "appraise_algos", "digest_type",
     "permit_directio") + _ID_KEYS + _LSM_KEYS)
 _KERNEL_READ_KEYS = _FILE_KEYS - {"digest_type"}
 _ALLOWED = {f: _FILE_KEYS for f in (None, "FILE_CHECK", "MMAP_CHECK",
@@ -294,7 +300,6 @@ class Rule:
     pcr: int | None = None
     template: str | None = None
     appraise_type: str | None = None
-    appraise_flag: str | None = None
     appraise_algos: tuple[str, ...] | None = None   # in kernel id order
     digest_type: str | None = None
     permit_directio: bool = False
@@ -346,8 +351,6 @@ class Rule:
             out.append(f"appraise_type={self.appraise_type}")
         if self.digest_type is not None:
             out.append(f"digest_type={self.digest_type}")
-        if self.appraise_flag is not None:
-            out.append(f"appraise_flag={self.appraise_flag}")
         if self.permit_directio:
             out.append("permit_directio")
         # the kernel writes the action, then every keyword, each followed by a space
@@ -514,7 +517,6 @@ class Decision:
     pcr: int = DEFAULT_PCR
     template: str | None = None
     appraise_type: str | None = None
-    appraise_flag: str | None = None
     appraise_algos: tuple[str, ...] | None = None
     digest_type: str | None = None
     permit_directio: bool = False
@@ -535,7 +537,6 @@ class Decision:
             "audit": self.audit, "hash": self.hash,
             "pcr": self.pcr, "template": self.template,
             "appraise_type": self.appraise_type,
-            "appraise_flag": self.appraise_flag,
             "appraise_algos": (list(self.appraise_algos)
                                if self.appraise_algos is not None else None),
             "digest_type": self.digest_type,
@@ -599,7 +600,6 @@ class Policy:
             if rule.action == "appraise":
                 d.hash = False          # the kernel clears IMA_HASH here
                 d.appraise_type = rule.appraise_type
-                d.appraise_flag = rule.appraise_flag
                 if rule.appraise_algos is not None:
                     d.appraise_algos = rule.appraise_algos
             if rule.pcr is not None:
@@ -701,9 +701,7 @@ def _parse_value(key, op, value):
                        f"(imasig, imasig|modsig or sigv3)")
         return value
     if key == "appraise_flag":
-        if value not in APPRAISE_FLAGS:
-            raise _Bad(f"bad appraise_flag {_show(value)} (check_blacklist)")
-        return value
+        return None         # accepted and ignored (see the module docstring)
     if key == "digest_type":
         if value not in DIGEST_TYPES:
             raise _Bad(f"bad digest_type {_show(value)} (verity)")
@@ -793,6 +791,7 @@ def parse_rule(line: str, lineno: int = 1) -> Rule | None:
     if "action" not in vals:
         raise bad(words[0][0], "rule has no action (one of " + ", ".join(ACTIONS) + ")")
     _validate(vals, pos, bad)
+    vals.pop("appraise_flag", None)     # ignored, as the kernel does since 6.6
     mask = vals.pop("mask", None)
     if mask is not None:
         vals["mask"], vals["mask_any"] = mask
@@ -815,14 +814,14 @@ def _validate(vals, pos, bad):
             raise bad(at("func"), "func=SETXATTR_CHECK needs appraise_algos=")
     # options that belong to one action
     for key, need in (("pcr", "measure"), ("template", "measure"),
-                      ("appraise_type", "appraise"), ("appraise_flag", "appraise"),
+                      ("appraise_type", "appraise"),
                       ("appraise_algos", "appraise")):
         if key in vals and action != need:
             raise bad(at(key), f'"{key}" is only allowed with {need}, not {action}')
     # conditions and options each hook allows, reported in the order given
     allowed = _ALLOWED[func]
     for key in sorted(pos, key=at):
-        if key in ("action", "func") or key in allowed:
+        if key in ("action", "func", "appraise_flag") or key in allowed:
             continue
         if func is None:
             where = [f for f in FUNCS if key in _ALLOWED[f]]
