@@ -376,6 +376,32 @@ def test_fix_mode_writes_hash_never_over_a_signature(make_mount, world_tmp, keys
         assert len(appraisals(m, f"/{n}")) == 1
 
 
+def test_fix_mode_follows_the_kernel_algorithm_and_keeps_signatures(make_mount, world_tmp, keys):
+    """ima_fix_xattr(): a wrong hash is rewritten in the algorithm its value names (a
+    sha1 value stays sha1 with --hash sha256); a value refused only by appraise_algos=
+    is left alone (that check follows the appraisal); a v3 (fs-verity) signature is
+    never replaced."""
+    b = world_tmp / "backing1"
+    b.mkdir()
+    for n in ("sha1", "algos", "v3"):
+        (b / n).write_bytes(os.urandom(5000))
+    os.setxattr(b / "sha1", "security.ima", b"\x01" + b"\x11" * 20)      # a wrong sha1 hash
+    good256 = ap.hash_xattr("sha256", sha("sha256", b / "algos"))
+    os.setxattr(b / "algos", "security.ima", good256)                    # right, but sha256
+    v3 = b"\x06\x03\x04" + keys["rsa"].keyid.to_bytes(4, "big") + b"\x00\x04" + b"junk"
+    os.setxattr(b / "v3", "security.ima", v3)
+    m = make_mount(policy(world_tmp, "appraise func=FILE_CHECK mask=MAY_READ fowner=0 "
+                          "appraise_algos=sha512,sha1\n")
+                   + ["--appraise", "fix", "--hash", "sha256", "--key", str(keys["rsa"].der)],
+                   backing=b)
+    for n in ("sha1", "algos", "v3"):
+        assert (m.mnt / n).read_bytes() == (b / n).read_bytes(), n
+    assert xattr(b / "sha1") == b"\x01" + sha("sha1", b / "sha1")
+    assert xattr(b / "algos") == good256
+    assert appraisals(m, "/algos") == [("fail", "denied-hash-algorithm", "fix")]
+    assert xattr(b / "v3") == v3
+
+
 # -- writes ---------------------------------------------------------------------
 
 def test_write_to_signed_file_refused_new_files_allowed(make_mount, world_tmp, keys):

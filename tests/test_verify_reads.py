@@ -589,3 +589,34 @@ def test_digest_type_verity_with_sigv3_signatures(make_mount, world_tmp):
     assert changed_bytes(got, data) == 0
     with pytest.raises(PermissionError):
         (m.mnt / "good").read_bytes()
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha512"])
+def test_sigv3_in_an_ima_sigv2_list_covers_the_recorded_digest(make_mount, world_tmp, algo):
+    """The fs-verity digest measured next to a v3 signature is in the signature's
+    algorithm (ima_get_hash_algo), whatever the mount's --hash: so the list verifies
+    (`imafs verify-log --keys`) and the digest is what `fsverity digest` prints."""
+    backing = world_tmp / "backing"
+    backing.mkdir()
+    keys = world_tmp / "keys"
+    assert _imafs("keygen", "--out", keys).returncode == 0
+    f = backing / "v"
+    f.write_bytes(random.Random(5).randbytes(3 * BS + 5))
+    r = _imafs("sign", "--verity", "-a", algo, "--key", keys / "signing_key.pem", "-q", f)
+    assert r.returncode == 0, r.stderr
+    pol = world_tmp / "policy"
+    pol.write_text("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3\n"
+                   "measure func=FILE_CHECK mask=MAY_READ digest_type=verity "
+                   "template=ima-sigv2\n")
+    other = "sha512" if algo == "sha256" else "sha256"
+    m = make_mount(["--policy", str(pol), "--key", str(keys / "signing_cert.der"),
+                    "--hash", other], backing=backing)
+    assert (m.mnt / "v").read_bytes() == f.read_bytes()
+    want = subprocess.run(["fsverity", "digest", f"--hash-alg={algo}", str(f)],
+                          capture_output=True, text=True, check=True).stdout.split()[0]
+    (line,) = [ln.split() for ln in m.ctl("ascii_runtime_measurements").read_text().splitlines()
+               if ln.endswith(" /v") or " /v " in ln]
+    assert line[2] == "ima-sigv2" and line[3] == "verity:" + want
+    r = _imafs("verify-log", m.ctl("binary_runtime_measurements"),
+               "--keys", keys, "--pcrs", f"sha1,{m.ctl('pcrs/sha1')}")
+    assert r.returncode == 0 and "1 signatures verified" in r.stdout, r.stdout + r.stderr

@@ -661,5 +661,7 @@ def _xattr_verify(value: bytes, algo: str, keyring, digest: Callable[[], bytes],
 
 def may_fix(xattr: bytes | None) -> bool:
     """Whether appraise_mode=fix may replace this value with a hash: never over a
-    v2 signature (the kernel's rule; it does replace other values)."""
-    return not xattr or xattr[0] != EVM_IMA_XATTR_DIGSIG
+    signature, v2 (0x03) or v3 (0x06). The kernel's ima_appraise_measurement() spares
+    only 0x03; imafs also keeps fs-verity signatures, as its design says ("never over
+    a signature"): a hash written over a v3 signature would lose it for good."""
+    return not xattr or xattr[0] not in (EVM_IMA_XATTR_DIGSIG, IMA_VERITY_DIGSIG)

@@ -577,7 +577,11 @@ class Engine:
                     if d.digest_type == "verity":
                         # the fs-verity digest, in a d-ngv2 template ("verity:sha256:...")
                         template = _verity_template(template)
-                        algo = n.hash_algo if n.hash_algo in hashing.VERITY_ALGOS else "sha256"
+                        # the algorithm a v3 signature names (ima_get_hash_algo), so
+                        # the signature in an ima-sigv2 entry covers the recorded digest
+                        algo = _measure_algo(n, xattrs.get(n.id))
+                        if algo not in hashing.VERITY_ALGOS:
+                            algo = "sha256"
                         digest = self._verity_digest(ii, f, algo, algos)
                     else:
                         # the ima template records a sha1 digest whatever the hash algorithm
@@ -638,10 +642,15 @@ class Engine:
             self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid,
                               uid=subject.uid, func=ev.func, result=result.status,
                               cause=result.cause, detail=result.detail, mode=n.appraise_mode)
-        if n.appraise_mode == "fix" and ap.may_fix(xattr):
-            digest = self._digest(ii, f, n.hash_algo, algos)
+        if n.appraise_mode == "fix" and ap.may_fix(xattr) \
+                and result.cause != "denied-hash-algorithm":
+            # ima_fix_xattr(): the hash in the algorithm the file was appraised with
+            # (the one its value names, else the default); a value refused only for
+            # its algorithm (appraise_algos=, checked after the appraisal) is kept
+            algo = result.algo or n.hash_algo
+            digest = self._digest(ii, f, algo, algos | {algo})
             try:
-                f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
+                f.setxattr(n.xattr_name, ap.hash_xattr(algo, digest))
                 log.info("fix: wrote %s hash of %s", n.xattr_name, os.fsdecode(f.path))
             except OSError as e:
                 log.warning("fix: cannot write %s of %s: %s", n.xattr_name, os.fsdecode(f.path), e)
