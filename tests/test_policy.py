@@ -147,7 +147,7 @@ PRINT_VECTORS = [
     ("measure uid=4294967294", "measure uid=4294967294 "),
     ("measure pcr=11", "measure pcr=11 "),
     ("measure pcr=+0", "measure pcr=0 "),
-    ("measure pcr=63", "measure pcr=63 "),
+    ("measure pcr=23", "measure pcr=23 "),
     ("measure pcr=-0", "measure pcr=0 "),
     ("measure template=ima", "measure template=ima "),
     ("measure template=ima-ng", "measure template=ima-ng "),
@@ -349,7 +349,10 @@ ERRORS = [
     ("measure uid=4294967295", 1, 9, "invalid id"),
     ("measure uid=4294967296", 1, 9, "out of range"),
     ("measure fowner=" + "9" * 5000, 1, 9, "out of range"),
-    ("measure pcr=64", 1, 9, "out of range (0..63)"),
+    ("measure pcr=24", 1, 9, "out of range (0..23): imafs has 24 software PCRs"),
+    ("measure pcr=63", 1, 9, "the kernel accepts 0..63"),
+    ("measure pcr=64", 1, 9, "out of range (0..23)"),
+    ("measure pcr=2147483648", 1, 9, "out of range (0..23)"),
     ("measure pcr=-1", 1, 9, "out of range"),
     ("measure pcr=ten", 1, 9, "decimal number expected"),
     ("measure template=foo", 1, 9, 'unknown template "foo"'),
@@ -433,6 +436,17 @@ def test_refusals(text, line, col, msg):
     assert (e.line, e.col) == (line, col), str(e)
     assert msg in e.msg
     assert str(e) == f"line {line}, column {col}: {e.msg}"
+
+
+def test_pcr_limit_is_the_software_pcr_count():
+    # pcr=24..63 would pass the kernel's INVALID_PCR() but imafs has 24 PCRs: every
+    # open such a rule matched would fail, so it is refused at load time
+    from imafs.ima import measurelog
+    assert P.PCR_LIMIT == measurelog.NUM_PCRS == 24
+    assert parse_rule("measure pcr=23").pcr == 23
+    for n in (24, 63):
+        with pytest.raises(PolicyError, match="24 software PCRs"):
+            parse_rule(f"measure pcr={n}")
 
 
 def test_error_is_for_the_whole_text():
@@ -829,7 +843,7 @@ def valid_rules(draw):
     verity = False
     if action == "measure":
         if maybe("pcr"):
-            w["pcr"] = f"pcr={draw(st.integers(0, 63))}"
+            w["pcr"] = f"pcr={draw(st.integers(0, P.PCR_LIMIT - 1))}"
         verity = maybe("digest_type")
         if maybe("template"):
             names = ["ima-ngv2", "ima-sigv2"] if verity else list(P.TEMPLATES)

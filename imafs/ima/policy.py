@@ -76,6 +76,10 @@ Where we differ from the kernel, on purpose
   paragraph separators) is refused.  As in the kernel, only space and tab
   separate words and only ``\\n`` separates lines (``\\r`` is part of a word).
 * Policy text is limited to ``MAX_POLICY_BYTES``.
+* ``pcr=`` takes 0..23, not the kernel's 0..63: imafs keeps 24 software PCRs
+  (``measurelog.NUM_PCRS``), as many as its ``pcrs/`` files list and
+  ``evmctl --pcrs`` reads; a rule naming PCR 24..63 would make every open it
+  matches fail, so it is refused when it is loaded.
 
 Built-in policies
 -----------------
@@ -178,7 +182,10 @@ def _available(pyname):
 _ALGO_AVAILABLE = frozenset(n for n, py in HASH_ALGOS if _available(py))
 
 DEFAULT_PCR = 10            # CONFIG_IMA_MEASURE_PCR_IDX
-PCR_LIMIT = 64              # bits in the kernel's measured_pcrs (unsigned long)
+#: pcr= accepts 0..PCR_LIMIT-1: imafs keeps 24 software PCRs (measurelog.NUM_PCRS,
+#: what its pcrs/ files list and evmctl --pcrs reads), the kernel 0..63
+PCR_LIMIT = 24
+KERNEL_PCR_LIMIT = 64       # the kernel's INVALID_PCR(): bits in measured_pcrs (unsigned long)
 _ID_INVALID = 0xFFFFFFFF    # (uid_t)-1 is INVALID_UID
 MAX_POLICY_BYTES = 1 << 20  # refuse larger policy texts
 
@@ -684,9 +691,13 @@ def _parse_value(key, op, value):
         if not m:
             raise _Bad(f"bad pcr {_show(value)}: decimal number expected")
         digits = m.group(2).lstrip("0") or "0"
-        n = int(digits) if len(digits) < 24 else PCR_LIMIT
+        n = int(digits) if len(digits) < 24 else KERNEL_PCR_LIMIT
         if m.group(1) == "-" and n:
             n = -1
+        if PCR_LIMIT <= n < KERNEL_PCR_LIMIT:
+            raise _Bad(f"pcr {_show(value)} is out of range (0..{PCR_LIMIT - 1}): imafs "
+                       f"has {PCR_LIMIT} software PCRs, the registers its pcrs files and "
+                       f"evmctl list (the kernel accepts 0..{KERNEL_PCR_LIMIT - 1})")
         if not 0 <= n < PCR_LIMIT:
             raise _Bad(f"pcr {_show(value)} is out of range (0..{PCR_LIMIT - 1})")
         return n
