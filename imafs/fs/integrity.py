@@ -295,6 +295,16 @@ class IntegrityHooks(NullHooks):
             return (ns.xattr_name.encode(), value)
         return None
 
+    def listxattr(self, caller: Caller, inode: Inode, names: list[bytes]) -> list[bytes]:
+        """Each namespace sees its own security.ima: ``security.ima`` is listed when the
+        caller's namespace has a value (the host's attribute, or the namespace's private
+        copy), and the private names are listed to nobody."""
+        out = [n for n in names if n != IMA_XATTR and not n.startswith(PRIVATE_PREFIX)]
+        ns = self.engine.tree.of_pid(caller.pid)
+        if ns is not None and ns.xattr_name.encode() in names:
+            out.append(IMA_XATTR)
+        return out
+
     def getxattr(self, caller: Caller, inode: Inode, name: bytes):
         if name.startswith(PRIVATE_PREFIX):
             # a namespace's own security.ima is read as security.ima inside it; by

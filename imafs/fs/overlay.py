@@ -106,6 +106,10 @@ class NullHooks:
         """Return the bytes to serve, or None to let the overlay read them."""
         return None
 
+    def listxattr(self, caller: Caller, inode: "Inode", names: list[bytes]) -> list[bytes]:
+        """On the event loop, cheap: the attribute names the caller is shown."""
+        return names
+
     def shown_size(self, st: os.stat_result) -> int | None:
         """On the event loop, cheap: a size to report instead of ``st.st_size``."""
         return None
@@ -963,6 +967,8 @@ class Overlay(pyfuse3.Operations):
             # the kernel lists trusted.* only to CAP_SYS_ADMIN (approximated by
             # fsuid 0); we list as root, so hide them from everyone else
             names = [n for n in names if not n.startswith(b"trusted.")]
+        if self.hooks.watch_xattrs:
+            names = self.hooks.listxattr(_caller(ctx), node, names)
         return names
 
     async def removexattr(self, inode, name, ctx):
