@@ -157,6 +157,7 @@ PRINT_VECTORS = [
     ("measure template=ima-buf", "measure template=ima-buf "),
     ("measure template=ima-modsig", "measure template=ima-modsig "),
     ("measure template=evm-sig", "measure template=evm-sig "),
+    ("measure template=ima-ns", "measure template=ima-ns "),          # imafs's own
     ("appraise appraise_type=imasig", "appraise appraise_type=imasig "),
     ("appraise func=MODULE_CHECK appraise_type=imasig|modsig",
      "appraise func=MODULE_CHECK appraise_type=imasig|modsig "),
@@ -447,6 +448,22 @@ def test_pcr_limit_is_the_software_pcr_count():
     for n in (24, 63):
         with pytest.raises(PolicyError, match="24 software PCRs"):
             parse_rule(f"measure pcr={n}")
+
+
+def test_templates_are_the_lists_own():
+    # one table for the rules and the list: ima-ns (an imafs extension) included
+    from imafs.ima import templates
+    assert P.TEMPLATES is templates.TEMPLATES
+    assert set(P.TEMPLATES) == set(P.KERNEL_TEMPLATES) | set(P.IMAFS_TEMPLATES)
+    assert P.TEMPLATES["ima-ns"] == ("d-ng", "n-ng", "ns")
+    assert parse_rule("measure func=BPRM_CHECK template=ima-ns").template == "ima-ns"
+    d = Policy(parse_policy("measure template=ima-ns\n")).match(ev())
+    assert d.measure and d.template == "ima-ns"
+    # no d-ngv2 field: not for fs-verity digests
+    with pytest.raises(PolicyError, match="d-ngv2"):
+        parse_rule("measure digest_type=verity template=ima-ns")
+    with pytest.raises(PolicyError, match="unknown template.*ima-ns"):
+        parse_rule("measure template=ima-nsv2")
 
 
 def test_error_is_for_the_whole_text():

@@ -76,6 +76,9 @@ Where we differ from the kernel, on purpose
   paragraph separators) is refused.  As in the kernel, only space and tab
   separate words and only ``\\n`` separates lines (``\\r`` is part of a word).
 * Policy text is limited to ``MAX_POLICY_BYTES``.
+* ``template=ima-ns`` is accepted: ``ima-ns`` (``d-ng|n-ng|ns``) is an imafs
+  template, the kernel knows only its built-in ones (``KERNEL_TEMPLATES``) and
+  refuses any other name.
 * ``pcr=`` takes 0..23, not the kernel's 0..63: imafs keeps 24 software PCRs
   (``measurelog.NUM_PCRS``), as many as its ``pcrs/`` files list and
   ``evmctl --pcrs`` reads; a rule naming PCR 24..63 would make every open it
@@ -97,10 +100,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
+from imafs.ima.templates import TEMPLATES as _TEMPLATES
+
 __all__ = [
     "MAY_EXEC", "MAY_WRITE", "MAY_READ", "MAY_APPEND",
     "ACTIONS", "ALL_ACTIONS", "FUNCS", "FILE_FUNCS", "KERNEL_ONLY_FUNCS",
-    "TEMPLATES", "HASH_ALGOS", "DEFAULT_PCR", "PCR_LIMIT", "MAX_POLICY_BYTES",
+    "TEMPLATES", "KERNEL_TEMPLATES", "IMAFS_TEMPLATES", "HASH_ALGOS", "DEFAULT_PCR",
+    "PCR_LIMIT", "MAX_POLICY_BYTES",
     "PolicyError", "Cmp", "Rule", "AccessEvent", "Decision", "Policy",
     "parse_rule", "parse_policy", "format_policy", "load_policy_arg",
     "BUILTIN_POLICIES", "FS_MAGIC",
@@ -139,18 +145,16 @@ FILE_FUNCS = frozenset({"FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT",
 KERNEL_ONLY_FUNCS = frozenset(FUNCS) - FILE_FUNCS
 _EVENT_FUNCS = frozenset(FUNCS) | {"POST_SETATTR"}
 
-#: The kernel's built-in templates and their fields.
-TEMPLATES = {
-    "ima": ("d", "n"),
-    "ima-ng": ("d-ng", "n-ng"),
-    "ima-ngv2": ("d-ngv2", "n-ng"),
-    "ima-sig": ("d-ng", "n-ng", "sig"),
-    "ima-sigv2": ("d-ngv2", "n-ng", "sig"),
-    "ima-buf": ("d-ng", "n-ng", "buf"),
-    "ima-modsig": ("d-ng", "n-ng", "sig", "d-modsig", "modsig"),
-    "evm-sig": ("d-ng", "n-ng", "evmsig", "xattrnames", "xattrlengths",
-                "xattrvalues", "iuid", "igid", "imode"),
-}
+#: Templates a rule may name (``template=``) and their fields: the list's own
+#: table, the kernel's built-in templates plus imafs's ``ima-ns``.
+TEMPLATES = _TEMPLATES
+#: Templates the kernel knows (ima_template.c builtin_templates[]); the kernel
+#: refuses any other name (lookup_template_desc() -> -EINVAL).
+KERNEL_TEMPLATES = ("ima", "ima-ng", "ima-ngv2", "ima-sig", "ima-sigv2", "ima-buf",
+                    "ima-modsig", "evm-sig")
+#: imafs's own templates: ``ima-ns`` (d-ng|n-ng|ns) records the integrity
+#: namespace of the accessing process.
+IMAFS_TEMPLATES = ("ima-ns",)
 
 APPRAISE_TYPES = ("imasig", "imasig|modsig", "sigv3")
 DIGEST_TYPES = ("verity",)
@@ -703,8 +707,8 @@ def _parse_value(key, op, value):
         return n
     if key == "template":
         if value not in TEMPLATES:
-            raise _Bad(f"unknown template {_show(value)} "
-                       f"(one of {', '.join(TEMPLATES)})")
+            raise _Bad(f"unknown template {_show(value)} (one of "
+                       f"{', '.join(KERNEL_TEMPLATES + IMAFS_TEMPLATES)})")
         return value
     if key == "appraise_type":
         if value not in APPRAISE_TYPES:
