@@ -416,10 +416,12 @@ ERRORS = [
     ("appraise appraise_type=imasig|modsig", 1, 10, "only allowed with func=MODULE_CHECK"),
     # fs-verity
     ("appraise appraise_type=sigv3", 1, 10, "appraise_type=sigv3 needs digest_type=verity"),
+    ("appraise func=BPRM_CHECK appraise_type=sigv3", 1, 26, "v3 signatures of regular"),
     ("appraise digest_type=verity", 1, 10, "needs appraise_type=sigv3"),
-    ("appraise digest_type=verity appraise_type=imasig", 1, 10,
-     "cannot be combined with appraise_type=imasig"),
-    ("appraise appraise_type=imasig digest_type=verity", 1, 31, "cannot be combined"),
+    ("appraise func=MODULE_CHECK appraise_type=imasig|modsig digest_type=verity", 1, 56,
+     '"digest_type" is not allowed with func=MODULE_CHECK'),
+    ("appraise digest_type=verity appraise_type=imasig|modsig", 1, 29,
+     "imasig|modsig is only allowed with func=MODULE_CHECK"),
     ("measure digest_type=verity template=ima-ng", 1, 28, "needs a template with the d-ngv2"),
     ("measure template=ima-sig digest_type=verity", 1, 9, "d-ngv2"),
     # position: the line number counts comments and blank lines
@@ -464,6 +466,21 @@ def test_templates_are_the_lists_own():
         parse_rule("measure digest_type=verity template=ima-ns")
     with pytest.raises(PolicyError, match="unknown template.*ima-ns"):
         parse_rule("measure template=ima-nsv2")
+
+
+@pytest.mark.parametrize("atype", ["sigv3", "imasig"])
+def test_verity_signature_rules_in_either_order(atype):
+    # Linux 7.1 (de4c44a7f559) dropped the "digest_type=verity first" rule for
+    # sigv3; it still wants imasig before digest_type=verity, imafs takes both
+    # orders.  Either way an fs-verity signature is required.
+    first = parse_rule(f"appraise func=BPRM_CHECK appraise_type={atype} digest_type=verity")
+    second = parse_rule(f"appraise func=BPRM_CHECK digest_type=verity appraise_type={atype}")
+    assert first == second
+    printed = f"appraise func=BPRM_CHECK appraise_type={atype} digest_type=verity "
+    assert str(first) == str(second) == printed
+    assert parse_rule(printed) == first
+    d = Policy([first]).match(ev("BPRM_CHECK", P.MAY_EXEC))
+    assert d.appraise and (d.appraise_type, d.digest_type) == (atype, "verity")
 
 
 def test_error_is_for_the_whole_text():
@@ -878,7 +895,8 @@ def valid_rules(draw):
                 types.append("sigv3")
             atype = draw(st.sampled_from(types))
             w["appraise_type"] = f"appraise_type={atype}"
-            verity = atype == "sigv3"
+            # sigv3 needs digest_type=verity; imasig may have it (Linux 7.1)
+            verity = atype == "sigv3" or (atype == "imasig" and maybe("digest_type"))
     elif maybe("digest_type"):
         verity = True
     if verity:

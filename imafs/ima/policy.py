@@ -6,8 +6,9 @@ A policy is a list of rules, one per line, in the language of the kernel's
     action [condition ...] [option ...]
     # a comment: a line whose first non-blank character is '#'
 
-The reference is the kernel's ``security/integrity/ima/ima_policy.c`` (Linux
-6.14 and later); this module reimplements its behaviour, not its code.
+The reference is the kernel's ``security/integrity/ima/ima_policy.c`` as of
+Linux 7.1 (read: the 6.6 file and the integrity pull requests since, up to
+integrity-v7.1); this module reimplements its behaviour, not its code.
 
 Parsing (``parse_policy``) takes the whole text or nothing and raises
 ``PolicyError`` with the line and the column of the offending word.  Printing
@@ -54,11 +55,16 @@ requirement (``appraise_type=``) now checks the blacklist keyring by itself.
 
 Where we differ from the kernel, on purpose
 -------------------------------------------
-* Word order does not matter.  The kernel refuses ``template=`` before the
-  action and ``appraise_type=sigv3`` before ``digest_type=verity`` -- yet prints
-  ``appraise_type=sigv3 digest_type=verity`` itself, a line it would refuse.
-  We check combinations after the whole rule is read, so anything we print
-  parses again (round trip).
+* Word order does not matter: we check combinations after the whole rule is
+  read.  The kernel refuses ``template=`` before the action, and
+  ``digest_type=verity`` before ``appraise_type=imasig``; up to 7.0 it also
+  refused ``appraise_type=sigv3`` before ``digest_type=verity`` (while
+  printing that very order), which 7.1 accepts (commit de4c44a7f559, "ima: add
+  support to require IMA sigv3 signatures").  What we print parses again.
+* ``appraise_type=sigv3`` needs ``digest_type=verity``.  Linux 7.1 also accepts
+  it alone, for a v3 signature of the regular file hash (``struct ima_file_id``
+  over the IMA digest, xattr type 0x03 version 3), which imafs's appraisal does
+  not verify yet; such a rule is refused rather than enforced differently.
 * Every keyword may appear once.  The kernel silently keeps the last ``fsname=``
   or ``pcr=`` and accepts repeated ``digest_type=``/``appraise_type=``; we refuse
   them.  As in the kernel, ``uid``/``euid`` share one condition (a rule may test
@@ -848,16 +854,21 @@ def _validate(vals, pos, bad):
         raise bad(at("appraise_type"), "appraise_type=imasig|modsig is only allowed "
                   "with " + ", ".join(f"func={f}" for f in _MODSIG_FUNCS))
     # fs-verity digests
+    # Linux 7.1 (de4c44a7f559): sigv3 and digest_type=verity in either order;
+    # imasig then digest_type=verity is accepted too (an fs-verity signature is
+    # required, as with sigv3); imasig|modsig never goes with verity
     verity = vals.get("digest_type") == "verity"
     if atype == "sigv3" and not verity:
-        raise bad(at("appraise_type"), "appraise_type=sigv3 needs digest_type=verity")
+        raise bad(at("appraise_type"), "appraise_type=sigv3 needs digest_type=verity "
+                  "(imafs does not verify v3 signatures of regular file hashes, "
+                  "which Linux 7.1 accepts here)")
     if verity:
-        if atype is not None and atype != "sigv3":
+        if atype == "imasig|modsig":
             raise bad(at("digest_type"), f"digest_type=verity cannot be combined with "
                                          f"appraise_type={atype} (use sigv3)")
         if action == "appraise" and atype is None:
             raise bad(at("digest_type"), "appraise digest_type=verity needs "
-                                         "appraise_type=sigv3")
+                                         "appraise_type=sigv3 (a signature)")
         tmpl = vals.get("template")
         if tmpl is not None and "d-ngv2" not in TEMPLATES[tmpl]:
             raise bad(at("template"), f"digest_type=verity needs a template with the "
