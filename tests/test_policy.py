@@ -92,6 +92,7 @@ PRINT_VECTORS = [
     ("appraise", "appraise "),
     ("dont_appraise", "dont_appraise "),
     ("audit", "audit "),
+    ("dont_audit", "dont_audit "),                  # Linux 6.19
     ("hash", "hash "),
     ("dont_hash", "dont_hash "),
     ("measure func=BPRM_CHECK", "measure func=BPRM_CHECK "),
@@ -121,7 +122,11 @@ PRINT_VECTORS = [
     ("dont_measure fsmagic=+0x0", "dont_measure fsmagic=0x0 "),
     ("dont_measure fsmagic=ffffffffffffffff", "dont_measure fsmagic=0xffffffffffffffff "),
     ("measure fsname=ext4", "measure fsname=ext4 "),
-    ("measure fsname=fuse.sshfs", "measure fsname=fuse.sshfs "),
+    # a FUSE file system: the kernel's type name and its subtype (Linux 6.19),
+    # which /proc/self/mountinfo joins as "fuse.sshfs"
+    ("measure fsname=fuse fs_subtype=sshfs", "measure fsname=fuse fs_subtype=sshfs "),
+    ("measure fs_subtype=sshfs fsname=fuseblk", "measure fsname=fuseblk fs_subtype=sshfs "),
+    ("dont_audit fs_subtype=rclone.x", "dont_audit fs_subtype=rclone.x "),
     ("measure fsuuid=8BCBE394-4F13-4144-BE8E-5AA9EA2CE2F6",
      "measure fsuuid=8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6 "),
     ("measure uid=0", "measure uid=0 "),
@@ -214,10 +219,10 @@ def test_kernel_keyword_order():
     text = ("measure permit_directio digest_type=verity template=ima-sigv2 "
             "subj_type=t subj_role=r subj_user=u obj_type=ot obj_role=or "
             "obj_user=ou fgroup>3 fowner<2 gid=5 uid>7 "
-            "fsuuid=8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6 pcr=12 fsname=xfs "
-            "fsmagic=0x58465342 mask=^MAY_EXEC func=BPRM_CHECK")
-    expected = ("measure func=BPRM_CHECK mask=^MAY_EXEC fsmagic=0x58465342 "
-                "fsname=xfs pcr=12 fsuuid=8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6 "
+            "fsuuid=8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6 pcr=12 fs_subtype=s fsname=fuse "
+            "fsmagic=0x65735546 mask=^MAY_EXEC func=BPRM_CHECK")
+    expected = ("measure func=BPRM_CHECK mask=^MAY_EXEC fsmagic=0x65735546 "
+                "fsname=fuse fs_subtype=s pcr=12 fsuuid=8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6 "
                 "uid>7 gid=5 fowner<2 fgroup>3 obj_user=ou obj_role=or "
                 "obj_type=ot subj_user=u subj_role=r subj_type=t "
                 "template=ima-sigv2 digest_type=verity permit_directio ")
@@ -312,7 +317,15 @@ ERRORS = [
     ("foo", 1, 1, 'unknown keyword "foo"'),
     ("measure foo=bar", 1, 9, 'unknown keyword "foo="'),
     ("measure MEASURE", 1, 9, "unknown keyword"),
-    ("dont_audit", 1, 1, "not an IMA action"),
+    ("dont_audit=1", 1, 1, '"dont_audit" takes no value'),
+    ("audit dont_audit", 1, 7, "second action"),
+    ("dont_audit func=KEY_CHECK", 1, 12, "only works with measure and dont_measure"),
+    ("measure func=KEY_CHECK fs_subtype=x", 1, 24, "not allowed with func=KEY_CHECK"),
+    ("measure func=CRITICAL_DATA fs_subtype=x", 1, 28, "not allowed"),
+    ("measure fs_subtype=", 1, 9, '"fs_subtype=" needs a value'),
+    ("measure fs_subtype=a fs_subtype=b", 1, 22, 'duplicate "fs_subtype"'),
+    ("measure fsname=" + "x" * 64, 1, 9, "longer than 63 bytes"),
+    ("measure fs_subtype=" + "\u00e9" * 32, 1, 9, "longer than 63 bytes"),
     ("measure func", 1, 9, '"func" needs a value'),
     ("measure func=", 1, 9, '"func=" needs a value'),
     ("measure uid<", 1, 9, '"uid<" needs a value'),
@@ -684,6 +697,37 @@ def test_euid_and_egid_rules():
     assert r.matches(ev(egid=10, gid=1, sgid=99, cap_setgid=True))
 
 
+def test_fs_subtype():
+    # Linux 6.19 (43369273518f): fs_subtype= tells FUSE file systems apart; a file
+    # system without a subtype never matches it
+    r = parse_rule("measure fsname=fuse fs_subtype=sshfs")
+    assert r.fsname == "fuse" and r.fs_subtype == "sshfs"
+    assert r.matches(ev(fsname="fuse", fs_subtype="sshfs"))
+    assert not r.matches(ev(fsname="fuse", fs_subtype="rclone"))
+    assert not r.matches(ev(fsname="fuse"))
+    assert not r.matches(ev(fsname="fuseblk", fs_subtype="sshfs"))
+    # mountinfo's "fuse.sshfs" is not a kernel type name
+    assert not parse_rule("measure fsname=fuse.sshfs").matches(
+        ev(fsname="fuse", fs_subtype="sshfs"))
+    assert parse_rule("measure fs_subtype=sshfs").matches(ev(fs_subtype="sshfs"))
+    assert Policy([r]).needs == {"fsname", "fs_subtype"}
+    assert len("x" * 63) == 63 and parse_rule("measure fsname=" + "x" * 63)
+
+
+def test_dont_audit():
+    # Linux 6.19 (345123d650db): dont_audit decides the audit pair, as
+    # dont_measure does for measure
+    p = pol("dont_audit fs_subtype=sshfs\naudit func=BPRM_CHECK\n")
+    d = p.match(ev("BPRM_CHECK", P.MAY_EXEC, fs_subtype="sshfs"))
+    assert not d.audit and d.audit_rule.action == "dont_audit"
+    d = p.match(ev("BPRM_CHECK", P.MAY_EXEC, fs_subtype="fuse-zip"))
+    assert d.audit and d.audit_rule.line == 2
+    # the other pairs are untouched
+    d = pol("dont_audit\nmeasure\n").match(ev())
+    assert d.measure and not d.audit
+    assert P.PAIR["dont_audit"] == "audit"
+
+
 def test_fs_conditions():
     r = parse_rule("measure fsuuid=8BCBE394-4f13-4144-be8e-5aa9ea2ce2f6")
     assert r.matches(ev(fsuuid="8bcbe394-4f13-4144-be8e-5aa9ea2ce2f6"))
@@ -854,6 +898,8 @@ def valid_rules(draw):
         w["fsmagic"] = f"fsmagic=0x{draw(st.integers(0, 2**64 - 1)):x}"
     if maybe("fsname"):
         w["fsname"] = "fsname=" + draw(plain)
+    if maybe("fs_subtype"):
+        w["fs_subtype"] = "fs_subtype=" + draw(plain)
     if maybe("fsuuid"):
         w["fsuuid"] = "fsuuid=" + str(draw(st.uuids()))
     for a, b in (("uid", "euid"), ("gid", "egid")):

@@ -20,7 +20,7 @@ keyword followed by one space (so each line ends in a space before its newline),
 for the "any of these bits" form.  Matching (``Policy.match``) follows the
 kernel's ``ima_match_policy``: rules are walked in order, a rule is looked at only
 while its action pair (measure/dont_measure, appraise/dont_appraise,
-hash/dont_hash, audit) is still undecided, and the first rule of a pair whose
+hash/dont_hash, audit/dont_audit) is still undecided, and the first rule of a pair whose
 conditions all hold decides that pair.
 
 LSM labels never match
@@ -42,6 +42,15 @@ with one of these ``func`` values is matched the kernel's way, including
 ``keyrings=``/``label=`` against ``func_data`` for KEY_CHECK and CRITICAL_DATA.)
 ``POST_SETATTR`` is accepted as an event func: as in the kernel, it ignores the
 ``func=`` and ``mask=`` conditions.
+
+File systems, dont_audit
+------------------------
+Linux 6.19 added the ``dont_audit`` action (345123d650db) and the
+``fs_subtype=`` condition (43369273518f): ``fsname=`` compares the kernel's
+type name (``sb->s_type->name``: ``fuse``, ``fuseblk``), ``fs_subtype=`` a FUSE
+file system's subtype (``sb->s_subtype``: ``sshfs``); a file system without a
+subtype never matches ``fs_subtype=``.  /proc/self/mountinfo shows the pair as
+``fuse.sshfs``, which is neither.
 
 ``appraise_flag=`` is accepted and ignored
 -------------------------------------------
@@ -82,6 +91,9 @@ Where we differ from the kernel, on purpose
   paragraph separators) is refused.  As in the kernel, only space and tab
   separate words and only ``\\n`` separates lines (``\\r`` is part of a word).
 * Policy text is limited to ``MAX_POLICY_BYTES``.
+* ``fsname=``/``fs_subtype=`` longer than 63 bytes are refused: the kernel keeps
+  them but ``ima_policy_show()`` prints them through a ``char tbuf[64]``, cut
+  short, so the printed rule would no longer say what was loaded.
 * ``template=ima-ns`` is accepted: ``ima-ns`` (``d-ng|n-ng|ns``) is an imafs
   template, the kernel knows only its built-in ones (``KERNEL_TEMPLATES``) and
   refuses any other name.
@@ -131,11 +143,11 @@ _MASK_NAME = {v: k for k, v in MASKS.items()}
 
 #: Actions in the order the kernel prints them.
 ACTIONS = ("measure", "dont_measure", "appraise", "dont_appraise",
-           "audit", "hash", "dont_hash")
+           "audit", "dont_audit", "hash", "dont_hash")
 #: Action -> the pair it decides.
 PAIR = {"measure": "measure", "dont_measure": "measure",
         "appraise": "appraise", "dont_appraise": "appraise",
-        "audit": "audit", "hash": "hash", "dont_hash": "hash"}
+        "audit": "audit", "dont_audit": "audit", "hash": "hash", "dont_hash": "hash"}
 #: The four pairs; the default ``actions`` of ``Policy.match``.
 ALL_ACTIONS = frozenset({"measure", "appraise", "audit", "hash"})
 
@@ -197,6 +209,7 @@ DEFAULT_PCR = 10            # CONFIG_IMA_MEASURE_PCR_IDX
 PCR_LIMIT = 24
 KERNEL_PCR_LIMIT = 64       # the kernel's INVALID_PCR(): bits in measured_pcrs (unsigned long)
 _ID_INVALID = 0xFFFFFFFF    # (uid_t)-1 is INVALID_UID
+_FS_NAME_MAX = 63           # ima_policy_show() prints fsname= through a char[64]
 MAX_POLICY_BYTES = 1 << 20  # refuse larger policy texts
 
 _LSM_KEYS = ("obj_user", "obj_role", "obj_type",
@@ -205,13 +218,13 @@ _ID_KEYS = ("uid", "euid", "gid", "egid", "fowner", "fgroup")
 # uid/euid and gid/egid share one slot in the kernel's rule entry
 _SLOT = {"euid": "uid", "egid": "gid"}
 _VALUE_KEYS = frozenset((
-    "func", "mask", "fsmagic", "fsname", "fsuuid", "pcr", "template",
+    "func", "mask", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template",
     "appraise_type", "appraise_flag", "appraise_algos", "digest_type",
     "keyrings", "label") + _ID_KEYS + _LSM_KEYS)
 
 # Which keywords each hook allows (ima_validate_rule).  None = no func= given.
 _FILE_KEYS = frozenset((
-    "func", "mask", "fsmagic", "fsname", "fsuuid", "pcr", "template",
+    "func", "mask", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template",
     "appraise_type", "appraise_algos", "digest_type",
     "permit_directio") + _ID_KEYS + _LSM_KEYS)
 _KERNEL_READ_KEYS = _FILE_KEYS - {"digest_type"}
@@ -222,7 +235,8 @@ _ALLOWED = {f: _FILE_KEYS for f in (None, "FILE_CHECK", "MMAP_CHECK",
 _ALLOWED.update({f: _KERNEL_READ_KEYS for f in (
     "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")})
 _ALLOWED["KEXEC_CMDLINE"] = frozenset((
-    "func", "fsmagic", "fsname", "fsuuid", "pcr", "template") + _ID_KEYS + _LSM_KEYS)
+    "func", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template")
+    + _ID_KEYS + _LSM_KEYS)
 _ALLOWED["KEY_CHECK"] = frozenset(("func", "uid", "gid", "pcr", "keyrings", "template"))
 _ALLOWED["CRITICAL_DATA"] = frozenset(("func", "uid", "gid", "pcr", "label", "template"))
 _ALLOWED["SETXATTR_CHECK"] = frozenset(("func", "appraise_algos") + _LSM_KEYS)
@@ -307,6 +321,7 @@ class Rule:
     mask_any: bool = False          # mask=^MAY_... (kernel IMA_INMASK)
     fsmagic: int | None = None
     fsname: str | None = None
+    fs_subtype: str | None = None   # a FUSE file system's subtype (sshfs, ...)
     fsuuid: str | None = None       # lower case, with dashes
     uid: Cmp | None = None
     euid: Cmp | None = None
@@ -344,6 +359,8 @@ class Rule:
             out.append(f"fsmagic=0x{self.fsmagic:x}")
         if self.fsname is not None:
             out.append(f"fsname={self.fsname}")
+        if self.fs_subtype is not None:
+            out.append(f"fs_subtype={self.fs_subtype}")
         if self.keyrings is not None:
             out.append("keyrings=" + "|".join(self.keyrings))
         if self.label is not None:
@@ -388,8 +405,8 @@ class Rule:
         this rule reads; empty for a rule that can never match."""
         if self._dead:
             return set()
-        return {key for key in ("fsmagic", "fsname", "uid", "euid", "gid", "egid",
-                                "fowner", "fgroup")
+        return {key for key in ("fsmagic", "fsname", "fs_subtype", "uid", "euid", "gid",
+                                "egid", "fowner", "fgroup")
                 if getattr(self, key) is not None}
 
     # ---- matching (ima_match_rules) ----
@@ -421,6 +438,9 @@ class Rule:
         if self.fsmagic is not None and self.fsmagic != _need(event, "fsmagic"):
             return False
         if self.fsname is not None and self.fsname != _need(event, "fsname"):
+            return False
+        # None: the file system has no subtype (sb->s_subtype NULL), no match
+        if self.fs_subtype is not None and self.fs_subtype != event.fs_subtype:
             return False
         if self.fsuuid is not None and self.fsuuid != _event_uuid(event):
             return False
@@ -483,6 +503,10 @@ class AccessEvent:
     file-system field left None is "unknown": a rule that tests it raises
     ValueError, so use ``Policy.needs`` to learn which fields to fill in.
     ``func_data`` is the keyring (KEY_CHECK) or label (CRITICAL_DATA).
+    ``fsname`` is the file system's type as the kernel names it
+    (``sb->s_type->name``: ``fuse``, ``fuseblk``, ``ext4``), ``fs_subtype`` a FUSE
+    file system's subtype (``sb->s_subtype``: ``sshfs``), None when it has none;
+    /proc/self/mountinfo shows the two joined as ``fuse.sshfs``.
     """
     func: str
     mask: int = 0
@@ -501,6 +525,7 @@ class AccessEvent:
     cap_setuid: bool = False
     cap_setgid: bool = False
     func_data: str | None = None
+    fs_subtype: str | None = None
 
     def __post_init__(self):
         func = FUNC_ALIASES.get(self.func, self.func)
@@ -739,6 +764,11 @@ def _parse_value(key, op, value):
         return tuple(sorted(seen, key=_ALGO_INDEX.__getitem__))
     if key in ("keyrings", "label"):
         return _opt_list(value, key)
+    if key in ("fsname", "fs_subtype"):
+        if len(value.encode("utf-8", "surrogateescape")) > _FS_NAME_MAX:
+            raise _Bad(f"{key} {_show(value)} is longer than {_FS_NAME_MAX} bytes (the "
+                       f"kernel would print it cut short)")
+        return value
     # fsname and the LSM labels: any string
     return value
 
@@ -783,9 +813,6 @@ def parse_rule(line: str, lineno: int = 1) -> Rule | None:
                 continue
             if key in _VALUE_KEYS:
                 raise bad(col, f'"{key}" needs a value, as in {key}=...')
-            if key == "dont_audit":
-                raise bad(col, '"dont_audit" is not an IMA action '
-                               '(audit has no dont_ form)')
             raise bad(col, f"unknown keyword {_show(word)}")
         if key in ACTIONS or key == "permit_directio":
             raise bad(col, f'"{key}" takes no value')
