@@ -28,9 +28,13 @@ LSM labels never match
 ``subj_user= subj_role= subj_type= obj_user= obj_role= obj_type=`` are parsed,
 validated (where the kernel refuses them, e.g. with ``func=KEY_CHECK``) and
 printed, but a FUSE file system sees no LSM labels, so a rule with any of them
-**never matches**: it is dead.  This is what the kernel itself does with a label
-no active LSM knows.  (The kernel also hides such rules when it prints the policy;
-we print them, so that ``imafs policy check`` shows what was loaded.)
+**never matches**: it is dead.  This is what the kernel does with a label no
+active LSM knows once a custom policy is in force (ima_lsm_rule_init(): a
+"rule for LSM ... is undefined" warning, the rule kept, never matched).  The
+kernel differs twice: while its boot-time policy is still the active one (the
+first policy write) it refuses such a rule with EINVAL, and it never prints
+one; we accept and print them, so that ``imafs policy check`` shows what was
+loaded.
 
 Kernel-only hooks
 -----------------
