@@ -360,3 +360,191 @@ def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tm
     assert rc == 0 and "junk.der" in err and "signing_key" not in err
     rc, _, err = run(capsys, "verify", "--key", d / "junk.der", files / "a")
     assert rc == 2 and "not an X.509 certificate" in err
+
+
+# --- verify --policy: the mount's verdict ------------------------------------------
+
+
+@pytest.fixture
+def kinds(keydir, tmp_path, capsys):
+    """One file per kind of security.ima value (and one without)."""
+    d = tmp_path / "kinds"
+    d.mkdir()
+    key = str(keydir / "signing_key.pem")
+    for n in ("v2", "v2-512", "v3", "hash", "hash-512", "none", "bad-v2"):
+        (d / n).write_bytes(n.encode() * 1000)
+    for argv in (["--key", key, d / "v2", d / "bad-v2"], ["--key", key, "-a", "sha512", d / "v2-512"],
+                 ["--verity", "--key", key, d / "v3"], ["--hash-only", d / "hash"],
+                 ["--hash-only", "-a", "sha512", d / "hash-512"]):
+        assert main(["sign", "-q", *map(str, argv)]) == 0
+    with open(d / "bad-v2", "ab") as f:
+        f.write(b"!")
+    capsys.readouterr()
+    return d
+
+
+def verdicts(capsys, keydir, kinds, *opts):
+    rc, out, err = run(capsys, "verify", "-q", "--keys", keydir, *opts,
+                       *sorted(kinds.iterdir()))
+    got = {}
+    for line in out.splitlines():
+        path, _, v = line.partition(": ")
+        got[path.rsplit("/", 1)[1]] = v
+    return rc, got, err
+
+
+def _policy(tmp_path, text):
+    p = tmp_path / f"policy{abs(hash(text))}"
+    p.write_text(text)
+    return p
+
+
+PASS_ALL = {"v2": "pass", "v2-512": "pass", "v3": "pass", "hash": "pass", "hash-512": "pass"}
+
+
+def test_verify_without_policy_is_unchanged(capsys, keydir, kinds):
+    rc, got, _ = verdicts(capsys, keydir, kinds)
+    assert rc == 1 and got == {**PASS_ALL, "none": "fail (missing-hash)",
+                               "bad-v2": "fail (invalid-signature)"}
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--require-sig")
+    assert got == {"v2": "pass", "v2-512": "pass", "v3": "pass",
+                   "hash": "fail (IMA-signature-required)",
+                   "hash-512": "fail (IMA-signature-required)",
+                   "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}
+
+
+POLICY_VERDICTS = [
+    # appraise_type=imasig without digest_type: a v3 signature is refused, as the mount does
+    ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig",
+     {"v2": "pass", "v2-512": "pass", "v3": "fail (IMA-signature-required)",
+      "hash": "fail (IMA-signature-required)", "hash-512": "fail (IMA-signature-required)",
+      "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}),
+    # a plain appraise rule: v3 is checked over the file digest, and fails
+    ("appraise func=FILE_CHECK",
+     {**PASS_ALL, "v3": "fail (invalid-verity-signature)", "none": "fail (missing-hash)",
+      "bad-v2": "fail (invalid-signature)"}),
+    ("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3",
+     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
+      "v3": "pass", "hash": "fail (verity-signature-required)",
+      "hash-512": "fail (verity-signature-required)",
+      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
+    ("appraise func=FILE_CHECK appraise_algos=sha512",
+     {"v2": "fail (denied-hash-algorithm)", "v2-512": "pass",
+      "v3": "fail (invalid-verity-signature)", "hash": "fail (denied-hash-algorithm)",
+      "hash-512": "pass", "none": "fail (missing-hash)", "bad-v2": "fail (invalid-signature)"}),
+    # digest_type=verity from a measure rule is OR-ed into the decision (kernel, engine)
+    ("measure func=FILE_CHECK digest_type=verity template=ima-ngv2\n"
+     "appraise func=FILE_CHECK appraise_type=imasig",
+     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
+      "v3": "pass", "hash": "fail (verity-signature-required)",
+      "hash-512": "fail (verity-signature-required)",
+      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
+    # rules for other hooks, masks or owners: not appraised, allowed
+    ("appraise func=BPRM_CHECK appraise_type=imasig\nappraise func=FILE_CHECK mask=MAY_WRITE\n"
+     "appraise fowner=1000", {n: "not appraised" for n in (*PASS_ALL, "none", "bad-v2")}),
+]
+
+
+@pytest.mark.parametrize("rule, want", POLICY_VERDICTS)
+def test_verify_policy_gives_the_rules_verdict(capsys, keydir, kinds, tmp_path, rule, want):
+    rc, got, err = verdicts(capsys, keydir, kinds, "--policy", _policy(tmp_path, rule + "\n"))
+    assert got == want and err == ""
+    assert rc == (1 if any(v.startswith("fail") for v in want.values()) else 0)
+
+
+def test_verify_policy_exec_dont_appraise_and_verbose(capsys, keydir, kinds, tmp_path):
+    pol = _policy(tmp_path, "dont_appraise fowner=1000\n"
+                  "appraise func=BPRM_CHECK mask=MAY_EXEC appraise_type=imasig\n")
+    os.chown(kinds / "none", 1000, 1000)
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--policy", pol)
+    assert rc == 0 and set(got.values()) == {"not appraised"}
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--policy", pol, "--exec")
+    assert rc == 1 and got["none"] == "not appraised" and got["v2"] == "pass"
+    assert got["hash"] == "fail (IMA-signature-required)"
+    rc, out, _ = run(capsys, "verify", "-v", "--keys", keydir, "--policy", pol, "--exec",
+                     kinds / "v2", kinds / "hash")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{kinds}/v2: pass (signed by key ")
+    assert lines[0].endswith("; BPRM_CHECK rule 'appraise func=BPRM_CHECK mask=MAY_EXEC "
+                             "appraise_type=imasig')")
+    assert lines[1].startswith(f"{kinds}/hash: fail (IMA-signature-required) [fail: ")
+    rc, out, _ = run(capsys, "verify", "--failures-only", "--keys", keydir, "--policy", pol,
+                     kinds / "v2", kinds / "none")
+    assert (rc, out) == (0, "")
+
+
+def test_verify_policy_builtin_uses_the_file_system(capsys, keydir, tmp_path):
+    """appraise_tcb: root's files are appraised, except on tmpfs (fsmagic), as the
+    mount decides from the backing file's file system."""
+    import shutil
+    import tempfile
+    disk = tmp_path / "f"
+    disk.write_bytes(b"unsigned")
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        mem = os.path.join(shm, "f")
+        with open(mem, "wb") as f:
+            f.write(b"unsigned")
+        rc, out, _ = run(capsys, "verify", "--policy", "appraise_tcb", disk, mem)
+        assert rc == 1 and out == f"{disk}: fail (missing-hash)\n{mem}: not appraised\n"
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_verify_policy_usage_errors(capsys, keydir, files, tmp_path):
+    rc, _, err = run(capsys, "verify", "--policy", "tcb", "--require-sig", files / "a")
+    assert rc == 2 and "--require-sig and --policy" in err
+    rc, _, err = run(capsys, "verify", "--exec", files / "a")
+    assert rc == 2 and "--exec needs --policy" in err
+    bad = _policy(tmp_path, "appraise func=FILE_CHECK\nappraise bogus=1\n")
+    rc, _, err = run(capsys, "verify", "--policy", bad, files / "a")
+    assert rc == 2 and f"imafs verify: --policy: {bad}: line 2, column 10: " in err, err
+    rc, _, err = run(capsys, "verify", "--policy", tmp_path / "missing", files / "a")
+    assert rc == 2 and "cannot read policy" in err
+
+
+def _mount_query(m, path: str) -> dict:
+    import json
+    fd = os.open(m.ctl("query"), os.O_RDWR)
+    try:
+        os.write(fd, path.encode() + b"\n")
+        data = b""
+        while chunk := os.pread(fd, 65536, len(data)):
+            data += chunk
+    finally:
+        os.close(fd)
+    return json.loads(data)
+
+
+@pytest.mark.mount
+def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, make_mount):
+    """For each policy: what a mount with it says of a read by root of each file (its
+    query file's appraisal, the open allowed or EACCES, the cause in its audit log) is
+    what verify --policy says."""
+    import json
+    for rule, _ in POLICY_VERDICTS:
+        pol = _policy(tmp_path, rule + "\n")
+        rc, said, _ = verdicts(capsys, keydir, kinds, "--policy", pol)
+        m = make_mount(["--policy", str(pol), "--keys", str(keydir)], backing=kinds)
+        try:
+            did = {}
+            for n in said:
+                q = _mount_query(m, f"/{n}")
+                hooks = [h["appraisal"] for h in q["namespaces"][0]["hooks"]
+                         if "appraisal" in h]
+                fails = [a for a in hooks if a["status"] != "pass"]
+                verdict = ("not appraised" if not hooks else
+                           f"fail ({fails[0]['cause']})" if fails else "pass")
+                try:
+                    (m.mnt / n).read_bytes()
+                    assert not fails, (rule, n, q)
+                except PermissionError:
+                    assert fails, (rule, n, q)
+                    log = [json.loads(x) for x in
+                           (m.state / "audit.log").read_text().splitlines()]
+                    assert [r["cause"] for r in log if r["type"] == "appraise"
+                            and r["path"] == f"/{n}"][-1] == fails[0]["cause"]
+                did[n] = verdict
+        finally:
+            m.stop()
+        assert did == said, rule

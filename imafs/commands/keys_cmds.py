@@ -420,10 +420,61 @@ def _keyring(args) -> km.Keyring:
     return ring
 
 
+def _load_policy(value: str):
+    from imafs.ima.policy import Policy, PolicyError, load_policy_arg
+    try:
+        return Policy(load_policy_arg(value))
+    except PolicyError as e:
+        _fail(f"--policy: {e}")
+
+
+_FS_FIELDS = frozenset({"fsmagic", "fsname", "fsuuid"})
+_ELF_MAGIC = b"\x7fELF"
+
+
+def _root_events(policy, path: str, fd: int, st, exec_: bool):
+    """The access events the mount derives from a read-only open by root (or, with
+    ``exec_``, an exec by root) of this file, as the engine's hook mapping does:
+    FILE_CHECK MAY_READ, plus MMAP_CHECK MAY_EXEC for an ELF file when a rule could
+    match that hook (the dynamic loader's open); for an exec FILE_CHECK MAY_EXEC and
+    BPRM_CHECK MAY_EXEC."""
+    from imafs.ima import policy as pm
+    if exec_:
+        hooks = [("FILE_CHECK", pm.MAY_EXEC), ("BPRM_CHECK", pm.MAY_EXEC)]
+    else:
+        hooks = [("FILE_CHECK", pm.MAY_READ)]
+        if (st.st_size >= 4 and any(pm.FUNC_ALIASES.get(r.func, r.func) in (None, "MMAP_CHECK")
+                                    for r in policy)
+                and os.pread(fd, 4, 0) == _ELF_MAGIC):
+            hooks.append(("MMAP_CHECK", pm.MAY_EXEC))
+    fs = {}
+    if policy.needs & _FS_FIELDS:
+        # the file system the mount sees is the backing file's (run verify on the
+        # backing tree, not through the mount): the mount's own fs_info
+        from imafs.fs.integrity import fs_info
+        info = fs_info(fd, st.st_dev)
+        fs = {"fsmagic": info.magic, "fsname": info.name, "fsuuid": info.uuid}
+    return [pm.AccessEvent(func=func, mask=mask, uid=0, euid=0, gid=0, egid=0, suid=0,
+                           sgid=0, cap_setuid=True, cap_setgid=True, fowner=st.st_uid,
+                           fgroup=st.st_gid, path=path, **fs)
+            for func, mask in hooks]
+
+
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
-                require_sig: bool = False, default_algo: str = "sha256") -> ap.AppraiseResult:
-    """Offline appraisal of one file (a signature v3 is checked against the file's
-    fs-verity digest, as a ``digest_type=verity`` rule would)."""
+                require_sig: bool = False, default_algo: str = "sha256",
+                policy=None, exec_: bool = False) -> ap.AppraiseResult | None:
+    """Offline appraisal of one file.
+
+    Without ``policy``: as an ``appraise`` rule without options (``require_sig``:
+    ``appraise_type=imasig``), except that a signature v3 is checked against the
+    file's fs-verity digest, as a ``digest_type=verity`` rule would.
+
+    With ``policy`` (an imafs.ima.policy.Policy): the verdict the mount, in enforce
+    mode, gives a read-only open of the file by root (``exec_``: an exec by root):
+    every hook of that access that the policy appraises is appraised with its
+    decision's appraise_type, appraise_algos and digest_type; the first failure is
+    the verdict, else the pass (its detail names the rule). None when no rule
+    appraises the access (the mount allows it unappraised)."""
     fd = _open_regular(path)
     try:
         try:
@@ -446,15 +497,45 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
             except ap.UnsupportedHashError:
                 return None
 
-        is_v3 = bool(value) and value[0] == ap.IMA_VERITY_DIGSIG
-        return ap.appraise(value, digest_for, ring, require_sig=require_sig,
-                           verity_digest=verity, verity_required=is_v3,
-                           default_algo=default_algo)
+        if policy is None:
+            is_v3 = bool(value) and value[0] == ap.IMA_VERITY_DIGSIG
+            return ap.appraise(value, digest_for, ring, require_sig=require_sig,
+                               verity_digest=verity, verity_required=is_v3,
+                               default_algo=default_algo)
+        import dataclasses
+        verdict = None
+        seen: dict = {}
+        for ev in _root_events(policy, path, fd, os.fstat(fd), exec_):
+            d = policy.match(ev)       # all pairs: digest_type is OR-ed, as the engine's
+            if not d.appraise:
+                continue
+            flags = (d.appraise_type, d.appraise_algos, d.digest_type)
+            if flags not in seen:
+                seen[flags] = ap.appraise(
+                    value, digest_for, ring,
+                    require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
+                    allowed_algos=d.appraise_algos, verity_digest=verity,
+                    sigv3_required=d.appraise_type == "sigv3",
+                    verity_required=d.digest_type == "verity", default_algo=default_algo)
+            r = seen[flags]
+            r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
+                                    f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))
+            if not r.passed:
+                return r
+            verdict = verdict or r
+        return verdict
     finally:
         os.close(fd)
 
 
 def cmd_verify(args) -> int:
+    policy = None
+    if args.policy is not None:
+        if args.require_sig:
+            _fail("--require-sig and --policy: the policy's appraise_type decides")
+        policy = _load_policy(args.policy)
+    elif args.exec_:
+        _fail("--exec needs --policy")
     ring = _keyring(args)
     try:
         default = ap.hash_algo(args.hash).name
@@ -469,14 +550,20 @@ def cmd_verify(args) -> int:
             if why is None:
                 try:
                     r = verify_file(path, ring, xattr_name=name, require_sig=args.require_sig,
-                                    default_algo=default)
+                                    default_algo=default, policy=policy, exec_=args.exec_)
                 except IsADirectoryError as e:
                     why = e.strerror
                 except OSError as e:
                     why = e.strerror or str(e)
+                except ValueError as e:     # a rule tests what could not be learnt
+                    why = str(e)
             if why is not None:
                 bad += 1
                 bar.write(f"{path}: error ({why})")
+                continue
+            if r is None:                   # --policy: no rule appraises this access
+                if not args.failures_only:
+                    bar.write(f"{path}: not appraised")
                 continue
             if r.passed:
                 if not args.failures_only:
@@ -547,22 +634,43 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.set_defaults(func=cmd_sign, hash_only=False)
 
-    p = sub.add_parser("verify", help="appraise files offline against keys",
-                       description="Print 'PATH: pass' or 'PATH: fail (cause)' per file, "
-                       "causes as the kernel names them ('PATH: error (reason)' when a file "
-                       "cannot be read). A signature v3 is checked against the file's "
-                       "fs-verity digest. Exit 0 when every file passes, else 1.")
+    p = sub.add_parser(
+        "verify", help="appraise files offline against keys",
+        description="Print 'PATH: pass' or 'PATH: fail (cause)' per file, causes as the "
+        "kernel names them ('PATH: error (reason)' when a file or directory cannot be "
+        "read). Without --policy every file is appraised as by a rule 'appraise' without "
+        "options: a hash (01, 04) must equal the file's digest in the algorithm it names "
+        "(with --require-sig it fails, IMA-signature-required); a signature v2 (03) must "
+        "verify, with a key of --keys/--key, over the file's digest in its algorithm; a "
+        "signature v3 (06) is checked as by digest_type=verity, over the file's fs-verity "
+        "digest (4096-byte blocks, no salt) in its algorithm; any algorithm is accepted "
+        "(no appraise_algos); no value fails (missing-hash, or IMA-signature-required "
+        "with --require-sig). With --policy the verdict is the one a mount with that "
+        "policy gives in enforce mode to a read-only open by root (FILE_CHECK MAY_READ, "
+        "and MMAP_CHECK for an ELF file when a rule can match it) or, with --exec, to an "
+        "exec by root (FILE_CHECK and BPRM_CHECK, MAY_EXEC): the matching appraise rule's "
+        "appraise_type, appraise_algos and digest_type decide what is checked, and a file "
+        "no rule appraises prints 'PATH: not appraised' (the mount allows it). Run it on "
+        "the backing tree: fsmagic/fsname/fsuuid are those of the files' file system. "
+        "Exit 0 when no file fails, else 1.")
     p.add_argument("--keys", action="append", metavar="DIR",
                    help="directory of certificates (*.der, *.pem, *.crt, *.x509, *.cer)")
     p.add_argument("--key", action="append", metavar="CERT", help="one certificate")
     p.add_argument("--require-sig", action="store_true",
-                   help="hashes do not pass, only signatures (appraise_type=imasig)")
+                   help="hashes do not pass, only signatures (appraise_type=imasig); "
+                   "not with --policy")
+    p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
+                   help="answer as a mount with this root policy would (see above)")
+    p.add_argument("--exec", dest="exec_", action="store_true",
+                   help="with --policy: the verdict for an exec (BPRM_CHECK), not a read")
     p.add_argument("-a", "--hash", default="sha256",
-                   help="algorithm for files without a value naming one (default sha256)")
+                   help="algorithm for files without a value naming one: the mount's "
+                   "--hash (default sha256)")
     p.add_argument("--xattr", choices=("security", "user"), default="security")
     p.add_argument("-r", "--recursive", action="store_true")
     p.add_argument("--skip-special", action="store_true")
-    p.add_argument("--failures-only", action="store_true", help="print only failures")
+    p.add_argument("--failures-only", action="store_true",
+                   help="print only failures and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="add status and detail")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("paths", nargs="+", metavar="PATH")
