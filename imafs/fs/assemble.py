@@ -159,7 +159,7 @@ def build(opts) -> Filesystem:
         r.action == "appraise" for r in rules)
     engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads,
                     cache_store=cache_store)
-    hooks = IntegrityHooks(engine)
+    hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
     overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "

@@ -18,6 +18,7 @@ import pyfuse3
 
 from imafs.fs import sysio
 from imafs.fs.overlay import NOT_NOW, Caller, Denied, Inode, NullHooks
+from imafs.fs.resolve import resolve
 from imafs.ima.appraise import XattrError, parse_ima_xattr
 from imafs.ima.engine import WOULD_BLOCK, AccessDenied, Engine, FileRef, FsInfo, Subject
 
@@ -70,11 +71,40 @@ def fs_info(fd: int, dev: int) -> FsInfo:
     return FsInfo(magic=magic, name=name, uuid=uuid)
 
 
+def _identity(inode: Inode, root_link: str | None, pid: int,
+              path: bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what the absolute ``path`` names inside the mount (symlinks
+    followed inside it, never out of the backing tree) -- if the process's root is the
+    mount (``root_link``: the mount point, as /proc/PID/root reads for a process
+    chrooted into it); else None."""
+    if root_link is None:
+        return None
+    try:
+        if os.readlink(f"/proc/{pid}/root") != root_link:
+            return None
+    except OSError:
+        return None
+    root = inode
+    while root.parent is not None:
+        root = root.parent
+    try:
+        fd, _rel = resolve(root.fd, os.fsdecode(path))
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino)
+
+
 class IntegrityHooks(NullHooks):
     watch_xattrs = True
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, mountpoint: str | None = None):
         self.engine = engine
+        # what /proc/PID/root reads for a process chrooted into the mount
+        self._root_link = os.path.realpath(mountpoint) if mountpoint else None
         self._fs: dict[int, FsInfo] = {}
         # read-time verification: nodeids whose kernel page cache must not be kept at
         # the next open (a failed verification, or pages read unverified before a
@@ -116,7 +146,8 @@ class IntegrityHooks(NullHooks):
             fd=fd, st=st, path=inode.path(), readable=acc != os.O_WRONLY,
             reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
             getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
-            fs=self._fsinfo(fd, st.st_dev))
+            fs=self._fsinfo(fd, st.st_dev),
+            resolve=lambda pid, p: _identity(inode, self._root_link, pid, p))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
               created: bool, inline: bool = False):
@@ -129,7 +160,7 @@ class IntegrityHooks(NullHooks):
                 Subject(caller.pid, caller.uid, caller.gid), f,
                 readable=acc != os.O_WRONLY, writable=acc != os.O_RDONLY,
                 append=bool(flags & os.O_APPEND), exec_=exec_, created=created,
-                inline=inline)
+                inline=inline, direct=bool(flags & os.O_DIRECT))
         except AccessDenied as e:
             log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, e.reason)
             raise Denied(e.errno, e.reason)

@@ -25,8 +25,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+import time
+
 from imafs.ima import appraise as ap
-from imafs.ima import hashing
+from imafs.ima import binfmt, hashing
 from imafs.ima.audit import AuditLog
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
 from imafs.ima.policy import DEFAULT_PCR, AccessEvent, Decision
@@ -35,7 +37,6 @@ from imafs.ima.templates import TEMPLATES, build_entry, violation_entry
 log = logging.getLogger("imafs.engine")
 
 MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND = 1, 2, 4, 8
-ELF_MAGIC = b"\x7fELF"
 IINT_CACHE_SIZE = 65536
 
 
@@ -106,6 +107,10 @@ class FileRef:
     getxattr: Callable[[str], bytes | None]
     setxattr: Callable[[str, bytes], None]
     fs: FsInfo = field(default_factory=FsInfo)
+    # (pid, path) -> the identity (st_dev, st_ino) of the file that process opens by
+    # that absolute path through the mount: None unless its root is the mount's (a
+    # process that is not chrooted into the mount finds its PT_INTERP elsewhere)
+    resolve: Callable[[int, bytes], tuple[int, int] | None] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -120,7 +125,7 @@ class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
-                 "update_xattr", "done", "live", "live_wgen")
+                 "update_xattr", "done", "live", "live_wgen", "binfmt")
 
     def __init__(self, key):
         self.key = key
@@ -148,6 +153,7 @@ class IInt:
         # are still open, and the kernel's page cache of the inode is shared by all
         self.live: dict = {}
         self.live_wgen = 0
+        self.binfmt = None      # (version, is ELF, PT_INTERP path or None)
 
     def reset(self, version) -> None:
         self.version = version
@@ -161,6 +167,7 @@ class IInt:
         self.appraised = {}
         self.audited = set()
         self.done = {}
+        self.binfmt = None
 
 
 @dataclass
@@ -309,6 +316,10 @@ class Engine:
         self.verify_reads = bool(verify_reads)
         self._iints: OrderedDict = OrderedDict()
         self._live_keys: dict = {}  # file identity -> IInt, while a handle verifies reads
+        # exec of a dynamically linked ELF: pid -> (identity of its PT_INTERP, deadline);
+        # that pid's next exec open of that file is the loader's (binfmt_elf open_exec)
+        self._interp: dict[int, tuple] = {}
+        self._interp_lock = threading.Lock()
         self._recorded = 0          # entries this engine appended (trims the store's map)
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
@@ -345,24 +356,35 @@ class Engine:
 
     # ------------------------------------------------------------------ events
     def _events(self, ns_chain, subject: Subject, f: FileRef, flags_mask: int, exec_: bool,
-                funcs=None):
-        """The (func, mask) hooks an open triggers (DESIGN.md: hook mapping)."""
+                funcs=None, role: str | None = None):
+        """The (func, mask) hooks an open triggers (README: hook mapping), as the kernel
+        runs them: an exec open (``__FMODE_EXEC``) is FILE_CHECK with MAY_EXEC (do_open)
+        and BPRM_CHECK; the file an exec finally runs, an ELF, also gets CREDS_CHECK
+        (with the credentials the exec computes) and MMAP_CHECK_REQPROT / MMAP_CHECK
+        (its PROT_EXEC segments); the ELF interpreter (``role`` "interp") gets FILE_CHECK
+        and the mmap hooks only, no BPRM_CHECK (load_elf_binary opens it with
+        open_exec). A read-only open of an ELF file that is not an exec stands for the
+        dynamic loader's open of a library: the mmap hooks follow it."""
         hooks = []
         if funcs:
             hooks.extend(funcs)
         elif exec_:
             hooks.append(("FILE_CHECK", MAY_EXEC))
-            hooks.append(("BPRM_CHECK", MAY_EXEC))
+            if role != "interp":
+                hooks.append(("BPRM_CHECK", MAY_EXEC))
+            if role == "elf":
+                hooks.append(("CREDS_CHECK", MAY_EXEC))
+            if role in ("elf", "interp"):
+                hooks.append(("MMAP_CHECK_REQPROT", MAY_EXEC))
+                hooks.append(("MMAP_CHECK", MAY_EXEC))
         else:
             hooks.append(("FILE_CHECK", flags_mask))
             if (flags_mask == MAY_READ and stat.S_ISREG(f.st.st_mode) and f.st.st_size >= 4
-                    and any(_has_func(ns.policy, "MMAP_CHECK") for ns in ns_chain)):
+                    and any(_has_func(ns.policy, "MMAP_CHECK") for ns in ns_chain)
+                    and self._binfmt(self.iint(f.key), f)[0]):
                 # the dynamic loader's open of a library: an mmap with PROT_EXEC follows
-                try:
-                    if os.pread(f.fd, 4, 0) == ELF_MAGIC:
-                        hooks.append(("MMAP_CHECK", MAY_EXEC))
-                except OSError:
-                    pass
+                hooks.append(("MMAP_CHECK_REQPROT", MAY_EXEC))
+                hooks.append(("MMAP_CHECK", MAY_EXEC))
         needs = set()
         for ns in ns_chain:
             needs |= ns.policy.needs
@@ -370,13 +392,63 @@ class Engine:
             "uid": subject.uid, "euid": subject.uid, "gid": subject.gid, "egid": subject.gid}
         out = []
         for func, mask in hooks:
+            who = ids
+            if func == "CREDS_CHECK":
+                who = _exec_creds(ids, f.st)
             out.append(AccessEvent(
-                func=func, mask=mask, uid=ids["uid"], euid=ids["euid"], gid=ids["gid"],
-                egid=ids["egid"], suid=ids.get("suid"), sgid=ids.get("sgid"),
-                cap_setuid=ids.get("cap_setuid", False), cap_setgid=ids.get("cap_setgid", False),
+                func=func, mask=mask, uid=who["uid"], euid=who["euid"], gid=who["gid"],
+                egid=who["egid"], suid=who.get("suid"), sgid=who.get("sgid"),
+                cap_setuid=who.get("cap_setuid", False), cap_setgid=who.get("cap_setgid", False),
                 fowner=f.st.st_uid, fgroup=f.st.st_gid, fsmagic=f.fs.magic, fsname=f.fs.name,
                 fsuuid=f.fs.uuid, path=os.fsdecode(f.path)))
         return out
+
+    # ------------------------------------------------------------------ exec roles
+    @staticmethod
+    def _binfmt(ii: IInt, f: FileRef) -> tuple[bool, bytes | None]:
+        """(is ELF, PT_INTERP) of this file version (read once per version)."""
+        b = ii.binfmt
+        if b is not None and b[0] == f.version:
+            return b[1], b[2]
+        try:
+            elf = binfmt.is_elf(os.pread(f.fd, 4, 0)) if f.readable else False
+        except OSError:
+            elf = False
+        interp = binfmt.interpreter(f.fd) if elf else None
+        ii.binfmt = (f.version, elf, interp)
+        return elf, interp
+
+    def _exec_role(self, subject: Subject, f: FileRef, ii: IInt) -> str:
+        """What an exec open is: "interp" (the loader a dynamically linked ELF just
+        exec'd by this very task asks for), "elf" (a binary the exec runs: a program,
+        or a script's interpreter), or "other" (a #! script, anything not ELF)."""
+        with self._interp_lock:
+            pend = self._interp.get(subject.pid)
+        if pend is not None and pend[0] == f.key and time.monotonic() < pend[1]:
+            return "interp"
+        return "elf" if self._binfmt(ii, f)[0] else "other"
+
+    def _expect_interp(self, subject: Subject, f: FileRef, ii: IInt) -> None:
+        """An ELF exec was allowed: if it names an interpreter, remember which file
+        that is (resolved inside the mount, when the process's root is the mount's: a
+        container chrooted into it), so that this task's next exec open -- in a real
+        exec the very next open, of that file -- is taken for the loader's. A process
+        whose root is elsewhere loads its interpreter from there, not through the
+        mount: nothing is remembered, and every exec open of it stays BPRM_CHECK."""
+        interp = self._binfmt(ii, f)[1]
+        if interp is None or f.resolve is None:
+            return
+        key = f.resolve(subject.pid, interp)
+        if key is None:
+            return
+        with self._interp_lock:
+            if len(self._interp) > 4096:
+                now = time.monotonic()
+                for pid in [p for p, v in self._interp.items() if v[1] < now]:
+                    del self._interp[pid]
+                if len(self._interp) > 4096:
+                    self._interp.clear()
+            self._interp[subject.pid] = (key, time.monotonic() + INTERP_WINDOW)
 
     def decide(self, ns: Namespace, events) -> list[tuple[Namespace, AccessEvent, Decision]]:
         out = []
@@ -392,14 +464,20 @@ class Engine:
     # ------------------------------------------------------------------ open
     def file_open(self, subject: Subject, f: FileRef, *, readable: bool, writable: bool,
                   append: bool, exec_: bool, created: bool = False,
-                  funcs: list[tuple[str, int]] | None = None, inline: bool = False):
+                  funcs: list[tuple[str, int]] | None = None, inline: bool = False,
+                  direct: bool = False):
         """Measure/appraise/audit one open; raises AccessDenied to refuse it.
         ``funcs`` overrides the hooks derived from the open (e.g. POLICY_CHECK).
 
         ``inline``: the caller is an event loop that must not block. The open is then
         decided only if that needs no hashing and no waiting for the file's lock (a
         warm file: its digests for this version are known); otherwise nothing is done
-        and WOULD_BLOCK is returned, for the caller to retry from a worker thread."""
+        and WOULD_BLOCK is returned, for the caller to retry from a worker thread.
+
+        ``direct``: an O_DIRECT open. The kernel does not hash those
+        (ima_calc_file_hash: -EINVAL): a measurement records a zero digest and leaves
+        the file unmeasured, an appraisal fails unless the rule says
+        ``permit_directio``, and "collect_data" / "failed(directio)" is audited."""
         ns = self.namespace_of(subject)
         if not stat.S_ISREG(f.st.st_mode):
             return None
@@ -407,14 +485,33 @@ class Engine:
                (MAY_APPEND if append else 0)
         chain = ns.chain()
         ii = self.iint(f.key)
+        if not exec_ or funcs is not None:
+            return self._file_open(subject, ns, chain, ii, f, mask, readable, writable,
+                                   exec_, created, funcs, inline, direct, None)
+        role = self._exec_role(subject, f, ii)
+        state = WOULD_BLOCK
+        try:
+            state = self._file_open(subject, ns, chain, ii, f, mask, readable, writable,
+                                    exec_, created, funcs, inline, direct, role)
+        finally:
+            if state is not WOULD_BLOCK:
+                # this task's next exec open was this one (decided, allowed or not)
+                with self._interp_lock:
+                    self._interp.pop(subject.pid, None)
+        if role == "elf" and state is not WOULD_BLOCK:
+            self._expect_interp(subject, f, ii)
+        return state
+
+    def _file_open(self, subject, ns, chain, ii, f, mask, readable, writable, exec_,
+                   created, funcs, inline, direct, role):
         done_key = None
-        if not writable and not created and funcs is None:
-            done_key = self._done_key(chain, ns, subject, mask, exec_)
+        if not writable and not created and funcs is None and not direct:
+            done_key = self._done_key(chain, ns, subject, mask, exec_, role)
             if done_key is not None:
                 state = self._open_done(ii, ns, chain, subject, f, readable, done_key)
                 if state is not None:
                     return state
-        events = self._events(chain, subject, f, mask, exec_, funcs)
+        events = self._events(chain, subject, f, mask, exec_, funcs, role)
         decided = self.decide(ns, events)
         if inline:
             if not ii.lock.acquire(blocking=False):
@@ -430,7 +527,7 @@ class Engine:
             epochs = _epochs(chain)
             writers = ii.writers
             self._violations(chain, events, subject, f, ii, decided, writable, ns.id)
-            self._process(subject, ns, f, ii, decided, readable, writable, created)
+            self._process(subject, ns, f, ii, decided, readable, writable, created, direct)
             # a refused open never gets a handle, so it is not counted.  Readers are
             # the read-only opens (the kernel's i_readcount).
             with _COUNTS:
@@ -442,7 +539,8 @@ class Engine:
             state = OpenState(ii, ns, f, readable, writable, decided, subject=subject,
                               wgen=ii.wgen)
             watchers = ()
-            if self.verify_reads and readable and not writable and ii.writers == 0:
+            if self.verify_reads and readable and not writable and ii.writers == 0 \
+                    and not direct:
                 watchers = _watchers(decided)
                 if watchers:
                     try:
@@ -464,7 +562,7 @@ class Engine:
         return state
 
     @staticmethod
-    def _done_key(chain, ns: Namespace, subject: Subject, mask: int, exec_: bool):
+    def _done_key(chain, ns: Namespace, subject: Subject, mask: int, exec_: bool, role):
         """What a read-only open's decisions depend on besides the file version and
         the policy/keyring epochs: the namespace, the caller's ids that some rule of
         the chain looks at, the mask and the hook."""
@@ -476,7 +574,7 @@ class Engine:
                 break
         else:
             who = (subject.uid, subject.gid)
-        return (ns.id, who, mask, exec_)
+        return (ns.id, who, mask, exec_, role)
 
     def _open_done(self, ii: IInt, ns: Namespace, chain, subject: Subject, f: FileRef,
                    readable: bool, done_key):
@@ -552,9 +650,12 @@ class Engine:
                     if ii.writers > 0:
                         self._violation(n, f, subject, "open_writers", subject_ns)
 
-    def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created):
+    def _process(self, subject, ns, f, ii: IInt, decided, readable, writable, created,
+                 direct=False):
         if not decided:
             return
+        if direct:
+            return self._process_direct(subject, ns, f, ii, decided)
         # which digests are needed
         algos = set()
         xattrs: dict[int, bytes | None] = {}
@@ -602,6 +703,36 @@ class Engine:
             if d.appraise and denial is None:
                 denial = self._appraise(subject, n, ev, d, f, ii, xattrs.get(n.id), algos,
                                         writable, created)
+        if denial is not None:
+            raise denial
+
+    def _process_direct(self, subject, ns, f, ii: IInt, decided) -> None:
+        """An O_DIRECT open (see file_open): nothing is hashed."""
+        denial = None
+        audited = False
+        for n, ev, d in decided:
+            xattr = f.getxattr(n.xattr_name)
+            algo = _measure_algo(n, xattr)
+            zero = bytes(hashing.hash_algo(algo).digest_size)
+            if (d.measure or d.appraise or d.audit) and not audited:
+                self.audit.record("collect_data", ns=n.path, path=f.path, pid=subject.pid,
+                                  uid=subject.uid, func=ev.func, cause="failed(directio)")
+                audited = True
+            if d.measure and d.pcr not in ii.measured.get(n.id, ()):
+                template = d.template or n.template
+                if template == "ima":
+                    algo, zero = "sha1", bytes(20)
+                entry = _entry(template, f.path, ns.id, zero, xattr, d.pcr, algo)
+                self._record(n, entry, subject, f, "measurement")   # not marked measured
+            if d.audit and n.id not in ii.audited:
+                self.audit.record("audit", ns=n.path, path=f.path, hash=f"{algo}:{zero.hex()}",
+                                  pid=subject.pid, uid=subject.uid, func=ev.func,
+                                  rule=str(d.audit_rule).rstrip())
+                ii.audited.add(n.id)
+            if d.appraise and denial is None and n.appraise_mode == "enforce" \
+                    and not d.permit_directio:
+                denial = AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: O_DIRECT open "
+                                      f"of an appraised file (no permit_directio)")
         if denial is not None:
             raise denial
 
@@ -1152,6 +1283,21 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
     except (ValueError, hashing.HashAlgoError):
         return n.hash_algo
     return algo
+
+
+INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
+
+
+def _exec_creds(ids: dict, st: os.stat_result) -> dict:
+    """The credentials an exec of this file gives (bprm->cred, what CREDS_CHECK rules
+    see): a set-uid file's owner as euid/suid, a set-gid (and group-executable) file's
+    group as egid/sgid (bprm_fill_uid)."""
+    who = dict(ids)
+    if st.st_mode & stat.S_ISUID:
+        who["euid"] = who["suid"] = st.st_uid
+    if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP:
+        who["egid"] = who["sgid"] = st.st_gid
+    return who
 
 
 def _epochs(chain) -> tuple:
