@@ -133,7 +133,8 @@ def test_sign_and_verify(keydir, files, capsys):
     assert rc == 1 and out == f"{files}/a: fail (invalid-signature)\n{files}/b: pass\n"
     rc, out, _ = run(capsys, "verify", "-v", "--failures-only", "--key",
                      keydir / "signing_cert.der", files / "a", files / "b")
-    assert out.startswith(f"{files}/a: fail (invalid-signature) [fail: key ") and "b:" not in out
+    assert out.startswith(f"{files}/a: fail (invalid-signature) [fail: key ")
+    assert f"{files}/b" not in out        # (a bare "b:" may end the hex key id)
 
 
 def test_sign_refuses_special_files_one_message_each(keydir, files, capsys):

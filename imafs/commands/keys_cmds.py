@@ -1,9 +1,13 @@
 """``imafs keygen``, ``imafs sign`` and ``imafs verify``: IMA keys and file signatures
 offline, compatible with evmctl (ima-evm-utils) and the kernel.
 
-keygen  writes a signing key and a self-signed certificate (DER for evmctl, PEM too).
-sign    writes ``security.ima`` (signature v2, or a hash with --hash-only).
-verify  appraises files with the engine's own :func:`imafs.ima.appraise.appraise`.
+keygen  writes a signing key and a self-signed certificate (DER for evmctl, PEM too);
+        RSA (--bits: size) or ECDSA (--bits 256/384/521 or --curve: the curve).
+sign    writes ``security.ima`` (signature v2, v3 with --verity, or a hash with
+        --hash-only).
+verify  appraises files with the engine's own :func:`imafs.ima.appraise.appraise`; with
+        --policy, as a mount with that root policy would for a read (or exec) by root,
+        matching with :meth:`imafs.ima.policy.Policy.match`.
 """
 from __future__ import annotations
 
