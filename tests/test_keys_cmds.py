@@ -549,3 +549,20 @@ def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, ma
         finally:
             m.stop()
         assert did == said, rule
+
+
+def test_verify_policy_mmap_check_for_elf_files(capsys, keydir, tmp_path):
+    """A read-only open of an ELF file is also the dynamic loader's MMAP_CHECK, as the
+    mount takes it (FUSE sees no mmap); other files are not."""
+    import shutil
+    elf, text = tmp_path / "lib.so", tmp_path / "notes"
+    shutil.copy("/bin/true", elf)
+    text.write_bytes(b"not an ELF file")
+    pol = _policy(tmp_path, "appraise func=MMAP_CHECK appraise_type=imasig\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf, text)
+    assert rc == 1 and out == f"{elf}: fail (IMA-signature-required)\n{text}: not appraised\n"
+    assert run(capsys, "sign", "-q", "--key", keydir / "signing_key.pem", elf)[0] == 0
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, "--exec", elf)
+    assert rc == 0 and out == f"{elf}: not appraised\n"     # an exec is BPRM_CHECK
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf)
+    assert rc == 0 and out == f"{elf}: pass\n"

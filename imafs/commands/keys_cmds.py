@@ -436,7 +436,7 @@ _FS_FIELDS = frozenset({"fsmagic", "fsname", "fsuuid"})
 _ELF_MAGIC = b"\x7fELF"
 
 
-def _root_events(policy, path: str, fd: int, st, exec_: bool):
+def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | None = None):
     """The access events the mount derives from a read-only open by root (or, with
     ``exec_``, an exec by root) of this file, as the engine's hook mapping does:
     FILE_CHECK MAY_READ, plus MMAP_CHECK MAY_EXEC for an ELF file when a rule could
@@ -447,17 +447,24 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool):
         hooks = [("FILE_CHECK", pm.MAY_EXEC), ("BPRM_CHECK", pm.MAY_EXEC)]
     else:
         hooks = [("FILE_CHECK", pm.MAY_READ)]
-        if (st.st_size >= 4 and any(pm.FUNC_ALIASES.get(r.func, r.func) in (None, "MMAP_CHECK")
-                                    for r in policy)
-                and os.pread(fd, 4, 0) == _ELF_MAGIC):
-            hooks.append(("MMAP_CHECK", pm.MAY_EXEC))
+        if st.st_size >= 4 and any(pm.FUNC_ALIASES.get(r.func, r.func) in (None, "MMAP_CHECK")
+                                   for r in policy):
+            try:
+                if os.pread(fd, 4, 0) == _ELF_MAGIC:
+                    hooks.append(("MMAP_CHECK", pm.MAY_EXEC))
+            except OSError:
+                pass
     fs = {}
     if policy.needs & _FS_FIELDS:
         # the file system the mount sees is the backing file's (run verify on the
-        # backing tree, not through the mount): the mount's own fs_info
-        from imafs.fs.integrity import fs_info
-        info = fs_info(fd, st.st_dev)
-        fs = {"fsmagic": info.magic, "fsname": info.name, "fsuuid": info.uuid}
+        # backing tree, not through the mount): the mount's own fs_info, once per device
+        fs = fs_cache.get(st.st_dev) if fs_cache is not None else None
+        if fs is None:
+            from imafs.fs.integrity import fs_info
+            info = fs_info(fd, st.st_dev)
+            fs = {"fsmagic": info.magic, "fsname": info.name, "fsuuid": info.uuid}
+            if fs_cache is not None:
+                fs_cache[st.st_dev] = fs
     return [pm.AccessEvent(func=func, mask=mask, uid=0, euid=0, gid=0, egid=0, suid=0,
                            sgid=0, cap_setuid=True, cap_setgid=True, fowner=st.st_uid,
                            fgroup=st.st_gid, path=path, **fs)
@@ -466,7 +473,8 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool):
 
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
                 require_sig: bool = False, default_algo: str = "sha256",
-                policy=None, exec_: bool = False) -> ap.AppraiseResult | None:
+                policy=None, exec_: bool = False,
+                fs_cache: dict | None = None) -> ap.AppraiseResult | None:
     """Offline appraisal of one file.
 
     Without ``policy``: as an ``appraise`` rule without options (``require_sig``:
@@ -478,7 +486,8 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
     every hook of that access that the policy appraises is appraised with its
     decision's appraise_type, appraise_algos and digest_type; the first failure is
     the verdict, else the pass (its detail names the rule). None when no rule
-    appraises the access (the mount allows it unappraised)."""
+    appraises the access (the mount allows it unappraised). ``fs_cache``: a dict
+    that keeps the file-system facts (fsmagic, ...) per device across calls."""
     fd = _open_regular(path)
     try:
         try:
@@ -509,7 +518,7 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
         import dataclasses
         verdict = None
         seen: dict = {}
-        for ev in _root_events(policy, path, fd, os.fstat(fd), exec_):
+        for ev in _root_events(policy, path, fd, os.fstat(fd), exec_, fs_cache):
             d = policy.match(ev)       # all pairs: digest_type is OR-ed, as the engine's
             if not d.appraise:
                 continue
@@ -548,13 +557,15 @@ def cmd_verify(args) -> int:
     name = _xattr_name(args.xattr)
     todo = list(_walk(args.paths, args.recursive, args.skip_special))
     bad = 0
+    fs_cache: dict = {}
     with _progress(len(todo), args.quiet) as bar:
         for path, why in todo:
             bar.update(1)
             if why is None:
                 try:
                     r = verify_file(path, ring, xattr_name=name, require_sig=args.require_sig,
-                                    default_algo=default, policy=policy, exec_=args.exec_)
+                                    default_algo=default, policy=policy, exec_=args.exec_,
+                                    fs_cache=fs_cache)
                 except IsADirectoryError as e:
                     why = e.strerror
                 except OSError as e:
