@@ -94,6 +94,31 @@ def test_attach_sync_rules(store, tmp_path):
         MeasurementList(store, 0, tpm=FakeTPM(banks=("sha384",)))
 
 
+def test_remount_after_a_crash_between_commit_and_extend(store):
+    """A daemon killed after an entry's LMDB commit and before its TPM extension
+    leaves the TPM behind the list: the next mount extends it from where it stopped
+    (and still refuses a TPM that holds no prefix of the list)."""
+    tpm = FakeTPM()
+    ml = MeasurementList(store, 0, tpm=tpm)
+    ml.add(entry(1))
+    ml.add(entry(2, pcr=11))
+    behind = MeasurementList(store, 0)          # the same list, nothing extended
+    behind.add(entry(3))
+    behind.add(entry(4, pcr=11))
+    behind.add_violation("ima-ng", "/v")
+    assert not same(behind, tpm)
+    n = len(tpm.log)
+    ml = MeasurementList(store, 0, tpm=tpm)
+    assert same(ml, tpm) and ml.tpm_pending == 0
+    assert tpm.log[n:] == [10, 11, 10]          # only the three it had not seen
+    ml.add(entry(5))
+    assert same(ml, tpm)
+    # a TPM that is ahead or elsewhere: no prefix matches
+    tpm.extend(11, {"sha1": b"\x07" * 20, "sha256": b"\x07" * 32, "sha384": b"\x07" * 48})
+    with pytest.raises(TPMMismatch):
+        MeasurementList(store, 0, tpm=tpm)
+
+
 @pytest.mark.parametrize("how", ["before", "after"])
 def test_failed_extend_retried_once(store, how):
     tpm = FakeTPM()

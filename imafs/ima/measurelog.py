@@ -468,6 +468,18 @@ class MeasurementList:
             self._tpm_seq = 0
             self._tpm_expect = {b: [bytes(hash_size(b))] * NUM_PCRS for b in self._tpm_common}
             return
+        if pending is None:
+            # a daemon killed between an entry's commit and its extension leaves the
+            # TPM a few entries behind the list: extend it from where it stopped
+            prefix = self._tpm_prefix(hw, used)
+            if prefix is not None:
+                seq, regs = prefix
+                log.warning("TPM %s holds the first %d of the %d entries of the list of "
+                            "namespace %d (a daemon stopped before extending the rest): "
+                            "extending the rest", tpm.tcti, seq, self._tpm_seq, self.ns_id)
+                self._tpm_seq = seq
+                self._tpm_expect = regs
+                return
         bank = next(b for b in self._tpm_common if hw[b] != expect[b])
         pcr = next(i for i in used if hw[bank][i] != expect[bank][i])
         raise TPMMismatch(
@@ -476,6 +488,26 @@ class MeasurementList:
             f"{expect[bank][pcr].hex()}: something else extends this PCR (kernel IMA uses "
             f"PCR 10 of the machine's TPM) or the TPM holds another state's list; use a TPM "
             f"of its own (swtpm), reset it, or the --state whose list it holds")
+
+    def _tpm_prefix(self, hw, used):
+        """(k, PCR values) for the longest prefix of the list (k < _tpm_seq entries)
+        whose replay gives what the TPM holds in the ``used`` PCRs, or None. One pass
+        over the list: only run when a remount finds the TPM behind."""
+        regs = {b: [bytes(hash_size(b))] * NUM_PCRS for b in self._tpm_common}
+        found = None
+        seq = 0
+        with self.store.env.begin() as txn:
+            for entry, hashes in self._entries_from(txn, 0):
+                if seq >= self._tpm_seq:
+                    break
+                for b in self._tpm_common:
+                    regs[b][entry.pcr] = self._extended(b, regs[b][entry.pcr], entry, hashes)
+                seq += 1
+                if all(regs[b][i] == hw[b][i] for b in self._tpm_common for i in used):
+                    found = (seq, {b: list(r) for b, r in regs.items()})
+        if found is not None and found[0] == self._tpm_seq:
+            return None
+        return found
 
     def _extended(self, bank: str, old: bytes, entry: TemplateEntry, hashes) -> bytes:
         h = new_hash(bank)
