@@ -569,11 +569,11 @@ class ControlDir:
                 return os.getxattr(p, name)
             except OSError:
                 return None
-        from imafs.fs.integrity import fs_info
+        from imafs.fs.integrity import fs_info, generation
         f = FileRef(fd=fd, st=st, path=rel.encode(), readable=True,
                     reopen=lambda: os.open(p, os.O_RDONLY | os.O_CLOEXEC),
                     getxattr=getxattr, setxattr=lambda n, v: os.setxattr(p, n, v),
-                    fs=fs_info(fd, st.st_dev))
+                    fs=fs_info(fd, st.st_dev), generation=generation(fd, st.st_dev))
         return f, fd
 
     # ------------------------------------------------------------------ directories

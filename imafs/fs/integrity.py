@@ -38,6 +38,20 @@ class _Statfs(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+FS_IOC_GETVERSION = 0x80087601          # _IOR('v', 1, long)
+_generation_ok: dict[int, bool] = {}    # st_dev -> whether the ioctl works there
+
+
+def generation(fd: int, dev: int) -> int:
+    """The inode's generation number (ext2/3/4, btrfs, ...), 0 where there is none."""
+    if _generation_ok.get(dev) is False:
+        return 0
+    buf = ctypes.c_long(0)
+    if _libc.ioctl(fd, FS_IOC_GETVERSION, ctypes.byref(buf)) != 0:
+        _generation_ok[dev] = False     # ENOTTY/EOPNOTSUPP: the file system has none
+        return 0
+    _generation_ok[dev] = True
+    return buf.value & 0xFFFFFFFFFFFFFFFF
 
 
 def fs_info(fd: int, dev: int) -> FsInfo:
@@ -147,7 +161,8 @@ class IntegrityHooks(NullHooks):
             reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
             getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
             fs=self._fsinfo(fd, st.st_dev),
-            resolve=lambda pid, p: _identity(inode, self._root_link, pid, p))
+            resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
+            generation=generation(fd, st.st_dev))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
               created: bool, inline: bool = False):

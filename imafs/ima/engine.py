@@ -111,14 +111,17 @@ class FileRef:
     # that absolute path through the mount: None unless its root is the mount's (a
     # process that is not chrooted into the mount finds its PT_INTERP elsewhere)
     resolve: Callable[[int, bytes], tuple[int, int] | None] | None = None
+    # the inode's generation (FS_IOC_GETVERSION) where the file system has one: an
+    # inode number reused for a new file within one timestamp tick is a new version
+    generation: int = 0
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.st.st_dev, self.st.st_ino)
 
     @property
-    def version(self) -> tuple[int, int, int]:
-        return (self.st.st_mtime_ns, self.st.st_ctime_ns, self.st.st_size)
+    def version(self) -> tuple[int, int, int, int]:
+        return (self.st.st_mtime_ns, self.st.st_ctime_ns, self.st.st_size, self.generation)
 
 
 class IInt:
@@ -195,7 +198,7 @@ class ReadVerifyError(AccessDenied):
 
 
 _DIGEST_KEY = struct.Struct(">QQ")
-_DIGEST_VER = struct.Struct(">QQQ")
+_DIGEST_VER = struct.Struct(">QQQQ")   # mtime_ns, ctime_ns, size, generation
 
 
 class DigestCache:
@@ -872,7 +875,7 @@ class Engine:
         # a file that changed while it was hashed: keep the result for this open (the
         # bytes served are checked against this very tree), but never cache it under
         # an identity it may not belong to
-        if ii.version is not None and ii.version == (st.st_mtime_ns, st.st_ctime_ns, st.st_size) \
+        if ii.version is not None and ii.version[:3] == _stat_version(st) \
                 and res.size == st.st_size:
             self.cache.put(ii.key, ii.version, ii.digests)
             if res.tree is not None:
@@ -1106,7 +1109,7 @@ class Engine:
             return
         try:
             st = os.fstat(fd)
-            state.iint.reset((st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+            state.iint.reset(_stat_version(st) + (f.generation,))
             for n, ev, d in state.decisions:
                 if not (d.hash or (d.appraise and (n.appraise_mode == "fix"
                                                    or n.id in update))):
@@ -1286,6 +1289,10 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
 
 
 INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
+
+
+def _stat_version(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def _exec_creds(ids: dict, st: os.stat_result) -> dict:
