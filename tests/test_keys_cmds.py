@@ -562,7 +562,69 @@ def test_verify_policy_mmap_check_for_elf_files(capsys, keydir, tmp_path):
     rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf, text)
     assert rc == 1 and out == f"{elf}: fail (IMA-signature-required)\n{text}: not appraised\n"
     assert run(capsys, "sign", "-q", "--key", keydir / "signing_key.pem", elf)[0] == 0
-    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, "--exec", elf)
-    assert rc == 0 and out == f"{elf}: not appraised\n"     # an exec is BPRM_CHECK
-    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf)
-    assert rc == 0 and out == f"{elf}: pass\n"
+    for opts in ([], ["--exec"]):     # an exec maps the ELF's segments too
+        rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, *opts, elf, text)
+        assert rc == 0 and out == f"{elf}: pass\n{text}: not appraised\n"
+
+
+def test_verify_policy_exec_creds_check_sees_the_set_id_credentials(capsys, keydir, tmp_path):
+    import shutil
+    plain, setuid = tmp_path / "plain", tmp_path / "setuid"
+    for p in (plain, setuid):
+        shutil.copy("/bin/true", p)
+    os.chown(setuid, 1000, 0)
+    os.chmod(setuid, 0o4755)
+    pol = _policy(tmp_path, "appraise func=CREDS_CHECK euid=1000 appraise_type=imasig\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, "--exec", plain,
+                     setuid)
+    assert rc == 1 and out == (f"{plain}: not appraised\n"
+                               f"{setuid}: fail (IMA-signature-required)\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, setuid)
+    assert rc == 0 and out == f"{setuid}: not appraised\n"        # a read: no CREDS_CHECK
+
+
+@pytest.mark.parametrize("policy_text", [
+    "appraise func=FILE_CHECK\n", "appraise func=MMAP_CHECK_REQPROT\n",
+    "appraise fowner=0\n", "measure func=BPRM_CHECK\n"])
+def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
+    """verify --policy asks Policy.match about the events the engine derives from the
+    same open (a guard against the two hook mappings drifting apart)."""
+    import shutil
+    from imafs.ima.engine import Engine, FileRef, Subject
+    from imafs.ima.keys import Keyring
+    from imafs.ima.measurelog import MeasurementList
+    from imafs.ima.namespaces import Namespace, NamespaceTree
+    from imafs.ima.policy import Policy, parse_policy
+    from imafs.store import Store
+    elf, suid, text = tmp_path / "elf", tmp_path / "suid", tmp_path / "text"
+    shutil.copy("/bin/true", elf)
+    shutil.copy("/bin/true", suid)
+    os.chmod(suid, 0o6755)
+    os.chown(suid, 1000, 1000)
+    text.write_bytes(b"#!/bin/sh\n")
+    store = Store(str(tmp_path / "lmdb"), sync=False)
+    try:
+        policy = Policy(parse_policy(policy_text))
+        root = Namespace(id=0, name="", parent=None, policy=policy,
+                         mlist=MeasurementList(store, 0), keyring=Keyring())
+        engine = Engine(NamespaceTree(root), store=store)
+        me = Subject(os.getpid(), 0, 0)
+        for p in (elf, suid, text):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                f = FileRef(fd=fd, st=st, path=b"/x", readable=True, reopen=lambda: -1,
+                            getxattr=lambda n: None, setxattr=lambda n, v: None)
+                ii = engine.iint(f.key)
+                for exec_ in (False, True):
+                    role = engine._exec_role(me, f, ii) if exec_ else None
+                    theirs = engine._events(root.chain(), me, f,
+                                            0 if exec_ else 4, exec_, role=role)
+                    ours = keys_cmds._root_events(policy, "/x", fd, st, exec_)
+                    key = lambda e: (e.func, e.mask, e.uid, e.euid, e.gid, e.egid,  # noqa
+                                     e.fowner, e.fgroup)
+                    assert [key(e) for e in ours] == [key(e) for e in theirs], (p, exec_)
+            finally:
+                os.close(fd)
+    finally:
+        store.close()

@@ -433,27 +433,38 @@ def _load_policy(value: str):
 
 
 _FS_FIELDS = frozenset({"fsmagic", "fsname", "fsuuid"})
-_ELF_MAGIC = b"\x7fELF"
+# root, as the engine sees a root caller (imafs.ima.engine.Subject.ids)
+_ROOT_IDS = {"uid": 0, "euid": 0, "suid": 0, "gid": 0, "egid": 0, "sgid": 0,
+             "cap_setuid": True, "cap_setgid": True}
 
 
 def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | None = None):
-    """The access events the mount derives from a read-only open by root (or, with
-    ``exec_``, an exec by root) of this file, as the engine's hook mapping does:
-    FILE_CHECK MAY_READ, plus MMAP_CHECK MAY_EXEC for an ELF file when a rule could
-    match that hook (the dynamic loader's open); for an exec FILE_CHECK MAY_EXEC and
-    BPRM_CHECK MAY_EXEC."""
+    """The access events the mount derives from a read-only open by root of this file
+    (``exec_``: an exec by root that runs it), following the engine's hook mapping
+    (imafs.ima.engine.Engine._events, with its own helpers): a read is FILE_CHECK
+    MAY_READ, and for an ELF file, when a rule can match an mmap hook, also the
+    dynamic loader's MMAP_CHECK_REQPROT and MMAP_CHECK; an exec is FILE_CHECK and
+    BPRM_CHECK, and for an ELF file CREDS_CHECK (with the credentials the exec gives:
+    set-id bits) and the mmap hooks. (The ELF interpreter's own open, FILE_CHECK and
+    mmap hooks without BPRM_CHECK, is not asked about.)"""
+    from imafs.ima import binfmt
     from imafs.ima import policy as pm
+    from imafs.ima.engine import _exec_creds, _has_func
+
+    def elf() -> bool:
+        try:
+            return st.st_size >= 4 and binfmt.is_elf(os.pread(fd, 4, 0))
+        except OSError:
+            return False
+    mmap = [("MMAP_CHECK_REQPROT", pm.MAY_EXEC), ("MMAP_CHECK", pm.MAY_EXEC)]
     if exec_:
         hooks = [("FILE_CHECK", pm.MAY_EXEC), ("BPRM_CHECK", pm.MAY_EXEC)]
+        if elf():
+            hooks += [("CREDS_CHECK", pm.MAY_EXEC)] + mmap
     else:
         hooks = [("FILE_CHECK", pm.MAY_READ)]
-        if st.st_size >= 4 and any(pm.FUNC_ALIASES.get(r.func, r.func) in (None, "MMAP_CHECK")
-                                   for r in policy):
-            try:
-                if os.pread(fd, 4, 0) == _ELF_MAGIC:
-                    hooks.append(("MMAP_CHECK", pm.MAY_EXEC))
-            except OSError:
-                pass
+        if _has_func(policy, "MMAP_CHECK") and elf():
+            hooks += mmap
     fs = {}
     if policy.needs & _FS_FIELDS:
         # the file system the mount sees is the backing file's (run verify on the
@@ -465,10 +476,12 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | N
             fs = {"fsmagic": info.magic, "fsname": info.name, "fsuuid": info.uuid}
             if fs_cache is not None:
                 fs_cache[st.st_dev] = fs
-    return [pm.AccessEvent(func=func, mask=mask, uid=0, euid=0, gid=0, egid=0, suid=0,
-                           sgid=0, cap_setuid=True, cap_setgid=True, fowner=st.st_uid,
-                           fgroup=st.st_gid, path=path, **fs)
-            for func, mask in hooks]
+    out = []
+    for func, mask in hooks:
+        who = _exec_creds(_ROOT_IDS, st) if func == "CREDS_CHECK" else _ROOT_IDS
+        out.append(pm.AccessEvent(func=func, mask=mask, fowner=st.st_uid, fgroup=st.st_gid,
+                                  path=path, **who, **fs))
+    return out
 
 
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
@@ -661,9 +674,11 @@ def register(sub) -> None:
         "digest (4096-byte blocks, no salt) in its algorithm; any algorithm is accepted "
         "(no appraise_algos); no value fails (missing-hash, or IMA-signature-required "
         "with --require-sig). With --policy the verdict is the one a mount with that "
-        "policy gives in enforce mode to a read-only open by root (FILE_CHECK MAY_READ, "
-        "and MMAP_CHECK for an ELF file when a rule can match it) or, with --exec, to an "
-        "exec by root (FILE_CHECK and BPRM_CHECK, MAY_EXEC): the matching appraise rule's "
+        "policy gives in enforce mode to a read-only open by root (FILE_CHECK MAY_READ; "
+        "for an ELF file also the loader's MMAP_CHECK_REQPROT and MMAP_CHECK when a rule "
+        "can match them) or, with --exec, to an exec by root that runs the file "
+        "(FILE_CHECK and BPRM_CHECK, MAY_EXEC; for an ELF file also CREDS_CHECK with the "
+        "set-id credentials, and the mmap hooks): the matching appraise rule's "
         "appraise_type, appraise_algos and digest_type decide what is checked, and a file "
         "no rule appraises prints 'PATH: not appraised' (the mount allows it). Run it on "
         "the backing tree: fsmagic/fsname/fsuuid are those of the files' file system. "
