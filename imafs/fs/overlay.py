@@ -31,9 +31,13 @@ log = logging.getLogger("imafs.fs")
 
 FMODE_EXEC = 0o40  # __FMODE_EXEC: set in the FUSE open flags of an execve()
 # O_NOFOLLOW: the kernel resolved the name already (a symlink never reaches OPEN); on
-# our /proc/self/fd/N path it would refuse every open with ELOOP (tar opens so)
+# our /proc/self/fd/N path it would refuse every open with ELOOP (tar opens so).
+# O_DIRECT: the kernel already bypasses its FUSE page cache for such a handle; on the
+# backing descriptor it would need aligned buffers, offsets and sizes, which a FUSE
+# request (and a Python buffer) does not have: EINVAL. The hooks get the flags as
+# the kernel sent them, O_DIRECT included (IMA's permit_directio).
 _OPEN_PASS_MASK = ~(FMODE_EXEC | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
-                    | getattr(os, "O_PATH", 0))
+                    | getattr(os, "O_PATH", 0) | getattr(os, "O_DIRECT", 0))
 OTHER_DEV_BASE = 1 << 56       # inode numbers for files on other devices below the root
 CONTROL_BASE = 1 << 60         # inode numbers of the virtual control directory
 SMALL_IO = 1 << 20
@@ -171,7 +175,7 @@ class Inode:
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode", "flags", "token", "writable", "drop_sgid")
+    __slots__ = ("fd", "inode", "flags", "token", "writable")
 
     def __init__(self, fd, inode, flags, token):
         self.fd = fd
@@ -179,8 +183,6 @@ class OpenFile:
         self.flags = flags
         self.token = token
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        # the opener may not keep S_ISGID on a write (see Overlay._open_privs)
-        self.drop_sgid = None
 
 
 class DirHandle:
@@ -206,6 +208,8 @@ def _fuse_error(e: OSError) -> FUSEError:
 
 
 _SETID = stat.S_ISUID | stat.S_ISGID
+_ACL_ACCESS = b"system.posix_acl_access"
+_ACL_NAMES = (_ACL_ACCESS, b"system.posix_acl_default")
 
 
 def _in_group(caller: Caller, gid: int) -> bool:
@@ -229,7 +233,12 @@ def _privs_to_drop(st: os.stat_result, caller: Caller) -> int:
 class Overlay(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
-    enable_acl = False
+    # POSIX ACLs: the kernel reads system.posix_acl_access through getxattr and
+    # enforces it (default_permissions), caches it with the attributes, and leaves
+    # inheritance of default ACLs to us: the backing file system does it when we
+    # create (the kernel has applied the caller's umask to the mode already:
+    # pyfuse3 does not negotiate FUSE_DONT_MASK)
+    enable_acl = True
 
     def __init__(self, backing: str, *, hooks: NullHooks | None = None, control=None,
                  control_name: bytes = b".imafs", attr_timeout: float = 1.0,
@@ -420,7 +429,20 @@ class Overlay(pyfuse3.Operations):
             return await self.control.setattr(inode, attr, fields, fh, ctx)
         node = self.inode(inode)
         path = sysio.proc_path(node.fd)
+        # a chown, or the set-id check before a write (file_remove_privs), by an
+        # unprivileged caller: the kernel decides with setattr_should_drop_sgid() on
+        # the inode as it is before the change, but FUSE sends a new mode only for
+        # S_ISUID and group-executable S_ISGID; we chown and write as root, so
+        # S_ISGID without group-exec is ours to drop. The kernel's decision arrives
+        # as a SETATTR without any field (chown(f, -1, -1), a write) or with the new
+        # owner only.
+        chown_sgid = ((fields.update_uid or fields.update_gid or not (
+            fields.update_size or fields.update_mode or fields.update_atime
+            or fields.update_mtime or fields.update_ctime))
+            and ctx.uid != 0 and node.kind != stat.S_IFDIR)
+        dropped = False
         try:
+            st0 = os.fstat(node.fd) if chown_sgid else None
             if fields.update_size:
                 h = self.handles.get(fh) if fh is not None else None
                 if isinstance(h, OpenFile) and h.writable:
@@ -440,6 +462,12 @@ class Overlay(pyfuse3.Operations):
             if fields.update_mode:
                 if node.kind != stat.S_IFLNK:
                     os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if (st0 is not None and st0.st_mode & stat.S_ISGID
+                    and not _in_group(_caller(ctx), st0.st_gid)):
+                now = os.fstat(node.fd)
+                if now.st_mode & stat.S_ISGID:
+                    os.chmod(path, stat.S_IMODE(now.st_mode) & ~stat.S_ISGID)
+                    dropped = True
             if fields.update_atime or fields.update_mtime:
                 sysio.utimens_empty(
                     node.fd,
@@ -456,7 +484,7 @@ class Overlay(pyfuse3.Operations):
         except OSError as e:
             raise _fuse_error(e)
         if self.hooks.active and (fields.update_size or fields.update_mode
-                                  or fields.update_uid or fields.update_gid):
+                                  or fields.update_uid or fields.update_gid or dropped):
             await self._in_thread(self.hooks.changed, node)
         return self._attr(st, node.nodeid)
 
@@ -625,17 +653,16 @@ class Overlay(pyfuse3.Operations):
     def _open_privs(h: OpenFile, st: os.stat_result, caller: Caller, truncated: bool):
         """Set-id bits on a writable open of a set-id file by an unprivileged caller.
         We open as root, so the backing file system never drops them itself; the
-        kernel does on write and truncate() through its own setattr, except for
-        O_TRUNC (the open carries it) and S_ISGID without group-exec, which it leaves
-        to us. Returns the (new) stat."""
+        kernel does on write() and truncate() through its own setattr (S_ISUID and
+        group-executable S_ISGID as a new mode; the rest of its decision as a SETATTR
+        without fields, which setattr() completes), except for O_TRUNC: the open
+        carries it, so the bits go here. A write through a shared mapping never drops
+        them, natively as here (writeback WRITEs change nothing). Returns the (new)
+        stat."""
         kill = _privs_to_drop(st, caller)
-        if not kill:
-            return st
-        if truncated:
+        if kill and truncated:
             os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~kill)
             return os.fstat(h.fd)
-        if kill & stat.S_ISGID and not st.st_mode & stat.S_IXGRP:
-            h.drop_sgid = True   # at the first write
         return st
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -646,18 +673,29 @@ class Overlay(pyfuse3.Operations):
         base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
         trunc = False
         try:
+            fd = os.open(name, base | os.O_CREAT | os.O_EXCL, perm & 0o777, dir_fd=parent.fd)
+            created = True
+        except FileExistsError as e:
+            if flags & os.O_EXCL:
+                raise _fuse_error(e)
+            # the name exists after all (the kernel sends CREATE for a negative dentry
+            # it cached). FUSE has no way to say "opened, not created", so the kernel
+            # marks the file created and skips its own may_open() checks: open it with
+            # the caller's ids, for the backing kernel to check modes and ACLs.
+            # As in open(): truncate only once the hooks allowed the open.
+            trunc = bool(base & os.O_TRUNC) and self.hooks.active
             try:
-                fd = os.open(name, base | os.O_CREAT | os.O_EXCL, perm & 0o777, dir_fd=parent.fd)
-                created = True
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                # as in open(): truncate only once the hooks allowed the open
-                trunc = bool(base & os.O_TRUNC) and self.hooks.active
-                fd = os.open(name, base & ~os.O_TRUNC if trunc else base, dir_fd=parent.fd)
-                created = False
+                fd = await self._in_thread(self._open_existing, caller, parent.fd, name,
+                                           base & ~os.O_TRUNC if trunc else base, trunc)
+            except OSError as e2:
+                raise _fuse_error(e2)
+            created = False
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
             pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as e:
+            os.close(fd)
             raise _fuse_error(e)
         h = OpenFile(fd, None, base, None)
         try:
@@ -704,6 +742,27 @@ class Overlay(pyfuse3.Operations):
         node.seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         h.inode, h.token = node, token
         return pyfuse3.FileInfo(fh=self._new_fh(h)), self._attr(st, node.nodeid)
+
+    @staticmethod
+    def _open_existing(caller: Caller, dirfd: int, name: bytes, oflags: int,
+                       trunc_later: bool) -> int:
+        """Open an existing dirfd/name as the caller would (worker thread): with the
+        caller's fsuid, fsgid and supplementary groups on this thread, so the kernel
+        checks DAC and ACLs, O_NOATIME ownership, ... as native open() does; plus write
+        permission for an O_TRUNC deferred until the hooks allowed the open."""
+        if caller.uid == 0:
+            return os.open(name, oflags, dir_fd=dirfd)
+        groups = _sup_groups(caller.pid) | {caller.gid}
+        with sysio.thread_credentials(caller.uid, caller.gid, groups):
+            fd = os.open(name, oflags, dir_fd=dirfd)
+            try:
+                if (trunc_later and oflags & os.O_ACCMODE == os.O_RDONLY
+                        and not os.access(sysio.proc_path(fd), os.W_OK, effective_ids=True)):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     async def read(self, fh, off, size):
         h = self.handles.get(fh)
@@ -753,8 +812,6 @@ class Overlay(pyfuse3.Operations):
             if h is not None and self.control is not None:
                 return await self.control.write(h, off, buf)
             raise FUSEError(errno.EBADF)
-        if h.drop_sgid:
-            self._drop_sgid(h)
         try:
             if len(buf) > SMALL_IO:
                 n = await self._in_thread(os.pwrite, h.fd, buf, off)
@@ -765,16 +822,6 @@ class Overlay(pyfuse3.Operations):
         if h.token is not None:
             self.hooks.wrote(h.token)
         return n
-
-    @staticmethod
-    def _drop_sgid(h: OpenFile) -> None:
-        h.drop_sgid = False
-        try:
-            st = os.fstat(h.fd)
-            if st.st_mode & stat.S_ISGID and not st.st_mode & stat.S_IXGRP:
-                os.fchmod(h.fd, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
-        except OSError as e:
-            raise _fuse_error(e)
 
     async def flush(self, fh):
         h = self.handles.get(fh)
@@ -937,10 +984,22 @@ class Overlay(pyfuse3.Operations):
                 name, value = repl
         try:
             os.setxattr(self._xattr_path(node), name, value)
+            if name == _ACL_ACCESS and ctx.uid != 0:
+                self._acl_drop_sgid(node, _caller(ctx))
         except OSError as e:
             raise _fuse_error(e)
         if self.hooks.watch_xattrs:
             await self._in_thread(self.hooks.changed, node)
+
+    @staticmethod
+    def _acl_drop_sgid(node: Inode, caller: Caller) -> None:
+        """After an access ACL was set by an unprivileged caller: the kernel's
+        posix_acl_update_mode() clears S_ISGID when the caller is not in the file's
+        group (FUSE leaves it to the daemon, FUSE_SETXATTR_ACL_KILL_SGID, which
+        pyfuse3 cannot receive; we set the ACL as root, so the backing keeps it)."""
+        st = os.fstat(node.fd)
+        if st.st_mode & stat.S_ISGID and not _in_group(caller, st.st_gid):
+            os.chmod(sysio.proc_path(node.fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     async def getxattr(self, inode, name, ctx):
         if self._is_control(inode):
@@ -953,6 +1012,10 @@ class Overlay(pyfuse3.Operations):
         try:
             return os.getxattr(self._xattr_path(node), name)
         except OSError as e:
+            if e.errno == errno.EOPNOTSUPP and name in _ACL_NAMES:
+                # a backing file system without ACLs has none; the kernel fails the
+                # permission check on any error other than "no such attribute"
+                raise FUSEError(pyfuse3.ENOATTR)
             raise _fuse_error(e)
 
     async def listxattr(self, inode, ctx):

@@ -124,3 +124,79 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             continue
     return soft
+
+
+# ---------------------------------------------------------------------- per-thread ids
+# setfsuid/setfsgid act on the calling thread only (glibc does not broadcast them);
+# glibc's setgroups() does change every thread of the process (its setxid broadcast),
+# so supplementary groups are set with the raw system call, which is per thread.
+_SYS_SETGROUPS = {
+    "x86_64": 116, "aarch64": 159, "riscv64": 159, "loongarch64": 159, "ppc64le": 81,
+    "ppc64": 81, "s390x": 206, "i386": 206, "i686": 206, "armv7l": 206, "armv6l": 206,
+}.get(os.uname().machine)   # the 32-bit ABIs: setgroups32
+HAVE_THREAD_CREDS = _SYS_SETGROUPS is not None
+_libc.setfsuid.restype = ctypes.c_int
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.restype = ctypes.c_int
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+_NO_ID = 0xFFFFFFFF          # (uid_t)-1: never valid, so set*fs*id only reports
+
+
+class CredentialsError(OSError):
+    """The thread's ids could not be switched (or, worse, restored)."""
+
+
+def _thread_setgroups(groups) -> None:
+    arr = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    _check(_libc.syscall(ctypes.c_long(_SYS_SETGROUPS), ctypes.c_long(len(groups)), arr),
+           "setgroups")
+
+
+def _set_fsids(uid: int, gid: int) -> None:
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    if _libc.setfsuid(_NO_ID) != uid or _libc.setfsgid(_NO_ID) != gid:
+        raise CredentialsError(1, f"cannot switch to fsuid {uid} fsgid {gid}")
+
+
+class thread_credentials:
+    """``with thread_credentials(uid, gid, groups):`` -- the calling thread's file
+    system ids (fsuid, fsgid) and supplementary groups are the given ones inside the
+    block, so the kernel checks permissions (modes, ACLs, ownership rules) as for that
+    user; the other threads of the process are unaffected. A fsuid other than 0 also
+    clears the thread's file system capabilities (CAP_DAC_OVERRIDE, CAP_FOWNER, ...);
+    setting it back to 0 restores them. Restored on exit, whatever happens inside; a
+    failure to restore is fatal (the thread would go on with another user's ids)."""
+
+    def __init__(self, uid: int, gid: int, groups=()):
+        if not HAVE_THREAD_CREDS:
+            raise CredentialsError(38, f"no per-thread setgroups on {os.uname().machine}")
+        self.uid, self.gid, self.groups = uid, gid, sorted(set(groups))
+
+    def __enter__(self):
+        self._uid = _libc.setfsuid(_NO_ID)
+        self._gid = _libc.setfsgid(_NO_ID)
+        self._groups = os.getgroups()     # the calling thread's own (a plain syscall)
+        try:
+            _thread_setgroups(self.groups)
+            _set_fsids(self.uid, self.gid)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self) -> None:
+        try:
+            _set_fsids(self._uid, self._gid)    # fsuid first: brings back the caps
+            _thread_setgroups(self._groups)
+            if sorted(os.getgroups()) != sorted(self._groups):
+                raise CredentialsError(1, "supplementary groups not restored")
+        except BaseException as e:
+            import logging
+            logging.getLogger("imafs.fs").critical(
+                "cannot restore the ids of a worker thread (%s): exiting", e)
+            os.abort()
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
