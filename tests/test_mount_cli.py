@@ -2,8 +2,11 @@
 nothing mounted), signals, a killed daemon, foreground mode."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -280,3 +283,155 @@ def test_foreground(dirs):
 def test_foreground_refusal_is_one_line(dirs):
     b, m, s = dirs
     refused(imafs("mount", "-f", b / "nope", m, "--state", s), "does not exist")
+
+
+# --------------------------------------------------------------------------- more refusals
+def test_state_uncreatable(dirs, world_tmp):
+    """A --state that cannot be made is one line naming it, exit 2, no traceback."""
+    b, m, s = dirs
+    f = world_tmp / "afile"
+    f.write_text("")
+    for state in ("/proc/imafs-no-such-dir", f / "sub", "/proc/imafs-no/such/dir"):
+        line = refused(imafs("mount", b, m, "--state", state, "--no-integrity"), str(state),
+                       "state")
+        assert imafs("mount", b, m, "--state", state, "--no-integrity").returncode == 2, line
+        assert not _is_mounted(str(m))
+    # in the foreground too
+    refused(imafs("mount", "-f", b, m, "--state", f / "sub", "--no-integrity"), "state")
+
+
+@pytest.mark.parametrize("value", ["-1", "-0.5", "nan", "inf"])
+def test_attr_timeout_refused(dirs, value):
+    b, m, s = dirs
+    p = imafs("mount", b, m, "--state", s, "--no-integrity", "--attr-timeout", value)
+    refused(p, "--attr-timeout", value)
+    assert p.returncode == 2
+    assert not _is_mounted(str(m))
+
+
+def test_attr_timeout_zero_accepted(dirs):
+    b, m, s = dirs
+    mount(b, m, s, "--attr-timeout", "0")
+    try:
+        assert (m / "hello").read_text() == "hello"
+    finally:
+        assert imafs("umount", m).returncode == 0
+
+
+def test_log_file_unwritable(dirs, world_tmp):
+    """An unwritable --log-file is refused before the daemon detaches (it would have
+    no way left to say why it failed): one line, exit 2, nothing mounted."""
+    b, m, s = dirs
+    f = world_tmp / "afile"
+    f.write_text("")
+    for log in ("/proc/imafs-no-such-dir/log", f / "x", world_tmp):   # a directory too
+        for fg in ([], ["-f"]):
+            p = imafs("mount", *fg, b, m, "--state", s, "--no-integrity", "--log-file", log)
+            refused(p, str(log), "log file")
+            assert p.returncode == 2
+            assert not _is_mounted(str(m))
+    # the state lock was given back: the same --state mounts at once
+    mount(b, m, s)
+    assert imafs("umount", m).returncode == 0
+
+
+def _shared_bind_script(t: Path, s: Path, runs) -> str:
+    """A shell script for a private mount namespace: a shared tmpfs at t holding
+    b/sub, with t/alias a bind mount of t/b; then `imafs mount -f` per run (each
+    killed after 10 s: a mount that was accepted serves, or hangs on itself)."""
+    lines = [
+        "set -e",
+        f"mount -t tmpfs none {t}",
+        f"mount --make-shared {t}",
+        f"mkdir -p {t}/b/sub {t}/alias",
+        f"mount --bind {t}/b {t}/alias",
+        "set +e",
+    ]
+    for backing, mnt in runs:
+        lines.append(f"timeout -s KILL 10 {sys.executable} -m imafs mount -f {backing} {mnt} "
+                     f"--state {s} --no-integrity; echo \"rc=$?\"")
+    return "\n".join(lines) + "\n"
+
+
+def test_nesting_through_a_bind_mount(world_tmp):
+    """MNT inside BACKING (or BACKING inside MNT) by another path, through a bind
+    mount: compared by inode, refused. Accepted, the daemon would serve its own
+    mount (a lookup of its root's "sub" lands on itself, and waits for ever). In a
+    mount namespace of its own (`unshare -m`): nothing leaks."""
+    t, s = world_tmp / "t", world_tmp / "state"
+    t.mkdir()
+    runs = [(t / "b", t / "alias/sub"),       # MNT inside BACKING
+            (t / "alias/sub", t / "b"),       # BACKING inside MNT
+            (t / "alias", t / "b/sub")]
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        _shared_bind_script(t, s, runs)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["rc=2"] * 3, (p.stdout, p.stderr)
+    errs = p.stderr.strip().splitlines()
+    assert len(errs) == 3, p.stderr
+    assert "mount point" in errs[0] and "inside the backing directory" in errs[0]
+    assert "backing directory" in errs[1] and "inside the mount point" in errs[1]
+    assert "inside the backing directory" in errs[2]
+    assert all("bind mount" in e and "Traceback" not in e for e in errs)
+    assert not any(str(t) in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_default_state_location(dirs):
+    """Without --state, the state lives in /var/lib/imafs/<first 16 hex digits of
+    the sha256 of BACKING's real path>: the lock, the log, the LMDB."""
+    import hashlib
+    import shutil
+    b, m, s = dirs
+    root = Path("/var/lib/imafs")
+    existed = root.exists()
+    state = root / hashlib.sha256(os.fsencode(os.path.realpath(b))).hexdigest()[:16]
+    assert not state.exists()
+    try:
+        p = imafs("mount", b, m)
+        assert p.returncode == 0, p.stderr
+        assert (m / "hello").read_text() == "hello"
+        assert (state / "daemon.lock").is_file()
+        assert (state / "imafs.log").is_file() and "mounted" in (state / "imafs.log").read_text()
+        assert (state / "lmdb").is_dir()
+        assert int((state / "daemon.lock").read_text()) == daemon_pid(m)
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        # a second mount of the same backing finds the same state in use
+        m2 = b.parent / "mnt2"
+        m2.mkdir()
+        refused(imafs("mount", b, m2), "in use", str(state))
+    finally:
+        if _is_mounted(str(m)):
+            imafs("umount", m)
+        force_unmount(str(m))
+        shutil.rmtree(state, ignore_errors=True)
+        if not existed:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+def test_noallow_other(dirs):
+    """-o noallow_other: only the mounting user (root here) may use the mount; any
+    other uid gets EACCES, even where the modes allow. The default lets them in."""
+    b, m, s = dirs
+    (b / "hello").chmod(0o644)
+    os.chmod(b, 0o755)
+    code = ("import os, sys\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n        os.stat(p); print(open(p).read() if os.path.isfile(p) else 'dir')\n"
+            "    except OSError as e:\n        print(errno.errorcode[e.errno])\n")
+    as_user = ["setpriv", "--reuid", "4001", "--regid", "4001", "--clear-groups",
+               sys.executable, "-c", "import errno\n" + code, str(m / "hello"), str(m)]
+    mount(b, m, s, "-o", "noallow_other")
+    try:
+        assert (m / "hello").read_text() == "hello"          # the mounting user: yes
+        p = subprocess.run(as_user, capture_output=True, text=True)
+        assert p.stdout.split() == ["EACCES", "EACCES"], p
+    finally:
+        assert imafs("umount", m).returncode == 0
+    mount(b, m, s)
+    try:
+        p = subprocess.run(as_user, capture_output=True, text=True)
+        assert p.stdout.split() == ["hello", "dir"], p
+    finally:
+        assert imafs("umount", m).returncode == 0

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -86,6 +87,29 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
+def _inside_by_inode(child: str, parent: str) -> bool:
+    """Whether child (an absolute, symlink-free path) or one of its ancestors is the
+    directory parent itself, by (st_dev, st_ino): a bind mount shows one directory
+    at several paths, so comparing paths misses that MNT lies inside BACKING."""
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return False
+    want = (st.st_dev, st.st_ino)
+    p = child
+    while True:
+        try:
+            st = os.stat(p)
+            if (st.st_dev, st.st_ino) == want:
+                return True
+        except OSError:
+            pass
+        up = os.path.dirname(p)
+        if up == p:
+            return False
+        p = up
+
+
 def check_mount_args(opts: MountOptions) -> None:
     """Refuse, with one clear line, anything that cannot or must not be mounted."""
     # first, without touching it: a dead FUSE mount fails every stat (ENOTCONN)
@@ -108,6 +132,14 @@ def check_mount_args(opts: MountOptions) -> None:
     if _inside(mnt, backing):
         raise MountError(f"mount point {opts.mountpoint!r} is inside the backing directory "
                          f"{opts.backing!r}")
+    # the same through bind mounts: the daemon would serve its own mount (and wait on
+    # itself at the first lookup that crosses it)
+    if _inside_by_inode(backing, mnt):
+        raise MountError(f"backing directory {opts.backing!r} is inside the mount point "
+                         f"{opts.mountpoint!r} (the same directory, through a bind mount)")
+    if _inside_by_inode(mnt, backing):
+        raise MountError(f"mount point {opts.mountpoint!r} is inside the backing directory "
+                         f"{opts.backing!r} (the same directory, through a bind mount)")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module or run with --device /dev/fuse)")
     try:
@@ -118,6 +150,18 @@ def check_mount_args(opts: MountOptions) -> None:
         raise MountError(f"state {opts.state!r} is not a directory")
     if "/" in opts.control_name or opts.control_name in ("", ".", ".."):
         raise MountError(f"control name {opts.control_name!r} must be a single file name")
+    t = opts.attr_timeout
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise MountError(f"--attr-timeout {t!r}: must be a number of seconds >= 0")
+
+
+def check_log_file(path: str) -> None:
+    """Refuse a log file that cannot be opened for appending (before the daemon
+    detaches: afterwards nobody would see why it failed)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as e:
+        raise MountError(f"cannot open log file {path!r}: {e.strerror}")
 
 
 def setup_logging(level: str, log_file: str | None) -> None:
@@ -136,9 +180,12 @@ class StateLock:
     """An exclusive lock on the state directory, held for the daemon's life."""
 
     def __init__(self, state: str):
-        os.makedirs(state, mode=0o700, exist_ok=True)
-        self.path = os.path.join(state, "daemon.lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+            self.path = os.path.join(state, "daemon.lock")
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise MountError(f"cannot use state directory {state!r}: {e.strerror}")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,6 +222,12 @@ def mount(opts: MountOptions) -> int:
     if not opts.foreground and opts.log_file is None:
         opts.log_file = os.path.join(opts.state, "imafs.log")
     lock = StateLock(opts.state)
+    if opts.log_file is not None:
+        try:
+            check_log_file(opts.log_file)
+        except MountError:
+            os.close(lock.fd)
+            raise
     if opts.foreground:
         return _serve(opts, lock, None)
     r, w = os.pipe()
