@@ -2,9 +2,13 @@
 # what imafs needs on a fresh Debian machine (as root), then the .venv.
 # Everything it does is skipped when already done.
 
-IMAFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr ima-evm-utils fsverity
+# python3-venv (ensurepip, in python3.11-venv on Debian 12) and python3-pip: a
+# fresh Debian 12 has neither, and python3-dev pulls in neither; acl: setfacl and
+# getfacl for the ACL tests
+IMAFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr acl ima-evm-utils fsverity
                     busybox-static stress-ng util-linux python3-gpg swtpm swtpm-tools
-                    tpm2-tools debootstrap libtss2-dev gcc python3-dev)
+                    tpm2-tools debootstrap libtss2-dev gcc python3-dev python3-venv
+                    python3-pip)
 
 imafs_setup() {
     local top
@@ -27,9 +31,13 @@ imafs_setup() {
     local stamp="$top/.venv/.imafs-stamp"
     local want
     want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
-    if [ ! -x "$top/.venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    if [ ! -x "$top/.venv/bin/pip" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "setup: preparing .venv" >&2
-        [ -x "$top/.venv/bin/python" ] || "$py" -m venv "$top/.venv" || return 1
+        # a .venv without pip is what "python3 -m venv" leaves when ensurepip is
+        # missing (python3-venv not installed yet): make it again
+        if [ ! -x "$top/.venv/bin/python" ] || [ ! -x "$top/.venv/bin/pip" ]; then
+            "$py" -m venv --clear "$top/.venv" || return 1
+        fi
         "$top/.venv/bin/pip" install -q --disable-pip-version-check -e "$top[test,bench]" \
             >"$top/.venv/pip.log" 2>&1 || { tail -20 "$top/.venv/pip.log" >&2; return 1; }
         echo "$want" > "$stamp"
