@@ -449,22 +449,16 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | N
     mmap hooks without BPRM_CHECK, is not asked about.)"""
     from imafs.ima import binfmt
     from imafs.ima import policy as pm
-    from imafs.ima.engine import _exec_creds, _has_func
+    from imafs.ima.engine import _has_func, hook_ids, open_hooks
 
     def elf() -> bool:
         try:
             return st.st_size >= 4 and binfmt.is_elf(os.pread(fd, 4, 0))
         except OSError:
             return False
-    mmap = [("MMAP_CHECK_REQPROT", pm.MAY_EXEC), ("MMAP_CHECK", pm.MAY_EXEC)]
-    if exec_:
-        hooks = [("FILE_CHECK", pm.MAY_EXEC), ("BPRM_CHECK", pm.MAY_EXEC)]
-        if elf():
-            hooks += [("CREDS_CHECK", pm.MAY_EXEC)] + mmap
-    else:
-        hooks = [("FILE_CHECK", pm.MAY_READ)]
-        if _has_func(policy, "MMAP_CHECK") and elf():
-            hooks += mmap
+    role = ("elf" if elf() else "other") if exec_ else None
+    library = not exec_ and _has_func(policy, "MMAP_CHECK") and elf()
+    hooks = open_hooks(pm.MAY_READ, exec_, role, library)
     fs = {}
     if policy.needs & _FS_FIELDS:
         # the file system the mount sees is the backing file's (run verify on the
@@ -473,12 +467,13 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | N
         if fs is None:
             from imafs.fs.integrity import fs_info
             info = fs_info(fd, st.st_dev)
-            fs = {"fsmagic": info.magic, "fsname": info.name, "fsuuid": info.uuid}
+            fs = {"fsmagic": info.magic, "fsname": info.name, "fs_subtype": info.subtype,
+                  "fsuuid": info.uuid}
             if fs_cache is not None:
                 fs_cache[st.st_dev] = fs
     out = []
     for func, mask in hooks:
-        who = _exec_creds(_ROOT_IDS, st) if func == "CREDS_CHECK" else _ROOT_IDS
+        who = hook_ids(func, exec_, _ROOT_IDS, st, role)
         out.append(pm.AccessEvent(func=func, mask=mask, fowner=st.st_uid, fgroup=st.st_gid,
                                   path=path, **who, **fs))
     return out

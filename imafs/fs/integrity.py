@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 
@@ -54,23 +55,52 @@ def generation(fd: int, dev: int) -> int:
     return buf.value & 0xFFFFFFFFFFFFFFFF
 
 
+_MI_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _mountinfo_field(text: str) -> str:
+    """A /proc/self/mountinfo field with its octal escapes (space, tab, newline, \\)
+    undone."""
+    return _MI_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
 def fs_info(fd: int, dev: int) -> FsInfo:
-    """Magic, type name and UUID of the backing filesystem holding ``fd``."""
+    """Magic, type name, subtype and UUID of the backing filesystem holding ``fd``.
+
+    The name is the kernel's ``sb->s_type->name`` (what ``fsname=`` compares): the
+    mountinfo type field is that name, then ``.subtype`` for a FUSE file system with
+    one (``fuse.sshfs``; no in-kernel type name has a dot). The mount is found by
+    device number, else (a device number mountinfo does not show, as with btrfs
+    subvolumes) as the mount point that is the longest prefix of the file's path."""
     buf = _Statfs()
     magic = None
     if _libc.fstatfs(fd, ctypes.byref(buf)) == 0:
         magic = buf.f_type & 0xFFFFFFFF
-    name = None
     want = f"{os.major(dev)}:{os.minor(dev)}"
+    fstype = None
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = None
+    best = -1
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 parts = line.split()
+                kind = _mountinfo_field(parts[parts.index("-") + 1])
                 if parts[2] == want:
-                    name = parts[parts.index("-") + 1]
+                    fstype = kind
                     break
-    except (OSError, ValueError):
+                mp = _mountinfo_field(parts[4])
+                if path is not None and len(mp) > best and (
+                        path == mp or path.startswith(mp.rstrip("/") + "/")):
+                    best, fstype = len(mp), kind
+    except (OSError, ValueError, IndexError):
         pass
+    name = subtype = None
+    if fstype is not None:
+        name, dot, sub = fstype.partition(".")
+        subtype = sub if dot and sub else None
     uuid = None
     try:
         for link in os.listdir("/dev/disk/by-uuid"):
@@ -82,7 +112,7 @@ def fs_info(fd: int, dev: int) -> FsInfo:
                 continue
     except OSError:
         pass
-    return FsInfo(magic=magic, name=name, uuid=uuid)
+    return FsInfo(magic=magic, name=name or "", subtype=subtype, uuid=uuid)
 
 
 def _identity(inode: Inode, root_link: str | None, pid: int,

@@ -89,7 +89,8 @@ class Subject:
 @dataclass
 class FsInfo:
     magic: int | None = None
-    name: str | None = None
+    name: str | None = None        # sb->s_type->name: "ext4", "fuse", ...
+    subtype: str | None = None     # a FUSE file system's subtype ("sshfs"), or None
     uuid: str | None = None
 
 
@@ -368,26 +369,14 @@ class Engine:
         and the mmap hooks only, no BPRM_CHECK (load_elf_binary opens it with
         open_exec). A read-only open of an ELF file that is not an exec stands for the
         dynamic loader's open of a library: the mmap hooks follow it."""
-        hooks = []
         if funcs:
-            hooks.extend(funcs)
-        elif exec_:
-            hooks.append(("FILE_CHECK", MAY_EXEC))
-            if role != "interp":
-                hooks.append(("BPRM_CHECK", MAY_EXEC))
-            if role == "elf":
-                hooks.append(("CREDS_CHECK", MAY_EXEC))
-            if role in ("elf", "interp"):
-                hooks.append(("MMAP_CHECK_REQPROT", MAY_EXEC))
-                hooks.append(("MMAP_CHECK", MAY_EXEC))
+            hooks = list(funcs)
         else:
-            hooks.append(("FILE_CHECK", flags_mask))
-            if (flags_mask == MAY_READ and stat.S_ISREG(f.st.st_mode) and f.st.st_size >= 4
-                    and any(_has_func(ns.policy, "MMAP_CHECK") for ns in ns_chain)
-                    and self._binfmt(self.iint(f.key), f)[0]):
-                # the dynamic loader's open of a library: an mmap with PROT_EXEC follows
-                hooks.append(("MMAP_CHECK_REQPROT", MAY_EXEC))
-                hooks.append(("MMAP_CHECK", MAY_EXEC))
+            library = (not exec_ and flags_mask == MAY_READ and stat.S_ISREG(f.st.st_mode)
+                       and f.st.st_size >= 4
+                       and any(_has_func(ns.policy, "MMAP_CHECK") for ns in ns_chain)
+                       and self._binfmt(self.iint(f.key), f)[0])
+            hooks = open_hooks(flags_mask, exec_, role, library)
         needs = set()
         for ns in ns_chain:
             needs |= ns.policy.needs
@@ -395,15 +384,13 @@ class Engine:
             "uid": subject.uid, "euid": subject.uid, "gid": subject.gid, "egid": subject.gid}
         out = []
         for func, mask in hooks:
-            who = ids
-            if func == "CREDS_CHECK":
-                who = _exec_creds(ids, f.st)
+            who = hook_ids(func, exec_, ids, f.st, role, subject.pid)
             out.append(AccessEvent(
                 func=func, mask=mask, uid=who["uid"], euid=who["euid"], gid=who["gid"],
                 egid=who["egid"], suid=who.get("suid"), sgid=who.get("sgid"),
                 cap_setuid=who.get("cap_setuid", False), cap_setgid=who.get("cap_setgid", False),
                 fowner=f.st.st_uid, fgroup=f.st.st_gid, fsmagic=f.fs.magic, fsname=f.fs.name,
-                fsuuid=f.fs.uuid, path=os.fsdecode(f.path)))
+                fs_subtype=f.fs.subtype, fsuuid=f.fs.uuid, path=os.fsdecode(f.path)))
         return out
 
     # ------------------------------------------------------------------ exec roles
@@ -1289,22 +1276,66 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
 
 
 INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
+MMAP_HOOKS = (("MMAP_CHECK_REQPROT", MAY_EXEC), ("MMAP_CHECK", MAY_EXEC))
+
+
+def open_hooks(mask: int, exec_: bool, role: str | None, library: bool
+               ) -> list[tuple[str, int]]:
+    """The (func, mask) hooks one open stands for (README: hook mapping), in the
+    kernel's order. ``role`` of an exec open: "elf" (the binary the exec runs),
+    "interp" (the ELF interpreter it loads) or "other" (a #! script, not ELF);
+    ``library``: a read-only open of an ELF file that is not an exec (the loader's)."""
+    if exec_:
+        hooks = [("FILE_CHECK", MAY_EXEC)]
+        if role != "interp":
+            hooks.append(("BPRM_CHECK", MAY_EXEC))
+        if role == "elf":
+            hooks.append(("CREDS_CHECK", MAY_EXEC))
+        if role in ("elf", "interp"):
+            hooks.extend(MMAP_HOOKS)
+        return hooks
+    return [("FILE_CHECK", mask)] + (list(MMAP_HOOKS) if library else [])
+
+
+def hook_ids(func: str, exec_: bool, ids: dict, st: os.stat_result, role: str | None,
+             pid: int | None = None) -> dict:
+    """The subject ids a rule sees for one hook: the caller's, except for CREDS_CHECK
+    and the mmap hooks of an exec (bprm->cred: the credentials the exec gives)."""
+    if func == "CREDS_CHECK" or (exec_ and func.startswith("MMAP_CHECK")):
+        return _exec_creds(ids, st, pid, role)
+    return ids
 
 
 def _stat_version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-def _exec_creds(ids: dict, st: os.stat_result) -> dict:
-    """The credentials an exec of this file gives (bprm->cred, what CREDS_CHECK rules
-    see): a set-uid file's owner as euid/suid, a set-gid (and group-executable) file's
-    group as egid/sgid (bprm_fill_uid)."""
+def _exec_creds(ids: dict, st: os.stat_result, pid=None, role=None) -> dict:
+    """The credentials an exec gives (bprm->cred: what CREDS_CHECK rules see, and the
+    mmap hooks of the new image): a set-uid file's owner as euid, a set-gid and
+    group-executable file's group as egid (bprm_fill_uid), unless the task has
+    no_new_privs; then suid = euid and sgid = egid, as the capability hook sets them.
+    For the loader (``role`` "interp") the binary's set-id bits count, not its own:
+    the caller's ids are used there (an approximation: the binary is not at hand)."""
     who = dict(ids)
-    if st.st_mode & stat.S_ISUID:
-        who["euid"] = who["suid"] = st.st_uid
-    if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP:
-        who["egid"] = who["sgid"] = st.st_gid
+    if role != "interp" and not (pid is not None and _no_new_privs(pid)):
+        if st.st_mode & stat.S_ISUID:
+            who["euid"] = st.st_uid
+        if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP:
+            who["egid"] = st.st_gid
+    who["suid"], who["sgid"] = who["euid"], who["egid"]
     return who
+
+
+def _no_new_privs(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NoNewPrivs:"):
+                    return line.split()[1] == b"1"
+    except OSError:
+        pass
+    return False
 
 
 def _epochs(chain) -> tuple:
