@@ -202,6 +202,23 @@ def test_violation_entries():
         b"ima:sha512:\0" + bytes(64), b"/x\0", b"")
 
 
+@pytest.mark.parametrize("name", [b"/a\nb", b"/a\\012b", b"/a\\134b", b"/a\\x2d\nb",
+                                  b"/sys\\x2dunit.service", b"/plain", b"/back\\slash"])
+@pytest.mark.parametrize("violation", [False, True])
+def test_ascii_names_are_unambiguous(name, violation):
+    """A name holding a newline, or the text of an escape, prints escaped (\012, \134)
+    and parses back exactly -- a violation (zero template hash) too; any other name
+    prints as the kernel prints it (raw, backslashes included)."""
+    e = (violation_entry("ima-ng", name) if violation
+         else build_entry("ima-ng", name=name, digest=b"\x01" * 32))
+    line = e.ascii_line("sha1")
+    assert line.count(b"\n") == 1
+    if b"\n" not in name and b"\\012" not in name and b"\\134" not in name:
+        assert line.rstrip(b"\n").endswith(b" " + name)
+    (back,) = list(T.parse_ascii(line))
+    assert back.name == name and back.violation == violation
+
+
 def test_old_kernel_d_ng_without_algorithm():
     # kernels before 4.x wrote sha1 d-ng as ":" NUL digest and printed just hex
     digest = hashlib.sha1(b"old").digest()

@@ -13,9 +13,12 @@ Choices:
 * Names (``n``, ``n-ng``) are recorded as the kernel records them: every space
   becomes ``_`` before hashing; nothing else is escaped.  The kernel prints a
   name with ``%s`` and no escaping, so a name holding a newline would yield an
-  ascii line that cannot be split back: there (only) the ascii views print the
-  newline as ``\\012`` and a backslash as ``\\134``, and the parser takes the
-  escaped form when the template hash says so.  The binary record is always exact.
+  ascii line that cannot be split back: there the ascii views print the newline
+  as ``\\012`` and every backslash as ``\\134`` -- and so they do for a name that
+  holds the text ``\\012`` or ``\\134`` itself, so that a printed escape is always
+  one: the parser undoes them wherever they appear, template hash or not (a
+  violation has none).  Every other name, backslashes included (systemd's
+  ``\\x2d``), prints as the kernel prints it.  The binary record is always exact.
 * ``ns`` (our field, template ``ima-ns`` = ``d-ng|n-ng|ns``) is the namespace id
   as a little-endian u32, printed in decimal: the kernel's own uint fields
   (``iuid``, ``igid``) use the same encoding.
@@ -716,35 +719,25 @@ def _parse_ascii_line(line: bytes | str) -> TemplateEntry:
             raise TemplateError(f"template {template} has {len(ids)} fields, "
                                 f"line has {len(tokens)}")
     fields = tuple(_parse_ascii_field(fid, tok) for fid, tok in zip(ids, tokens))
-    if b"\\012" in rest and any(thash):
-        # a name printed with its newline escaped (_escape_newline): the data the
-        # template hash covers has the newline; a name that holds the text "\012"
-        # itself hashes as printed
-        alt = tuple(_unescape_newline(f) if FIELD_KINDS[fid] == STRING else f
-                    for fid, f in zip(ids, fields))
-        bank = _BANK_OF_SIZE.get(len(thash))
-        if alt != fields and bank is not None:
-            try:
-                if TemplateEntry(pcr, template, alt, False).template_hash(bank) == thash:
-                    fields = alt
-            except (TemplateError, ValueError):
-                pass
+    if b"\\012" in rest or b"\\134" in rest:
+        # a name printed escaped (_escape_newline): a printed escape is always one
+        fields = tuple(_unescape_newline(f) if FIELD_KINDS[fid] == STRING else f
+                       for fid, f in zip(ids, fields))
     if template == "ima" and len(fields[1]) > IMA_EVENT_NAME_LEN_MAX + 1:
         raise TemplateError("ima name exceeds 255 bytes")
     return TemplateEntry(pcr, template, fields, not any(thash), recorded_hash=thash)
 
 
-_BANK_OF_SIZE = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}
 _ESCAPED = re.compile(rb"\\(012|134)")
 
 
 def _escape_newline(s: bytes) -> bytes:
     """A name as an ascii line shows it: as the kernel prints it (``%s``), except a
-    name holding a newline, which would split the line: there the newline is printed
-    ``\\012`` and a backslash ``\\134`` (the octal escapes of /proc/self/mountinfo).
-    Only the ascii views differ; the template data, the template hash and the binary
-    list keep the name as recorded."""
-    if b"\n" not in s:
+    name holding a newline, which would split the line, or the text of an escape:
+    there the newline is printed ``\\012`` and a backslash ``\\134`` (the octal
+    escapes of /proc/self/mountinfo). Only the ascii views differ; the template data,
+    the template hash and the binary list keep the name as recorded."""
+    if b"\n" not in s and b"\\012" not in s and b"\\134" not in s:
         return s
     return s.replace(b"\\", b"\\134").replace(b"\n", b"\\012")
 
