@@ -110,6 +110,20 @@ def test_backing_inside_mountpoint(dirs):
     refused(imafs("mount", m, m, "--state", s), "inside")
 
 
+def test_control_name_taken_in_the_backing_tree(dirs):
+    """The control directory would hide a backing entry of the same name."""
+    b, m, s = dirs
+    (b / ".imafs").mkdir()
+    refused(imafs("mount", b, m, "--state", s), ".imafs", "--control-name")
+    refused(imafs("mount", b, m, "--state", s, "--control-name", "hello"), "hello")
+    p = imafs("mount", b, m, "--state", s, "--control-name", "ctl")
+    assert p.returncode == 0, p.stderr
+    try:
+        assert os.path.isdir(m / ".imafs") and (m / "ctl" / "policy").exists()
+    finally:
+        imafs("umount", m)
+
+
 def test_mountpoint_inside_backing(dirs):
     b, m, s = dirs
     (b / "m").mkdir()

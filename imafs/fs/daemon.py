@@ -150,6 +150,9 @@ def check_mount_args(opts: MountOptions) -> None:
         raise MountError(f"state {opts.state!r} is not a directory")
     if "/" in opts.control_name or opts.control_name in ("", ".", ".."):
         raise MountError(f"control name {opts.control_name!r} must be a single file name")
+    if opts.integrity and os.path.lexists(os.path.join(backing, opts.control_name)):
+        raise MountError(f"the backing directory has a {opts.control_name!r} of its own, which "
+                         f"the control directory would hide; choose another --control-name")
     t = opts.attr_timeout
     if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
         raise MountError(f"--attr-timeout {t!r}: must be a number of seconds >= 0")
