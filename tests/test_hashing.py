@@ -506,9 +506,13 @@ def test_descriptor_layout():
 
 
 def test_verity_spec_validation():
-    for bs in (0, 512, 3000, 4095, 131072, -4096, True):
+    for bs in (0, 32, 3000, 4095, 1 << 27, -4096, True):
         with pytest.raises(ValueError, match="block size"):
             VeritySpec(block_size=bs)
+    with pytest.raises(ValueError, match="too small for sha512"):
+        VeritySpec("sha512", 64)
+    assert VeritySpec("sha256", 64).block_size == 64          # as fsverity-utils allows
+    assert VeritySpec("sha512", 1 << 20).block_size == 1 << 20
     with pytest.raises(ValueError, match="salt"):
         VeritySpec(salt=b"x" * 33)
     with pytest.raises(H.HashAlgoError, match="sha256, sha512"):
@@ -694,7 +698,7 @@ def test_from_bytes_messages():
     with pytest.raises(TreeFormatError, match="algorithm id 7"):
         MerkleTree.from_bytes(blob[:5] + b"\x07" + blob[6:])
     with pytest.raises(TreeFormatError, match="block size"):
-        MerkleTree.from_bytes(blob[:6] + b"\x09" + blob[7:])
+        MerkleTree.from_bytes(blob[:6] + b"\x05" + blob[7:])
     with pytest.raises(TreeFormatError, match="salt size"):
         MerkleTree.from_bytes(blob[:7] + b"\x21" + blob[8:])
     with pytest.raises(TreeFormatError, match="corrupted"):
@@ -849,7 +853,8 @@ def test_cli_errors_continue_and_exit_1(mkfile, tmp_path, capsysbinary):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--verity", "--block-size", "512"], "block size"),
+    (["--verity", "--block-size", "32"], "block size"),
+    (["--verity", "--hash-alg", "sha512", "--block-size", "64"], "too small"),
     (["--verity", "--block-size", "3000"], "block size"),
     (["--verity", "--salt", "abc"], "hex"),
     (["--verity", "--salt", "00" * 33], "at most 32"),

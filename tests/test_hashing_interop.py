@@ -26,7 +26,20 @@ PARAMS = [
     ["--salt=0123456789abcdef"],
     ["--hash-alg=sha512", "--block-size=1024", "--salt=" + "a5" * 32],
     ["--hash-alg=sha256", "--block-size=65536", "--salt=00"],
+    ["--block-size=64"],                       # the smallest fsverity-utils allows
+    ["--hash-alg=sha512", "--block-size=128"],
+    ["--block-size=1048576"],
 ]
+
+
+def test_block_sizes_fsverity_refuses_are_refused(files):
+    for params in (["--block-size=32"], ["--hash-alg=sha512", "--block-size=64"],
+                   ["--block-size=3000"]):
+        assert subprocess.run(["fsverity", "digest", *params, files[1]],
+                              capture_output=True).returncode != 0
+        r = subprocess.run([*imafs_cmd(), "digest", "--verity", *params, files[1]],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "block size" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -114,8 +114,11 @@ def run(args) -> int:
     spec = None
     algos = list(dict.fromkeys(args.algo or ["sha256"]))
     if args.verity:
-        spec = hashing.VeritySpec(args.hash_alg or "sha256", args.block_size or 4096,
-                                  args.salt or b"")
+        try:
+            spec = hashing.VeritySpec(args.hash_alg or "sha256", args.block_size or 4096,
+                                      args.salt or b"")
+        except ValueError as e:         # a block size too small for the algorithm
+            args._parser.error(f"--block-size: {e}")
         algos = []
 
     status = 0

@@ -216,8 +216,12 @@ def _resolve_algos(algos: Iterable[str] | str) -> list[tuple[str, Callable]]:
 # fs-verity parameters
 # --------------------------------------------------------------------------
 
-MIN_BLOCK_SIZE = 1024
-MAX_BLOCK_SIZE = 65536
+# what fsverity-utils computes digests for: a power of two, at least twice the digest
+# (so a tree block holds two hashes), here at most 64 MiB (a block is read whole). The
+# kernel enables fs-verity on files only for 1024 .. page size; read-time verification
+# always uses 4096.
+MIN_BLOCK_SIZE = 64
+MAX_BLOCK_SIZE = 1 << 26
 MAX_SALT_SIZE = 32          # sizeof(fsverity_descriptor.salt)
 DESCRIPTOR_SIZE = 256
 
@@ -242,6 +246,9 @@ class VeritySpec:
                 or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE):
             raise ValueError(f"fs-verity block size must be a power of two from "
                              f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, not {bs!r}")
+        if bs < 2 * HASH_ALGOS[name].digest_size:
+            raise ValueError(f"fs-verity block size {bs} is too small for {name} (at "
+                             f"least {2 * HASH_ALGOS[name].digest_size})")
         salt = bytes(self.salt)
         if len(salt) > MAX_SALT_SIZE:
             raise ValueError(f"fs-verity salt is at most {MAX_SALT_SIZE} bytes, "
@@ -574,6 +581,8 @@ class MerkleTree:
         if salt_size > MAX_SALT_SIZE:
             raise TreeFormatError(f"tree blob: salt size {salt_size} > {MAX_SALT_SIZE}")
         bs, ds = 1 << log_bs, algo.digest_size
+        if bs < 2 * ds:
+            raise TreeFormatError(f"tree blob: block size {bs} too small for {algo.name}")
         if data_size >= 1 << 63:
             raise TreeFormatError(f"tree blob: data size {data_size} out of range")
         want = _BLOB_HEAD.size + salt_size + ds + _num_blocks(data_size, bs) * ds
