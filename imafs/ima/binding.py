@@ -13,9 +13,14 @@ controllers, at ``/run/imafs/cg/<key>``): one cgroup per namespace. Why a cgroup
   mount's hierarchy is its own, so joining a namespace of another mount never takes
   a process out of this one.
 
-Leaving is possible only by writing to this hierarchy's ``cgroup.procs``, which needs
-the hierarchy mounted and root in the initial user namespace: a container process
-(own mount namespace, no CAP_SYS_ADMIN there) cannot. Where named v1 hierarchies are
+Leaving is possible only by writing to this hierarchy's ``cgroup.procs`` (or
+``tasks``). Cgroup v1 lets uid 0 of the initial user namespace do that without any
+capability (it checks for euid 0; the files are root's), so root that reaches the
+daemon's mount of it (``/run/imafs/cg/<key>``, in the host's mount namespace) can leave;
+mounting the hierarchy elsewhere takes CAP_SYS_ADMIN in the initial user namespace (or,
+for a user namespace with its own cgroup namespace, a mount rooted at its own cgroup,
+below which a process is unknown). A container with its own mount namespace and no
+CAP_SYS_ADMIN cannot. Where named v1 hierarchies are
 not available, the unified cgroup v2 tree is used under ``imafs.<key>/``.
 
 A process whose ``/proc/PID/cgroup`` cannot be read, or that sits anywhere in the
@@ -40,12 +45,29 @@ At unmount (:meth:`close`) the empty namespace cgroups are removed and the hiera
 is unmounted; the kernel then destroys it, unless some namespace still has processes:
 then it lives on unmounted and the next mount of the same state joins it again, so
 those processes stay in their namespaces across a daemon restart.
+
+The key is a property of the **state**, not of its path (:meth:`CgroupBinder.for_store`):
+drawn at random at the first mount and kept in the state's LMDB (``meta``
+``cgroup_key``), so a state directory that is moved or renamed finds its hierarchy
+again. Were it derived from the path, a remount after ``mv state state2`` would mount
+a new, empty hierarchy, at whose root every process -- those still in namespaces of
+the old one included -- reads as the host. A state written before the key was stored
+(it has namespaces but no key) keeps the key its path gave it then.
+
+Who a control-file write moves (:class:`Opener`): FUSE gives a write request no
+caller, so ``ns-create`` and ``ns-join`` move the process that *opened* the file, held
+by a pidfd taken at open. A write is refused when that process no longer exists (a
+reused pid is another process: its pidfd says so), is exiting, or has left the
+namespace it was in at open; :meth:`CgroupBinder.bind` checks that the process really
+moved (the kernel skips an exiting task without an error).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -56,13 +78,49 @@ log = logging.getLogger("imafs.binding")
 RUN_CG = "/run/imafs/cg"
 CACHE_MAX = 4096           # cached answers (each holds a pidfd); cleared when full
 PIDFD_THREAD = os.O_EXCL   # pidfd_open(2) flag (Linux 6.9): a pidfd of one thread
+KEY_META = b"cgroup_key"   # the state's hierarchy key, in the store's meta database
 
 
 class BindingError(Exception):
     pass
 
 
+def path_key(state_dir: str) -> str:
+    """The key older imafs derived from the state directory's path (kept by the states
+    that were first mounted with it, see state_key)."""
+    real = os.path.realpath(state_dir)
+    return os.path.basename(real)[:12] + hashlib.sha256(os.fsencode(real)).hexdigest()[:8]
+
+
+def state_key(store, state_dir: str | None = None) -> str:
+    """The cgroup hierarchy key of a state: read from its LMDB ``meta`` (``cgroup_key``);
+    at the first mount of a state, a random key is drawn and stored -- or, for a state
+    that already has namespaces (written before the key was stored), the key its path
+    gave it, so the processes still in its hierarchy are found again."""
+    meta, nsdb = store.db("meta"), store.db("ns")      # handles first (see Keyring._dbs)
+    with store.env.begin(write=True) as txn:
+        raw = txn.get(KEY_META, db=meta)
+        if raw is not None:
+            key = bytes(raw).decode("ascii", "replace")
+            if key and len(key) <= 24 and all(c.isalnum() for c in key):
+                return key
+            raise BindingError(f"the state's cgroup key {bytes(raw)!r} is malformed")
+        legacy = state_dir is not None and (
+            txn.get(b"ns_next", db=meta) is not None or txn.cursor(db=nsdb).first())
+        key = path_key(state_dir) if legacy else secrets.token_hex(10)
+        txn.put(KEY_META, key.encode(), db=meta)
+    log.info("state %s: cgroup hierarchy key %s (%s)", state_dir or "", key,
+             "from its path, as before" if legacy else "new")
+    return key
+
+
 class CgroupBinder:
+    @classmethod
+    def for_store(cls, store, state_dir: str | None = None) -> "CgroupBinder":
+        """The binder of a state: its hierarchy is named by the key kept in the state
+        (state_key), wherever the state directory is."""
+        return cls(state_key(store, state_dir))
+
     def __init__(self, key: str):
         self.key = key[:24]
         self.name = f"imafs.{self.key}"
@@ -73,6 +131,8 @@ class CgroupBinder:
         self._gen = 0
         self._lock = threading.Lock()
         self._setup()
+        log.info("namespace binding: %s hierarchy name=%s at %s", self.mode, self.name,
+                 self.root)
         # the line of /proc/PID/cgroup that names this mount's hierarchy
         self._needle = (f":name={self.name}:" if self.mode == "v1" else "0::").encode()
 
@@ -123,7 +183,9 @@ class CgroupBinder:
         self._cache.clear()
 
     def bind(self, pid: int, ns_id: int) -> None:
-        """Move the process (its whole thread group) into namespace ns_id."""
+        """Move the process (its whole thread group) into namespace ns_id, and check
+        that it is there: the kernel silently skips a task that is exiting (a write
+        of a zombie's pid to cgroup.procs succeeds and moves nothing)."""
         d = self._dir(ns_id)
         os.makedirs(d, exist_ok=True)
         self._new_generation()
@@ -134,6 +196,9 @@ class CgroupBinder:
             raise BindingError(f"cannot move pid {pid} into namespace {ns_id}: {e.strerror}")
         finally:
             self._new_generation()
+        if self.read_ns(pid) != ns_id:
+            raise BindingError(f"pid {pid} did not move into namespace {ns_id} (it is "
+                               f"exiting or gone)")
 
     def ns_of(self, pid: int) -> int | None:
         """The namespace id of a process: 0 (root) when it is at the root of this
@@ -248,10 +313,15 @@ class CgroupBinder:
             subprocess.run(["umount", self.root], capture_output=True)
             # A removed cgroup is released after an RCU grace period; a hierarchy
             # unmounted before that is never destroyed. Mounting it again once the
-            # removed cgroups are gone, then unmounting, destroys it.
-            for _ in range(5 if not busy else 0):
-                time.sleep(0.05)
-                if self.read_ns(os.getpid()) is None:
+            # removed cgroups are gone, then unmounting, destroys it. A grace period
+            # can take a while on a loaded machine: try for up to 2 s (250 ms left
+            # an empty hierarchy behind now and then, for good).
+            deadline = time.monotonic() + 2.0
+            pause = 0.02
+            while not busy:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+                if self.read_ns(os.getpid()) is None or time.monotonic() > deadline:
                     break
                 r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}",
                                     "cgroup", self.root], capture_output=True)
@@ -266,6 +336,62 @@ class CgroupBinder:
             log.info("namespaces %s still have processes: their cgroups stay",
                      ", ".join(map(str, sorted(busy))))
         return busy
+
+
+class Opener:
+    """The process that opened a control file that moves processes (``ns-create``,
+    ``ns-join``), held by a pidfd taken at open (a thread's with PIDFD_THREAD: FUSE
+    reports thread ids). FUSE write requests carry no caller, so the opener is the
+    process a write moves; :meth:`alive` tells whether it still exists -- its pid may
+    since belong to another process, which its pidfd never confuses with it."""
+
+    __slots__ = ("pid", "pidfd")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.pidfd = _pidfd_open(pid)
+        if self.pidfd is None:
+            self.pidfd = _pidfd_of_thread_group(pid)
+
+    def alive(self) -> bool:
+        """The opener exists and is not exiting (a zombie cannot be moved)."""
+        if self.pidfd is None or not _alive(self.pidfd):
+            return False
+        state = _proc_state(self.pid)
+        # read after the pidfd said alive, and alive again after: the state read was
+        # this process's (its pid cannot be reused while the pidfd's process exists)
+        return state is not None and state not in "ZXx" and _alive(self.pidfd)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z, ...), None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(b")") + 1:].split()
+    return rest[0].decode() if rest else None
+
+
+def _pidfd_of_thread_group(tid: int) -> int | None:
+    """Kernels before 6.9 have no PIDFD_THREAD: a pidfd of the thread group that holds
+    thread ``tid``, checked to still hold it after the pidfd was taken."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+        fd = os.pidfd_open(tgid, 0)
+    except (OSError, StopIteration, ValueError, AttributeError):
+        return None
+    if not os.path.exists(f"/proc/{tgid}/task/{tid}"):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _pidfd_open(pid: int) -> int | None:
