@@ -4,9 +4,14 @@ keyring, appraise mode and violation counter, and a parent whose rules still app
 The root namespace (id 0) is the mount's. Binding processes to namespaces lives in
 :class:`NamespaceTree`; how a process is recognised is given by a resolver function
 (pid -> namespace id) that the daemon supplies.
+
+Persistence: child namespaces (their options and policies) are in the store's ``ns``
+database; lists, PCRs and keys in their own databases. The root namespace is not
+stored here: its policy (and its keys) come from the command line at each mount.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
@@ -91,6 +96,7 @@ class NamespaceTree:
         self._factory = factory          # (id, name, parent, opts, policy_text) -> Namespace
         self._lock = threading.RLock()
         self._high = root.id             # highest id ever given (ids are never reused)
+        self._acting = threading.local()  # acting_as(): (pid, ns) of this thread
         if store is not None:
             self._load()
 
@@ -98,12 +104,58 @@ class NamespaceTree:
     def of_pid(self, pid: int) -> Namespace | None:
         """The namespace of a process; None when it cannot be determined (the caller
         must then refuse, never fall back to the host)."""
+        acting = getattr(self._acting, "as_", None)
+        if acting is not None and acting[0] == pid:
+            return acting[1]
         if self._resolver is None:
             return self.root
         nsid = self._resolver(pid)
         if nsid is None:
             return None
         return self.by_id.get(nsid)
+
+    @contextlib.contextmanager
+    def acting_as(self, pid: int, ns: Namespace):
+        """Within this block, in this thread only, ``pid`` is taken to be in ``ns``:
+        a file a control write loads into a namespace (a policy by path, POLICY_CHECK)
+        is decided for that namespace and its ancestors, whichever namespace the
+        writer is in (itself or an ancestor) and even if it has exited since."""
+        old = getattr(self._acting, "as_", None)
+        self._acting.as_ = (pid, ns)
+        try:
+            yield
+        finally:
+            self._acting.as_ = old
+
+    def descendant(self, base: Namespace, path: str) -> Namespace:
+        """The namespace ``path`` names below ``base`` (``web``, ``web/db``; also an
+        absolute path below ``base``'s own), for ``ns-join``: only deeper, never
+        ``base`` itself, an ancestor or a sibling (EPERM); ENOENT when it does not
+        exist; EINVAL for a malformed path."""
+        path = path.strip()
+        if not path:
+            raise NamespaceError(errno.EINVAL, "ns-join needs the name of a descendant "
+                                               "namespace (NAME or NAME/NAME...)")
+        if path.startswith("/"):
+            own = base.path.rstrip("/") + "/"
+            if path.rstrip("/") + "/" == own or not path.startswith(own):
+                raise NamespaceError(errno.EPERM, f"{path} is not below namespace "
+                                                  f"{base.path}: a process only moves "
+                                                  f"deeper")
+            path = path[len(own):]
+        parts = path.strip("/").split("/")
+        if any(p in ("..", ".") for p in parts):
+            raise NamespaceError(errno.EPERM, f"{path!r}: a process only moves deeper, "
+                                              f"never up or sideways")
+        ns = base
+        for p in parts:
+            if not NAME_RE.match(p):
+                raise NamespaceError(errno.EINVAL, f"bad namespace name {p!r}")
+            child = ns.children.get(p)
+            if child is None:
+                raise NamespaceError(errno.ENOENT, f"no namespace {p!r} under {ns.path}")
+            ns = child
+        return ns
 
     # --- persistence
     def _save(self, ns: Namespace, txn=None) -> None:
