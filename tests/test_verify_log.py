@@ -159,3 +159,13 @@ def test_pcr_file_out_of_range_and_wrong_size(mlist, tmp_path):
     r = subprocess.run([sys.executable, "-m", "imafs", "verify-log", str(lst), "--pcrs", f"sha1,{p}"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no such PCR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_binary_file_given_as_pcr_file(mlist, tmp_path):
+    """A binary list mistaken for a PCR file is one clear line (it was a codec error)."""
+    lst = tmp_path / "list"
+    lst.write_bytes(mlist.read("binary", 0, mlist.size("binary")))
+    r = subprocess.run([sys.executable, "-m", "imafs", "verify-log", str(lst), "--pcrs",
+                        f"sha1,{lst}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a PCR file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "codec" not in r.stderr

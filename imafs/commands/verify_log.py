@@ -50,10 +50,16 @@ def _run(args) -> int:
     for spec in args.pcrs or []:
         bank, path = _pcr_arg(spec)
         try:
-            with open(path) as f:
-                expected.setdefault(bank, {}).update(verifylog.parse_pcr_file(f.read()))
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+            text = raw.decode("ascii")
         except OSError as e:
             raise CommandError(f"{path}: {e.strerror}")
+        except UnicodeDecodeError:
+            raise CommandError(f"{path}: not a PCR file (binary data; expected lines "
+                               f"\"PCR-NN: <hex>\", as MNT/.imafs/pcrs/{bank} has)")
+        try:
+            expected.setdefault(bank, {}).update(verifylog.parse_pcr_file(text))
         except ValueError as e:
             raise CommandError(f"{path}: {e}")
     for spec in args.pcr or []:
