@@ -29,7 +29,7 @@ from imafs.fs import sysio
 from imafs.fs.resolve import resolve
 from imafs.fs.overlay import CONTROL_BASE
 from imafs.ima.engine import Engine, FileRef, Subject
-from imafs.ima.keys import KeyringError
+from imafs.ima.keys import KeyringError, check_certificate, parse_certificate
 from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
 
@@ -42,7 +42,8 @@ TRIM_EVERY = 256 << 10      # list bytes served between two Store.trim() calls
 # rules one namespace's policy may hold: every open is matched against the policy of
 # its namespace and of every ancestor, rule by rule (about 1.5 us a rule here)
 MAX_POLICY_RULES = 4096
-MAX_KEY_BYTES = 64 * 1024
+MAX_KEY_BYTES = 64 * 1024       # one certificate (or an unfinished one waiting for more)
+MAX_KEYS_WRITE = 1 << 20        # what one write() to keys may hold (FUSE's largest write)
 
 # idx: (name, parent idx, kind, mode)
 ENTRIES: dict[int, tuple[str, int | None, str, int]] = {
@@ -110,7 +111,7 @@ class CtlHandle:
         self.is_dir = is_dir
         self.slot, self.idx = slot, idx
         self.dirty = False
-        self.rules: list = []       # policy rules written, loaded at flush (close)
+        self.rules: list = []       # policy rules, key changes: applied at flush (close)
         self.written = 0            # bytes written through this open
         self.refused = False        # a write of this open was refused: load nothing
         self.served = 0             # list bytes read through this open
@@ -125,6 +126,7 @@ class ControlDir:
         self.started = time.time_ns()
         self.last_query: dict[tuple[int, int], bytes] = {}
         self._policy_lock = threading.Lock()
+        self._keys_lock = threading.Lock()
 
     # ------------------------------------------------------------------ nodes
     @staticmethod
@@ -309,7 +311,7 @@ class ControlDir:
                 await trio.to_thread.run_sync(self._write_policy, h, b"\n")
             if h.rules:
                 await trio.to_thread.run_sync(self._load_policy, h)
-        elif h.name == "keys" and h.pending:
+        elif h.name == "keys" and (h.pending or h.rules) and not h.refused:
             await trio.to_thread.run_sync(self._write_keys, h, b"", True)
 
     async def release(self, h: CtlHandle) -> None:
@@ -451,64 +453,177 @@ class ControlDir:
             raise FUSEError(e.errno)
         return len(buf)
 
-    # --- keys: DER (length from its header), PEM, or a path inside the mount
+    # --- keys: certificates (DER -- several concatenated, each cut by its length
+    # header --, PEM -- a bundle of several, also after text as ``openssl x509 -text``
+    # prints it --), lines "/PATH" (a certificate file inside the mount, which may
+    # hold several) and "remove KEYID [SHA256]". As the policy file: what one open
+    # writes is checked as it comes (a certificate the keyring would refuse, a path
+    # that cannot be read, a key that is not there: that write() fails with EINVAL,
+    # the reason in the log and audit log, and nothing of the open is applied) and
+    # applied when the file is closed, all of it or nothing. The kernel cuts a large
+    # write(2) into several FUSE writes, and shells write line by line (bash's
+    # printf), so one write could not be the unit. A certificate cut across writes
+    # is taken when it is complete; what is still incomplete at close is refused.
     def _write_keys(self, h: CtlHandle, buf: bytes, final: bool) -> int:
-        h.pending += buf
-        if len(h.pending) > MAX_KEY_BYTES:
-            h.pending.clear()
-            raise FUSEError(errno.EFBIG)
-        data = bytes(h.pending)
-        cert = None
-        if data[:1] == b"\x30":
-            total = _der_total(data)
-            if total is None or len(data) < total:
-                if final:
-                    return self._key_error(h, "truncated DER certificate")
-                return len(buf)
-            cert, h.pending[:] = data[:total], data[total:]
-        elif data.lstrip().startswith(b"-----BEGIN") or (
-                not data.strip().startswith(b"/") and b"\n-----BEGIN CERTIFICATE-----" in data):
-            # PEM, also after text (``openssl x509 -text`` output) or other PEM blocks
-            end = data.find(b"-----END CERTIFICATE-----")
-            if end < 0:
-                if final:
-                    return self._key_error(h, "incomplete PEM certificate")
-                return len(buf)
-            stop = end + len(b"-----END CERTIFICATE-----")
-            cert, h.pending[:] = data[:stop], data[stop:].lstrip()
-        elif data.strip().startswith(b"/"):
-            if b"\n" not in data and not final:
-                return len(buf)
-            line, _, rest = data.partition(b"\n")
-            h.pending[:] = rest
-            try:
-                f, fd = self._open_in_mount(os.fsdecode(line.strip()))
-                try:
-                    cert = os.pread(fd, min(f.st.st_size, MAX_KEY_BYTES), 0)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                return self._key_error(h, f"{os.fsdecode(line.strip())}: {e.strerror}")
-        elif data.strip() == b"":
-            h.pending.clear()
-            return len(buf)
-        else:
-            return self._key_error(h, "expected a DER or PEM certificate, or a path to one")
+        if h.refused:
+            raise FUSEError(errno.EINVAL)
+        h.written += len(buf)
+        if h.written > MAX_KEYS_WRITE:
+            return self._key_error(h, f"over {MAX_KEYS_WRITE} bytes written through one "
+                                      f"open", errno.EFBIG)
+        data = bytes(h.pending) + buf
+        h.pending.clear()
         try:
-            info = h.ns.keyring.add(cert)
-            h.ns.keyring.persist() if h.ns.keyring.persistent else None
-        except (KeyringError, ValueError) as e:
-            return self._key_error(h, str(e))
-        self.engine.audit.record("key_added", ns=h.ns.path, pid=h.pid, uid=h.uid,
-                                 keyid=f"{info.keyid:08x}", subject=info.subject)
-        log.info("namespace %s: key %08x added (%s)", h.ns.path, info.keyid, info.subject)
+            items, rest = _key_items(data, final)
+        except _KeyInput as e:
+            return self._key_error(h, str(e), e.errno)
+        if len(rest) > MAX_KEY_BYTES:
+            return self._key_error(h, f"an incomplete certificate of over {MAX_KEY_BYTES} "
+                                      f"bytes", errno.EFBIG)
+        if items:
+            self._stage_keys(h, items)
+        h.pending[:] = rest
+        if final:
+            self._commit_keys(h)
         return len(buf)
 
-    def _key_error(self, h: CtlHandle, msg: str):
+    def _present(self, h: CtlHandle, ops) -> dict:
+        """The namespace's keys (fingerprint -> KeyInfo) once ``ops`` are applied; a
+        removal that finds nothing to remove is a _KeyInput."""
+        present = {k.fingerprint: k for k in h.ns.keyring}
+        for op in ops:
+            if op[0] == "add":
+                present[op[1].fingerprint] = op[1]
+            else:
+                _, keyid, fp = op
+                victims = [k for k in present.values() if k.keyid == keyid
+                           and (fp is None or k.fingerprint == fp)]
+                if not victims:
+                    what = f"{keyid:08x}" + (f" with sha256 {fp.hex()}" if fp else "")
+                    raise _KeyInput(f"remove {what}: no such key in namespace {h.ns.path}")
+                for k in victims:
+                    del present[k.fingerprint]
+        return present
+
+    def _stage_keys(self, h: CtlHandle, items) -> None:
+        """Check the items one write completed; they join the open's changes."""
+        ring = h.ns.keyring
+        certs = sum(1 for kind, _ in items if kind == "cert")
+        ops = []
+        several = len(items) > 1 or bool(h.rules)
+        n = 0
+        for kind, val in items:
+            if kind == "remove":
+                ops.append(("remove", val[0], val[1]))
+                continue
+            if kind == "cert":
+                n += 1
+                blobs = [(val, f" (certificate {n} of {certs} in this write)"
+                          if certs > 1 else "")]
+            else:
+                blobs = self._certs_of_file(h, val)
+                several = several or len(blobs) > 1
+            for blob, where in blobs:
+                try:
+                    info = check_certificate(parse_certificate(blob),
+                                             require_digsig=ring.require_digsig)
+                except (KeyringError, ValueError) as e:
+                    self._key_error(h, f"{e}{where}" + (_NOTHING if several else ""))
+                ops.append(("add", info))
+        try:
+            self._present(h, h.rules + ops)
+        except _KeyInput as e:
+            self._key_error(h, str(e) + (_NOTHING if several else ""))
+        h.rules.extend(ops)
+
+    def _commit_keys(self, h: CtlHandle) -> None:
+        """At close: apply the open's changes together, checked again against the
+        keyring as it is now; a store that fails half-way is undone (EIO)."""
+        ops, h.rules = h.rules, []
+        if not ops or h.refused:
+            return
+        ring = h.ns.keyring
+        with self._keys_lock:
+            try:
+                self._present(h, ops)
+            except _KeyInput as e:      # another open removed it meanwhile
+                self._key_error(h, f"{e}" + (_NOTHING if len(ops) > 1 else ""))
+            done = []
+            try:
+                for op in ops:
+                    if op[0] == "add":
+                        info = op[1]
+                        new = all(k.fingerprint != info.fingerprint
+                                  for k in ring.lookup(info.keyid))
+                        ring.add(info.der)
+                        if new:
+                            done.append(("add", info))
+                    else:
+                        _, keyid, fp = op
+                        gone = [k for k in ring.lookup(keyid)
+                                if fp is None or k.fingerprint == fp]
+                        if gone:
+                            ring.remove(keyid, fp)
+                            done.append(("remove", gone))
+            except Exception as e:  # noqa: BLE001 - lmdb.Error (a full disk): undo
+                for op in reversed(done):
+                    try:
+                        if op[0] == "add":
+                            ring.remove(op[1].keyid, op[1].fingerprint)
+                        else:
+                            for k in op[1]:
+                                ring.add(k.der)
+                    except Exception:  # noqa: BLE001
+                        pass
+                self._key_error(h, f"keys not changed: cannot store them: {e}", errno.EIO)
+        for op in done:
+            if op[0] == "add":
+                info = op[1]
+                self.engine.audit.record("key_added", ns=h.ns.path, pid=h.pid, uid=h.uid,
+                                         keyid=f"{info.keyid:08x}", subject=info.subject)
+                log.info("namespace %s: key %08x added (%s)", h.ns.path, info.keyid,
+                         info.subject)
+            else:
+                for k in op[1]:
+                    self.engine.audit.record("key_removed", ns=h.ns.path, pid=h.pid,
+                                             uid=h.uid, keyid=f"{k.keyid:08x}",
+                                             subject=k.subject,
+                                             fingerprint=k.fingerprint.hex())
+                    log.info("namespace %s: key %08x removed (%s)", h.ns.path, k.keyid,
+                             k.subject)
+
+    def _certs_of_file(self, h: CtlHandle, raw: bytes) -> list[tuple[bytes, str]]:
+        """The certificates of a file named in a keys write (DER, several DER, PEM or a
+        PEM bundle), each with where it came from; refusals name the file."""
+        path = os.fsdecode(raw)
+        try:
+            f, fd = self._open_in_mount(path)
+            try:
+                if f.st.st_size > MAX_KEYS_WRITE:
+                    raise OSError(errno.EFBIG, f"over {MAX_KEYS_WRITE} bytes")
+                data = os.pread(fd, MAX_KEYS_WRITE, 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._key_error(h, f"{path}: {e.strerror}")
+        try:
+            items, _ = _key_items(data, True, commands=False)
+        except _KeyInput as e:
+            self._key_error(h, f"{path}: {e}")
+        if not items:
+            self._key_error(h, f"{path}: no certificate in it")
+        if len(items) == 1:
+            return [(items[0][1], f" ({path})")]
+        return [(v, f" ({path}, certificate {i} of {len(items)})")
+                for i, (_, v) in enumerate(items, 1)]
+
+    def _key_error(self, h: CtlHandle, msg: str, err: int = errno.EINVAL):
         h.pending.clear()
+        h.rules.clear()
+        h.refused = True
         log.warning("key write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
         self.engine.audit.record("key_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid, error=msg)
-        raise FUSEError(errno.EINVAL)
+        raise FUSEError(err)
 
     # --- query: write a path, read what the engine decided and why
     def _write_query(self, h: CtlHandle, buf: bytes) -> int:
@@ -617,14 +732,121 @@ def _own_view(result: dict) -> dict:
     return result
 
 
-def _der_total(data: bytes) -> int | None:
-    """Total length of the DER element at the start of data (None if unknown yet)."""
-    if len(data) < 2:
+class _KeyInput(ValueError):
+    """Bytes written to keys that are no certificate, path or command."""
+
+    def __init__(self, msg: str, err: int = errno.EINVAL):
+        super().__init__(msg)
+        self.errno = err
+
+
+_NOTHING = "; nothing written through this open is applied"
+_PEM_BEGIN, _PEM_END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+_SPACE = b" \t\r\n\v\f"
+
+
+def _key_items(data: bytes, final: bool, *, commands: bool = True):
+    """Cut what was written to keys into items: ("cert", DER or PEM bytes), ("path",
+    bytes) and ("remove", (keyid, sha256 fingerprint or None)); returns (items, the
+    incomplete rest). ``final``: nothing more will come (close), so an incomplete item
+    is an error; ``commands``: path and remove lines are allowed (not in a file)."""
+    items = []
+    pos, n = 0, len(data)
+    while True:
+        while pos < n and data[pos] in _SPACE:
+            pos += 1
+        if pos >= n:
+            return items, b""
+        c = data[pos]
+        if c == 0x30:                                  # DER: a SEQUENCE
+            total = _der_total(data, pos)
+            if total is not None and total > MAX_KEY_BYTES:
+                raise _KeyInput(f"a DER certificate of {total} bytes (at most "
+                                f"{MAX_KEY_BYTES})", errno.EFBIG)
+            if total is None or pos + total > n:
+                if final:
+                    have = n - pos
+                    raise _KeyInput("truncated DER certificate" +
+                                    (f" ({have} of {total} bytes)" if total else ""))
+                return items, data[pos:]
+            items.append(("cert", data[pos:pos + total]))
+            pos += total
+            continue
+        if commands and (c == 0x2F or (data.startswith(b"remove", pos) and (
+                pos + 6 == n or data[pos + 6] in _SPACE))):
+            nl = data.find(b"\n", pos)
+            if nl < 0 and not final:
+                return items, data[pos:]
+            line = data[pos:nl if nl >= 0 else n].strip()
+            pos = nl + 1 if nl >= 0 else n
+            items.append(("path", line) if c == 0x2F else ("remove", _parse_remove(line)))
+            continue
+        # PEM, maybe after text (``openssl x509 -text``) or other PEM blocks
+        b = data.find(_PEM_BEGIN, pos)
+        if b < 0:
+            rest = data[pos:]
+            if b"-----END " in rest or final or b"\n" in rest or not _texty(rest):
+                kinds = sorted({ln.strip()[11:-5].decode("ascii", "replace")
+                                for ln in rest.splitlines() if ln.startswith(b"-----BEGIN ")})
+                if kinds:
+                    raise _KeyInput(f"PEM data holds no CERTIFICATE block (found: "
+                                    f"{', '.join(kinds)})")
+                raise _KeyInput("expected a DER or PEM certificate" +
+                                (", the path of one, or 'remove KEYID [SHA256]'"
+                                 if commands else ""))
+            return items, rest
+        e = data.find(_PEM_END, b)
+        if e < 0:
+            if final:
+                raise _KeyInput("incomplete PEM certificate (no END CERTIFICATE line)")
+            return items, data[pos:]
+        stop = e + len(_PEM_END)
+        items.append(("cert", data[b:stop] + b"\n"))
+        pos = stop
+
+
+def _texty(data: bytes) -> bool:
+    """Printable ASCII and white space only (text that a PEM block may follow)."""
+    return all(32 <= c < 127 or c in _SPACE for c in data)
+
+
+def _parse_remove(line: bytes) -> tuple[int, bytes | None]:
+    """``remove KEYID [SHA256]``: the key id as the keys file prints it (8 hex digits),
+    optionally the sha256 fingerprint of the certificate (64 hex digits, colons
+    allowed, as ``openssl x509 -fingerprint -sha256`` prints it)."""
+    words = line.split()
+    usage = "expected 'remove KEYID [SHA256]' (KEYID: 8 hex digits, SHA256: 64)"
+    if len(words) not in (2, 3) or words[0] != b"remove":
+        raise _KeyInput(usage)
+    kid = words[1].lower()
+    if kid.startswith(b"id:"):
+        kid = kid[3:]
+    if len(kid) != 8 or any(ch not in b"0123456789abcdef" for ch in kid):
+        raise _KeyInput(f"remove: bad key id {words[1].decode('ascii', 'replace')!r}; "
+                        + usage)
+    fp = None
+    if len(words) == 3:
+        raw = words[2].lower().replace(b":", b"")
+        if raw.startswith(b"sha256="):
+            raw = raw[7:]
+        if len(raw) != 64 or any(ch not in b"0123456789abcdef" for ch in raw):
+            raise _KeyInput(f"remove: bad sha256 fingerprint "
+                            f"{words[2].decode('ascii', 'replace')!r}; " + usage)
+        fp = bytes.fromhex(raw.decode())
+    return int(kid, 16), fp
+
+
+def _der_total(data: bytes, pos: int = 0) -> int | None:
+    """Total length of the DER element at data[pos:] (None while its header is not
+    all there yet); _KeyInput for a length no certificate has."""
+    if len(data) < pos + 2:
         return None
-    first = data[1]
-    if first < 0x80:
-        return 2 + first
-    n = first & 0x7F
-    if n == 0 or n > 4 or len(data) < 2 + n:
+    first = data[pos + 1]
+    if first < 0x80:        # short form: under 128 bytes, no certificate is that small
+        raise _KeyInput(f"not a DER certificate (an element of {first} bytes)")
+    k = first & 0x7F
+    if k == 0 or k > 4:
+        raise _KeyInput("not a DER certificate (bad length in its header)")
+    if len(data) < pos + 2 + k:
         return None
-    return 2 + n + int.from_bytes(data[2:2 + n], "big")
+    return 2 + k + int.from_bytes(data[pos + 2:pos + 2 + k], "big")
