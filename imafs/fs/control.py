@@ -28,7 +28,7 @@ from pyfuse3 import FUSEError
 from imafs.fs import sysio
 from imafs.fs.resolve import resolve
 from imafs.fs.overlay import CONTROL_BASE
-from imafs.ima.engine import Engine, FileRef, Subject
+from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
 from imafs.ima.keys import KeyringError, check_certificate, parse_certificate
 from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
@@ -44,6 +44,7 @@ TRIM_EVERY = 256 << 10      # list bytes served between two Store.trim() calls
 MAX_POLICY_RULES = 4096
 MAX_KEY_BYTES = 64 * 1024       # one certificate (or an unfinished one waiting for more)
 MAX_KEYS_WRITE = 1 << 20        # what one write() to keys may hold (FUSE's largest write)
+SIGNED_POLICY_REQUIRED = "signed policy file (specified as an absolute pathname) required"
 
 # idx: (name, parent idx, kind, mode)
 ENTRIES: dict[int, tuple[str, int | None, str, int]] = {
@@ -99,7 +100,8 @@ it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-rem
 
 class CtlHandle:
     __slots__ = ("name", "ns", "pid", "uid", "gid", "data", "pending", "result", "is_dir",
-                 "slot", "idx", "dirty", "rules", "written", "refused", "served", "trimmed")
+                 "slot", "idx", "dirty", "rules", "written", "refused", "served", "trimmed",
+                 "lines")
 
     def __init__(self, name, ns, ctx, slot, idx, is_dir=False):
         self.name = name
@@ -116,6 +118,7 @@ class CtlHandle:
         self.refused = False        # a write of this open was refused: load nothing
         self.served = 0             # list bytes read through this open
         self.trimmed = 0            # ... when the store's mapping was last trimmed
+        self.lines = 0              # policy lines already parsed through this open
 
 
 class ControlDir:
@@ -344,13 +347,17 @@ class ControlDir:
     # kernel splits a large write(2) into FUSE writes, so "the whole write" can only
     # be the whole open.  Over MAX_POLICY_BYTES through one open, or a policy over
     # MAX_POLICY_RULES rules: EFBIG.  A partial last line waits for the next write.
-    def _refuse_policy(self, h: CtlHandle, err: int, msg: str):
+    # Line numbers in errors count from the first byte written through the open.
+    # As the kernel's ima_write_policy: once the namespace's policy appraises
+    # POLICY_CHECK (IMA_APPRAISE_POLICY), rules are taken only from a policy file
+    # named by its absolute path (appraised as POLICY_CHECK); text is EACCES.
+    def _refuse_policy(self, h: CtlHandle, err: int, msg: str, **extra):
         h.pending.clear()
         h.rules.clear()
         h.refused = True
         log.warning("policy write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
         self.engine.audit.record("policy_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid,
-                                 error=msg)
+                                 error=msg, **extra)
         raise FUSEError(err)
 
     def _write_policy(self, h: CtlHandle, buf: bytes) -> int:
@@ -369,10 +376,18 @@ class ControlDir:
         try:
             if stripped.startswith(b"/") and b"\n" not in stripped:
                 rules = self._policy_from_file(h, os.fsdecode(stripped))
+            elif stripped and _appraises_policy(h.ns.policy):
+                self._refuse_policy(h, errno.EACCES, SIGNED_POLICY_REQUIRED,
+                                    cause="signed policy required")
             else:
                 rules = parse_policy(complete)
+        except _PolicyDenied as e:
+            self._refuse_policy(h, e.errno, str(e), cause="policy file refused")
         except PolicyError as e:
+            if e.line and not e.source:       # a line of this write: count from the open
+                e = PolicyError(e.msg, e.line + h.lines, e.col)
             self._refuse_policy(h, errno.EINVAL, str(e))
+        h.lines += complete.count(b"\n")
         h.pending[:] = rest
         if len(h.ns.policy) + len(h.rules) + len(rules) > MAX_POLICY_RULES:
             self._refuse_policy(h, errno.EFBIG, f"a policy holds at most {MAX_POLICY_RULES} rules")
@@ -407,23 +422,29 @@ class ControlDir:
                  len(rules), h.pid, len(ns.policy))
 
     def _policy_from_file(self, h: CtlHandle, path: str):
-        """A policy loaded by path (inside the mount), appraised as POLICY_CHECK."""
+        """A policy loaded by path (inside the mount), measured and appraised as
+        POLICY_CHECK by the policies of the namespace it is loaded into and of its
+        ancestors (the writer's own namespace is one of them); a refused appraisal is
+        EACCES, as the kernel's ima_read_policy."""
         try:
             f, fd = self._open_in_mount(path)
         except OSError as e:
             raise PolicyError(f"{path}: {e.strerror}") from None
         state = None
         try:
-            state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
-                                          writable=False, append=False, exec_=False,
-                                          funcs=[("POLICY_CHECK", 4)])
+            with self.engine.tree.acting_as(h.pid, h.ns):
+                state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
+                                              writable=False, append=False, exec_=False,
+                                              funcs=[("POLICY_CHECK", 4)])
             size = f.st.st_size
             if size > MAX_POLICY_BYTES:
                 raise PolicyError(f"{path}: policy file over {MAX_POLICY_BYTES} bytes")
             text = os.pread(fd, size, 0)
+        except AccessDenied as e:        # appraisal (EACCES), a list that is full (EIO)
+            raise _PolicyDenied(f"{path}: {e}", e.errno) from None
         except OSError as e:
             raise PolicyError(f"{path}: {e.strerror}")
-        except Exception as e:  # AccessDenied
+        except Exception as e:  # noqa: BLE001 - any other refusal
             raise PolicyError(f"{path}: {e}")
         finally:
             if state is not None:     # a reader no more (ToMToU, open_writers)
@@ -711,6 +732,19 @@ class ControlDir:
             name, nodeid = names[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(nodeid), i + 1):
                 return
+
+
+class _PolicyDenied(Exception):
+    """A policy file the engine refused to open (its POLICY_CHECK appraisal)."""
+
+    def __init__(self, msg: str, err: int):
+        super().__init__(msg)
+        self.errno = err or errno.EACCES
+
+
+def _appraises_policy(policy) -> bool:
+    """The kernel's IMA_APPRAISE_POLICY: some rule appraises POLICY_CHECK."""
+    return any(r.action == "appraise" and r.func == "POLICY_CHECK" for r in policy.rules)
 
 
 def _own_view(result: dict) -> dict:
