@@ -109,9 +109,16 @@ def lines(r) -> dict[str, str]:
 
 
 def cg_root(m) -> str:
-    state = os.path.realpath(m.state)
-    key = os.path.basename(state)[:12] + hashlib.sha256(os.fsencode(state)).hexdigest()[:8]
-    return f"/run/imafs/cg/{key}"
+    """Where the mount's cgroup hierarchy is (its key is kept in the state; the
+    daemon logs it at mount)."""
+    found = re.findall(r"namespace binding: v1 hierarchy name=imafs\.(\w+) at (\S+)",
+                       m.log_text())
+    assert found, "no 'namespace binding' line in the daemon's log"
+    return found[-1][1]
+
+
+def cg_key(m) -> str:
+    return os.path.basename(cg_root(m))
 
 
 @pytest.fixture

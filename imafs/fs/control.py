@@ -28,6 +28,7 @@ from pyfuse3 import FUSEError
 from imafs.fs import sysio
 from imafs.fs.resolve import resolve
 from imafs.fs.overlay import CONTROL_BASE
+from imafs.ima.binding import Opener
 from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
 from imafs.ima.keys import KeyringError, check_certificate, parse_certificate
 from imafs.ima.namespaces import NamespaceError
@@ -67,14 +68,19 @@ ENTRIES: dict[int, tuple[str, int | None, str, int]] = {
     16: ("ns-create", 0, FILE, 0o600),
     17: ("ns-remove", 0, FILE, 0o200),
     18: ("stats", 0, FILE, 0o440),
+    19: ("ns-join", 0, FILE, 0o200),
 }
 CHILDREN: dict[int, dict[bytes, int]] = {}
 for _i, (_name, _parent, _kind, _mode) in ENTRIES.items():
     if _parent is not None:
         CHILDREN.setdefault(_parent, {})[_name.encode()] = _i
-# Only in a process's own view (slot 0): ns-create under namespaces/NAME/ would move
-# the writer, an ancestor's process, into a descendant of its own namespace.
-OWN_ONLY = {16}
+# Only in a process's own view (slot 0): ns-create or ns-join under namespaces/NAME/
+# would move the opener, an ancestor's process, relative to a namespace not its own.
+OWN_ONLY = {16, 19}
+# files whose writes move their opener (see Opener): one move per open
+MOVERS = ("ns-create", "ns-join")
+WRITABLE = ("policy", "keys", "query", "ns-create", "ns-remove", "ns-join")
+ROOT_WRITES = ("policy", "keys", "ns-create", "ns-remove", "ns-join")
 # Every other file of one's own view is the namespace's own inode (slot id + 1, the
 # same inode as the ancestors' namespaces/NAME/FILE): the kernel keeps file pages per
 # inode, and splice/sendfile (busybox cat) read through the page cache even with
@@ -91,8 +97,9 @@ VIEWS = {
 
 NS_CREATE_USAGE = """\
 Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off]" here to create a
-child integrity namespace of your own and move the writing process (and every process
-it creates afterwards) into it. The child starts with an empty policy, an empty
+child integrity namespace of your own and move the process that opened this file (and
+every process it creates afterwards) into it: for "echo NAME > ns-create" that is the
+shell itself. One namespace per open. The child starts with an empty policy, an empty
 keyring and its own measurement list and PCRs; your namespace's rules still apply to
 it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-remove.
 """
@@ -101,7 +108,7 @@ it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-rem
 class CtlHandle:
     __slots__ = ("name", "ns", "pid", "uid", "gid", "data", "pending", "result", "is_dir",
                  "slot", "idx", "dirty", "rules", "written", "refused", "served", "trimmed",
-                 "lines")
+                 "lines", "opener", "moved")
 
     def __init__(self, name, ns, ctx, slot, idx, is_dir=False):
         self.name = name
@@ -119,6 +126,8 @@ class CtlHandle:
         self.served = 0             # list bytes read through this open
         self.trimmed = 0            # ... when the store's mapping was last trimmed
         self.lines = 0              # policy lines already parsed through this open
+        self.opener: Opener | None = None   # ns-create/ns-join: who a write moves
+        self.moved = False          # ns-create/ns-join: this open already moved it
 
 
 class ControlDir:
@@ -248,14 +257,18 @@ class ControlDir:
         name = ENTRIES[idx][0]
         acc = flags & os.O_ACCMODE
         writing = acc != os.O_RDONLY
-        if writing and name not in ("policy", "keys", "query", "ns-create", "ns-remove"):
+        if writing and name not in WRITABLE:
             raise FUSEError(errno.EACCES)
-        if writing and name in ("policy", "keys", "ns-create", "ns-remove") and ctx.uid != 0:
+        if writing and name in ROOT_WRITES and ctx.uid != 0:
             raise FUSEError(errno.EACCES)
         if name == "stats" and ns.parent is not None:
             # mount-wide counters: they count the host's and the siblings' hashing too
             raise FUSEError(errno.EACCES)
         h = CtlHandle(name, ns, ctx, slot, idx)
+        if writing and name in MOVERS:
+            # the process a write will move: the opener (a write request has no
+            # caller), held by a pidfd so that a reused pid is never taken for it
+            h.opener = Opener(ctx.pid)
         if acc != os.O_WRONLY:
             h.data = await trio.to_thread.run_sync(self._snapshot, h)
         return h
@@ -304,7 +317,7 @@ class ControlDir:
             return await trio.to_thread.run_sync(self._write_keys, h, bytes(buf), False)
         if h.name == "query":
             return await trio.to_thread.run_sync(self._write_query, h, bytes(buf))
-        if h.name in ("ns-create", "ns-remove"):
+        if h.name in ("ns-create", "ns-remove", "ns-join"):
             return await trio.to_thread.run_sync(self._write_ns, h, bytes(buf))
         raise FUSEError(errno.EACCES)
 
@@ -322,6 +335,10 @@ class ControlDir:
             await self.flush(h)
         except FUSEError:
             pass
+        finally:
+            if h.opener is not None:
+                h.opener.close()
+                h.opener = None
         if h.served > h.trimmed:
             await trio.to_thread.run_sync(self._trim)
 
@@ -455,15 +472,29 @@ class ControlDir:
         except PolicyError as e:
             raise e.with_source(path)
 
-    # --- namespaces: "NAME [template=T] [hash=H] [appraise=M]" / "NAME"
+    # --- namespaces: "NAME [template=T] [hash=H] [appraise=M]" / "NAME" / "PATH"
+    # ns-create and ns-join move the process that opened the file (Opener): a FUSE
+    # write has no caller. One move per open; a write is refused (EPERM) when the
+    # opener has exited (or is exiting) or is no longer in the namespace it was in at
+    # open -- else a second write through a kept descriptor, or one by a child on an
+    # inherited descriptor after its parent exited and its pid was reused, would
+    # move a process out of its namespace or move an unrelated one.
     def _write_ns(self, h: CtlHandle, buf: bytes) -> int:
         if len(buf) > 4096 or b"\0" in buf:
             raise FUSEError(errno.EINVAL)
         text = buf.decode("utf-8", "replace").strip()
         try:
+            if h.name in MOVERS and h.moved:
+                raise NamespaceError(errno.EINVAL, f"this open of {h.name} has already moved "
+                                                   f"its opener (pid {h.pid}); open it again")
             if h.name == "ns-create":
-                ns = self.engine.create_namespace(h.ns, text, h.pid, h.uid)
-                log.info("namespace %s (id %d) created by pid %d", ns.path, ns.id, h.pid)
+                ns = self._create_ns(h, text)
+                log.info("namespace %s (id %d) created; pid %d moved into it", ns.path, ns.id,
+                         h.pid)
+            elif h.name == "ns-join":
+                ns = self._join_ns(h, text)
+                log.info("pid %d joined namespace %s (id %d) from %s", h.pid, ns.path, ns.id,
+                         h.ns.path)
             else:
                 ns = self.engine.remove_namespace(h.ns, text, h.pid, h.uid)
                 log.info("namespace %s (id %d) removed by pid %d", ns.path, ns.id, h.pid)
@@ -473,6 +504,122 @@ class ControlDir:
                                      pid=h.pid, uid=h.uid, error=str(e))
             raise FUSEError(e.errno)
         return len(buf)
+
+    def _check_opener(self, h: CtlHandle) -> None:
+        """The opener may still be moved: it exists, is not exiting, and is in the
+        namespace it was in at open (read afresh). Nothing to check without a binder
+        (no process is moved then)."""
+        binder = self.engine.binder
+        if binder is None:
+            return
+        op = h.opener
+        if op is None or not op.alive():
+            raise NamespaceError(errno.EPERM, f"the process that opened {h.name} (pid "
+                                              f"{h.pid}) has exited: nobody to move")
+        now = binder.read_ns(op.pid)
+        if not op.alive():
+            raise NamespaceError(errno.EPERM, f"the process that opened {h.name} (pid "
+                                              f"{h.pid}) has exited: nobody to move")
+        if now != h.ns.id:
+            where = "an unknown namespace" if now is None else (
+                self.engine.tree.by_id[now].path if now in self.engine.tree.by_id
+                else f"namespace id {now}")
+            raise NamespaceError(errno.EPERM, f"the process that opened {h.name} (pid "
+                                              f"{h.pid}) has left namespace {h.ns.path} "
+                                              f"(it is in {where})")
+
+    def _bind_opener(self, h: CtlHandle, ns) -> None:
+        """Move the opener into ns; BindingError-like exceptions when it did not move."""
+        binder = self.engine.binder
+        if binder is None:
+            return
+        binder.bind(h.opener.pid, ns.id)     # checks that it is there
+        if not h.opener.alive():
+            raise OSError(errno.ESRCH, f"pid {h.pid} exited while it was moved")
+
+    def _create_ns(self, h: CtlHandle, text: str):
+        """ns-create: a child of the opener's namespace (h.ns), recorded in the
+        parent's list (``ns-create``) and starting the child's (``ns-init``) before the
+        opener moves; when it cannot be moved after all, the child is removed again and
+        the parent's list says so (``ns-remove``)."""
+        eng, tree = self.engine, self.engine.tree
+        parent = h.ns
+        name, opts = tree.parse_create(text)
+        self._check_opener(h)
+        try:
+            child = tree.create(parent, name, opts)
+        except NamespaceError:
+            raise
+        except ValueError as e:     # options the list or the templates refuse
+            raise NamespaceError(errno.EINVAL, f"namespace {name!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
+            raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
+        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
+                f"template={child.template} hash={child.hash_algo} "
+                f"appraise={child.appraise_mode}").encode()
+        # recorded before the process moves: a creation the parent's list cannot show
+        # (full disk) never takes a process into the child
+        recorded = False
+        try:
+            eng.record_event(parent, "ns-create", data)
+            recorded = True
+            eng.record_event(child, "ns-init", data)
+        except Exception as e:  # noqa: BLE001 - fail closed, the opener stays where it is
+            self._undo_create(h, parent, child, recorded)
+            raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
+                                            f"{e}") from None
+        try:
+            self._bind_opener(h, child)
+        except Exception as e:  # noqa: BLE001 - BindingError, OSError
+            self._undo_create(h, parent, child, True)
+            raise NamespaceError(errno.EPERM, f"{e}; namespace {child.path} removed "
+                                              f"again") from None
+        h.moved = True
+        eng.audit.record("ns_create", ns=parent.path, child=child.path, id=child.id,
+                         uuid=child.uuid, pid=h.pid, uid=h.uid)
+        return child
+
+    def _undo_create(self, h: CtlHandle, parent, child, recorded: bool) -> None:
+        """A creation whose opener did not move: remove the child; once its creation is
+        in the parent's list, through ns-remove, which records the removal there."""
+        try:
+            if recorded:
+                self.engine.remove_namespace(parent, child.name, h.pid, h.uid)
+            else:
+                self.engine.tree.remove(parent, child.name)
+                if self.engine.binder is not None:
+                    self.engine.binder.remove(child.id)
+        except Exception as e:  # noqa: BLE001 - report, the refusal stands
+            log.error("namespace %s: cannot remove it after a failed creation: %s",
+                      child.path, e)
+
+    def _join_ns(self, h: CtlHandle, text: str):
+        """ns-join: move the opener into an existing descendant of its namespace (only
+        deeper), recorded first in that namespace's parent's list (``ns-join``); a move
+        that fails after that is recorded too (``ns-join-failed``)."""
+        eng = self.engine
+        target = eng.tree.descendant(h.ns, text)
+        self._check_opener(h)
+        data = (f"ns-join name={target.path} id={target.id} uuid={getattr(target, 'uuid', '')} "
+                f"from={h.ns.path}").encode()
+        try:
+            eng.record_event(target.parent, "ns-join", data)
+        except Exception as e:  # noqa: BLE001 - fail closed: nobody moves unrecorded
+            raise NamespaceError(errno.EIO, f"cannot record the join of {target.path}: "
+                                            f"{e}") from None
+        try:
+            self._bind_opener(h, target)
+        except Exception as e:  # noqa: BLE001 - BindingError, OSError
+            try:
+                eng.record_event(target.parent, "ns-join-failed",
+                                 data.replace(b"ns-join ", b"ns-join-failed ", 1))
+            except Exception as e2:  # noqa: BLE001
+                log.error("cannot record the failed join of %s: %s", target.path, e2)
+            raise NamespaceError(errno.EPERM, str(e)) from None
+        h.moved = True
+        eng.audit.record("ns_join", ns=h.ns.path, target=target.path, id=target.id,
+                         pid=h.pid, uid=h.uid)
+        return target
 
     # --- keys: certificates (DER -- several concatenated, each cut by its length
     # header --, PEM -- a bundle of several, also after text as ``openssl x509 -text``
