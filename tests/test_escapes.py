@@ -15,6 +15,7 @@ Run time: about 25-40 s on 2 cores.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -28,14 +29,14 @@ from pathlib import Path
 import pytest
 
 from conftest import IMAFS, REPO
-from test_namespaces_mount import (buf_id, cg_root, container, host_sh, keygen, lines,
-                                   names, ns_bufs, sign)
+from test_namespaces_mount import (buf_id, cg_key, cg_root, container, host_sh, keygen,
+                                   lines, names, ns_bufs, sign)
 
 pytestmark = pytest.mark.mount
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh cat ls echo sleep setsid printf mkdir test ln mv cp rm sha256sum truncate "
-           "kill true id readlink").split()
+           "kill true id readlink mount unshare grep rmdir tr").split()
 HOST_POLICY = ("measure func=BPRM_CHECK\nmeasure func=FILE_CHECK mask=MAY_READ\n"
                "appraise func=BPRM_CHECK appraise_type=imasig\n")
 SH = 60
@@ -375,7 +376,7 @@ def test_cannot_leave_namespace(esc):
     descendant stays in the namespace (its reads land in its list, it sees its own
     policy). It cannot remove its own namespace, nor move itself in the cgroup
     hierarchy (an unprivileged user namespace cannot write cgroup.procs; a container
-    does not even see the hierarchy)."""
+    in its own mount namespace, chrooted, does not see the hierarchy)."""
     m, mnt = esc, esc.mnt
     for n in ("f1", "f2", "f3", "f4", "f5"):
         (m.backing / "data" / n).write_text(n)
@@ -403,7 +404,8 @@ def test_cannot_leave_namespace(esc):
     assert "stay" in os.listdir(m.ctl("namespaces"))
     listed = names(m.ctl("namespaces/stay/ascii_runtime_measurements").read_bytes())
     assert {b"/data/f1", b"/data/f2", b"/data/f3", b"/data/f4"} <= set(listed)
-    # a container (own mount and pid namespaces, chrooted) does not see the hierarchy
+    # a container (own mount and pid namespaces, chrooted) does not see the hierarchy;
+    # test_container_without_cap_sys_admin_stays tries to reach it
     r = container(m, f"""
     echo box > /.imafs/ns-create || exit 9
     echo '{pol}' > /.imafs/policy || exit 8
@@ -454,3 +456,91 @@ def test_open_for_write_while_executed_elsewhere(esc):
     assert viol, "no ToMToU entry"
     assert any(r_["type"] == "violation" and r_["cause"] == "ToMToU" and
                r_["path"] == "/data/secret" for r_ in audit(m))
+
+
+def _ns_of_reads(m, path: bytes) -> list[int]:
+    """Which namespace each of the host's (ima-ns) entries of path was read from."""
+    from imafs.ima.templates import parse_ascii
+    return [int.from_bytes(e.get("ns"), "little")
+            for e in parse_ascii(m.ctl("ascii_runtime_measurements").read_bytes())
+            if e.name == path]
+
+
+def test_container_without_cap_sys_admin_stays(esc):
+    """Leaving a namespace takes a write to the hierarchy's cgroup.procs. A container
+    root without CAP_SYS_ADMIN (dropped from its bounding set) in its own mount and
+    pid namespaces, chrooted, cannot mount the hierarchy (nor make a user namespace:
+    it is in a chroot), does not see the daemon's mount of it, and stays. Root of a
+    user namespace (CAP_SYS_ADMIN over that namespace only) with its own cgroup
+    namespace may mount it, but rooted at its own namespace's cgroup: moving into a
+    cgroup below that makes it unknown (refused), never the host. (Root of the initial user namespace that can reach the mounted
+    hierarchy -- in the host's mount namespace -- can leave, with or without
+    capabilities: README, Reliability.)"""
+    m, mnt = esc, esc.mnt
+    key, cg = cg_key(m), cg_root(m)
+    for n in ("f6", "f7", "f8"):
+        (m.backing / "data" / n).write_text(n + "\n")
+    pol = "measure func=FILE_CHECK mask=MAY_READ"
+    script = f"""
+    echo box > /.imafs/ns-create || exit 9
+    echo '{pol}' > /.imafs/policy || exit 8
+    echo caps=$(grep CapEff /proc/self/status | tr -d '\\t ')
+    mkdir -p /tmp/cg
+    mount -t cgroup -o none,name=imafs.{key} cgroup /tmp/cg; echo mount=$?
+    # a user namespace: none is made in a chroot (EPERM)
+    unshare -U -r -m sh -c 'mount -t cgroup -o none,name=imafs.{key} cgroup /tmp/cg; echo usermount=$?' \
+      || echo usermount=refused
+    ls /run/imafs; echo seen=$?
+    ls /proc/1/root/run/imafs; echo seen1=$?
+    cat /data/f6 > /dev/null; echo read=$?
+    """
+    r = subprocess.run(["unshare", "--fork", "--kill-child", "--pid", f"--mount-proc={mnt}/proc",
+                        "setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                        "chroot", str(mnt), "/bin/sh", "-c", script],
+                       capture_output=True, text=True, timeout=SH)
+    out = lines(r)
+    assert r.returncode == 0 and "usermount" in out, r
+    eff = int(out["caps"].split(":")[1], 16)
+    assert not eff & (1 << 21) and eff & 1, out["caps"]   # no SYS_ADMIN; CHOWN kept
+    assert out["mount"] != "0" and out["usermount"] != "0", r
+    assert out["seen"] != "0" and out["seen1"] != "0", r
+    assert out["read"] == "0", r
+    box = buf_id(ns_bufs(m.ctl("ascii_runtime_measurements"), b"ns-create")[-1])
+    assert _ns_of_reads(m, b"/data/f6") == [box]
+    assert b"/data/f6" in names(m.ctl("namespaces/box/ascii_runtime_measurements").read_bytes())
+
+    # root of a user namespace (uid 0 mapped to 0) with its own cgroup namespace
+    script = f"""
+    mkdir -p /tmp/cg2
+    mount -t cgroup -o none,name=imafs.{key} cgroup /tmp/cg2; echo mount=$?
+    echo root=$(grep imafs.{key} /proc/self/cgroup)
+    echo $$ > /tmp/cg2/cgroup.procs; echo stay=$?
+    cat /data/f7 > /dev/null; echo read7=$?
+    mkdir /tmp/cg2/x; echo mkdir=$?
+    echo $$ > /tmp/cg2/x/cgroup.procs; echo moved=$?
+    cat /data/f8 > /dev/null; echo read8=$?
+    """
+    try:
+        r = host_sh(f"""
+        echo box2 > {mnt}/.imafs/ns-create || exit 9
+        echo '{pol}' > {mnt}/.imafs/policy || exit 8
+        unshare --user --map-root-user --cgroup --mount --pid --fork --kill-child \\
+          --mount-proc={mnt}/proc chroot {mnt} /bin/sh -c '{script}'
+        """, pidns=False)
+        out = lines(r)
+        box2 = buf_id(ns_bufs(m.ctl("ascii_runtime_measurements"), b"ns-create")[-1])
+        assert out["mount"] == "0", r                  # its own cgroup namespace's view
+        assert out["root"].endswith(f"name=imafs.{key}:/"), r   # rooted at its cgroup
+        assert out["stay"] == "0" and out["read7"] == "0", r
+        assert _ns_of_reads(m, b"/data/f7") == [box2]
+        # below its namespace's cgroup: unknown, refused (or, while the daemon's
+        # per-process cache still holds it, its old namespace) -- never the host
+        assert out["mkdir"] == "0" and out["moved"] == "0", r
+        if out["read8"] == "0":
+            assert _ns_of_reads(m, b"/data/f8") == [box2]
+        else:
+            assert _ns_of_reads(m, b"/data/f8") == []
+            assert "integrity namespace unknown" in m.log_text()
+    finally:
+        for d in glob.glob(f"{cg}/ns*/x"):
+            os.rmdir(d)
