@@ -3,13 +3,17 @@
 imafs mounts in several modes, in one run; prints times and ratios, writes a markdown
 table (and a PNG plot, and optionally JSON).
 
-    .venv/bin/python scripts/bench.py                     # full run, all modes
+    .venv/bin/python scripts/bench.py --rootfs --json bench/results.json   # full run
     .venv/bin/python scripts/bench.py --quick --reps 1    # smoke test sizes
     .venv/bin/python scripts/bench.py --only a,b --modes native,overlay
+    .venv/bin/python scripts/bench.py --rootfs --only r-apt --modes native,appraise
 
-Run as root (it mounts FUSE filesystems and drops the page cache for the cold runs).
+Run as root (it mounts FUSE filesystems, chroots and drops the page cache for the cold
+runs). The headline ratio is to "overlay", the mount with integrity off
+(--no-integrity): what the integrity engine costs on top of any FUSE overlay. The ratio
+to native is in the per-workload tables.
 
-Workloads
+Workloads on a synthetic tree
   a        cat of every file of a tree of 5,000 files of 4 KiB in 50 directories
            (``xargs -0 cat < LIST | wc -c``: a few ``cat`` processes open and read all)
   b-cold   sequential read of a 256 MiB file (``dd bs=1M``) after dropping the page cache
@@ -18,6 +22,25 @@ Workloads
   d        ``tar cf - tree | wc -c`` of the small-file tree (GNU tar skips reading when
            the archive is /dev/null, hence the pipe)
   e        creating and writing 2,000 files of 4 KiB (20 directories, one process)
+
+Workloads on a real root filesystem (with --rootfs [DIR]; default the Debian bookworm
+minbase that scripts/rootfs.sh caches). DIR is copied once into the work directory
+(``cp -a``, xattrs kept) and every file signed (``imafs sign -r --skip-special``); each
+command runs as ``chroot ROOT /bin/sh -c CMD`` with ROOT the copy (native) or the mount,
+so the dynamic loader and the libraries are read through the mount. No /proc or /dev
+is mounted in the chroot (none of the commands needs one).
+  r-true   ``for i in $(seq 200); do /bin/true; done`` (200 dynamically linked execs)
+  r-dpkg   ``dpkg -l``
+  r-apt    ``apt-get --version``
+  r-ls     ``ls -lR /usr > /dev/null``
+  r-tar    ``tar c /usr | wc -c``
+
+Measurements without a mount (``--only`` keys ``hash`` and ``ns``)
+  hash     imafs's own hashing (imafs.ima.hashing.hash_fd, sha256, and sha256 with the
+           fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
+           ("cold") and cached, against hashlib.sha256 over the same bytes in memory
+  ns       per-open cost of finding the caller's integrity namespace
+           (CgroupBinder.ns_of, and read_ns uncached), host process and namespaced one
 
 Method
   * Every timed run of a FUSE mode starts on a fresh mount (the mount is not timed): no
@@ -31,10 +54,11 @@ Method
     "warm" means one --state directory per workload, primed by an untimed run, then
     remounted for every timed run (digests cached in LMDB, daemon memory empty).
   * The time is the median of --reps runs of the whole subprocess (start-up included,
-    the same in every mode). Each run's output is checked (byte and file counts).
+    the same in every mode). Each run's output is checked (byte and file counts; the
+    rootfs's tar size must be the same in every mode).
 
 Adding a mode is one entry in MODES: a name, extra ``imafs mount`` arguments, an
-optional setup (write a policy, sign the tree; it returns more mount arguments), the
+optional setup (write a policy, sign the files; it returns more mount arguments), the
 state flag, and an optional wrapper the workload's command runs under (a namespace).
 A mode that cannot mount (an engine feature not there yet) is reported as
 "n/a (reason)" and the run goes on.
@@ -44,12 +68,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
 import re
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -63,8 +89,54 @@ REPO = Path(__file__).resolve().parent.parent
 IMAFS = [sys.executable, "-m", "imafs"]
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 RUN_DIR = "/run/imafs"          # where imafs daemons record their pids
+DEFAULT_ROOTFS = "/var/cache/imafs/rootfs-bookworm-minbase"   # scripts/rootfs.sh
 
-MEASURE_ALL_POLICY = "measure func=FILE_CHECK mask=MAY_READ\nmeasure func=BPRM_CHECK\n"
+TREE, ROOTFS = "tree", "rootfs"   # the two backings a workload runs on
+TARGET_TITLES = {TREE: "synthetic tree",
+                 ROOTFS: "real root filesystem (chroot into the copy or the mount)"}
+
+
+def _import_imafs() -> None:
+    """Make ``import imafs`` find this checkout (for the measurements run in-process)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------- policies
+# Synthetic tree: every read and exec (and executable mmap: the tcb policy's exec rules)
+MEASURE_ALL_POLICY = ("measure func=FILE_CHECK mask=MAY_READ\n"
+                      "measure func=BPRM_CHECK\n"
+                      "measure func=MMAP_CHECK mask=MAY_EXEC\n")
+APPRAISE_SIG_POLICY = ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n"
+                       "appraise func=BPRM_CHECK appraise_type=imasig\n")
+# Real rootfs: a policy is a tuple of pieces, each a built-in policy's name
+# (imafs.ima.policy.BUILTIN_POLICIES, as the kernel prints it) or rule text. The first
+# matching appraise rule decides, so the signature rules for executables and libraries
+# go before appraise_tcb's "appraise fowner=0" (which accepts a hash), as the kernel
+# puts its secure-boot signature rules before the appraise_tcb ones (tests/test_rootfs.py).
+SIG_EXEC_RULES = ("appraise func=BPRM_CHECK appraise_type=imasig\n"
+                  "appraise func=MMAP_CHECK appraise_type=imasig\n")
+ROOTFS_MEASURE = ("tcb",)
+ROOTFS_APPRAISE = (SIG_EXEC_RULES, "appraise_tcb")
+ROOTFS_MEASURE_APPRAISE = ("tcb", SIG_EXEC_RULES, "appraise_tcb")
+_POLICY_TEXT = {MEASURE_ALL_POLICY: "measure all", APPRAISE_SIG_POLICY: "appraise imasig",
+                SIG_EXEC_RULES: "exec+mmap imasig"}
+
+
+def policy_text(spec) -> str:
+    """The policy file's text for a rule text or a tuple of pieces (see above)."""
+    if isinstance(spec, str):
+        return spec
+    _import_imafs()
+    from imafs.ima.policy import BUILTIN_POLICIES
+    return "".join(BUILTIN_POLICIES.get(p, p) for p in spec)
+
+
+def policy_title(spec) -> str:
+    if spec is None:
+        return "no policy"
+    parts = (spec,) if isinstance(spec, str) else spec
+    return " + ".join(_POLICY_TEXT.get(p, p if "\n" not in p else "rules") for p in parts)
 
 
 # --------------------------------------------------------------------------- modes
@@ -76,93 +148,104 @@ class Mode:
     title     one line for the legend
     native    run on the backing directory itself (no mount)
     args      extra ``imafs mount`` arguments
-    setup     called once before the mode's first mount with the Bench; may write
-              files (a policy, keys) or change the backing tree (signatures); returns
-              more mount arguments. An exception makes the mode "n/a (reason)".
+    setup     called once per backing (TREE, ROOTFS) before the mode's first mount of
+              it, with the Bench and the backing's name; may write files (a policy,
+              keys) or sign the backing; returns more mount arguments. An exception
+              makes the mode "n/a (reason)" on that backing.
     state     "cold": a fresh --state directory for every mount; "warm": one per
               workload, primed by an untimed run, then remounted for the timed runs
     wrap      returns an argv prefix the workload's command runs under, given the Bench
               and the mount root (e.g. a shell that enters a child namespace first)
     integrity the mode expects the engine: its control directory is checked after
               mounting and a note is added when it is missing
+    policies  for the legend: the policy on the synthetic tree and on the rootfs
     """
     name: str
     title: str
     native: bool = False
     args: tuple[str, ...] = ()
-    setup: Callable[["Bench"], list[str]] | None = None
+    setup: Callable[["Bench", str], list[str]] | None = None
     state: str = "cold"
     wrap: Callable[["Bench", Path], list[str]] | None = None
     integrity: bool = False
+    policies: tuple[str, str] | None = None
 
 
-def policy_file(text: str, name: str) -> Callable[["Bench"], list[str]]:
-    """A mode setup that writes ``text`` as a policy file and mounts with it."""
-    def setup(bench: "Bench") -> list[str]:
-        p = bench.work / f"policy-{name}"
-        p.write_text(text)
+def policy_file(tree, name: str, rootfs=None) -> Callable[["Bench", str], list[str]]:
+    """A mode setup that writes the policy for the backing (``tree`` for the synthetic
+    tree, ``rootfs`` for the real rootfs; None: no --policy) and mounts with it."""
+    def setup(bench: "Bench", target: str) -> list[str]:
+        spec = tree if target == TREE else rootfs
+        if spec is None:
+            return []
+        p = bench.work / f"policy-{name}-{target}"
+        p.write_text(policy_text(spec))
         return ["--policy", str(p)]
     return setup
 
 
-APPRAISE_SIG_POLICY = ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n"
-                       "appraise func=BPRM_CHECK appraise_type=imasig\n")
-
-
-def sign_tree_and_policy(text: str, name: str) -> Callable[["Bench"], list[str]]:
+def sign_tree_and_policy(tree, name: str, rootfs=None) -> Callable[["Bench", str], list[str]]:
     """A mode setup: an ``imafs keygen`` key (once per run), every file of the tree and
-    the big file signed (``imafs sign -r``, signature v2 over sha256), the policy, and
-    the certificate as ``--key``."""
-    def setup(bench: "Bench") -> list[str]:
-        key = bench.work / "signing-key"
-        cmds = [["sign", "-q", "-r", "--key", str(key / "signing_key.pem"), "--cert",
-                 str(key / "signing_cert.der"), str(bench.backing / "tree"),
-                 str(bench.backing / "big")]]
-        if not (key / "signing_cert.der").exists():
-            cmds.insert(0, ["keygen", "--out", str(key)])
-        for c in cmds:
-            p = subprocess.run(IMAFS + c, capture_output=True, text=True, cwd=REPO, env=_env())
-            if p.returncode:
-                raise RuntimeError(f"imafs {c[0]}: {(p.stderr or p.stdout).strip()[-200:]}")
-        return policy_file(text, name)(bench) + ["--key", str(key / "signing_cert.der")]
+    the big file signed (``imafs sign -r``, signature v2 over sha256; once per run; the
+    rootfs is signed when it is copied), the policy, and the certificate as ``--key``."""
+    def setup(bench: "Bench", target: str) -> list[str]:
+        cert = bench.sign_tree() if target == TREE else bench.signing_key() / "signing_cert.der"
+        return policy_file(tree, name, rootfs)(bench, target) + ["--key", str(cert)]
     return setup
 
 
 def in_namespace(ns: str) -> Callable[["Bench", Path], list[str]]:
     """A mode wrapper: create child namespace ``ns`` (through the control directory),
-    then run the workload in it. For a later "namespace" mode."""
+    then run the workload in it (the shell moved into the namespace execs the command:
+    its children, a chroot included, stay in it)."""
     def wrap(bench: "Bench", root: Path) -> list[str]:
         ctl = root / bench.control_name / "ns-create"
         return ["sh", "-c", 'printf "%s" "$0" > "$1" && shift && exec "$@"', ns, str(ctl)]
     return wrap
 
 
+def _mode_pair(name: str, title: str, warm_title: str, **kw) -> list[Mode]:
+    """A cold mode and its warm twin."""
+    return [Mode(name, f"{title}, fresh state", integrity=True, **kw),
+            Mode(f"{name}-warm", f"{warm_title}, remount with cached digests",
+                 integrity=True, state="warm", **kw)]
+
+
 MODES: list[Mode] = [
     Mode("native", "the backing directory, no FUSE", native=True),
-    Mode("overlay", "imafs mount --no-integrity (passthrough)", args=("--no-integrity",)),
+    Mode("overlay", "integrity off (the baseline of the ratios): imafs mount --no-integrity, "
+         "a plain passthrough", args=("--no-integrity",)),
     Mode("integrity", "imafs mount: engine on, empty policy", integrity=True),
-    Mode("measure", "measure all reads and execs, fresh state (cold)",
-         setup=policy_file(MEASURE_ALL_POLICY, "measure"), integrity=True),
-    Mode("measure-warm", "measure all reads and execs, remount with cached digests",
-         setup=policy_file(MEASURE_ALL_POLICY, "measure"), state="warm", integrity=True),
-    Mode("appraise", "appraise signatures (cold): every read and exec needs a valid "
-         "signature (appraise_type=imasig; tree signed by imafs sign -r), fresh state",
-         setup=sign_tree_and_policy(APPRAISE_SIG_POLICY, "appraise"), integrity=True),
-    Mode("appraise-warm", "appraise signatures (warm): as appraise, remount with cached "
-         "digests", setup=sign_tree_and_policy(APPRAISE_SIG_POLICY, "appraise"),
-         state="warm", integrity=True),
-    Mode("verified", "measure all, every read checked against the Merkle tree "
-         "(--verify-reads=on), fresh state (cold)", args=("--verify-reads=on",),
-         setup=policy_file(MEASURE_ALL_POLICY, "verified"), integrity=True),
-    Mode("verified-warm", "measure all, reads verified, remount with cached digests "
-         "and trees", args=("--verify-reads=on",),
-         setup=policy_file(MEASURE_ALL_POLICY, "verified"), state="warm", integrity=True),
-    Mode("namespace", "as measure, run in a child namespace (chain of two, empty child policy)",
-         setup=policy_file(MEASURE_ALL_POLICY, "ns"), wrap=in_namespace("bench"),
-         integrity=True),
+    *_mode_pair("measure", "measure all reads, execs and executable mmaps (tcb-like)",
+                "as measure", setup=policy_file(MEASURE_ALL_POLICY, "measure", ROOTFS_MEASURE),
+                policies=(policy_title(MEASURE_ALL_POLICY), policy_title(ROOTFS_MEASURE))),
+    *_mode_pair("appraise", "appraise signatures, reads not verified (--verify-reads=off): "
+                "every read and exec needs a valid signature (appraise_type=imasig; files "
+                "signed by imafs sign -r)", "as appraise", args=("--verify-reads=off",),
+                setup=sign_tree_and_policy(APPRAISE_SIG_POLICY, "appraise", ROOTFS_APPRAISE),
+                policies=(policy_title(APPRAISE_SIG_POLICY), policy_title(ROOTFS_APPRAISE))),
+    *_mode_pair("measure-appraise", "measure all and appraise signatures (both kinds of "
+                "rules in one policy), reads verified (the default with appraise rules)",
+                "as measure-appraise",
+                setup=sign_tree_and_policy(MEASURE_ALL_POLICY + APPRAISE_SIG_POLICY,
+                                           "measure-appraise", ROOTFS_MEASURE_APPRAISE),
+                policies=(policy_title((MEASURE_ALL_POLICY, APPRAISE_SIG_POLICY)),
+                          policy_title(ROOTFS_MEASURE_APPRAISE))),
+    *_mode_pair("verified", "measure all, every read checked against the Merkle tree "
+                "(--verify-reads=on)", "as verified (digests and trees cached)",
+                args=("--verify-reads=on",),
+                setup=policy_file(MEASURE_ALL_POLICY, "verified", ROOTFS_MEASURE),
+                policies=(policy_title(MEASURE_ALL_POLICY), policy_title(ROOTFS_MEASURE))),
+    Mode("namespace", "as measure, run in a child namespace (chain of two, empty child "
+         "policy), fresh state", setup=policy_file(MEASURE_ALL_POLICY, "ns",
+                                                           ROOTFS_MEASURE),
+         wrap=in_namespace("bench"), integrity=True,
+         policies=(policy_title(MEASURE_ALL_POLICY), policy_title(ROOTFS_MEASURE))),
 ]
 MODE_BY_NAME = {m.name: m for m in MODES}
+MODE_ALIASES = {"integrity-off": "overlay"}
 NATIVE, OVERLAY = "native", "overlay"
+MICRO = ("hash", "ns")   # the measurements without a mount
 
 
 # --------------------------------------------------------------------------- sizes
@@ -175,10 +258,12 @@ class Sizes:
     execs: int = 500
     creates: int = 2000
     create_dirs: int = 20
+    rootfs_execs: int = 200
 
 
 FULL = Sizes()
-QUICK = Sizes(files=500, dirs=50, big_mib=32, execs=50, creates=200, create_dirs=10)
+QUICK = Sizes(files=500, dirs=50, big_mib=32, execs=50, creates=200, create_dirs=10,
+              rootfs_execs=50)
 
 
 # --------------------------------------------------------------------------- mounting
@@ -311,6 +396,7 @@ class Run:
     argv: list[str]
     cwd: Path
     check: Callable[[subprocess.CompletedProcess], str | None]   # None = ok, else a problem
+    env: dict | None = None                                     # None: _env()
 
 
 @dataclass(frozen=True)
@@ -323,6 +409,7 @@ class Workload:
     cold: bool = False                              # drop the page cache before the run
     warm: Callable[["Bench"], None] | None = None   # read the backing inputs (untimed)
     reset: Callable[["Bench"], None] | None = None  # remove the outputs (untimed)
+    target: str = TREE                              # the backing it runs on
 
 
 def _int_out(expected: int, what: str):
@@ -351,7 +438,7 @@ def _dd_check(expected: int):
     def check(p: subprocess.CompletedProcess) -> str | None:
         m = re.search(r"^(\d+) bytes", p.stderr, re.M)
         if not m:
-            return f"unexpected dd output {p.stderr.strip()[-80:]!r}"
+            return f"no byte count in dd's output {p.stderr.strip()[-80:]!r}"
         got = int(m.group(1))
         return None if got == expected else f"read {got} bytes, expected {expected}"
     return check
@@ -400,12 +487,80 @@ def _w_create(b: "Bench", root: Path) -> Run:
                root, _int_out(b.sizes.creates, "files written"))
 
 
+# ---- the real rootfs: each command is /bin/sh -c CMD of the rootfs, chrooted into ROOT
+CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "LC_ALL": "C", "HOME": "/root", "TERM": "dumb"}
+
+
+def _chroot(root: Path, script: str, check) -> Run:
+    return Run(["chroot", str(root), "/bin/sh", "-c", script], root, check, env=CHROOT_ENV)
+
+
+def _contains(*needles: str):
+    def check(p: subprocess.CompletedProcess) -> str | None:
+        missing = [n for n in needles if n not in p.stdout]
+        return f"output lacks {missing[0]!r}: {p.stdout.strip()[-80:]!r}" if missing else None
+    return check
+
+
+def _starts(prefix: str):
+    def check(p: subprocess.CompletedProcess) -> str | None:
+        return None if p.stdout.startswith(prefix) else \
+            f"output does not start with {prefix!r}: {p.stdout.strip()[:80]!r}"
+    return check
+
+
+def _ok(p: subprocess.CompletedProcess) -> str | None:
+    return None
+
+
+def _same_count(b: "Bench", key: str, minimum: int, what: str):
+    """The last number of the output, at least ``minimum`` and the same in every run
+    and mode (the first run's value is the reference)."""
+    def check(p: subprocess.CompletedProcess) -> str | None:
+        problem = _at_least(minimum, what)(p)
+        if problem:
+            return problem
+        got = int(p.stdout.split()[-1])
+        ref = b.refs.setdefault(key, got)
+        return None if got == ref else f"{what}: {got}, {ref} in the first run"
+    return check
+
+
+def _r_true(b: "Bench", root: Path) -> Run:
+    n = b.sizes.rootfs_execs
+    # the loop of the issue, with a failed exec ending it (the status of a plain for
+    # loop is only its last command's) and the count printed for the check
+    return _chroot(root, f'for i in $(seq {n}); do /bin/true || exit 1; done; echo "$i"',
+                   _int_out(n, "execs"))
+
+
+def _r_dpkg(b: "Bench", root: Path) -> Run:
+    return _chroot(root, "dpkg -l", _contains("ii  dpkg ", "ii  apt "))
+
+
+def _r_apt(b: "Bench", root: Path) -> Run:
+    return _chroot(root, "apt-get --version", _starts("apt "))
+
+
+def _r_ls(b: "Bench", root: Path) -> Run:
+    return _chroot(root, "ls -lR /usr > /dev/null", _ok)
+
+
+def _r_tar(b: "Bench", root: Path) -> Run:
+    return _chroot(root, "tar c /usr | wc -c", _same_count(b, "r-tar", 10 << 20, "tar bytes"))
+
+
 def _warm_tree(b: "Bench") -> None:
     b.read_backing(b.backing / "tree")
 
 
 def _warm_big(b: "Bench") -> None:
     b.read_backing(b.backing / "big")
+
+
+def _warm_rootfs(b: "Bench") -> None:
+    b.read_backing(b.rootfs)
 
 
 def _reset_out(b: "Bench") -> None:
@@ -417,6 +572,7 @@ def _reset_out(b: "Bench") -> None:
 
 def workloads(s: Sizes) -> list[Workload]:
     kib = s.file_size // 1024
+    r = dict(target=ROOTFS, warm=_warm_rootfs)
     return [
         Workload("a", f"cat {s.files:,} files of {kib} KiB in {s.dirs} directories", _w_cat,
                  s.files, "files/s", warm=_warm_tree),
@@ -430,21 +586,36 @@ def workloads(s: Sizes) -> list[Workload]:
                  s.files, "files/s", warm=_warm_tree),
         Workload("e", f"create and write {s.creates:,} files of {kib} KiB", _w_create,
                  s.creates, "files/s", reset=_reset_out),
+        Workload("r-true", f"sh -c 'for i in $(seq {s.rootfs_execs}); do /bin/true; done'",
+                 _r_true, s.rootfs_execs, "execs/s", **r),
+        Workload("r-dpkg", "dpkg -l", _r_dpkg, **r),
+        Workload("r-apt", "apt-get --version", _r_apt, **r),
+        Workload("r-ls", "ls -lR /usr > /dev/null", _r_ls, **r),
+        Workload("r-tar", "tar c /usr | wc -c", _r_tar, **r),
     ]
 
 
-def select_workloads(all_w: list[Workload], only: str | None) -> list[Workload]:
+def select_workloads(all_w: list[Workload], only: str | None,
+                     rootfs: bool) -> tuple[list[Workload], list[str]]:
+    """The workloads and the measurements (MICRO) to run: all (the rootfs's only with
+    --rootfs) or those ``--only`` names."""
     if not only:
-        return all_w
+        return [w for w in all_w if rootfs or w.target != ROOTFS], list(MICRO)
     keys = [k.strip() for k in only.split(",") if k.strip()]
-    chosen = []
+    chosen, micro = [], []
     for k in keys:
+        if k in MICRO:
+            micro += [k] if k not in micro else []
+            continue
         hit = [w for w in all_w if w.key == k or w.key.split("-")[0] == k]
         if not hit:
             raise SystemExit(f"bench: unknown workload {k!r} "
-                             f"(one of {', '.join(w.key for w in all_w)}, or b for both b-*)")
+                             f"(one of {', '.join(w.key for w in all_w)}, b for both b-*, "
+                             f"r for all r-*, or {' or '.join(MICRO)})")
+        if not rootfs and any(w.target == ROOTFS for w in hit):
+            raise SystemExit(f"bench: workload {k!r} runs on a real rootfs: add --rootfs")
         chosen += [w for w in hit if w not in chosen]
-    return [w for w in all_w if w in chosen]
+    return [w for w in all_w if w in chosen], [m for m in MICRO if m in micro]
 
 
 # --------------------------------------------------------------------------- the run
@@ -459,20 +630,40 @@ class Cell:
         return statistics.median(self.times) if self.times and not self.error else None
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("3\n")
+
+
 class Bench:
-    def __init__(self, args, sizes: Sizes, modes: list[Mode], wls: list[Workload], work: Path):
+    def __init__(self, args, sizes: Sizes, modes: list[Mode], wls: list[Workload], work: Path,
+                 micro: list[str] | tuple[str, ...] = ()):
         self.args, self.sizes, self.modes, self.workloads = args, sizes, modes, wls
+        self.micro_keys = list(micro)
         self.work = work
         self.backing = work / "backing"
+        self.rootfs = work / "rootfs"
         self.mnt = work / "mnt"
         self.file_list = work / "files.list"
         self.control_name = ".imafs"
         self.results: dict[str, dict[str, Cell]] = {w.key: {} for w in wls}
+        self.micro: dict[str, dict] = {}      # "hashing", "ns_resolution"
+        self.rootfs_info: dict = {}
+        self.refs: dict[str, int] = {}        # outputs that must be the same in every run
+        self.elapsed: float | None = None
         self._states = 0
+        self._tree_signed = False
         self.mount: ImafsMount | None = None
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    def backing_of(self, target: str) -> Path:
+        return self.rootfs if target == ROOTFS else self.backing
+
+    def workloads_of(self, target: str) -> list[Workload]:
+        return [w for w in self.workloads if w.target == target]
 
     # ---- the tree
     def build_tree(self) -> None:
@@ -493,7 +684,6 @@ class Bench:
         with open(self.backing / "big" / "file", "wb") as f:
             for _ in range(s.big_mib):
                 f.write(os.urandom(1 << 20))
-        self.mnt.mkdir()
         os.sync()
         self.log(f"bench: tree ready in {time.monotonic() - t0:.1f} s ({self.backing})")
 
@@ -509,11 +699,72 @@ class Bench:
 
     @staticmethod
     def read_backing(path: Path) -> None:
+        """Read every regular file under path (symlinks, devices and fifos skipped)."""
         for dirpath, _, names in os.walk(path):
             for n in names:
-                with open(os.path.join(dirpath, n), "rb", buffering=0) as f:
-                    while f.read(1 << 20):
-                        pass
+                p = os.path.join(dirpath, n)
+                try:
+                    if not stat.S_ISREG(os.lstat(p).st_mode):
+                        continue
+                    with open(p, "rb", buffering=0) as f:
+                        while f.read(1 << 20):
+                            pass
+                except PermissionError:
+                    continue
+
+    # ---- keys and signatures
+    def signing_key(self) -> Path:
+        """An ``imafs keygen`` key pair, made once per run."""
+        key = self.work / "signing-key"
+        if not (key / "signing_cert.der").exists():
+            self._imafs(["keygen", "--out", str(key)])
+        return key
+
+    def _imafs(self, cmd: list[str], timeout: float = 1800) -> None:
+        p = subprocess.run(IMAFS + cmd, capture_output=True, text=True, cwd=REPO, env=_env(),
+                           stdin=subprocess.DEVNULL, timeout=timeout)
+        if p.returncode:
+            raise RuntimeError(f"imafs {cmd[0]}: {(p.stderr or p.stdout).strip()[-200:]}")
+
+    def _sign_args(self) -> list[str]:
+        key = self.signing_key()
+        return ["sign", "-q", "--key", str(key / "signing_key.pem"),
+                "--cert", str(key / "signing_cert.der"), "-r"]
+
+    def sign_tree(self) -> Path:
+        """Every file of the tree and the big file signed (once); the certificate."""
+        if not self._tree_signed:
+            self._imafs(self._sign_args() + [str(self.backing / "tree"), str(self.backing / "big")])
+            self._tree_signed = True
+        return self.signing_key() / "signing_cert.der"
+
+    # ---- the real rootfs
+    def build_rootfs(self) -> None:
+        """The copy of --rootfs (cp -a: owners, modes, xattrs, devices), every regular
+        file signed (imafs sign -r --skip-special)."""
+        src = Path(self.args.rootfs)
+        t0 = time.monotonic()
+        p = subprocess.run(["cp", "-a", str(src), str(self.rootfs)], capture_output=True,
+                           text=True)
+        if p.returncode:
+            raise RuntimeError(f"cp -a {src}: {p.stderr.strip()[-200:]}")
+        t1 = time.monotonic()
+        self._imafs(self._sign_args() + ["--skip-special", str(self.rootfs)])
+        t2 = time.monotonic()
+        files = size = 0
+        for dirpath, _, names in os.walk(self.rootfs):
+            for n in names:
+                st = os.lstat(os.path.join(dirpath, n))
+                if stat.S_ISREG(st.st_mode):
+                    files += 1
+                    size += st.st_size
+        self.rootfs_info = {"source": str(src), "files": files, "bytes": size,
+                            "copy_s": t1 - t0, "sign_s": t2 - t1}
+        marker = Path(str(src) + ".complete")
+        with contextlib.suppress(OSError):
+            self.rootfs_info["built"] = marker.read_text().strip().splitlines()[0][:120]
+        self.log(f"bench: rootfs ready: {files:,} files, {size / 2**20:.0f} MiB, copied in "
+                 f"{t1 - t0:.1f} s, signed in {t2 - t1:.1f} s ({self.rootfs})")
 
     # ---- mounts
     def new_state(self, mode: Mode) -> Path:
@@ -522,13 +773,14 @@ class Bench:
         return st
 
     @contextlib.contextmanager
-    def mounted(self, mode: Mode, extra: list[str], state: Path | None):
+    def mounted(self, mode: Mode, extra: list[str], state: Path | None, target: str = TREE):
         """Yields the root to run in: the backing directory or a fresh mount."""
+        backing = self.backing_of(target)
         if mode.native:
-            yield self.backing
+            yield backing
             return
         assert state is not None
-        m = ImafsMount(self.backing, self.mnt, state, self.work / f"imafs-{mode.name}.log",
+        m = ImafsMount(backing, self.mnt, state, self.work / f"imafs-{mode.name}-{target}.log",
                        list(mode.args) + extra)
         self.mount = m
         try:
@@ -543,13 +795,12 @@ class Bench:
         r = w.make(self, root)
         argv = (mode.wrap(self, root) if mode.wrap else []) + r.argv
         if w.cold:
-            os.sync()
-            with open(DROP_CACHES, "w") as f:
-                f.write("3\n")
+            drop_page_cache()
         else:
             os.sync()
         t0 = time.perf_counter()
-        p = subprocess.run(argv, cwd=r.cwd, capture_output=True, text=True, env=_env(),
+        p = subprocess.run(argv, cwd=r.cwd, capture_output=True, text=True,
+                           env=r.env if r.env is not None else _env(),
                            stdin=subprocess.DEVNULL, timeout=self.args.timeout)
         dt = time.perf_counter() - t0
         if p.returncode != 0:
@@ -566,20 +817,23 @@ class Bench:
         if w.warm:
             w.warm(self)
 
-    def run_mode(self, mode: Mode) -> None:
-        self.log(f"bench: mode {mode.name}: {mode.title}")
+    def run_mode(self, mode: Mode, target: str = TREE) -> None:
+        wls = self.workloads_of(target)
+        if not wls:
+            return
+        self.log(f"bench: mode {mode.name} ({target}): {mode.title}")
         extra: list[str] = []
         if mode.setup:
             try:
-                extra = mode.setup(self)
+                extra = mode.setup(self, target)
             except Exception as e:  # noqa: BLE001 - reported as n/a
-                self.mode_na(mode, f"setup failed: {e}")
+                self.mode_na(mode, f"setup failed: {e}", target)
                 return
-        if any(w.cold for w in self.workloads) and not os.access(DROP_CACHES, os.W_OK):
-            for w in self.workloads:
+        if any(w.cold for w in wls) and not os.access(DROP_CACHES, os.W_OK):
+            for w in wls:
                 if w.cold:
                     self.results[w.key][mode.name] = Cell(error=f"cannot write {DROP_CACHES} (not root)")
-        for w in self.workloads:
+        for w in wls:
             cell = self.results[w.key].setdefault(mode.name, Cell())
             if cell.error:
                 continue
@@ -587,19 +841,19 @@ class Bench:
             try:
                 if warm_state is not None:   # prime the digest cache (untimed)
                     self.prepare(w)
-                    with self.mounted(mode, extra, warm_state) as root:
+                    with self.mounted(mode, extra, warm_state, target) as root:
                         self.run_once(mode, w, root)
                 for rep in range(self.args.reps):
                     self.prepare(w)
                     state = warm_state or (None if mode.native else self.new_state(mode))
-                    with self.mounted(mode, extra, state) as root:
+                    with self.mounted(mode, extra, state, target) as root:
                         if mode.integrity and not (root / self.control_name).is_dir():
                             cell.note = "no control directory: engine not active in this build"
                         cell.times.append(self.run_once(mode, w, root))
                     if state is not None and state is not warm_state:
                         shutil.rmtree(state, ignore_errors=True)
             except MountFailed as e:
-                self.mode_na(mode, f"mount failed: {e}")
+                self.mode_na(mode, f"mount failed: {e}", target)
                 return
             except subprocess.TimeoutExpired:
                 cell.error = f"timed out after {self.args.timeout:g} s"
@@ -609,28 +863,156 @@ class Bench:
                 if warm_state is not None:
                     shutil.rmtree(warm_state, ignore_errors=True)
             med = cell.median
-            self.log(f"bench:   {w.key:7s} {mode.name:13s} "
+            self.log(f"bench:   {w.key:7s} {mode.name:21s} "
                      + (f"{med:8.3f} s  (runs: {', '.join(f'{t:.3f}' for t in cell.times)})"
                         if med is not None else f"n/a ({cell.error})"))
-        if self.workloads:
+        if target == TREE:
             _reset_out(self)
 
-    def mode_na(self, mode: Mode, reason: str) -> None:
+    def mode_na(self, mode: Mode, reason: str, target: str = TREE) -> None:
         self.log(f"bench:   {mode.name}: n/a ({reason})")
-        for w in self.workloads:
+        for w in self.workloads_of(target):
             c = self.results[w.key].get(mode.name)
             if c is None or c.median is None:
                 self.results[w.key][mode.name] = Cell(error=reason)
 
+    def run_micro(self) -> None:
+        if "hash" in self.micro_keys:
+            self.log("bench: hashing speed (hash_fd against hashlib)")
+            try:
+                self.micro["hashing"] = hashing_micro(self.backing / "big" / "file",
+                                                      self.args.reps)
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["hashing"] = {"error": str(e) or type(e).__name__}
+        if "ns" in self.micro_keys:
+            self.log("bench: namespace resolution per open")
+            try:
+                us = ns_resolution_micro(5000 if self.args.quick else 20000)
+                self.micro["ns_resolution"] = {"us": us}
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["ns_resolution"] = {"error": str(e) or type(e).__name__}
+        for k, v in self.micro.items():
+            self.log(f"bench:   {k}: " + (f"n/a ({v['error']})" if "error" in v else "done"))
+
     def run(self) -> None:
-        self.build_tree()
-        for mode in self.modes:
-            self.run_mode(mode)
+        t0 = time.monotonic()
+        self.mnt.mkdir(exist_ok=True)
+        try:
+            if self.workloads_of(TREE) or "hash" in self.micro_keys:
+                self.build_tree()
+            self.run_micro()
+            for mode in self.modes:
+                self.run_mode(mode, TREE)
+            if self.workloads_of(ROOTFS):
+                try:
+                    self.build_rootfs()
+                except Exception as e:  # noqa: BLE001 - the rootfs cells n/a
+                    for mode in self.modes:
+                        self.mode_na(mode, f"rootfs setup failed: {e}", ROOTFS)
+                else:
+                    for mode in self.modes:
+                        self.run_mode(mode, ROOTFS)
+        finally:
+            self.elapsed = time.monotonic() - t0
 
     def cleanup(self) -> None:
         if self.mount is not None:
             self.mount.stop()
         force_unmount(str(self.mnt))
+
+
+# --------------------------------------------------------------------------- measurements
+def hashing_micro(path: Path, reps: int) -> dict:
+    """Seconds to hash ``path`` with imafs.ima.hashing.hash_fd (sha256; sha256 and the
+    fs-verity tree in one pass), page cache dropped ("cold") and cached, and with
+    hashlib.sha256 over the same bytes in memory; every digest is checked. The variants
+    take turns within each of the ``reps`` rounds (at least 3), so that a change of the
+    machine's load hits them alike."""
+    _import_imafs()
+    from imafs.ima.hashing import hash_fd
+    size = path.stat().st_size
+    data = path.read_bytes()
+    ref = hashlib.sha256(data).digest()
+    variants = (("hash_fd", False, True), ("hash_fd cached", False, False),
+                ("hash_fd+verity", True, True), ("hash_fd+verity cached", True, False))
+    rows: dict[str, list[float]] = {"hashlib": []}
+    rows.update((key, []) for key, _, _ in variants)
+    for _ in range(max(3, reps)):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        rows["hashlib"].append(time.perf_counter() - t0)
+        for key, verity, cold in variants:
+            if cold:
+                drop_page_cache()
+            else:
+                Bench.read_backing(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                t0 = time.perf_counter()
+                d = hash_fd(fd, ("sha256",), verity=True if verity else None)
+                rows[key].append(time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+            if d["sha256"] != ref or d.size != size or (verity and d.tree is None):
+                raise RuntimeError(f"{key}: wrong digest or size")
+    return {"bytes": size, "times": rows}
+
+
+HASH_ROWS = {   # key: (label, cold)
+    "hashlib": ("hashlib.sha256 over the bytes in memory", False),
+    "hash_fd": ("hash_fd sha256, page cache dropped (cold)", True),
+    "hash_fd cached": ("hash_fd sha256, file cached", False),
+    "hash_fd+verity": ("hash_fd sha256 + fs-verity tree, one pass, cold", True),
+    "hash_fd+verity cached": ("hash_fd sha256 + fs-verity tree, one pass, cached", False),
+}
+
+
+def hashing_summary(h: dict | None) -> list[dict]:
+    """One row per HASH_ROWS key: median, MiB/s and speed relative to hashlib."""
+    if not h or "error" in h:
+        return []
+    size = h["bytes"]
+    base = statistics.median(h["times"]["hashlib"])
+    out = []
+    for key, (label, _) in HASH_ROWS.items():
+        ts = h["times"].get(key)
+        if not ts:
+            continue
+        med = statistics.median(ts)
+        out.append({"key": key, "label": label, "times": ts, "median": med,
+                    "mib_s": size / 2**20 / med, "vs_hashlib": base / med})
+    return out
+
+
+def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
+    """Per-open cost of finding the caller's namespace, in microseconds, for a host
+    process and one bound to a namespace: CgroupBinder.ns_of (cached per pid and start
+    time: one read of /proc/PID/stat) and, "uncached", read_ns (/proc/PID/cgroup)."""
+    _import_imafs()
+    from imafs.ima.binding import CgroupBinder
+    b = CgroupBinder(f"bench{os.getpid()}")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        b.bind(child.pid, 1)
+        out = {}
+        for name, pid in (("host", os.getpid()), ("child", child.pid)):
+            for fn, suffix in ((b.ns_of, ""), (b.read_ns, " uncached")):
+                assert fn(pid) == (1 if name == "child" else 0)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn(pid)
+                out[name + suffix] = (time.perf_counter() - t0) / n * 1e6
+        return out
+    finally:
+        child.kill()
+        child.wait()
+        b.close(wait=2.0)
+
+
+NS_ROWS = {"host": "host process, ns_of (cached per pid and start time)",
+           "child": "process in a child namespace, ns_of",
+           "host uncached": "host process, read_ns (uncached: /proc/PID/cgroup)",
+           "child uncached": "process in a child namespace, read_ns (uncached)"}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -695,19 +1077,98 @@ def machine_info(work: Path, load_start: float) -> dict:
     }
 
 
+def _median(res, wkey: str, mname: str) -> float | None:
+    c = res.get(wkey, {}).get(mname)
+    return c.median if c else None
+
+
+def issue_targets(bench: "Bench") -> list[dict]:
+    """The figures the project's issues set targets for (and one for comparison),
+    from this run's results; value None when a part was not run."""
+    res = bench.results
+    out = [
+        {"key": "a appraise-warm/overlay",
+         "what": "a: warm small-file opens with signature appraisal (appraise-warm) "
+                 "/ integrity off (overlay)",
+         "value": ratio(_median(res, "a", "appraise-warm"), _median(res, "a", OVERLAY)),
+         "op": "<=", "limit": 1.10},
+        {"key": "b-cold verified/measure",
+         "what": "b-cold: cold read of the big file with verified reads (verified) "
+                 "/ the same without verification (measure)",
+         "value": ratio(_median(res, "b-cold", "verified"), _median(res, "b-cold", "measure")),
+         "op": "<=", "limit": 1.15},
+        {"key": "b-cold verified-warm/measure-warm",
+         "what": "b-cold, warm state: verified-warm / measure-warm (for comparison)",
+         "value": ratio(_median(res, "b-cold", "verified-warm"),
+                        _median(res, "b-cold", "measure-warm")),
+         "op": None, "limit": None},
+    ]
+    rows = {r["key"]: r for r in hashing_summary(bench.micro.get("hashing"))}
+    out += [
+        {"key": "hash_fd/hashlib cold",
+         "what": "hash_fd sha256 of the big file, page cache dropped: speed / hashlib.sha256 "
+                 "in memory",
+         "value": rows["hash_fd"]["vs_hashlib"] if "hash_fd" in rows else None,
+         "op": ">=", "limit": 0.80},
+        {"key": "hash_fd+verity/hashlib cold",
+         "what": "hash_fd sha256 + fs-verity tree, cold: speed / hashlib.sha256 (for comparison)",
+         "value": rows["hash_fd+verity"]["vs_hashlib"] if "hash_fd+verity" in rows else None,
+         "op": None, "limit": None},
+    ]
+    for t in out:
+        v, lim = t["value"], t["limit"]
+        t["met"] = None if v is None or lim is None else (v <= lim if t["op"] == "<=" else v >= lim)
+    return out
+
+
+def _target_cells(t: dict) -> tuple[str, str, str]:
+    val = "not run" if t["value"] is None else f"{t['value']:.2f}x"
+    goal = "" if t["limit"] is None else f"{'≤' if t['op'] == '<=' else '≥'} {t['limit']:.2f}x"
+    met = "" if t["met"] is None else ("met" if t["met"] else "NOT met")
+    return val, goal, met
+
+
 def print_tables(bench: Bench) -> None:
     res = bench.results
     for w in bench.workloads:
         print(f"\n[{w.key}] {w.title}")
-        print(f"  {'mode':14s} {'median s':>9s} {'rate':>14s} {'/native':>8s} {'/overlay':>9s}")
+        print(f"  {'mode':21s} {'median s':>9s} {'rate':>14s} {'/int-off':>9s} {'/native':>8s}")
         for m in bench.modes:
             s = cell_summary(res, w.key, m.name)
             if s["median"] is None:
-                print(f"  {m.name:14s} n/a ({s['error']})")
+                print(f"  {m.name:21s} n/a ({s['error']})")
                 continue
             rate = f"{w.amount / s['median']:,.0f} {w.unit}" if w.amount else ""
-            print(f"  {m.name:14s} {s['median']:9.3f} {rate:>14s} {fmt_ratio(s['ratio_native']):>8s} "
-                  f"{fmt_ratio(s['ratio_overlay']):>9s}" + (f"  ({s['note']})" if s["note"] else ""))
+            print(f"  {m.name:21s} {s['median']:9.3f} {rate:>14s} "
+                  f"{fmt_ratio(s['ratio_overlay']):>9s} {fmt_ratio(s['ratio_native']):>8s}"
+                  + (f"  ({s['note']})" if s["note"] else ""))
+    hs = bench.micro.get("hashing")
+    if hs:
+        print(f"\nhashing of the big file ({hs.get('bytes', 0) / 2**20:.0f} MiB)")
+        if "error" in hs:
+            print(f"  n/a ({hs['error']})")
+        for r in hashing_summary(hs):
+            print(f"  {r['label']:52s} {r['median']:7.3f} s {r['mib_s']:8,.0f} MiB/s "
+                  f"{r['vs_hashlib']:6.2f}x hashlib")
+    ns = bench.micro.get("ns_resolution")
+    if ns:
+        print("\nnamespace resolution per open")
+        if "error" in ns:
+            print(f"  n/a ({ns['error']})")
+        for k, label in NS_ROWS.items():
+            if k in ns.get("us", {}):
+                print(f"  {label:56s} {ns['us'][k]:6.1f} us")
+    if bench.rootfs_info:
+        ri = bench.rootfs_info
+        print(f"\nrootfs {ri['source']}: {ri['files']:,} files, {ri['bytes'] / 2**20:.0f} MiB; "
+              f"cp -a {ri['copy_s']:.1f} s, imafs sign -r {ri['sign_s']:.1f} s")
+    tg = [t for t in issue_targets(bench) if t["value"] is not None]
+    print("\nissue targets" if tg else "", end="\n" if tg else "")
+    for t in tg:
+        val, goal, met = _target_cells(t)
+        print(f"  {t['key']:34s} {val:>8s}  {goal:8s} {met}")
+    if bench.elapsed:
+        print(f"\nbench: the run took {bench.elapsed / 60:.1f} min")
 
 
 def md(text) -> str:
@@ -719,46 +1180,111 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
     res = bench.results
     a = bench.args
     s = bench.sizes
+    cmd = "scripts/bench.py" + (" --quick" if a.quick else "") + f" --reps {a.reps}" + \
+        (" --rootfs" if getattr(a, "rootfs", None) else "")
+    took = f" — run took {bench.elapsed / 60:.1f} min" if bench.elapsed else ""
     out = ["# imafs benchmark", "",
-           f"{info['date']} — `scripts/bench.py{' --quick' if a.quick else ''} --reps {a.reps}`"
-           f" — imafs `{info['imafs_commit']}` (worktree: {info['imafs_worktree']})", "",
+           f"{info['date']} — `{cmd}` — imafs `{info['imafs_commit']}` "
+           f"(worktree: {info['imafs_worktree']}){took}", "",
            f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
            f"Linux {info['kernel']}, Python {info['python']}, pyfuse3 {info['pyfuse3']}, "
            f"backing directory on {info['workdir_fs']}; load average {info['loadavg_start']:.2f} "
            f"at the start, {info['loadavg_end']:.2f} at the end.", "",
            f"Times are the median of {a.reps} runs, each FUSE run on a fresh mount (mount not "
-           "timed; backing files in the page cache except for b-cold). Ratios are to the "
-           "native directory and to the overlay with integrity off; lower is better.", ""]
+           "timed; backing files in the page cache except for b-cold). The headline ratio is "
+           "to **integrity off** (the `overlay` mode: `imafs mount --no-integrity`, the same "
+           "FUSE overlay without the engine); the per-workload tables also give the ratio to "
+           "the native directory. Lower is better.", ""]
     if plot_rel:
-        out += [f"![ratio to native]({plot_rel})", ""]
-    # summary: workloads x modes
+        out += [f"![ratio to integrity off]({plot_rel})", ""]
+    tg = [t for t in issue_targets(bench) if t["value"] is not None]   # those this run has
+    if tg:
+        out += ["## Issue targets", "", "| figure | measured | target | |",
+                "|---|---:|---:|---|"]
+        for t in tg:
+            val, goal, met = _target_cells(t)
+            out.append(f"| {md(t['what'])} | {val} | {goal} | {met} |")
+        out.append("")
     names = [m.name for m in bench.modes]
-    out += ["## Summary (time, ratio to native)", "",
-            "| workload | " + " | ".join(names) + " |",
-            "|---|" + "---:|" * len(names)]
-    for w in bench.workloads:
-        row = []
-        for n in names:
-            c = cell_summary(res, w.key, n)
-            if c["median"] is None:
-                row.append(f"n/a ({md(c['error'])})")
-            elif n == NATIVE:
-                row.append(f"{c['median']:.3f} s")
-            else:
-                row.append(f"{c['median']:.3f} s ({fmt_ratio(c['ratio_native'])})")
-        out.append(f"| **{w.key}** {md(w.title)} | " + " | ".join(row) + " |")
-    out += ["", "Modes:", ""]
+    for target in (TREE, ROOTFS):
+        wls = bench.workloads_of(target)
+        if not wls:
+            continue
+        title = "Summary" if target == TREE else "Summary: real root filesystem"
+        out += [f"## {title} (time, ratio to integrity off)", "",
+                "| workload | " + " | ".join(names) + " |",
+                "|---|" + "---:|" * len(names)]
+        for w in wls:
+            row = []
+            for n in names:
+                c = cell_summary(res, w.key, n)
+                if c["median"] is None:
+                    row.append(f"n/a ({md(c['error'])})")
+                elif n == OVERLAY or c["ratio_overlay"] is None:
+                    row.append(f"{c['median']:.3f} s")
+                else:
+                    row.append(f"{c['median']:.3f} s ({fmt_ratio(c['ratio_overlay'])})")
+            out.append(f"| **{w.key}** {md(w.title)} | " + " | ".join(row) + " |")
+        out.append("")
+    out += ["Modes:", ""]
+    has_rootfs = bool(bench.workloads_of(ROOTFS))
     for m in bench.modes:
         st = "" if m.native or not m.integrity else f" — state {m.state}"
-        out.append(f"- **{m.name}**: {m.title}{st}")
+        pol = ""
+        if m.policies:
+            pol = f" — policy: {m.policies[0]}" + \
+                (f" (rootfs: {m.policies[1]})" if has_rootfs else "")
+        out.append(f"- **{m.name}**: {m.title}{st}{pol}")
     notes = sorted({(m.name, res[w.key][m.name].note) for w in bench.workloads
                     for m in bench.modes if res[w.key].get(m.name) and res[w.key][m.name].note})
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}: {t}" for n, t in notes]
-    out += ["", "## Per workload", ""]
+    out.append("")
+    hs = bench.micro.get("hashing")
+    if hs:
+        out += ["## Hashing", "",
+                f"imafs's own hashing (`imafs.ima.hashing.hash_fd`, as the engine calls it) of "
+                f"the {hs.get('bytes', 0) / 2**20:.0f} MiB file of workload b, against "
+                "`hashlib.sha256` over the same bytes already in memory, on this machine "
+                f"(median of {len(hs.get('times', {}).get('hashlib', [])) or a.reps}).", ""]
+        if "error" in hs:
+            out += [f"n/a ({md(hs['error'])})", ""]
+        else:
+            out += ["| | median | runs (s) | speed | / hashlib |", "|---|---:|---|---:|---:|"]
+            for r in hashing_summary(hs):
+                runs = ", ".join(f"{t:.3f}" for t in r["times"])
+                out.append(f"| {r['label']} | {r['median']:.3f} s | {runs} | "
+                           f"{r['mib_s']:,.0f} MiB/s | {r['vs_hashlib']:.2f}x |")
+            out.append("")
+    ns = bench.micro.get("ns_resolution")
+    if ns:
+        out += ["## Namespace resolution per open", "",
+                "What the engine pays on each open to find the caller's integrity namespace "
+                "(`CgroupBinder`, the process's cgroup; measured in-process).", ""]
+        if "error" in ns:
+            out += [f"n/a ({md(ns['error'])})", ""]
+        else:
+            out += ["| caller | per open |", "|---|---:|"]
+            out += [f"| {label} | {ns['us'][k]:.1f} µs |" for k, label in NS_ROWS.items()
+                    if k in ns["us"]]
+            out.append("")
+    if has_rootfs:
+        ri = bench.rootfs_info
+        out += ["## Real root filesystem", ""]
+        if ri:
+            out += [f"`{ri['source']}`" + (f" ({md(ri['built'])})" if ri.get("built") else "")
+                    + f": {ri['files']:,} regular files, {ri['bytes'] / 2**20:.0f} MiB, copied "
+                    f"into the work directory with `cp -a` ({ri['copy_s']:.1f} s) and every file "
+                    f"signed with `imafs sign -r --skip-special` ({ri['sign_s']:.1f} s). Each "
+                    "command runs as `chroot ROOT /bin/sh -c CMD` (ROOT: the copy for native, "
+                    "the mount otherwise: the loader and libraries are read through it), "
+                    "as root.", ""]
+        else:
+            out += ["The rootfs could not be prepared (see the cells).", ""]
+    out += ["## Per workload", ""]
     for w in bench.workloads:
         out += [f"### {w.key}: {w.title}", "",
-                "| mode | median | runs (s) | rate | / native | / overlay |",
+                "| mode | median | runs (s) | rate | / integrity off | / native |",
                 "|---|---:|---|---:|---:|---:|"]
         for m in bench.modes:
             c = cell_summary(res, w.key, m.name)
@@ -768,7 +1294,7 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
             rate = f"{w.amount / c['median']:,.0f} {w.unit}" if w.amount else ""
             runs = ", ".join(f"{t:.3f}" for t in c["times"])
             out.append(f"| {m.name} | {c['median']:.3f} s | {runs} | {rate} | "
-                       f"{fmt_ratio(c['ratio_native'])} | {fmt_ratio(c['ratio_overlay'])} |")
+                       f"{fmt_ratio(c['ratio_overlay'])} | {fmt_ratio(c['ratio_native'])} |")
         out.append("")
     out += ["Sizes: " + ", ".join(f"{k}={v}" for k, v in s.__dict__.items()) + ".", ""]
     return "\n".join(out)
@@ -777,14 +1303,23 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
 def to_json(bench: Bench, info: dict) -> dict:
     return {
         "machine": info,
-        "args": {"reps": bench.args.reps, "quick": bench.args.quick},
+        "args": {"reps": bench.args.reps, "quick": bench.args.quick,
+                 "rootfs": getattr(bench.args, "rootfs", None)},
+        "elapsed_s": bench.elapsed,
         "sizes": dict(bench.sizes.__dict__),
         "modes": [{"name": m.name, "title": m.title, "native": m.native, "args": list(m.args),
-                   "state": m.state, "integrity": m.integrity} for m in bench.modes],
+                   "state": m.state, "integrity": m.integrity,
+                   "policies": list(m.policies) if m.policies else None} for m in bench.modes],
         "workloads": {w.key: {"title": w.title, "unit": w.unit, "amount": w.amount,
+                              "target": w.target,
                               "modes": {m.name: cell_summary(bench.results, w.key, m.name)
                                         for m in bench.modes}}
                       for w in bench.workloads},
+        "targets": issue_targets(bench),
+        "hashing": (dict(bench.micro["hashing"], summary=hashing_summary(bench.micro["hashing"]))
+                    if "hashing" in bench.micro else None),
+        "ns_resolution": bench.micro.get("ns_resolution"),
+        "rootfs": bench.rootfs_info or None,
     }
 
 
@@ -796,40 +1331,53 @@ def plot(bench: Bench, path: Path) -> bool:
     except Exception as e:  # noqa: BLE001
         print(f"bench: no plot ({e})", file=sys.stderr)
         return False
-    modes = [m for m in bench.modes if not m.native]
-    wls = bench.workloads
-    if not modes or not wls:
+    modes = [m for m in bench.modes if m.name != OVERLAY]
+    groups = [(t, bench.workloads_of(t)) for t in (TREE, ROOTFS) if bench.workloads_of(t)]
+    if not modes or not groups:
         return False
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 2 + len(wls) * (0.3 * len(modes) + 0.5))),
-                                    5.0))
-    width = 0.8 / len(modes)
-    ratios = [r for w in wls for m in modes
-              if (r := cell_summary(bench.results, w.key, m.name)["ratio_native"]) is not None]
-    log = bool(ratios) and max(ratios) > 20   # a few huge ratios would flatten the rest
-    for i, m in enumerate(modes):
-        xs, ys = [], []
-        for j, w in enumerate(wls):
-            r = cell_summary(bench.results, w.key, m.name)["ratio_native"]
-            x = j - 0.4 + width * (i + 0.5)
-            if r is None:
-                ax.text(x, 1.0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
-                continue
-            xs.append(x)
-            ys.append(r)
-        bars = ax.bar(xs, ys, width, label=m.name)
-        for b_, y in zip(bars, ys):
-            ax.text(b_.get_x() + b_.get_width() / 2, y, f"{y:.0f}" if y >= 10 else f"{y:.1f}",
-                    ha="center", va="bottom", fontsize=6, rotation=90 if len(modes) > 4 else 0)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(wls)), [w.key for w in wls])
-    ax.set_ylabel("time / native (lower is better" + (", log scale)" if log else ")"))
-    ax.set_title(f"imafs: time relative to the native directory ({bench.args.reps} reps, median)")
-    ax.legend(fontsize=7, ncol=2 if len(modes) > 5 else 1)
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(0.5, max(ratios) * 3)
-    else:
-        ax.set_ylim(bottom=0, top=max(ratios or [1]) * 1.15)
+    # a cold mode and its warm twin: one hue, dark and light
+    bases = list(dict.fromkeys(m.name.removesuffix("-warm") for m in MODES + bench.modes
+                               if not m.native))
+    colors = {m.name: "0.55" if m.native else plt.cm.tab20(
+        (2 * bases.index(m.name.removesuffix("-warm")) + m.name.endswith("-warm")) % 20)
+        for m in bench.modes}
+    nmax = max(len(wls) for _, wls in groups)
+    fig, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(
+        min(16.0, max(6.0, 2 + nmax * (0.3 * len(modes) + 0.5))), 4.6 * len(groups)))
+    for row, (target, wls) in enumerate(groups):
+        ax = axes[row][0]
+        width = 0.8 / len(modes)
+        ratios = [r for w in wls for m in modes
+                  if (r := cell_summary(bench.results, w.key, m.name)["ratio_overlay"])]
+        log = bool(ratios) and max(ratios) / min(ratios) > 20   # native's 0.05 and 10x
+        for i, m in enumerate(modes):
+            xs, ys = [], []
+            for j, w in enumerate(wls):
+                r = cell_summary(bench.results, w.key, m.name)["ratio_overlay"]
+                x = j - 0.4 + width * (i + 0.5)
+                if r is None:
+                    ax.text(x, 1.0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+                    continue
+                xs.append(x)
+                ys.append(r)
+            bars = ax.bar(xs, ys, width, label=m.name, color=colors[m.name])
+            for b_, y in zip(bars, ys):
+                ax.text(b_.get_x() + b_.get_width() / 2, y,
+                        f"{y:.0f}" if y >= 10 else f"{y:.1f}" if y >= 0.95 else f"{y:.2f}",
+                        ha="center", va="bottom", fontsize=6,
+                        rotation=90 if len(modes) > 4 else 0)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(wls)), [w.key for w in wls])
+        ax.set_ylabel("time / integrity off (lower is better" + (", log)" if log else ")"))
+        ax.set_title(TARGET_TITLES[target], fontsize=10)
+        ax.legend(fontsize=7, ncol=3 if len(modes) > 5 else 1)
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(min(ratios) / 2, max(ratios) * 3)
+        else:
+            ax.set_ylim(bottom=0, top=max(ratios or [1]) * 1.15)
+    fig.suptitle("imafs: time relative to the mount with integrity off (--no-integrity = 1), "
+                 f"median of {bench.args.reps}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -842,18 +1390,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Modes: " + ", ".join(m.name for m in MODES)
-                                + ". Workloads: a, b (b-cold and b-warm), c, d, e.")
+                                + " (integrity-off: another name of overlay). Workloads: a, b "
+                                "(b-cold and b-warm), c, d, e; with --rootfs r-true, r-dpkg, "
+                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns.")
     p.add_argument("--reps", type=int, default=3, help="timed runs per workload and mode (median)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates)")
-    p.add_argument("--only", metavar="a,b,...", help="workloads to run (default all)")
+                   help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates, "
+                        "50 rootfs execs)")
+    p.add_argument("--only", metavar="a,b,...",
+                   help="workloads and measurements to run (default all; the r-* only with "
+                        "--rootfs)")
     p.add_argument("--modes", metavar="native,overlay,...",
                    help=f"modes to run (default all: {','.join(m.name for m in MODES)})")
+    p.add_argument("--rootfs", metavar="DIR", nargs="?", const=DEFAULT_ROOTFS,
+                   help="also run the r-* workloads on a copy of this root filesystem "
+                        f"(default {DEFAULT_ROOTFS}, built by scripts/rootfs.sh)")
     p.add_argument("--markdown", metavar="FILE", default=str(REPO / "bench" / "results.md"),
                    help="markdown report (default bench/results.md)")
     p.add_argument("--plot", metavar="FILE",
-                   help="PNG bar chart of ratios to native (default: the markdown file with "
-                        ".png; 'none' for no plot)")
+                   help="PNG bar chart of ratios to integrity off (default: the markdown file "
+                        "with .png; 'none' for no plot)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--workdir", metavar="DIR", default="/var/tmp",
                    help="where to create the temporary tree (default /var/tmp); removed afterwards")
@@ -867,6 +1423,21 @@ def parse_args(argv=None):
     return a
 
 
+def rootfs_problem(d: str) -> str | None:
+    """Why DIR cannot be used as --rootfs (one line), or None."""
+    p = Path(d)
+    hint = f"build it with scripts/rootfs.sh{'' if d == DEFAULT_ROOTFS else ' ' + d}"
+    if not p.is_dir():
+        return f"bench: no root filesystem at {d} ({hint})"
+    if Path(d + ".lock").exists() and not Path(d + ".complete").exists():
+        return f"bench: {d} is an unfinished scripts/rootfs.sh build ({hint})"
+    if not os.path.lexists(p / "bin" / "sh") or not (p / "usr").is_dir():
+        return f"bench: {d} has no bin/sh or usr/: not a root filesystem ({hint})"
+    if shutil.which("chroot") is None:
+        return "bench: --rootfs needs chroot(8) (coreutils)"
+    return None
+
+
 def select_modes(spec: str | None) -> list[Mode]:
     if not spec:
         return list(MODES)
@@ -874,6 +1445,7 @@ def select_modes(spec: str | None) -> list[Mode]:
     for n in (x.strip() for x in spec.split(",")):
         if not n:
             continue
+        n = MODE_ALIASES.get(n, n)
         if n not in MODE_BY_NAME:
             raise SystemExit(f"bench: unknown mode {n!r} (one of {', '.join(MODE_BY_NAME)})")
         if MODE_BY_NAME[n] not in out:
@@ -881,45 +1453,30 @@ def select_modes(spec: str | None) -> list[Mode]:
     return out
 
 
-def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
-    """Per-open cost of finding the caller's namespace, in microseconds, for a host
-    process and one bound to a namespace: CgroupBinder.ns_of (cached per pid and start
-    time: one read of /proc/PID/stat) and, "uncached", read_ns (/proc/PID/cgroup)."""
-    sys.path.insert(0, str(REPO))
-    from imafs.ima.binding import CgroupBinder
-    b = CgroupBinder(f"bench{os.getpid()}")
-    child = subprocess.Popen(["sleep", "60"])
-    try:
-        b.bind(child.pid, 1)
-        out = {}
-        for name, pid in (("host", os.getpid()), ("child", child.pid)):
-            for fn, suffix in ((b.ns_of, ""), (b.read_ns, " uncached")):
-                assert fn(pid) == (1 if name == "child" else 0)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn(pid)
-                out[name + suffix] = (time.perf_counter() - t0) / n * 1e6
-        return out
-    finally:
-        child.kill()
-        child.wait()
-        b.close(wait=2.0)
-
-
 def load_json(path: str, args) -> tuple["Bench", dict]:
     """A Bench (not to be run) holding the results of an earlier --json file."""
     data = json.loads(Path(path).read_text())
-    modes = [MODE_BY_NAME.get(m["name"]) or Mode(m["name"], m["title"], native=m["native"],
-                                                  args=tuple(m["args"]), state=m["state"],
-                                                  integrity=m["integrity"])
+    # the modes as they were in that run (a mode's name may mean other arguments now)
+    modes = [Mode(m["name"], m["title"], native=m["native"], args=tuple(m["args"]),
+                  state=m["state"], integrity=m["integrity"],
+                  policies=tuple(m["policies"]) if m.get("policies") else None)
              for m in data["modes"]]
-    wls = [Workload(k, w["title"], _w_cat, w["amount"], w["unit"])
+    wls = [Workload(k, w["title"], _w_cat, w["amount"], w["unit"], target=w.get("target", TREE))
            for k, w in data["workloads"].items()]
     args.reps, args.quick = data["args"]["reps"], data["args"]["quick"]
-    bench = Bench(args, Sizes(**data["sizes"]), modes, wls, Path("/nonexistent"))
+    args.rootfs = data["args"].get("rootfs")
+    known = set(Sizes.__dataclass_fields__)
+    bench = Bench(args, Sizes(**{k: v for k, v in data["sizes"].items() if k in known}),
+                  modes, wls, Path("/nonexistent"))
     for k, w in data["workloads"].items():
         for name, c in w["modes"].items():
             bench.results[k][name] = Cell(times=list(c["times"]), error=c["error"], note=c["note"])
+    if data.get("hashing"):
+        bench.micro["hashing"] = {k: v for k, v in data["hashing"].items() if k != "summary"}
+    if data.get("ns_resolution"):
+        bench.micro["ns_resolution"] = data["ns_resolution"]
+    bench.rootfs_info = data.get("rootfs") or {}
+    bench.elapsed = data.get("elapsed_s")
     return bench, data["machine"]
 
 
@@ -949,15 +1506,27 @@ def _on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = os.path.realpath(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [m for line in f if (m := line.split(" ")[4]).startswith(prefix)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
         bench, info = load_json(args.from_json, args)
         report(bench, info, args)
         return 0
+    if args.rootfs is not None:
+        args.rootfs = os.path.abspath(args.rootfs)
+        problem = rootfs_problem(args.rootfs)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     sizes = QUICK if args.quick else FULL
     modes = select_modes(args.modes)
-    wls = select_workloads(workloads(sizes), args.only)
+    wls, micro = select_workloads(workloads(sizes), args.only, args.rootfs is not None)
     if os.geteuid() != 0 and any(not m.native for m in modes):
         print("bench: warning: not root; mounts may fail", file=sys.stderr)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -970,29 +1539,36 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="imafs-bench-", dir=args.workdir))
     os.chmod(work, 0o755)
-    bench = Bench(args, sizes, modes, wls, work)
+    bench = Bench(args, sizes, modes, wls, work, micro)
     try:
         bench.run()
     finally:
-        bench.cleanup()
-        if is_mounted(bench.mnt):
-            print(f"bench: {bench.mnt} is still mounted; leaving {work}", file=sys.stderr)
-        elif args.keep:
-            print(f"bench: kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        if not run_dir_existed:   # created by our daemons: remove it if they left it empty
-            with contextlib.suppress(OSError):
-                os.rmdir(RUN_DIR)
+        # a second Ctrl-C or a TERM must not cut the unmount and removal short: SIGINT
+        # ignored (by the umount commands run now, too: they inherit that), TERM and HUP
+        # kept for after
+        pending: list[int] = []
+        old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            old[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+        try:
+            bench.cleanup()
+            left = _mounts_under(work)
+            if left:
+                print(f"bench: {', '.join(left)} still mounted; leaving {work}", file=sys.stderr)
+            elif args.keep:
+                print(f"bench: kept {work}", file=sys.stderr)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            if not run_dir_existed:   # created by our daemons: remove it if they left it empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(RUN_DIR)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        if pending:
+            raise SystemExit(128 + pending[0])
     info = machine_info(Path(args.workdir), load_start)
-    print_ns = MODE_BY_NAME["namespace"] in modes
     report(bench, info, args)
-    if print_ns:
-        with contextlib.suppress(Exception):
-            us = ns_resolution_micro()
-            print(f"\nnamespace resolution per open (CgroupBinder.ns_of): host process "
-                  f"{us['host']:.1f} us, process in a child namespace {us['child']:.1f} us "
-                  f"(uncached: {us['host uncached']:.1f} us, {us['child uncached']:.1f} us)")
     return 0
 
 
