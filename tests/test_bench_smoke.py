@@ -1,4 +1,7 @@
-"""scripts/bench.py runs end to end at smoke-test sizes and writes its reports."""
+"""scripts/bench.py runs end to end at smoke-test sizes and writes its reports: every
+mode on the small-file and cold-read workloads with the hashing and namespace
+measurements, and (when the cached Debian rootfs exists) one real-rootfs command."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,40 +12,30 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.mount]
+BENCH = REPO / "scripts" / "bench.py"
+_spec = importlib.util.spec_from_file_location("imafs_bench", BENCH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench        # dataclasses look their module up there
+_spec.loader.exec_module(bench)
 
-WORKLOADS = ["a", "c", "e"]
-MODES = ["native", "overlay"]
+ALL_MODES = [m.name for m in bench.MODES]
+ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", bench.DEFAULT_ROOTFS))
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
-@pytest.mark.timeout(120)
-def test_bench_quick(tmp_path):
+def _run(args, tmp_path, timeout):
     md, js, png = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.png"
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--reps", "1",
-         "--modes", ",".join(MODES), "--only", ",".join(WORKLOADS),
+        [sys.executable, str(BENCH), "--quick", "--reps", "1",
          "--markdown", str(md), "--json", str(js), "--plot", str(png),
-         "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=110, cwd=REPO)
-    assert p.returncode == 0, p.stdout + p.stderr
+         "--workdir", str(tmp_path / "work")] + args,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p, json.loads(js.read_text()), md.read_text(), png
 
-    data = json.loads(js.read_text())
-    assert sorted(data["workloads"]) == WORKLOADS
-    for w in WORKLOADS:
-        for m in MODES:
-            cell = data["workloads"][w]["modes"][m]
-            assert cell["error"] is None, (w, m, cell["error"])
-            assert isinstance(cell["median"], float) and cell["median"] > 0, (w, m, cell)
-            assert cell["ratio_native"] > 0 and cell["ratio_overlay"] > 0
-        assert data["workloads"][w]["modes"]["native"]["ratio_native"] == pytest.approx(1.0)
-    assert data["machine"]["nproc"] >= 1 and data["machine"]["kernel"]
 
-    text = md.read_text()
-    assert "| workload | native | overlay |" in text
-    for w in WORKLOADS:
-        assert f"| **{w}** " in text
-    assert "Linux " in text and "Python " in text
+def _cleaned_up(tmp_path, png):
     # the temporary tree is gone and nothing is left mounted
     assert list((tmp_path / "work").iterdir()) == []
     with open("/proc/self/mountinfo") as f:
@@ -52,3 +45,108 @@ def test_bench_quick(tmp_path):
     except ImportError:
         return
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cells_ok(data, workloads, modes):
+    assert sorted(data["workloads"]) == sorted(workloads)
+    assert [m["name"] for m in data["modes"]] == modes
+    for w in workloads:
+        for m in modes:
+            cell = data["workloads"][w]["modes"][m]
+            assert cell["error"] is None, (w, m, cell["error"])
+            assert isinstance(cell["median"], float) and cell["median"] > 0, (w, m, cell)
+            if "overlay" in modes:
+                assert cell["ratio_overlay"] > 0
+            if "native" in modes:
+                assert cell["ratio_native"] > 0
+        if "native" in modes:
+            assert data["workloads"][w]["modes"]["native"]["ratio_native"] == pytest.approx(1.0)
+        if "overlay" in modes:
+            assert data["workloads"][w]["modes"]["overlay"]["ratio_overlay"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(200)
+def test_bench_quick_all_modes(tmp_path):
+    workloads = ["a", "b-cold"]
+    p, data, text, png = _run(["--only", ",".join(workloads + ["hash", "ns"])], tmp_path, 190)
+    _cells_ok(data, workloads, ALL_MODES)
+    assert data["machine"]["nproc"] >= 1 and data["machine"]["kernel"]
+    modes = {m["name"]: m for m in data["modes"]}
+    # signature appraisal alone does not verify reads; measure+appraise keeps the default
+    for m in ("appraise", "appraise-warm"):
+        assert "--verify-reads=off" in modes[m]["args"]
+    for m in ("verified", "verified-warm"):
+        assert "--verify-reads=on" in modes[m]["args"]
+    assert not any(a.startswith("--verify-reads") for a in modes["measure-appraise"]["args"])
+    assert modes["overlay"]["args"] == ["--no-integrity"]
+
+    # the issues' figures, as numbers
+    targets = {t["key"]: t for t in data["targets"]}
+    for k in ("a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold"):
+        assert targets[k]["value"] > 0 and targets[k]["met"] in (True, False), targets[k]
+    a = data["workloads"]["a"]["modes"]
+    assert targets["a appraise-warm/overlay"]["value"] == pytest.approx(
+        a["appraise-warm"]["median"] / a["overlay"]["median"])
+    hs = {r["key"]: r for r in data["hashing"]["summary"]}
+    assert set(hs) == set(bench.HASH_ROWS)
+    assert all(r["mib_s"] > 0 and r["vs_hashlib"] > 0 for r in hs.values())
+    assert hs["hashlib"]["vs_hashlib"] == pytest.approx(1.0)
+    assert data["hashing"]["bytes"] == 32 << 20
+    us = data["ns_resolution"]["us"]
+    assert set(us) == set(bench.NS_ROWS) and all(v > 0 for v in us.values())
+
+    assert "## Issue targets" in text
+    assert "| b-cold: cold read of the big file with verified reads (verified)" in text
+    assert "## Summary (time, ratio to integrity off)" in text
+    assert "| workload | " + " | ".join(ALL_MODES) + " |" in text
+    assert "| mode | median | runs (s) | rate | / integrity off | / native |" in text
+    for w in workloads:
+        assert f"| **{w}** " in text
+    assert "## Hashing" in text and "| hash_fd sha256, page cache dropped (cold) |" in text
+    assert "## Namespace resolution per open" in text
+    assert "Linux " in text and "Python " in text
+    assert "b-cold verified/measure" in p.stdout and "hash_fd sha256" in p.stdout
+    _cleaned_up(tmp_path, png)
+
+    # the report is rebuilt from the JSON alone
+    md2 = tmp_path / "again.md"
+    q = subprocess.run([sys.executable, str(BENCH), "--from-json", str(tmp_path / "r.json"),
+                        "--markdown", str(md2), "--plot", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert q.returncode == 0, q.stderr
+    again = md2.read_text()
+    for section in ("## Issue targets", "## Hashing", "## Namespace resolution per open"):
+        assert section in again
+    assert again == text.replace("![ratio to integrity off](r.png)\n\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(120)
+def test_bench_rootfs(tmp_path):
+    if not (Path(str(ROOTFS_CACHE) + ".complete").is_file() and ROOTFS_CACHE.is_dir()):
+        pytest.skip(f"no cached Debian rootfs at {ROOTFS_CACHE} (scripts/rootfs.sh builds it)")
+    modes = ["native", "appraise"]
+    p, data, text, png = _run(["--rootfs", str(ROOTFS_CACHE), "--only", "r-apt",
+                               "--modes", ",".join(modes)], tmp_path, 110)
+    _cells_ok(data, ["r-apt"], modes)
+    assert data["workloads"]["r-apt"]["target"] == "rootfs"
+    assert data["rootfs"]["files"] > 1000 and data["rootfs"]["sign_s"] > 0
+    assert data["hashing"] is None and data["ns_resolution"] is None   # not asked for
+    assert "## Summary: real root filesystem (time, ratio to integrity off)" in text
+    assert "## Real root filesystem" in text and "imafs sign -r --skip-special" in text
+    assert "exec+mmap imasig + appraise_tcb" in text
+    _cleaned_up(tmp_path, png)
+
+
+def test_bench_rootfs_missing(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--rootfs", str(tmp_path / "none"),
+                        "--markdown", str(tmp_path / "r.md")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "scripts/rootfs.sh" in p.stderr, p.stderr
+    assert not (tmp_path / "r.md").exists()
