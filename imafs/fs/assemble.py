@@ -2,7 +2,6 @@
 and (when integrity is on) the engine, its FUSE adapter and the control directory."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -149,8 +148,7 @@ def build(opts) -> Filesystem:
             keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
             template=template, hash_algo=algo)
 
-    binder = CgroupBinder(os.path.basename(os.path.realpath(opts.state))[:12] +
-                          hashlib.sha256(os.fsencode(os.path.realpath(opts.state))).hexdigest()[:8])
+    binder = CgroupBinder.for_store(store, opts.state)
     tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
     # --verify-reads on|off; default: on when the root policy has an appraise rule

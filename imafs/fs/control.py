@@ -538,60 +538,14 @@ class ControlDir:
             raise OSError(errno.ESRCH, f"pid {h.pid} exited while it was moved")
 
     def _create_ns(self, h: CtlHandle, text: str):
-        """ns-create: a child of the opener's namespace (h.ns), recorded in the
-        parent's list (``ns-create``) and starting the child's (``ns-init``) before the
-        opener moves; when it cannot be moved after all, the child is removed again and
-        the parent's list says so (``ns-remove``)."""
-        eng, tree = self.engine, self.engine.tree
-        parent = h.ns
-        name, opts = tree.parse_create(text)
-        self._check_opener(h)
-        try:
-            child = tree.create(parent, name, opts)
-        except NamespaceError:
-            raise
-        except ValueError as e:     # options the list or the templates refuse
-            raise NamespaceError(errno.EINVAL, f"namespace {name!r}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
-            raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
-        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
-                f"template={child.template} hash={child.hash_algo} "
-                f"appraise={child.appraise_mode}").encode()
-        # recorded before the process moves: a creation the parent's list cannot show
-        # (full disk) never takes a process into the child
-        recorded = False
-        try:
-            eng.record_event(parent, "ns-create", data)
-            recorded = True
-            eng.record_event(child, "ns-init", data)
-        except Exception as e:  # noqa: BLE001 - fail closed, the opener stays where it is
-            self._undo_create(h, parent, child, recorded)
-            raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
-                                            f"{e}") from None
-        try:
-            self._bind_opener(h, child)
-        except Exception as e:  # noqa: BLE001 - BindingError, OSError
-            self._undo_create(h, parent, child, True)
-            raise NamespaceError(errno.EPERM, f"{e}; namespace {child.path} removed "
-                                              f"again") from None
+        """ns-create: a child of the opener's namespace (h.ns); the opener moves into it
+        (Engine.create_namespace records it first, and removes it again when the
+        opener cannot be moved)."""
+        child = self.engine.create_namespace(
+            h.ns, text, h.pid, h.uid, check=lambda: self._check_opener(h),
+            bind=lambda c: self._bind_opener(h, c))
         h.moved = True
-        eng.audit.record("ns_create", ns=parent.path, child=child.path, id=child.id,
-                         uuid=child.uuid, pid=h.pid, uid=h.uid)
         return child
-
-    def _undo_create(self, h: CtlHandle, parent, child, recorded: bool) -> None:
-        """A creation whose opener did not move: remove the child; once its creation is
-        in the parent's list, through ns-remove, which records the removal there."""
-        try:
-            if recorded:
-                self.engine.remove_namespace(parent, child.name, h.pid, h.uid)
-            else:
-                self.engine.tree.remove(parent, child.name)
-                if self.engine.binder is not None:
-                    self.engine.binder.remove(child.id)
-        except Exception as e:  # noqa: BLE001 - report, the refusal stands
-            log.error("namespace %s: cannot remove it after a failed creation: %s",
-                      child.path, e)
 
     def _join_ns(self, h: CtlHandle, text: str):
         """ns-join: move the opener into an existing descendant of its namespace (only

@@ -21,11 +21,10 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
-
-import time
 
 from imafs.ima import appraise as ap
 from imafs.ima import binfmt, hashing
@@ -1170,11 +1169,20 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ namespaces
-    def create_namespace(self, parent: Namespace, text: str, pid: int, uid: int) -> Namespace:
-        """``ns-create``: a child of ``parent``; the writing process moves into it. The
+    def create_namespace(self, parent: Namespace, text: str, pid: int, uid: int, *,
+                         check: Callable[[], None] | None = None,
+                         bind: Callable[[Namespace], None] | None = None) -> Namespace:
+        """``ns-create``: a child of ``parent``, into which process ``pid`` moves. The
         creation is measured in the parent's list (``ns-create``) and starts the
-        child's (``ns-init``), with the same data, so a verifier ties them."""
+        child's (``ns-init``), with the same data, so a verifier ties them -- before
+        anyone moves: a creation the parent's list cannot show (full disk) moves
+        nobody. ``check()`` (raises NamespaceError) runs once the request is parsed;
+        ``bind(child)`` moves the process (default: the binder moves ``pid``). When it
+        cannot be moved, the child is removed again, through ``ns-remove`` once its
+        creation is in the parent's list, so the list tells what happened."""
         name, opts = self.tree.parse_create(text)
+        if check is not None:
+            check()
         try:
             child = self.tree.create(parent, name, opts)
         except NamespaceError:
@@ -1186,27 +1194,40 @@ class Engine:
         data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
                 f"template={child.template} hash={child.hash_algo} "
                 f"appraise={child.appraise_mode}").encode()
-        # recorded before the process moves: a creation the host's list cannot show
-        # (full disk) never takes a process into the child
+        recorded = False
         try:
             self.record_event(parent, "ns-create", data)
+            recorded = True
             self.record_event(child, "ns-init", data)
-        except Exception as e:  # noqa: BLE001 - fail closed, the writer stays where it is
-            try:
-                self.tree.remove(parent, name)
-            except Exception:  # noqa: BLE001
-                pass
+        except Exception as e:  # noqa: BLE001 - fail closed, the process stays where it is
+            self._undo_create(parent, child, recorded, pid, uid)
             raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
                                             f"{e}") from None
-        if self.binder is not None:
+        if bind is None and self.binder is not None:
+            bind = lambda c: self.binder.bind(pid, c.id)  # noqa: E731
+        if bind is not None:
             try:
-                self.binder.bind(pid, child.id)
-            except Exception as e:
-                self.tree.remove(parent, name)
-                raise NamespaceError(errno.EPERM, str(e))
+                bind(child)
+            except Exception as e:  # noqa: BLE001 - BindingError, OSError
+                self._undo_create(parent, child, True, pid, uid)
+                raise NamespaceError(errno.EPERM, f"{e}; namespace {child.path} removed "
+                                                  f"again") from None
         self.audit.record("ns_create", ns=parent.path, child=child.path, id=child.id,
                           uuid=child.uuid, pid=pid, uid=uid)
         return child
+
+    def _undo_create(self, parent: Namespace, child: Namespace, recorded: bool, pid: int,
+                     uid: int) -> None:
+        try:
+            if recorded:
+                self.remove_namespace(parent, child.name, pid, uid)
+            else:
+                self.tree.remove(parent, child.name)
+                if self.binder is not None:
+                    self.binder.remove(child.id)
+        except Exception as e:  # noqa: BLE001 - report, the refusal stands
+            log.error("namespace %s: cannot remove it after a failed creation: %s",
+                      child.path, e)
 
     def remove_namespace(self, parent: Namespace, text: str, pid: int, uid: int) -> Namespace:
         name = text.strip()
