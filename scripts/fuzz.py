@@ -206,7 +206,10 @@ class Targets:
         self.control().write("keys", data)
 
     def ctl_ns(self, data: bytes) -> None:
-        self.control().write("ns-create", data)
+        # create, then remove by the first word (the name of a child that was created)
+        self.control().write("ns-create", data, reset=False)
+        words = data[1:].split()
+        self.control().write("ns-remove", data[:1] + (words[0] if words else b""))
 
     def ctl_query(self, data: bytes) -> None:
         self.control().write("query", data)
@@ -260,6 +263,9 @@ class _Control:
         from imafs.ima.policy import Policy, parse_policy
         from imafs.store import Store
         self.tmp = tempfile.mkdtemp(prefix="imafs-fuzz-")
+        import atexit
+        import shutil
+        atexit.register(shutil.rmtree, self.tmp, True)
         tree_dir = os.path.join(self.tmp, "tree")
         os.makedirs(os.path.join(tree_dir, "bin"))
         os.makedirs(os.path.join(tree_dir, "dir"))
@@ -298,7 +304,7 @@ class _Control:
         self.CtlHandle = CtlHandle
         self._Policy = Policy
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes, reset: bool = True) -> None:
         from pyfuse3 import FUSEError
         h = self.CtlHandle(name, self.root, _Handle(), 0, 0)
         # the first byte (when there is one) cuts the input into two write() calls
@@ -307,11 +313,12 @@ class _Control:
         fn = {"policy": lambda b: self.ctl._write_policy(h, b),
               "keys": lambda b: self.ctl._write_keys(h, b, False),
               "query": lambda b: self.ctl._write_query(h, b),
-              "ns-create": lambda b: self.ctl._write_ns(h, b)}[name]
+              "ns-create": lambda b: self.ctl._write_ns(h, b),
+              "ns-remove": lambda b: self.ctl._write_ns(h, b)}[name]
         try:
             try:
                 for p in parts:
-                    if p or name != "ns-create":
+                    if p or not name.startswith("ns-"):
                         n = fn(p)
                         if n != len(p):
                             raise Bug(f"{name}: write of {len(p)} bytes returned {n}")
@@ -320,19 +327,20 @@ class _Control:
                     if h.pending:
                         self.ctl._write_policy(h, b"\n")
                     self.ctl._load_policy(h)
-                elif name == "keys" and h.pending:
+                elif name == "keys":     # keys are applied at close, like the kernel's
                     self.ctl._write_keys(h, b"", True)
             except FUSEError as e:
                 if e.errno not in self.ALLOWED[name]:
                     raise Bug(f"{name}: errno {e.errno} ({os.strerror(e.errno)})")
         finally:
-            self._reset(name)
+            if reset:
+                self._reset(name)
 
     def _reset(self, name: str) -> None:
         """Keep the state bounded: children removed, the root policy emptied."""
         if name == "policy":
             self.root.set_policy(self._Policy([]))
-        elif name == "ns-create":
+        elif name.startswith("ns-"):
             for child in list(self.root.children):
                 self.engine.remove_namespace(self.root, child, os.getpid(), 0)
         elif name == "keys":
