@@ -55,7 +55,10 @@ Method
     remounted for every timed run (digests cached in LMDB, daemon memory empty).
   * The time is the median of --reps runs of the whole subprocess (start-up included,
     the same in every mode). Each run's output is checked (byte and file counts; the
-    rootfs's tar size must be the same in every mode).
+    rootfs's tar size must be the same in every mode). After each run of an integrity
+    mode, the engine's counters (control file ``stats``: files hashed, digest cache
+    hits) and the measurement list's length are read (untimed) and reported; a warm
+    run that hashed files gets a note.
 
 Adding a mode is one entry in MODES: a name, extra ``imafs mount`` arguments, an
 optional setup (write a policy, sign the files; it returns more mount arguments), the
@@ -624,6 +627,7 @@ class Cell:
     times: list[float] = field(default_factory=list)
     error: str | None = None
     note: str | None = None
+    engine: dict | None = None   # the engine's counters after the last timed run
 
     @property
     def median(self) -> float | None:
@@ -811,6 +815,19 @@ class Bench:
             raise RuntimeError(problem)
         return dt
 
+    def engine_stats(self, root: Path) -> dict | None:
+        """The engine's counters (control file stats: files hashed, cache hits, ...)
+        and the length of the root namespace's measurement list, after a run (untimed):
+        what the mode made the engine do."""
+        ctl = root / self.control_name
+        try:
+            out = json.loads((ctl / "stats").read_text())
+            with open(ctl / "ascii_runtime_measurements", "rb") as f:
+                out["entries"] = sum(b.count(b"\n") for b in iter(lambda: f.read(1 << 16), b""))
+            return out
+        except (OSError, ValueError):
+            return None
+
     def prepare(self, w: Workload) -> None:
         if w.reset:
             w.reset(self)
@@ -850,6 +867,11 @@ class Bench:
                         if mode.integrity and not (root / self.control_name).is_dir():
                             cell.note = "no control directory: engine not active in this build"
                         cell.times.append(self.run_once(mode, w, root))
+                        if mode.integrity:
+                            cell.engine = self.engine_stats(root)
+                            hashed = (cell.engine or {}).get("hashed_files")
+                            if mode.state == "warm" and hashed:
+                                cell.note = f"the warm run hashed {hashed} files"
                     if state is not None and state is not warm_state:
                         shutil.rmtree(state, ignore_errors=True)
             except MountFailed as e:
@@ -1032,7 +1054,7 @@ def cell_summary(res: dict[str, dict[str, Cell]], wkey: str, mname: str) -> dict
     ovl = res[wkey].get(OVERLAY)
     med = c.median
     return {
-        "times": c.times, "median": med, "error": c.error, "note": c.note,
+        "times": c.times, "median": med, "error": c.error, "note": c.note, "engine": c.engine,
         "ratio_native": ratio(med, nat.median if nat else None),
         "ratio_overlay": ratio(med, ovl.median if ovl else None),
     }
@@ -1284,17 +1306,22 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
     out += ["## Per workload", ""]
     for w in bench.workloads:
         out += [f"### {w.key}: {w.title}", "",
-                "| mode | median | runs (s) | rate | / integrity off | / native |",
-                "|---|---:|---|---:|---:|---:|"]
+                "| mode | median | runs (s) | rate | / integrity off | / native "
+                "| hashed · cache hits · list entries |",
+                "|---|---:|---|---:|---:|---:|---:|"]
         for m in bench.modes:
             c = cell_summary(res, w.key, m.name)
             if c["median"] is None:
-                out.append(f"| {m.name} | n/a ({md(c['error'])}) | | | | |")
+                out.append(f"| {m.name} | n/a ({md(c['error'])}) | | | | | |")
                 continue
             rate = f"{w.amount / c['median']:,.0f} {w.unit}" if w.amount else ""
             runs = ", ".join(f"{t:.3f}" for t in c["times"])
+            e = c.get("engine") or {}
+            eng = " · ".join(f"{e[k]:,}" if isinstance(e.get(k), int) else "?" for k in
+                             ("hashed_files", "cache_hits", "entries")) if e else ""
             out.append(f"| {m.name} | {c['median']:.3f} s | {runs} | {rate} | "
-                       f"{fmt_ratio(c['ratio_overlay'])} | {fmt_ratio(c['ratio_native'])} |")
+                       f"{fmt_ratio(c['ratio_overlay'])} | {fmt_ratio(c['ratio_native'])} "
+                       f"| {eng} |")
         out.append("")
     out += ["Sizes: " + ", ".join(f"{k}={v}" for k, v in s.__dict__.items()) + ".", ""]
     return "\n".join(out)
@@ -1470,7 +1497,8 @@ def load_json(path: str, args) -> tuple["Bench", dict]:
                   modes, wls, Path("/nonexistent"))
     for k, w in data["workloads"].items():
         for name, c in w["modes"].items():
-            bench.results[k][name] = Cell(times=list(c["times"]), error=c["error"], note=c["note"])
+            bench.results[k][name] = Cell(times=list(c["times"]), error=c["error"], note=c["note"],
+                                          engine=c.get("engine"))
     if data.get("hashing"):
         bench.micro["hashing"] = {k: v for k, v in data["hashing"].items() if k != "summary"}
     if data.get("ns_resolution"):

@@ -82,12 +82,20 @@ def test_bench_quick_all_modes(tmp_path):
         assert "--verify-reads=on" in modes[m]["args"]
     assert not any(a.startswith("--verify-reads") for a in modes["measure-appraise"]["args"])
     assert modes["overlay"]["args"] == ["--no-integrity"]
+    # what the engine did (its counters after the run): cold modes hash every file,
+    # warm ones none (digests from the state of the priming run)
+    a = data["workloads"]["a"]["modes"]
+    assert a["overlay"]["engine"] is None
+    assert a["measure"]["engine"]["hashed_files"] == 500
+    assert a["measure"]["engine"]["entries"] > 500
+    for m in ("measure-warm", "appraise-warm", "measure-appraise-warm", "verified-warm"):
+        assert a[m]["engine"]["hashed_files"] == 0 and a[m]["engine"]["cache_hits"] >= 500, \
+            (m, a[m]["engine"])
 
     # the issues' figures, as numbers
     targets = {t["key"]: t for t in data["targets"]}
     for k in ("a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold"):
         assert targets[k]["value"] > 0 and targets[k]["met"] in (True, False), targets[k]
-    a = data["workloads"]["a"]["modes"]
     assert targets["a appraise-warm/overlay"]["value"] == pytest.approx(
         a["appraise-warm"]["median"] / a["overlay"]["median"])
     hs = {r["key"]: r for r in data["hashing"]["summary"]}
@@ -102,7 +110,7 @@ def test_bench_quick_all_modes(tmp_path):
     assert "| b-cold: cold read of the big file with verified reads (verified)" in text
     assert "## Summary (time, ratio to integrity off)" in text
     assert "| workload | " + " | ".join(ALL_MODES) + " |" in text
-    assert "| mode | median | runs (s) | rate | / integrity off | / native |" in text
+    assert "| mode | median | runs (s) | rate | / integrity off | / native " in text
     for w in workloads:
         assert f"| **{w}** " in text
     assert "## Hashing" in text and "| hash_fd sha256, page cache dropped (cold) |" in text
