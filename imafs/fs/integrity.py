@@ -165,6 +165,13 @@ class IntegrityHooks(NullHooks):
     def active(self) -> bool:  # open/release hooks only while some policy has rules
         return self.engine.active()
 
+    @staticmethod
+    def _generation(inode: Inode, fd: int, dev: int) -> int:
+        gen = inode.generation
+        if gen is None:
+            gen = inode.generation = generation(fd, dev)
+        return gen
+
     def _fsinfo(self, fd: int, dev: int) -> FsInfo:
         info = self._fs.get(dev)
         if info is None:
@@ -192,7 +199,7 @@ class IntegrityHooks(NullHooks):
             getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
             fs=self._fsinfo(fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
-            generation=generation(fd, st.st_dev))
+            generation=self._generation(inode, fd, st.st_dev))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
               created: bool, inline: bool = False):

@@ -150,7 +150,7 @@ class NullHooks:
 
 class Inode:
     __slots__ = ("nodeid", "fd", "dev", "ino", "nlookup", "parent", "name", "kind",
-                 "lock", "seen", "__weakref__")
+                 "lock", "seen", "generation", "__weakref__")
 
     def __init__(self, nodeid: int, fd: int, st: os.stat_result, parent, name: bytes):
         self.nodeid = nodeid
@@ -163,6 +163,9 @@ class Inode:
         self.name = name
         self.lock = None   # created on demand by the integrity adapter
         self.seen = None   # (mtime_ns, ctime_ns, size) at the last open: keep_cache
+        # the inode's generation (read once by the integrity adapter: the O_PATH fd
+        # held here pins the backing inode, so its number is not reused meanwhile)
+        self.generation = None
 
     def path(self) -> bytes:
         """Path inside the mount, from the names the kernel last looked up."""

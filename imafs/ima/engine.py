@@ -173,7 +173,7 @@ class IInt:
         self.binfmt = None
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenState:
     """What the engine remembers about one open handle until its release."""
     iint: IInt
@@ -189,7 +189,7 @@ class OpenState:
     watchers: tuple = ()
     subject: Subject | None = None
     wgen: int = 0
-    failed: set = field(default_factory=set)   # id()s of trees this handle failed
+    failed: set | None = None   # id()s of the trees this handle's reads failed
     ref: object = None      # the adapter's own data about the handle (opaque here)
 
 
@@ -347,6 +347,9 @@ class Engine:
             return ii
 
     def active(self) -> bool:
+        """Whether any namespace has rules (the open hooks are needed at all)."""
+        if len(self.tree.root.policy):
+            return True
         return any(len(ns.policy) for ns in self.tree.by_id.values())
 
     def namespace_of(self, subject: Subject) -> Namespace:
@@ -1034,6 +1037,8 @@ class Engine:
         ii = state.iint
         f = state.file
         with ii.lock:
+            if state.failed is None:
+                state.failed = set()
             first = id(tree) not in state.failed
             state.failed.add(id(tree))
             if ii.tree is tree:
