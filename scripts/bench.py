@@ -1008,8 +1008,8 @@ def hashing_summary(h: dict | None) -> list[dict]:
 
 def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
     """Per-open cost of finding the caller's namespace, in microseconds, for a host
-    process and one bound to a namespace: CgroupBinder.ns_of (cached per pid and start
-    time: one read of /proc/PID/stat) and, "uncached", read_ns (/proc/PID/cgroup)."""
+    process and one bound to a namespace: CgroupBinder.ns_of (the engine's call, cached
+    per process) and, "uncached", read_ns (a read of /proc/PID/cgroup)."""
     _import_imafs()
     from imafs.ima.binding import CgroupBinder
     b = CgroupBinder(f"bench{os.getpid()}")
@@ -1031,7 +1031,7 @@ def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
         b.close(wait=2.0)
 
 
-NS_ROWS = {"host": "host process, ns_of (cached per pid and start time)",
+NS_ROWS = {"host": "host process, ns_of (cached per process)",
            "child": "process in a child namespace, ns_of",
            "host uncached": "host process, read_ns (uncached: /proc/PID/cgroup)",
            "child uncached": "process in a child namespace, read_ns (uncached)"}
@@ -1568,8 +1568,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="imafs-bench-", dir=args.workdir))
     os.chmod(work, 0o755)
     bench = Bench(args, sizes, modes, wls, work, micro)
+    interrupted = False
     try:
         bench.run()
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         # a second Ctrl-C or a TERM must not cut the unmount and removal short: SIGINT
         # ignored (by the umount commands run now, too: they inherit that), TERM and HUP
@@ -1595,6 +1598,10 @@ def main(argv=None) -> int:
                 signal.signal(s, h)
         if pending:
             raise SystemExit(128 + pending[0])
+    if interrupted:
+        print("bench: interrupted; unmounted and removed the work directory, no report",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     info = machine_info(Path(args.workdir), load_start)
     report(bench, info, args)
     return 0
