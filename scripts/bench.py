@@ -13,6 +13,19 @@ runs). The headline ratio is to "overlay", the mount with integrity off
 (--no-integrity): what the integrity engine costs on top of any FUSE overlay. The ratio
 to native is in the per-workload tables.
 
+Modes (``--modes``; "-warm": remount on the state of a priming run, see Method)
+  native                       the backing directory itself
+  overlay (or integrity-off)   imafs mount --no-integrity: the baseline of the ratios
+  integrity                    the engine on, empty policy
+  measure, measure-warm        measure every read, exec and executable mmap (rootfs: tcb)
+  appraise, appraise-warm      signature appraisal of reads and execs, --verify-reads=off
+                               (rootfs: imasig for execs and mmaps, then appraise_tcb)
+  measure-appraise[-warm]      both kinds of rules in one policy, reads verified (the
+                               default when the policy appraises)
+  verified, verified-warm      measure, and every read checked against the Merkle tree
+                               (--verify-reads=on)
+  namespace                    as measure, the workload in a child integrity namespace
+
 Workloads on a synthetic tree
   a        cat of every file of a tree of 5,000 files of 4 KiB in 50 directories
            (``xargs -0 cat < LIST | wc -c``: a few ``cat`` processes open and read all)
