@@ -36,9 +36,55 @@ from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
 
 log = logging.getLogger("imafs.control")
 
+
+def printable(text) -> str:
+    """``text`` (str, or bytes taken as os.fsdecode would) with every character that
+    is not printable escaped as Python's repr escapes it (\\n, \\r, \\t, \\x1b,
+    \\u2028, ...; a byte that is not UTF-8, kept by surrogateescape, as \\xNN), so a
+    log line that quotes what a writer sent stays one line and carries no terminal
+    control sequence. Printable text, backslashes included, is left as it is."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "surrogateescape")
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable():
+            out.append(c)
+            continue
+        o = ord(c)
+        if c in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif 0xDC80 <= o <= 0xDCFF:                # an undecodable byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x100:
+            out.append(f"\\x{o:02x}")
+        elif o < 0x10000:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return "".join(out)
+
+
+class PrintableLogFilter(logging.Filter):
+    """Escapes the message of every record it sees with :func:`printable` (on this
+    module's logger: every line that quotes a path, a name or text a writer sent)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        esc = printable(msg)
+        if esc != msg:
+            record.msg, record.args = esc, ()
+        return True
+
+
+log.addFilter(PrintableLogFilter())
+
 SLOT = 1024
 DIR, FILE = "dir", "file"
 MAX_QUERY_BYTES = 4096
+MAX_NS_WRITE = 4096             # what one write to ns-create, ns-join or ns-remove may hold
 TRIM_EVERY = 256 << 10      # list bytes served between two Store.trim() calls
 # rules one namespace's policy may hold: every open is matched against the policy of
 # its namespace and of every ancestor, rule by rule (about 1.5 us a rule here)
@@ -80,6 +126,10 @@ OWN_ONLY = {16, 19}
 # files whose writes move their opener (see Opener): one move per open
 MOVERS = ("ns-create", "ns-join")
 WRITABLE = ("policy", "keys", "query", "ns-create", "ns-remove", "ns-join")
+# the audit record of a refused write to each of them (query's are not audited)
+_REJECTED = {"policy": "policy_rejected", "keys": "key_rejected",
+             "ns-create": "ns_create_rejected", "ns-remove": "ns_remove_rejected",
+             "ns-join": "ns_join_rejected"}
 ROOT_WRITES = ("policy", "keys", "ns-create", "ns-remove", "ns-join")
 # Every other file of one's own view is the namespace's own inode (slot id + 1, the
 # same inode as the ancestors' namespaces/NAME/FILE): the kernel keeps file pages per
@@ -107,8 +157,8 @@ it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-rem
 
 class CtlHandle:
     __slots__ = ("name", "ns", "pid", "uid", "gid", "data", "pending", "result", "is_dir",
-                 "slot", "idx", "dirty", "rules", "written", "refused", "served", "trimmed",
-                 "lines", "opener", "moved")
+                 "slot", "idx", "dirty", "rules", "written", "refused", "why", "told",
+                 "served", "trimmed", "lines", "opener", "moved")
 
     def __init__(self, name, ns, ctx, slot, idx, is_dir=False):
         self.name = name
@@ -122,7 +172,9 @@ class CtlHandle:
         self.dirty = False
         self.rules: list = []       # policy rules, key changes: applied at flush (close)
         self.written = 0            # bytes written through this open
-        self.refused = False        # a write of this open was refused: load nothing
+        self.refused = 0            # a write of this open was refused (its errno): load nothing
+        self.why = ""               # ... and why
+        self.told = False           # a close has said so (flush of an over-size open)
         self.served = 0             # list bytes read through this open
         self.trimmed = 0            # ... when the store's mapping was last trimmed
         self.lines = 0              # policy lines already parsed through this open
@@ -258,8 +310,18 @@ class ControlDir:
         acc = flags & os.O_ACCMODE
         writing = acc != os.O_RDONLY
         if writing and name not in WRITABLE:
+            log.warning("open of %s for writing by pid %d (uid %d) refused: it is read-only",
+                        name, ctx.pid, ctx.uid)
             raise FUSEError(errno.EACCES)
         if writing and name in ROOT_WRITES and ctx.uid != 0:
+            # the kernel's default_permissions lets through a caller with
+            # CAP_DAC_OVERRIDE: the check that counts is this one, on the opener's uid
+            # (as securityfs, permissions are checked at open, for the opener)
+            msg = f"uid {ctx.uid} may not write {name}: only uid 0 writes it"
+            log.warning("open of %s in namespace %s for writing by pid %d refused: %s",
+                        name, ns.path, ctx.pid, msg)
+            self.engine.audit.record(_REJECTED[name], ns=ns.path, pid=ctx.pid, uid=ctx.uid,
+                                     error=msg)
             raise FUSEError(errno.EACCES)
         if name == "stats" and ns.parent is not None:
             # mount-wide counters: they count the host's and the siblings' hashing too
@@ -322,9 +384,19 @@ class ControlDir:
         raise FUSEError(errno.EACCES)
 
     async def flush(self, h: CtlHandle) -> None:
+        if h.name in ("policy", "keys") and h.refused == errno.EFBIG:
+            # over the size limit: the write(2) that crossed it may well have returned
+            # a short count (the kernel reports what it passed on before the refusal),
+            # so the close says it too
+            if not h.told:
+                h.told = True
+                log.warning("%s open by pid %d in namespace %s closed with nothing %s: %s",
+                            h.name, h.pid, h.ns.path,
+                            "loaded" if h.name == "policy" else "applied", h.why)
+            raise FUSEError(errno.EFBIG)
         if h.name == "policy":
-            if h.pending:
-                await trio.to_thread.run_sync(self._write_policy, h, b"\n")
+            if h.pending and not h.refused:
+                await trio.to_thread.run_sync(self._write_policy, h, b"\n", True)
             if h.rules:
                 await trio.to_thread.run_sync(self._load_policy, h)
         elif h.name == "keys" and (h.pending or h.rules) and not h.refused:
@@ -332,7 +404,8 @@ class ControlDir:
 
     async def release(self, h: CtlHandle) -> None:
         try:
-            await self.flush(h)
+            if not h.refused:       # a refused open loads nothing, and its close told
+                await self.flush(h)
         except FUSEError:
             pass
         finally:
@@ -371,18 +444,23 @@ class ControlDir:
     def _refuse_policy(self, h: CtlHandle, err: int, msg: str, **extra):
         h.pending.clear()
         h.rules.clear()
-        h.refused = True
+        if not h.refused:
+            h.refused, h.why = err, msg
         log.warning("policy write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
         self.engine.audit.record("policy_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid,
                                  error=msg, **extra)
         raise FUSEError(err)
 
-    def _write_policy(self, h: CtlHandle, buf: bytes) -> int:
+    def _write_policy(self, h: CtlHandle, buf: bytes, final: bool = False) -> int:
+        """``final``: the newline flush adds to end a last line written without one
+        (not the writer's: it does not count against the size limit)."""
         if h.refused:
-            raise FUSEError(errno.EINVAL)
-        h.written += len(buf)
+            self._refuse_policy(h, h.refused, _after_refusal(h), cause="earlier refusal")
+        if not final:
+            h.written += len(buf)
         if h.written > MAX_POLICY_BYTES:
-            self._refuse_policy(h, errno.EFBIG, f"over {MAX_POLICY_BYTES} bytes written")
+            self._refuse_policy(h, errno.EFBIG, f"over {MAX_POLICY_BYTES} bytes written "
+                                                f"through one open")
         data = bytes(h.pending) + buf
         cut = data.rfind(b"\n")
         if cut < 0:
@@ -480,10 +558,13 @@ class ControlDir:
     # inherited descriptor after its parent exited and its pid was reused, would
     # move a process out of its namespace or move an unrelated one.
     def _write_ns(self, h: CtlHandle, buf: bytes) -> int:
-        if len(buf) > 4096 or b"\0" in buf:
-            raise FUSEError(errno.EINVAL)
         text = buf.decode("utf-8", "replace").strip()
         try:
+            if len(buf) > MAX_NS_WRITE:
+                raise NamespaceError(errno.EINVAL, f"over {MAX_NS_WRITE} bytes written "
+                                                   f"({len(buf)})")
+            if b"\0" in buf:
+                raise NamespaceError(errno.EINVAL, f"a NUL byte in {_quote(buf)}")
             if h.name in MOVERS and h.moved:
                 raise NamespaceError(errno.EINVAL, f"this open of {h.name} has already moved "
                                                    f"its opener (pid {h.pid}); open it again")
@@ -588,7 +669,7 @@ class ControlDir:
     # is taken when it is complete; what is still incomplete at close is refused.
     def _write_keys(self, h: CtlHandle, buf: bytes, final: bool) -> int:
         if h.refused:
-            raise FUSEError(errno.EINVAL)
+            return self._key_error(h, _after_refusal(h), h.refused)
         h.written += len(buf)
         if h.written > MAX_KEYS_WRITE:
             return self._key_error(h, f"over {MAX_KEYS_WRITE} bytes written through one "
@@ -742,34 +823,44 @@ class ControlDir:
     def _key_error(self, h: CtlHandle, msg: str, err: int = errno.EINVAL):
         h.pending.clear()
         h.rules.clear()
-        h.refused = True
+        if not h.refused:
+            h.refused, h.why = err, msg
         log.warning("key write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
         self.engine.audit.record("key_rejected", ns=h.ns.path, pid=h.pid, uid=h.uid, error=msg)
         raise FUSEError(err)
 
     # --- query: write a path, read what the engine decided and why
+    def _query_error(self, h: CtlHandle, msg: str, err: int = errno.EINVAL):
+        """A refused query write: one log line (queries are not audited)."""
+        log.warning("query write to namespace %s rejected (pid %d): %s", h.ns.path, h.pid, msg)
+        raise FUSEError(err)
+
     def _write_query(self, h: CtlHandle, buf: bytes) -> int:
-        h.pending += buf
-        if len(h.pending) > MAX_QUERY_BYTES:
-            h.pending.clear()
-            raise FUSEError(errno.EINVAL)
-        data = bytes(h.pending)
-        if b"\n" not in data:
-            # a path without a newline (printf) is taken as complete too
-            pass
-        words = data.split(b"\n")[0].strip().split()
-        h.pending.clear()
-        if not words:
-            raise FUSEError(errno.EINVAL)
+        """One path (``exec PATH``: as executed) per write, on one line; a missing
+        final newline is fine (printf). The answer is read back from the file."""
+        if len(buf) > MAX_QUERY_BYTES:
+            self._query_error(h, f"over {MAX_QUERY_BYTES} bytes written ({len(buf)}): "
+                                 f"write one path inside the mount")
+        given = [ln for ln in buf.split(b"\n") if ln.strip()]
+        if not given:
+            self._query_error(h, "nothing to query: write a path inside the mount, or "
+                                 "'exec PATH'")
+        if len(given) > 1:
+            self._query_error(h, f"one path per write, got {len(given)} lines: "
+                                 f"{_quote(buf)}")
+        words = given[0].split()
         exec_ = False
         if words[0] == b"exec" and len(words) == 2:
             exec_, words = True, words[1:]
         if len(words) != 1:
-            raise FUSEError(errno.EINVAL)
+            self._query_error(h, f"expected PATH or 'exec PATH', got {len(words)} words: "
+                                 f"{_quote(given[0])}")
         path = os.fsdecode(words[0])
         try:
             f, fd = self._open_in_mount(path)
         except OSError as e:
+            if e.errno == errno.EINVAL:       # not a path we answer for (not a file)
+                self._query_error(h, f"{path}: {e.strerror}")
             result = {"path": path, "error": e.strerror}
         else:
             try:
@@ -793,12 +884,22 @@ class ControlDir:
             raise OSError(errno.EINVAL, "path must be absolute (inside the mount)")
         if "\0" in path:
             raise OSError(errno.EINVAL, "path contains a NUL byte")
+        # Only a regular file is opened (a FIFO's open would wait for a writer forever,
+        # a device's read may never end): the type is read from the O_PATH descriptor
+        # the resolver returns, and the file is opened through it -- the same inode,
+        # no second lookup by name -- non-blocking, and checked again.
         node_fd, rel = resolve(self.overlay.root.fd, path)
         try:
-            fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_CLOEXEC)
+            _regular(os.fstat(node_fd))
+            fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         finally:
             os.close(node_fd)
-        st = os.fstat(fd)
+        try:
+            st = _regular(os.fstat(fd))
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         p = sysio.proc_path(fd)
 
         def getxattr(name):
@@ -865,6 +966,32 @@ def _own_view(result: dict) -> dict:
     if "namespaces" in result:
         result["namespaces"] = out
     return result
+
+
+_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory",
+         stat.S_IFLNK: "a symbolic link"}
+
+
+def _regular(st: os.stat_result) -> os.stat_result:
+    """``st`` when it is a regular file's; else OSError(EINVAL) saying what it is (as
+    the kernel's kernel_read_file refuses a policy file that is not regular)."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KIND.get(stat.S_IFMT(st.st_mode), "of an unknown type")
+        raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+    return st
+
+
+def _quote(data: bytes, limit: int = 200) -> str:
+    """What a writer sent, for a log line: quoted, cut at ``limit`` characters (the
+    log's filter escapes what is not printable)."""
+    text = bytes(data).decode("utf-8", "surrogateescape")
+    return "'" + (text if len(text) <= limit else text[:limit] + "...") + "'"
+
+
+def _after_refusal(h: CtlHandle) -> str:
+    return (f"an earlier write through this open was refused ({h.why}); nothing of "
+            f"this open is {'loaded' if h.name == 'policy' else 'applied'}")
 
 
 class _KeyInput(ValueError):
