@@ -25,6 +25,14 @@ from imafs.ima.measurelog import MeasurementList
 from imafs.ima.policy import Policy
 
 APPRAISE_MODES = ("enforce", "log", "fix", "off")
+# Limits, as the kernel's for user namespaces: every open is measured, appraised and
+# recorded in its namespace's list and every ancestor's (so the depth bounds what one
+# open costs), and each namespace holds a policy, a list, PCRs, a keyring and a cgroup.
+# create_user_ns() refuses a user namespace deeper than 32 below the initial one (and
+# create_pid_namespace() a pid namespace deeper than MAX_PID_NS_LEVEL, 32) or more than
+# the user.max_user_namespaces count with ENOSPC; ns-create does the same.
+MAX_NS_DEPTH = 32           # levels below the root namespace (the root is level 0)
+MAX_NAMESPACES = 1024       # namespaces of a mount, the root not counted
 
 
 @dataclass
@@ -233,8 +241,18 @@ class NamespaceTree:
 
     def create(self, parent: Namespace, name: str, opts: dict) -> Namespace:
         with self._lock:
+            path = f"{parent.path.rstrip('/')}/{name}"
             if name in parent.children:
-                raise NamespaceError(errno.EEXIST, f"namespace {parent.path.rstrip('/')}/{name} exists")
+                raise NamespaceError(errno.EEXIST, f"namespace {path} exists")
+            depth = len(parent.chain())          # the new namespace's level
+            if depth > MAX_NS_DEPTH:
+                raise NamespaceError(errno.ENOSPC, f"namespace {path} would be {depth} "
+                                                   f"levels deep: namespaces nest at most "
+                                                   f"{MAX_NS_DEPTH} below the root")
+            if len(self.by_id) - 1 >= MAX_NAMESPACES:
+                raise NamespaceError(errno.ENOSPC, f"the mount holds {MAX_NAMESPACES} "
+                                                   f"integrity namespaces, the most it "
+                                                   f"may: remove one first")
             nsid = self._next_id()
             ns = self._factory(nsid, name, parent, opts, "")
             ns.uuid = str(uuid.uuid4())
