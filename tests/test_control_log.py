@@ -127,10 +127,10 @@ def _no_raw_control_bytes(m) -> None:
 
 
 def test_log_lines_escape_what_writers_sent(make_mount, world_tmp):
-    """A newline in a query, ESC/CR/BEL/NUL in keys and policy paths, a bad byte in a
-    policy file's text and in an ns-join path: each rejection is one line of the log
-    with those characters escaped (\\n, \\r, \\x1b, \\x00, ...); no forged line; the audit
-    log (JSON) keeps them exactly."""
+    """A newline in a query, ESC/CR/BEL/NUL and bytes that are not UTF-8 in keys and
+    policy paths, a bad byte in a policy file's text and in an ns-join path: each
+    rejection is one line of the log with those characters escaped (\\n, \\r, \\x1b,
+    \\x00, \\xff, ...); no forged line; the audit log (JSON) keeps them exactly."""
     b = world_tmp / "backing1"
     b.mkdir()
     (b / "evil\x1b[2J.policy").write_bytes(b"measure func=\x1b[31mBPRM_CHECK\n")
@@ -144,6 +144,8 @@ def test_log_lines_escape_what_writers_sent(make_mount, world_tmp):
         ("policy", b"/evil\x1b[2J.policy\n", errno.EINVAL,
          r"/evil\x1b[2J.policy: line 1, column 9: unprintable character U+001B"),
         ("keys", "/k\u2028z\n".encode(), errno.EINVAL, r"/k\u2028z: No such file"),
+        # not UTF-8: the line was lost (a lone surrogate the log file cannot encode)
+        ("keys", b"/k\xff\x80\n", errno.EINVAL, r"/k\xff\x80: No such file"),
         ("ns-join", b"/a\r" + FORGED.encode(), errno.EINVAL, r"a\r" + FORGED),
         ("ns-create", "w\u200bb\n".encode(), errno.EINVAL, r"'w\u200bb'"),
     ]

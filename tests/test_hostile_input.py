@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import threading
 import time
@@ -159,19 +160,32 @@ def write_ctl(path: Path, data: bytes, chunks: int = 1) -> int:
     return err
 
 
+# what the log line of a refused write to each control file starts with
+REFUSAL_LINE = {"policy": "policy write to namespace / rejected",
+                "keys": "key write to namespace / rejected",
+                "query": "query write to namespace / rejected",
+                "ns-remove": "ns-remove by pid", "ns-join": "ns-join by pid"}
+
+
 @pytest.mark.mount
 def test_control_writes_from_hypothesis(make_mount, world_tmp):
-    """Random and near-valid writes to policy, keys, ns-create, ns-remove and query:
-    each succeeds or fails with an errno the control file documents, and the daemon
-    keeps answering."""
+    """Random and near-valid writes to policy, keys, ns-remove, ns-join and query:
+    each succeeds or fails with an errno the control file documents, every failure
+    leaves a line in the daemon's log saying which file refused it and why, and the
+    daemon keeps answering. (ns-create is not written from here: a write that
+    succeeded would move this test process.)"""
     m = make_mount(["--policy", "tcb"])
     (m.backing / "f").write_text("x\n")
     allowed = {"policy": {0, errno.EINVAL, errno.EFBIG}, "keys": {0, errno.EINVAL, errno.EFBIG},
                "ns-remove": {0, errno.EINVAL, errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY},
+               # no namespace exists to join (0: nothing written at all)
+               "ns-join": {0, errno.EINVAL, errno.ENOENT, errno.EPERM},
                "query": {0, errno.EINVAL}}
     seeds = {n: fuzz.seeds(t) for n, t in [("policy", "ctl-policy"), ("keys", "ctl-keys"),
-                                            ("query", "ctl-query"), ("ns-remove", "ctl-ns")]}
-    tried = [0]
+                                            ("query", "ctl-query"), ("ns-remove", "ctl-ns"),
+                                            ("ns-join", "ctl-ns")]}
+    tried, refused = [0], {n: 0 for n in allowed}
+    log = open(m.log, "rb")
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -183,14 +197,30 @@ def test_control_writes_from_hypothesis(make_mount, world_tmp):
             st.sampled_from(pool).flatmap(lambda s: st.integers(0, 2**32).map(
                 lambda k: fuzz.mutate(__import__("random").Random(k), s, pool)))))
         chunks = data.draw(st.integers(1, 3))
+        log.seek(0, os.SEEK_END)
         err = write_ctl(m.ctl(name), buf, chunks)
         tried[0] += 1
         assert err in allowed[name], (name, buf[:100], err)
-    check()
+        assert err or name != "ns-join" or not buf, (buf[:100], "joined")
+        new = log.read().decode("utf-8", "replace").splitlines()
+        said = [ln for ln in new if " imafs.control WARNING: " in ln]
+        if err:
+            refused[name] += 1
+            # the log is written before the refusal is answered: the line is there
+            assert said and all(REFUSAL_LINE[name] in ln or f"{name} open by pid" in ln
+                                for ln in said), (name, buf[:100], err, new)
+            assert all(re.match(r"\d{4}-\d\d-\d\d ", ln) for ln in new), new
+        else:
+            assert not said, (name, buf[:100], said)
+    try:
+        check()
+    finally:
+        log.close()
     assert _alive(m)
     # the root policy grew only by what was accepted: it still parses and prints
     assert m.ctl("policy").read_text().count("\n") <= 4096 + 20
     assert tried[0] >= EXAMPLES
+    assert all(refused.values()), refused       # every file refused something
 
 
 @pytest.mark.mount
