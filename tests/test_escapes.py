@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -174,31 +175,93 @@ def test_child_cannot_read_or_write_host_control_files(esc):
     assert m.ctl("namespaces/esc/policy").read_text().split() == ["measure", "func=MMAP_CHECK"]
 
 
-def test_non_root_cannot_write_its_namespace_policy(esc):
-    """uid 1000 in the child, and uid 1000 as "root" of a new user namespace: the
-    policy, keys, ns-create and ns-remove files refuse it; the policy is unchanged."""
-    mnt = esc.mnt
-    shutil.copy(esc.key / "signing_cert.der", esc.backing / "keys" / "k.der")
-    script = f"""
-      echo "measure func=MMAP_CHECK" > {mnt}/.imafs/policy; echo policy=$?
-      echo /keys/k.der > {mnt}/.imafs/keys; echo keys=$?
-      echo sub > {mnt}/.imafs/ns-create; echo create=$?
-      echo x > {mnt}/.imafs/ns-remove; echo remove=$?"""
+# Tries to write each root-only control file: "NAME=ERRNO" (the open's errno), or
+# "NAME=ok" (opened and written). "passdown": uid 0 opens first, then becomes uid 1000
+# (every capability gone) and writes through the descriptor it kept.
+WRITE_TOOL = r'''
+import os, sys
+mnt, mode = sys.argv[1], sys.argv[2]
+tries = [("policy", b"measure func=MMAP_CHECK\n"), ("keys", b"/keys/k.der\n"),
+         ("create", b"sub\n"), ("remove", b"victim\n")]
+if mode == "passdown":
+    tries = tries[:1]
+print("uid=%d" % os.getuid())
+print("caps=" + open("/proc/self/status").read().split("CapEff:")[1].split()[0])
+fds = {}
+for what, data in tries:
+    name = {"create": "ns-create", "remove": "ns-remove"}.get(what, what)
+    try:
+        fds[what] = os.open(f"{mnt}/.imafs/{name}", os.O_WRONLY)
+    except OSError as e:
+        print(f"{what}={e.errno}")
+if mode == "passdown":
+    os.setgroups([]); os.setresgid(1000, 1000, 1000); os.setresuid(1000, 1000, 1000)
+    print("after=%d" % os.getuid())
+for what, data in tries:
+    if what in fds:
+        try:
+            os.write(fds[what], data)
+            os.close(fds[what])
+            print(f"{what}=ok")
+        except OSError as e:
+            print(f"{what}=write{e.errno}")
+'''
+
+
+def test_non_root_cannot_write_its_namespace_policy(esc, world_tmp):
+    """In child namespace /nr: uid 1000, and uid 1000 as "root" of a new user
+    namespace, cannot open policy, keys, ns-create or ns-remove (naming /nr/victim,
+    which exists) for writing: EACCES from the kernel (default_permissions: the files
+    are root's, 0600/0200). uid 1000 with CAP_DAC_OVERRIDE passes the kernel's check
+    and reaches imafs's own, which refuses every one of them (EACCES) because the
+    opener's uid is not 0 -- logged and audited. That check is made at open, as
+    securityfs makes it: a descriptor root opened and kept across setuid(1000)
+    writes as root opened it (the kernel's ima_open_policy checks at open only).
+    Nothing of the refused attempts changed anything: root then removes
+    /nr/victim."""
+    m, mnt = esc, esc.mnt
+    shutil.copy(m.key / "signing_cert.der", m.backing / "keys" / "k.der")
+    tool = world_tmp / "write_tool.py"
+    tool.write_text(WRITE_TOOL)
+    drop = "setpriv --reuid=1000 --regid=1000 --clear-groups"
+    py = "/usr/bin/python3"         # the system's: uid 1000 can run it (not root's pyenv)
     r = host_sh(f"""
     echo nr > {mnt}/.imafs/ns-create || exit 9
     echo 'measure func=BPRM_CHECK' > {mnt}/.imafs/policy || exit 8
-    setpriv --reuid=1000 --regid=1000 --clear-groups sh -c '{script}' | sed s/^/u_/
-    setpriv --reuid=1000 --regid=1000 --clear-groups unshare --user --map-root-user sh -c '
-      echo uid=$(id -u); {script}' | sed s/^/ns_/
+    (echo victim > {mnt}/.imafs/ns-create) || exit 7
+    {drop} {py} {tool} {mnt} try | sed s/^/u_/
+    {drop} unshare --user --map-root-user {py} {tool} {mnt} try | sed s/^/ns_/
+    {drop} --inh-caps=+dac_override --ambient-caps=+dac_override \
+      {py} {tool} {mnt} try | sed s/^/cap_/
+    cp {mnt}/.imafs/policy {world_tmp}/policy.before
+    {py} {tool} {mnt} passdown | sed s/^/fd_/
+    ls {mnt}/.imafs/namespaces | tr '\\n' ' ' | sed 's/^/children=/'; echo
+    echo victim > {mnt}/.imafs/ns-remove; echo root_remove=$?
     """, pidns=False)
     out = lines(r)
-    assert out["ns_uid"] == "0", r                  # root of its own user namespace
-    for who in ("u_", "ns_"):
+    assert out.get("ns_uid") == "0" and out.get("u_uid") == out.get("cap_uid") == "1000", \
+        (r.stdout, r.stderr)
+    assert int(out["cap_caps"], 16) == 1 << 1 and int(out["u_caps"], 16) == 0, r
+    for who in ("u_", "ns_", "cap_"):
         for what in ("policy", "keys", "create", "remove"):
-            assert out[who + what] != "0", (who, what, r)
-    assert esc.ctl("namespaces/nr/policy").read_text().split() == ["measure", "func=BPRM_CHECK"]
-    assert esc.ctl("namespaces/nr/keys").read_text() == ""
-    assert os.listdir(esc.ctl("namespaces/nr/namespaces")) == []
+            assert out[who + what] == str(errno.EACCES), (who, what, r.stdout)
+    # the kernel refused u_ and ns_; imafs refused cap_, each of the four once
+    refusals = re.findall(r"open of (\S+) in namespace /nr for writing by pid \d+ refused: "
+                          r"uid 1000 may not write \1: only uid 0 writes it", m.log_text())
+    assert sorted(refusals) == ["keys", "ns-create", "ns-remove", "policy"], refusals
+    recs = [x for x in audit(m) if x.get("uid") == 1000 and x["type"].endswith("_rejected")]
+    assert sorted(x["type"] for x in recs) == ["key_rejected", "ns_create_rejected",
+                                               "ns_remove_rejected", "policy_rejected"]
+    # checked at open: the descriptor root opened writes after setuid(1000)
+    assert out["fd_after"] == "1000" and out["fd_policy"] == "ok", r.stdout
+    assert (world_tmp / "policy.before").read_text().split() == ["measure", "func=BPRM_CHECK"]
+    assert m.ctl("namespaces/nr/policy").read_text().split() == \
+        ["measure", "func=BPRM_CHECK", "measure", "func=MMAP_CHECK"]
+    update = [x for x in audit(m) if x["type"] == "policy_update" and x["ns"] == "/nr"]
+    assert update[-1]["uid"] == 0                     # the opener's
+    assert m.ctl("namespaces/nr/keys").read_text() == ""
+    assert out["children"].split() == ["victim"] and out["root_remove"] == "0", r
+    assert os.listdir(m.ctl("namespaces/nr/namespaces")) == []
 
 
 # ------------------------------------------------------------------ appraisal
