@@ -325,7 +325,7 @@ def test_sigkill_rounds(world_tmp):
                     argv.append(f"c{rnd}")
                     children[f"c{rnd}"] = jp
                 procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.PIPE))
+                                              stderr=subprocess.PIPE, start_new_session=True))
             this_round = [jp for r_, _, jp in journals if r_ == rnd]
             kill_at = t_start + rng.uniform(0.15, 0.7)
             time.sleep(max(0.0, kill_at - time.monotonic()))
@@ -348,7 +348,6 @@ def test_sigkill_rounds(world_tmp):
                 try:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    p.kill()
                     pytest.fail(f"round {rnd}: a worker hung on the dead mount")
                 assert p.returncode == 0, p.stderr.read().decode()[-2000:]
             t_umount = time.monotonic()
@@ -413,9 +412,9 @@ def test_sigkill_rounds(world_tmp):
             phases["checks"] += time.monotonic() - t_check
             survived += 1
     finally:
-        for p in procs:
+        for p in procs:             # a failure leaves no worker (nor its children) behind
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         umount(mnt)
     elapsed = time.monotonic() - t0

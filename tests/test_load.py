@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def test_sixteen_workers_two_namespaces(make_mount, world_tmp):
     t0 = time.monotonic()
     launchers = [subprocess.Popen([sys.executable, str(WORKER), "launch", str(m.mnt), ns,
                                    str(count), str(first), str(SECONDS), str(1000 + first),
-                                   str(out)])
+                                   str(out)], start_new_session=True)
                  for ns, count, first in groups]
     try:
         while any(p.poll() is None for p in launchers):
@@ -98,7 +99,7 @@ def test_sixteen_workers_two_namespaces(make_mount, world_tmp):
     finally:
         for p in launchers:        # a failed assertion leaves no worker behind
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     elapsed = time.monotonic() - t0
     assert [p.returncode for p in launchers] == [0, 0, 0]
