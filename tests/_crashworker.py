@@ -28,7 +28,9 @@ whose sha256 the worker knows without reading it back) and then runs the slot as
 ``busybox echo TAG``. A script's exec is followed by the shell's read of it; an ELF
 exec is not, so its BPRM_CHECK record can be told from anything else.
 
-The first operations are one of each kind (exec, elf, append, replace, then read) in
+Each worker also reads and runs again up to 6 scripts of its earlier rounds (their
+entries were made before earlier kills, and must neither be missing nor appended
+twice). The first operations are one of each kind (exec, elf, append, replace, then read) in
 a random order, so that every kind is observed early in every round.
 """
 from __future__ import annotations
@@ -120,6 +122,20 @@ def main() -> int:
         return 0
     scripts: list[str] = []
     readable: list[str] = []
+    # scripts of this worker's earlier rounds, measured before earlier kills: read
+    # and run again, they must be found under the entries made then (and not
+    # appended twice)
+    try:
+        old = sorted(n for n in os.listdir(d) if n.startswith("x") and n.endswith(".sh")
+                     and not n.startswith(f"x{rnd}_"))
+    except OSError as e:
+        try:
+            fail("setup", e)
+        except Dead:
+            return 0
+        return 0
+    old = [os.path.join(d, n) for n in rng.sample(old, min(len(old), 6))]
+    readable.extend(old)
     replaced = False
     cur = os.path.join(d, f"cur{rnd}")
     logf = os.path.join(d, f"r{rnd}.log")
@@ -133,16 +149,29 @@ def main() -> int:
             op = first.pop(0) if first else rng.choice(
                 ("exec", "elf", "elf", "read", "read", "append", "append", "replace", "list"))
             if op == "exec":
-                tag = f"{wid}-{rnd}-{i}-{rng.getrandbits(32):08x}"
-                p = os.path.join(d, f"x{rnd}_{i}.sh")
-                body = f"#!/bin/sh\necho {tag}\n".encode()
                 try:
-                    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
-                    try:
-                        os.write(fd, body)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    if old and rng.random() < 0.25:
+                        # a script of an earlier round, if it was written whole then
+                        p = rng.choice(old)
+                        with open(p, "rb") as f:
+                            body = f.read()
+                        note("read", rel(p), hashlib.sha256(body).hexdigest())
+                        words = body.split(b"\n")
+                        if len(words) != 3 or words[0] != b"#!/bin/sh" or words[2] \
+                                or not words[1].startswith(b"echo "):
+                            old.remove(p)           # torn by an earlier kill: not run
+                            continue
+                        tag = words[1][5:].decode()
+                    else:
+                        tag = f"{wid}-{rnd}-{i}-{rng.getrandbits(32):08x}"
+                        p = os.path.join(d, f"x{rnd}_{i}.sh")
+                        body = f"#!/bin/sh\necho {tag}\n".encode()
+                        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+                        try:
+                            os.write(fd, body)
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
                     r = subprocess.run([p], capture_output=True, timeout=20)
                 except OSError as e:
                     fail("exec", e)
@@ -152,7 +181,8 @@ def main() -> int:
                     continue
                 if r.returncode == 0 and r.stdout == (tag + "\n").encode():
                     note("exec", rel(p), hashlib.sha256(body).hexdigest())
-                    scripts.append(p)
+                    if p not in old:
+                        scripts.append(p)
                 elif not mounted():
                     raise Dead()
                 else:

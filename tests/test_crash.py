@@ -10,7 +10,8 @@ up to MIN_WAIT s; a round whose workers did too little fails). After every kill:
 ``imafs umount`` clears the dead mount with no manual step, a new daemon mounts the
 same ``--state``, and
 
-- no list loses or changes an entry: each view of the host's list (binary sha1,
+- no list loses or changes an entry, nor records one file version twice on a PCR
+  (the scripts of earlier rounds are read and run again): each view of the host's list (binary sha1,
   binary sha256, ascii) begins with exactly what it was after the previous kill, and
   a child's list, once its round is over, stays byte for byte what it was;
 - every list replays to the PCR values served with it, in both banks: ListWatch
@@ -127,6 +128,13 @@ def check_list(lst: dict, what: str) -> set[tuple[int, bytes, str]]:
     assert len(entries) == len(asc) == rep256.entries == lst["count"], what
     assert [e.recorded_hash for e in asc] == [e.recorded_hash for e in entries], what
     assert [e.pcr for e in asc] == [e.pcr for e in entries], what
+    # a file version is recorded once per PCR (README: as the kernel does)
+    seen = set()
+    for i, e in enumerate(entries):
+        if not e.violation:
+            key = (e.pcr, e.recorded_hash)
+            assert key not in seen, f"{what}: entry {i} ({e.name!r}) is there twice"
+            seen.add(key)
     return _entry_keys(entries)
 
 
@@ -146,7 +154,8 @@ class ListWatch:
     that are parsed, their template hashes recomputed in both banks (the sha256 view
     and the ascii view must describe the same entries), and extended into running
     PCR registers, which must equal the PCR files served now in both banks; the
-    count must be the number of entries. ``full``: also check_list (imafs's
+    count must be the number of entries, and no file version may be there twice on
+    one PCR (violations aside). ``full``: also check_list (imafs's
     verifier replaying the whole list from zero)."""
 
     VIEWS = ("binary", "binary_sha256", "ascii")
@@ -156,6 +165,7 @@ class ListWatch:
         self.prev = dict.fromkeys(self.VIEWS, b"")
         self.pcrs = {"sha1": [bytes(20)] * 24, "sha256": [bytes(32)] * 24}
         self.entries: set[tuple[int, bytes, str]] = set()
+        self.seen: set[tuple[int, bytes]] = set()   # (PCR, template hash), once each
         self.n = 0
 
     def update(self, lst: dict, when: str, full: bool = False) -> set:
@@ -177,6 +187,9 @@ class ListWatch:
             if not a.violation:
                 assert a.recorded_hash == a.template_hash("sha1"), f"{at}: sha1 template hash"
                 assert b.recorded_hash == b.template_hash("sha256"), f"{at}: sha256 template hash"
+                assert (a.pcr, a.recorded_hash) not in self.seen, \
+                    f"{at}: this file version is on PCR {a.pcr} already"
+                self.seen.add((a.pcr, a.recorded_hash))
             for bank, e in (("sha1", a), ("sha256", b)):
                 regs = self.pcrs[bank]
                 regs[e.pcr] = hashlib.new(bank, regs[e.pcr] + e.extend_value(
@@ -418,14 +431,18 @@ def test_sigkill_rounds(world_tmp):
                 p.wait()
         umount(mnt)
     elapsed = time.monotonic() - t0
+    reruns = sum(1 for r_, _, jp in journals for f in journal(jp) if f[0] == "exec"
+                 and not bytes.fromhex(f[1]).split(b"/")[-1].startswith(b"x%d_" % r_))
     lo = {k: min(c[k] for c in per_round) for k in KINDS}
     tot = {k: sum(c[k] for c in per_round) for k in KINDS}
     print(f"crash rounds survived: {survived}, {elapsed:.1f} s; facts per kind (total, "
           f"fewest in a round): {', '.join(f'{k} {tot[k]}/{lo[k]}' for k in KINDS)}; "
-          f"rounds that waited for the minimum: {waited}; entry look-ups: {lookups}; "
+          f"rounds that waited for the minimum: {waited}; earlier rounds' scripts run "
+          f"again: {reruns}; entry look-ups: {lookups}; "
           f"host entries: {host['count']}, child lists: {len(watches) - 1}; time in "
           f"{', '.join(f'{k} {v:.1f} s' for k, v in phases.items())}")
     assert survived == ROUNDS
+    assert reruns > 0 or ROUNDS < 10
 
 
 # ------------------------------------------------------------------ a full disk
