@@ -20,6 +20,7 @@ import pyfuse3
 from imafs.fs import sysio
 from imafs.fs.overlay import NOT_NOW, Caller, Denied, Inode, NullHooks
 from imafs.fs.resolve import resolve
+from imafs.fs.watch import Watcher
 from imafs.ima.appraise import XattrError, parse_ima_xattr
 from imafs.ima.engine import WOULD_BLOCK, AccessDenied, Engine, FileRef, FsInfo, Subject
 
@@ -160,6 +161,12 @@ class IntegrityHooks(NullHooks):
         self._inval_lock = threading.Lock()
         self._inval_pending: set[int] = set()
         self._nowait = True
+        # nodeids whose page cache the digest pass of an open filled (keep_cache)
+        self._filled: set[int] = set()
+        self._fill_ok = True
+        # inotify on the backing inodes of files verified handles hold open: a change
+        # behind the mount drops the kernel's pages of the file at once
+        self._watch = Watcher(self._changed_behind) if engine.verify_reads else None
 
     @property
     def active(self) -> bool:  # open/release hooks only while some policy has rules
@@ -199,6 +206,7 @@ class IntegrityHooks(NullHooks):
             getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
             fs=self._fsinfo(fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
+            fill_cache=(lambda: self._fill_cache(inode)) if self.engine.verify_reads else None,
             generation=self._generation(inode, fd, st.st_dev))
 
     def _open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
@@ -229,9 +237,18 @@ class IntegrityHooks(NullHooks):
     def open(self, caller, inode, fd, flags, exec_):
         return self._opened(self._open(caller, inode, fd, flags, exec_, False), inode)
 
+    def _changed_behind(self, nodeid: int) -> None:
+        """inotify: a file verified handles hold open changed behind the mount. Its
+        cached pages (which may be a whole file filled at open) go; the next reads
+        reach the daemon and are checked; the next open does not keep them either."""
+        self._tainted.add(nodeid)
+        self.invalidate(nodeid)
+
     def _opened(self, state, inode: Inode):
         if state is not None and self.engine.verify_reads:
             state.ref = inode.nodeid
+            if state.tree is not None and self._watch is not None:
+                self._watch.watch(inode.nodeid, inode.fd)
             if state.tree is not None and inode.nodeid in self._unverified:
                 # the kernel may hold pages of this inode that were served without
                 # verification: do not let this verified open keep them
@@ -289,14 +306,45 @@ class IntegrityHooks(NullHooks):
                 self._nowait = False     # backing file system without RWF_NOWAIT
             return None
 
-    def keep_cache(self, inode: Inode) -> bool:
-        """Whether an open may keep the kernel's cached pages of the inode (the overlay
-        has already checked that the file is unchanged since the last open): not after
-        a failed verification, nor when pages read unverified could be among them."""
+    def keep_cache(self, inode: Inode, unchanged: bool) -> bool:
+        """Whether an open may keep the kernel's cached pages of the inode: when the
+        digest pass of this open filled them (they are the bytes just measured); else
+        only if the file is unchanged since the last open, and not after a failed
+        verification, nor when pages read unverified could be among them."""
+        if inode.nodeid in self._filled:
+            self._filled.discard(inode.nodeid)
+            self._tainted.discard(inode.nodeid)
+            self._unverified.discard(inode.nodeid)
+            return True
         if inode.nodeid in self._tainted:
             self._tainted.discard(inode.nodeid)
             return False
-        return True
+        return unchanged
+
+    def _fill_cache(self, inode: Inode):
+        """For the engine's digest pass (a worker thread, the file's IInt locked, no
+        other handle verifying it): drop the kernel's pages and attributes of the inode
+        and return a sink that stores the bytes being hashed in its page cache."""
+        if not self._fill_ok:
+            return None
+        nodeid = inode.nodeid
+        try:
+            pyfuse3.invalidate_inode(nodeid, attr_only=False)
+        except OSError:
+            return None
+        self._filled.add(nodeid)
+
+        def store(off: int, data) -> None:
+            if not self._fill_ok:
+                return
+            try:
+                pyfuse3.notify_store(nodeid, off, bytes(data))
+            except OSError as e:      # ENOSYS: no FUSE_NOTIFY_STORE; ENOENT: forgotten
+                if e.errno == errno.ENOSYS:
+                    self._fill_ok = False
+                log.debug("notify_store inode %d offset %d: %s", nodeid, off, e)
+                self._filled.discard(nodeid)
+        return store
 
     def invalidate(self, nodeid: int) -> None:
         """Make the kernel drop its cached pages and attributes of an inode, mapped
@@ -339,6 +387,8 @@ class IntegrityHooks(NullHooks):
                 log.warning("invalidate inode %d: %s", nodeid, e)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._inval_q is not None:
             self._inval_q.put(None)
 
@@ -347,6 +397,8 @@ class IntegrityHooks(NullHooks):
 
     def release(self, token):
         """Runs on the event loop (cheap): returns the slow part, or None."""
+        if token.tree is not None and token.ref is not None and self._watch is not None:
+            self._watch.unwatch(token.ref)
         return self.engine.file_release(token)
 
     def wrote(self, token) -> None:

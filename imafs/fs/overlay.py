@@ -144,8 +144,10 @@ class NullHooks:
         """Return a name to read instead of ``name``, or None."""
         return None
 
-    def keep_cache(self, inode: "Inode") -> bool:
-        return True
+    def keep_cache(self, inode: "Inode", unchanged: bool) -> bool:
+        """Whether the open may keep the kernel's cached pages (``unchanged``: the
+        file is as the last open saw it)."""
+        return unchanged
 
 
 class Inode:
@@ -642,7 +644,9 @@ class Overlay(pyfuse3.Operations):
                 if slow is not None:
                     await self._in_thread(slow)
             raise _fuse_error(e)
-        keep = self._keep_cache(node, st) and (not self.hooks.active or self.hooks.keep_cache(node))
+        keep = self._keep_cache(node, st)
+        if self.hooks.active:
+            keep = self.hooks.keep_cache(node, keep)
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
 
     @staticmethod

@@ -107,6 +107,10 @@ class FileRef:
     getxattr: Callable[[str], bytes | None]
     setxattr: Callable[[str, bytes], None]
     fs: FsInfo = field(default_factory=FsInfo)
+    # read-time verification: () -> sink(offset, data) that stores the bytes of the
+    # digest pass in the kernel's page cache of this file (dropping what it held), or
+    # None when it cannot; the open then lets the kernel keep them
+    fill_cache: Callable[[], Callable[[int, memoryview], None] | None] | None = None
     # (pid, path) -> the identity (st_dev, st_ino) of the file that process opens by
     # that absolute path through the mount: None unless its root is the mount's (a
     # process that is not chrooted into the mount finds its PT_INTERP elsewhere)
@@ -326,7 +330,7 @@ class Engine:
         self._recorded = 0          # entries this engine appended (trims the store's map)
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
-                      "tree_loads": 0, "read_failures": 0}
+                      "tree_loads": 0, "read_failures": 0, "reads_verified": 0}
         self._stats_lock = threading.Lock()   # hashing runs in many worker threads
 
     # ------------------------------------------------------------------ state
@@ -844,9 +848,18 @@ class Engine:
                       if a not in ii.digests and not a.startswith("verity-"))
         other_verity = (algo.startswith("verity-") and algo != _VERITY_TREE_DIGEST
                         and algo not in ii.digests)
+        # the bytes of this pass, which the tree describes, may go straight into the
+        # kernel's page cache of the file (FileRef.fill_cache): reads of them are then
+        # served without a second hash; only while no other handle verifies the file
+        # (its pages must match that handle's tree) and nobody writes it
+        sink = None
+        if (need_tree and f.fill_cache is not None and ii.writers == 0
+                and 0 < f.st.st_size <= FILL_MAX and not self._live_trees(ii)):
+            sink = f.fill_cache()
         fd = f.fd if f.readable else f.reopen()
         try:
-            res = hashing.hash_fd(fd, want, verity=hashing.VeritySpec() if need_tree else None)
+            res = hashing.hash_fd(fd, want, verity=hashing.VeritySpec() if need_tree else None,
+                                  sink=sink)
             if other_verity:   # fs-verity digest with another hash (sha512): its own pass
                 vt = hashing.hash_fd(fd, [], verity=hashing.VeritySpec(algo[7:])).tree
                 ii.digests[algo] = vt.verity_digest
@@ -967,6 +980,7 @@ class Engine:
         trees = self._live_trees(ii)
         if not trees:
             return None
+        self.stats["reads_verified"] += 1    # no lock: a statistic, not an invariant
         own = state.tree if state.wgen == ii.wgen else None
         if own is not None:
             trees.sort(key=lambda tw: tw[0] is not own)
@@ -1302,6 +1316,7 @@ def _measure_algo(n: Namespace, xattr: bytes | None) -> str:
 
 
 INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
+FILL_MAX = 1 << 30     # files up to this size go into the page cache as they are hashed
 MMAP_HOOKS = (("MMAP_CHECK_REQPROT", MAY_EXEC), ("MMAP_CHECK", MAY_EXEC))
 
 

@@ -658,6 +658,20 @@ class _TreeLane:
         self.leaves += self.hash_blocks(mv)
 
 
+class _SinkLane:
+    """Hands every chunk, with its offset, to a callable (the bytes just hashed: the
+    FUSE adapter stores them in the kernel's page cache)."""
+    __slots__ = ("sink", "off")
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.off = 0
+
+    def feed(self, mv):
+        self.sink(self.off, mv)
+        self.off += len(mv)
+
+
 def _pread_full(fd: int, size: int, offset: int) -> bytes:
     """pread until ``size`` bytes or EOF."""
     data = os.pread(fd, size, offset)
@@ -792,7 +806,7 @@ def _results(lanes, size: int) -> FileDigests:
     for lane in lanes:
         if isinstance(lane, _TreeLane):
             tree = MerkleTree(lane.spec, size, lane.leaves)
-        else:
+        elif isinstance(lane, _FlatLane):
             digests[lane.name] = lane.h.digest()
     return FileDigests(size, digests, tree)
 
@@ -810,7 +824,8 @@ def hash_bytes(data, algos: Iterable[str] | str = ("sha256",), *,
 
 
 def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
-            verity: VeritySpec | None = None, chunk: int = 1 << 20) -> FileDigests:
+            verity: VeritySpec | None = None, chunk: int = 1 << 20,
+            sink: Callable[[int, memoryview], None] | None = None) -> FileDigests:
     """Hash an open regular file in one pass of ``pread`` calls (the file offset is
     neither used nor moved; other file types raise ``OSError``).
 
@@ -822,8 +837,13 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
     calling thread reads and builds the tree; otherwise everything runs in the
     calling thread.  Raises :class:`HashAlgoError` / :class:`UnsupportedAlgorithm`
     before reading, and ``OSError`` for read errors.
+
+    ``sink(offset, data)``: also given every chunk read, in order (the very bytes the
+    digests and the tree are computed from); it may run in a helper thread.
     """
     lanes = _make_lanes(algos, verity)
+    if sink is not None:
+        lanes.append(_SinkLane(sink))
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):     # IMA, too, only measures regular files
         err = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
