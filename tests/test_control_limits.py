@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,26 @@ def test_policy_of_exactly_a_mib(make_mount):
     assert len(exact_nl) == MAX_POLICY_BYTES
     assert steps(p, exact_nl) == [MAX_POLICY_BYTES, 0], m.log_text()[-3000:]
     assert p.read_text() == "measure func=BPRM_CHECK \n" * 2
+
+
+def test_policy_file_over_a_mib_is_refused_before_it_is_hashed(make_mount, world_tmp):
+    """A policy loaded by path that is larger than the limit (here a sparse 8 GiB file,
+    under tcb, which measures POLICY_CHECK) is EFBIG at once: it was hashed whole first,
+    then refused with EINVAL."""
+    b = world_tmp / "backing1"
+    b.mkdir()
+    with open(b / "huge.policy", "wb") as f:
+        f.truncate(8 << 30)
+    m = make_mount(["--policy", "tcb"], backing=b)
+    p = m.ctl("policy")
+    before = p.read_text()
+    t = time.monotonic()
+    assert steps(p, b"/huge.policy\n") == [("err", errno.EFBIG), errno.EFBIG]
+    assert time.monotonic() - t < 2
+    assert p.read_text() == before
+    assert f"/huge.policy: policy file over {MAX_POLICY_BYTES} bytes ({8 << 30})" \
+        in m.log_text()
+    assert b"/huge.policy" not in m.ctl("ascii_runtime_measurements").read_bytes()
 
 
 def test_keys_over_a_mib_fails_every_later_write_and_the_close(make_mount):

@@ -525,15 +525,17 @@ class ControlDir:
             f, fd = self._open_in_mount(path)
         except OSError as e:
             raise PolicyError(f"{path}: {e.strerror}") from None
+        size = f.st.st_size
+        if size > MAX_POLICY_BYTES:     # before anything hashes it
+            os.close(fd)
+            raise _PolicyDenied(f"{path}: policy file over {MAX_POLICY_BYTES} bytes "
+                                f"({size})", errno.EFBIG)
         state = None
         try:
             with self.engine.tree.acting_as(h.pid, h.ns):
                 state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
                                               writable=False, append=False, exec_=False,
                                               funcs=[("POLICY_CHECK", 4)])
-            size = f.st.st_size
-            if size > MAX_POLICY_BYTES:
-                raise PolicyError(f"{path}: policy file over {MAX_POLICY_BYTES} bytes")
             text = os.pread(fd, size, 0)
         except AccessDenied as e:        # appraisal (EACCES), a list that is full (EIO)
             raise _PolicyDenied(f"{path}: {e}", e.errno) from None
