@@ -397,8 +397,6 @@ class IntegrityHooks(NullHooks):
 
     def release(self, token):
         """Runs on the event loop (cheap): returns the slow part, or None."""
-        if token.tree is not None and token.ref is not None and self._watch is not None:
-            self._watch.unwatch(token.ref)
         return self.engine.file_release(token)
 
     def wrote(self, token) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import struct
 import threading
+from collections import OrderedDict
 
 log = logging.getLogger("imafs.fs.watch")
 
@@ -32,16 +33,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Watcher:
-    """``watch(key, fd)`` / ``unwatch(key)`` by a caller's key (a FUSE nodeid), counted:
-    the watch goes with the last unwatch. ``changed(key)`` is called, in the watcher's
-    thread, for every event of a watched inode (and for every key when events were
-    lost: the queue overflowed)."""
+    """``watch(key, fd)`` by a caller's key (a FUSE nodeid): the inode stays watched
+    until ``unwatch(key)`` or until ``MAX`` others were watched since (least recently
+    watched first: a watch pins its inode in memory). Adding a watch costs a path walk,
+    so a file opened again and again is watched once; an event for a file that no
+    verified handle holds open any more only drops pages nobody relies on.
+    ``changed(key)`` is called, in the watcher's thread, for every event of a watched
+    inode (and for every key when events were lost: the queue overflowed)."""
+
+    MAX = 4096
 
     def __init__(self, changed):
         self._changed = changed
         self._lock = threading.Lock()
-        self._by_key: dict[object, list] = {}   # key -> [wd, count]
-        self._by_wd: dict[int, set] = {}        # wd -> keys (hard links: one inode)
+        self._by_key: OrderedDict = OrderedDict()   # key -> wd, least recent first
+        self._by_wd: dict[int, set] = {}            # wd -> keys (hard links: one inode)
         self._fd = _libc.inotify_init1(IN_CLOEXEC)
         if self._fd < 0:
             e = ctypes.get_errno()
@@ -60,34 +66,33 @@ class Watcher:
         if self._fd is None:
             return
         with self._lock:
-            rec = self._by_key.get(key)
-            if rec is not None:
-                rec[1] += 1
+            if key in self._by_key:
+                self._by_key.move_to_end(key)
                 return
             wd = _libc.inotify_add_watch(self._fd, f"/proc/self/fd/{fd}".encode(),
                                          IN_MODIFY | IN_ATTRIB)
             if wd < 0:
                 log.debug("inotify_add_watch: %s", os.strerror(ctypes.get_errno()))
                 return
-            self._by_key[key] = [wd, 1]
+            self._by_key[key] = wd
             self._by_wd.setdefault(wd, set()).add(key)
+            while len(self._by_key) > self.MAX:
+                self._drop(next(iter(self._by_key)))
 
     def unwatch(self, key) -> None:
         if self._fd is None:
             return
         with self._lock:
-            rec = self._by_key.get(key)
-            if rec is None:
-                return
-            rec[1] -= 1
-            if rec[1] > 0:
-                return
-            del self._by_key[key]
-            keys = self._by_wd.get(rec[0], set())
-            keys.discard(key)
-            if not keys:
-                self._by_wd.pop(rec[0], None)
-                _libc.inotify_rm_watch(self._fd, rec[0])
+            if key in self._by_key:
+                self._drop(key)
+
+    def _drop(self, key) -> None:
+        wd = self._by_key.pop(key)
+        keys = self._by_wd.get(wd, set())
+        keys.discard(key)
+        if not keys:
+            self._by_wd.pop(wd, None)
+            _libc.inotify_rm_watch(self._fd, wd)
 
     def watching(self, key) -> bool:
         with self._lock:
