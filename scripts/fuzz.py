@@ -323,10 +323,11 @@ class _Control:
                         if n != len(p):
                             raise Bug(f"{name}: write of {len(p)} bytes returned {n}")
                 # close(): flush
-                if name == "policy":
-                    if h.pending:
-                        self.ctl._write_policy(h, b"\n")
-                    self.ctl._load_policy(h)
+                if name == "policy":     # as ControlDir.flush
+                    if h.pending and not h.refused:
+                        self.ctl._write_policy(h, b"\n", True)
+                    if h.rules:
+                        self.ctl._load_policy(h)
                 elif name == "keys":     # keys are applied at close, like the kernel's
                     self.ctl._write_keys(h, b"", True)
             except FUSEError as e:

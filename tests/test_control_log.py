@@ -158,3 +158,24 @@ def test_log_lines_escape_what_writers_sent(make_mount, world_tmp):
     # the audit log keeps what was written, JSON-escaped
     errs = [r.get("error", "") for r in audit(m)]
     assert any("/k\x1b[2J\rX\x07" in e for e in errs), errs
+
+
+def test_file_names_in_engine_log_lines_are_escaped(make_mount, world_tmp):
+    """Every line of the daemon's log is escaped, whoever logs it: a denial names the
+    file, and a file named with a newline and a fake log line cannot forge one."""
+    b = world_tmp / "backing"
+    b.mkdir()
+    fake = "2026-01-01 00:00:00,000 imafs INFO: fake"
+    name = "x\n" + fake
+    (b / name).write_bytes(b"unsigned")
+    with open(os.path.join(os.fsencode(b), b"bad\xff"), "wb") as f:   # not UTF-8
+        f.write(b"unsigned")
+    pol = world_tmp / "policy"
+    pol.write_text("appraise func=FILE_CHECK mask=MAY_READ\n")
+    m = make_mount(["--policy", str(pol)], backing=b)
+    for n in (name.encode(), b"bad\xff"):
+        with pytest.raises(PermissionError):
+            open(os.path.join(os.fsencode(m.mnt), n), "rb").read()
+    text = m.log.read_text(errors="strict")
+    assert not any(ln.startswith(fake) for ln in text.splitlines())
+    assert "x\\n" + fake in text and "bad\\xff" in text

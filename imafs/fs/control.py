@@ -33,50 +33,9 @@ from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
 from imafs.ima.keys import KeyringError, check_certificate, parse_certificate
 from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
+from imafs.logutil import PrintableLogFilter
 
 log = logging.getLogger("imafs.control")
-
-
-def printable(text) -> str:
-    """``text`` (str, or bytes taken as os.fsdecode would) with every character that
-    is not printable escaped as Python's repr escapes it (\\n, \\r, \\t, \\x1b,
-    \\u2028, ...; a byte that is not UTF-8, kept by surrogateescape, as \\xNN), so a
-    log line that quotes what a writer sent stays one line and carries no terminal
-    control sequence. Printable text, backslashes included, is left as it is."""
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", "surrogateescape")
-    text = str(text)
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if c.isprintable():
-            out.append(c)
-            continue
-        o = ord(c)
-        if c in "\n\r\t":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
-        elif 0xDC80 <= o <= 0xDCFF:                # an undecodable byte
-            out.append(f"\\x{o - 0xDC00:02x}")
-        elif o < 0x100:
-            out.append(f"\\x{o:02x}")
-        elif o < 0x10000:
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(f"\\U{o:08x}")
-    return "".join(out)
-
-
-class PrintableLogFilter(logging.Filter):
-    """Escapes the message of every record it sees with :func:`printable` (on this
-    module's logger: every line that quotes a path, a name or text a writer sent)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        esc = printable(msg)
-        if esc != msg:
-            record.msg, record.args = esc, ()
-        return True
 
 
 log.addFilter(PrintableLogFilter())
@@ -387,7 +346,9 @@ class ControlDir:
         if h.name in ("policy", "keys") and h.refused == errno.EFBIG:
             # over the size limit: the write(2) that crossed it may well have returned
             # a short count (the kernel reports what it passed on before the refusal),
-            # so the close says it too
+            # so the close says it too. (Other refusals leave close(2) succeeding, as
+            # the kernel's release of the policy file does: a later write on the open
+            # fails, and a tool that retries the short write sees it.)
             if not h.told:
                 h.told = True
                 log.warning("%s open by pid %d in namespace %s closed with nothing %s: %s",

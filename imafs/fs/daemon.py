@@ -171,9 +171,13 @@ def setup_logging(level: str, log_file: str | None) -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise MountError(f"unknown log level {level!r} (debug, info, warning, error)")
+    from imafs.logutil import PrintableLogFilter
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    # file names and what processes write to control files are quoted in log lines:
+    # escaped, so that none can forge a line (a newline in a name) or be unwritable
+    handler.addFilter(PrintableLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
