@@ -280,6 +280,8 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(files=500, dirs=50, big_mib=32, execs=50, creates=200, create_dirs=10,
               rootfs_execs=50)
+SMOKE = Sizes(files=60, dirs=6, big_mib=4, execs=10, creates=30, create_dirs=3,
+              rootfs_execs=10)
 
 
 # --------------------------------------------------------------------------- mounting
@@ -1437,6 +1439,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates, "
                         "50 rootfs execs)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, for the test suite's run of every mode (implies --quick)")
     p.add_argument("--only", metavar="a,b,...",
                    help="workloads and measurements to run (default all; the r-* only with "
                         "--rootfs)")
@@ -1565,7 +1569,9 @@ def main(argv=None) -> int:
         if problem:
             print(problem, file=sys.stderr)
             return 2
-    sizes = QUICK if args.quick else FULL
+    if args.smoke:
+        args.quick = True
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     modes = select_modes(args.modes)
     wls, micro = select_workloads(workloads(sizes), args.only, args.rootfs is not None)
     if os.geteuid() != 0 and any(not m.native for m in modes):

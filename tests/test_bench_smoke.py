@@ -27,7 +27,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesyste
 def _run(args, tmp_path, timeout):
     md, js, png = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.png"
     p = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--reps", "1",
+        [sys.executable, str(BENCH), "--smoke", "--reps", "1",
          "--markdown", str(md), "--json", str(js), "--plot", str(png),
          "--workdir", str(tmp_path / "work")] + args,
         capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -86,10 +86,11 @@ def test_bench_quick_all_modes(tmp_path):
     # warm ones none (digests from the state of the priming run)
     a = data["workloads"]["a"]["modes"]
     assert a["overlay"]["engine"] is None
-    assert a["measure"]["engine"]["hashed_files"] == 500
-    assert a["measure"]["engine"]["entries"] > 500
+    n = bench.SMOKE.files
+    assert a["measure"]["engine"]["hashed_files"] == n
+    assert a["measure"]["engine"]["entries"] > n
     for m in ("measure-warm", "appraise-warm", "measure-appraise-warm", "verified-warm"):
-        assert a[m]["engine"]["hashed_files"] == 0 and a[m]["engine"]["cache_hits"] >= 500, \
+        assert a[m]["engine"]["hashed_files"] == 0 and a[m]["engine"]["cache_hits"] >= n, \
             (m, a[m]["engine"])
 
     # the issues' figures, as numbers
@@ -102,7 +103,7 @@ def test_bench_quick_all_modes(tmp_path):
     assert set(hs) == set(bench.HASH_ROWS)
     assert all(r["mib_s"] > 0 and r["vs_hashlib"] > 0 for r in hs.values())
     assert hs["hashlib"]["vs_hashlib"] == pytest.approx(1.0)
-    assert data["hashing"]["bytes"] == 32 << 20
+    assert data["hashing"]["bytes"] == bench.SMOKE.big_mib << 20
     us = data["ns_resolution"]["us"]
     assert set(us) == set(bench.NS_ROWS) and all(v > 0 for v in us.values())
 

@@ -69,7 +69,7 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
+import ctypes
 import threading
 import time
 
@@ -145,9 +145,7 @@ class CgroupBinder:
             self.mode, self.root, self._mounted = "v1", mnt, True
             return
         os.makedirs(mnt, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}", "cgroup",
-                            mnt], capture_output=True)
-        if r.returncode == 0:
+        if _mount_named(self.name, mnt):
             self.mode, self.root, self._mounted = "v1", mnt, True
             return
         v2 = _cgroup2_mount()
@@ -310,7 +308,7 @@ class CgroupBinder:
                 break
             time.sleep(0.02)
         if self.mode == "v1" and self._mounted:
-            subprocess.run(["umount", self.root], capture_output=True)
+            _umount(self.root)
             # A removed cgroup is released after an RCU grace period; a hierarchy
             # unmounted before that is never destroyed. Mounting it again once the
             # removed cgroups are gone, then unmounting, destroys it. A grace period
@@ -323,10 +321,8 @@ class CgroupBinder:
                 pause = min(pause * 2, 0.2)
                 if self.read_ns(os.getpid()) is None or time.monotonic() > deadline:
                     break
-                r = subprocess.run(["mount", "-t", "cgroup", "-o", f"none,name={self.name}",
-                                    "cgroup", self.root], capture_output=True)
-                if r.returncode == 0:
-                    subprocess.run(["umount", self.root], capture_output=True)
+                if _mount_named(self.name, self.root):
+                    _umount(self.root)
             try:
                 os.rmdir(self.root)
             except OSError:
@@ -392,6 +388,19 @@ def _pidfd_of_thread_group(tid: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_named(name: str, where: str) -> bool:
+    """mount -t cgroup -o none,name=NAME cgroup WHERE (mount(2) itself: no process)."""
+    return _libc.mount(b"cgroup", os.fsencode(where), b"cgroup", 0,
+                       f"none,name={name}".encode()) == 0
+
+
+def _umount(where: str) -> None:
+    _libc.umount2(os.fsencode(where), 0)
 
 
 def _pidfd_open(pid: int) -> int | None:

@@ -28,6 +28,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import operator
 import os
 import queue
 import stat
@@ -293,6 +294,7 @@ def _verity_spec(name: str, bs: int, salt: bytes) -> VeritySpec:
 def _block_hasher(name: str, bs: int, padded_salt: bytes) -> Callable[[memoryview], bytes]:
     ctor = _constructor(name)
     join = b"".join
+    digest = operator.methodcaller("digest")
 
     if padded_salt:
         copy = ctor(padded_salt).copy
@@ -310,8 +312,8 @@ def _block_hasher(name: str, bs: int, padded_salt: bytes) -> Callable[[memoryvie
         full = n - n % bs
         if padded_salt:
             out = join([one(mv[i:i + bs]) for i in range(0, full, bs)])
-        else:  # the hot loop: no extra Python frame per block
-            out = join([ctor(mv[i:i + bs]).digest() for i in range(0, full, bs)])
+        else:  # the hot loop: no Python frame per block (map over C callables)
+            out = join(map(digest, map(ctor, [mv[i:i + bs] for i in range(0, full, bs)])))
         if full != n:
             out += one(bytes(mv[full:]) + bytes(bs - (n - full)))
         return out
@@ -832,10 +834,10 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
     ``algos``: kernel names of the flat digests wanted (may be empty);
     ``verity``: also build the fs-verity Merkle tree with these parameters
     (``True`` for the defaults).  Memory: two ``chunk`` buffers plus the tree.
-    When there are two digests or more (the tree counts as one) and the file
-    has two chunks or more, flat digests run in helper threads while the
-    calling thread reads and builds the tree; otherwise everything runs in the
-    calling thread.  Raises :class:`HashAlgoError` / :class:`UnsupportedAlgorithm`
+    When the file has two chunks or more, the last lanes (flat digests, the sink)
+    run in helper threads while the calling thread reads and builds the tree or
+    the first digest; a single digest runs in a helper as well, so that reading
+    the next chunk overlaps hashing this one (cold, the disk then sets the pace).  Raises :class:`HashAlgoError` / :class:`UnsupportedAlgorithm`
     before reading, and ``OSError`` for read errors.
 
     ``sink(offset, data)``: also given every chunk read, in order (the very bytes the
@@ -864,10 +866,12 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
         return _results(lanes, len(data))
 
     helpers: list[_Helper] = []
-    if size >= _PARALLEL_MIN_CHUNKS * chunk and len(lanes) > 1:
-        # Flat digests go to helpers; the calling thread keeps the tree, or one
-        # flat digest (hashed right where it was read, while it is in cache).
-        helpers = _POOL.take(min(len(lanes) - 1, _POOL.limit))
+    if size >= _PARALLEL_MIN_CHUNKS * chunk and _POOL.limit > 0:
+        # The last lanes go to helpers, the reading thread keeps the others; with one
+        # lane, it goes to a helper too, so that reading the next chunk overlaps
+        # hashing this one.
+        n = len(lanes) if len(lanes) == 1 else len(lanes) - 1
+        helpers = _POOL.take(min(n, _POOL.limit))
     try:
         return _results(lanes, _stream(fd, size, chunk, lanes, helpers))
     finally:
