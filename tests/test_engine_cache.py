@@ -27,7 +27,7 @@ class World:
     def __init__(self, path, policy, certs=(), *, verify=False):
         self.store = Store(str(path / "lmdb"))
         self.cache = Store(str(path / "cache"), sync=False)
-        self.ring = Keyring(self.store, 0)
+        self.ring = Keyring(self.store, 0, persist_keys=False)   # as the root keyring
         for c in certs:
             self.ring.add(c)
         self.ring.verified = VerifiedSignatures(self.cache)
@@ -181,10 +181,12 @@ def test_verified_signatures_survive_a_remount(tmp_path, worlds, counted):
         w.engine.file_release(w.open(p))
     assert counted["verify"] == 4
     w.close()
-    w2 = worlds("state", APPRAISE)               # the same state: keys from LMDB
+    # the same state, another policy (so no done record applies: appraised again)
+    w2 = worlds("state", APPRAISE + MEASURE, [tk.der(cert)])
     for p in files:
         w2.engine.file_release(w2.open(p))
-    assert counted["verify"] == 4                 # none verified again
+    assert counted["decide"] == 8                 # decided again ...
+    assert counted["verify"] == 4                 # ... but no signature verified again
     # a new signature over the same digest (another ECDSA/RSA value, same key) is new
     other = tk.key("rsa", 1)
     other_cert = tk.cert(other)
@@ -208,3 +210,57 @@ def test_memo_is_per_key(tmp_path, worlds):
     assert not memo.known(b"\x00" * 32, "sha256", digest, sig[9:])
     assert not memo.known(info.fingerprint, "sha256", b"\x12" * 32, sig[9:])
     assert not memo.known(info.fingerprint, "sha512", digest, sig[9:])
+
+
+def test_done_record_survives_a_remount(tmp_path, worlds, counted):
+    """Verdicts are cached by inode version in LMDB: after a remount an open like one
+    decided before (same version, kind of open, policy, keys and options) is decided
+    without matching, reading the xattr or appraising; anything else is decided."""
+    priv = tk.key("ec")
+    cert = tk.cert(priv)
+    p = _signed(tmp_path, "s", priv, cert)
+    q = tmp_path / "plain"
+    q.write_bytes(b"plain")
+    w = worlds("state", APPRAISE + MEASURE, [tk.der(cert)])
+    w.engine.file_release(w.open(p))
+    assert counted["decide"] == 1
+    n = w.root.mlist.count
+    w.close()
+    w2 = worlds("state", APPRAISE + MEASURE, [tk.der(cert)])
+    w2.engine.file_release(w2.open(p))
+    assert counted["decide"] == 1                 # from the record: nothing matched
+    assert w2.root.mlist.count == n               # measured before, not again
+    w2.engine.file_release(w2.open(p, Subject(os.getpid(), 1000, 1000)))
+    assert counted["decide"] == 2                 # another caller: decided
+    w2.close()
+    # another policy, or another keyring: decided again (and still right)
+    w3 = worlds("state", MEASURE + APPRAISE, [tk.der(cert)])
+    w3.engine.file_release(w3.open(p))
+    assert counted["decide"] == 3
+    w3.close()
+    other = tk.key("ec", 1)
+    w4 = worlds("state", APPRAISE + MEASURE, [tk.der(tk.cert(other))])
+    with pytest.raises(AccessDenied):
+        w4.open(p)
+    assert counted["decide"] == 4
+
+
+def test_done_record_is_dropped_when_a_read_fails(tmp_path, worlds):
+    from imafs.ima.engine import DoneCache, ReadVerifyError
+    priv = tk.key("ec")
+    cert = tk.cert(priv)
+    p = _signed(tmp_path, "s", priv, cert, b"x" * 9000)
+    w = worlds("state", APPRAISE, [tk.der(cert)], verify=True)
+    st = w.open(p)
+    fd = w.fds[-1]
+    with w.cache.env.begin(db=w.engine.done.db) as txn:
+        assert txn.stat()["entries"] == 1
+    st_before = os.stat(p)
+    with open(p, "r+b") as f:            # changed behind, times put back
+        f.write(b"Y")
+    os.utime(p, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    with pytest.raises(ReadVerifyError):
+        w.engine.read_verified(st, fd, 0, 4096)
+    with w.cache.env.begin(db=w.engine.done.db) as txn:
+        assert txn.stat()["entries"] == 0
+    assert DoneCache  # noqa: B018

@@ -16,6 +16,7 @@ rehash an unchanged file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -259,6 +260,74 @@ class DigestCache:
             log.warning("%s cache: cannot delete an entry: %s", self.db_name, e)
 
 
+class DoneCache:
+    """The done record across remounts (LMDB db ``done`` of the cache environment):
+    that a read-only open of one file version, by one kind of caller (the done key:
+    namespace, ids the rules look at, mask, hook), under the policies, keyrings and
+    options of its namespace chain as they are now (their fingerprints), was measured,
+    appraised with a pass and audited -- the verdict, cached by inode version, so a
+    remount decides such an open without matching or appraising again. Key: the file
+    identity (16 bytes, so that all of a file's records go together) + 16 bytes of
+    sha256 over version, done key and fingerprints; value: the ids of the namespaces
+    that measured (their readers count for ToMToU) and of those whose reads are
+    verified (u32 count + ids, twice)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db("done") if store is not None else None
+
+    @staticmethod
+    def record_key(key, version, done_key, fp) -> bytes:
+        h = hashlib.sha256(repr((tuple(version), done_key, fp)).encode()).digest()[:16]
+        return _DIGEST_KEY.pack(*key) + h
+
+    def get(self, rk: bytes):
+        if self.db is None:
+            return None
+        try:
+            with self.store.env.begin(db=self.db) as txn:
+                raw = txn.get(rk)
+        except Exception:  # noqa: BLE001 - a cache: decide afresh
+            return None
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        try:
+            n = struct.unpack_from("<I", raw, 0)[0]
+            measuring = struct.unpack_from(f"<{n}I", raw, 4)
+            m = struct.unpack_from("<I", raw, 4 + 4 * n)[0]
+            watchers = struct.unpack_from(f"<{m}I", raw, 8 + 4 * n)
+        except struct.error:
+            return None
+        return measuring, watchers
+
+    def put(self, rk: bytes, measuring, watchers) -> None:
+        if self.db is None:
+            return
+        blob = struct.pack(f"<I{len(measuring)}I", len(measuring), *measuring) + \
+            struct.pack(f"<I{len(watchers)}I", len(watchers), *watchers)
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                txn.put(rk, blob)
+        except Exception as e:  # noqa: BLE001 - a cache: a full disk only costs a decision
+            log.warning("done cache: cannot store an entry: %s", e)
+
+    def delete(self, key) -> None:
+        """Every record of a file (a read of it failed verification)."""
+        if self.db is None:
+            return
+        prefix = _DIGEST_KEY.pack(*key)
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                cur = txn.cursor()
+                if cur.set_range(prefix):
+                    while cur.key()[:len(prefix)] == prefix:
+                        if not cur.delete():
+                            break
+        except Exception as e:  # noqa: BLE001
+            log.warning("done cache: cannot delete entries: %s", e)
+
+
 class TreeCache:
     """file identity -> fs-verity Merkle tree of one version, in LMDB (db ``trees``):
     value = version (3 x u64) + ``MerkleTree.to_bytes()`` (leaf level only; the upper
@@ -318,6 +387,7 @@ class Engine:
         cache_store = cache_store if cache_store is not None else store
         self.cache = DigestCache(cache_store)
         self.trees = TreeCache(cache_store)
+        self.done = DoneCache(cache_store)
         # read-time verification (docs/internals.md): every digest pass also builds the
         # file's Merkle tree, and reads of measured/appraised files are checked with it
         self.verify_reads = bool(verify_reads)
@@ -505,6 +575,9 @@ class Engine:
             done_key = self._done_key(chain, ns, subject, mask, exec_, role)
             if done_key is not None:
                 state = self._open_done(ii, ns, chain, subject, f, readable, done_key)
+                if state is None:
+                    state = self._open_recorded(ii, ns, chain, subject, f, readable,
+                                                done_key)
                 if state is not None:
                     return state
         events = self._events(chain, subject, f, mask, exec_, funcs, role)
@@ -551,8 +624,14 @@ class Engine:
                 self._live_add(ii, state)
             if done_key is not None and writers == 0 and ii.version == f.version:
                 # everything this kind of open needs is done for this version: the
-                # next one like it takes _open_done (unless policy or keys change)
+                # next one like it takes _open_done (unless policy or keys change),
+                # and after a remount _open_recorded
                 ii.done[done_key] = (epochs, decided, watchers)
+                if decided and epochs == _epochs(chain):
+                    self.done.put(
+                        DoneCache.record_key(f.key, f.version, done_key, _chain_fp(chain)),
+                        sorted(ii.must_measure & {n.id for n in chain}),
+                        [n.id for n in _watchers(decided)])
         finally:
             ii.lock.release()
         return state
@@ -598,6 +677,41 @@ class Engine:
             if watchers:
                 state.tree, state.watchers = ii.tree, watchers
                 self._live_add(ii, state)
+            return state
+        finally:
+            ii.lock.release()
+
+    def _open_recorded(self, ii: IInt, ns: Namespace, chain, subject: Subject,
+                       f: FileRef, readable: bool, done_key):
+        """The done record of an earlier mount (DoneCache): this version, this kind of
+        open, the chain's policies, keys and options as they are now -- decided then,
+        measured (the list has the entry), passed. Returns its OpenState (and makes the
+        record this mount's), or None to take the full path."""
+        rec = self.done.get(DoneCache.record_key(f.key, f.version, done_key, _chain_fp(chain)))
+        if rec is None:
+            return None
+        measuring, watcher_ids = rec
+        by_id = self.tree.by_id
+        if any(i not in by_id for i in measuring + watcher_ids):
+            return None
+        watchers = tuple(by_id[i] for i in watcher_ids) if self.verify_reads else ()
+        if not ii.lock.acquire(blocking=False):
+            return None
+        try:
+            if ii.version != f.version:
+                ii.reset(f.version)
+            if ii.writers or (watchers and not self._warm(ii, f)) or \
+                    (watchers and ii.tree is None):
+                return None
+            ii.must_measure.update(measuring)
+            if readable:
+                with _COUNTS:
+                    ii.readers += 1
+            state = OpenState(ii, ns, f, readable, False, [], subject=subject, wgen=ii.wgen)
+            if watchers:
+                state.tree, state.watchers = ii.tree, watchers
+                self._live_add(ii, state)
+            ii.done[done_key] = (_epochs(chain), [], watchers)
             return state
         finally:
             ii.lock.release()
@@ -1072,6 +1186,7 @@ class Engine:
                 ii.reset(None)
                 self.cache.delete(ii.key)
                 self.trees.delete(ii.key)
+                self.done.delete(ii.key)
         detail = {"offset": off, "block": block, "what": what, "expected": expected.hex(),
                   "found": found.hex()}
         if first:
@@ -1390,6 +1505,12 @@ def _no_new_privs(pid: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def _chain_fp(chain) -> tuple:
+    """What the decisions of a namespace chain depend on, as content (epochs restart
+    with a mount): each namespace's fingerprint."""
+    return tuple(n.fingerprint() for n in chain)
 
 
 def _epochs(chain) -> tuple:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import re
 import struct
@@ -79,6 +80,22 @@ class Namespace:
     def epoch(self) -> tuple[int, int]:
         """Verdicts of this namespace depend on its policy and its keys."""
         return (self.policy_epoch, self.keyring.epoch)
+
+    def fingerprint(self) -> bytes:
+        """The same as content, stable across mounts (for verdicts kept in LMDB): its
+        id, options, policy text and the certificates of its keyring."""
+        ep = self.epoch()
+        cached = getattr(self, "_fp", None)
+        if cached is not None and cached[0] == ep:
+            return cached[1]
+        h = hashlib.sha256(repr((self.id, self.appraise_mode, self.template,
+                                 self.hash_algo)).encode())
+        h.update(self.policy.text().encode())
+        for k in sorted(k.fingerprint for k in self.keyring):
+            h.update(k)
+        fp = h.digest()[:16]
+        self._fp = (ep, fp)
+        return fp
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
