@@ -1322,7 +1322,7 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
     for w in bench.workloads:
         out += [f"### {w.key}: {w.title}", "",
                 "| mode | median | runs (s) | rate | / integrity off | / native "
-                "| hashed · cache hits · list entries |",
+                "| hashed · cache hits · done records · list entries |",
                 "|---|---:|---|---:|---:|---:|---:|"]
         for m in bench.modes:
             c = cell_summary(res, w.key, m.name)
@@ -1333,7 +1333,7 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
             runs = ", ".join(f"{t:.3f}" for t in c["times"])
             e = c.get("engine") or {}
             eng = " · ".join(f"{e[k]:,}" if isinstance(e.get(k), int) else "?" for k in
-                             ("hashed_files", "cache_hits", "entries")) if e else ""
+                             ("hashed_files", "cache_hits", "done_records", "entries")) if e else ""
             out.append(f"| {m.name} | {c['median']:.3f} s | {runs} | {rate} | "
                        f"{fmt_ratio(c['ratio_overlay'])} | {fmt_ratio(c['ratio_native'])} "
                        f"| {eng} |")

@@ -448,8 +448,9 @@ def test_sigkill_rounds(world_tmp):
 # ------------------------------------------------------------------ a full disk
 
 def _fill(path: Path) -> None:
-    """Fill the file system holding path until ENOSPC."""
-    with open(path, "wb") as f:
+    """Fill the file system holding path until ENOSPC (unbuffered: no write is left
+    over for the close to fail on)."""
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 16))

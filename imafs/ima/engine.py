@@ -400,7 +400,8 @@ class Engine:
         self._recorded = 0          # entries this engine appended (trims the store's map)
         self._iints_lock = threading.Lock()
         self.stats = {"hashed_files": 0, "hashed_bytes": 0, "cache_hits": 0,
-                      "tree_loads": 0, "read_failures": 0, "reads_verified": 0}
+                      "tree_loads": 0, "read_failures": 0, "reads_verified": 0,
+                      "done_records": 0}
         self._stats_lock = threading.Lock()   # hashing runs in many worker threads
 
     # ------------------------------------------------------------------ state
@@ -712,6 +713,8 @@ class Engine:
                 state.tree, state.watchers = ii.tree, watchers
                 self._live_add(ii, state)
             ii.done[done_key] = (_epochs(chain), [], watchers)
+            with self._stats_lock:
+                self.stats["done_records"] += 1
             return state
         finally:
             ii.lock.release()
