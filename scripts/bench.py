@@ -1159,7 +1159,10 @@ def issue_targets(bench: "Bench") -> list[dict]:
 
 
 def _target_cells(t: dict) -> tuple[str, str, str]:
-    val = "not run" if t["value"] is None else f"{t['value']:.2f}x"
+    v, lim = t["value"], t["limit"]
+    # a figure next to its limit (0.7997 against 0.80) gets the decimals that tell them apart
+    digits = 4 if lim is not None and v is not None and abs(v - lim) < 0.005 else 2
+    val = "not run" if v is None else f"{v:.{digits}f}x"
     goal = "" if t["limit"] is None else f"{'≤' if t['op'] == '<=' else '≥'} {t['limit']:.2f}x"
     met = "" if t["met"] is None else ("met" if t["met"] else "NOT met")
     return val, goal, met

@@ -161,3 +161,18 @@ def test_bench_rootfs_missing(tmp_path):
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "scripts/rootfs.sh" in p.stderr, p.stderr
     assert not (tmp_path / "r.md").exists()
+
+
+def test_target_figures_next_to_their_limit_print_apart():
+    """A figure just under its limit must not print as the limit itself (0.7997 as
+    "0.80x ... NOT met"); others keep two decimals."""
+    def cells(value, op, limit):
+        t = {"value": value, "op": op, "limit": limit}
+        t["met"] = None if value is None or limit is None else \
+            (value <= limit if op == "<=" else value >= limit)
+        return bench._target_cells(t)
+    assert cells(0.7997, ">=", 0.80) == ("0.7997x", "≥ 0.80x", "NOT met")
+    assert cells(0.8003, ">=", 0.80) == ("0.8003x", "≥ 0.80x", "met")
+    assert cells(1.7523, "<=", 1.10) == ("1.75x", "≤ 1.10x", "NOT met")
+    assert cells(2.616, None, None) == ("2.62x", "", "")
+    assert cells(None, "<=", 1.15) == ("not run", "≤ 1.15x", "")
