@@ -3,6 +3,7 @@ and always unmount them, even when the test fails."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -80,6 +81,37 @@ class Mount:
 
     def ctl(self, name: str = "") -> Path:
         return self.mnt / ".imafs" / name
+
+    def query(self, path: str) -> dict:
+        """Write ``path`` to the control file ``query`` and read back its JSON answer
+        through the same descriptor, as the interface asks."""
+        fd = os.open(self.ctl("query"), os.O_RDWR)
+        try:
+            os.write(fd, path.encode() + b"\n")
+            data = b""
+            while chunk := os.pread(fd, 65536, len(data)):
+                data += chunk
+        finally:
+            os.close(fd)
+        return json.loads(data)
+
+    def audit(self) -> list[dict]:
+        """The records of the mount's audit log (none yet: [])."""
+        try:
+            text = (self.state / "audit.log").read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines()]
+
+
+def readable(path) -> bool:
+    """Can the file be read whole (False: EACCES, e.g. refused by appraisal)?"""
+    try:
+        with open(path, "rb") as f:
+            f.read()
+        return True
+    except PermissionError:
+        return False
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import IMAFS, REPO, _is_mounted, run_as, wait_for
+from conftest import IMAFS, REPO, _is_mounted, readable, run_as, wait_for
 from imafs.cli import main as imafs_main
 from imafs.ima import appraise as ap
 from imafs.ima.keys import keyid_of
@@ -151,42 +151,13 @@ def sh_exec(path):
     return p.returncode, p.stderr
 
 
-def readable(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.read()
-        return True
-    except PermissionError:
-        return False
-
-
-def audit(m) -> list[dict]:
-    try:
-        text = (m.state / "audit.log").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines()]
-
-
 def appraisals(m, path: str) -> list[tuple]:
-    return [(r["result"], r["cause"], r["mode"]) for r in audit(m)
+    return [(r["result"], r["cause"], r["mode"]) for r in m.audit()
             if r["type"] == "appraise" and r["path"] == path]
 
 
 def stats(m) -> dict:
     return json.loads(m.ctl("stats").read_text())
-
-
-def query(m, path: str) -> dict:
-    fd = os.open(m.ctl("query"), os.O_RDWR)
-    try:
-        os.write(fd, path.encode() + b"\n")
-        data = b""
-        while chunk := os.pread(fd, 65536, len(data)):
-            data += chunk
-    finally:
-        os.close(fd)
-    return json.loads(data)
 
 
 def add_key(m, data: bytes):
@@ -252,7 +223,7 @@ def test_evmctl_signed_binaries_in_enforce_mode(make_mount, world_tmp, ossl):
     assert stats(m)["hashed_files"] == before
     assert len(appraisals(m, "/tampered/busybox")) == 1     # audited once per version
     # query explains the refusal with the kernel's names
-    q = query(m, "exec /wrongkey/busybox")
+    q = m.query("exec /wrongkey/busybox")
     hook = [h for h in q["namespaces"][0]["hooks"] if h["func"] == "BPRM_CHECK"][0]
     a = hook["appraisal"]
     assert (a["status"], a["cause"], a["allowed"]) == ("fail", "invalid-signature", False)
@@ -345,7 +316,7 @@ def test_log_mode_allows_and_records(make_mount, world_tmp, keys):
     assert appraisals(m, "/unsigned/busybox") == [("nolabel", "IMA-signature-required", "log")]
     assert appraisals(m, "/tampered/busybox") == [("fail", "invalid-signature", "log")]
     assert xattr(bins["unsigned"]) is None       # log mode never writes
-    q = query(m, "exec /tampered/busybox")
+    q = m.query("exec /tampered/busybox")
     a = [h for h in q["namespaces"][0]["hooks"] if h["func"] == "BPRM_CHECK"][0]["appraisal"]
     assert (a["status"], a["cause"], a["allowed"]) == ("fail", "invalid-signature", True)
 
@@ -424,7 +395,7 @@ def test_write_to_signed_file_refused_new_files_allowed(make_mount, world_tmp, k
     r = sh("sh", "-c", 'echo x > "$0"', signed, check=False)
     assert r.returncode != 0 and "Permission denied" in r.stderr, r
     assert (b / "signed").read_bytes() == content and xattr(b / "signed") == label
-    assert [r["cause"] for r in audit(m) if r["type"] == "appraise"] == \
+    assert [r["cause"] for r in m.audit() if r["type"] == "appraise"] == \
         ["write-signed-file"] * 5
     assert signed.read_bytes() == content        # still readable: the verdict is unchanged
 
@@ -529,7 +500,7 @@ def test_keys_control_file(make_mount, world_tmp, keys):
                          m.log_text()), name
         r = sh("sh", "-c", 'cat "$1" > "$0"', kf, keys[name], check=False)
         assert r.returncode != 0 and "Invalid argument" in r.stderr
-    rejected = [r["error"] for r in audit(m) if r["type"] == "key_rejected"]
+    rejected = [r["error"] for r in m.audit() if r["type"] == "key_rejected"]
     assert len(rejected) == 4 and all(e.startswith("certificate") for e in rejected)
     assert kf.read_text().splitlines() == lines
     # not root: no key writes
@@ -575,7 +546,7 @@ def test_policy_append_rederives_verdicts_and_appraise_algos(make_mount, world_t
     assert readable(m.mnt / "s512")
     assert appraisals(m, "/unsigned") == [("nolabel", "IMA-signature-required", "enforce")]
     assert appraisals(m, "/s256") == [("fail", "denied-hash-algorithm", "enforce")]
-    q = query(m, "/s256")
+    q = m.query("/s256")
     a = q["namespaces"][0]["hooks"][0]["appraisal"]
     assert (a["status"], a["cause"], a["allowed"]) == ("fail", "denied-hash-algorithm", False)
 

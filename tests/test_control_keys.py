@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import _ima_testkeys as tk
-from conftest import IMAFS, REPO
+from conftest import IMAFS, REPO, readable
 from imafs.ima.keys import keyid_of
 
 pytestmark = pytest.mark.mount
@@ -160,14 +160,6 @@ def sign(keyfile: Path, cert: Path | None, *paths: Path) -> None:
     subprocess.run(IMAFS + ["sign", "-q", "--key", str(keyfile)]
                    + (["--cert", str(cert)] if cert else []) + [str(p) for p in paths],
                    check=True, capture_output=True, cwd=REPO)
-
-
-def readable(p: Path) -> bool:
-    try:
-        p.read_bytes()
-        return True
-    except PermissionError:
-        return False
 
 
 def test_remove_key_refuses_what_it_signed(make_mount, world_tmp):

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import subprocess
@@ -54,10 +53,6 @@ def steps(path: Path, *chunks: bytes) -> list:
     return out
 
 
-def audit(m) -> list[dict]:
-    return [json.loads(x) for x in (m.state / "audit.log").read_text().splitlines()]
-
-
 def warnings(m, since: int = 0) -> list[str]:
     return [ln for ln in m.log_text()[since:].splitlines() if " WARNING: " in ln]
 
@@ -81,7 +76,7 @@ def test_policy_over_a_mib_fails_every_later_write_and_the_close(make_mount):
     assert any(f"over {MAX_POLICY_BYTES} bytes written" in ln for ln in w), w
     assert any("an earlier write through this open was refused" in ln for ln in w), w
     assert any("closed with nothing loaded" in ln for ln in w), w
-    assert [r for r in audit(m) if r["type"] == "policy_rejected"]
+    assert [r for r in m.audit() if r["type"] == "policy_rejected"]
     # what a program does that writes it all through Python's buffered file: an error
     with pytest.raises(OSError) as ei:
         with open(p, "wb") as f:
@@ -187,7 +182,7 @@ def test_namespace_depth_is_limited(nsm):
     assert re.search(rf"ns-create by pid \d+ refused: namespace /{deep}/d{MAX_NS_DEPTH + 1} "
                      rf"would be {MAX_NS_DEPTH + 1} levels deep", m.log_text()), \
         m.log_text()[-2000:]
-    recs = [x for x in audit(m) if x["type"] == "ns_create_rejected"]
+    recs = [x for x in m.audit() if x["type"] == "ns_create_rejected"]
     assert len(recs) == 2 and all("levels deep" in x["error"] for x in recs)
 
 

@@ -6,7 +6,6 @@ nor reach a terminal that shows the log. Through a real mount."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import subprocess
@@ -48,10 +47,6 @@ def control_warnings(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if " imafs.control WARNING: " in ln]
 
 
-def audit(m) -> list[dict]:
-    return [json.loads(x) for x in (m.state / "audit.log").read_text().splitlines()]
-
-
 REFUSALS = [
     # file, bytes, errno, what the log line says, audit record type (None: not audited)
     ("query", b"/" + b"a" * 5000, errno.EINVAL, "over 4096 bytes", None),
@@ -78,7 +73,7 @@ REFUSALS = [
                          ids=[f"{r[0]}-{i}" for i, r in enumerate(REFUSALS)])
 def test_each_refusal_logs_one_line(make_mount, name, data, err, why, rec):
     m = make_mount()
-    before, nrec = len(m.log_text()), len(audit(m))
+    before, nrec = len(m.log_text()), len(m.audit())
     assert write(m, name, data) == err
     new = control_warnings(m.log_text()[before:])
     if err == errno.EFBIG:      # the close fails too, and says so
@@ -87,7 +82,7 @@ def test_each_refusal_logs_one_line(make_mount, name, data, err, why, rec):
     assert len(new) == 1, new
     assert why in new[0] and re.search(rf"\b{re.escape(name)}\b|key write|policy write",
                                        new[0]), new
-    recs = audit(m)[nrec:]
+    recs = m.audit()[nrec:]
     if rec is None:
         assert not [r for r in recs if r["type"].endswith("_rejected")]
     else:
@@ -156,7 +151,7 @@ def test_log_lines_escape_what_writers_sent(make_mount, world_tmp):
         assert len(new) == 1 and shown in new[0], (name, shown, new)
     _no_raw_control_bytes(m)
     # the audit log keeps what was written, JSON-escaped
-    errs = [r.get("error", "") for r in audit(m)]
+    errs = [r.get("error", "") for r in m.audit()]
     assert any("/k\x1b[2J\rX\x07" in e for e in errs), errs
 
 

@@ -5,7 +5,6 @@ file named by its path."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO
 from test_namespaces_mount import host_sh, keygen, lines, sign
 
 pytestmark = pytest.mark.mount
@@ -43,10 +41,6 @@ def write(path: Path, *chunks: bytes) -> list[int]:
     return out
 
 
-def audit(m) -> list[dict]:
-    return [json.loads(x) for x in (m.state / "audit.log").read_text().splitlines()]
-
-
 def test_error_line_counts_from_the_open(make_mount):
     m = make_mount()
     p = m.ctl("policy")
@@ -59,7 +53,7 @@ def test_error_line_counts_from_the_open(make_mount):
     assert write(p, b"audit func=FILE_CHECK\nmeas", b"ure func=BPRM_CHECK\n\n# c\n",
                  b"measure func=MMAP_CHECK bogus=1\n") == [0, 0, errno.EINVAL, 0]
     assert re.search(r"line 5, column 25: ", m.log_text()), m.log_text()[-1000:]
-    assert [r["error"] for r in audit(m) if r["type"] == "policy_rejected"][-1] \
+    assert [r["error"] for r in m.audit() if r["type"] == "policy_rejected"][-1] \
         .startswith("line 5, column 25: ")
     # each open counts from 1 again
     assert write(p, b"measure func=BOGUS\n") == [errno.EINVAL, 0]
@@ -87,7 +81,7 @@ def test_signed_policy_required(make_mount, world_tmp):
     assert "appraise func=POLICY_CHECK appraise_type=imasig" in before
     assert write(p, b"measure func=BPRM_CHECK\n") == [errno.EACCES, 0]
     assert SIGNED_REQUIRED in m.log_text()
-    rec = [r for r in audit(m) if r["type"] == "policy_rejected"][-1]
+    rec = [r for r in m.audit() if r["type"] == "policy_rejected"][-1]
     assert rec["error"] == SIGNED_REQUIRED and rec["cause"] == "signed policy required"
     r = subprocess.run(["bash", "-c", f"echo 'measure func=BPRM_CHECK' > {p}"],
                        capture_output=True, text=True)
@@ -96,7 +90,7 @@ def test_signed_policy_required(make_mount, world_tmp):
         assert write(p, f"/{name}.policy\n".encode()) == [errno.EACCES, 0], name
         assert any(r["type"] == "appraise" and r["path"] == f"/{name}.policy"
                    and r["func"] == "POLICY_CHECK" and r["result"] != "pass"
-                   for r in audit(m)), name
+                   for r in m.audit()), name
     assert p.read_text() == before
     # a signed file, by its path in the mount or below the mount point
     assert write(p, b"/signed.policy\n") == [0, 0]

@@ -15,6 +15,7 @@ from imafs.ima import keys as km
 from imafs.store import Store
 
 import _ima_testkeys as tk
+from conftest import readable
 
 LINE = re.compile(r"^([0-9a-f]{8}) (rsa|ecdsa-nist-p\d+) (\d+) (.+) "
                   r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
@@ -317,15 +318,6 @@ def _keygen(d, *extra):
     return d / "signing_key.pem", d / "signing_cert.der"
 
 
-def _readable(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.read()
-        return True
-    except PermissionError:
-        return False
-
-
 def _root_epoch(state):
     store = Store(str(state / "lmdb"), readonly=True)
     try:
@@ -352,20 +344,20 @@ def test_root_keyring_is_the_command_lines_at_each_mount(make_mount, world_tmp):
     pol = world_tmp / "policy"
     pol.write_text("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n")
     m = make_mount(["--policy", str(pol), "--key", str(ca)], backing=b)
-    assert _readable(m.mnt / "by-a")
-    assert not _readable(m.mnt / "by-b") and not _readable(m.mnt / "by-c")
+    assert readable(m.mnt / "by-a")
+    assert not readable(m.mnt / "by-b") and not readable(m.mnt / "by-c")
     with open(m.ctl("keys"), "wb") as f:                   # run time: this mount only
         f.write(cc.read_bytes())
-    assert _readable(m.mnt / "by-c")
+    assert readable(m.mnt / "by-c")
     assert len(m.ctl("keys").read_text().splitlines()) == 2
     m.stop()
     e1, stored = _root_epoch(m.state)
     assert stored == 0                                    # root keys are never stored
 
     m.restart(["--policy", str(pol), "--key", str(cb)])
-    assert not _readable(m.mnt / "by-a"), "a key not given to this mount was trusted"
-    assert not _readable(m.mnt / "by-c"), "a key added at run time outlived its mount"
-    assert _readable(m.mnt / "by-b")
+    assert not readable(m.mnt / "by-a"), "a key not given to this mount was trusted"
+    assert not readable(m.mnt / "by-c"), "a key added at run time outlived its mount"
+    assert readable(m.mnt / "by-b")
     lines = m.ctl("keys").read_text().splitlines()
     assert len(lines) == 1 and lines[0].split()[1] == "ecdsa-nist-p256", lines
     m.stop()
@@ -373,6 +365,6 @@ def test_root_keyring_is_the_command_lines_at_each_mount(make_mount, world_tmp):
     assert e2 > e1
 
     m.restart(["--policy", str(pol), "--keys", str(world_tmp / "a")])     # A is back
-    assert _readable(m.mnt / "by-a") and not _readable(m.mnt / "by-b")
+    assert readable(m.mnt / "by-a") and not readable(m.mnt / "by-b")
     m.stop()
     assert _root_epoch(m.state)[0] > e2

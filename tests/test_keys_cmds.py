@@ -504,19 +504,6 @@ def test_verify_policy_usage_errors(capsys, keydir, files, tmp_path):
     assert rc == 2 and "cannot read policy" in err
 
 
-def _mount_query(m, path: str) -> dict:
-    import json
-    fd = os.open(m.ctl("query"), os.O_RDWR)
-    try:
-        os.write(fd, path.encode() + b"\n")
-        data = b""
-        while chunk := os.pread(fd, 65536, len(data)):
-            data += chunk
-    finally:
-        os.close(fd)
-    return json.loads(data)
-
-
 @pytest.mark.mount
 def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, make_mount):
     """For each policy: what a mount with it says of a read by root of each file (its
@@ -530,7 +517,7 @@ def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, ma
         try:
             did = {}
             for n in said:
-                q = _mount_query(m, f"/{n}")
+                q = m.query(f"/{n}")
                 hooks = [h["appraisal"] for h in q["namespaces"][0]["hooks"]
                          if "appraisal" in h]
                 fails = [a for a in hooks if a["status"] != "pass"]

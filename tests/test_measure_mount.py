@@ -12,7 +12,6 @@ import shutil
 import stat
 import struct
 import subprocess
-import sys
 import time
 
 import pytest
@@ -621,18 +620,7 @@ def test_query(make_mount, world_tmp):
     with pytest.raises(PermissionError):
         (m.mnt / "bad").read_text()
 
-    def query(path: str) -> dict:
-        fd = os.open(m.ctl("query"), os.O_RDWR)
-        try:
-            os.write(fd, path.encode() + b"\n")
-            data = b""
-            while chunk := os.pread(fd, 65536, len(data)):
-                data += chunk
-        finally:
-            os.close(fd)
-        return json.loads(data)
-
-    q = query("/good")
+    q = m.query("/good")
     assert q["path"] == "/good" and q["namespace"] == "/"
     (ns,) = q["namespaces"]
     assert ns["digest"] == "sha256:" + sha("sha256", b / "good").hex()
@@ -643,14 +631,14 @@ def test_query(make_mount, world_tmp):
     assert hook["decision"]["rules"]["appraise"]["rule"] == "appraise func=FILE_CHECK fowner=1234"
     assert hook["appraisal"]["allowed"] and hook["appraisal"]["status"] == "pass"
 
-    q = query(str(m.mnt / "bad"))                      # a host path below the mount works too
+    q = m.query(str(m.mnt / "bad"))                      # a host path below the mount works too
     (ns,) = q["namespaces"]
     assert ns["measured_pcrs"] == [10]           # measured, then refused, as the kernel does
     (hook,) = ns["hooks"]
     assert not hook["appraisal"]["allowed"] and hook["appraisal"]["status"] != "pass"
     assert hook["appraisal"]["cause"]
 
-    q = query("/no/such/file")
+    q = m.query("/no/such/file")
     assert q == {"path": "/no/such/file", "error": "No such file or directory"}
     # the last answer stays readable by a later open
     assert json.loads(m.ctl("query").read_text()) == q
