@@ -163,5 +163,43 @@ class Worker:
         self.close()
 
 
+class TwoRoots:
+    """A plain directory (``native``: the kernel's answers) beside a mount, for tests
+    that run the same calls on both. ``setup(fn)`` prepares both as root: in the
+    roots themselves, or with ``in_backing`` in the native directory and the mount's
+    backing directory (files made behind the mount)."""
+
+    def __init__(self, mount, native, *, in_backing: bool = False):
+        self.m = mount
+        self.mnt = mount.mnt
+        self.backing = mount.backing
+        self.native = native
+        self.roots = (native, mount.mnt)
+        self.dirs = (native, mount.backing) if in_backing else self.roots
+
+    def twice(self, worker: Worker, code: str, **vars):
+        """Run code once with root=<plain dir> and once with root=<mount>; the two
+        results (value or errno) must be equal. Returns the value, or the errno's
+        name (e.g. "ENOENT")."""
+        res = [worker.call(code, root=str(r), **vars) for r in self.roots]
+        assert res[0] == res[1], f"native {res[0]!r} != mount {res[1]!r} for:\n{code}"
+        return res[0][1]
+
+    def setup(self, fn):
+        for d in self.dirs:
+            fn(d)
+
+    @classmethod
+    def make(cls, make_mount, world_tmp, args, *, mode: int, in_backing: bool = False):
+        """A started mount with ``args`` and a native directory, both roots of mode
+        ``mode``."""
+        native = world_tmp / "native"
+        native.mkdir()
+        mount = make_mount(args, start=False)
+        for d in (native, mount.backing):
+            os.chmod(d, mode)
+        return cls(mount.start(), native, in_backing=in_backing)
+
+
 if __name__ == "__main__":
     _serve()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _fsworker import Worker
+from _fsworker import TwoRoots, Worker
 
 pytestmark = pytest.mark.mount
 
@@ -22,34 +22,8 @@ W, WG = 4002, 4002         # another one
 SUPP = 4100                # a supplementary group of U
 
 
-class Env:
-    def __init__(self, mount, native: Path):
-        self.m = mount
-        self.mnt = mount.mnt
-        self.backing = mount.backing
-        self.native = native
-        self.roots = (native, mount.mnt)
-        self.dirs = (native, mount.backing)   # where root prepares files
-
-    def twice(self, worker: Worker, code: str, **vars):
-        """Run code with root=<plain dir>, then root=<mount>; the results (value or
-        errno name) must be equal; returns the value or the errno name."""
-        res = [worker.call(code, root=str(r), **vars) for r in self.roots]
-        assert res[0] == res[1], f"native {res[0]!r} != mount {res[1]!r} for:\n{code}"
-        return res[0][1]
-
-    def setup(self, fn):
-        for d in self.dirs:
-            fn(d)
-
-
 def _env(make_mount, world_tmp, args):
-    native = world_tmp / "native"
-    native.mkdir()
-    mount = make_mount(args, start=False)
-    for d in (native, mount.backing):
-        os.chmod(d, 0o1777)
-    return Env(mount.start(), native)
+    return TwoRoots.make(make_mount, world_tmp, args, mode=0o1777, in_backing=True)
 
 
 # a long entry timeout: the negative dentry of a lookup stays cached, so the kernel

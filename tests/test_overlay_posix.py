@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from _fsworker import Worker
+from _fsworker import TwoRoots, Worker
 
 pytestmark = pytest.mark.mount
 
@@ -29,35 +29,8 @@ W, WG = 4002, 4002         # another one
 SUPP = 4100                # a supplementary group of U
 
 
-class Env:
-    def __init__(self, mount, native: Path):
-        self.m = mount
-        self.mnt = mount.mnt
-        self.backing = mount.backing
-        self.native = native
-        self.roots = (native, mount.mnt)
-
-    def twice(self, worker: Worker, code: str, **vars):
-        """Run code once with root=<plain dir> and once with root=<mount>; the two
-        results (value or errno) must be equal. Returns the value, or the errno's
-        name (e.g. "ENOENT")."""
-        res = [worker.call(code, root=str(r), **vars) for r in self.roots]
-        assert res[0] == res[1], f"native {res[0]!r} != mount {res[1]!r} for:\n{code}"
-        return res[0][1]
-
-    def setup(self, fn):
-        """Run fn(root) as root for both roots."""
-        for r in self.roots:
-            fn(r)
-
-
 def _env(make_mount, world_tmp, args):
-    native = world_tmp / "native"
-    native.mkdir()
-    mount = make_mount(args, start=False)
-    for d in (native, mount.backing):
-        os.chmod(d, 0o777)
-    return Env(mount.start(), native)
+    return TwoRoots.make(make_mount, world_tmp, args, mode=0o777)
 
 
 @pytest.fixture

@@ -83,6 +83,14 @@ def audit(m, type_="violation", cause="read-verify"):
     return out
 
 
+def read_half(fd, data: bytes) -> bytearray:
+    """Read at least the first half of ``data``'s length, in 64 KiB reads."""
+    got = bytearray()
+    while len(got) < len(data) // 2:
+        got += os.read(fd, 65536)
+    return got
+
+
 def read_on(fd, got: bytearray, chunk=65536):
     """Read to EOF; returns the error that ended it, or None."""
     try:
@@ -130,9 +138,7 @@ def test_change_behind_the_mount_mid_read(make_mount, world_tmp, how):
     v0 = violations(m)
     fd = os.open(m.mnt / "big", os.O_RDONLY)
     try:
-        got = bytearray()
-        while len(got) < len(data) // 2:
-            got += os.read(fd, 65536)
+        got = read_half(fd, data)
         assert got == data[:len(got)]
         tamper(f, data, how)
         seen()
@@ -335,9 +341,7 @@ def test_another_reader_cannot_fill_the_cache_with_changed_bytes(make_mount, wor
     v0 = violations(m)
     fd = os.open(m.mnt / "big", os.O_RDONLY)
     try:
-        got = bytearray()
-        while len(got) < len(data) // 2:
-            got += os.read(fd, 65536)
+        got = read_half(fd, data)
         tamper(f, data, "same")
         err2, got2 = _read_as(1000 if second == "unverified-user" else None, m.mnt / "big")
         err = read_on(fd, got)
@@ -398,9 +402,7 @@ def test_block_aligned_truncation_with_the_default_attribute_timeout(make_mount,
     v0 = violations(m)
     fd = os.open(m.mnt / "big", os.O_RDONLY)
     try:
-        got = bytearray()
-        while len(got) < len(data) // 2:
-            got += os.read(fd, 65536)
+        got = read_half(fd, data)
         os.truncate(f, 6 * 1024 * 1024)          # a whole number of blocks, past the reader
         time.sleep(2.5)                          # the kernel's attributes time out
         assert os.fstat(fd).st_size == len(data)  # the size it was measured with

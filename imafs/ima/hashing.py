@@ -396,7 +396,7 @@ class MerkleTree:
         self._digest = None
 
     def _build_upper_levels(self) -> tuple[list[bytes], bytes]:
-        ds, bs = self.spec.digest_size, self.spec.block_size
+        ds = self.spec.digest_size
         cur = self.leaves
         if len(cur) == 0:
             return [], bytes(ds)       # fs-verity: the root of an empty file is all zeros

@@ -463,12 +463,10 @@ class Keyring:
         """A per-mount keyring: the stored epoch, moved on; the namespace's stored keys
         (from mounts before per-mount root keyrings, or a downgrade) deleted."""
         prefix = struct.pack(">I", self.ns_id)
-        try:
-            db, mdb = self._dbs()
-        except Exception:
-            if self.store.env.flags().get("readonly"):
-                return          # a read-only state directory that never had keys
-            raise
+        dbs = self._stored_dbs()
+        if dbs is None:
+            return
+        db, mdb = dbs
         if self.store.env.flags().get("readonly"):
             with self.store.begin() as txn:
                 self._epoch = self._stored_epoch(txn, mdb)
@@ -491,17 +489,24 @@ class Keyring:
         raw = txn.get(self._epoch_key(), db=mdb)
         return struct.unpack(">Q", raw)[0] if raw and len(raw) == 8 else 0
 
-    def _load_from_store(self) -> None:
-        prefix = struct.pack(">I", self.ns_id)
+    def _stored_dbs(self):
+        """(keys db, meta db), or None for a read-only state directory that never had
+        keys (the databases cannot be created there)."""
         try:
-            db, mdb = self._dbs()
+            return self._dbs()
         except Exception:
             if self.store.env.flags().get("readonly"):
-                return          # a read-only state directory that never had keys
+                return None
             raise
+
+    def _load_from_store(self) -> None:
+        prefix = struct.pack(">I", self.ns_id)
+        dbs = self._stored_dbs()
+        if dbs is None:
+            return
+        db, mdb = dbs
         with self.store.begin() as txn:
-            raw = txn.get(self._epoch_key(), db=mdb)
-            self._epoch = struct.unpack(">Q", raw)[0] if raw and len(raw) == 8 else 0
+            self._epoch = self._stored_epoch(txn, mdb)
             cur = txn.cursor(db=db)
             entries = []
             if cur.set_range(prefix):
