@@ -610,13 +610,14 @@ class Overlay(pyfuse3.Operations):
         # O_TRUNC (FUSE atomic_o_trunc) waits for the hooks: the kernel appraises a
         # file before it truncates it (do_open: ima_file_check, then handle_truncate),
         # so a refused open -- a signed file in enforce mode -- leaves it intact
-        trunc = bool(oflags & os.O_TRUNC) and self.hooks.active
+        active = self.hooks.active     # one answer for the whole open
+        trunc = bool(oflags & os.O_TRUNC) and active
         try:
             fd = os.open(sysio.proc_path(node.fd), oflags & ~os.O_TRUNC if trunc else oflags)
         except OSError as e:
             raise _fuse_error(e)
         token = None
-        if self.hooks.active:
+        if active:
             caller = _caller(ctx)
             try:
                 token = self.hooks.open_inline(caller, node, fd, flags, exec_)
@@ -645,7 +646,7 @@ class Overlay(pyfuse3.Operations):
                     await self._in_thread(slow)
             raise _fuse_error(e)
         keep = self._keep_cache(node, st)
-        if self.hooks.active:
+        if active:
             keep = self.hooks.keep_cache(node, keep)
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
 
