@@ -343,7 +343,7 @@ class _Control:
             self.root.set_policy(self._Policy([]))
         elif name.startswith("ns-"):
             for child in list(self.root.children):
-                self.engine.remove_namespace(self.root, child, os.getpid(), 0)
+                self.engine.tree.ns_remove(self.root, child, os.getpid(), 0)
         elif name == "keys":
             for k in list(self.root.keyring):
                 self.root.keyring.remove(k.keyid)

@@ -252,8 +252,8 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
 
     store = Store(str(tmp_path / "lmdb"))
     try:
-        t = make_tree(store)
-        eng = Engine(t, store=store, binder=Binder())
+        t = make_tree(store, binder=Binder())
+        eng = Engine(t, store=store)
         ctl = ControlDir(eng, overlay=None)
         h = CtlHandle("ns-create", t.root, Ctx, 0, 16)
         h.opener = Opener()

@@ -522,7 +522,7 @@ def test_map_full_fails_closed(tmp_path, monkeypatch):
     raises; the filling itself is shown first.)"""
     import lmdb
     from imafs.ima.audit import AuditLog
-    from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
+    from imafs.ima.engine import AccessDenied, Engine, FileRef, OpenMode, Subject, settle
     from imafs.ima.keys import Keyring
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -551,8 +551,7 @@ def test_map_full_fails_closed(tmp_path, monkeypatch):
                     setxattr=lambda n, v: None)
         count = ml.count
         with pytest.raises(AccessDenied) as ei:
-            engine.file_open(Subject(os.getpid(), 0, 0), f, readable=True, writable=False,
-                             append=False, exec_=False)
+            settle(engine.file_open(Subject(os.getpid(), 0, 0), f, OpenMode()))
         assert ei.value.errno == errno.EIO and "MDB_MAP_FULL" in ei.value.reason
         assert ml.count == count
         assert '"type": "measurement_failed"' in (tmp_path / "audit.log").read_text()

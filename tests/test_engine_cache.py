@@ -1,5 +1,5 @@
-"""What the engine remembers between opens, without a mount: the per-version "done"
-record that lets a repeated read-only open skip policy matching (the kernel's
+"""What the engine remembers between opens, without a mount: the per-version verdict
+that lets a repeated read-only open skip policy matching (the kernel's
 IMA_DONE_MASK), and the memo of verified signatures that spares a remount the
 public-key operations. Each test checks both that the shortcut is taken and that it
 is not taken when the answer could differ."""
@@ -11,7 +11,7 @@ import _ima_testkeys as tk
 import pytest
 
 from imafs.ima import appraise as ap
-from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
+from imafs.ima.engine import AccessDenied, Engine, FileRef, OpenMode, Subject, settle
 from imafs.ima.keys import Keyring, VerifiedSignatures, keyid_of
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -44,8 +44,7 @@ class World:
                     readable=True, reopen=lambda: os.open(path, os.O_RDONLY),
                     getxattr=lambda n: _getxattr(path, n),
                     setxattr=lambda n, v: os.setxattr(path, n, v))
-        return self.engine.file_open(subject, f, readable=True, writable=write,
-                                     append=False, exec_=False)
+        return settle(self.engine.file_open(subject, f, OpenMode(writable=write)))
 
     def close(self):
         for fd in self.fds:
@@ -81,9 +80,10 @@ def worlds(tmp_path):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of Engine.decide calls (policy matching) and of public-key verifications."""
+    """Counts of Engine.get_action calls (policy matching) and of public-key
+    verifications."""
     n = {"decide": 0, "verify": 0}
-    real_decide, real_verify = Engine.decide, ap.verify_signature
+    real_decide, real_verify = Engine.get_action, ap.verify_signature
 
     def decide(self, *a, **kw):
         n["decide"] += 1
@@ -92,7 +92,7 @@ def counted(monkeypatch):
     def verify(*a, **kw):
         n["verify"] += 1
         return real_verify(*a, **kw)
-    monkeypatch.setattr(Engine, "decide", decide)
+    monkeypatch.setattr(Engine, "get_action", decide)
     monkeypatch.setattr(ap, "verify_signature", verify)
     return n
 
@@ -181,7 +181,7 @@ def test_verified_signatures_survive_a_remount(tmp_path, worlds, counted):
         w.engine.file_release(w.open(p))
     assert counted["verify"] == 4
     w.close()
-    # the same state, another policy (so no done record applies: appraised again)
+    # the same state, another policy (so no kept verdict applies: appraised again)
     w2 = worlds("state", APPRAISE + MEASURE, [tk.der(cert)])
     for p in files:
         w2.engine.file_release(w2.open(p))
@@ -212,7 +212,7 @@ def test_memo_is_per_key(tmp_path, worlds):
     assert not memo.known(info.fingerprint, "sha512", digest, sig[9:])
 
 
-def test_done_record_survives_a_remount(tmp_path, worlds, counted):
+def test_verdict_survives_a_remount(tmp_path, worlds, counted):
     """Verdicts are cached by inode version in LMDB: after a remount an open like one
     decided before (same version, kind of open, policy, keys and options) is decided
     without matching, reading the xattr or appraising; anything else is decided."""
@@ -228,7 +228,7 @@ def test_done_record_survives_a_remount(tmp_path, worlds, counted):
     w.close()
     w2 = worlds("state", APPRAISE + MEASURE, [tk.der(cert)])
     w2.engine.file_release(w2.open(p))
-    assert counted["decide"] == 1                 # from the record: nothing matched
+    assert counted["decide"] == 1                 # from the verdict cache: nothing matched
     assert w2.root.mlist.count == n               # measured before, not again
     w2.engine.file_release(w2.open(p, Subject(os.getpid(), 1000, 1000)))
     assert counted["decide"] == 2                 # another caller: decided
@@ -245,22 +245,21 @@ def test_done_record_survives_a_remount(tmp_path, worlds, counted):
     assert counted["decide"] == 4
 
 
-def test_done_record_is_dropped_when_a_read_fails(tmp_path, worlds):
-    from imafs.ima.engine import DoneCache, ReadVerifyError
+def test_verdict_is_dropped_when_a_read_fails(tmp_path, worlds):
+    from imafs.ima.engine import ReadVerifyError
     priv = tk.key("ec")
     cert = tk.cert(priv)
     p = _signed(tmp_path, "s", priv, cert, b"x" * 9000)
     w = worlds("state", APPRAISE, [tk.der(cert)], verify=True)
     st = w.open(p)
     fd = w.fds[-1]
-    with w.cache.env.begin(db=w.engine.done.db) as txn:
+    with w.cache.env.begin(db=w.engine.verdicts.db) as txn:
         assert txn.stat()["entries"] == 1
     st_before = os.stat(p)
     with open(p, "r+b") as f:            # changed behind, times put back
         f.write(b"Y")
     os.utime(p, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(st, fd, 0, 4096)
-    with w.cache.env.begin(db=w.engine.done.db) as txn:
+        settle(w.engine.file_read(st, fd, 0, 4096))
+    with w.cache.env.begin(db=w.engine.verdicts.db) as txn:
         assert txn.stat()["entries"] == 0
-    assert DoneCache  # noqa: B018

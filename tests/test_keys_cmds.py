@@ -577,6 +577,7 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
     """verify --policy asks Policy.match about the events the engine derives from the
     same open (a guard against the two hook mappings drifting apart)."""
     import shutil
+    from imafs.ima import hooks
     from imafs.ima.engine import Engine, FileRef, Subject
     from imafs.ima.keys import Keyring
     from imafs.ima.measurelog import MeasurementList
@@ -602,11 +603,11 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
                 st = os.fstat(fd)
                 f = FileRef(fd=fd, st=st, path=b"/x", readable=True, reopen=lambda: -1,
                             getxattr=lambda n: None, setxattr=lambda n, v: None)
-                ii = engine.iint(f.key)
+                ii = engine.iints.get(f.key)
                 for exec_ in (False, True):
-                    role = engine._exec_role(me, f, ii) if exec_ else None
-                    theirs = engine._events(root.chain(), me, f,
-                                            0 if exec_ else 4, exec_, role=role)
+                    role = engine.exec_roles.role(me, f, ii) if exec_ else None
+                    theirs = hooks.events(root.chain(), me, f, ii,
+                                          0 if exec_ else 4, exec_, role=role)
                     ours = keys_cmds._root_events(policy, "/x", fd, st, exec_)
                     key = lambda e: (e.func, e.mask, e.uid, e.euid, e.gid, e.egid,  # noqa
                                      e.fowner, e.fgroup)

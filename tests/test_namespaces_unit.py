@@ -22,7 +22,7 @@ from imafs.store import Store
 from conftest import wait_for
 
 
-def make_tree(store=None, resolver=None) -> NamespaceTree:
+def make_tree(store=None, resolver=None, binder=None) -> NamespaceTree:
     def mlist(nsid, template="ima-ng", algo="sha256"):
         if store is None:
             return _NoList()
@@ -40,7 +40,7 @@ def make_tree(store=None, resolver=None) -> NamespaceTree:
                          appraise_mode=o.get("appraise") or parent.appraise_mode,
                          template=template, hash_algo=algo)
 
-    return NamespaceTree(root, resolver, store=store, factory=factory)
+    return NamespaceTree(root, resolver, store=store, factory=factory, binder=binder)
 
 
 class _NoList:
@@ -188,9 +188,8 @@ def test_ns_remove_records_final_state(tmp_path):
     store = Store(str(tmp_path / "lmdb"))
     try:
         t = make_tree(store)
-        eng = Engine(t, store=store)
-        c = eng.create_namespace(t.root, "c", pid=1, uid=0)
-        eng.remove_namespace(t.root, "c", pid=1, uid=0)
+        c = t.ns_create(t.root, "c", pid=1, uid=0)
+        t.ns_remove(t.root, "c", pid=1, uid=0)
         entries = [e for e in t.root.mlist.entries() if e.name in (b"ns-create", b"ns-remove")]
         assert [e.name for e in entries] == [b"ns-create", b"ns-remove"]
         buf = entries[1].get("buf").decode()

@@ -1,5 +1,5 @@
-"""Read-time verification in the engine, without a mount: the Merkle tree built in the
-digest pass, ``Engine.read_verified`` (good reads, changed blocks, shrunk and grown
+"""Read-time verification in the engine, without a mount: the verity tree built in the
+digest pass, ``Engine.file_read`` (good reads, changed blocks, shrunk and grown
 files), violations and audit lines, the LMDB tree cache, and ``digest_type=verity``
 (measurement of the fs-verity digest, sigv3 appraisal)."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
 from imafs.ima.audit import AuditLog
-from imafs.ima.engine import AccessDenied, Engine, FileRef, ReadVerifyError, Subject
+from imafs.ima.engine import (AccessDenied, Engine, FileRef, OpenMode, Pending,
+                              ReadVerifyError, Subject, settle)
 from imafs.ima.keys import Keyring, keyid_of
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -56,7 +57,7 @@ class World:
         self.audit.close()
         self.store.close()
 
-    def open(self, path, *, write=False):
+    def open(self, path, *, write=False, pread_nowait=None):
         fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
         self.fds.append(fd)
         st = os.fstat(fd)
@@ -70,10 +71,14 @@ class World:
 
         f = FileRef(fd=fd, st=st, path=os.fsencode("/" + os.path.basename(spath)),
                     readable=True, reopen=lambda: os.open(spath, os.O_RDONLY),
-                    getxattr=getxattr, setxattr=lambda n, v: os.setxattr(spath, n, v))
-        state = self.engine.file_open(ME, f, readable=True, writable=write, append=False,
-                                      exec_=False)
+                    getxattr=getxattr, setxattr=lambda n, v: os.setxattr(spath, n, v),
+                    pread_nowait=pread_nowait)
+        state = settle(self.engine.file_open(ME, f, OpenMode(writable=write)))
         return state, fd
+
+    def read(self, state, fd, off, size):
+        """A verified read as a worker thread finishes it."""
+        return settle(self.engine.file_read(state, fd, off, size))
 
     def audit_lines(self, type_="violation"):
         out = []
@@ -116,13 +121,13 @@ def test_tree_built_with_the_digest_and_reads_verified(tmp_path, world):
     p = data_file(tmp_path)
     data = p.read_bytes()
     state, fd = w.open(p)
-    assert state.tree is not None and state.watchers == (w.root,)
+    assert state.tree is not None and state.verifiers == (w.root,)
     assert state.tree.verity_digest == fsverity_digest(p)
-    assert w.engine.stats["hashed_files"] == 1      # one pass: digest and tree
+    assert w.engine.stats()["hashed_files"] == 1      # one pass: digest and tree
     for off, size in [(0, BS), (0, 128 << 10), (BS, 2 * BS), (100, 10), (5 * BS, 4096),
                       (5 * BS + 100, 4096), (len(data), 4096), (len(data) + BS, 10),
                       (3 * BS + 17, 0), (BS - 1, 2)]:
-        assert w.engine.read_verified(state, fd, off, size) == data[off:off + size], (off, size)
+        assert w.read(state, fd, off, size) == data[off:off + size], (off, size)
     assert w.root.mlist.violations == 0
 
 
@@ -130,10 +135,10 @@ def test_no_tree_when_not_measured_or_verify_off(tmp_path, world):
     p = data_file(tmp_path)
     w = world("measure func=BPRM_CHECK\n")
     state, fd = w.open(p)
-    assert state.tree is None and w.engine.read_verified(state, fd, 0, 10) is None
+    assert state.tree is None and w.read(state, fd, 0, 10) is None
     w2 = world(verify=False)
     state, fd = w2.open(p)
-    assert state.tree is None and w2.engine.read_verified(state, fd, 0, 10) is None
+    assert state.tree is None and w2.read(state, fd, 0, 10) is None
 
 
 def test_empty_file(tmp_path, world):
@@ -141,10 +146,10 @@ def test_empty_file(tmp_path, world):
     p = data_file(tmp_path, size=0)
     state, fd = w.open(p)
     assert state.tree.data_size == 0
-    assert w.engine.read_verified(state, fd, 0, 4096) == b""
+    assert w.read(state, fd, 0, 4096) == b""
     p.write_bytes(b"x")
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, 0, 4096)
+        w.read(state, fd, 0, 4096)
 
 
 # ------------------------------------------------------------------ changes behind
@@ -158,9 +163,9 @@ def test_changed_block_is_eio_with_violation_and_audit(tmp_path, world):
         f.seek(2 * BS + 5)
         f.write(bytes([data[2 * BS + 5] ^ 0xFF]))
     # blocks 0-1 are unchanged and still served
-    assert w.engine.read_verified(state, fd, 0, 2 * BS) == data[:2 * BS]
+    assert w.read(state, fd, 0, 2 * BS) == data[:2 * BS]
     with pytest.raises(ReadVerifyError) as ei:
-        w.engine.read_verified(state, fd, BS, 4 * BS)
+        w.read(state, fd, BS, 4 * BS)
     assert ei.value.errno == errno.EIO and isinstance(ei.value, AccessDenied)
     # a violation entry: zero digest, PCR 10, counted
     assert w.root.mlist.violations == 1
@@ -176,10 +181,10 @@ def test_changed_block_is_eio_with_violation_and_audit(tmp_path, world):
     assert rec["found"] == hashlib.sha256(changed).hexdigest()
     # one violation per handle; the verdicts and cached digests are forgotten
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, 2 * BS, BS)
+        w.read(state, fd, 2 * BS, BS)
     assert w.root.mlist.violations == 1
     assert state.iint.version is None and state.iint.tree is None
-    assert w.engine.cache.get(state.iint.key, state.file.version) is None
+    assert w.engine.digests.get(state.iint.key, state.file.version) is None
     assert w.engine.trees.get(state.iint.key, state.file.version) is None
 
 
@@ -189,15 +194,15 @@ def test_truncated_file_is_eio(tmp_path, world):
     data = p.read_bytes()
     state, fd = w.open(p)
     os.truncate(p, 2 * BS)               # at a block boundary: blocks 2.. are gone
-    assert w.engine.read_verified(state, fd, 0, 2 * BS) == data[:2 * BS]
+    assert w.read(state, fd, 0, 2 * BS) == data[:2 * BS]
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, 2 * BS, BS)
+        w.read(state, fd, 2 * BS, BS)
     (rec,) = w.audit_lines()
     assert rec["what"] == "short" and rec["block"] == 2 and rec["found"] == ""
     state2, fd2 = w.open(p)              # reopened: measured again, verified again
     os.truncate(p, BS + 10)              # mid-block
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state2, fd2, 0, 2 * BS)
+        w.read(state2, fd2, 0, 2 * BS)
 
 
 def test_grown_file_is_eio_past_the_measured_end(tmp_path, world):
@@ -208,12 +213,12 @@ def test_grown_file_is_eio_past_the_measured_end(tmp_path, world):
     with open(p, "ab") as f:
         f.write(b"appended")
     # reads inside the measured file still pass...
-    assert w.engine.read_verified(state, fd, 0, 5 * BS) == data[:5 * BS]
+    assert w.read(state, fd, 0, 5 * BS) == data[:5 * BS]
     # ...a read reaching past its end does not, not even past EOF
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, 5 * BS, 2 * BS)
+        w.read(state, fd, 5 * BS, 2 * BS)
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, len(data), BS)
+        w.read(state, fd, len(data), BS)
     (rec,) = w.audit_lines()
     assert rec["what"] == "past-end"
 
@@ -225,7 +230,7 @@ def test_a_writer_through_the_mount_stops_verification(tmp_path, world):
     wstate, wfd = w.open(p, write=True)
     assert wstate.tree is None           # a writer's own reads are never verified
     os.pwrite(wfd, b"new", 0)
-    assert w.engine.read_verified(state, fd, 0, 3) is None   # known change: unverified
+    assert w.read(state, fd, 0, 3) is None   # known change: unverified
     w.engine.file_release(wstate)
     assert w.root.mlist.violations == 1   # the kernel's ToMToU, not a read-verify one
     assert [r["cause"] for r in w.audit_lines()] == ["ToMToU"]
@@ -241,17 +246,17 @@ def test_fresh_open_after_a_change_is_measured_again(tmp_path, world):
         f.write(b"Z")
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))   # mtime restored, ctime moves
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state, fd, 0, BS)
+        w.read(state, fd, 0, BS)
     state2, fd2 = w.open(p)
     assert state2.tree is not state.tree and state2.tree.verity_digest == fsverity_digest(p)
     assert w.root.mlist.count == n + 2       # the violation and the new measurement
     # while the handle of the old version is open, a changed block is served to nobody
     # (one page cache serves both handles); unchanged blocks are
     with pytest.raises(ReadVerifyError):
-        w.engine.read_verified(state2, fd2, 0, BS)
-    assert w.engine.read_verified(state2, fd2, BS, BS) == p.read_bytes()[BS:2 * BS]
+        w.read(state2, fd2, 0, BS)
+    assert w.read(state2, fd2, BS, BS) == p.read_bytes()[BS:2 * BS]
     w.engine.file_release(state)
-    assert w.engine.read_verified(state2, fd2, 0, BS) == p.read_bytes()[:BS]
+    assert w.read(state2, fd2, 0, BS) == p.read_bytes()[:BS]
 
 
 # ------------------------------------------------------------------ LMDB
@@ -268,9 +273,9 @@ def test_tree_cached_in_lmdb_across_engines(tmp_path, world):
     w2.__init__(tmp_path / "w0")
     try:
         state2, fd2 = w2.open(p)
-        assert w2.engine.stats["hashed_files"] == 0 and w2.engine.stats["tree_loads"] == 1
+        assert w2.engine.stats()["hashed_files"] == 0 and w2.engine.stats()["tree_loads"] == 1
         assert state2.tree == tree
-        assert w2.engine.read_verified(state2, fd2, 100 * BS, 128 << 10) == \
+        assert w2.read(state2, fd2, 100 * BS, 128 << 10) == \
             data[100 * BS:100 * BS + (128 << 10)]
     finally:
         w2.close()
@@ -286,7 +291,7 @@ def test_digests_cached_without_a_tree_are_hashed_again(tmp_path, world):
     w2 = World(tmp_path / "w0", verify=True)
     try:
         state2, _fd2 = w2.open(p)
-        assert state2.tree is not None and w2.engine.stats["hashed_files"] == 1
+        assert state2.tree is not None and w2.engine.stats()["hashed_files"] == 1
     finally:
         w2.close()
 
@@ -327,7 +332,7 @@ def test_appraise_sigv3(tmp_path, world):
     os.setxattr(p, "security.ima", ap.sign_v3(tk.key("rsa"), "sha256", fsverity_digest(p), kid))
     w2 = world(SIGV3, keys=[_cert()])
     state, fd = w2.open(p)
-    assert state.tree is not None and state.watchers == (w2.root,)
+    assert state.tree is not None and state.verifiers == (w2.root,)
     # a v2 signature over the flat digest is not enough
     flat = hashlib.sha256(p.read_bytes()).digest()
     q = data_file(tmp_path, "g", seed=2)
@@ -339,7 +344,7 @@ def test_appraise_sigv3(tmp_path, world):
         f.seek(3 * BS)
         f.write(b"evil")
     with pytest.raises(ReadVerifyError):
-        w2.engine.read_verified(state, fd, 3 * BS, BS)
+        w2.read(state, fd, 3 * BS, BS)
     with pytest.raises(AccessDenied) as ei:
         w2.open(p)
     assert ei.value.errno == errno.EACCES
@@ -366,19 +371,23 @@ def test_tree_digest_matches_fsverity_utils(tmp_path, world):
     assert out == state.tree.verity_digest_text
 
 
-def test_nowait_reads_leave_failures_to_the_thread_path(tmp_path, world):
+def test_inline_reads_leave_failures_to_the_thread_path(tmp_path, world):
+    """With the adapter's RWF_NOWAIT read, a read whose blocks are in the page cache
+    is verified inline; a mismatch is a Pending (nothing recorded on the event loop),
+    whose finish() records the violation and raises EIO."""
+    from imafs.fs import sysio
     w = world()
     p = data_file(tmp_path)
     data = p.read_bytes()
-    state, fd = w.open(p)
-    got = w.engine.read_verified(state, fd, BS, 2 * BS, nowait=True)
-    assert bytes(got) == data[BS:3 * BS]
+    state, fd = w.open(p, pread_nowait=sysio.pread_nowait)
+    got = w.engine.file_read(state, fd, BS, 2 * BS)
+    assert type(got) is not Pending and bytes(got) == data[BS:3 * BS]
     with open(p, "r+b") as f:
         f.seek(BS)
         f.write(b"!")
-    with pytest.raises(BlockingIOError):
-        w.engine.read_verified(state, fd, BS, 2 * BS, nowait=True)
+    pending = w.engine.file_read(state, fd, BS, 2 * BS)
+    assert type(pending) is Pending
     assert w.root.mlist.violations == 0 and not state.failed   # nothing recorded...
-    with pytest.raises(ReadVerifyError):                        # ...until the retry
-        w.engine.read_verified(state, fd, BS, 2 * BS)
+    with pytest.raises(ReadVerifyError):                        # ...until it is finished
+        pending.finish()
     assert w.root.mlist.violations == 1

@@ -74,7 +74,7 @@ def build(opts) -> Filesystem:
         return Filesystem(Overlay(opts.backing, **common))
 
     from imafs.fs.control import ControlDir
-    from imafs.fs.integrity import IntegrityHooks
+    from imafs.fs.adapter import IntegrityHooks
     from imafs.ima.audit import AuditLog
     from imafs.ima.engine import Engine
     from imafs.ima.keys import Keyring, VerifiedSignatures
@@ -149,13 +149,14 @@ def build(opts) -> Filesystem:
             template=template, hash_algo=algo)
 
     binder = CgroupBinder.for_store(store, opts.state)
-    tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
+    tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory, binder=binder,
+                         audit=audit)
     # --verify-reads on|off; default: on when the root policy has an appraise rule
     vr = x.get("verify_reads")
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
-    engine = Engine(tree, store=store, audit=audit, binder=binder, verify_reads=verify_reads,
+    engine = Engine(tree, store=store, audit=audit, verify_reads=verify_reads,
                     cache_store=cache_store)
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
     overlay = Overlay(opts.backing, hooks=hooks, **common)

@@ -29,10 +29,11 @@ from imafs.fs import sysio
 from imafs.fs.resolve import resolve
 from imafs.fs.overlay import CONTROL_BASE
 from imafs.ima.binding import Opener
-from imafs.ima.engine import AccessDenied, Engine, FileRef, Subject
+from imafs.ima.engine import AccessDenied, Engine, FileRef, OpenMode, Subject, settle
 from imafs.ima.keys import KeyringError, check_certificate, parse_certificate
 from imafs.ima.namespaces import NamespaceError
-from imafs.ima.policy import Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
+from imafs.ima.policy import MAY_READ, Policy, PolicyError, parse_policy, MAX_POLICY_BYTES
+from imafs.ima.record import record_buffer
 from imafs.logutil import PrintableLogFilter
 
 log = logging.getLogger("imafs.control")
@@ -315,9 +316,7 @@ class ControlDir:
             return NS_CREATE_USAGE.encode()
         if h.name == "stats":
             # the engine's hashing counters (mount-wide, not per namespace)
-            with self.engine._stats_lock:
-                stats = dict(self.engine.stats)
-            return (json.dumps(stats, sort_keys=True) + "\n").encode()
+            return (json.dumps(self.engine.stats(), sort_keys=True) + "\n").encode()
         return b""
 
     async def read(self, h: CtlHandle, off: int, size: int):
@@ -494,9 +493,9 @@ class ControlDir:
         state = None
         try:
             with self.engine.tree.acting_as(h.pid, h.ns):
-                state = self.engine.file_open(Subject(h.pid, h.uid, h.gid), f, readable=True,
-                                              writable=False, append=False, exec_=False,
-                                              funcs=[("POLICY_CHECK", 4)])
+                state = settle(self.engine.file_open(Subject(h.pid, h.uid, h.gid), f,
+                                                     OpenMode(),
+                                                     funcs=[("POLICY_CHECK", MAY_READ)]))
             text = os.pread(fd, size, 0)
         except AccessDenied as e:        # appraisal (EACCES), a list that is full (EIO)
             raise _PolicyDenied(f"{path}: {e}", e.errno) from None
@@ -540,7 +539,7 @@ class ControlDir:
                 log.info("pid %d joined namespace %s (id %d) from %s", h.pid, ns.path, ns.id,
                          h.ns.path)
             else:
-                ns = self.engine.remove_namespace(h.ns, text, h.pid, h.uid)
+                ns = self.engine.tree.ns_remove(h.ns, text, h.pid, h.uid)
                 log.info("namespace %s (id %d) removed by pid %d", ns.path, ns.id, h.pid)
         except NamespaceError as e:
             log.warning("%s by pid %d refused: %s", h.name, h.pid, e)
@@ -553,7 +552,7 @@ class ControlDir:
         """The opener may still be moved: it exists, is not exiting, and is in the
         namespace it was in at open (read afresh). Nothing to check without a binder
         (no process is moved then)."""
-        binder = self.engine.binder
+        binder = self.engine.tree.binder
         if binder is None:
             return
         op = h.opener
@@ -574,7 +573,7 @@ class ControlDir:
 
     def _bind_opener(self, h: CtlHandle, ns) -> None:
         """Move the opener into ns; BindingError-like exceptions when it did not move."""
-        binder = self.engine.binder
+        binder = self.engine.tree.binder
         if binder is None:
             return
         binder.bind(h.opener.pid, ns.id)     # checks that it is there
@@ -583,9 +582,9 @@ class ControlDir:
 
     def _create_ns(self, h: CtlHandle, text: str):
         """ns-create: a child of the opener's namespace (h.ns); the opener moves into it
-        (Engine.create_namespace records it first, and removes it again when the
+        (NamespaceTree.ns_create records it first, and removes it again when the
         opener cannot be moved)."""
-        child = self.engine.create_namespace(
+        child = self.engine.tree.ns_create(
             h.ns, text, h.pid, h.uid, check=lambda: self._check_opener(h),
             bind=lambda c: self._bind_opener(h, c))
         h.moved = True
@@ -601,7 +600,7 @@ class ControlDir:
         data = (f"ns-join name={target.path} id={target.id} uuid={getattr(target, 'uuid', '')} "
                 f"from={h.ns.path}").encode()
         try:
-            eng.record_event(target.parent, "ns-join", data)
+            record_buffer(target.parent, "ns-join", data)
         except Exception as e:  # noqa: BLE001 - fail closed: nobody moves unrecorded
             raise NamespaceError(errno.EIO, f"cannot record the join of {target.path}: "
                                             f"{e}") from None
@@ -609,8 +608,8 @@ class ControlDir:
             self._bind_opener(h, target)
         except Exception as e:  # noqa: BLE001 - BindingError, OSError
             try:
-                eng.record_event(target.parent, "ns-join-failed",
-                                 data.replace(b"ns-join ", b"ns-join-failed ", 1))
+                record_buffer(target.parent, "ns-join-failed",
+                              data.replace(b"ns-join ", b"ns-join-failed ", 1))
             except Exception as e2:  # noqa: BLE001
                 log.error("cannot record the failed join of %s: %s", target.path, e2)
             raise NamespaceError(errno.EPERM, str(e)) from None
@@ -870,11 +869,11 @@ class ControlDir:
                 return os.getxattr(p, name)
             except OSError:
                 return None
-        from imafs.fs.integrity import fs_info, generation
         f = FileRef(fd=fd, st=st, path=rel.encode(), readable=True,
                     reopen=lambda: os.open(p, os.O_RDONLY | os.O_CLOEXEC),
                     getxattr=getxattr, setxattr=lambda n, v: os.setxattr(p, n, v),
-                    fs=fs_info(fd, st.st_dev), generation=generation(fd, st.st_dev))
+                    fs=sysio.fs_info(fd, st.st_dev),
+                    generation=sysio.generation(fd, st.st_dev))
         return f, fd
 
     # ------------------------------------------------------------------ directories

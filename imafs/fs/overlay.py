@@ -8,9 +8,10 @@ Inode numbers are the backing ones (the backing root shows as FUSE's root, 1); i
 of other devices below the backing root get numbers from a private range.
 
 Integrity never lives here: ``hooks`` (an object with the methods of
-:class:`NullHooks`) is told about opens, releases, writes and attribute changes, in
-a worker thread, and may refuse an open with an errno. ``control`` serves the
-virtual control directory.
+:class:`Hooks`) is told about opens, reads, releases, writes and attribute changes,
+and may refuse an open with an errno; what it cannot answer on the event loop it
+returns as a ``Pending``, which the overlay finishes in a worker thread. ``control``
+serves the virtual control directory.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from imafs.fs import sysio
+from imafs.ima.iint import Pending
 
 log = logging.getLogger("imafs.fs")
 
@@ -54,14 +56,6 @@ def _truncate_opened(fd: int, oflags: int) -> None:
         os.truncate(sysio.proc_path(fd), 0)
 
 
-class _NotNow:
-    def __repr__(self):
-        return "NOT_NOW"
-
-
-NOT_NOW = _NotNow()   # a hook that cannot decide on the event loop says so
-
-
 @dataclass(frozen=True)
 class Caller:
     """Who made a request (from the FUSE request context)."""
@@ -80,53 +74,33 @@ class Denied(Exception):
         self.reason = reason
 
 
-class NullHooks:
-    """Integrity off: every method is a no-op. The engine adapter overrides them.
+class Hooks:
+    """What the overlay tells integrity, and asks it (integrity off: every method is
+    a no-op; the engine's adapter, fs/adapter.py, overrides them).
 
-    All methods run in a worker thread, never on the event loop.
+    ``open``, ``read`` and ``release`` run on the event loop and must not block: each
+    answers at once, or returns a :class:`Pending`, whose ``finish()`` the overlay
+    calls in a worker thread for the answer. ``wrote`` and the listing, size and
+    cache questions run on the event loop too; ``changed`` and ``setxattr`` in a
+    worker thread.
     """
     active = False         # open/release/read/write/setattr hooks wanted
-    watch_xattrs = False   # setxattr/getxattr/removexattr hooks wanted
+    xattr_hooks = False    # setxattr/getxattr/listxattr/removexattr hooks wanted
 
-    def open_inline(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
-        """Called on the event loop first: decide without blocking, or return NOT_NOW
-        to have ``open`` called in a worker thread."""
-        return NOT_NOW
-
-    def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool):
-        """Called after the backing file is opened; return a token kept with the
-        handle, or raise Denied."""
-        return None
-
-    def created(self, caller: Caller, inode: "Inode", fd: int, flags: int):
+    def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool,
+             created: bool = False):
+        """After the backing file is opened (``created``: by this request): a token
+        kept with the handle (or a Pending that finishes to one), or raise Denied."""
         return None
 
     def release(self, token):
-        """Called on the event loop as soon as the handle is released: must be cheap.
-        May return a callable with slow work, which then runs in a worker thread."""
+        """As soon as the handle is released, before any later request: None, or the
+        slow part as a Pending."""
         return None
 
     def read(self, token, fd: int, off: int, size: int):
-        """Return the bytes to serve, or None to let the overlay read them."""
-        return None
-
-    def listxattr(self, caller: Caller, inode: "Inode", names: list[bytes]) -> list[bytes]:
-        """On the event loop, cheap: the attribute names the caller is shown."""
-        return names
-
-    def shown_size(self, st: os.stat_result) -> int | None:
-        """On the event loop, cheap: a size to report instead of ``st.st_size``."""
-        return None
-
-    def wants_read(self, token) -> bool:
-        """On the event loop, cheap: whether ``read``/``read_cached`` must see the
-        reads of this handle (False: the overlay reads itself, no thread hop)."""
-        return True
-
-    def read_cached(self, token, fd: int, off: int, size: int):
-        """On the event loop, must not block: the bytes to serve when they can be
-        produced from the page cache right away, else None (then ``read`` runs in a
-        worker thread)."""
+        """The bytes to serve (or a Pending that finishes to them, or raises Denied),
+        or None to let the overlay read them itself."""
         return None
 
     def wrote(self, token) -> None:
@@ -142,6 +116,14 @@ class NullHooks:
 
     def getxattr(self, caller: Caller, inode: "Inode", name: bytes):
         """Return a name to read instead of ``name``, or None."""
+        return None
+
+    def listxattr(self, caller: Caller, inode: "Inode", names: list[bytes]) -> list[bytes]:
+        """Cheap: the attribute names the caller is shown."""
+        return names
+
+    def shown_size(self, st: os.stat_result) -> int | None:
+        """Cheap: a size to report instead of ``st.st_size``."""
         return None
 
     def keep_cache(self, inode: "Inode", unchanged: bool) -> bool:
@@ -245,12 +227,12 @@ class Overlay(pyfuse3.Operations):
     # pyfuse3 does not negotiate FUSE_DONT_MASK)
     enable_acl = True
 
-    def __init__(self, backing: str, *, hooks: NullHooks | None = None, control=None,
+    def __init__(self, backing: str, *, hooks: Hooks | None = None, control=None,
                  control_name: bytes = b".imafs", attr_timeout: float = 1.0,
                  entry_timeout: float = 1.0, max_threads: int = 8):
         super().__init__()
         self.backing = os.path.realpath(backing)
-        self.hooks = hooks or NullHooks()
+        self.hooks = hooks or Hooks()
         self.control = control
         self.control_name = control_name
         self.attr_timeout = attr_timeout
@@ -267,7 +249,6 @@ class Overlay(pyfuse3.Operations):
         self.handles: dict[int, object] = {}
         self._next_fh = 1
         self._fh_lock = threading.Lock()
-        self._nowait = True
 
     # ------------------------------------------------------------------ helpers
     def _nodeid_for(self, dev: int, ino: int) -> int:
@@ -620,9 +601,9 @@ class Overlay(pyfuse3.Operations):
         if active:
             caller = _caller(ctx)
             try:
-                token = self.hooks.open_inline(caller, node, fd, flags, exec_)
-                if token is NOT_NOW:
-                    token = await self._in_thread(self.hooks.open, caller, node, fd, flags, exec_)
+                token = self.hooks.open(caller, node, fd, flags, exec_)
+                if type(token) is Pending:
+                    token = await self._in_thread(token.finish)
             except Denied as d:
                 os.close(fd)
                 raise FUSEError(d.errno)
@@ -641,9 +622,7 @@ class Overlay(pyfuse3.Operations):
         except OSError as e:
             os.close(fd)
             if token is not None:
-                slow = self.hooks.release(token)
-                if slow is not None:
-                    await self._in_thread(slow)
+                await self._release_token(token)
             raise _fuse_error(e)
         keep = self._keep_cache(node, st)
         if active:
@@ -722,10 +701,9 @@ class Overlay(pyfuse3.Operations):
         token = None
         if self.hooks.active:
             try:
-                if created:
-                    token = await self._in_thread(self.hooks.created, caller, node, fd, flags)
-                else:
-                    token = await self._in_thread(self.hooks.open, caller, node, fd, flags, False)
+                token = self.hooks.open(caller, node, fd, flags, False, created)
+                if type(token) is Pending:
+                    token = await self._in_thread(token.finish)
             except Denied as d:
                 os.close(fd)
                 raise FUSEError(d.errno)
@@ -741,9 +719,7 @@ class Overlay(pyfuse3.Operations):
             except OSError as e:
                 os.close(fd)
                 if token is not None:
-                    slow = self.hooks.release(token)
-                    if slow is not None:
-                        await self._in_thread(slow)
+                    await self._release_token(token)
                 raise _fuse_error(e)
             if token is not None:
                 self.hooks.wrote(token)
@@ -778,41 +754,25 @@ class Overlay(pyfuse3.Operations):
             if h is not None and self.control is not None:
                 return await self.control.read(h, off, size)
             raise FUSEError(errno.EBADF)
-        if h.token is not None and self.hooks.wants_read(h.token):
+        if h.token is not None:
             try:
-                data = self.hooks.read_cached(h.token, h.fd, off, size)
-                if data is None:
-                    data = await self._in_thread(self.hooks.read, h.token, h.fd, off, size)
+                data = self.hooks.read(h.token, h.fd, off, size)
+                if type(data) is Pending:
+                    data = await self._in_thread(data.finish)
             except Denied as d:   # read-time verification failed: EIO, no byte served
                 raise FUSEError(d.errno)
             if data is not None:
                 return data
-        if self._nowait:
-            try:
-                return self._read_fast(h.fd, off, size)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise _fuse_error(e)
-                self._nowait = False  # backing fs without RWF_NOWAIT
         try:
+            # from the page cache on the event loop; what needs the disk in a worker.
+            # Never a short read before EOF: FUSE takes one as the file's end
+            data = sysio.pread_nowait(h.fd, size, off)
+            if data is not None and (len(data) == size
+                                     or off + len(data) >= os.fstat(h.fd).st_size):
+                return data
             return await self._in_thread(os.pread, h.fd, size, off)
         except OSError as e:
             raise _fuse_error(e)
-
-    @staticmethod
-    def _read_fast(fd: int, off: int, size: int) -> bytearray:
-        """Serve from the page cache without blocking the event loop; raises
-        BlockingIOError when the data would need disk I/O (then a worker reads).
-        Never returns a short read before EOF: FUSE takes one as the file's end."""
-        buf = bytearray(size)
-        n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
-        if n < size:
-            if off + n < os.fstat(fd).st_size:
-                raise BlockingIOError(errno.EAGAIN, "partly cached")
-            del buf[n:]
-        return buf
 
     async def write(self, fh, off, buf):
         h = self.handles.get(fh)
@@ -857,9 +817,12 @@ class Overlay(pyfuse3.Operations):
         if h.token is not None:
             # inline, before any later request runs: FUSE RELEASE is asynchronous to
             # close(), and the next OPEN must see the open counts without this handle
-            slow = self.hooks.release(h.token)
-            if slow is not None:
-                await self._in_thread(slow)
+            await self._release_token(h.token)
+
+    async def _release_token(self, token) -> None:
+        r = self.hooks.release(token)
+        if type(r) is Pending:
+            await self._in_thread(r.finish)
 
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)
@@ -983,7 +946,7 @@ class Overlay(pyfuse3.Operations):
         if self._is_control(inode):
             raise FUSEError(errno.EPERM)
         node = self.inode(inode)
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             try:
                 repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, value)
             except Denied as d:
@@ -996,7 +959,7 @@ class Overlay(pyfuse3.Operations):
                 self._acl_drop_sgid(node, _caller(ctx))
         except OSError as e:
             raise _fuse_error(e)
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             await self._in_thread(self.hooks.changed, node)
 
     @staticmethod
@@ -1013,7 +976,7 @@ class Overlay(pyfuse3.Operations):
         if self._is_control(inode):
             raise FUSEError(pyfuse3.ENOATTR)
         node = self.inode(inode)
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             alt = self.hooks.getxattr(_caller(ctx), node, name)
             if alt is not None:
                 name = alt
@@ -1038,7 +1001,7 @@ class Overlay(pyfuse3.Operations):
             # the kernel lists trusted.* only to CAP_SYS_ADMIN (approximated by
             # fsuid 0); we list as root, so hide them from everyone else
             names = [n for n in names if not n.startswith(b"trusted.")]
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             names = self.hooks.listxattr(_caller(ctx), node, names)
         return names
 
@@ -1046,7 +1009,7 @@ class Overlay(pyfuse3.Operations):
         if self._is_control(inode):
             raise FUSEError(errno.EPERM)
         node = self.inode(inode)
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             try:
                 repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, None)
             except Denied as d:
@@ -1057,7 +1020,7 @@ class Overlay(pyfuse3.Operations):
             os.removexattr(self._xattr_path(node), name)
         except OSError as e:
             raise _fuse_error(e)
-        if self.hooks.watch_xattrs:
+        if self.hooks.xattr_hooks:
             await self._in_thread(self.hooks.changed, node)
 
     def close_all(self) -> None:

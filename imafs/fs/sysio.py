@@ -8,9 +8,13 @@ reopens it (a magic link: it jumps to the inode, never re-resolves a name).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import re
 import resource
 import struct
+
+from imafs.ima.iint import FsInfo
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -36,6 +40,36 @@ def _check(ret: int, what: str, name=None) -> int:
 
 def proc_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
+
+
+# ---------------------------------------------------------------------- page-cache reads
+_nowait_ok = hasattr(os, "RWF_NOWAIT")
+
+
+def pread_nowait(fd: int, size: int, off: int) -> bytearray | None:
+    """Up to ``size`` bytes at ``off`` from the page cache only (preadv2 with
+    RWF_NOWAIT: for the event loop, which must not wait for the disk); fewer at EOF,
+    or when only part is cached. None when nothing is cached, or when the backing
+    file system has no RWF_NOWAIT (EOPNOTSUPP: found out once, for every caller);
+    other errors raise."""
+    global _nowait_ok
+    if not _nowait_ok:
+        return None
+    buf = bytearray(size)
+    try:
+        n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            _nowait_ok = False      # a backing file system without RWF_NOWAIT
+            return None
+        if e.errno == errno.EINVAL:
+            return None             # let the blocking read say what is wrong
+        raise
+    if n < size:
+        del buf[n:]
+    return buf
 
 
 def fchown_empty(fd: int, uid: int, gid: int) -> None:
@@ -98,6 +132,92 @@ def getdents(fd: int, bufsize: int = 32768) -> list[tuple[bytes, int]]:
         out.append((name, off))
         pos += reclen
     return out
+
+
+# ---------------------------------------------------------------------- file facts
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
+                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
+                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
+                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
+
+
+FS_IOC_GETVERSION = 0x80087601          # _IOR('v', 1, long)
+_generation_ok: dict[int, bool] = {}    # st_dev -> whether the ioctl works there
+
+
+def generation(fd: int, dev: int) -> int:
+    """The inode's generation number (ext2/3/4, btrfs, ...), 0 where there is none."""
+    if _generation_ok.get(dev) is False:
+        return 0
+    buf = ctypes.c_long(0)
+    if _libc.ioctl(fd, FS_IOC_GETVERSION, ctypes.byref(buf)) != 0:
+        _generation_ok[dev] = False     # ENOTTY/EOPNOTSUPP: the file system has none
+        return 0
+    _generation_ok[dev] = True
+    return buf.value & 0xFFFFFFFFFFFFFFFF
+
+
+_MI_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _mountinfo_field(text: str) -> str:
+    """A /proc/self/mountinfo field with its octal escapes (space, tab, newline, \\)
+    undone."""
+    return _MI_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def fs_info(fd: int, dev: int) -> FsInfo:
+    """Magic, type name, subtype and UUID of the backing filesystem holding ``fd``.
+
+    The name is the kernel's ``sb->s_type->name`` (what ``fsname=`` compares): the
+    mountinfo type field is that name, then ``.subtype`` for a FUSE file system with
+    one (``fuse.sshfs``; no in-kernel type name has a dot). The mount is found by
+    device number, else (a device number mountinfo does not show, as with btrfs
+    subvolumes) as the mount point that is the longest prefix of the file's path."""
+    buf = _Statfs()
+    magic = None
+    if _libc.fstatfs(fd, ctypes.byref(buf)) == 0:
+        magic = buf.f_type & 0xFFFFFFFF
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    fstype = None
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = None
+    best = -1
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                kind = _mountinfo_field(parts[parts.index("-") + 1])
+                if parts[2] == want:
+                    fstype = kind
+                    break
+                mp = _mountinfo_field(parts[4])
+                if path is not None and len(mp) > best and (
+                        path == mp or path.startswith(mp.rstrip("/") + "/")):
+                    best, fstype = len(mp), kind
+    except (OSError, ValueError, IndexError):
+        pass
+    name = subtype = None
+    if fstype is not None:
+        name, dot, sub = fstype.partition(".")
+        subtype = sub if dot and sub else None
+    uuid = None
+    try:
+        for link in os.listdir("/dev/disk/by-uuid"):
+            try:
+                if os.stat(os.path.join("/dev/disk/by-uuid", link)).st_rdev == dev:
+                    uuid = link.lower()
+                    break
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return FsInfo(magic=magic, name=name or "", subtype=subtype, uuid=uuid)
 
 
 MNT_DETACH = 2

@@ -52,6 +52,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from imafs.ima import hashing
+
 # --- xattr types (security/integrity/integrity.h) ------------------------------------
 IMA_XATTR_DIGEST = 0x01
 EVM_XATTR_HMAC = 0x02
@@ -669,3 +671,46 @@ def may_fix(xattr: bytes | None) -> bool:
     only 0x03; imafs also keeps fs-verity signatures, as its design says ("never over
     a signature"): a hash written over a v3 signature would lose it for good."""
     return not xattr or xattr[0] not in (EVM_IMA_XATTR_DIGSIG, IMA_VERITY_DIGSIG)
+
+
+# --- a policy decision -> an appraisal ------------------------------------------------
+# The one place that turns what an appraise rule says into the arguments of
+# appraise(): the engine (at open and for the query file) and ``imafs verify
+# --policy`` call it.
+
+def decision_flags(decision) -> tuple:
+    """What an appraisal's result depends on besides the file, its value and the
+    keyring: the deciding rule's appraise_type, appraise_algos and digest_type."""
+    return (decision.appraise_type, decision.appraise_algos, decision.digest_type)
+
+
+def appraise_decision(xattr: bytes | None, decision, digest_for: Callable[[str], bytes],
+                      keyring, *, verity_digest: Callable[[str], bytes | None] | None,
+                      default_algo: str = "sha256", new_file: bool = False,
+                      file_size: int | None = None) -> AppraiseResult:
+    """:func:`appraise` as a policy ``Decision`` asks for it: ``appraise_type=imasig``
+    (or ``imasig|modsig``) requires a signature, ``sigv3`` a v3 signature over the
+    fs-verity digest, ``digest_type=verity`` the fs-verity digest, ``appraise_algos=``
+    limits the algorithms."""
+    return appraise(
+        xattr, digest_for, keyring,
+        require_sig=decision.appraise_type in ("imasig", "imasig|modsig"),
+        allowed_algos=decision.appraise_algos, verity_digest=verity_digest,
+        sigv3_required=decision.appraise_type == "sigv3",
+        verity_required=decision.digest_type == "verity",
+        default_algo=default_algo, new_file=new_file, file_size=file_size)
+
+
+def get_hash_algo(xattr: bytes | None, default: str) -> str:
+    """The algorithm of a measurement (and of an audit record): the one the file's
+    ``security.ima`` names, when this Python can compute it (the kernel's
+    ima_get_hash_algo(), so a signature in an ima-sig entry covers the recorded
+    digest); else ``default`` (the namespace's ``--hash``)."""
+    algo = needed_algo(xattr)
+    if algo is None or algo == default:
+        return default
+    try:
+        hashing.hash_algo(algo).new()
+    except (ValueError, hashing.HashAlgoError):
+        return default
+    return algo

@@ -8,6 +8,13 @@ The root namespace (id 0) is the mount's. Binding processes to namespaces lives 
 Persistence: child namespaces (their options and policies) are in the store's ``ns``
 database; lists, PCRs and keys in their own databases. The root namespace is not
 stored here: its policy (and its keys) come from the command line at each mount.
+
+``ns-create`` and ``ns-remove`` (:meth:`NamespaceTree.ns_create`, ``ns_remove``)
+record the change in the parent's list and move processes through the binder.
+
+Each namespace has its own ``security.ima``: the root's is the file's own
+attribute, a child's is kept under a private name (``security.imafs.nsID.ima``) and
+shown to the child's processes as ``security.ima`` (:class:`XattrView`).
 """
 from __future__ import annotations
 
@@ -15,15 +22,24 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import re
 import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.policy import Policy
+from imafs.ima.record import record_buffer
+
+log = logging.getLogger("imafs.engine")
+
+IMA_XATTR = "security.ima"
+#: the prefix of the names under which child namespaces keep their own security.ima
+PRIVATE_XATTR_PREFIX = "security.imafs."
 
 APPRAISE_MODES = ("enforce", "log", "fix", "off")
 # Limits, as the kernel's for user namespaces: every open is measured, appraised and
@@ -62,7 +78,7 @@ class Namespace:
     @property
     def xattr_name(self) -> str:
         """Where this namespace keeps its own ``security.ima`` on backing files."""
-        return "security.ima" if self.id == 0 else f"security.imafs.ns{self.id}.ima"
+        return IMA_XATTR if self.id == 0 else f"{PRIVATE_XATTR_PREFIX}ns{self.id}.ima"
 
     @property
     def path(self) -> str:
@@ -113,8 +129,15 @@ class NamespaceError(Exception):
 class NamespaceTree:
     """All namespaces of a mount, persisted in LMDB (db ``ns``: id -> JSON)."""
 
-    def __init__(self, root: Namespace, resolver=None, *, store=None, factory=None):
+    def __init__(self, root: Namespace, resolver=None, *, store=None, factory=None,
+                 binder=None, audit=None):
+        """``resolver(pid) -> namespace id or None``; ``factory(id, name, parent,
+        opts, policy_text) -> Namespace`` makes a child; ``binder`` (binding.py) moves
+        processes into a namespace created by ``ns_create``; ``audit`` records
+        creations and removals."""
         self.root = root
+        self.binder = binder
+        self.audit = audit
         self.by_id: dict[int, Namespace] = {root.id: root}
         self._resolver = resolver
         self.store = store
@@ -291,3 +314,144 @@ class NamespaceTree:
                 with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
                     t.delete(struct.pack(">I", ns.id))
             return ns
+
+    # --- ns-create / ns-remove
+    def ns_create(self, parent: Namespace, text: str, pid: int, uid: int, *,
+                  check: Callable[[], None] | None = None,
+                  bind: Callable[[Namespace], None] | None = None) -> Namespace:
+        """``ns-create``: a child of ``parent``, into which process ``pid`` moves. The
+        creation is measured in the parent's list (``ns-create``) and starts the
+        child's (``ns-init``), with the same data, so a verifier ties them -- before
+        anyone moves: a creation the parent's list cannot show (full disk) moves
+        nobody. ``check()`` (raises NamespaceError) runs once the request is parsed;
+        ``bind(child)`` moves the process (default: the binder moves ``pid``). When it
+        cannot be moved, the child is removed again, through ``ns-remove`` once its
+        creation is in the parent's list, so the list tells what happened."""
+        name, opts = self.parse_create(text)
+        if check is not None:
+            check()
+        try:
+            child = self.create(parent, name, opts)
+        except NamespaceError:
+            raise
+        except ValueError as e:     # options the list or the templates refuse
+            raise NamespaceError(errno.EINVAL, f"namespace {name!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
+            raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
+        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
+                f"template={child.template} hash={child.hash_algo} "
+                f"appraise={child.appraise_mode}").encode()
+        recorded = False
+        try:
+            record_buffer(parent, "ns-create", data)
+            recorded = True
+            record_buffer(child, "ns-init", data)
+        except Exception as e:  # noqa: BLE001 - fail closed, the process stays where it is
+            self._undo_create(parent, child, recorded, pid, uid)
+            raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
+                                            f"{e}") from None
+        if bind is None and self.binder is not None:
+            bind = lambda c: self.binder.bind(pid, c.id)  # noqa: E731
+        if bind is not None:
+            try:
+                bind(child)
+            except Exception as e:  # noqa: BLE001 - BindingError, OSError
+                self._undo_create(parent, child, True, pid, uid)
+                raise NamespaceError(errno.EPERM, f"{e}; namespace {child.path} removed "
+                                                  f"again") from None
+        self._audit("ns_create", ns=parent.path, child=child.path, id=child.id,
+                    uuid=child.uuid, pid=pid, uid=uid)
+        return child
+
+    def _undo_create(self, parent: Namespace, child: Namespace, recorded: bool, pid: int,
+                     uid: int) -> None:
+        try:
+            if recorded:
+                self.ns_remove(parent, child.name, pid, uid)
+            else:
+                self.remove(parent, child.name)
+                if self.binder is not None:
+                    self.binder.remove(child.id)
+        except Exception as e:  # noqa: BLE001 - report, the refusal stands
+            log.error("namespace %s: cannot remove it after a failed creation: %s",
+                      child.path, e)
+
+    def ns_remove(self, parent: Namespace, text: str, pid: int, uid: int) -> Namespace:
+        """``ns-remove``: the child ``text`` names, when no process is in it. Its list
+        stays in LMDB (its id is never given again) but is no longer served; its final
+        length and PCR 10 go into the parent's list."""
+        name = text.strip()
+        child = parent.children.get(name)
+        if child is None:
+            raise NamespaceError(errno.ENOENT, f"no namespace {name!r} under {parent.path}")
+        if self.binder is not None and self.binder.members(child.id):
+            raise NamespaceError(errno.EBUSY, f"namespace {child.path} still has processes")
+        self.remove(parent, name)
+        if self.binder is not None:
+            try:
+                self.binder.remove(child.id)
+            except Exception as e:  # noqa: BLE001 - the namespace is gone either way
+                log.warning("namespace %s: %s", child.path, e)
+        final = f"entries={child.mlist.count}"
+        try:
+            bank = "sha256" if "sha256" in child.mlist.banks else child.mlist.banks[0]
+            final += f" pcr10={bank}:{child.mlist.pcr(bank, 10).hex()}"
+        except Exception:  # noqa: BLE001 - a list without PCRs (tests)
+            pass
+        record_buffer(parent, "ns-remove", f"ns-remove name={child.path} id={child.id} "
+                                           f"uuid={child.uuid} {final}".encode())
+        self._audit("ns_remove", ns=parent.path, child=child.path, id=child.id, pid=pid,
+                    uid=uid)
+        return child
+
+    def _audit(self, kind: str, **fields) -> None:
+        if self.audit is not None:
+            self.audit.record(kind, **fields)
+
+
+class XattrView:
+    """Which ``security.ima`` a process sees: its namespace's own. The root
+    namespace's is the file's attribute; a child's is stored under its private name
+    and read, written and listed as ``security.ima`` by the child's processes only;
+    private names are nobody's to read, write or list directly. Names are bytes, as
+    the FUSE requests carry them."""
+
+    IMA = IMA_XATTR.encode()
+    PRIVATE = PRIVATE_XATTR_PREFIX.encode()
+    UNKNOWN = PRIVATE + b"unknown"      # a name no file has: reads as ENODATA
+
+    def __init__(self, tree: NamespaceTree):
+        self.tree = tree
+
+    def is_private(self, name: bytes) -> bool:
+        return name.startswith(self.PRIVATE)
+
+    def stored_name(self, ns: Namespace, name: bytes) -> bytes | None:
+        """The name a write of ``name`` by a process of ``ns`` goes to, or None for
+        ``name`` itself."""
+        if name == self.IMA and ns.id != 0:
+            return ns.xattr_name.encode()
+        return None
+
+    def read_name(self, pid: int, name: bytes) -> bytes | None:
+        """The name a read of ``name`` by ``pid`` reads instead, or None for ``name``."""
+        if name.startswith(self.PRIVATE):
+            # a namespace's own security.ima is read as security.ima inside it; by its
+            # private name nobody reads it (a sibling would, otherwise)
+            return self.UNKNOWN
+        if name == self.IMA:
+            ns = self.tree.of_pid(pid)
+            if ns is None:
+                return self.UNKNOWN
+            if ns.id != 0:
+                return ns.xattr_name.encode()
+        return None
+
+    def listed(self, pid: int, names: list[bytes]) -> list[bytes]:
+        """The names ``pid`` is shown: ``security.ima`` when its namespace has a value
+        (the host's attribute, or the namespace's private copy), no private name."""
+        out = [n for n in names if n != self.IMA and not n.startswith(self.PRIVATE)]
+        ns = self.tree.of_pid(pid)
+        if ns is not None and ns.xattr_name.encode() in names:
+            out.append(self.IMA)
+        return out

@@ -20,7 +20,7 @@ import struct
 import threading
 from collections import OrderedDict
 
-log = logging.getLogger("imafs.fs.watch")
+log = logging.getLogger("imafs.fs.inotify")
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
@@ -32,13 +32,13 @@ _EVENT = struct.Struct("iIII")   # wd, mask, cookie, len (then len bytes of name
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class Watcher:
+class Inotify:
     """``watch(key, fd)`` by a caller's key (a FUSE nodeid): the inode stays watched
     until ``unwatch(key)`` or until ``MAX`` others were watched since (least recently
     watched first: a watch pins its inode in memory). Adding a watch costs a path walk,
     so a file opened again and again is watched once; an event for a file that no
     verified handle holds open any more only drops pages nobody relies on.
-    ``changed(key)`` is called, in the watcher's thread, for every event of a watched
+    ``changed(key)`` is called, in the reading thread, for every event of a watched
     inode (and for every key when events were lost: the queue overflowed)."""
 
     MAX = 4096

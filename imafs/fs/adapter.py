@@ -1,0 +1,327 @@
+"""The overlay's hooks, served by the integrity engine: one FUSE request, one engine
+call.
+
+Only translation lives here: a FUSE open (caller, inode, flags) becomes an engine
+``Subject``, ``FileRef`` and ``OpenMode``; an engine refusal (``AccessDenied``)
+becomes ``Denied`` with its errno; a ``Pending`` is handed on for the overlay to
+finish in a worker thread. Besides, the FUSE side of read-time verification: which
+cached pages the kernel may keep (``keep_cache``), the page-cache fill of a digest
+pass (``notify_store``), invalidations, and inotify on files whose reads are
+verified. No policy, list, signature or xattr format is looked at in this module.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import stat
+import threading
+
+import pyfuse3
+
+from imafs.fs import sysio
+from imafs.fs.inotify import Inotify
+from imafs.fs.overlay import Caller, Denied, Hooks, Inode
+from imafs.fs.resolve import resolve
+from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, OpenMode, Pending, Subject
+
+log = logging.getLogger("imafs.fs.adapter")
+
+
+def _identity(inode: Inode, root_link: str | None, pid: int,
+              path: bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what the absolute ``path`` names inside the mount (symlinks
+    followed inside it, never out of the backing tree) -- if the process's root is the
+    mount (``root_link``: the mount point, as /proc/PID/root reads for a process
+    chrooted into it); else None."""
+    if root_link is None:
+        return None
+    try:
+        if os.readlink(f"/proc/{pid}/root") != root_link:
+            return None
+    except OSError:
+        return None
+    root = inode
+    while root.parent is not None:
+        root = root.parent
+    try:
+        fd, _rel = resolve(root.fd, os.fsdecode(path))
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino)
+
+
+class IntegrityHooks(Hooks):
+    xattr_hooks = True
+
+    def __init__(self, engine: Engine, *, mountpoint: str | None = None):
+        self.engine = engine
+        # what /proc/PID/root reads for a process chrooted into the mount
+        self._root_link = os.path.realpath(mountpoint) if mountpoint else None
+        self._fs: dict[int, FsInfo] = {}
+        # read-time verification: nodeids whose kernel page cache must not be kept at
+        # the next open (a failed verification, or pages read unverified before a
+        # verified open), nodeids read through unverified handles, and the queue of
+        # the thread that sends the kernel its cache invalidations
+        self._tainted: set[int] = set()
+        self._unverified: set[int] = set()
+        self._inval_q: queue.SimpleQueue | None = None
+        self._inval_lock = threading.Lock()
+        self._inval_pending: set[int] = set()
+        # nodeids whose page cache the digest pass of an open filled (keep_cache)
+        self._filled: set[int] = set()
+        self._fill_ok = True
+        # inotify on the backing inodes of files verified handles hold open: a change
+        # behind the mount drops the kernel's pages of the file at once
+        self._inotify = Inotify(self._changed_behind) if engine.verify_reads else None
+
+    @property
+    def active(self) -> bool:  # open/release hooks only while some policy has rules
+        return self.engine.active()
+
+    # ------------------------------------------------------------------ open
+    @staticmethod
+    def _generation(inode: Inode, fd: int, dev: int) -> int:
+        gen = inode.generation
+        if gen is None:
+            gen = inode.generation = sysio.generation(fd, dev)
+        return gen
+
+    def _fsinfo(self, fd: int, dev: int) -> FsInfo:
+        info = self._fs.get(dev)
+        if info is None:
+            info = self._fs[dev] = sysio.fs_info(fd, dev)
+        return info
+
+    def _file(self, inode: Inode, fd: int, flags: int) -> FileRef | None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        path = sysio.proc_path(inode.fd)
+        verify = self.engine.verify_reads
+
+        def getxattr(name: str):
+            try:
+                return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
+            except OSError as e:
+                if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                    return None
+                raise
+
+        return FileRef(
+            fd=fd, st=st, path=inode.path(), readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
+            reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+            getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
+            fs=self._fsinfo(fd, st.st_dev),
+            resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
+            fill_cache=(lambda: self._fill_cache(inode)) if verify else None,
+            generation=self._generation(inode, fd, st.st_dev),
+            pread_nowait=sysio.pread_nowait if verify else None)
+
+    def open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
+             created: bool = False):
+        """On the event loop: the engine decides a warm open right here (a worker
+        thread's round trip costs more than the decision itself) and hands anything
+        else on as a Pending."""
+        f = self._file(inode, fd, flags)
+        if f is None:
+            return None
+        try:
+            r = self.engine.file_open(Subject(caller.pid, caller.uid, caller.gid), f,
+                                      OpenMode.from_flags(flags, exec_=exec_, created=created))
+        except AccessDenied as e:
+            raise self._denied(caller, e) from None
+        if type(r) is Pending:
+            return Pending(self._finish_open, r, caller, inode)
+        return self._opened(r, inode)
+
+    def _finish_open(self, pending: Pending, caller: Caller, inode: Inode):
+        try:
+            state = pending.finish()
+        except AccessDenied as e:
+            raise self._denied(caller, e) from None
+        return self._opened(state, inode)
+
+    @staticmethod
+    def _denied(caller: Caller, e: AccessDenied) -> Denied:
+        log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, e.reason)
+        return Denied(e.errno, e.reason)
+
+    def _opened(self, state, inode: Inode):
+        if state is not None and self.engine.verify_reads:
+            state.ref = inode.nodeid
+            if state.tree is not None and self._inotify is not None:
+                self._inotify.watch(inode.nodeid, inode.fd)
+            if state.tree is not None and inode.nodeid in self._unverified:
+                # the kernel may hold pages of this inode that were served without
+                # verification: do not let this verified open keep them
+                self._unverified.discard(inode.nodeid)
+                self._tainted.add(inode.nodeid)
+        return state
+
+    def release(self, token):
+        """On the event loop (cheap): None, or the slow part as a Pending."""
+        return self.engine.file_release(token)
+
+    def wrote(self, token) -> None:
+        self.engine.file_written(token)
+
+    def changed(self, inode: Inode) -> None:
+        try:
+            size = os.fstat(inode.fd).st_size if inode.kind == stat.S_IFREG else None
+        except OSError:
+            size = None
+        self.engine.file_changed((inode.dev, inode.ino), size)
+
+    # ------------------------------------------------------------------ verified reads
+    def read(self, token, fd, off, size):
+        """On the event loop: the verified bytes when the engine can check them right
+        here (all in the backing page cache: ~100 us of hashing per 128 KiB, less
+        than a thread hop); a Pending for the rest (data on disk, or a mismatch to
+        record); None when no handle of the file verifies reads (then the overlay
+        reads itself, and the inode is remembered: the kernel may cache pages of it
+        that were never verified)."""
+        r = self.engine.file_read(token, fd, off, size)
+        if r is None:
+            if token.ref is not None:
+                self._unverified.add(token.ref)
+            return None
+        if type(r) is Pending:
+            return Pending(self._finish_read, r, token)
+        return r
+
+    def _finish_read(self, pending: Pending, token):
+        try:
+            data = pending.finish()
+        except AccessDenied as e:
+            log.warning("read refused: %s", e.reason)
+            self._tainted.add(token.ref)
+            self.invalidate(token.ref)
+            raise Denied(errno.EIO, e.reason) from None
+        if data is None and token.ref is not None:   # no longer verified (a writer)
+            self._unverified.add(token.ref)
+        return data
+
+    def shown_size(self, st: os.stat_result) -> int | None:
+        """While handles that verify a file's reads are open, the kernel is shown the
+        size they were measured with: otherwise, once the attributes time out, it
+        would clip reads of a file truncated behind the mount at the new end (a clean
+        EOF, no read reaching the daemon) instead of letting them fail."""
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = self.engine.measured_size((st.st_dev, st.st_ino))
+        return size if size is not None and size != st.st_size else None
+
+    # ------------------------------------------------------------------ page cache
+    def keep_cache(self, inode: Inode, unchanged: bool) -> bool:
+        """Whether an open may keep the kernel's cached pages of the inode: when the
+        digest pass of this open filled them (they are the bytes just measured); else
+        only if the file is unchanged since the last open, and not after a failed
+        verification, nor when pages read unverified could be among them."""
+        if inode.nodeid in self._filled:
+            self._filled.discard(inode.nodeid)
+            self._tainted.discard(inode.nodeid)
+            self._unverified.discard(inode.nodeid)
+            return True
+        if inode.nodeid in self._tainted:
+            self._tainted.discard(inode.nodeid)
+            return False
+        return unchanged
+
+    def _changed_behind(self, nodeid: int) -> None:
+        """inotify: a file verified handles hold open changed behind the mount. Its
+        cached pages (which may be a whole file filled at open) go; the next reads
+        reach the daemon and are checked; the next open does not keep them either."""
+        self._tainted.add(nodeid)
+        self.invalidate(nodeid)
+
+    def _fill_cache(self, inode: Inode):
+        """For the engine's digest pass (a worker thread, the file's IInt locked, no
+        other handle verifying it): drop the kernel's pages and attributes of the inode
+        and return a sink that stores the bytes being hashed in its page cache."""
+        if not self._fill_ok:
+            return None
+        nodeid = inode.nodeid
+        try:
+            pyfuse3.invalidate_inode(nodeid, attr_only=False)
+        except OSError:
+            return None
+        self._filled.add(nodeid)
+
+        def store(off: int, data) -> None:
+            if not self._fill_ok:
+                return
+            try:
+                pyfuse3.notify_store(nodeid, off, bytes(data))
+            except OSError as e:      # ENOSYS: no FUSE_NOTIFY_STORE; ENOENT: forgotten
+                if e.errno == errno.ENOSYS:
+                    self._fill_ok = False
+                log.debug("notify_store inode %d offset %d: %s", nodeid, off, e)
+                self._filled.discard(nodeid)
+        return store
+
+    def invalidate(self, nodeid: int) -> None:
+        """Make the kernel drop its cached pages and attributes of an inode, mapped
+        pages included (they fault and are read -- and verified -- again).
+
+        pyfuse3.invalidate_inode() writes FUSE_NOTIFY_INVAL_INODE to /dev/fuse and the
+        kernel acts on it inside that write (fuse_reverse_inval_inode ->
+        invalidate_inode_pages2_range), locking every cached page of the inode -- and
+        waiting for the pages of reads still in flight, which stay locked until the
+        daemon answers those reads.  Done in a request handler, or in a worker thread
+        a handler waits for (our case: the failed read itself), it would wait for its
+        own answer: a deadlock.  So invalidations go to one thread that does nothing
+        else; pyfuse3 drops the GIL for the write, the event loop answers the read
+        (EIO) meanwhile, and the invalidation completes right after."""
+        if nodeid is None:
+            return
+        with self._inval_lock:
+            if nodeid in self._inval_pending:   # one is queued already
+                return
+            self._inval_pending.add(nodeid)
+            if self._inval_q is None:
+                self._inval_q = queue.SimpleQueue()
+                threading.Thread(target=self._invalidator, args=(self._inval_q,),
+                                 name="imafs-invalidate", daemon=True).start()
+        self._inval_q.put(nodeid)
+
+    def _invalidator(self, q: queue.SimpleQueue) -> None:
+        while True:
+            nodeid = q.get()
+            if nodeid is None:
+                return
+            with self._inval_lock:
+                self._inval_pending.discard(nodeid)
+            try:
+                pyfuse3.invalidate_inode(nodeid, attr_only=False)
+                log.debug("invalidated the kernel cache of inode %d", nodeid)
+            except OSError as e:   # ENOENT: the kernel has forgotten the inode
+                log.debug("invalidate inode %d: %s", nodeid, e)
+            except Exception as e:  # noqa: BLE001 - never let the thread die
+                log.warning("invalidate inode %d: %s", nodeid, e)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+        if self._inval_q is not None:
+            self._inval_q.put(None)
+
+    # ------------------------------------------------------------------ xattrs
+    def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None):
+        try:
+            stored = self.engine.inode_setxattr(caller.pid, (inode.dev, inode.ino),
+                                                inode.path(), name, value)
+        except AccessDenied as e:
+            raise Denied(e.errno, e.reason) from None
+        return None if stored is None else (stored, value)
+
+    def listxattr(self, caller: Caller, inode: Inode, names: list[bytes]) -> list[bytes]:
+        return self.engine.inode_listxattr(caller.pid, names)
+
+    def getxattr(self, caller: Caller, inode: Inode, name: bytes):
+        return self.engine.inode_getxattr(caller.pid, name)

@@ -1,0 +1,177 @@
+"""ima_collect_measurement: the digests of one file version, and its verity tree when
+reads are verified -- from the IInt (memory), from the LMDB caches, or from one
+hashing pass over the file that computes every algorithm needed at once.
+
+Also the engine's counters (:class:`Stats`), which this module updates the most.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from imafs.ima import hashing
+from imafs.ima.appraise import get_hash_algo, needed_algo
+from imafs.ima.cache import DigestCache, TreeCache
+from imafs.ima.iint import FileRef, IInt, stat_version
+
+log = logging.getLogger("imafs.engine")
+
+VERITY_TREE_DIGEST = "verity-sha256"   # the fs-verity digest of ii.tree, in ii.digests
+FILL_MAX = 1 << 30     # files up to this size go into the page cache as they are hashed
+
+
+class Stats:
+    """The engine's counters (the ``stats`` control file). Hashing runs in many
+    worker threads: changes go through ``add`` (locked); ``snapshot()`` is a copy."""
+    NAMES = ("hashed_files", "hashed_bytes", "cache_hits", "tree_loads", "read_failures",
+             "reads_verified", "done_records")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        self._lock = threading.Lock()
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self.counts[k] += v
+
+    def bump(self, name: str) -> None:
+        """One more, without the lock: for a statistic on the hot path of reads,
+        where a lost increment under contention does not matter."""
+        self.counts[name] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.counts)
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[name]
+
+
+def needed(decided, f: FileRef) -> tuple[dict, set]:
+    """What the actions of one open read and need: each deciding namespace's own
+    ``security.ima`` (ns id -> value or None) and the set of digest algorithms the
+    measurements, audits, hash rules and appraisals will ask for (computed in one
+    pass)."""
+    algos = set()
+    xattrs: dict[int, bytes | None] = {}
+    for n, _ev, d in decided:
+        if n.id not in xattrs:
+            xattrs[n.id] = f.getxattr(n.xattr_name)
+        if d.measure or d.audit:
+            algos.add(get_hash_algo(xattrs[n.id], n.hash_algo))
+        if d.hash:
+            algos.add(n.hash_algo)
+        if d.appraise:
+            algos.add(needed_algo(xattrs[n.id]) or n.hash_algo)
+    return xattrs, algos
+
+
+class Collector:
+    """Digests and verity trees of file versions (one per mount)."""
+
+    def __init__(self, digests: DigestCache, trees: TreeCache, stats: Stats, *,
+                 verify_reads: bool = False):
+        self.digests = digests
+        self.trees = trees
+        self.stats = stats
+        # read-time verification: every digest pass also builds the verity tree
+        self.verify_reads = verify_reads
+
+    def warm(self, ii: IInt, f: FileRef) -> bool:
+        """Are this version's digests (and tree, when reads are verified) at hand
+        without hashing -- in memory, or in the LMDB cache (loaded here, a few reads)?
+        Called with ii.lock held."""
+        if ii.version != f.version:
+            ii.reset(f.version)
+        need_tree = self.verify_reads
+        if ii.digests:
+            return ii.tree is not None or not need_tree
+        cached = self.digests.get(ii.key, ii.version)
+        if not cached:
+            return False
+        t = self.trees.get(ii.key, ii.version) if need_tree else None
+        if need_tree and t is None:
+            return False
+        ii.digests.update(cached)
+        ii.tree = t
+        self.stats.add(cache_hits=1, tree_loads=t is not None)
+        return True
+
+    def digest(self, ii: IInt, f: FileRef, algo: str, algos, *, tree: bool = False) -> bytes:
+        """The file's digest in ``algo``; computes every algorithm in ``algos`` that is
+        missing in one pass (or takes them from the LMDB cache). Called with ii.lock
+        held.
+
+        ``algo`` may also be ``"verity-<alg>"``: the fs-verity file digest. With
+        ``tree`` -- always when reads are verified -- the same pass also builds the
+        verity tree (``ii.tree``, sha256, 4096-byte blocks, no salt), so the tree
+        describes exactly the bytes the digests were computed from; a cached tree is
+        only used together with the digests cached with it."""
+        tree = tree or self.verify_reads
+        d = ii.digests.get(algo)
+        if d is not None and (ii.tree is not None or not tree):
+            return d
+        if not ii.digests and ii.tree is None:
+            cached = self.digests.get(ii.key, ii.version)
+            t = self.trees.get(ii.key, ii.version) if cached and tree else None
+            if cached and (t is not None or not tree):
+                ii.digests.update(cached)
+                ii.tree = t
+                self.stats.add(cache_hits=1, tree_loads=t is not None)
+                d = ii.digests.get(algo)
+                if d is not None:
+                    return d
+            # else: digests cached without their tree -- hash again, both in one pass
+        need_tree = (tree and ii.tree is None) or (algo == VERITY_TREE_DIGEST
+                                                   and algo not in ii.digests)
+        want = sorted(a for a in set(algos) | {algo}
+                      if a not in ii.digests and not a.startswith("verity-"))
+        other_verity = (algo.startswith("verity-") and algo != VERITY_TREE_DIGEST
+                        and algo not in ii.digests)
+        # the bytes of this pass, which the tree describes, may go straight into the
+        # kernel's page cache of the file (FileRef.fill_cache): reads of them are then
+        # served without a second hash; only while no other handle verifies the file
+        # (its pages must match that handle's tree) and nobody writes it
+        sink = None
+        if (need_tree and f.fill_cache is not None and ii.writers == 0
+                and 0 < f.st.st_size <= FILL_MAX and not ii.live_trees()):
+            sink = f.fill_cache()
+        fd = f.fd if f.readable else f.reopen()
+        try:
+            res = hashing.hash_fd(fd, want, verity=hashing.VeritySpec() if need_tree else None,
+                                  sink=sink)
+            if other_verity:   # fs-verity digest with another hash (sha512): its own pass
+                vt = hashing.hash_fd(fd, [], verity=hashing.VeritySpec(algo[7:])).tree
+                ii.digests[algo] = vt.verity_digest
+            st = os.fstat(fd)
+        finally:
+            if fd != f.fd:
+                os.close(fd)
+        self.stats.add(hashed_files=1, hashed_bytes=res.size)
+        ii.digests.update(res.digests)
+        if res.tree is not None:
+            ii.tree = res.tree
+            ii.digests[VERITY_TREE_DIGEST] = res.tree.verity_digest
+        # a file that changed while it was hashed: keep the result for this open (the
+        # bytes served are checked against this very tree), but never cache it under
+        # an identity it may not belong to
+        if ii.version is not None and ii.version[:3] == stat_version(st) \
+                and res.size == st.st_size:
+            self.digests.put(ii.key, ii.version, ii.digests)
+            if res.tree is not None:
+                self.trees.put(ii.key, ii.version, res.tree)
+        return ii.digests[algo]
+
+    def verity_digest(self, ii: IInt, f: FileRef, algo: str, algos) -> bytes | None:
+        """The fs-verity file digest in ``algo`` (what ``fsverity digest`` prints),
+        computed here whether or not the backing file has fs-verity enabled; None for
+        an algorithm fs-verity does not have."""
+        try:
+            algo = hashing.hash_algo(algo).name
+        except hashing.HashAlgoError:
+            return None
+        if algo not in hashing.VERITY_ALGOS:
+            return None
+        return self.digest(ii, f, "verity-" + algo, algos)
