@@ -160,7 +160,7 @@ def build(opts) -> Filesystem:
                     cache_store=cache_store)
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
-    overlay.control = ControlDir(engine, overlay, mountpoint=opts.mountpoint)
+    overlay.attach_control(ControlDir(engine, overlay, mountpoint=opts.mountpoint))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")

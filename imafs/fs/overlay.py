@@ -10,8 +10,9 @@ of other devices below the backing root get numbers from a private range.
 Integrity never lives here: ``hooks`` (an object with the methods of
 :class:`Hooks`) is told about opens, reads, releases, writes and attribute changes,
 and may refuse an open with an errno; what it cannot answer on the event loop it
-returns as a ``Pending``, which the overlay finishes in a worker thread. ``control``
-serves the virtual control directory.
+returns as a ``Pending``, which the overlay finishes in a worker thread. The virtual
+control directory is served by another object, attached with ``attach_control``:
+:class:`ControlRoutes` is the one place that sends its nodes and handles there.
 """
 from __future__ import annotations
 
@@ -227,14 +228,15 @@ class Overlay(pyfuse3.Operations):
     # pyfuse3 does not negotiate FUSE_DONT_MASK)
     enable_acl = True
 
-    def __init__(self, backing: str, *, hooks: Hooks | None = None, control=None,
+    def __init__(self, backing: str, *, hooks: Hooks | None = None,
                  control_name: bytes = b".imafs", attr_timeout: float = 1.0,
                  entry_timeout: float = 1.0, max_threads: int = 8):
         super().__init__()
         self.backing = os.path.realpath(backing)
         self.hooks = hooks or Hooks()
-        self.control = control
+        self.control = None
         self.control_name = control_name
+        self._hidden = None     # the name readdir of the root does not list
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.limiter = trio.CapacityLimiter(max_threads)
@@ -249,6 +251,13 @@ class Overlay(pyfuse3.Operations):
         self.handles: dict[int, object] = {}
         self._next_fh = 1
         self._fh_lock = threading.Lock()
+
+    def attach_control(self, control) -> None:
+        """Serve the control directory with ``control`` (fs/control.py) at
+        ``control_name`` in the root: see :class:`ControlRoutes`."""
+        self.control = control
+        self._hidden = self.control_name
+        ControlRoutes(self, control).install()
 
     # ------------------------------------------------------------------ helpers
     def _nodeid_for(self, dev: int, ino: int) -> int:
@@ -341,9 +350,6 @@ class Overlay(pyfuse3.Operations):
     async def _in_thread(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def _is_control(self, nodeid: int) -> bool:
-        return nodeid >= CONTROL_BASE and self.control is not None
-
     def _own_new(self, fd_or_node_fd: int, caller: Caller, parent: Inode, mode: int,
                  is_dir: bool, *, path_fd: bool = True) -> None:
         """Give a newly created inode to the caller, as the kernel would have:
@@ -364,14 +370,9 @@ class Overlay(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ lookup
     async def lookup(self, parent_inode, name, ctx=None):
-        if self._is_control(parent_inode):
-            return await self.control.lookup(parent_inode, name, ctx)
         parent = self.inode(parent_inode)
-        if parent is self.root:
-            if name == self.control_name and self.control is not None:
-                return await self.control.lookup_root(ctx)
-            if name == b"..":
-                name = b"."
+        if parent is self.root and name == b"..":
+            name = b"."
         if name == b".":
             st = os.fstat(parent.fd)
             parent.nlookup += 1
@@ -384,10 +385,6 @@ class Overlay(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for nodeid, n in inode_list:
-            if nodeid >= CONTROL_BASE:
-                if self.control is not None:
-                    self.control.forget(nodeid, n)
-                continue
             node = self.inodes.get(nodeid)
             if node is None:
                 continue
@@ -401,8 +398,6 @@ class Overlay(pyfuse3.Operations):
                     node.fd = -1
 
     async def getattr(self, inode, ctx=None):
-        if self._is_control(inode):
-            return await self.control.getattr(inode, ctx)
         node = self.inode(inode)
         try:
             st = os.fstat(node.fd)
@@ -411,8 +406,6 @@ class Overlay(pyfuse3.Operations):
         return self._attr(st, node.nodeid)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if self._is_control(inode):
-            return await self.control.setattr(inode, attr, fields, fh, ctx)
         node = self.inode(inode)
         path = sysio.proc_path(node.fd)
         # a chown, or the set-id check before a write (file_remove_privs), by an
@@ -475,8 +468,6 @@ class Overlay(pyfuse3.Operations):
         return self._attr(st, node.nodeid)
 
     async def readlink(self, inode, ctx):
-        if self._is_control(inode):
-            raise FUSEError(errno.EINVAL)
         node = self.inode(inode)
         try:
             return sysio.readlink_empty(node.fd)
@@ -484,17 +475,9 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     # ------------------------------------------------------------------ namespace ops
-    def _no_control(self, parent_inode: int, name: bytes | None = None) -> None:
-        if self._is_control(parent_inode):
-            raise FUSEError(errno.EPERM)
-        if (name is not None and parent_inode == pyfuse3.ROOT_INODE
-                and name == self.control_name and self.control is not None):
-            raise FUSEError(errno.EPERM)
-
     def _make(self, parent_inode, name, ctx, perm, is_dir, make):
         """Create a node with ``make(parent_fd, perm)``, give it to the caller, and
         return its entry (mknod, mkdir, symlink)."""
-        self._no_control(parent_inode, name)
         parent = self.inode(parent_inode)
         caller = _caller(ctx)
         perm &= ~caller.umask
@@ -525,7 +508,6 @@ class Overlay(pyfuse3.Operations):
                           lambda d, p: os.symlink(target, name, dir_fd=d))
 
     async def unlink(self, parent_inode, name, ctx):
-        self._no_control(parent_inode, name)
         parent = self.inode(parent_inode)
         try:
             os.unlink(name, dir_fd=parent.fd)
@@ -533,7 +515,6 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def rmdir(self, parent_inode, name, ctx):
-        self._no_control(parent_inode, name)
         parent = self.inode(parent_inode)
         try:
             os.rmdir(name, dir_fd=parent.fd)
@@ -541,8 +522,6 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._no_control(parent_inode_old, name_old)
-        self._no_control(parent_inode_new, name_new)
         old = self.inode(parent_inode_old)
         new = self.inode(parent_inode_new)
         try:
@@ -567,9 +546,6 @@ class Overlay(pyfuse3.Operations):
             node.parent, node.name = parent, name
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        self._no_control(new_parent_inode, new_name)
-        if self._is_control(inode):
-            raise FUSEError(errno.EPERM)
         node = self.inode(inode)
         parent = self.inode(new_parent_inode)
         try:
@@ -582,9 +558,6 @@ class Overlay(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
     async def open(self, inode, flags, ctx):
-        if self._is_control(inode):
-            h = await self.control.open(inode, flags, ctx)
-            return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, nonseekable=False)
         node = self.inode(inode)
         exec_ = bool(flags & FMODE_EXEC)
         oflags = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC
@@ -653,7 +626,6 @@ class Overlay(pyfuse3.Operations):
         return st
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._no_control(parent_inode, name)
         parent = self.inode(parent_inode)
         caller = _caller(ctx)
         perm = stat.S_IMODE(mode) & ~caller.umask
@@ -751,8 +723,6 @@ class Overlay(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self.handles.get(fh)
         if not isinstance(h, OpenFile):
-            if h is not None and self.control is not None:
-                return await self.control.read(h, off, size)
             raise FUSEError(errno.EBADF)
         if h.token is not None:
             try:
@@ -777,8 +747,6 @@ class Overlay(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self.handles.get(fh)
         if not isinstance(h, OpenFile):
-            if h is not None and self.control is not None:
-                return await self.control.write(h, off, buf)
             raise FUSEError(errno.EBADF)
         try:
             if len(buf) > SMALL_IO:
@@ -793,9 +761,7 @@ class Overlay(pyfuse3.Operations):
 
     async def flush(self, fh):
         h = self.handles.get(fh)
-        if h is not None and not isinstance(h, (OpenFile, DirHandle)) and self.control is not None:
-            await self.control.flush(h)  # control writes take effect (or fail) at close()
-        elif isinstance(h, OpenFile):
+        if isinstance(h, OpenFile):
             # close(dup) reports delayed write errors (NFS-like backends) per close()
             try:
                 os.close(os.dup(h.fd))
@@ -804,11 +770,7 @@ class Overlay(pyfuse3.Operations):
 
     async def release(self, fh):
         h = self.handles.pop(fh, None)
-        if h is None:
-            return
         if not isinstance(h, OpenFile):
-            if self.control is not None:
-                await self.control.release(h)
             return
         try:
             os.close(h.fd)
@@ -835,8 +797,6 @@ class Overlay(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
-        if self._is_control(inode):
-            return self._new_fh(await self.control.opendir(inode, ctx))
         node = self.inode(inode)
         try:
             fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -868,11 +828,9 @@ class Overlay(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
-            if h is not None and self.control is not None:
-                return await self.control.readdir(h, start_id, token)
             raise FUSEError(errno.EBADF)
         node = h.inode
-        hide = node is self.root and self.control is not None
+        hide = self._hidden if node is self.root else None
         while True:
             if h.at != start_id or h.i >= len(h.buf):
                 try:
@@ -892,7 +850,7 @@ class Overlay(pyfuse3.Operations):
                 if st is not None and not pyfuse3.readdir_reply(
                         token, name, self._attr(st, target.nodeid), off):
                     return
-            elif not (hide and name == self.control_name):
+            elif name != hide:
                 try:
                     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=node.fd)
                 except OSError:
@@ -915,8 +873,6 @@ class Overlay(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if isinstance(h, DirHandle):
             os.close(h.fd)
-        elif h is not None and self.control is not None:
-            await self.control.release(h)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)
@@ -943,8 +899,6 @@ class Overlay(pyfuse3.Operations):
         return sysio.proc_path(node.fd)
 
     async def setxattr(self, inode, name, value, ctx):
-        if self._is_control(inode):
-            raise FUSEError(errno.EPERM)
         node = self.inode(inode)
         if self.hooks.xattr_hooks:
             try:
@@ -973,8 +927,6 @@ class Overlay(pyfuse3.Operations):
             os.chmod(sysio.proc_path(node.fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     async def getxattr(self, inode, name, ctx):
-        if self._is_control(inode):
-            raise FUSEError(pyfuse3.ENOATTR)
         node = self.inode(inode)
         if self.hooks.xattr_hooks:
             alt = self.hooks.getxattr(_caller(ctx), node, name)
@@ -990,8 +942,6 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def listxattr(self, inode, ctx):
-        if self._is_control(inode):
-            return []
         node = self.inode(inode)
         try:
             names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
@@ -1006,8 +956,6 @@ class Overlay(pyfuse3.Operations):
         return names
 
     async def removexattr(self, inode, name, ctx):
-        if self._is_control(inode):
-            raise FUSEError(errno.EPERM)
         node = self.inode(inode)
         if self.hooks.xattr_hooks:
             try:
@@ -1038,6 +986,221 @@ class Overlay(pyfuse3.Operations):
                 except OSError:
                     pass
                 node.fd = -1
+
+
+class ControlRoutes:
+    """The one place where the overlay tells the control directory apart from the
+    backing tree. Its node ids and its handle numbers are CONTROL_BASE and up; a
+    request about one of its nodes or handles goes to ``control`` (or is refused as
+    the kernel's securityfs refuses it), its name in the root is looked up there and
+    never listed, and no name can be made, removed or renamed in it or at its place.
+    The overlay's own handlers serve the backing tree only.
+
+    ``install()`` puts a route in front of each handler concerned, on the overlay
+    instance (what pyfuse3 calls). A route is a plain function that returns the
+    coroutine of the handler that serves the request: no extra await per request."""
+
+    def __init__(self, overlay: Overlay, control):
+        self.ov = overlay
+        self.ctl = control
+        self.name = overlay.control_name
+        self.handles: dict[int, object] = {}
+        self._next_fh = CONTROL_BASE
+        self._lock = threading.Lock()
+
+    BY_NODE = ("lookup", "forget", "getattr", "setattr", "readlink", "open", "opendir",
+               "setxattr", "getxattr", "listxattr", "removexattr", "link")
+    BY_NAME = ("mknod", "mkdir", "symlink", "unlink", "rmdir", "rename", "create")
+    BY_HANDLE = ("read", "write", "flush", "release", "fsync", "readdir", "releasedir",
+                 "fsyncdir")
+
+    def install(self) -> None:
+        for name in self.BY_NODE + self.BY_NAME + self.BY_HANDLE:
+            own = getattr(self.ov, name)
+            setattr(self.ov, name, getattr(self, "_" + name)(own))
+
+    # -- helpers
+    def _is_ours(self, parent: int, name: bytes) -> bool:
+        """Is (parent, name) in the control directory, or the control directory?"""
+        return parent >= CONTROL_BASE or (parent == pyfuse3.ROOT_INODE and name == self.name)
+
+    def _fh(self, h) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _handle(self, fh: int):
+        h = self.handles.get(fh)
+        if h is None:
+            raise FUSEError(errno.EBADF)
+        return h
+
+    @staticmethod
+    def _refused(err: int):
+        raise FUSEError(err)
+
+    # -- by node
+    def _lookup(self, own):
+        def lookup(parent, name, ctx=None):
+            if parent >= CONTROL_BASE:
+                return self.ctl.lookup(parent, name, ctx)
+            if parent == pyfuse3.ROOT_INODE and name == self.name:
+                return self.ctl.lookup_root(ctx)
+            return own(parent, name, ctx)
+        return lookup
+
+    def _forget(self, own):
+        def forget(inode_list):
+            rest = []
+            for nodeid, n in inode_list:
+                if nodeid >= CONTROL_BASE:
+                    self.ctl.forget(nodeid, n)
+                else:
+                    rest.append((nodeid, n))
+            return own(rest)
+        return forget
+
+    def _getattr(self, own):
+        def getattr(inode, ctx=None):
+            return (self.ctl.getattr if inode >= CONTROL_BASE else own)(inode, ctx)
+        return getattr
+
+    def _setattr(self, own):
+        def setattr(inode, attr, fields, fh, ctx):
+            return (self.ctl.setattr if inode >= CONTROL_BASE else own)(inode, attr, fields,
+                                                                       fh, ctx)
+        return setattr
+
+    def _readlink(self, own):
+        def readlink(inode, ctx):
+            if inode >= CONTROL_BASE:
+                self._refused(errno.EINVAL)
+            return own(inode, ctx)
+        return readlink
+
+    def _open(self, own):
+        async def open_control(inode, flags, ctx):
+            h = await self.ctl.open(inode, flags, ctx)
+            return pyfuse3.FileInfo(fh=self._fh(h), direct_io=True, nonseekable=False)
+
+        def open(inode, flags, ctx):
+            return (open_control if inode >= CONTROL_BASE else own)(inode, flags, ctx)
+        return open
+
+    def _opendir(self, own):
+        async def opendir_control(inode, ctx):
+            return self._fh(await self.ctl.opendir(inode, ctx))
+
+        def opendir(inode, ctx):
+            return (opendir_control if inode >= CONTROL_BASE else own)(inode, ctx)
+        return opendir
+
+    def _setxattr(self, own):
+        def setxattr(inode, name, value, ctx):
+            if inode >= CONTROL_BASE:
+                self._refused(errno.EPERM)
+            return own(inode, name, value, ctx)
+        return setxattr
+
+    def _removexattr(self, own):
+        def removexattr(inode, name, ctx):
+            if inode >= CONTROL_BASE:
+                self._refused(errno.EPERM)
+            return own(inode, name, ctx)
+        return removexattr
+
+    def _getxattr(self, own):
+        def getxattr(inode, name, ctx):
+            if inode >= CONTROL_BASE:
+                self._refused(pyfuse3.ENOATTR)
+            return own(inode, name, ctx)
+        return getxattr
+
+    def _listxattr(self, own):
+        async def nothing():
+            return []
+
+        def listxattr(inode, ctx):
+            return nothing() if inode >= CONTROL_BASE else own(inode, ctx)
+        return listxattr
+
+    def _link(self, own):
+        def link(inode, new_parent, new_name, ctx):
+            if inode >= CONTROL_BASE or self._is_ours(new_parent, new_name):
+                self._refused(errno.EPERM)
+            return own(inode, new_parent, new_name, ctx)
+        return link
+
+    # -- by name: nothing is made, removed or renamed in the control directory
+    def _named(self, own):
+        def named(parent, name, *args):
+            if self._is_ours(parent, name):
+                self._refused(errno.EPERM)
+            return own(parent, name, *args)
+        return named
+
+    _mknod = _mkdir = _symlink = _unlink = _rmdir = _create = _named
+
+    def _rename(self, own):
+        def rename(parent_old, name_old, parent_new, name_new, flags, ctx):
+            if self._is_ours(parent_old, name_old) or self._is_ours(parent_new, name_new):
+                self._refused(errno.EPERM)
+            return own(parent_old, name_old, parent_new, name_new, flags, ctx)
+        return rename
+
+    # -- by handle
+    def _read(self, own):
+        def read(fh, off, size):
+            if fh >= CONTROL_BASE:
+                return self.ctl.read(self._handle(fh), off, size)
+            return own(fh, off, size)
+        return read
+
+    def _write(self, own):
+        def write(fh, off, buf):
+            if fh >= CONTROL_BASE:
+                return self.ctl.write(self._handle(fh), off, buf)
+            return own(fh, off, buf)
+        return write
+
+    def _flush(self, own):
+        def flush(fh):
+            if fh >= CONTROL_BASE:      # control writes take effect (or fail) at close()
+                return self.ctl.flush(self._handle(fh))
+            return own(fh)
+        return flush
+
+    def _release(self, own):
+        async def nothing():
+            return None
+
+        def release(fh):
+            if fh >= CONTROL_BASE:
+                h = self.handles.pop(fh, None)
+                return nothing() if h is None else self.ctl.release(h)
+            return own(fh)
+        return release
+
+    _releasedir = _release
+
+    def _readdir(self, own):
+        def readdir(fh, start_id, token):
+            if fh >= CONTROL_BASE:
+                return self.ctl.readdir(self._handle(fh), start_id, token)
+            return own(fh, start_id, token)
+        return readdir
+
+    def _fsync(self, own):
+        async def nothing():
+            return None
+
+        def fsync(fh, datasync):
+            return nothing() if fh >= CONTROL_BASE else own(fh, datasync)
+        return fsync
+
+    _fsyncdir = _fsync
 
 
 def _sup_groups(pid: int) -> set[int]:
