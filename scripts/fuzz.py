@@ -255,12 +255,12 @@ class _Control:
     }
 
     def __init__(self):
+        from imafs.assemble import namespace_tree
         from imafs.fs.control import ControlDir, CtlHandle
         from imafs.ima.engine import Engine
         from imafs.ima.keys import Keyring
         from imafs.ima.measurelog import MeasurementList
-        from imafs.ima.namespaces import Namespace, NamespaceTree
-        from imafs.ima.policy import Policy, parse_policy
+        from imafs.ima.policy import Policy
         from imafs.store import Store
         self.tmp = tempfile.mkdtemp(prefix="imafs-fuzz-")
         import atexit
@@ -279,22 +279,11 @@ class _Control:
         os.symlink("/etc/passwd", os.path.join(tree_dir, "out"))
         os.symlink("loop", os.path.join(tree_dir, "loop"))
         store = Store(os.path.join(self.tmp, "lmdb"), sync=False, map_size=1 << 30)
-
-        def factory(nsid, name, parent, o, policy_text):
-            template = o.get("template") or parent.template
-            algo = o.get("hash") or parent.hash_algo
-            return Namespace(id=nsid, name=name, parent=parent,
-                             policy=Policy(parse_policy(policy_text)),
-                             mlist=MeasurementList(store, nsid, template=template,
-                                                   hash_algo=algo),
-                             keyring=Keyring(store, nsid),
-                             appraise_mode=o.get("appraise") or parent.appraise_mode,
-                             template=template, hash_algo=algo)
-        root = Namespace(id=0, name="", parent=None, policy=Policy([]),
-                         mlist=MeasurementList(store, 0), keyring=Keyring(store, 0))
-        tree = NamespaceTree(root, None, store=store, factory=factory)
+        # the mount's namespaces (imafs.assemble), without binder, TPM or FUSE
+        tree = namespace_tree(store, [], keyring=Keyring(store, 0),
+                              mlist=MeasurementList(store, 0))
         self.engine = Engine(tree, store=store)
-        self.root = root
+        self.root = tree.root
         self.rootfd = os.open(tree_dir, os.O_PATH | os.O_DIRECTORY)
 
         class _Overlay:

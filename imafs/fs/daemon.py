@@ -281,7 +281,8 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
     import pyfuse3
     import trio
 
-    from imafs.fs import assemble, sysio
+    from imafs import assemble
+    from imafs.fs import sysio
 
     setup_logging(opts.log_level, opts.log_file)
     os.umask(0)  # modes of new files come from the caller's request, not from us

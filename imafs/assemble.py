@@ -1,11 +1,29 @@
-"""Builds the FUSE operations object for a mount from its options: the overlay,
-and (when integrity is on) the engine, its FUSE adapter and the control directory."""
+"""The composition root: builds a mount's FUSE operations object from its options --
+the overlay, and (when integrity is on) the stores, the root keyring, the TPM, the
+namespaces and their binder, the engine, its FUSE adapter and the control directory.
+The daemon (fs/daemon.py) calls :func:`build`; nothing else wires these together.
+"""
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 
+import pyfuse3
+
+from imafs.fs.adapter import IntegrityHooks
+from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
+from imafs.ima.audit import AuditLog
+from imafs.ima.binding import CgroupBinder
+from imafs.ima.engine import Engine
+from imafs.ima.keys import Keyring, VerifiedSignatures
+from imafs.ima.measurelog import MeasurementList
+from imafs.ima.namespaces import Namespace, NamespaceTree
+from imafs.ima.policy import Policy, load_policy_arg, parse_policy
+from imafs.ima.tpm import TPM, TPMError
+from imafs.store import Store
 
 log = logging.getLogger("imafs")
 
@@ -24,11 +42,6 @@ def guard(ops):
     loop on any exception that is not a FUSEError: one failing request (a full disk
     under the state directory, a bug) would otherwise take the whole mount down, and
     every process on it would get ENOTCONN.  Cancellation (BaseException) passes."""
-    import errno
-    import functools
-
-    import pyfuse3
-
     def wrap(name, fn):
         @functools.wraps(fn)
         async def guarded(*args, **kwargs):
@@ -67,22 +80,39 @@ class Filesystem:
                 log.warning("close: %s", e)
 
 
+def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
+                   appraise: str = "enforce", template: str = "ima-ng",
+                   hash_algo: str = "sha256", binder=None, audit=None) -> NamespaceTree:
+    """The root namespace (``rules``, ``keyring``, ``mlist`` and options given) and the
+    children stored in ``store``, each with its own list, PCRs, keyring and policy;
+    a child's options default to its parent's; every keyring shares the root's memo
+    of verified signatures. ``binder`` places processes (None: every process is in
+    the root namespace)."""
+    verified = keyring.verified
+    root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
+                     keyring=keyring, appraise_mode=appraise, template=template,
+                     hash_algo=hash_algo)
+
+    def factory(nsid, name, parent, o, policy_text):
+        template = o.get("template") or parent.template
+        algo = o.get("hash") or parent.hash_algo
+        ring = Keyring(store, nsid)
+        ring.verified = verified
+        return Namespace(
+            id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
+            mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
+            keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
+            template=template, hash_algo=algo)
+
+    return NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
+                         factory=factory, binder=binder, audit=audit)
+
+
 def build(opts) -> Filesystem:
     common = dict(control_name=opts.control_name.encode(), attr_timeout=opts.attr_timeout,
                   entry_timeout=opts.attr_timeout)
     if not opts.integrity:
         return Filesystem(Overlay(opts.backing, **common))
-
-    from imafs.fs.control import ControlDir
-    from imafs.fs.adapter import IntegrityHooks
-    from imafs.ima.audit import AuditLog
-    from imafs.ima.engine import Engine
-    from imafs.ima.keys import Keyring, VerifiedSignatures
-    from imafs.ima.measurelog import MeasurementList
-    from imafs.ima.namespaces import Namespace, NamespaceTree
-    from imafs.ima.binding import CgroupBinder
-    from imafs.ima.policy import Policy, load_policy_arg, parse_policy
-    from imafs.store import Store
 
     x = opts.extra
     rules = load_policy_arg(opts.policy) if opts.policy else []
@@ -112,7 +142,6 @@ def build(opts) -> Filesystem:
         # --tpm: the root list is also extended into this TPM (imafs/ima/tpm.py); its
         # boot aggregate comes from the TPM's PCRs 0-9; an unreachable TPM, or one whose
         # PCRs hold something else, refuses the mount
-        from imafs.ima.tpm import TPM, TPMError
         try:
             tpm = TPM(x["tpm"])
             mlist = MeasurementList(store, 0, template=x.get("template", "ima-ng"),
@@ -129,29 +158,14 @@ def build(opts) -> Filesystem:
     # digests, Merkle trees and verified signatures are a cache: their own environment,
     # committed without waiting for the disk (a cold open paid fsyncs for them otherwise)
     cache_store = Store(os.path.join(opts.state, "cache"), sync=False)
-    verified = VerifiedSignatures(cache_store)
-    keyring.verified = verified
-    root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
-                     keyring=keyring, appraise_mode=x.get("appraise", "enforce"),
-                     template=x.get("template", "ima-ng"), hash_algo=x.get("hash", "sha256"))
-
-    def factory(nsid, name, parent, o, policy_text):
-        """A child namespace: its own list, PCRs, keyring and policy; options default
-        to the parent's."""
-        template = o.get("template") or parent.template
-        algo = o.get("hash") or parent.hash_algo
-        ring = Keyring(store, nsid)
-        ring.verified = verified
-        return Namespace(
-            id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
-            mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
-            keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
-            template=template, hash_algo=algo)
-
+    keyring.verified = VerifiedSignatures(cache_store)
     binder = CgroupBinder.for_store(store, opts.state)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
-    tree = NamespaceTree(root, binder.ns_of, store=store, factory=factory, binder=binder,
-                         audit=audit)
+    tree = namespace_tree(store, rules, keyring=keyring, mlist=mlist,
+                          appraise=x.get("appraise", "enforce"),
+                          template=x.get("template", "ima-ng"),
+                          hash_algo=x.get("hash", "sha256"), binder=binder, audit=audit)
+    root = tree.root
     # --verify-reads on|off; default: on when the root policy has an appraise rule
     vr = x.get("verify_reads")
     verify_reads = vr == "on" if vr in ("on", "off") else any(
