@@ -1,7 +1,6 @@
 """scripts/bench.py runs end to end at smoke-test sizes and writes its reports: every
 mode on the small-file and cold-read workloads with the hashing and namespace
 measurements, and (when the cached Debian rootfs exists) one real-rootfs command."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,15 @@ import pytest
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"
-_spec = importlib.util.spec_from_file_location("imafs_bench", BENCH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench        # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(BENCH.parent))   # scripts/benchlib, the bench's parts
+from benchlib import DEFAULT_ROOTFS  # noqa: E402
+from benchlib.measure import HASH_ROWS, NS_ROWS  # noqa: E402
+from benchlib.modes import MODES  # noqa: E402
+from benchlib.results import target_cells  # noqa: E402
+from benchlib.runs import SMOKE  # noqa: E402
 
-ALL_MODES = [m.name for m in bench.MODES]
-ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", bench.DEFAULT_ROOTFS))
+ALL_MODES = [m.name for m in MODES]
+ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", DEFAULT_ROOTFS))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
 
@@ -86,7 +87,7 @@ def test_bench_quick_all_modes(tmp_path):
     # warm ones none (digests from the state of the priming run)
     a = data["workloads"]["a"]["modes"]
     assert a["overlay"]["engine"] is None
-    n = bench.SMOKE.files
+    n = SMOKE.files
     assert a["measure"]["engine"]["hashed_files"] == n
     assert a["measure"]["engine"]["entries"] > n
     for m in ("measure-warm", "appraise-warm", "measure-appraise-warm", "verified-warm"):
@@ -102,12 +103,12 @@ def test_bench_quick_all_modes(tmp_path):
     assert targets["a appraise-warm/overlay"]["value"] == pytest.approx(
         a["appraise-warm"]["median"] / a["overlay"]["median"])
     hs = {r["key"]: r for r in data["hashing"]["summary"]}
-    assert set(hs) == set(bench.HASH_ROWS)
+    assert set(hs) == set(HASH_ROWS)
     assert all(r["mib_s"] > 0 and r["vs_hashlib"] > 0 for r in hs.values())
     assert hs["hashlib"]["vs_hashlib"] == pytest.approx(1.0)
-    assert data["hashing"]["bytes"] == bench.SMOKE.big_mib << 20
+    assert data["hashing"]["bytes"] == SMOKE.big_mib << 20
     us = data["ns_resolution"]["us"]
-    assert set(us) == set(bench.NS_ROWS) and all(v > 0 for v in us.values())
+    assert set(us) == set(NS_ROWS) and all(v > 0 for v in us.values())
 
     assert "## Issue targets" in text
     assert "| b-cold: cold read of the big file with verified reads (verified)" in text
@@ -170,7 +171,7 @@ def test_target_figures_next_to_their_limit_print_apart():
         t = {"value": value, "op": op, "limit": limit}
         t["met"] = None if value is None or limit is None else \
             (value <= limit if op == "<=" else value >= limit)
-        return bench._target_cells(t)
+        return target_cells(t)
     assert cells(0.7997, ">=", 0.80) == ("0.7997x", "≥ 0.80x", "NOT met")
     assert cells(0.8003, ">=", 0.80) == ("0.8003x", "≥ 0.80x", "met")
     assert cells(1.7523, "<=", 1.10) == ("1.75x", "≤ 1.10x", "NOT met")
