@@ -17,6 +17,7 @@ from benchlib import DEFAULT_ROOTFS  # noqa: E402
 from benchlib.measure import HASH_ROWS, NS_ROWS  # noqa: E402
 from benchlib.modes import MODES  # noqa: E402
 from benchlib.results import target_cells  # noqa: E402
+from benchlib.rootfs import built_record  # noqa: E402
 from benchlib.runs import SMOKE  # noqa: E402
 
 ALL_MODES = [m.name for m in MODES]
@@ -177,3 +178,23 @@ def test_target_figures_next_to_their_limit_print_apart():
     assert cells(1.7523, "<=", 1.10) == ("1.75x", "≤ 1.10x", "NOT met")
     assert cells(2.616, None, None) == ("2.62x", "", "")
     assert cells(None, "<=", 1.15) == ("not run", "≤ 1.15x", "")
+
+
+def test_results_record_no_mirror_address(tmp_path):
+    """Results keep the Debian suite and date of the rootfs, never the mirror it was
+    fetched from (scripts/rootfs.sh writes it into its marker), in a new run and in a
+    file redrawn with --from-json; the committed results neither."""
+    line = "suite=bookworm mirror=http://mirror.example/debian seconds=30 date=2026-12-01T06:56Z"
+    assert built_record(line) == "suite=bookworm date=2026-12-01T06:56Z"
+    for f in ("results.md", "results.json"):
+        text = (REPO / "bench" / f).read_text()
+        assert "mirror" not in text and "http" not in text, f
+    old = json.loads((REPO / "bench" / "results.json").read_text())
+    old["rootfs"]["built"] = line
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    p = subprocess.run([sys.executable, str(BENCH), "--from-json", str(tmp_path / "old.json"),
+                        "--markdown", str(tmp_path / "r.md"), "--plot", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "suite=bookworm date=2026-12-01T06:56Z" in text and "mirror" not in text

@@ -14,6 +14,7 @@ from pathlib import Path
 from benchlib import REPO, TREE
 from benchlib.measure import hashing_summary
 from benchlib.modes import NATIVE, OVERLAY, Mode
+from benchlib.rootfs import built_record
 from benchlib.run import Bench
 from benchlib.runs import Cell, Run, Sizes, Workload
 
@@ -185,6 +186,8 @@ def load_json(path: str, args) -> tuple[Bench, dict]:
         bench.micro["hashing"] = {k: v for k, v in data["hashing"].items() if k != "summary"}
     if data.get("ns_resolution"):
         bench.micro["ns_resolution"] = data["ns_resolution"]
-    bench.rootfs_info = data.get("rootfs") or {}
+    bench.rootfs_info = dict(data.get("rootfs") or {})
+    if "built" in bench.rootfs_info:   # a file written before results kept suite and date only
+        bench.rootfs_info["built"] = built_record(bench.rootfs_info["built"])
     bench.elapsed = data.get("elapsed_s")
     return bench, data["machine"]

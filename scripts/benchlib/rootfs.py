@@ -38,6 +38,15 @@ def rootfs_problem(d: str) -> str | None:
     return None
 
 
+def built_record(marker_line: str) -> str:
+    """What the results keep of scripts/rootfs.sh's marker line ("suite=... mirror=...
+    seconds=... date=..."): the Debian suite and the date only. The mirror the rootfs
+    was fetched from is no part of a result (results are committed, and no mirror or
+    registry address may be)."""
+    fields = dict(f.split("=", 1) for f in marker_line.split() if "=" in f)
+    return " ".join(f"{k}={fields[k]}" for k in ("suite", "date") if k in fields)[:120]
+
+
 def build_rootfs(b: "Bench") -> dict:
     """The copy of --rootfs at b.rootfs (cp -a: owners, modes, xattrs, devices), every
     regular file signed (imafs sign -r --skip-special); what the report says of it."""
@@ -59,8 +68,8 @@ def build_rootfs(b: "Bench") -> dict:
     info = {"source": str(src), "files": files, "bytes": size,
             "copy_s": t1 - t0, "sign_s": t2 - t1}
     marker = Path(str(src) + ".complete")
-    with contextlib.suppress(OSError):
-        info["built"] = marker.read_text().strip().splitlines()[0][:120]
+    with contextlib.suppress(OSError, IndexError):
+        info["built"] = built_record(marker.read_text().splitlines()[0])
     b.log(f"bench: rootfs ready: {files:,} files, {size / 2**20:.0f} MiB, copied in "
           f"{t1 - t0:.1f} s, signed in {t2 - t1:.1f} s ({b.rootfs})")
     return info
