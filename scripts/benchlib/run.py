@@ -30,7 +30,6 @@ class Bench:
         self.backing = work / "backing"
         self.rootfs = work / "rootfs"
         self.mnt = work / "mnt"
-        self.file_list = work / "files.list"
         self.control_name = ".imafs"
         self.results: dict[str, dict[str, Cell]] = {w.key: {} for w in wls}
         self.micro: dict[str, dict] = {}      # "hashing", "ns_resolution"
@@ -55,16 +54,12 @@ class Bench:
         s = self.sizes
         t0 = time.monotonic()
         tree = self.backing / "tree"
-        rels = []
         for d in range(s.dirs):
             (tree / f"d{d:02d}").mkdir(parents=True)
         for i in range(s.files):
-            rel = f"d{i % s.dirs:02d}/f{i:05d}"
-            (tree / rel).write_bytes(os.urandom(s.file_size))
-            rels.append(rel)
-        self.file_list.write_bytes(b"\0".join(r.encode() for r in rels) + b"\0")
-        (tree / "bin").mkdir()
-        shutil.copy2(self.busybox(), tree / "bin" / "busybox")
+            (tree / f"d{i % s.dirs:02d}" / f"f{i:05d}").write_bytes(os.urandom(s.file_size))
+        (self.backing / "bin").mkdir()
+        shutil.copy2(self.busybox(), self.backing / "bin" / "busybox")
         (self.backing / "big").mkdir()
         with open(self.backing / "big" / "file", "wb") as f:
             for _ in range(s.big_mib):
@@ -102,9 +97,10 @@ class Bench:
                 "--cert", str(key / "signing_cert.der"), "-r"]
 
     def sign_tree(self) -> Path:
-        """Every file of the tree and the big file signed (once); the certificate."""
+        """Every file of the backing signed (once: tree, big file, busybox); the
+        certificate."""
         if not self._tree_signed:
-            self.imafs(self.sign_args() + [str(self.backing / "tree"), str(self.backing / "big")])
+            self.imafs(self.sign_args() + [str(self.backing / d) for d in ("tree", "big", "bin")])
             self._tree_signed = True
         return self.signing_key() / "signing_cert.der"
 

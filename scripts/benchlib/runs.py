@@ -110,6 +110,15 @@ def same_count(b: "Bench", key: str, minimum: int, what: str) -> Check:
     return check
 
 
+def lines_starting(prefix: str, expected: int, what: str) -> Check:
+    """As many lines of the output as expected begin with prefix (ls -l: "-" for a
+    regular file)."""
+    def check(p: subprocess.CompletedProcess) -> str | None:
+        got = sum(1 for line in p.stdout.splitlines() if line.startswith(prefix))
+        return None if got == expected else f"{what}: {got}, expected {expected}"
+    return check
+
+
 def dd_bytes(expected: int) -> Check:
     def check(p: subprocess.CompletedProcess) -> str | None:
         m = re.search(r"^(\d+) bytes", p.stderr, re.M)

@@ -1,5 +1,6 @@
-"""The workloads on the synthetic tree (a small-file tree, a big file, a static busybox),
-and the choice of workloads and measurements a run makes (``--only``)."""
+"""The workloads on the synthetic tree, and the choice of workloads and measurements a
+run makes (``--only``). The backing holds ``tree/`` (only the small files: dNN/fNNNNN),
+``big/file`` and ``bin/busybox`` (a static busybox)."""
 from __future__ import annotations
 
 import os
@@ -11,15 +12,14 @@ from typing import TYPE_CHECKING
 from benchlib import ROOTFS, read_files
 from benchlib.measure import MICRO
 from benchlib.rootfs import rootfs_workloads
-from benchlib.runs import Run, Sizes, Workload, at_least, dd_bytes, int_out
+from benchlib.runs import Run, Sizes, Workload, at_least, dd_bytes, int_out, lines_starting
 
 if TYPE_CHECKING:
     from benchlib.run import Bench
 
 
 def _w_cat(b: "Bench", root: Path) -> Run:
-    return Run(["bash", "-c", 'set -o pipefail; xargs -0 cat < "$1" | wc -c', "cat-all",
-                str(b.file_list)], root / "tree",
+    return Run(["bash", "-c", "set -o pipefail; cat d*/f* | wc -c"], root / "tree",
                int_out(b.sizes.files * b.sizes.file_size, "bytes read"))
 
 
@@ -30,13 +30,19 @@ def _w_seq(b: "Bench", root: Path) -> Run:
 
 def _w_exec(b: "Bench", root: Path) -> Run:
     script = 'set -e; i=0; while [ "$i" -lt "$2" ]; do "$1" true; i=$((i+1)); done; echo "$i"'
-    return Run(["sh", "-c", script, "execs", str(root / "tree" / "bin" / "busybox"),
+    return Run(["sh", "-c", script, "execs", str(root / "bin" / "busybox"),
                 str(b.sizes.execs)], root, int_out(b.sizes.execs, "execs"))
 
 
 def _w_tar(b: "Bench", root: Path) -> Run:
-    return Run(["bash", "-c", "set -o pipefail; tar cf - tree | wc -c"], root,
+    # GNU tar skips reading the files when the archive is /dev/null, hence the pipe
+    return Run(["bash", "-c", "set -o pipefail; tar cf - . | wc -c"], root / "tree",
                at_least(b.sizes.files * b.sizes.file_size, "tar bytes"))
+
+
+def _w_ls(b: "Bench", root: Path) -> Run:
+    return Run(["ls", "-lR", "."], root / "tree", lines_starting("-", b.sizes.files,
+                                                                 "files listed"))
 
 
 CREATE_CODE = r"""
@@ -68,6 +74,10 @@ def _warm_big(b: "Bench") -> None:
     read_files(b.backing / "big")
 
 
+def _warm_bin(b: "Bench") -> None:
+    read_files(b.backing / "bin")
+
+
 def reset_out(b: "Bench") -> None:
     """Remove what workload e wrote."""
     out = b.backing / "out"
@@ -79,18 +89,20 @@ def reset_out(b: "Bench") -> None:
 def workloads(s: Sizes) -> list[Workload]:
     kib = s.file_size // 1024
     return [
-        Workload("a", f"cat {s.files:,} files of {kib} KiB in {s.dirs} directories", _w_cat,
-                 s.files, "files/s", warm=_warm_tree),
+        Workload("a", f"cat d*/f* | wc -c: {s.files:,} files of {kib} KiB in {s.dirs} "
+                 "directories", _w_cat, s.files, "files/s", warm=_warm_tree),
         Workload("b-cold", f"sequential read of a {s.big_mib} MiB file, page cache dropped",
                  _w_seq, s.big_mib, "MiB/s", cold=True),
         Workload("b-warm", f"sequential read of a {s.big_mib} MiB file, backing file cached",
                  _w_seq, s.big_mib, "MiB/s", warm=_warm_big),
-        Workload("c", f"{s.execs:,} execs of a static busybox in the tree", _w_exec,
-                 s.execs, "execs/s", warm=_warm_tree),
-        Workload("d", f"tar cf - of the tree ({s.files:,} files) | wc -c", _w_tar,
+        Workload("c", f"{s.execs:,} execs of a static busybox in the backing", _w_exec,
+                 s.execs, "execs/s", warm=_warm_bin),
+        Workload("d", f"tar cf - . | wc -c in the tree ({s.files:,} files)", _w_tar,
                  s.files, "files/s", warm=_warm_tree),
         Workload("e", f"create and write {s.creates:,} files of {kib} KiB", _w_create,
                  s.creates, "files/s", reset=reset_out),
+        Workload("f", f"ls -lR . in the tree ({s.files:,} files in {s.dirs} directories)",
+                 _w_ls, s.files, "files/s", warm=_warm_tree),
     ] + rootfs_workloads(s)
 
 
