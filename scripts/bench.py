@@ -7,14 +7,21 @@ table (and a PNG plot, and optionally JSON).
     .venv/bin/python scripts/bench.py --quick --reps 1    # smoke test sizes
     .venv/bin/python scripts/bench.py --only a,b --modes native,overlay
     .venv/bin/python scripts/bench.py --rootfs --only r-apt --modes native,appraise
+    .venv/bin/python scripts/bench.py --only a,d,f --modes c,overlay,appraise-warm --pin both
 
 Run as root (it mounts FUSE filesystems, chroots and drops the page cache for the cold
 runs). The headline ratio is to "overlay", the mount with integrity off
 (--no-integrity): what the integrity engine costs on top of any FUSE overlay. The ratio
+to "passthrough-c", libfuse's own C passthrough daemon, says how far a mode is from
+what FUSE itself costs on this machine (the limit issue 16 measures against); the ratio
 to native is in the per-workload tables.
 
 Modes (``--modes``; "-warm": remount on the state of a priming run, see Method)
   native                       the backing directory itself
+  passthrough-c (or c)         libfuse's passthrough_ll example, built at bench time from
+                               the source Debian's libfuse3-dev ships (gcc, pkg-config
+                               fuse3), run -f -o source=BACKING with its defaults
+                               (multi-threaded); n/a when they are not installed
   overlay (or integrity-off)   imafs mount --no-integrity: the baseline of the ratios
   integrity                    the engine on, empty policy
   measure, measure-warm        measure every read, exec and executable mmap (rootfs: tcb)
@@ -25,11 +32,13 @@ Modes (``--modes``; "-warm": remount on the state of a priming run, see Method)
   verified, verified-warm      measure, and every read checked against the Merkle tree
                                (--verify-reads=on)
   namespace                    as measure, the workload in a child integrity namespace
+With --pin on, every mode runs pinned (its daemon and its workload under ``taskset -c
+0``: cross-CPU wake-ups between caller and daemon are a large part of the time on a
+small VM); with --pin both, every mode runs unpinned and again pinned as MODE-pinned.
 
-Workloads on a synthetic tree
-The tree: 5,000 files of 4 KiB in 50 directories (tree/dNN/fNNNNN), beside it a
-256 MiB file and a static busybox. a, d and f are the three small-file workloads
-issue 16 sets its goals on, run in the tree.
+Workloads on a synthetic tree: 5,000 files of 4 KiB in 50 directories (tree/dNN/fNNNNN),
+beside it a 256 MiB file and a static busybox. a, d and f are the three small-file
+workloads issue 16 sets its goals on, run in the tree.
   a        ``cat d*/f* | wc -c``
   b-cold   sequential read of the 256 MiB file (``dd bs=1M``) after dropping the page
            cache
@@ -98,7 +107,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchlib, beside this file
 
 from benchlib import DEFAULT_ROOTFS, REPO, RUN_DIR  # noqa: E402
-from benchlib.modes import MODES, select_modes  # noqa: E402
+from benchlib.modes import MODES, PIN_CHOICES, select_modes  # noqa: E402
 from benchlib.mounts import mounts_under  # noqa: E402
 from benchlib.plot import plot  # noqa: E402
 from benchlib.report import markdown, print_tables  # noqa: E402
@@ -113,7 +122,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Modes: " + ", ".join(m.name for m in MODES)
-                                + " (integrity-off: another name of overlay). Workloads: a, b "
+                                + " (integrity-off: another name of overlay, c of passthrough-c). Workloads: a, b "
                                 "(b-cold and b-warm), c, d, e, f; with --rootfs r-true, r-dpkg, "
                                 "r-apt, r-ls, r-tar (r for all); measurements: hash, ns.")
     p.add_argument("--reps", type=int, default=3, help="timed runs per workload and mode (median)")
@@ -127,6 +136,10 @@ def parse_args(argv=None):
                         "--rootfs)")
     p.add_argument("--modes", metavar="native,overlay,...",
                    help=f"modes to run (default all: {','.join(m.name for m in MODES)})")
+    p.add_argument("--pin", choices=PIN_CHOICES, default="off",
+                   help="run each mode's daemon and workload pinned to CPU 0 (taskset -c 0): "
+                        "off (default), on (pinned only), both (each mode unpinned and pinned, "
+                        "as MODE and MODE-pinned; pinned ratios are to pinned references)")
     p.add_argument("--rootfs", metavar="DIR", nargs="?", const=DEFAULT_ROOTFS,
                    help="also run the r-* workloads on a copy of this root filesystem "
                         f"(default {DEFAULT_ROOTFS}, built by scripts/rootfs.sh)")
@@ -188,7 +201,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.quick = True
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
-    modes = select_modes(args.modes)
+    modes = select_modes(args.modes, args.pin)
     wls, micro = select_workloads(workloads(sizes), args.only, args.rootfs is not None)
     if os.geteuid() != 0 and any(not m.native for m in modes):
         print("bench: warning: not root; mounts may fail", file=sys.stderr)

@@ -1,8 +1,11 @@
 """scripts/bench.py runs end to end at smoke-test sizes and writes its reports: every
-mode on the small-file and cold-read workloads with the hashing and namespace
-measurements, and (when the cached Debian rootfs exists) one real-rootfs command."""
+mode (libfuse's C passthrough_ll included when gcc, pkg-config and libfuse3-dev are
+installed) on the small-file and big-file workloads with the hashing and namespace
+measurements, pinned and unpinned runs, and (when the cached Debian rootfs exists) one
+real-rootfs command."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +18,14 @@ BENCH = REPO / "scripts" / "bench.py"
 sys.path.insert(0, str(BENCH.parent))   # scripts/benchlib, the bench's parts
 from benchlib import DEFAULT_ROOTFS  # noqa: E402
 from benchlib.measure import HASH_ROWS, NS_ROWS  # noqa: E402
-from benchlib.modes import MODES  # noqa: E402
+from benchlib import passthrough_c  # noqa: E402
+from benchlib.modes import MODES, PASSTHROUGH_C  # noqa: E402
 from benchlib.results import target_cells  # noqa: E402
 from benchlib.rootfs import built_record  # noqa: E402
 from benchlib.runs import SMOKE  # noqa: E402
 
-ALL_MODES = [m.name for m in MODES]
+NO_C = passthrough_c.missing()   # why passthrough-c cannot be built here, or None
+ALL_MODES = [m.name for m in MODES if not (NO_C and m.name == PASSTHROUGH_C)]
 ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", DEFAULT_ROOTFS))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
@@ -61,6 +66,11 @@ def _cells_ok(data, workloads, modes):
                 assert cell["ratio_overlay"] > 0
             if "native" in modes:
                 assert cell["ratio_native"] > 0
+            if PASSTHROUGH_C in modes:
+                assert cell["ratio_passthrough_c"] > 0
+        if PASSTHROUGH_C in modes:
+            assert data["workloads"][w]["modes"][PASSTHROUGH_C]["ratio_passthrough_c"] == \
+                pytest.approx(1.0)
         if "native" in modes:
             assert data["workloads"][w]["modes"]["native"]["ratio_native"] == pytest.approx(1.0)
         if "overlay" in modes:
@@ -70,10 +80,11 @@ def _cells_ok(data, workloads, modes):
 @pytest.mark.slow
 @pytest.mark.mount
 @needs_root
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_bench_quick_all_modes(tmp_path):
-    workloads = ["a", "b-cold"]
-    p, data, text, png = _run(["--only", ",".join(workloads + ["hash", "ns"])], tmp_path, 190)
+    workloads = ["a", "b-cold", "b-warm", "f"]
+    p, data, text, png = _run(["--only", ",".join(workloads + ["hash", "ns"]),
+                               "--modes", ",".join(ALL_MODES)], tmp_path, 290)
     _cells_ok(data, workloads, ALL_MODES)
     assert data["machine"]["nproc"] >= 1 and data["machine"]["kernel"]
     modes = {m["name"]: m for m in data["modes"]}
@@ -99,10 +110,23 @@ def test_bench_quick_all_modes(tmp_path):
 
     # the issues' figures, as numbers
     targets = {t["key"]: t for t in data["targets"]}
-    for k in ("a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold"):
+    keys = ["a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold",
+            "b-warm hashlib/measure", "a overlay/passthrough-c", "f appraise-warm/passthrough-c",
+            "f measure-appraise-warm/passthrough-c"]
+    for k in keys if not NO_C else keys[:4]:
         assert targets[k]["value"] > 0 and targets[k]["met"] in (True, False), targets[k]
     assert targets["a appraise-warm/overlay"]["value"] == pytest.approx(
         a["appraise-warm"]["median"] / a["overlay"]["median"])
+    # the first read of a measured file, as throughput against hashlib over its bytes
+    bw = data["workloads"]["b-warm"]["modes"]["measure"]
+    assert targets["b-warm hashlib/measure"]["value"] == pytest.approx(
+        statistics.median(data["hashing"]["times"]["hashlib"]) / bw["median"])
+    if not NO_C:
+        assert targets["a overlay/passthrough-c"]["value"] == pytest.approx(
+            a["overlay"]["median"] / a[PASSTHROUGH_C]["median"])
+        assert a[PASSTHROUGH_C]["engine"] is None
+        assert "## Summary (time, ratio to passthrough-c: libfuse's C passthrough_ll, " \
+            "the limit)" in text
     hs = {r["key"]: r for r in data["hashing"]["summary"]}
     assert set(hs) == set(HASH_ROWS)
     assert all(r["mib_s"] > 0 and r["vs_hashlib"] > 0 for r in hs.values())
@@ -115,7 +139,8 @@ def test_bench_quick_all_modes(tmp_path):
     assert "| b-cold: cold read of the big file with verified reads (verified)" in text
     assert "## Summary (time, ratio to integrity off)" in text
     assert "| workload | " + " | ".join(ALL_MODES) + " |" in text
-    assert "| mode | median | runs (s) | rate | / integrity off | / native " in text
+    assert "| mode | median | runs (s) | rate | / integrity off | / passthrough-c | / native " \
+        in text
     for w in workloads:
         assert f"| **{w}** " in text
     assert "## Hashing" in text and "| hash_fd sha256, page cache dropped (cold) |" in text
@@ -134,6 +159,34 @@ def test_bench_quick_all_modes(tmp_path):
     for section in ("## Issue targets", "## Hashing", "## Namespace resolution per open"):
         assert section in again
     assert again == text.replace("![ratio to integrity off](r.png)\n\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(120)
+def test_bench_pinned_and_unpinned(tmp_path):
+    """--pin both: every mode twice, MODE and MODE-pinned, each ratio to the reference
+    pinned alike."""
+    modes = ["native", "overlay"] + ([] if NO_C else [PASSTHROUGH_C])
+    p, data, text, png = _run(["--only", "f", "--modes", ",".join(modes), "--pin", "both"],
+                              tmp_path, 110)
+    names = modes + [m + "-pinned" for m in modes]
+    assert [m["name"] for m in data["modes"]] == names
+    assert [m["pinned"] for m in data["modes"]] == [False] * len(modes) + [True] * len(modes)
+    assert data["args"]["pin"] == "both"
+    f = data["workloads"]["f"]["modes"]
+    for n in names:
+        assert f[n]["error"] is None and f[n]["median"] > 0, (n, f[n])
+    for sfx in ("", "-pinned"):
+        assert f["overlay" + sfx]["ratio_overlay"] == pytest.approx(1.0)
+        assert f["native" + sfx]["ratio_overlay"] == pytest.approx(
+            f["native" + sfx]["median"] / f["overlay" + sfx]["median"])
+        if not NO_C:
+            assert f["overlay" + sfx]["ratio_passthrough_c"] == pytest.approx(
+                f["overlay" + sfx]["median"] / f[PASSTHROUGH_C + sfx]["median"])
+    assert "--pin both" in text and "| overlay-pinned |" in text
+    _cleaned_up(tmp_path, png)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""The modes, the columns of the results: what each mounts (nothing, or imafs with
-which arguments), the policy it writes, the files it signs, the namespace its workload
-runs in (``--modes``).
+"""The modes, the columns of the results: what each mounts (nothing, libfuse's C
+passthrough_ll, or imafs with which arguments), the policy it writes, the files it
+signs, the namespace its workload runs in (``--modes``), and whether the daemon and the
+workload are pinned to one CPU (``--pin``).
 
 Adding a mode is one entry in MODES: a name, extra ``imafs mount`` arguments, an
 optional setup (write a policy, sign the files; it returns more mount arguments), the
@@ -8,6 +9,7 @@ state flag, and an optional wrapper the workload's command runs under (a namespa
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -55,6 +57,9 @@ def policy_title(spec) -> str:
 
 
 # --------------------------------------------------------------------------- modes
+IMAFS_DAEMON, PASSTHROUGH_LL = "imafs", "passthrough_ll"   # what mounts (Mode.daemon)
+
+
 @dataclass(frozen=True)
 class Mode:
     """One column of the results.
@@ -62,6 +67,7 @@ class Mode:
     name      short name (``--modes``, JSON keys, table columns)
     title     one line for the legend
     native    run on the backing directory itself (no mount)
+    daemon    what mounts: IMAFS, or PASSTHROUGH_LL (libfuse's C example)
     args      extra ``imafs mount`` arguments
     setup     called once per backing (TREE, ROOTFS) before the mode's first mount of
               it, with the Bench and the backing's name; may write files (a policy,
@@ -74,16 +80,20 @@ class Mode:
     integrity the mode expects the engine: its control directory is checked after
               mounting and a note is added when it is missing
     policies  for the legend: the policy on the synthetic tree and on the rootfs
+    pinned    the daemon and the workload run under ``taskset -c 0`` (PIN): no wake-up
+              crosses CPUs
     """
     name: str
     title: str
     native: bool = False
+    daemon: str = IMAFS_DAEMON
     args: tuple[str, ...] = ()
     setup: Callable[["Bench", str], list[str]] | None = None
     state: str = "cold"
     wrap: Callable[["Bench", Path], list[str]] | None = None
     integrity: bool = False
     policies: tuple[str, str] | None = None
+    pinned: bool = False
 
 
 def policy_file(tree, name: str, rootfs=None) -> Callable[["Bench", str], list[str]]:
@@ -119,6 +129,12 @@ def in_namespace(ns: str) -> Callable[["Bench", Path], list[str]]:
     return wrap
 
 
+def build_passthrough_ll(bench: "Bench", target: str) -> list[str]:
+    """The setup of passthrough-c: the C daemon built (once per run)."""
+    bench.passthrough_ll()
+    return []
+
+
 def _mode_pair(name: str, title: str, warm_title: str, **kw) -> list[Mode]:
     """A cold mode and its warm twin."""
     return [Mode(name, f"{title}, fresh state", integrity=True, **kw),
@@ -128,6 +144,9 @@ def _mode_pair(name: str, title: str, warm_title: str, **kw) -> list[Mode]:
 
 MODES: list[Mode] = [
     Mode("native", "the backing directory, no FUSE", native=True),
+    Mode("passthrough-c", "libfuse's C passthrough_ll example (Debian's libfuse3-dev, built "
+         "at bench time), default options and threads, -o source=BACKING: the FUSE limit "
+         "of this machine", daemon=PASSTHROUGH_LL, setup=build_passthrough_ll),
     Mode("overlay", "integrity off (the baseline of the ratios): imafs mount --no-integrity, "
          "a plain passthrough", args=("--no-integrity",)),
     Mode("integrity", "imafs mount: engine on, empty policy", integrity=True),
@@ -158,11 +177,36 @@ MODES: list[Mode] = [
          policies=(policy_title(MEASURE_ALL_POLICY), policy_title(ROOTFS_MEASURE))),
 ]
 MODE_BY_NAME = {m.name: m for m in MODES}
-MODE_ALIASES = {"integrity-off": "overlay"}
-NATIVE, OVERLAY = "native", "overlay"
+MODE_ALIASES = {"integrity-off": "overlay", "c": "passthrough-c"}
+NATIVE, OVERLAY, PASSTHROUGH_C = "native", "overlay", "passthrough-c"
+PIN = ["taskset", "-c", "0"]
+PIN_SUFFIX = "-pinned"
+PIN_CHOICES = ("off", "on", "both")
 
 
-def select_modes(spec: str | None) -> list[Mode]:
+def pinned(m: Mode) -> Mode:
+    """The mode with its daemon and workload pinned to CPU 0."""
+    return dataclasses.replace(m, name=m.name + PIN_SUFFIX, pinned=True,
+                               title=m.title + "; daemon and workload pinned to CPU 0 "
+                               "(taskset -c 0)")
+
+
+def reference(kind: str, mname: str) -> str:
+    """The mode a ratio of mode ``mname`` divides by: ``kind`` (NATIVE, OVERLAY,
+    PASSTHROUGH_C), pinned alike."""
+    return kind + (PIN_SUFFIX if mname.endswith(PIN_SUFFIX) else "")
+
+
+def select_modes(spec: str | None, pin: str = "off") -> list[Mode]:
+    """The modes ``--modes`` names (all by default), unpinned, pinned (``--pin on``) or
+    both, the unpinned ones first (``--pin both``)."""
+    chosen = _named_modes(spec)
+    if pin == "on":
+        return [pinned(m) for m in chosen]
+    return chosen + ([pinned(m) for m in chosen] if pin == "both" else [])
+
+
+def _named_modes(spec: str | None) -> list[Mode]:
     if not spec:
         return list(MODES)
     out = []

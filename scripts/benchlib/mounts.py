@@ -1,5 +1,8 @@
-"""Mounting and unmounting: an imafs mount that is always unmounted and whose daemon is
-always waited for, and the last resorts for a mount whose daemon hangs or died."""
+"""Mounting and unmounting: an imafs mount and a mount by libfuse's C passthrough_ll,
+each always unmounted and its daemon always waited for (or ended), and the last
+resorts for a mount whose daemon hangs or died. ``prefix`` is an argv the daemon's
+command runs under (``taskset -c 0`` for a pinned mode): the daemon and every thread
+it starts inherit it."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +13,7 @@ import time
 from pathlib import Path
 
 from benchlib import IMAFS, REPO, env
+from benchlib.passthrough_c import command as passthrough_ll_command
 
 
 class MountFailed(Exception):
@@ -91,12 +95,14 @@ def _daemon_pid(state: Path) -> int | None:
 class ImafsMount:
     """One imafs mount of ``backing`` at ``mnt``; always unmounted by stop()."""
 
-    def __init__(self, backing: Path, mnt: Path, state: Path, log: Path, args: list[str]):
+    def __init__(self, backing: Path, mnt: Path, state: Path, log: Path, args: list[str],
+                 prefix: list[str] = ()):
         self.backing, self.mnt, self.state, self.log, self.args = backing, mnt, state, log, args
+        self.prefix = list(prefix)
         self.pid: int | None = None
 
     def start(self) -> None:
-        cmd = IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
+        cmd = self.prefix + IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
                        "--log-file", str(self.log)] + self.args
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -124,3 +130,49 @@ class ImafsMount:
         # the daemon holds the state lock a warm remount needs
         end_process(self.pid)
         self.pid = None
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+class CPassthroughMount:
+    """One mount of ``backing`` at ``mnt`` by libfuse's passthrough_ll (``binary``),
+    run in the foreground as this process's child; always unmounted by stop()."""
+
+    def __init__(self, binary: Path, backing: Path, mnt: Path, log: Path,
+                 prefix: list[str] = ()):
+        self.cmd = list(prefix) + passthrough_ll_command(binary, backing, mnt)
+        self.mnt, self.log = mnt, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mnt):
+            rc = self.proc.poll()
+            if rc is not None or time.monotonic() > deadline:
+                self.stop()
+                why = f"exit status {rc}" if rc is not None else f"not mounted after {timeout:g} s"
+                raise MountFailed(f"passthrough_ll: {why}: {_tail(self.log)}")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        try:
+            if is_mounted(self.mnt):
+                subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True,
+                               timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            force_unmount(str(self.mnt))
+        if self.proc is not None:
+            end_process(self.proc.pid)   # it leaves its loop once unmounted
+            self.proc.wait()
+            self.proc = None

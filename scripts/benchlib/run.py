@@ -14,8 +14,9 @@ from pathlib import Path
 
 from benchlib import DROP_CACHES, IMAFS, REPO, ROOTFS, TREE, drop_page_cache, env
 from benchlib.measure import hashing_micro, ns_resolution_micro
-from benchlib.modes import Mode
-from benchlib.mounts import ImafsMount, MountFailed, force_unmount
+from benchlib import passthrough_c
+from benchlib.modes import IMAFS_DAEMON, PIN, Mode
+from benchlib.mounts import CPassthroughMount, ImafsMount, MountFailed, force_unmount
 from benchlib.rootfs import build_rootfs
 from benchlib.runs import Cell, Sizes, Workload
 from benchlib.workloads import reset_out
@@ -38,7 +39,8 @@ class Bench:
         self.elapsed: float | None = None
         self._states = 0
         self._tree_signed = False
-        self.mount: ImafsMount | None = None
+        self._passthrough_ll: Path | None = None
+        self.mount: ImafsMount | CPassthroughMount | None = None
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -105,7 +107,16 @@ class Bench:
         return self.signing_key() / "signing_cert.der"
 
     # ---- mounts
-    def new_state(self, mode: Mode) -> Path:
+    def passthrough_ll(self) -> Path:
+        """libfuse's passthrough_ll, built in the work directory (once per run)."""
+        if self._passthrough_ll is None:
+            self._passthrough_ll = passthrough_c.build(self.work / "passthrough_ll")
+        return self._passthrough_ll
+
+    def new_state(self, mode: Mode) -> Path | None:
+        """A fresh --state directory for an imafs mount (None for the other modes)."""
+        if mode.native or mode.daemon != IMAFS_DAEMON:
+            return None
         self._states += 1
         st = self.work / f"state-{mode.name}-{self._states}"
         return st
@@ -117,9 +128,13 @@ class Bench:
         if mode.native:
             yield backing
             return
-        assert state is not None
-        m = ImafsMount(backing, self.mnt, state, self.work / f"imafs-{mode.name}-{target}.log",
-                       list(mode.args) + extra)
+        log = self.work / f"{mode.daemon}-{mode.name}-{target}.log"
+        pin = PIN if mode.pinned else []
+        if mode.daemon == IMAFS_DAEMON:
+            assert state is not None
+            m = ImafsMount(backing, self.mnt, state, log, list(mode.args) + extra, pin)
+        else:
+            m = CPassthroughMount(self.passthrough_ll(), backing, self.mnt, log, pin)
         self.mount = m
         try:
             m.start()
@@ -131,7 +146,8 @@ class Bench:
     # ---- one timed run
     def run_once(self, mode: Mode, w: Workload, root: Path) -> float:
         r = w.make(self, root)
-        argv = (mode.wrap(self, root) if mode.wrap else []) + r.argv
+        argv = (PIN if mode.pinned else []) + (mode.wrap(self, root) if mode.wrap else []) \
+            + r.argv
         if w.cold:
             drop_page_cache()
         else:
@@ -196,7 +212,7 @@ class Bench:
                         self.run_once(mode, w, root)
                 for rep in range(self.args.reps):
                     self.prepare(w)
-                    state = warm_state or (None if mode.native else self.new_state(mode))
+                    state = warm_state or self.new_state(mode)
                     with self.mounted(mode, extra, state, target) as root:
                         if mode.integrity and not (root / self.control_name).is_dir():
                             cell.note = "no control directory: engine not active in this build"
