@@ -251,3 +251,45 @@ def test_results_record_no_mirror_address(tmp_path):
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "r.md").read_text()
     assert "suite=bookworm date=2026-12-01T06:56Z" in text and "mirror" not in text
+
+
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(120)
+def test_passthrough_ll_from_gzipped_example(tmp_path, monkeypatch):
+    """passthrough_ll builds from the example as Debian may ship it (gzipped, with its
+    header gzipped too), serves the backing, and is unmounted and ended by stop(); one
+    that cannot mount (no such source) is MountFailed with its own message, nothing
+    left mounted."""
+    if NO_C:
+        pytest.skip(NO_C)
+    import gzip
+    import shutil
+    from benchlib.mounts import CPassthroughMount, MountFailed, is_mounted
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for name in ("passthrough_ll.c", "passthrough_helpers.h"):
+        src = passthrough_c.EXAMPLES / name
+        if src.is_file():
+            (examples / (name + ".gz")).write_bytes(gzip.compress(src.read_bytes()))
+        else:
+            shutil.copy(str(src) + ".gz", examples)
+    monkeypatch.setattr(passthrough_c, "EXAMPLES", examples)
+    binary = passthrough_c.build(tmp_path / "build")
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    (backing / "x").write_text("through C\n")
+    m = CPassthroughMount(binary, backing, mnt, tmp_path / "log")
+    try:
+        m.start()
+        assert (mnt / "x").read_text() == "through C\n"
+        pid = m.proc.pid
+    finally:
+        m.stop()
+    assert not is_mounted(mnt) and m.proc is None
+    assert not os.path.exists(f"/proc/{pid}")
+    bad = CPassthroughMount(binary, tmp_path / "none", mnt, tmp_path / "log2")
+    with pytest.raises(MountFailed, match="passthrough_ll: exit status"):
+        bad.start()
+    assert not is_mounted(mnt) and bad.proc is None
