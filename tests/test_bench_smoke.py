@@ -1,9 +1,11 @@
 """scripts/bench.py runs end to end at smoke-test sizes and writes its reports: every
-mode on the small-file and cold-read workloads with the hashing and namespace
-measurements, and (when the cached Debian rootfs exists) one real-rootfs command."""
-import importlib.util
+mode (libfuse's C passthrough_ll included when gcc, pkg-config and libfuse3-dev are
+installed) on the small-file and big-file workloads with the hashing and namespace
+measurements, pinned and unpinned runs, and (when the cached Debian rootfs exists) one
+real-rootfs command."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,18 @@ import pytest
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"
-_spec = importlib.util.spec_from_file_location("imafs_bench", BENCH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench        # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(BENCH.parent))   # scripts/benchlib, the bench's parts
+from benchlib import DEFAULT_ROOTFS  # noqa: E402
+from benchlib.measure import HASH_ROWS, NS_ROWS  # noqa: E402
+from benchlib import passthrough_c  # noqa: E402
+from benchlib.modes import MODES, PASSTHROUGH_C  # noqa: E402
+from benchlib.results import target_cells  # noqa: E402
+from benchlib.rootfs import built_record  # noqa: E402
+from benchlib.runs import SMOKE  # noqa: E402
 
-ALL_MODES = [m.name for m in bench.MODES]
-ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", bench.DEFAULT_ROOTFS))
+NO_C = passthrough_c.missing()   # why passthrough-c cannot be built here, or None
+ALL_MODES = [m.name for m in MODES if not (NO_C and m.name == PASSTHROUGH_C)]
+ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", DEFAULT_ROOTFS))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
 
@@ -59,6 +66,11 @@ def _cells_ok(data, workloads, modes):
                 assert cell["ratio_overlay"] > 0
             if "native" in modes:
                 assert cell["ratio_native"] > 0
+            if PASSTHROUGH_C in modes:
+                assert cell["ratio_passthrough_c"] > 0
+        if PASSTHROUGH_C in modes:
+            assert data["workloads"][w]["modes"][PASSTHROUGH_C]["ratio_passthrough_c"] == \
+                pytest.approx(1.0)
         if "native" in modes:
             assert data["workloads"][w]["modes"]["native"]["ratio_native"] == pytest.approx(1.0)
         if "overlay" in modes:
@@ -68,10 +80,11 @@ def _cells_ok(data, workloads, modes):
 @pytest.mark.slow
 @pytest.mark.mount
 @needs_root
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_bench_quick_all_modes(tmp_path):
-    workloads = ["a", "b-cold"]
-    p, data, text, png = _run(["--only", ",".join(workloads + ["hash", "ns"])], tmp_path, 190)
+    workloads = ["a", "b-cold", "b-warm", "f"]
+    p, data, text, png = _run(["--only", ",".join(workloads + ["hash", "ns"]),
+                               "--modes", ",".join(ALL_MODES)], tmp_path, 290)
     _cells_ok(data, workloads, ALL_MODES)
     assert data["machine"]["nproc"] >= 1 and data["machine"]["kernel"]
     modes = {m["name"]: m for m in data["modes"]}
@@ -86,7 +99,7 @@ def test_bench_quick_all_modes(tmp_path):
     # warm ones none (digests from the state of the priming run)
     a = data["workloads"]["a"]["modes"]
     assert a["overlay"]["engine"] is None
-    n = bench.SMOKE.files
+    n = SMOKE.files
     assert a["measure"]["engine"]["hashed_files"] == n
     assert a["measure"]["engine"]["entries"] > n
     for m in ("measure-warm", "appraise-warm", "measure-appraise-warm", "verified-warm"):
@@ -97,23 +110,37 @@ def test_bench_quick_all_modes(tmp_path):
 
     # the issues' figures, as numbers
     targets = {t["key"]: t for t in data["targets"]}
-    for k in ("a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold"):
+    keys = ["a appraise-warm/overlay", "b-cold verified/measure", "hash_fd/hashlib cold",
+            "b-warm hashlib/measure", "a overlay/passthrough-c", "f appraise-warm/passthrough-c",
+            "f measure-appraise-warm/passthrough-c"]
+    for k in keys if not NO_C else keys[:4]:
         assert targets[k]["value"] > 0 and targets[k]["met"] in (True, False), targets[k]
     assert targets["a appraise-warm/overlay"]["value"] == pytest.approx(
         a["appraise-warm"]["median"] / a["overlay"]["median"])
+    # the first read of a measured file, as throughput against hashlib over its bytes
+    bw = data["workloads"]["b-warm"]["modes"]["measure"]
+    assert targets["b-warm hashlib/measure"]["value"] == pytest.approx(
+        statistics.median(data["hashing"]["times"]["hashlib"]) / bw["median"])
+    if not NO_C:
+        assert targets["a overlay/passthrough-c"]["value"] == pytest.approx(
+            a["overlay"]["median"] / a[PASSTHROUGH_C]["median"])
+        assert a[PASSTHROUGH_C]["engine"] is None
+        assert "## Summary (time, ratio to passthrough-c: libfuse's C passthrough_ll, " \
+            "the limit)" in text
     hs = {r["key"]: r for r in data["hashing"]["summary"]}
-    assert set(hs) == set(bench.HASH_ROWS)
+    assert set(hs) == set(HASH_ROWS)
     assert all(r["mib_s"] > 0 and r["vs_hashlib"] > 0 for r in hs.values())
     assert hs["hashlib"]["vs_hashlib"] == pytest.approx(1.0)
-    assert data["hashing"]["bytes"] == bench.SMOKE.big_mib << 20
+    assert data["hashing"]["bytes"] == SMOKE.big_mib << 20
     us = data["ns_resolution"]["us"]
-    assert set(us) == set(bench.NS_ROWS) and all(v > 0 for v in us.values())
+    assert set(us) == set(NS_ROWS) and all(v > 0 for v in us.values())
 
     assert "## Issue targets" in text
     assert "| b-cold: cold read of the big file with verified reads (verified)" in text
     assert "## Summary (time, ratio to integrity off)" in text
     assert "| workload | " + " | ".join(ALL_MODES) + " |" in text
-    assert "| mode | median | runs (s) | rate | / integrity off | / native " in text
+    assert "| mode | median | runs (s) | rate | / integrity off | / passthrough-c | / native " \
+        in text
     for w in workloads:
         assert f"| **{w}** " in text
     assert "## Hashing" in text and "| hash_fd sha256, page cache dropped (cold) |" in text
@@ -132,6 +159,34 @@ def test_bench_quick_all_modes(tmp_path):
     for section in ("## Issue targets", "## Hashing", "## Namespace resolution per open"):
         assert section in again
     assert again == text.replace("![ratio to integrity off](r.png)\n\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(120)
+def test_bench_pinned_and_unpinned(tmp_path):
+    """--pin both: every mode twice, MODE and MODE-pinned, each ratio to the reference
+    pinned alike."""
+    modes = ["native", "overlay"] + ([] if NO_C else [PASSTHROUGH_C])
+    p, data, text, png = _run(["--only", "f", "--modes", ",".join(modes), "--pin", "both"],
+                              tmp_path, 110)
+    names = modes + [m + "-pinned" for m in modes]
+    assert [m["name"] for m in data["modes"]] == names
+    assert [m["pinned"] for m in data["modes"]] == [False] * len(modes) + [True] * len(modes)
+    assert data["args"]["pin"] == "both"
+    f = data["workloads"]["f"]["modes"]
+    for n in names:
+        assert f[n]["error"] is None and f[n]["median"] > 0, (n, f[n])
+    for sfx in ("", "-pinned"):
+        assert f["overlay" + sfx]["ratio_overlay"] == pytest.approx(1.0)
+        assert f["native" + sfx]["ratio_overlay"] == pytest.approx(
+            f["native" + sfx]["median"] / f["overlay" + sfx]["median"])
+        if not NO_C:
+            assert f["overlay" + sfx]["ratio_passthrough_c"] == pytest.approx(
+                f["overlay" + sfx]["median"] / f[PASSTHROUGH_C + sfx]["median"])
+    assert "--pin both" in text and "| overlay-pinned |" in text
+    _cleaned_up(tmp_path, png)
 
 
 @pytest.mark.slow
@@ -170,9 +225,71 @@ def test_target_figures_next_to_their_limit_print_apart():
         t = {"value": value, "op": op, "limit": limit}
         t["met"] = None if value is None or limit is None else \
             (value <= limit if op == "<=" else value >= limit)
-        return bench._target_cells(t)
+        return target_cells(t)
     assert cells(0.7997, ">=", 0.80) == ("0.7997x", "≥ 0.80x", "NOT met")
     assert cells(0.8003, ">=", 0.80) == ("0.8003x", "≥ 0.80x", "met")
     assert cells(1.7523, "<=", 1.10) == ("1.75x", "≤ 1.10x", "NOT met")
     assert cells(2.616, None, None) == ("2.62x", "", "")
     assert cells(None, "<=", 1.15) == ("not run", "≤ 1.15x", "")
+
+
+def test_results_record_no_mirror_address(tmp_path):
+    """Results keep the Debian suite and date of the rootfs, never the mirror it was
+    fetched from (scripts/rootfs.sh writes it into its marker), in a new run and in a
+    file redrawn with --from-json; the committed results neither."""
+    line = "suite=bookworm mirror=http://mirror.example/debian seconds=30 date=2026-12-01T06:56Z"
+    assert built_record(line) == "suite=bookworm date=2026-12-01T06:56Z"
+    for f in ("results.md", "results.json"):
+        text = (REPO / "bench" / f).read_text()
+        assert "mirror" not in text and "http" not in text, f
+    old = json.loads((REPO / "bench" / "results.json").read_text())
+    old["rootfs"]["built"] = line
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    p = subprocess.run([sys.executable, str(BENCH), "--from-json", str(tmp_path / "old.json"),
+                        "--markdown", str(tmp_path / "r.md"), "--plot", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "suite=bookworm date=2026-12-01T06:56Z" in text and "mirror" not in text
+
+
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(120)
+def test_passthrough_ll_from_gzipped_example(tmp_path, monkeypatch):
+    """passthrough_ll builds from the example as Debian may ship it (gzipped, with its
+    header gzipped too), serves the backing, and is unmounted and ended by stop(); one
+    that cannot mount (no such source) is MountFailed with its own message, nothing
+    left mounted."""
+    if NO_C:
+        pytest.skip(NO_C)
+    import gzip
+    import shutil
+    from benchlib.mounts import CPassthroughMount, MountFailed, is_mounted
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for name in ("passthrough_ll.c", "passthrough_helpers.h"):
+        src = passthrough_c.EXAMPLES / name
+        if src.is_file():
+            (examples / (name + ".gz")).write_bytes(gzip.compress(src.read_bytes()))
+        else:
+            shutil.copy(str(src) + ".gz", examples)
+    monkeypatch.setattr(passthrough_c, "EXAMPLES", examples)
+    binary = passthrough_c.build(tmp_path / "build")
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    (backing / "x").write_text("through C\n")
+    m = CPassthroughMount(binary, backing, mnt, tmp_path / "log")
+    try:
+        m.start()
+        assert (mnt / "x").read_text() == "through C\n"
+        pid = m.proc.pid
+    finally:
+        m.stop()
+    assert not is_mounted(mnt) and m.proc is None
+    assert not os.path.exists(f"/proc/{pid}")
+    bad = CPassthroughMount(binary, tmp_path / "none", mnt, tmp_path / "log2")
+    with pytest.raises(MountFailed, match="passthrough_ll: exit status"):
+        bad.start()
+    assert not is_mounted(mnt) and bad.proc is None

@@ -1,0 +1,107 @@
+"""The measurements without a mount (``--only`` keys ``hash`` and ``ns``): imafs's own
+hashing against hashlib, and the per-open cost of finding the caller's namespace."""
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from benchlib import drop_page_cache, import_imafs, read_files
+
+MICRO = ("hash", "ns")
+
+
+def hashing_micro(path: Path, reps: int) -> dict:
+    """Seconds to hash ``path`` with imafs.ima.hashing.hash_fd (sha256; sha256 and the
+    fs-verity tree in one pass), page cache dropped ("cold") and cached, and with
+    hashlib.sha256 over the same bytes in memory; every digest is checked. The variants
+    take turns within each of the ``reps`` rounds (at least 3), so that a change of the
+    machine's load hits them alike."""
+    import_imafs()
+    from imafs.ima.hashing import hash_fd
+    size = path.stat().st_size
+    data = path.read_bytes()
+    ref = hashlib.sha256(data).digest()
+    variants = (("hash_fd", False, True), ("hash_fd cached", False, False),
+                ("hash_fd+verity", True, True), ("hash_fd+verity cached", True, False))
+    rows: dict[str, list[float]] = {"hashlib": []}
+    rows.update((key, []) for key, _, _ in variants)
+    for _ in range(max(3, reps)):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        rows["hashlib"].append(time.perf_counter() - t0)
+        for key, verity, cold in variants:
+            if cold:
+                drop_page_cache()
+            else:
+                read_files(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                t0 = time.perf_counter()
+                d = hash_fd(fd, ("sha256",), verity=True if verity else None)
+                rows[key].append(time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+            if d["sha256"] != ref or d.size != size or (verity and d.tree is None):
+                raise RuntimeError(f"{key}: wrong digest or size")
+    return {"bytes": size, "times": rows}
+
+
+HASH_ROWS = {   # key: (label, cold)
+    "hashlib": ("hashlib.sha256 over the bytes in memory", False),
+    "hash_fd": ("hash_fd sha256, page cache dropped (cold)", True),
+    "hash_fd cached": ("hash_fd sha256, file cached", False),
+    "hash_fd+verity": ("hash_fd sha256 + fs-verity tree, one pass, cold", True),
+    "hash_fd+verity cached": ("hash_fd sha256 + fs-verity tree, one pass, cached", False),
+}
+
+
+def hashing_summary(h: dict | None) -> list[dict]:
+    """One row per HASH_ROWS key: median, MiB/s and speed relative to hashlib."""
+    if not h or "error" in h:
+        return []
+    size = h["bytes"]
+    base = statistics.median(h["times"]["hashlib"])
+    out = []
+    for key, (label, _) in HASH_ROWS.items():
+        ts = h["times"].get(key)
+        if not ts:
+            continue
+        med = statistics.median(ts)
+        out.append({"key": key, "label": label, "times": ts, "median": med,
+                    "mib_s": size / 2**20 / med, "vs_hashlib": base / med})
+    return out
+
+
+def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
+    """Per-open cost of finding the caller's namespace, in microseconds, for a host
+    process and one bound to a namespace: CgroupBinder.ns_of (the engine's call, cached
+    per process) and, "uncached", read_ns (a read of /proc/PID/cgroup)."""
+    import_imafs()
+    from imafs.ima.binding import CgroupBinder
+    b = CgroupBinder(f"bench{os.getpid()}")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        b.bind(child.pid, 1)
+        out = {}
+        for name, pid in (("host", os.getpid()), ("child", child.pid)):
+            for fn, suffix in ((b.ns_of, ""), (b.read_ns, " uncached")):
+                assert fn(pid) == (1 if name == "child" else 0)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn(pid)
+                out[name + suffix] = (time.perf_counter() - t0) / n * 1e6
+        return out
+    finally:
+        child.kill()
+        child.wait()
+        b.close(wait=2.0)
+
+
+NS_ROWS = {"host": "host process, ns_of (cached per process)",
+           "child": "process in a child namespace, ns_of",
+           "host uncached": "host process, read_ns (uncached: /proc/PID/cgroup)",
+           "child uncached": "process in a child namespace, read_ns (uncached)"}
