@@ -176,6 +176,7 @@ class Targets:
 
     # --- security.evm
     def evm(self, data: bytes) -> None:
+        from imafs.ima import appraise as ap
         from imafs.ima import evm
         try:
             evm.parse_evm_xattr(data).describe()
@@ -196,7 +197,7 @@ class Targets:
         for value in values:
             for m in metas:
                 r = evm.evm_verify_hmac(value, m, hmac_key=key, keyring=kr)
-                if r.status not in evm.ap.STATUSES or (not r.passed and not r.cause):
+                if r.status not in ap.STATUSES or (not r.passed and not r.cause):
                     raise Bug(f"result without a status or a cause: {r!r}")
                 str(r)
 

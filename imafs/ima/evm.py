@@ -1,5 +1,7 @@
 """EVM: ``security.evm``, the protection of a file's metadata, as the kernel's
-security/integrity/evm/ does it (evm_main.c, evm_crypto.c, evm_secfs.c).
+security/integrity/evm/ does it (evm_main.c, evm_crypto.c; the securityfs file's
+flags, evm_secfs.c, are in evm_secfs.py). One concern in about 640 lines: the value,
+the digest it covers and the check, which the kernel also keeps in one place.
 
 ``security.ima`` protects a file's content; ``security.evm`` protects the security
 xattrs (``security.ima`` among them), the owner and the mode. Its value starts with a
@@ -38,31 +40,16 @@ engine's business. Facts checked against Debian's evmctl 1.4: docs/evm.md.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac as _hmac
 import os
-import re
 import stat
 import struct
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
-
-__all__ = [
-    "EVM_XATTR_HMAC", "EVM_IMA_XATTR_DIGSIG", "EVM_XATTR_PORTABLE_DIGSIG", "XATTR_NAME_EVM",
-    "XATTR_NAME_IMA", "ProtectedXattr", "PROTECTED_XATTRS", "EvmConfig", "DEFAULT_CONFIG",
-    "EvmError", "EvmXattrError", "EvmXattr", "parse_evm_xattr", "describe_evm_xattr",
-    "FileMetadata", "HmacKey", "HmacKeyError", "h_misc", "evm_calc_hash", "evm_calc_hmac",
-    "hmac_xattr", "sign_evm", "EvmResult", "evm_verify_hmac", "evm_update_evmxattr",
-    "INTEGRITY_PASS", "INTEGRITY_PASS_IMMUTABLE", "INTEGRITY_FAIL", "INTEGRITY_FAIL_IMMUTABLE",
-    "INTEGRITY_NOLABEL", "INTEGRITY_NOXATTRS", "INTEGRITY_UNKNOWN", "CAUSES",
-    "EVM_INIT_HMAC", "EVM_INIT_X509", "EVM_ALLOW_METADATA_WRITES", "EVM_SETUP_COMPLETE",
-    "EVM_INIT_MASK", "EvmStateError", "EvmImmutableError", "evm_find_protected_xattrs",
-    "state_text", "state_write",
-]
 
 # --- types and names (security/integrity/integrity.h, include/uapi/linux/xattr.h) -----
 EVM_XATTR_HMAC = ap.EVM_XATTR_HMAC                        # 0x02
@@ -234,7 +221,8 @@ def parse_evm_xattr(value: bytes) -> EvmXattr:
             prefix = "type 0x03 signature: "
             if msg.startswith(prefix):
                 msg = msg[len(prefix):]
-            raise EvmXattrError(f"type 0x{t:02x} ({_TYPE_WORDS[t]}): {msg}", e.offset) from None
+            raise EvmXattrError(f"type 0x{t:02x} ({_TYPE_WORDS[t]}): {msg}",
+                                e.offset) from None
         return EvmXattr(t, value, algo=x.algo, keyid=x.keyid, signature=x.signature)
     if t in (ap.IMA_XATTR_DIGEST, ap.IMA_XATTR_DIGEST_NG, ap.IMA_VERITY_DIGSIG):
         raise EvmXattrError(f"type 0x{t:02x} ({ap.XATTR_TYPE_NAMES[t]}) belongs in "
@@ -303,13 +291,6 @@ class FileMetadata:
             if v is not None:
                 xs[name] = bytes(v)
         return cls(xs, st.st_uid, st.st_gid, st.st_mode, st.st_ino, generation, fs_uuid)
-
-    def replace(self, **changes) -> "FileMetadata":
-        """A copy with some fields changed (``xattrs`` replaced whole)."""
-        d = dict(xattrs=self.xattrs, uid=self.uid, gid=self.gid, mode=self.mode,
-                 ino=self.ino, generation=self.generation, fs_uuid=self.fs_uuid)
-        d.update(changes)
-        return FileMetadata(**d)
 
 
 def h_misc(xattr_type: int, meta: FileMetadata, config: EvmConfig = DEFAULT_CONFIG) -> bytes:
@@ -661,65 +642,3 @@ def evm_update_evmxattr(current: bytes | None, meta: FileMetadata, key: HmacKey,
         return hmac_xattr(key, meta, config)
     except _NoXattrs:
         return None
-
-
-# --- the securityfs ``evm`` file (evm_secfs.c) ------------------------------------------
-
-EVM_INIT_HMAC = 0x0001
-EVM_INIT_X509 = 0x0002
-EVM_ALLOW_METADATA_WRITES = 0x0004
-EVM_SETUP_COMPLETE = 0x80000000
-EVM_KEY_MASK = EVM_INIT_HMAC | EVM_INIT_X509
-EVM_INIT_MASK = EVM_INIT_HMAC | EVM_INIT_X509 | EVM_SETUP_COMPLETE | EVM_ALLOW_METADATA_WRITES
-
-
-def state_text(flags: int) -> str:
-    """What reading ``evm`` gives: ``"%d"`` of the flags without SETUP_COMPLETE, no
-    newline (as evm_read_key)."""
-    return "%d" % (flags & ~EVM_SETUP_COMPLETE & 0xFFFFFFFF)
-
-
-class EvmStateError(EvmError):
-    """A write to ``evm`` refused; ``errno`` is the kernel's answer."""
-
-    def __init__(self, err: int, msg: str):
-        super().__init__(msg)
-        self.errno = err
-
-
-# kstrtouint(s, 0): an optional "+", 0x-hex, 0-octal or decimal, one trailing newline
-_KSTRTOUINT = re.compile(r"\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))\n?")
-
-
-def state_write(flags: int, text: bytes | str, *, hmac_key_available: bool) -> int:
-    """The flags after writing ``text`` to ``evm`` (evm_write_key, the caller having
-    checked the writer's privilege): an unsigned integer in C's base-0 notation
-    (``0x..``, ``0..`` octal, decimal; one trailing newline allowed); EPERM once setup
-    is complete, EINVAL for 0 or unknown bits, EPERM for ALLOW_METADATA_WRITES once an
-    HMAC key is loaded; the HMAC bit needs a key (ENOENT without one, the kernel's
-    answer when there is no ``evm-key``) and completes the setup."""
-    if flags & EVM_SETUP_COMPLETE:
-        raise EvmStateError(errno.EPERM, "EVM setup is complete; evm is read-only")
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("ascii", "replace")
-    m = _KSTRTOUINT.fullmatch(text)
-    if m is None:
-        raise EvmStateError(errno.EINVAL, f"not an unsigned integer: {text!r}")
-    hexa, octal, dec = m.groups()
-    i = int(hexa, 16) if hexa else int(octal, 8) if octal else int(dec, 10)
-    if i > 0xFFFFFFFF:
-        raise EvmStateError(errno.ERANGE, f"{i} does not fit in 32 bits")
-    if not i or i & ~EVM_INIT_MASK:
-        raise EvmStateError(errno.EINVAL, f"invalid EVM flags 0x{i:x} (allowed bits "
-                                          f"0x{EVM_INIT_MASK:x}, not 0)")
-    if i & EVM_ALLOW_METADATA_WRITES and flags & EVM_INIT_HMAC:
-        raise EvmStateError(errno.EPERM, "metadata writes cannot be allowed once an HMAC "
-                                         "key is loaded")
-    if i & EVM_INIT_HMAC:
-        if not hmac_key_available:
-            raise EvmStateError(errno.ENOENT, "no EVM HMAC key is configured")
-        i |= EVM_SETUP_COMPLETE
-    flags |= i
-    if flags & EVM_INIT_HMAC:
-        flags &= ~EVM_ALLOW_METADATA_WRITES
-    return flags

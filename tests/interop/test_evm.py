@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import uuid as uuidlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,9 +237,9 @@ def test_type3_with_a_given_uuid_and_generation(keys, f, kind):
     sh("evmctl", "sign", "-a", "sha256", f"--uuid={u}", "--generation", "7",
        "--key", k.key, f)
     m = describe(f, u.bytes)
-    assert evm.evm_verify_hmac(evm_value(f), m.replace(generation=7), hmac_key=None,
+    assert evm.evm_verify_hmac(evm_value(f), replace(m, generation=7), hmac_key=None,
                                keyring=k.ring).passed
-    assert not evm.evm_verify_hmac(evm_value(f), m.replace(generation=8), hmac_key=None,
+    assert not evm.evm_verify_hmac(evm_value(f), replace(m, generation=8), hmac_key=None,
                                    keyring=k.ring).passed
     # ours with a UUID, evmctl with the same one and with another
     os.setxattr(f, "security.evm", evm.sign_evm(k.private(), k.info.keyid, m,

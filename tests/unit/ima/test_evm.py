@@ -9,6 +9,7 @@ import hmac
 import os
 import stat
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -311,16 +312,18 @@ def test_hmac_pass_and_every_covered_change_fails():
     m = meta(xattrs={"security.ima": IMA, "security.selinux": b"l\0"})
     v = evm.hmac_xattr(key, m)
     r = verify(v, m, key=key)
-    assert r.passed and r.status == "pass" and r.type == 2 and str(r).startswith("INTEGRITY_PASS")
-    for changed in (m.replace(uid=0), m.replace(gid=0), m.replace(mode=m.mode | stat.S_ISUID),
-                    m.replace(ino=1), m.replace(generation=1), m.replace(fs_uuid=bytes(16)),
-                    m.replace(xattrs={**m.xattrs, "security.capability": CAPS}),
-                    m.replace(xattrs={**m.xattrs, "security.ima": IMA[:-1] + b"\0"}),
-                    m.replace(xattrs={"security.ima": IMA})):
+    assert r.passed and r.status == "pass" and r.type == 2
+    assert str(r).startswith("INTEGRITY_PASS")
+    for changed in (replace(m, uid=0), replace(m, gid=0),
+                    replace(m, mode=m.mode | stat.S_ISUID), replace(m, ino=1),
+                    replace(m, generation=1), replace(m, fs_uuid=bytes(16)),
+                    replace(m, xattrs={**m.xattrs, "security.capability": CAPS}),
+                    replace(m, xattrs={**m.xattrs, "security.ima": IMA[:-1] + b"\0"}),
+                    replace(m, xattrs={"security.ima": IMA})):
         r = verify(v, changed, key=key)
         assert (r.status, r.cause) == ("fail", "invalid-HMAC"), changed
     # not covered: a disabled SMACK xattr, a user xattr
-    assert verify(v, m.replace(xattrs={**m.xattrs, "security.SMACK64EXEC": b"x",
+    assert verify(v, replace(m, xattrs={**m.xattrs, "security.SMACK64EXEC": b"x",
                                        "user.a": b"b"}), key=key).passed
     # another key
     assert verify(v, m, key=evm.HmacKey(KEY[::-1])).cause == "invalid-HMAC"
@@ -353,16 +356,16 @@ def test_signatures_pass_and_fail(kind):
     assert (res.status, res.kernel_name, res.keyid, res.algo) == \
         ("pass_immutable", "INTEGRITY_PASS_IMMUTABLE", kid(priv), "sha256")
     # portable: inode, generation and UUID are not covered; owner and mode are
-    assert verify(portable, m.replace(ino=5, generation=6, fs_uuid=None), key=None,
+    assert verify(portable, replace(m, ino=5, generation=6, fs_uuid=None), key=None,
                   keyring=r).passed
-    res = verify(portable, m.replace(mode=m.mode | stat.S_ISUID), key=None, keyring=r)
+    res = verify(portable, replace(m, mode=m.mode | stat.S_ISUID), key=None, keyring=r)
     assert (res.status, res.cause) == ("fail_immutable", "invalid-signature")
     # type 3: inode, generation and UUID are covered
     t3 = evm.sign_evm(priv, kid(priv), m, portable=False, algo="sha512")
     assert t3[:3] == b"\x03\x02\x06"
     assert verify(t3, m, key=None, keyring=r).status == "pass"
-    for changed in (m.replace(ino=5), m.replace(generation=6), m.replace(fs_uuid=bytes(16)),
-                    m.replace(uid=0)):
+    for changed in (replace(m, ino=5), replace(m, generation=6),
+                    replace(m, fs_uuid=bytes(16)), replace(m, uid=0)):
         res = verify(t3, changed, key=None, keyring=r)
         assert (res.status, res.cause) == ("fail", "invalid-signature")
     # a keyring without the key
@@ -393,7 +396,7 @@ def test_signature_statuses_in_kernel_order():
     res = verify(good[:2] + b"\x40" + good[3:], m, keyring=r)
     assert (res.status, res.cause) == ("fail_immutable", "unavailable-hash-algorithm")
     # the type byte is covered: the same signature as a type 3 fails
-    res = verify(b"\x03" + good[1:], m.replace(fs_uuid=None), keyring=r,
+    res = verify(b"\x03" + good[1:], replace(m, fs_uuid=None), keyring=r,
                  config=evm.EvmConfig(fsuuid=False))
     assert res.status == "fail"
 
@@ -419,7 +422,7 @@ def test_results_feed_ima_appraisal():
     cases = {
         verify(None, m).status: "missing-HMAC",
         verify(evm.hmac_xattr(evm.HmacKey(KEY[::-1]), m), m).status: "invalid-HMAC",
-        verify(evm.sign_evm(priv, kid(priv), m), m.replace(uid=1), keyring=r).status:
+        verify(evm.sign_evm(priv, kid(priv), m), replace(m, uid=1), keyring=r).status:
             "invalid-fail-immutable",
     }
     for status, cause in cases.items():
@@ -431,51 +434,18 @@ def test_results_feed_ima_appraisal():
     assert res.passed
 
 
-# --- updates and the securityfs flags ------------------------------------------------------
+# --- updates ------------------------------------------------------
 
 
 def test_update_evmxattr():
     key = evm.HmacKey(KEY)
     m = meta()
-    new = evm.evm_update_evmxattr(None, m.replace(mode=0o100700), key)
-    assert verify(new, m.replace(mode=0o100700), key=key).passed
-    assert evm.evm_update_evmxattr(new, m.replace(xattrs={}), key) is None
+    new = evm.evm_update_evmxattr(None, replace(m, mode=0o100700), key)
+    assert verify(new, replace(m, mode=0o100700), key=key).passed
+    assert evm.evm_update_evmxattr(new, replace(m, xattrs={}), key) is None
     portable = evm.sign_evm(tk.key("ec"), 1, m)
     with pytest.raises(evm.EvmImmutableError):
         evm.evm_update_evmxattr(portable, m, key)
     # a type-3 signature is replaced, as the kernel does after a permitted change
     t3 = evm.sign_evm(tk.key("ec"), 1, m, portable=False)
     assert evm.evm_update_evmxattr(t3, m, key)[0] == evm.EVM_XATTR_HMAC
-
-
-def test_state_text():
-    assert evm.state_text(evm.EVM_INIT_HMAC | evm.EVM_SETUP_COMPLETE) == "1"
-    assert evm.state_text(evm.EVM_INIT_X509 | evm.EVM_ALLOW_METADATA_WRITES) == "6"
-    assert evm.state_text(0) == "0"
-
-
-def test_state_write():
-    w = evm.state_write
-    assert w(0, "2\n", hmac_key_available=False) == evm.EVM_INIT_X509
-    assert w(0, b"0x6", hmac_key_available=False) == 6
-    assert w(0, "06", hmac_key_available=False) == 6                 # octal
-    assert w(0, "+4", hmac_key_available=False) == 4
-    got = w(evm.EVM_ALLOW_METADATA_WRITES, "1", hmac_key_available=True)
-    assert got == evm.EVM_INIT_HMAC | evm.EVM_SETUP_COMPLETE          # writes disallowed
-    assert w(0, str(0x80000002), hmac_key_available=False) == 0x80000002
-    for text, err in [("0", errno.EINVAL), ("8", errno.EINVAL), ("x", errno.EINVAL),
-                      ("1 ", errno.EINVAL), ("0x", errno.EINVAL), ("09", errno.EINVAL),
-                      ("", errno.EINVAL), ("4294967296", errno.ERANGE),
-                      ("-1", errno.EINVAL)]:
-        with pytest.raises(evm.EvmStateError) as e:
-            w(0, text, hmac_key_available=True)
-        assert e.value.errno == err, text
-    with pytest.raises(evm.EvmStateError) as e:
-        w(0, "1", hmac_key_available=False)
-    assert e.value.errno == errno.ENOENT
-    with pytest.raises(evm.EvmStateError) as e:
-        w(evm.EVM_INIT_HMAC, "4", hmac_key_available=True)
-    assert e.value.errno == errno.EPERM
-    with pytest.raises(evm.EvmStateError) as e:
-        w(evm.EVM_SETUP_COMPLETE | 2, "2", hmac_key_available=True)
-    assert e.value.errno == errno.EPERM
