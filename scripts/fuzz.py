@@ -9,6 +9,7 @@ Targets (each takes one byte string):
 
   policy       parse_policy; what parses prints and parses back to the same rules
   xattr        parse_ima_xattr / needed_algo / describe_xattr / appraise against a keyring
+  evm          parse_evm_xattr / describe_evm_xattr / evm_verify_hmac (HMAC key, keyring)
   cert         certificate parsing and keyring checks (DER and PEM)
   ctl-policy   writes to the ``policy`` control file (ControlDir, no mount), loaded at close
   ctl-keys     writes to ``keys``
@@ -19,9 +20,10 @@ Targets (each takes one byte string):
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
-XattrError, KeyringError, TemplateError, ValueError where the API says so, FUSEError
-with an errno the control file documents), a rejection without a message, an input
-that takes longer than --timeout seconds, or resident memory over --rss-mb.
+XattrError, EvmXattrError, KeyringError, TemplateError, ValueError where the API says
+so, FUSEError with an errno the control file documents), a rejection without a
+message, an input that takes longer than --timeout seconds, or resident memory over
+--rss-mb.
 
 Engines: ``atheris`` (coverage-guided libFuzzer, ``pip install atheris``; one process
 per target, the default when importable), ``hypothesis`` (random and seed-mutated
@@ -87,6 +89,10 @@ def seeds(target: str) -> list[bytes]:
         return [ap.hash_xattr("sha256", bytes(32)), b"\x01" + bytes(20), b"\x01" + bytes(16),
                 b"\x03\x02\x04\x00\x00\x00\x01\x00\x02ab", b"\x06\x03\x04\x00\x00\x00\x01\x00\x01a",
                 b"\x05\x02", b"\x04\x11" + bytes(32)]
+    if target == "evm":
+        return [b"\x02" + bytes(20), b"\x05\x02\x04\x00\x00\x00\x01\x00\x02ab",
+                b"\x03\x02\x06\x00\x00\x00\x01\x00\x01a", b"\x05\x02", b"",
+                b"\x02" + bytes(32), b"\x04\x04" + bytes(32)]
     if target in ("cert", "ctl-keys"):
         return _cert_seeds() + [b"/keys/k.der\n", b"/nope\n"]
     if target == "ctl-ns":
@@ -166,6 +172,33 @@ class Targets:
                 r = ap.appraise(value, lambda a: b"\x11" * ap.hash_algo(a).size, kr,
                                 require_sig=require_sig, verity_digest=lambda a: b"\x22" * 32,
                                 verity_required=value[:1] == b"\x06", file_size=10)
+                str(r)
+
+    # --- security.evm
+    def evm(self, data: bytes) -> None:
+        from imafs.ima import appraise as ap
+        from imafs.ima import evm
+        try:
+            evm.parse_evm_xattr(data).describe()
+        except evm.EvmXattrError as e:
+            _clear(e)
+            if not 0 <= e.offset <= len(data):
+                raise Bug(f"offset {e.offset} outside a {len(data)}-byte value")
+        evm.describe_evm_xattr(data)
+        kr = self.keyring()
+        key = evm.HmacKey(bytes(range(32)))
+        values = [data]
+        if len(data) >= 7 and data[0] in (3, 5):
+            values += [data[:3] + k.keyid.to_bytes(4, "big") + data[7:] for k in kr]
+        metas = [evm.FileMetadata({"security.ima": b"\x04\x04" + bytes(32)}, 0, 0, 0o100755,
+                                  ino=12, generation=3, fs_uuid=bytes(16)),
+                 evm.FileMetadata({"security.capability": data[:20]}, 1, 1, 0o104755),
+                 evm.FileMetadata({}, 0, 0, 0o100644)]
+        for value in values:
+            for m in metas:
+                r = evm.evm_verify_hmac(value, m, hmac_key=key, keyring=kr)
+                if r.status not in ap.STATUSES or (not r.passed and not r.cause):
+                    raise Bug(f"result without a status or a cause: {r!r}")
                 str(r)
 
     def keyring(self):
@@ -339,7 +372,7 @@ class _Control:
 
 
 TARGETS = {
-    "policy": "policy", "xattr": "xattr", "cert": "cert", "ctl-policy": "ctl_policy",
+    "policy": "policy", "xattr": "xattr", "evm": "evm", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
 }
