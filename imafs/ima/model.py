@@ -24,7 +24,8 @@ when it runs a program (a bprm_check event with ``identity``).
 Files created inside the model (by an ``inode_create`` event the engine confirms with
 :meth:`Verdict.created`) and files named by a pseudonym have a zero digest in their
 CELL; a created file's path is its directory, an instance number and its creator's
-identity (TSEM's rule), so temporary names do not change the model.
+identity (TSEM's rule, with the instance counted per task), so temporary names and
+the content a workload writes do not change the model.
 
 Bounds: one trajectory or forensics record per distinct coefficient with a count, at
 most ``max_records`` each; at most ``max_points`` coefficients; the ``events`` stream
@@ -73,12 +74,16 @@ class Decision(NamedTuple):
 
 
 class Task:
-    __slots__ = ("parent_id", "task_id", "untrusted")
+    """A task as the model knows it. ``instances``: how many files it created in each
+    directory (a created file's instance number; counted per task, so a run's numbers
+    do not depend on other tasks nor on earlier runs)."""
+    __slots__ = ("parent_id", "task_id", "untrusted", "instances")
 
     def __init__(self, parent_id: bytes, task_id: bytes, untrusted: bool):
         self.parent_id = parent_id
         self.task_id = task_id
         self.untrusted = untrusted
+        self.instances: dict[bytes, int] | None = None
 
 
 class EventStream:
@@ -160,7 +165,6 @@ class Model:
         self.pseudonyms: set[bytes] = set()
         self.tasks: dict[Hashable, Task] = {}
         self.created: dict[Hashable, Created] = {}
-        self._instances: dict[tuple[bytes, bytes], int] = {}
         self._trajectory: dict[bytes, list] = {}   # coefficient -> [count, json body]
         self._forensics: dict[bytes, list] = {}
         self.stream = EventStream(stream_size)
@@ -247,8 +251,8 @@ class Model:
                     vals[i] = c._replace(dir=path[:path.rindex(b"/") + 1])
                 elif event.creates:
                     d = path[:path.rindex(b"/") + 1]
-                    created = Created(d, self._instances.get((d, task.task_id), 0) + 1,
-                                      task.task_id)
+                    n = task.instances.get(d, 0) if task.instances else 0
+                    created = Created(d, n + 1, task.task_id)
                     vals[i] = created
             elif c is not None or (self.pseudonyms and mm.pseudonym(path) in self.pseudonyms):
                 vals[i] = ZERO
@@ -310,11 +314,12 @@ class Model:
                 if a.new_identity is not None:
                     a.task.task_id = a.new_identity
                 if a.created is not None:
-                    k = (a.created.dir, a.created.owner)
-                    if k in self._instances or len(self._instances) < self.max_created:
-                        self._instances[k] = a.created.instance
+                    if a.task.instances is None:
+                        a.task.instances = {}
+                    if len(a.task.instances) < 4096 or a.created.dir in a.task.instances:
+                        a.task.instances[a.created.dir] = a.created.instance
             self.counts[reason] += 1
-            if self.stream.readers and self.stream.wants():
+            if self.stream.wants():
                 self.stream.put(self._line(a, {"decision": "allowed" if a.allowed and happened
                                                else "refused", "reason": reason}))
             return Decision(a.allowed, reason, coef)

@@ -1,7 +1,7 @@
 """Model files: imafs's text form of a behaviour model, after Quixote's export.
 
     aggregate <hex>            exactly once, first
-    base <hex>                 at most once (absent: 32 zero bytes)
+    base <hex>                 at most once, not zero (absent: 32 zero bytes)
     pseudonym <hex>            any number, strictly ascending
     coefficient <hex>          any number, strictly ascending
     state <hex>                at most once: the state of this file's coefficients
@@ -98,6 +98,8 @@ def parse_model(data: bytes) -> ModelFile:
         coefficients=tuple(h(v.decode()) for v in fields[b"coefficient"]),
         state=h(fields[b"state"][0].decode()) if fields[b"state"] else None,
         sealed=bool(fields[b"seal"]))
+    if fields[b"base"] and mf.base == mm.ZERO:
+        raise ModelFileError(2, "a zero base is written by leaving the line out")
     if mf.state is not None and mf.state != mf.computed_state():
         n = len(lines) - 1 - bool(fields[b"seal"])
         raise ModelFileError(n, f"state {mf.state.hex()} is not the state of the file's "
