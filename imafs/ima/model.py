@@ -260,7 +260,7 @@ class Model:
 
     def assess(self, actor: Actor, event: Event) -> _Assessed:
         """Map the event and say what this model would answer; nothing recorded."""
-        task = self.task(actor)
+        task = self.tasks.get(actor.key) or self.task(actor)
         coe_id = mm.coe_digest(actor.coe)
         with self.lock:
             if self.created or self.pseudonyms or event.creates:

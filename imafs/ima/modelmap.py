@@ -83,6 +83,7 @@ EVENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "inode_removexattr": ((INODE, "inode"), (PATH, "path"), (STR, "name")),
 }
 EVENTS[IDENTITY_EVENT] = _FILE
+_BNAMES = {n: n.encode() for n in EVENTS}
 
 _u32 = struct.Struct("<I").pack
 _u64 = struct.Struct("<Q").pack
@@ -148,7 +149,7 @@ class Event:
         if len(values) != len(EVENTS[name]):
             raise ValueError(f"{name}: {len(EVENTS[name])} values expected, got {len(values)}")
         self.name = name
-        self.bname = name.encode()
+        self.bname = _BNAMES[name]
         self.values = values
         self.refs = refs
         self.identity = identity
@@ -167,9 +168,10 @@ class Event:
 
 
 def _path(path) -> bytes:
-    if isinstance(path, str):
-        path = path.encode("utf-8", "surrogateescape")
-    if not path.startswith(b"/"):
+    if type(path) is not bytes:
+        path = (path.encode("utf-8", "surrogateescape") if isinstance(path, str)
+                else bytes(path))
+    if path[:1] != b"/":
         raise ValueError(f"model paths are absolute inside the mount: {path!r}")
     return path
 
@@ -179,7 +181,7 @@ def _digest(digest: bytes | None) -> bytes:
         return ZERO
     if len(digest) != DIGEST_SIZE:
         raise ValueError(f"a file digest in a model is sha256 (32 bytes), not {len(digest)}")
-    return bytes(digest)
+    return digest if type(digest) is bytes else bytes(digest)
 
 
 # --------------------------------------------------------------------------- events
@@ -305,12 +307,18 @@ _ENCODERS = {
     STR: lambda v: _u32(len(v)) + v, BLOB: lambda v: _u32(len(v)) + v,
 }
 _PLANS = {name: tuple(_ENCODERS[kind] for kind, _ in parts) for name, parts in EVENTS.items()}
+_FILE_HEAD = struct.Struct("<IIIIBI").pack     # access, inode, plain-path tag and length
+_FILE_EVENTS = frozenset(n for n, parts in EVENTS.items() if parts is _FILE)
 
 
 def encode_cell(name: str, values: tuple) -> bytes:
     """The CELL bytes of a resolved event: each part's byte form, concatenated (a path
     is bytes or :class:`Created`, a digest 32 bytes)."""
     try:
+        if name in _FILE_EVENTS:               # the common case, in one pack
+            access, inode, path, digest = values
+            if type(path) is bytes and len(digest) == DIGEST_SIZE:
+                return _FILE_HEAD(access, *inode, 0, len(path)) + path + digest
         return b"".join([f(v) for f, v in zip(_PLANS[name], values)])
     except struct.error as e:
         raise ValueError(f"{name}: a value does not fit its part: {e}") from None
