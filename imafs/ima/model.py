@@ -97,33 +97,42 @@ class EventStream:
         self.dropped = 0
         self.notify: Callable[[], None] | None = None
         self._lines: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
 
     def open(self) -> None:
-        self.readers += 1
+        with self._lock:
+            self.readers += 1
 
     def close(self) -> None:
-        self.readers = max(0, self.readers - 1)
-        if not self.readers:
-            self.dropped += len(self._lines)
-            self._lines.clear()
+        with self._lock:
+            self.readers = max(0, self.readers - 1)
+            if not self.readers:
+                self.dropped += len(self._lines)
+                self._lines.clear()
 
     def wants(self) -> bool:
         """Would a put now be kept? (Saves building a line nobody takes.)"""
         if self.readers and len(self._lines) < self.capacity:
             return True
-        self.dropped += 1
+        with self._lock:
+            self.dropped += 1
         return False
 
     def put(self, line: str) -> None:
-        self._lines.append(line)
+        with self._lock:
+            if not self.readers:
+                self.dropped += 1
+                return
+            self._lines.append(line)
         if self.notify is not None:
             self.notify()
 
     def take(self, n: int = 1 << 30) -> list[str]:
-        out = []
-        while self._lines and len(out) < n:
-            out.append(self._lines.popleft())
-        return out
+        with self._lock:
+            out = []
+            while self._lines and len(out) < n:
+                out.append(self._lines.popleft())
+            return out
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -165,7 +174,8 @@ class Model:
         self.pseudonyms: set[bytes] = set()
         self.tasks: dict[Hashable, Task] = {}
         self.created: dict[Hashable, Created] = {}
-        self._trajectory: dict[bytes, list] = {}   # coefficient -> [count, json body]
+        # coefficient -> [count, number, _Assessed, reason]; described when read
+        self._trajectory: dict[bytes, list] = {}
         self._forensics: dict[bytes, list] = {}
         self.stream = EventStream(stream_size)
         self.measurement = mm.extend(ZERO, self.aggregate, self.base)
