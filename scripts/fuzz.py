@@ -18,6 +18,8 @@ Targets (each takes one byte string):
   list-binary  verify-log on a binary list (template hashes, PCR replay)
   list-ascii   verify-log on an ascii list
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
+  model        parse_model (behaviour model files); what parses prints back to itself
+  model-ctl    writes to a model's ``control`` (parse_control, applied to a fresh model)
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, EvmXattrError, KeyringError, TemplateError, ValueError where the API says
@@ -73,6 +75,15 @@ def _cert_seeds() -> list[bytes]:
             b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"]
 
 
+def _seed_model(sealed: bool) -> bytes:
+    import hashlib
+    from imafs.ima.modelfile import ModelFile, format_model
+    coefs = tuple(sorted(hashlib.sha256(bytes([i])).digest() for i in range(4)))
+    mf = ModelFile(bytes(32), b"\x01" * 32, (hashlib.sha256(b"p").digest(),), coefs, None,
+                   sealed)
+    return format_model(mf._replace(state=mf.computed_state()))
+
+
 def seeds(target: str) -> list[bytes]:
     if target in ("policy", "ctl-policy"):
         from imafs.ima.policy import BUILTIN_POLICIES
@@ -106,6 +117,12 @@ def seeds(target: str) -> list[bytes]:
     if target == "list-ascii":
         return [b"".join(e.ascii_line("sha1") for e in _seed_entries()),
                 b"".join(e.ascii_line("sha256") for e in _seed_entries())]
+    if target in ("model", "model-ctl"):
+        out = [_seed_model(sealed) for sealed in (True, False)]
+        if target == "model-ctl":
+            out = [b"seal\n", b"enforce\nseal\n", b"pseudonym /var/log/x\n",
+                   b"load /m\n", b"load /m\nenforce\n", b"pseudonym rel\n"]
+        return out
     if target == "pcrs":
         return [b"".join(f"PCR-{i:02d}: {'00' * 20}\n".encode() for i in range(24))]
     raise KeyError(target)
@@ -270,6 +287,32 @@ class Targets:
         except ValueError as e:
             _clear(e)
 
+    # --- behaviour models
+    def model(self, data: bytes) -> None:
+        from imafs.ima.modelfile import ModelFileError, format_model, parse_model
+        try:
+            mf = parse_model(data)
+        except ModelFileError as e:
+            _clear(e)
+            nlines = data.count(b"\n") + 1
+            if e.line < 0 or e.line > nlines:
+                raise Bug(f"ModelFileError names line {e.line} of a {nlines}-line input")
+            return
+        if format_model(mf) != data:
+            raise Bug("a parsed model file does not print back to itself")
+
+    def model_ctl(self, data: bytes) -> None:
+        from imafs.ima.model import Model, ModelError, apply_control, parse_control
+        try:
+            cmds = parse_control(data)
+        except ModelError as e:
+            _clear(e)
+            return
+        try:
+            apply_control(Model(), cmds, read_model=lambda path: _seed_model(False))
+        except ModelError as e:       # e.g. load after seal
+            _clear(e)
+
 
 class _Handle:
     pid, uid, gid = os.getpid(), 0, 0
@@ -375,6 +418,7 @@ TARGETS = {
     "policy": "policy", "xattr": "xattr", "evm": "evm", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
+    "model": "model", "model-ctl": "model_ctl",
 }
 
 
