@@ -17,6 +17,8 @@ Targets (each takes one byte string):
   list-binary  verify-log on a binary list (template hashes, PCR replay)
   list-ascii   verify-log on an ascii list
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
+  digest-list  digest list files (DIGLIM compact blocks, imafs provenance): parse, what
+               parses re-serializes to the input, and loads into an LMDB index and out
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, KeyringError, TemplateError, ValueError where the API says so, FUSEError
@@ -102,6 +104,16 @@ def seeds(target: str) -> list[bytes]:
                 b"".join(e.ascii_line("sha256") for e in _seed_entries())]
     if target == "pcrs":
         return [b"".join(f"PCR-{i:02d}: {'00' * 20}\n".encode() for i in range(24))]
+    if target == "digest-list":
+        from imafs.ima import digest_lists as dl
+        blocks = [dl.Block.of("file", "sha256", [bytes([i]) * 32 for i in range(3)]),
+                  dl.Block.of("parser", "sha1", [bytes(20)], modifiers=dl.MOD_IMMUTABLE),
+                  dl.Block.of("metadata", "sha512", [])]
+        prov = dl.Provenance("debian", generator="fuzz", archives=({"suite": "bookworm"},),
+                             keys=("0123",), packages=(dl.Package("bash", "5.2", 0, archive=0),
+                                                       dl.Package("dash", "0.5", 1)))
+        return [dl.DigestList(blocks).to_bytes(), dl.DigestList(blocks, prov).to_bytes(),
+                dl.DigestList([], dl.Provenance("rpm")).to_bytes(), b""]
     raise KeyError(target)
 
 
@@ -230,6 +242,42 @@ class Targets:
                 if not str(p).strip():
                     raise Bug("a problem without a description")
 
+    # --- digest lists
+    def digest_list(self, data: bytes) -> None:
+        from imafs.ima import digest_lists as dl
+        try:
+            lst = dl.parse(data)
+        except dl.DigestListError as e:
+            _clear(e)
+            if not 0 <= e.offset <= len(data):
+                raise Bug(f"offset {e.offset} outside the {len(data)}-byte input")
+            return
+        # the compact part is canonical (it is the input's tail, byte for byte); the
+        # provenance JSON need not be, but what it parses to must survive a round trip
+        body = lst.compact_bytes()
+        if (body != data[len(data) - len(body):]) or (lst.provenance is None and body != data):
+            raise Bug("the parsed blocks are not the input's bytes")
+        if dl.parse(lst.to_bytes()) != lst:
+            raise Bug("a parsed list does not parse back to itself")
+        idx = self.digest_index()
+        idx.add("fuzz.list", data, actions=dl.ACTION_MEASURED)
+        for _, _, algo, d in lst.digests(dl.COMPACT_FILE):
+            if idx.lookup(algo, d) is None:
+                raise Bug("a digest of a loaded list is not found")
+            break
+        idx.remove("fuzz.list")
+        if idx.count() != 0 or idx.lists():
+            raise Bug("removing the only list left digests behind")
+
+    def digest_index(self):
+        if getattr(self, "_dindex", None) is None:
+            import tempfile
+            from imafs.ima.digest_index import DigestListIndex
+            from imafs.store import Store
+            self._dtmp = tempfile.TemporaryDirectory(prefix="imafs-fuzz-dl-")
+            self._dindex = DigestListIndex(Store(self._dtmp.name, sync=False, map_size=1 << 30), 0)
+        return self._dindex
+
     def pcrs(self, data: bytes) -> None:
         from imafs.ima.verifylog import parse_pcr_file
         try:
@@ -353,6 +401,7 @@ TARGETS = {
     "policy": "policy", "xattr": "xattr", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
+    "digest-list": "digest_list",
 }
 
 
