@@ -122,12 +122,17 @@ def _signatures(status: str) -> tuple[list[str], list[str], list[str]]:
             v = kinds["VALIDSIG"]
             good.append(v[10] if len(v) > 10 else v[1])
         else:
-            for k in ("EXPKEYSIG", "REVKEYSIG", "EXPSIG", "ERRSIG", "NO_PUBKEY"):
+            for k, words in _SIG_ERRORS:
                 if k in kinds:
                     w = kinds[k]
-                    errs.append(f"{k} {w[1] if len(w) > 1 else ''}".strip())
+                    errs.append(f"{k}: {words.format(w[1] if len(w) > 1 else '?')}")
                     break
     return list(dict.fromkeys(good)), bad, list(dict.fromkeys(errs))
+
+
+_SIG_ERRORS = (("NO_PUBKEY", "key {} is not in the keyring"), ("EXPKEYSIG", "key {} has expired"),
+               ("REVKEYSIG", "key {} is revoked"), ("EXPSIG", "signature by {} has expired"),
+               ("ERRSIG", "signature by {} cannot be checked"))
 
 
 def verify_release(path: str, keyrings: list[str] | None = None,
