@@ -19,6 +19,8 @@ Targets (each takes one byte string):
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
   digest-list  digest list files (DIGLIM compact blocks, imafs provenance): parse, what
                parses re-serializes to the input, and loads into an LMDB index and out
+  rpm-header   RPM headers (imafs/sources/rpm.py: index entries, typed data, file tags)
+  packages     Debian Packages indexes and dpkg status files (imafs/sources/debian.py)
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, KeyringError, TemplateError, ValueError where the API says so, FUSEError
@@ -104,6 +106,19 @@ def seeds(target: str) -> list[bytes]:
                 b"".join(e.ascii_line("sha256") for e in _seed_entries())]
     if target == "pcrs":
         return [b"".join(f"PCR-{i:02d}: {'00' * 20}\n".encode() for i in range(24))]
+    if target == "rpm-header":
+        import struct as _s
+        def header(entries, store):
+            return (b"\x8e\xad\xe8\x01\0\0\0\0" + _s.pack(">II", len(entries), len(store))
+                    + b"".join(_s.pack(">IIII", *e) for e in entries) + store)
+        store = b"hello\0" + b"/usr/bin/\0" + b"ab" * 32 + b"\0" + b"\0\0\0\x08" + b"\x81\xed"
+        return [header([(1000, 6, 0, 1), (1118, 8, 6, 1), (1035, 8, 16, 1), (5011, 4, 84, 1),
+                        (1117, 8, 0, 1), (1116, 4, 84, 1), (1030, 3, 88, 1)], store),
+                header([], b""), header([(1, 7, 0, 4)], b"abcd")]
+    if target == "packages":
+        return [b"Package: a\nVersion: 1\nArchitecture: all\nSHA256: " + b"a" * 64 +
+                b"\nSize: 3\nFilename: pool/a.deb\n\nPackage: b\nStatus: install ok installed\n"
+                b"Version: 2\n"]
     if target == "digest-list":
         from imafs.ima import digest_lists as dl
         blocks = [dl.Block.of("file", "sha256", [bytes([i]) * 32 for i in range(3)]),
@@ -269,6 +284,34 @@ class Targets:
         if idx.count() != 0 or idx.lists():
             raise Bug("removing the only list left digests behind")
 
+    def rpm_header(self, data: bytes) -> None:
+        from imafs.sources import SourceError, rpm
+        try:
+            h = rpm.parse_header(data, 0, "fuzz")
+        except SourceError as e:
+            _clear(e)
+            return
+        try:
+            rpm._digests("fuzz", h, data, "0")
+        except SourceError as e:
+            _clear(e)
+
+    def packages(self, data: bytes) -> None:
+        import tempfile
+        from imafs.sources import SourceError, debian
+        try:
+            list(debian._parse_packages(data, "fuzz"))
+        except SourceError as e:
+            _clear(e)
+        with tempfile.TemporaryDirectory(prefix="imafs-fuzz-dpkg-") as root:
+            os.makedirs(os.path.join(root, "var/lib/dpkg"))
+            with open(os.path.join(root, "var/lib/dpkg/status"), "wb") as f:
+                f.write(data)
+            try:
+                debian.installed_packages(root)
+            except SourceError as e:
+                _clear(e)
+
     def digest_index(self):
         if getattr(self, "_dindex", None) is None:
             import tempfile
@@ -401,7 +444,7 @@ TARGETS = {
     "policy": "policy", "xattr": "xattr", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
-    "digest-list": "digest_list",
+    "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",
 }
 
 

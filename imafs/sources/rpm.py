@@ -156,7 +156,14 @@ def read_rpm(path: str, keyrings: list[str]) -> RpmDigests:
 
 
 def _digests(path: str, hdr: Header, raw: bytes, keyid: str) -> RpmDigests:
-    g = hdr.get
+    def g(tag, default=None):
+        v = hdr.get(tag, default)
+        want = _TAG_TYPES.get(tag)
+        if v is not None and want is not None and not (
+                isinstance(v, want[0]) and all(isinstance(x, want[1]) for x in
+                                               (v if isinstance(v, list) else []))):
+            raise SourceError(f"{path}: tag {tag} has the wrong type")
+        return v
     algo_id = (g(TAG_FILEDIGESTALGO) or [1])[0]
     algo = PGP_HASH.get(algo_id)
     if algo is None:
@@ -191,6 +198,12 @@ def _digests(path: str, hdr: Header, raw: bytes, keyid: str) -> RpmDigests:
     return RpmDigests(path, g(TAG_NAME, "?"), ver, g(TAG_ARCH, ""), algo, files, keyid,
                       hashlib.sha256(raw).hexdigest())
 
+
+_TAG_TYPES = {TAG_NAME: (str, str), TAG_VERSION: (str, str), TAG_RELEASE: (str, str),
+              TAG_ARCH: (str, str), TAG_EPOCH: (list, int), TAG_FILEDIGESTALGO: (list, int),
+              TAG_FILEDIGESTS: (list, str), TAG_BASENAMES: (list, str),
+              TAG_DIRNAMES: (list, str), TAG_DIRINDEXES: (list, int),
+              TAG_OLDFILENAMES: (list, str), TAG_FILEMODES: (list, int)}
 
 _SIG_OK = re.compile(r"^\s*Header V\d \S+ Signature, key ID ([0-9a-fA-F]+): OK\s*$", re.M)
 
