@@ -107,7 +107,7 @@ def _run(args) -> int:
     try:
         return args.dl_func(args) or 0
     except (SourceError, _Refused, dl.DigestListError, OSError) as e:
-        msg = e.strerror and f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else e
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else e
         print(f"imafs digest-list {args.dl_cmd}: {msg}", file=sys.stderr)
         return 2
 
@@ -140,11 +140,12 @@ def _write(path: str, lst: dl.DigestList) -> None:
     _say(f"{path}: {lst.count} digests of {len(lst.blocks)} packages ({len(data)} bytes)")
 
 
-def _archive(args, release_files, packages_files, *, strict: bool):
-    """Verified Releases, then Packages. Files named explicitly must verify; files
-    found by name in directories that do not are reported and left out."""
+def _archive(args, release_files, packages_files, *, strict: bool, ar=None):
+    """Verified Releases, then Packages (added to ``ar`` when given). Files named
+    explicitly must verify; files found by name in directories that do not are
+    reported and left out."""
     from imafs.sources import SourceError, debian
-    ar = debian.Archive(args.keyring)
+    ar = ar or debian.Archive(args.keyring)
     for path, explicit in release_files:
         try:
             r = ar.add_release(path)
@@ -200,22 +201,11 @@ def _from_dpkg(args) -> int:
             _say(f"downloading {len(wanted)} packages with apt-get")
             debian.apt_download(rootfs, wanted, ar.keyrings, tmp, log=_say)
             r, p = debian.index_files(os.path.join(tmp, "state", "lists"))
-            ar2 = _archive(args, [(x, False) for x in r], [(x, False) for x in p],
-                           strict=False)
-            for rel_ in ar2.releases:       # one archive state for the provenance
-                if all(x.digest != rel_.digest for x in ar.releases):
-                    ar.releases.append(rel_)
-            for path in p:
-                try:
-                    ar.add_packages(path)
-                except Exception:
-                    pass
-            more, missing = debian.collect_installed(rootfs, ar, [tmp], args.algo)
-            names = {(m.name, m.arch) for m in missing}
-            done += [d for d in more if (d.name, d.arch) not in {(x.name, x.arch) for x in done}
-                     and (d.name, d.arch) not in names]
-            lst = debian.make_list(done, ar, args.algo, _generator(args), missing)
-            return _finish(args, lst, missing, len(installed))
+            _archive(args, [(x, False) for x in r], [(x, False) for x in p], strict=False,
+                     ar=ar)
+            more, missing = debian.collect_installed(rootfs, ar, [tmp], args.algo,
+                                                     only=want)
+            done += more
     lst = debian.make_list(done, ar, args.algo, _generator(args), missing)
     return _finish(args, lst, missing, len(installed))
 

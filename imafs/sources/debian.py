@@ -459,16 +459,20 @@ class Missing:
 
 
 def collect_installed(rootfs: str, archive: Archive, deb_dirs: list[str], algo: str,
-                      progress=None) -> tuple[list[DebDigests], list[Missing]]:
-    """Every package installed in ``rootfs``: its verified .deb's file digests, or a
-    :class:`Missing` saying why not (no verified index entry for that exact version,
-    no .deb of it, a .deb that fails its check)."""
+                      progress=None, only: set | None = None
+                      ) -> tuple[list[DebDigests], list[Missing]]:
+    """Every package installed in ``rootfs`` (or those of ``only``, a set of (name,
+    arch)): its verified .deb's file digests, or a :class:`Missing` saying why not (no
+    verified index entry for that exact version, no .deb of it, a .deb that fails its
+    check)."""
     found: dict[str, list[str]] = {}
     for d in deb_dirs:
         for n, paths in deb_files(d).items():
             found.setdefault(n, []).extend(paths)
     done, missing = [], []
     for inst in installed_packages(rootfs):
+        if only is not None and (inst.name, inst.arch) not in only:
+            continue
         if progress:
             progress(inst)
         e = archive.entry_for(inst.name, inst.version, inst.arch)
@@ -562,10 +566,25 @@ def apt_download(rootfs: str, wanted: list[Installed], keyrings: list[str], dest
     if p.returncode != 0:
         raise SourceError(f"apt-get update for {rootfs}'s sources failed: "
                           f"{(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    # apt keeps its lists lz4-compressed (not in Python's stdlib): its helper gives the
+    # plain Packages back, whose SHA256 the Release lists
+    lists = os.path.join(state, "lists")
+    for n in os.listdir(lists):
+        if n.endswith("Packages.lz4"):
+            with open(os.path.join(lists, n[:-4]), "wb") as out:
+                subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", os.path.join(lists, n)],
+                               stdout=out, check=False, timeout=300)
+
+    def spec(i):
+        return f"{i.name}:{i.arch}={i.version}"
+    # all at once; when apt refuses the batch (one version it cannot find), one by one
+    p = subprocess.run(["apt-get", "-q", *opts, "download", *map(spec, wanted)], cwd=debs,
+                       capture_output=True, text=True, env=env, timeout=1800)
+    if p.returncode == 0:
+        return []
     failed = []
     for i in wanted:
-        p = subprocess.run(["apt-get", "-q", *opts, "download",
-                            f"{i.name}:{i.arch}={i.version}"], cwd=debs,
+        p = subprocess.run(["apt-get", "-q", *opts, "download", spec(i)], cwd=debs,
                            capture_output=True, text=True, env=env, timeout=600)
         if p.returncode != 0:
             failed.append(i.name)
