@@ -11,6 +11,8 @@ One environment holds every piece of persistent state as named databases:
 ``ns``        namespace metadata
 ``keys``      (namespace id, key id) -> certificate DER
 ``meta``      small global values (schema version, epochs)
+``dl-*``      each namespace's loaded digest lists and their digests, see
+              ima/digest_index (dl-lists, dl-names, dl-digests, dl-data, dl-meta)
 
 Writes are LMDB transactions: a crash never leaves a list whose PCR values disagree
 with its entries, because an entry and its PCR extension commit together.

@@ -20,6 +20,10 @@ Targets (each takes one byte string):
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
   model        parse_model (behaviour model files); what parses prints back to itself
   model-ctl    writes to a model's ``control`` (parse_control, applied to a fresh model)
+  digest-list  digest list files (DIGLIM compact blocks, imafs provenance): parse, what
+               parses re-serializes to the input, and loads into an LMDB index and out
+  rpm-header   RPM headers (imafs/sources/rpm.py: index entries, typed data, file tags)
+  packages     Debian Packages indexes and dpkg status files (imafs/sources/debian.py)
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, EvmXattrError, KeyringError, TemplateError, ValueError where the API says
@@ -125,6 +129,29 @@ def seeds(target: str) -> list[bytes]:
         return out
     if target == "pcrs":
         return [b"".join(f"PCR-{i:02d}: {'00' * 20}\n".encode() for i in range(24))]
+    if target == "rpm-header":
+        import struct as _s
+        def header(entries, store):
+            return (b"\x8e\xad\xe8\x01\0\0\0\0" + _s.pack(">II", len(entries), len(store))
+                    + b"".join(_s.pack(">IIII", *e) for e in entries) + store)
+        store = b"hello\0" + b"/usr/bin/\0" + b"ab" * 32 + b"\0" + b"\0\0\0\x08" + b"\x81\xed"
+        return [header([(1000, 6, 0, 1), (1118, 8, 6, 1), (1035, 8, 16, 1), (5011, 4, 84, 1),
+                        (1117, 8, 0, 1), (1116, 4, 84, 1), (1030, 3, 88, 1)], store),
+                header([], b""), header([(1, 7, 0, 4)], b"abcd")]
+    if target == "packages":
+        return [b"Package: a\nVersion: 1\nArchitecture: all\nSHA256: " + b"a" * 64 +
+                b"\nSize: 3\nFilename: pool/a.deb\n\nPackage: b\nStatus: install ok installed\n"
+                b"Version: 2\n"]
+    if target == "digest-list":
+        from imafs.ima import digest_lists as dl
+        blocks = [dl.Block.of("file", "sha256", [bytes([i]) * 32 for i in range(3)]),
+                  dl.Block.of("parser", "sha1", [bytes(20)], modifiers=dl.MOD_IMMUTABLE),
+                  dl.Block.of("metadata", "sha512", [])]
+        prov = dl.Provenance("debian", generator="fuzz", archives=({"suite": "bookworm"},),
+                             keys=("0123",), packages=(dl.Package("bash", "5.2", 0, archive=0),
+                                                       dl.Package("dash", "0.5", 1)))
+        return [dl.DigestList(blocks).to_bytes(), dl.DigestList(blocks, prov).to_bytes(),
+                dl.DigestList([], dl.Provenance("rpm")).to_bytes(), b""]
     raise KeyError(target)
 
 
@@ -280,6 +307,70 @@ class Targets:
                 if not str(p).strip():
                     raise Bug("a problem without a description")
 
+    # --- digest lists
+    def digest_list(self, data: bytes) -> None:
+        from imafs.ima import digest_lists as dl
+        try:
+            lst = dl.parse(data)
+        except dl.DigestListError as e:
+            _clear(e)
+            if not 0 <= e.offset <= len(data):
+                raise Bug(f"offset {e.offset} outside the {len(data)}-byte input")
+            return
+        # the compact part is canonical (it is the input's tail, byte for byte); the
+        # provenance JSON need not be, but what it parses to must survive a round trip
+        body = lst.compact_bytes()
+        if (body != data[len(data) - len(body):]) or (lst.provenance is None and body != data):
+            raise Bug("the parsed blocks are not the input's bytes")
+        if dl.parse(lst.to_bytes()) != lst:
+            raise Bug("a parsed list does not parse back to itself")
+        idx = self.digest_index()
+        idx.add("fuzz.list", data, actions=dl.ACTION_MEASURED)
+        for _, _, algo, d in lst.digests(dl.COMPACT_FILE):
+            if idx.lookup(algo, d) is None:
+                raise Bug("a digest of a loaded list is not found")
+            break
+        idx.remove("fuzz.list")
+        if idx.count() != 0 or idx.lists():
+            raise Bug("removing the only list left digests behind")
+
+    def rpm_header(self, data: bytes) -> None:
+        from imafs.sources import SourceError, rpm
+        try:
+            h = rpm.parse_header(data, 0, "fuzz")
+        except SourceError as e:
+            _clear(e)
+            return
+        try:
+            rpm._digests("fuzz", h, data, "0")
+        except SourceError as e:
+            _clear(e)
+
+    def packages(self, data: bytes) -> None:
+        import tempfile
+        from imafs.sources import SourceError, debian
+        try:
+            list(debian._parse_packages(data, "fuzz"))
+        except SourceError as e:
+            _clear(e)
+        with tempfile.TemporaryDirectory(prefix="imafs-fuzz-dpkg-") as root:
+            os.makedirs(os.path.join(root, "var/lib/dpkg"))
+            with open(os.path.join(root, "var/lib/dpkg/status"), "wb") as f:
+                f.write(data)
+            try:
+                debian.installed_packages(root)
+            except SourceError as e:
+                _clear(e)
+
+    def digest_index(self):
+        if getattr(self, "_dindex", None) is None:
+            import tempfile
+            from imafs.ima.digest_index import DigestListIndex
+            from imafs.store import Store
+            self._dtmp = tempfile.TemporaryDirectory(prefix="imafs-fuzz-dl-")
+            self._dindex = DigestListIndex(Store(self._dtmp.name, sync=False, map_size=1 << 30), 0)
+        return self._dindex
+
     def pcrs(self, data: bytes) -> None:
         from imafs.ima.verifylog import parse_pcr_file
         try:
@@ -419,6 +510,7 @@ TARGETS = {
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
     "model": "model", "model-ctl": "model_ctl",
+    "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",
 }
 
 

@@ -8,7 +8,7 @@
 IMAFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr acl ima-evm-utils fsverity
                     busybox-static stress-ng util-linux python3-gpg swtpm swtpm-tools
                     tpm2-tools debootstrap libtss2-dev gcc python3-dev python3-venv
-                    python3-pip)
+                    python3-pip rpm)
 
 imafs_setup() {
     local top
@@ -55,7 +55,7 @@ imafs_rootfs() {
     top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
     cache=${IMAFS_ROOTFS_CACHE:-/var/cache/imafs/rootfs-bookworm-minbase}
     [ "${IMAFS_BUILD_ROOTFS:-auto}" != 0 ] || return 0
-    [ -f "$cache.complete" ] && return 0
+    [ -f "$cache.complete" ] && [ -d "$cache.archive" ] && return 0
     [ "$(id -u)" -eq 0 ] && command -v debootstrap >/dev/null || return 0
     if [ "${IMAFS_BUILD_ROOTFS:-auto}" != 1 ] && [ -n "$(find "$cache.failed" -mmin -1440 2>/dev/null)" ]; then
         return 0
