@@ -213,7 +213,7 @@ class Targets:
             values += [data[:3] + k.keyid.to_bytes(4, "big") + data[7:] for k in kr]
         for value in values:
             for require_sig in (False, True):
-                r = ap.appraise(value, lambda a: b"\x11" * ap.hash_algo(a).size, kr,
+                r = ap.appraise(value, lambda a: b"\x11" * ap.hash_algo(a).digest_size, kr,
                                 require_sig=require_sig, verity_digest=lambda a: b"\x22" * 32,
                                 verity_required=value[:1] == b"\x06", file_size=10)
                 str(r)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imafs.ima import appraise as ap
+from imafs.ima import hashing as H
 from imafs.ima.keys import Keyring, keyid_of
 
 import _ima_testkeys as tk
@@ -52,18 +53,18 @@ def kid(kind="rsa", n=0):
 
 
 def test_algorithm_ids_match_the_kernel():
-    ids = {a.name: a.id for a in ap.HASH_ALGOS}
+    ids = {a.name: a.ima_id for a in H.HASH_ALGOS.values()}
     assert ids["md5"] == 1 and ids["sha1"] == 2 and ids["sha256"] == 4
     assert ids["sha384"] == 5 and ids["sha512"] == 6 and ids["sha224"] == 7
     assert ids["sm3"] == 17 and ids["sha3-256"] == 20
-    assert [a.id for a in ap.HASH_ALGOS] == list(range(ap.HASH_ALGO__LAST))
-    for a in ap.HASH_ALGOS:
+    assert [a.ima_id for a in H.HASH_ALGOS.values()] == list(range(H.HASH_ALGO__LAST))
+    for a in H.HASH_ALGOS.values():
         if a.available:
-            assert ap.new_hash(a.name).digest_size == a.size
+            assert ap.new_hash(a.name).digest_size == a.digest_size
 
 
 def test_algorithm_lookup():
-    assert ap.hash_algo("SHA256").id == 4
+    assert ap.hash_algo("SHA256").ima_id == 4
     assert ap.hash_algo(17).name == "sm3"
     assert ap.hash_algo("sm3-256").name == "sm3"
     with pytest.raises(ap.UnsupportedHashError, match="unknown hash algorithm 'sha999'"):
@@ -498,4 +499,4 @@ def test_appraise_never_raises(ring, value, require_sig, verity, new_file):
                     new_file=new_file, file_size=0 if new_file else 6)
     assert r.status in ap.STATUSES and (r.passed or r.cause in ap.CAUSES)
     assert ap.describe_xattr(value)
-    assert ap.needed_algo(value) in (None, *ap.ALGO_BY_NAME)
+    assert ap.needed_algo(value) in (None, *H.HASH_ALGOS)

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from imafs.cli import main as cli_main
 from imafs.ima import policy as P
+from imafs.ima.hashing import algo_id, available_algos
 from imafs.ima.policy import (BUILTIN_POLICIES, MAX_POLICY_BYTES, AccessEvent,
                               Cmp, Policy, PolicyError, Rule, format_policy,
                               load_policy_arg, parse_policy, parse_rule)
@@ -869,7 +870,7 @@ label_item = st.text(st.characters(min_codepoint=33, max_codepoint=126,
 plain = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF,
                               blacklist_categories=("Cc", "Zs")), min_size=1, max_size=10
                 ).filter(lambda s: not s.startswith("#") and s.isprintable())
-AVAILABLE_ALGOS = [n for n, _ in P.HASH_ALGOS if n in P._ALGO_AVAILABLE]
+AVAILABLE_ALGOS = available_algos()
 
 
 @st.composite
@@ -931,7 +932,7 @@ def valid_rules(draw):
     elif action == "appraise":
         if func == "SETXATTR_CHECK" or maybe("appraise_algos"):
             algos = draw(st.lists(st.sampled_from(AVAILABLE_ALGOS), min_size=1, unique=True))
-            algos.sort(key=P._ALGO_INDEX.__getitem__)
+            algos.sort(key=algo_id)
             w["appraise_algos"] = "appraise_algos=" + ",".join(algos)
         if maybe("appraise_type"):
             types = ["imasig"]

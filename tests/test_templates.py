@@ -341,7 +341,7 @@ def field_data(draw, fid):
         return draw(name_bytes) + b"\0"
     if kind in (T.DIGEST_ALGO, T.DIGEST_TYPE_ALGO):
         algo = draw(st.sampled_from(ALGOS))
-        digest = draw(st.binary(min_size=T.HASH_SIZES[algo], max_size=T.HASH_SIZES[algo]))
+        digest = draw(st.binary(min_size=T.hash_size(algo), max_size=T.hash_size(algo)))
         if kind == T.DIGEST_ALGO:
             return T.encode_d_ng(algo, digest)
         return T.encode_d_ngv2(draw(st.sampled_from(T.DIGEST_TYPES)), algo, digest)

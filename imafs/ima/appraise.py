@@ -42,17 +42,17 @@ Nothing here imports FUSE or trio; the engine supplies digests through callbacks
 """
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from imafs.ima import hashing
+from imafs.ima.hashing import (HASH_ALGO__LAST, HASH_ALGO_BY_ID, HashAlgo, HashAlgoError,
+                               hash_algo, kernel_algo, new_hash)
 
 # --- xattr types (security/integrity/integrity.h) ------------------------------------
 IMA_XATTR_DIGEST = 0x01
@@ -73,99 +73,9 @@ XATTR_TYPE_NAMES = {
 
 SIG_HDR_SIZE = 9  # sizeof(struct signature_v2_hdr), type byte included
 
-# --- hash algorithms (include/uapi/linux/hash_info.h) ---------------------------------
-
-
-@dataclass(frozen=True)
-class HashAlgo:
-    id: int            # enum hash_algo value
-    name: str          # the kernel's hash_algo_name[]
-    size: int          # hash_digest_size[]
-    hashlib_name: str | None  # None: no Python implementation is known
-
-    @property
-    def available(self) -> bool:
-        return self.hashlib_name is not None and self.hashlib_name in _HASHLIB
-
-
-_HASHLIB = set(hashlib.algorithms_available)
-
-HASH_ALGOS: tuple[HashAlgo, ...] = (
-    HashAlgo(0, "md4", 16, "md4"),
-    HashAlgo(1, "md5", 16, "md5"),
-    HashAlgo(2, "sha1", 20, "sha1"),
-    HashAlgo(3, "rmd160", 20, "ripemd160"),
-    HashAlgo(4, "sha256", 32, "sha256"),
-    HashAlgo(5, "sha384", 48, "sha384"),
-    HashAlgo(6, "sha512", 64, "sha512"),
-    HashAlgo(7, "sha224", 28, "sha224"),
-    HashAlgo(8, "rmd128", 16, None),
-    HashAlgo(9, "rmd256", 32, None),
-    HashAlgo(10, "rmd320", 40, None),
-    HashAlgo(11, "wp256", 32, None),
-    HashAlgo(12, "wp384", 48, None),
-    HashAlgo(13, "wp512", 64, None),
-    HashAlgo(14, "tgr128", 16, None),
-    HashAlgo(15, "tgr160", 20, None),
-    HashAlgo(16, "tgr192", 24, None),
-    HashAlgo(17, "sm3", 32, "sm3"),
-    HashAlgo(18, "streebog256", 32, None),
-    HashAlgo(19, "streebog512", 64, None),
-    HashAlgo(20, "sha3-256", 32, "sha3_256"),
-    HashAlgo(21, "sha3-384", 48, "sha3_384"),
-    HashAlgo(22, "sha3-512", 64, "sha3_512"),
-)
-HASH_ALGO__LAST = len(HASH_ALGOS)
-
-ALGO_BY_ID = {a.id: a for a in HASH_ALGOS}
-ALGO_BY_NAME = {a.name: a for a in HASH_ALGOS}
-_ALIASES = {"sm3-256": "sm3", "ripemd160": "rmd160", "sha3_256": "sha3-256",
-            "sha3_384": "sha3-384", "sha3_512": "sha3-512"}
-
-
-class UnsupportedHashError(ValueError):
-    """A hash algorithm that is unknown, or known but not computable here."""
-
-
-def hash_algo(name_or_id: str | int) -> HashAlgo:
-    """The table entry for a kernel algorithm name (or alias) or id."""
-    if isinstance(name_or_id, int):
-        a = ALGO_BY_ID.get(name_or_id)
-        if a is None:
-            raise UnsupportedHashError(f"unknown hash algorithm id {name_or_id}")
-        return a
-    key = name_or_id.lower()
-    a = ALGO_BY_NAME.get(_ALIASES.get(key, key))
-    if a is None:
-        raise UnsupportedHashError(f"unknown hash algorithm {name_or_id!r}; known: "
-                                   + ", ".join(x.name for x in HASH_ALGOS))
-    return a
-
-
-def new_hash(algo: str | int):
-    """A hashlib object for a kernel algorithm, or UnsupportedHashError saying why not."""
-    a = hash_algo(algo)
-    if not a.available:
-        raise UnsupportedHashError(
-            f"hash algorithm {a.name} (id {a.id}) is not available: "
-            + ("Python's hashlib (this OpenSSL build) does not provide it"
-               if a.hashlib_name else "imafs has no implementation of it"))
-    return hashlib.new(a.hashlib_name)
-
-
-_CRYPTO_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224,
-    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
-    "sha3-256": hashes.SHA3_256, "sha3-384": hashes.SHA3_384,
-    "sha3-512": hashes.SHA3_512, "sm3": hashes.SM3,
-}
-
-
-def _crypto_hash(algo: str) -> hashes.HashAlgorithm:
-    f = _CRYPTO_HASHES.get(algo)
-    if f is None:
-        raise UnsupportedHashError(f"signatures with hash algorithm {algo} are not supported")
-    return f()
+# hash algorithms: imafs.ima.hashing is the one table (hash_algo, new_hash, HashAlgo are
+# used from here too); an unknown or uncomputable algorithm raises HashAlgoError
+UnsupportedHashError = HashAlgoError
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -206,7 +116,7 @@ class ImaXattr:
 
     @property
     def algo_id(self) -> int:
-        return ALGO_BY_NAME[self.algo].id
+        return kernel_algo(self.algo).ima_id
 
     def describe(self) -> str:
         """One line for logs, e.g. ``sigv2 sha256 keyid 219aa90e (256-byte RSA/ECDSA sig)``."""
@@ -225,7 +135,7 @@ class ImaXattr:
 def _algo_at(value: bytes, off: int, what: str) -> HashAlgo:
     if len(value) <= off:
         raise XattrError(f"{what}: value ends before the hash algorithm byte", off)
-    a = ALGO_BY_ID.get(value[off])
+    a = HASH_ALGO_BY_ID.get(value[off])
     if a is None:
         raise XattrError(f"{what}: unknown hash algorithm id {value[off]} "
                          f"(kernel ids are 0..{HASH_ALGO__LAST - 1})", off)
@@ -234,12 +144,13 @@ def _algo_at(value: bytes, off: int, what: str) -> HashAlgo:
 
 def _exact_digest(value: bytes, off: int, a: HashAlgo, what: str) -> bytes:
     have = len(value) - off
-    if have < a.size:
-        raise XattrError(f"{what}: {a.name} digest needs {a.size} bytes, "
+    size = a.digest_size
+    if have < size:
+        raise XattrError(f"{what}: {a.name} digest needs {size} bytes, "
                          f"only {have} present", off + have)
-    if have > a.size:
-        raise XattrError(f"{what}: {have - a.size} unexpected byte(s) after the "
-                         f"{a.size}-byte {a.name} digest", off + a.size)
+    if have > size:
+        raise XattrError(f"{what}: {have - size} unexpected byte(s) after the "
+                         f"{size}-byte {a.name} digest", off + size)
     return bytes(value[off:])
 
 
@@ -318,10 +229,10 @@ def needed_algo(value: bytes | None) -> str | None:
         want = 2 if t == EVM_IMA_XATTR_DIGSIG else 3
         if value[1] != want or len(value) <= SIG_HDR_SIZE:
             return None
-        a = ALGO_BY_ID.get(value[2])
+        a = HASH_ALGO_BY_ID.get(value[2])
         return a.name if a else None
     if t == IMA_XATTR_DIGEST_NG:
-        a = ALGO_BY_ID.get(value[1])
+        a = HASH_ALGO_BY_ID.get(value[1])
         return a.name if a else None
     if t == IMA_XATTR_DIGEST:
         if len(value) == 21:
@@ -337,27 +248,28 @@ def needed_algo(value: bytes | None) -> str | None:
 def hash_xattr(algo: str, digest: bytes) -> bytes:
     """The hash form of ``security.ima`` the kernel's fix mode (and ``evmctl ima_hash``)
     writes: ``01 <digest>`` for md4/md5/sha1, ``04 <algo id> <digest>`` otherwise."""
-    a = hash_algo(algo)
-    if len(digest) != a.size:
-        raise ValueError(f"{a.name} digest must be {a.size} bytes, got {len(digest)}")
-    if a.id <= ALGO_BY_NAME["sha1"].id:
+    a = _checked(algo, digest)
+    if a.ima_id <= kernel_algo("sha1").ima_id:
         return bytes([IMA_XATTR_DIGEST]) + bytes(digest)
-    return bytes([IMA_XATTR_DIGEST_NG, a.id]) + bytes(digest)
+    return bytes([IMA_XATTR_DIGEST_NG, a.ima_id]) + bytes(digest)
+
+
+def _checked(algo: str, digest: bytes) -> HashAlgo:
+    a = hash_algo(algo)
+    if len(digest) != a.digest_size:
+        raise ValueError(f"{a.name} digest must be {a.digest_size} bytes, got {len(digest)}")
+    return a
 
 
 def file_id_hash(algo: str, digest: bytes, xattr_type: int = IMA_VERITY_DIGSIG) -> bytes:
     """The digest a v3 signature signs: ``H(ima_file_id)``, hashing only the used part
     of ``struct ima_file_id {u8 hash_type; u8 hash_algorithm; u8 hash[]}``."""
-    a = hash_algo(algo)
-    if len(digest) != a.size:
-        raise ValueError(f"{a.name} digest must be {a.size} bytes, got {len(digest)}")
-    h = new_hash(a.name)
-    h.update(bytes([xattr_type, a.id]) + bytes(digest))
-    return h.digest()
+    a = _checked(algo, digest)
+    return a.new(bytes([xattr_type, a.ima_id]) + bytes(digest)).digest()
 
 
 def _raw_sign(private_key, algo: str, digest: bytes) -> bytes:
-    ch = _crypto_hash(algo)
+    ch = hash_algo(algo).crypto_hash()
     if isinstance(private_key, rsa.RSAPrivateKey):
         return private_key.sign(digest, padding.PKCS1v15(), Prehashed(ch))
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
@@ -371,15 +283,13 @@ def _sig_value(xattr_type: int, version: int, a: HashAlgo, keyid: int, sig: byte
         raise ValueError(f"key id {keyid} does not fit in 32 bits")
     if len(sig) > 0xFFFF:
         raise ValueError(f"signature of {len(sig)} bytes does not fit the header")
-    return struct.pack(">BBBIH", xattr_type, version, a.id, keyid, len(sig)) + sig
+    return struct.pack(">BBBIH", xattr_type, version, a.ima_id, keyid, len(sig)) + sig
 
 
 def sign_v2(private_key, algo: str, digest: bytes, keyid: int) -> bytes:
     """The full ``security.ima`` value ``03 02 ...`` signing ``digest`` (the file's
     digest in ``algo``), as ``evmctl ima_sign`` writes it."""
-    a = hash_algo(algo)
-    if len(digest) != a.size:
-        raise ValueError(f"{a.name} digest must be {a.size} bytes, got {len(digest)}")
+    a = _checked(algo, digest)
     return _sig_value(EVM_IMA_XATTR_DIGSIG, 2, a, keyid, _raw_sign(private_key, a.name, digest))
 
 
@@ -398,7 +308,7 @@ def sign_v3(private_key, algo: str, verity_digest: bytes, keyid: int) -> bytes:
 def verify_signature(public_key, algo: str, digest: bytes, signature: bytes) -> str | None:
     """Check a raw IMA signature; None when it verifies, else the reason (never raises)."""
     try:
-        ch = _crypto_hash(algo)
+        ch = hash_algo(algo).crypto_hash()
         if len(digest) != ch.digest_size:
             return f"digest of {len(digest)} bytes does not match {algo}"
         if isinstance(public_key, rsa.RSAPublicKey):

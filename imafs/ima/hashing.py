@@ -2,10 +2,14 @@
 
 Pure Python (hashlib, os.pread); no FUSE or trio import.
 
-* The algorithm table maps the kernel's ``enum hash_algo`` (include/uapi/linux/
-  hash_info.h: the ids used in ``security.ima`` and signature headers) and the
-  fs-verity ids (``FS_VERITY_HASH_ALG_SHA256`` = 1, ``_SHA512`` = 2) to names,
-  digest sizes and hashlib constructors.
+* THE hash-algorithm table of imafs (every module and command looks algorithms up
+  here): the kernel's ``enum hash_algo`` (include/uapi/linux/hash_info.h: the ids
+  used in ``security.ima`` and signature headers) with the kernel's names and digest
+  sizes (crypto/hash_info.c), other spellings of the names, the hashlib
+  constructor, the fs-verity id (``FS_VERITY_HASH_ALG_SHA256`` = 1, ``_SHA512`` =
+  2), the TPM's ``TPM2_ALG_ID`` and bank name, and the ``cryptography`` hash that
+  signatures use.  :func:`hash_algo` takes any spelling (what people type);
+  :func:`kernel_algo` only the kernel's names (what the kernel's formats hold).
 * :func:`hash_fd` reads a file once with ``pread`` and feeds every requested
   flat digest and, optionally, the fs-verity Merkle tree.  Large files are
   pipelined over a small pool of persistent helper threads (hashlib drops the
@@ -38,9 +42,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 __all__ = [
-    "HashAlgo", "HASH_ALGOS", "HASH_ALGO_BY_ID", "VERITY_ALGOS", "VERITY_ALGO_BY_ID",
+    "HashAlgo", "HASH_ALGOS", "HASH_ALGO_BY_ID", "HASH_ALGO__LAST", "VERITY_ALGOS",
+    "VERITY_ALGO_BY_ID", "TPM_ALGO_BY_ID",
     "HashAlgoError", "UnsupportedAlgorithm", "TreeFormatError",
-    "hash_algo", "algo_id", "algo_name", "digest_size", "available_algos",
+    "hash_algo", "kernel_algo", "new_hash", "algo_id", "algo_name", "digest_size", "available_algos",
     "format_digest", "parse_digest",
     "VeritySpec", "FileDigests", "MerkleTree", "VerifyResult",
     "hash_fd", "hash_bytes", "fsverity_digest_fd", "fsverity_digest_text",
@@ -62,11 +67,18 @@ class UnsupportedAlgorithm(HashAlgoError):
 
 @dataclass(frozen=True)
 class HashAlgo:
-    name: str                 # the kernel's hash_algo_name[]
-    ima_id: int               # enum hash_algo value
-    digest_size: int
-    hashlib_name: str | None  # None: no hashlib implementation exists at all
-    verity_id: int | None = None  # FS_VERITY_HASH_ALG_* when fs-verity supports it
+    """One hash algorithm: what the kernel, fs-verity, the TPM, hashlib and the
+    ``cryptography`` package call it."""
+    name: str                 # the kernel's hash_algo_name[] (crypto/hash_info.c)
+    ima_id: int               # enum hash_algo value: the id in security.ima and signatures
+    digest_size: int          # hash_digest_size[]
+    hashlib_name: str | None  # None: no implementation in Python's hashlib at all
+    verity_id: int | None = None   # FS_VERITY_HASH_ALG_* when fs-verity supports it
+    tpm_alg_id: int | None = None  # TPM2_ALG_ID of the PCR bank (TCG algorithm registry)
+    tpm_name: str | None = None    # the bank's TCG name, as tpm2-tools and tpm2-pytss say
+    crypto_name: str | None = None  # cryptography.hazmat.primitives.hashes class for
+    #                                 signatures; None: IMA signatures with it unsupported
+    aliases: tuple[str, ...] = ()  # other spellings: older kernels, OpenSSL (evmctl), hashlib
 
     @property
     def available(self) -> bool:
@@ -80,51 +92,69 @@ class HashAlgo:
         ctor = _constructor(self.name)
         if ctor is None:
             why = ("no implementation in Python's hashlib" if self.hashlib_name is None
-                   else f"hashlib/OpenSSL here does not provide {self.hashlib_name!r}")
+                   else f"no implementation here (hashlib/OpenSSL does not provide "
+                        f"{self.hashlib_name!r})")
             raise UnsupportedAlgorithm(
                 f"hash algorithm {self.name} (kernel id {self.ima_id}) is not available: {why}")
         return ctor
 
+    def crypto_hash(self):
+        """The ``cryptography`` hash object signatures over this algorithm's digests
+        use (RSA PKCS#1 v1.5 DigestInfo, ECDSA); HashAlgoError when there is none."""
+        if self.crypto_name is None:
+            raise HashAlgoError(f"signatures with hash algorithm {self.name} are not supported")
+        from cryptography.hazmat.primitives import hashes
+        return getattr(hashes, self.crypto_name)()
 
-# include/uapi/linux/hash_info.h and crypto/hash_info.c (Linux 6.x)
+
+# The kernel's ids, names and sizes: include/uapi/linux/hash_info.h (enum hash_algo) and
+# crypto/hash_info.c (hash_algo_name[], hash_digest_size[]). The kernel called sm3
+# "sm3-256" before it took OpenSSL's name. fs-verity: include/uapi/linux/fsverity.h.
+# TPM: the TCG algorithm registry (TPM2_ALG_SHA1 0x0004 ... TPM2_ALG_SHA3_512 0x0029).
+# OpenSSL names evmctl hands to OpenSSL: "ripemd160", "md_gost12_256", "md_gost12_512".
 _TABLE = (
     HashAlgo("md4", 0, 16, "md4"),
-    HashAlgo("md5", 1, 16, "md5"),
-    HashAlgo("sha1", 2, 20, "sha1"),
-    HashAlgo("rmd160", 3, 20, "ripemd160"),
-    HashAlgo("sha256", 4, 32, "sha256", 1),
-    HashAlgo("sha384", 5, 48, "sha384"),
-    HashAlgo("sha512", 6, 64, "sha512", 2),
-    HashAlgo("sha224", 7, 28, "sha224"),
+    HashAlgo("md5", 1, 16, "md5", crypto_name="MD5"),
+    HashAlgo("sha1", 2, 20, "sha1", tpm_alg_id=0x0004, tpm_name="sha1", crypto_name="SHA1",
+             aliases=("sha-1",)),
+    HashAlgo("rmd160", 3, 20, "ripemd160", aliases=("ripemd160", "ripemd-160", "rmd-160")),
+    HashAlgo("sha256", 4, 32, "sha256", verity_id=1, tpm_alg_id=0x000B, tpm_name="sha256",
+             crypto_name="SHA256", aliases=("sha-256",)),
+    HashAlgo("sha384", 5, 48, "sha384", tpm_alg_id=0x000C, tpm_name="sha384",
+             crypto_name="SHA384", aliases=("sha-384",)),
+    HashAlgo("sha512", 6, 64, "sha512", verity_id=2, tpm_alg_id=0x000D, tpm_name="sha512",
+             crypto_name="SHA512", aliases=("sha-512",)),
+    HashAlgo("sha224", 7, 28, "sha224", crypto_name="SHA224", aliases=("sha-224",)),
     HashAlgo("rmd128", 8, 16, None),
     HashAlgo("rmd256", 9, 32, None),
     HashAlgo("rmd320", 10, 40, None),
     HashAlgo("wp256", 11, 32, None),
     HashAlgo("wp384", 12, 48, None),
-    HashAlgo("wp512", 13, 64, "whirlpool"),
+    HashAlgo("wp512", 13, 64, "whirlpool", aliases=("whirlpool",)),
     HashAlgo("tgr128", 14, 16, None),
     HashAlgo("tgr160", 15, 20, None),
     HashAlgo("tgr192", 16, 24, None),
-    HashAlgo("sm3", 17, 32, "sm3"),
-    HashAlgo("streebog256", 18, 32, None),
-    HashAlgo("streebog512", 19, 64, None),
-    HashAlgo("sha3-256", 20, 32, "sha3_256"),
-    HashAlgo("sha3-384", 21, 48, "sha3_384"),
-    HashAlgo("sha3-512", 22, 64, "sha3_512"),
+    HashAlgo("sm3", 17, 32, "sm3", tpm_alg_id=0x0012, tpm_name="sm3_256", crypto_name="SM3",
+             aliases=("sm3-256", "sm3_256")),
+    HashAlgo("streebog256", 18, 32, None, aliases=("md_gost12_256",)),
+    HashAlgo("streebog512", 19, 64, None, aliases=("md_gost12_512",)),
+    HashAlgo("sha3-256", 20, 32, "sha3_256", tpm_alg_id=0x0027, tpm_name="sha3_256",
+             crypto_name="SHA3_256", aliases=("sha3_256",)),
+    HashAlgo("sha3-384", 21, 48, "sha3_384", tpm_alg_id=0x0028, tpm_name="sha3_384",
+             crypto_name="SHA3_384", aliases=("sha3_384",)),
+    HashAlgo("sha3-512", 22, 64, "sha3_512", tpm_alg_id=0x0029, tpm_name="sha3_512",
+             crypto_name="SHA3_512", aliases=("sha3_512",)),
 )
+HASH_ALGO__LAST = len(_TABLE)
 
+#: kernel name -> algorithm, in kernel id order (the order ``appraise_algos=`` prints)
 HASH_ALGOS: dict[str, HashAlgo] = {a.name: a for a in _TABLE}
 HASH_ALGO_BY_ID: dict[int, HashAlgo] = {a.ima_id: a for a in _TABLE}
 VERITY_ALGOS: dict[str, int] = {a.name: a.verity_id for a in _TABLE if a.verity_id}
 VERITY_ALGO_BY_ID: dict[int, HashAlgo] = {a.verity_id: a for a in _TABLE if a.verity_id}
+TPM_ALGO_BY_ID: dict[int, HashAlgo] = {a.tpm_alg_id: a for a in _TABLE if a.tpm_alg_id}
 
-_ALIASES = {
-    "ripemd160": "rmd160", "ripemd-160": "rmd160", "rmd-160": "rmd160",
-    "sha3_256": "sha3-256", "sha3_384": "sha3-384", "sha3_512": "sha3-512",
-    "sm3-256": "sm3", "sm3_256": "sm3", "whirlpool": "wp512",
-    "sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256", "sha-384": "sha384",
-    "sha-512": "sha512",
-}
+_ALIASES = {alias: a.name for a in _TABLE for alias in a.aliases}
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +174,9 @@ def _constructor(name: str) -> Callable | None:
 
 
 def hash_algo(name_or_id: str | int) -> HashAlgo:
-    """Look up by kernel name (``sha256``, ``sha3-256``, ``rmd160``; common aliases
-    such as ``ripemd160`` and ``sha3_256`` also work) or by kernel id."""
+    """Look up by kernel name (``sha256``, ``sha3-256``, ``rmd160``), by another
+    spelling of it (any case; ``ripemd160``, ``sha3_256``, ``sm3-256``, ``whirlpool``,
+    ...) or by kernel id: for names people type."""
     if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
         try:
             return HASH_ALGO_BY_ID[name_or_id]
@@ -160,6 +191,21 @@ def hash_algo(name_or_id: str | int) -> HashAlgo:
     except KeyError:
         raise HashAlgoError(f"unknown hash algorithm {name_or_id!r} "
                             f"(known: {', '.join(HASH_ALGOS)})") from None
+
+
+def kernel_algo(name: str) -> HashAlgo:
+    """Look up by the exact kernel name only, as the kernel matches names in its own
+    formats (``appraise_algos=``, a ``d-ng`` field's ``sha256:``, PCR bank names)."""
+    a = HASH_ALGOS.get(name) if isinstance(name, str) else None
+    if a is None:
+        raise HashAlgoError(f"unknown hash algorithm {name!r}")
+    return a
+
+
+def new_hash(name_or_id: str | int, data=b""):
+    """A hashlib object for an algorithm (as :func:`hash_algo` finds it);
+    UnsupportedAlgorithm when hashlib cannot compute it here."""
+    return hash_algo(name_or_id).new(data)
 
 
 def algo_id(name: str) -> int:

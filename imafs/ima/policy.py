@@ -117,17 +117,17 @@ owned by root are appraised).  No architecture or secure-boot rules.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
+from imafs.ima import hashing
 from imafs.ima.templates import TEMPLATES as _TEMPLATES
 
 __all__ = [
     "MAY_EXEC", "MAY_WRITE", "MAY_READ", "MAY_APPEND",
     "ACTIONS", "ALL_ACTIONS", "FUNCS", "FILE_FUNCS", "KERNEL_ONLY_FUNCS",
-    "TEMPLATES", "KERNEL_TEMPLATES", "IMAFS_TEMPLATES", "HASH_ALGOS", "DEFAULT_PCR",
+    "TEMPLATES", "KERNEL_TEMPLATES", "IMAFS_TEMPLATES", "DEFAULT_PCR",
     "PCR_LIMIT", "MAX_POLICY_BYTES",
     "PolicyError", "Cmp", "Rule", "AccessEvent", "Decision", "Policy",
     "parse_rule", "parse_policy", "format_policy", "load_policy_arg",
@@ -180,32 +180,6 @@ IMAFS_TEMPLATES = ("ima-ns",)
 
 APPRAISE_TYPES = ("imasig", "imasig|modsig", "sigv3")
 DIGEST_TYPES = ("verity",)
-
-#: The kernel's hash_algo_name table, in hash_algo id order (the order
-#: ``appraise_algos=`` is printed in), with the hashlib name where one exists.
-HASH_ALGOS = (
-    ("md4", "md4"), ("md5", "md5"), ("sha1", "sha1"), ("rmd160", "ripemd160"),
-    ("sha256", "sha256"), ("sha384", "sha384"), ("sha512", "sha512"),
-    ("sha224", "sha224"), ("rmd128", None), ("rmd256", None), ("rmd320", None),
-    ("wp256", None), ("wp384", None), ("wp512", "whirlpool"), ("tgr128", None),
-    ("tgr160", None), ("tgr192", None), ("sm3", "sm3"), ("streebog256", None),
-    ("streebog512", None), ("sha3-256", "sha3_256"), ("sha3-384", "sha3_384"),
-    ("sha3-512", "sha3_512"),
-)
-_ALGO_INDEX = {name: i for i, (name, _) in enumerate(HASH_ALGOS)}
-
-
-def _available(pyname):
-    if pyname is None:
-        return False
-    try:
-        hashlib.new(pyname)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-_ALGO_AVAILABLE = frozenset(n for n, py in HASH_ALGOS if _available(py))
 
 DEFAULT_PCR = 10            # CONFIG_IMA_MEASURE_PCR_IDX
 #: pcr= accepts 0..PCR_LIMIT-1: imafs keeps 24 software PCRs (measurelog.NUM_PCRS,
@@ -757,15 +731,18 @@ def _parse_value(key, op, value):
             raise _Bad(f"bad digest_type {_show(value)} (verity)")
         return value
     if key == "appraise_algos":
+        # the kernel's names only (ima_parse_appraise_algos(): match_string() over
+        # hash_algo_name[]), printed in id order
         seen = set()
         for name in value.split(","):
-            if name not in _ALGO_INDEX:
+            algo = hashing.HASH_ALGOS.get(name)
+            if algo is None:
                 raise _Bad(f"unknown hash algorithm {_show(name)} in appraise_algos")
-            if name not in _ALGO_AVAILABLE:
+            if not algo.available:
                 raise _Bad(f"unavailable hash algorithm {_show(name)} "
                            f"in appraise_algos")
-            seen.add(name)
-        return tuple(sorted(seen, key=_ALGO_INDEX.__getitem__))
+            seen.add(algo)
+        return tuple(a.name for a in sorted(seen, key=lambda a: a.ima_id))
     if key in ("keyrings", "label"):
         return _opt_list(value, key)
     if key in ("fsname", "fs_subtype"):

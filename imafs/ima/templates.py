@@ -27,7 +27,6 @@ Choices:
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -35,8 +34,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
+from imafs.ima.hashing import kernel_algo
+
 __all__ = [
-    "TemplateError", "TemplateEntry", "TEMPLATES", "FIELD_KINDS", "HASH_SIZES",
+    "TemplateError", "TemplateEntry", "TEMPLATES", "FIELD_KINDS",
     "IMA_EVENT_NAME_LEN_MAX", "IMA_DIGEST_SIZE", "MAX_TEMPLATE_DATA_LEN",
     "hash_size", "new_hash",
     "encode_d", "encode_n", "encode_d_ng", "encode_d_ngv2", "encode_n_ng",
@@ -51,16 +52,6 @@ MAX_TEMPLATE_NAME_LEN = 255           # evmctl refuses longer template names
 MAX_TEMPLATE_DATA_LEN = 64 << 20      # a parser refuses bigger records
 _READ_CHUNK = 1 << 20                 # streams are read at most this much at once
 
-# Kernel hash_algo_name[] -> digest size (crypto/hash_info.c).
-HASH_SIZES = {
-    "md4": 16, "md5": 16, "sha1": 20, "rmd160": 20, "sha256": 32, "sha384": 48,
-    "sha512": 64, "sha224": 28, "rmd128": 16, "rmd256": 32, "rmd320": 40,
-    "wp256": 32, "wp384": 48, "wp512": 64, "tgr128": 16, "tgr160": 20,
-    "tgr192": 24, "sm3": 32, "streebog256": 32, "streebog512": 64,
-    "sha3-256": 32, "sha3-384": 48, "sha3-512": 64,
-}
-_HASHLIB = {"rmd160": "ripemd160", "sha3-256": "sha3_256", "sha3-384": "sha3_384",
-            "sha3-512": "sha3_512"}
 DIGEST_TYPES = ("ima", "verity")
 
 # Built-in templates (ima_template.c builtin_templates[]) plus our ima-ns.
@@ -122,20 +113,18 @@ class TemplateError(ValueError):
 
 # -- hashes -------------------------------------------------------------------
 
+# Names in lists (``d-ng`` fields, PCR banks) are the kernel's own: looked up exactly, in
+# imafs.ima.hashing's table; HashAlgoError (a ValueError) for any other name.
+
 def hash_size(algo: str) -> int:
-    try:
-        return HASH_SIZES[algo]
-    except KeyError:
-        raise ValueError(f"unknown hash algorithm {algo!r}") from None
+    """Digest size of a kernel hash algorithm name."""
+    return kernel_algo(algo).digest_size
 
 
 def new_hash(algo: str):
-    """A hashlib object for a kernel hash algorithm name."""
-    hash_size(algo)
-    try:
-        return hashlib.new(_HASHLIB.get(algo, algo))
-    except ValueError:
-        raise ValueError(f"hash algorithm {algo!r} is not available here") from None
+    """A hashlib object for a kernel hash algorithm name (ValueError if unknown or
+    not computable here)."""
+    return kernel_algo(algo).new()
 
 
 # -- field encoders (the kernel's *_init functions) ---------------------------

@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import threading
 
+from imafs.ima import hashing
+
 __all__ = ["TPM", "TPMError", "TPMMismatch", "parse_tcti"]
 
-# TPM2_ALG_ID -> bank names used by the lists (hashlib names)
-_ALGS = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512",
-         0x0012: "sm3_256"}
-_IDS = {v: k for k, v in _ALGS.items()}
-_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32}
+# PCR banks are named as the lists name them, with the kernel's names ("sm3", whose
+# TPM bank is TPM2_ALG_SM3_256, "sm3_256" to tpm2-tools); imafs.ima.hashing holds both.
 NUM_PCRS = 24
 
 
@@ -37,6 +36,14 @@ class TPMError(Exception):
 
 class TPMMismatch(TPMError):
     """The TPM's PCRs disagree with the measurement list they should hold."""
+
+
+def _bank(name: str) -> hashing.HashAlgo:
+    """The algorithm of a PCR bank named with its kernel name."""
+    a = hashing.HASH_ALGOS.get(name)
+    if a is None or a.tpm_alg_id is None:
+        raise TPMError(f"unknown PCR bank {name!r}")
+    return a
 
 
 def parse_tcti(text: str) -> tuple[str, str | None]:
@@ -108,23 +115,22 @@ class TPM:
         _, data = ctx.get_capability(TPM2_CAP.PCRS, 0, 1)
         banks = []
         for sel in data.data.assignedPCR:
-            alg = int(sel.hash)
-            if alg in _ALGS and any(bytes(sel.pcrSelect)[:sel.sizeofSelect]):
-                banks.append(_ALGS[alg])
+            a = hashing.TPM_ALGO_BY_ID.get(int(sel.hash))
+            if a is not None and any(bytes(sel.pcrSelect)[:sel.sizeofSelect]):
+                banks.append(a.name)
         return tuple(banks)
 
     # ------------------------------------------------------------------ API
     @property
     def banks(self) -> tuple[str, ...]:
-        """The allocated PCR banks with at least one PCR, as hashlib names."""
+        """The allocated PCR banks with at least one PCR (kernel algorithm names)."""
         return self._banks
 
     def read_many(self, bank: str, indices) -> list[bytes]:
         """PCRs ``indices`` of one bank (a TPM2_PCR_Read returns at most 8 digests,
         and only the ones it has: ask again for the rest)."""
         from tpm2_pytss import TPML_PCR_SELECTION
-        if bank not in _IDS:
-            raise TPMError(f"unknown PCR bank {bank!r}")
+        tpm_name = _bank(bank).tpm_name
         want = list(indices)
         for i in want:
             if not 0 <= i < NUM_PCRS:
@@ -134,7 +140,7 @@ class TPM:
         def read(ctx):
             todo = [i for i in want if i not in got]
             while todo:
-                sel = TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, todo))}")
+                sel = TPML_PCR_SELECTION.parse(f"{tpm_name}:{','.join(map(str, todo))}")
                 _, out_sel, digests = ctx.pcr_read(sel)
                 returned = []
                 for s in out_sel:
@@ -164,9 +170,10 @@ class TPM:
             raise TPMError(f"PCR {pcr} out of range")
         has = []
         for bank, d in digests.items():
-            if bank not in _IDS or len(d) != _SIZES[bank]:
+            a = _bank(bank)
+            if len(d) != a.digest_size:
                 raise TPMError(f"bad {bank} digest for PCR {pcr}")
-            has.append(TPMT_HA(hashAlg=_IDS[bank], digest=TPMU_HA(**{bank: d})))
+            has.append(TPMT_HA(hashAlg=a.tpm_alg_id, digest=TPMU_HA(**{a.tpm_name: d})))
         if not has:
             return
         with self._lock:
