@@ -7,10 +7,7 @@ import pkgutil
 import sys
 
 import imafs.commands
-
-
-class CommandError(Exception):
-    """A refusal with a one-line message for the user; exits with status 2."""
+from imafs.commands import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from imafs.cli import CommandError
+from imafs.commands import CommandError
 
 DESCRIPTION = """\
 Write a keylime (7.x) runtime policy: the JSON document a keylime verifier checks an

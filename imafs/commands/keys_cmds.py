@@ -31,7 +31,7 @@ EC_BITS = {256: "secp256r1", 384: "secp384r1", 521: "secp521r1"}    # keygen --t
 
 
 def _fail(msg: str):
-    from imafs.cli import CommandError
+    from imafs.commands import CommandError
     raise CommandError(msg)
 
 

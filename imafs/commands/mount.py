@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from imafs.cli import CommandError
+from imafs.commands import CommandError
 from imafs.fs import daemon
 
 

@@ -5,7 +5,7 @@ import os
 import string
 import sys
 
-from imafs.cli import CommandError
+from imafs.commands import CommandError
 
 
 def _pcr_arg(text: str):
