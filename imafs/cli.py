@@ -10,12 +10,24 @@ import imafs.commands
 from imafs.commands import CommandError
 
 
+# the order ``imafs --help`` lists the commands in; a module not named here follows
+ORDER = ("digest", "keylime_policy", "keygen", "sign", "verify", "mount", "policy",
+         "verify_log")
+
+
+def command_modules() -> list[str]:
+    """The command modules of imafs.commands, in help order."""
+    names = [m.name for m in pkgutil.iter_modules(imafs.commands.__path__)
+             if not m.name.startswith("_")]
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imafs", description=__doc__)
     p.add_argument("--version", action="version", version=f"imafs {imafs.__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for mod in sorted(pkgutil.iter_modules(imafs.commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"imafs.commands.{mod.name}").register(sub)
+    for name in command_modules():
+        importlib.import_module(f"imafs.commands.{name}").register(sub)
     return p
 
 

@@ -12,8 +12,9 @@ import subprocess
 import pytest
 
 from imafs.cli import main
-from imafs.commands import keys_cmds
+from imafs.commands import verify
 from imafs.ima import appraise as ap
+from imafs.ima import hashing
 from imafs.ima.keys import Keyring, keyid_of
 
 pytestmark = [pytest.mark.interop,
@@ -86,7 +87,7 @@ KEYS = ["imafs-rsa", "imafs-ec", "imafs-p384", "imafs-p384-bits", "imafs-p521", 
 
 
 def offline(path, ring, **kw):
-    return keys_cmds.verify_file(str(path), ring, **kw)
+    return verify.verify_file(str(path), ring, **kw)
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def test_fsverity_digest_matches_fsverity_utils(tmp_path, size):
     try:
         for algo in ("sha256", "sha512"):
             out = sh("fsverity", "digest", f"--hash-alg={algo}", p).stdout.split()[0]
-            assert out == f"{algo}:{keys_cmds._fsverity_digest(fd, algo).hex()}"
+            assert out == f"{algo}:{hashing.fsverity_digest_fd(fd, algo).hex()}"
     finally:
         os.close(fd)
 

@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 
 from imafs.cli import main
-from imafs.commands import keys_cmds
+from imafs.commands import sign, verify
 from imafs.ima import appraise as ap
+from imafs.ima import hashing
 from imafs.ima.keys import Keyring, keyid_of, keyid_of_public_key
 
 import _ima_testkeys as tk
@@ -95,7 +96,7 @@ def test_keygen_ec_bits_name_the_curve(tmp_path, capsys, bits, curve):
         x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
     info = Keyring().add((tmp_path / "signing_cert.der").read_bytes())
     assert info.bits == int(bits or 256) and out.split()[2] == f"{info.keyid:08x}:"
-    key = keys_cmds._load_private_key(str(tmp_path / "signing_key.pem"), None)[0]
+    key = sign._load_private_key(str(tmp_path / "signing_key.pem"), None)[0]
     assert key.curve.name == curve
 
 
@@ -163,13 +164,13 @@ def test_sign_refuses_special_files_one_message_each(keydir, files, capsys):
 
 
 def test_sign_refuses_unreadable_files(keydir, files, capsys, monkeypatch):
-    real = keys_cmds._open_regular
+    real = sign.open_regular
 
     def fake(path):
         if path.endswith("/a"):
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(path)
-    monkeypatch.setattr(keys_cmds, "_open_regular", fake)
+    monkeypatch.setattr(sign, "open_regular", fake)
     rc, _, err = run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a", files / "b")
     assert rc == 1 and f"{files}/a: cannot open: Permission denied" in err
     assert ima(files / "b")[0] == 3
@@ -326,7 +327,7 @@ def test_sign_verity(keydir, files, capsys):
     assert v[:3] == b"\x06\x03\x04"
     fd = os.open(files / "b", os.O_RDONLY)
     try:
-        vd = keys_cmds._fsverity_digest(fd)
+        vd = hashing.fsverity_digest_fd(fd)
     finally:
         os.close(fd)
     ring = Keyring()
@@ -340,11 +341,11 @@ def test_sign_verity(keydir, files, capsys):
 
 def test_streaming_hash_matches_hashlib(tmp_path):
     p = tmp_path / "big"
-    data = os.urandom(keys_cmds.CHUNK * 2 + 12345)
+    data = os.urandom((1 << 20) * 2 + 12345)     # three of hash_fd's chunks
     p.write_bytes(data)
     fd = os.open(p, os.O_RDONLY)
     try:
-        got = keys_cmds._hash_fd(fd, ["sha256", "sha512"])
+        got = hashing.hash_fd(fd, ["sha256", "sha512"]).digests
     finally:
         os.close(fd)
     assert got == {"sha256": hashlib.sha256(data).digest(), "sha512": hashlib.sha512(data).digest()}
@@ -608,7 +609,7 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
                     role = engine.exec_roles.role(me, f, ii) if exec_ else None
                     theirs = hooks.events(root.chain(), me, f, ii,
                                           0 if exec_ else 4, exec_, role=role)
-                    ours = keys_cmds._root_events(policy, "/x", fd, st, exec_)
+                    ours = verify._root_events(policy, "/x", fd, st, exec_)
                     key = lambda e: (e.func, e.mask, e.uid, e.euid, e.gid, e.egid,  # noqa
                                      e.fowner, e.fgroup)
                     assert [key(e) for e in ours] == [key(e) for e in theirs], (p, exec_)

@@ -1,0 +1,265 @@
+"""``imafs verify``: appraise files offline, with the engine's own appraisal.
+
+Without --policy a file is appraised as by a rule ``appraise`` without options
+(--require-sig: ``appraise_type=imasig``; a signature v3 as by ``digest_type=verity``);
+with --policy, as a mount with that root policy would for a read (or exec) by root:
+the access's hooks are matched with :meth:`imafs.ima.policy.Policy.match` and each
+appraising decision is appraised. Either way one :class:`~imafs.ima.policy.Decision`
+goes to :func:`_appraise`, the one call into the engine's appraisal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import sys
+
+from imafs.commands import CommandError
+from imafs.commands import _files
+from imafs.commands._files import open_regular, progress, walk
+from imafs.ima import appraise as ap
+from imafs.ima import hashing
+from imafs.ima import keys as km
+from imafs.ima.policy import Decision, Policy, PolicyError, load_policy_arg
+
+
+def _keyring(args) -> km.Keyring:
+    ring = km.Keyring()
+    for d in args.keys or ():
+        if not os.path.isdir(d):
+            raise CommandError(f"--keys {d}: not a directory")
+        loaded, refused = ring.load_dir(d)
+        for path, why in refused:
+            print(f"imafs verify: ignoring {path}: {why}", file=sys.stderr)
+    for c in args.key or ():
+        try:
+            with open(c, "rb") as f:
+                ring.add(f.read())
+        except OSError as e:
+            raise CommandError(f"--key {c}: {e.strerror}")
+        except km.KeyringError as e:
+            raise CommandError(f"--key {c}: {e}")
+    return ring
+
+
+def _load_policy(value: str):
+    try:
+        return Policy(load_policy_arg(value))
+    except PolicyError as e:
+        raise CommandError(f"--policy: {e}")
+
+
+_FS_FIELDS = frozenset({"fsmagic", "fsname", "fsuuid"})
+# root, as the engine sees a root caller (imafs.ima.engine.Subject.ids)
+_ROOT_IDS = {"uid": 0, "euid": 0, "suid": 0, "gid": 0, "egid": 0, "sgid": 0,
+             "cap_setuid": True, "cap_setgid": True}
+
+
+def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | None = None):
+    """The access events the mount derives from a read-only open by root of this file
+    (``exec_``: an exec by root that runs it), following the engine's hook mapping
+    (imafs.ima.engine.Engine._events, with its own helpers): a read is FILE_CHECK
+    MAY_READ, and for an ELF file, when a rule can match an mmap hook, also the
+    dynamic loader's MMAP_CHECK_REQPROT and MMAP_CHECK; an exec is FILE_CHECK and
+    BPRM_CHECK, and for an ELF file CREDS_CHECK (with the credentials the exec gives:
+    set-id bits) and the mmap hooks. (The ELF interpreter's own open, FILE_CHECK and
+    mmap hooks without BPRM_CHECK, is not asked about.)"""
+    from imafs.ima import binfmt
+    from imafs.ima import policy as pm
+    from imafs.ima.engine import _has_func, hook_ids, open_hooks
+
+    def elf() -> bool:
+        try:
+            return st.st_size >= 4 and binfmt.is_elf(os.pread(fd, 4, 0))
+        except OSError:
+            return False
+    role = ("elf" if elf() else "other") if exec_ else None
+    library = not exec_ and _has_func(policy, "MMAP_CHECK") and elf()
+    hooks = open_hooks(pm.MAY_READ, exec_, role, library)
+    fs = {}
+    if policy.needs & _FS_FIELDS:
+        # the file system the mount sees is the backing file's (run verify on the
+        # backing tree, not through the mount): the mount's own fs_info, once per device
+        fs = fs_cache.get(st.st_dev) if fs_cache is not None else None
+        if fs is None:
+            from imafs.fs.integrity import fs_info
+            info = fs_info(fd, st.st_dev)
+            fs = {"fsmagic": info.magic, "fsname": info.name, "fs_subtype": info.subtype,
+                  "fsuuid": info.uuid}
+            if fs_cache is not None:
+                fs_cache[st.st_dev] = fs
+    out = []
+    for func, mask in hooks:
+        who = hook_ids(func, exec_, _ROOT_IDS, st, role)
+        out.append(pm.AccessEvent(func=func, mask=mask, fowner=st.st_uid, fgroup=st.st_gid,
+                                  path=path, **who, **fs))
+    return out
+
+
+def _appraise(d: Decision, value: bytes | None, digest_for, ring, verity_digest,
+              default_algo: str) -> ap.AppraiseResult:
+    """The appraisal decision ``d`` asks for (its appraise_type, appraise_algos and
+    digest_type), of a file whose ``security.ima`` is ``value``."""
+    return ap.appraise(value, digest_for, ring,
+                       require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
+                       allowed_algos=d.appraise_algos, verity_digest=verity_digest,
+                       sigv3_required=d.appraise_type == "sigv3",
+                       verity_required=d.digest_type == "verity", default_algo=default_algo)
+
+
+def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
+                require_sig: bool = False, default_algo: str = "sha256",
+                policy=None, exec_: bool = False,
+                fs_cache: dict | None = None) -> ap.AppraiseResult | None:
+    """Offline appraisal of one file.
+
+    Without ``policy``: as an ``appraise`` rule without options (``require_sig``:
+    ``appraise_type=imasig``), except that a signature v3 is checked against the
+    file's fs-verity digest, as a ``digest_type=verity`` rule would.
+
+    With ``policy`` (an imafs.ima.policy.Policy): the verdict the mount, in enforce
+    mode, gives a read-only open of the file by root (``exec_``: an exec by root):
+    every hook of that access that the policy appraises is appraised with its
+    decision's appraise_type, appraise_algos and digest_type; the first failure is
+    the verdict, else the pass (its detail names the rule). None when no rule
+    appraises the access (the mount allows it unappraised). ``fs_cache``: a dict
+    that keeps the file-system facts (fsmagic, ...) per device across calls."""
+    fd = open_regular(path)
+    try:
+        try:
+            value = os.getxattr(fd, xattr_name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+            value = None
+        cache: dict[str, bytes] = {}
+
+        def digest_for(a: str) -> bytes:
+            if a not in cache:
+                cache[a] = hashing.hash_fd(fd, [a])[a]
+            return cache[a]
+
+        def verity(a: str):
+            try:
+                return hashing.fsverity_digest_fd(fd, a)
+            except hashing.HashAlgoError:       # fs-verity has no such algorithm
+                return None
+
+        if policy is None:
+            d = Decision(appraise=True, appraise_type="imasig" if require_sig else None,
+                         digest_type=("verity" if value and value[0] == ap.IMA_VERITY_DIGSIG
+                                      else None))
+            return _appraise(d, value, digest_for, ring, verity, default_algo)
+        verdict = None
+        seen: dict = {}
+        for ev in _root_events(policy, path, fd, os.fstat(fd), exec_, fs_cache):
+            d = policy.match(ev)       # all pairs: digest_type is OR-ed, as the engine's
+            if not d.appraise:
+                continue
+            flags = (d.appraise_type, d.appraise_algos, d.digest_type)
+            if flags not in seen:
+                seen[flags] = _appraise(d, value, digest_for, ring, verity, default_algo)
+            r = seen[flags]
+            r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
+                                    f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))
+            if not r.passed:
+                return r
+            verdict = verdict or r
+        return verdict
+    finally:
+        os.close(fd)
+
+
+def cmd_verify(args) -> int:
+    policy = None
+    if args.policy is not None:
+        if args.require_sig:
+            raise CommandError("--require-sig and --policy: the policy's appraise_type decides")
+        policy = _load_policy(args.policy)
+    elif args.exec_:
+        raise CommandError("--exec needs --policy")
+    ring = _keyring(args)
+    try:
+        default = hashing.hash_algo(args.hash).name
+    except hashing.HashAlgoError as e:
+        raise CommandError(f"--hash {args.hash}: {e}")
+    name = _files.xattr_name(args.xattr)
+    todo = list(walk(args.paths, args.recursive, args.skip_special))
+    bad = 0
+    fs_cache: dict = {}
+    with progress(len(todo), args.quiet) as bar:
+        for path, why in todo:
+            bar.update(1)
+            if why is None:
+                try:
+                    r = verify_file(path, ring, xattr_name=name, require_sig=args.require_sig,
+                                    default_algo=default, policy=policy, exec_=args.exec_,
+                                    fs_cache=fs_cache)
+                except IsADirectoryError as e:
+                    why = e.strerror
+                except OSError as e:
+                    why = e.strerror or str(e)
+                except ValueError as e:     # a rule tests what could not be learnt
+                    why = str(e)
+            if why is not None:
+                bad += 1
+                bar.write(f"{path}: error ({why})")
+                continue
+            if r is None:                   # --policy: no rule appraises this access
+                if not args.failures_only:
+                    bar.write(f"{path}: not appraised")
+                continue
+            if r.passed:
+                if not args.failures_only:
+                    bar.write(f"{path}: pass" + (f" ({r.detail})" if args.verbose else ""))
+            else:
+                bad += 1
+                bar.write(f"{path}: fail ({r.cause})"
+                          + (f" [{r.status}: {r.detail}]" if args.verbose else ""))
+    return 1 if bad else 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "verify", help="appraise files offline against keys",
+        description="Print 'PATH: pass' or 'PATH: fail (cause)' per file, causes as the "
+        "kernel names them ('PATH: error (reason)' when a file or directory cannot be "
+        "read). Without --policy every file is appraised as by a rule 'appraise' without "
+        "options: a hash (01, 04) must equal the file's digest in the algorithm it names "
+        "(with --require-sig it fails, IMA-signature-required); a signature v2 (03) must "
+        "verify, with a key of --keys/--key, over the file's digest in its algorithm; a "
+        "signature v3 (06) is checked as by digest_type=verity, over the file's fs-verity "
+        "digest (4096-byte blocks, no salt) in its algorithm; any algorithm is accepted "
+        "(no appraise_algos); no value fails (missing-hash, or IMA-signature-required "
+        "with --require-sig). With --policy the verdict is the one a mount with that "
+        "policy gives in enforce mode to a read-only open by root (FILE_CHECK MAY_READ; "
+        "for an ELF file also the loader's MMAP_CHECK_REQPROT and MMAP_CHECK when a rule "
+        "can match them) or, with --exec, to an exec by root that runs the file "
+        "(FILE_CHECK and BPRM_CHECK, MAY_EXEC; for an ELF file also CREDS_CHECK with the "
+        "set-id credentials, and the mmap hooks): the matching appraise rule's "
+        "appraise_type, appraise_algos and digest_type decide what is checked, and a file "
+        "no rule appraises prints 'PATH: not appraised' (the mount allows it). Run it on "
+        "the backing tree: fsmagic/fsname/fsuuid are those of the files' file system. "
+        "Exit 0 when no file fails, else 1.")
+    p.add_argument("--keys", action="append", metavar="DIR",
+                   help="directory of certificates (*.der, *.pem, *.crt, *.x509, *.cer)")
+    p.add_argument("--key", action="append", metavar="CERT", help="one certificate")
+    p.add_argument("--require-sig", action="store_true",
+                   help="hashes do not pass, only signatures (appraise_type=imasig); "
+                   "not with --policy")
+    p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
+                   help="answer as a mount with this root policy would (see above)")
+    p.add_argument("--exec", dest="exec_", action="store_true",
+                   help="with --policy: the verdict for an exec (BPRM_CHECK), not a read")
+    p.add_argument("-a", "--hash", default="sha256",
+                   help="algorithm for files without a value naming one: the mount's "
+                   "--hash (default sha256)")
+    p.add_argument("--xattr", choices=("security", "user"), default="security")
+    p.add_argument("-r", "--recursive", action="store_true")
+    p.add_argument("--skip-special", action="store_true")
+    p.add_argument("--failures-only", action="store_true",
+                   help="print only failures and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="add status and detail")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_verify)
