@@ -94,7 +94,7 @@ def _verification_keys(dirs: list[str], certs: list[str]) -> str:
 
 
 def _run(args) -> int:
-    from imafs.ima import runtime_policy as rp
+    from imafs.ima import keylime as rp
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imafs keylime-policy: %(message)s")

@@ -1,5 +1,5 @@
-"""keylime runtime policies (keylime 7.x, format version 1) from an IMA measurement
-list or from a root file system tree.
+"""keylime's formats: runtime policies (keylime 7.x, format version 1) from an IMA
+measurement list or from a root file system tree.
 
 A keylime verifier replays an agent's ascii measurement list against PCR 10 and
 checks every entry against a *runtime policy*: ``digests`` maps each path, as the list
@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 from imafs.ima import hashing
 from imafs.ima.templates import TemplateError, parse_ascii_line
 
-log = logging.getLogger("imafs.runtime_policy")
+log = logging.getLogger("imafs.keylime")
 
 __all__ = ["RUNTIME_POLICY_VERSION", "GENERATOR_LEGACY_ALLOWLIST", "KEYLIME_ALGOS",
            "KEYLIME_TEMPLATES", "empty_policy", "finish", "from_ascii_list", "from_rootfs",
