@@ -11,7 +11,7 @@ from imafs.commands import CommandError
 
 
 # the order ``imafs --help`` lists the commands in; a module not named here follows
-ORDER = ("digest", "keylime_policy", "keygen", "sign", "verify", "mount", "policy",
+ORDER = ("digest", "digest_list", "keylime_policy", "keygen", "sign", "verify", "mount", "policy",
          "verify_log")
 
 

@@ -25,6 +25,6 @@ def test_help_lists_the_commands_in_order():
     assert "_files" not in mods
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
-    assert list(sub.choices) == ["digest", "keylime-policy", "keygen", "sign", "verify",
+    assert list(sub.choices) == ["digest", "digest-list", "keylime-policy", "keygen", "sign", "verify",
                                  "mount", "umount", "policy", "verify-log"]
     assert cli.CommandError is CommandError
