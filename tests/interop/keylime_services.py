@@ -21,7 +21,7 @@ a process group of its own, which gets SIGTERM, then SIGKILL (the 7.x servers'
 parent processes ignore SIGTERM while their workers live).  The agent's mounts live
 and die with its mount namespace, so none is left behind.
 
-Adaptation (the only one; keylime 6.6 agent against 7.14 servers):
+Adaptation (one relay, for the 6.6 agent against 7.14 servers):
 
 The agent reaches the registrar through :class:`_RegistrarRelay`, a loopback relay
 that changes two things the 7.12+ registrar (rewritten on a new web framework)
@@ -38,9 +38,10 @@ reads differently from the 6.6 agent's requests, and passes everything else thro
   one ``tpm2_createek`` and the agent use).
 
 keylime 7.10.0 (the last release before that rewrite) takes the 6.6 agent as it
-is; it is not used because its ``process_measurement_list`` needs an attestation
-state object, which the suite's other keylime checks (``scripts/keylime_check.py``
-included) do not pass, and the main venv holds one keylime.
+is; it is not used because its ``process_measurement_list`` (and 7.12.1's) needs an
+attestation state object, which the suite's other keylime checks
+(``scripts/keylime_check.py`` included) do not pass, and the main venv holds one
+keylime.
 
 Not adaptations, configuration: the agent's EK certificate comes from swtpm's
 local CA (``swtpm_setup --create-ek-cert``), so the 6.6 agent sends a real
@@ -51,12 +52,10 @@ with a fixed ``tpm_ownerpassword`` and without revocation notifications; keylime
 imports ``gpg`` (Debian's python3-gpg, not installable from PyPI without
 building), which each service finds on its PYTHONPATH.
 
-Command line (``scripts/demo`` uses it): ``python keylime_services.py demo ...``,
-see :func:`main`.
+``keylime_demo.py`` beside this module is ``scripts/demo``'s keylime step.
 """
 from __future__ import annotations
 
-import argparse
 import configparser
 import contextlib
 import http.client
@@ -70,7 +69,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -113,7 +111,10 @@ def _templates(which: str) -> Path | None:
             if (AGENT_VENV / "share" / "keylime-agent-version").exists() else "6.6.0"
     else:
         from importlib import metadata
-        version = metadata.version("keylime")
+        try:
+            version = metadata.version("keylime")
+        except metadata.PackageNotFoundError:
+            return None
     t = AGENT_VENV / "share" / f"keylime-{version}" / "templates"
     return t if t.is_dir() else None
 
@@ -624,88 +625,3 @@ class KeylimeLoop:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-# ---------------------------------------------------------------------- demo
-def _mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == real for line in f)
-
-
-def demo(rootfs: Path, mnt: Path, keys: Path, policy: Path, work: Path,
-         tampered: str = "/usr/bin/tampered", rounds: int = 3) -> int:
-    """scripts/demo's keylime step: mount ``rootfs`` at ``mnt`` with ``--tpm`` on a
-    swtpm, attest it with keylime's services (PASS while ``/usr/bin/hello`` runs),
-    then append a line to ``tampered`` behind the mount, run it through the mount and
-    show the verifier's FAIL.  Prints what happens; 0 when PASS then FAIL were seen."""
-    imafs = [sys.executable, "-m", "imafs"]
-    say = lambda msg: print(msg, flush=True)          # noqa: E731
-    rel = lambda p: os.path.relpath(p)                 # noqa: E731
-    loop = KeylimeLoop(work, quote_interval=1.0, log=say)
-    try:
-        tcti = loop.start_tpm()
-        r = subprocess.run(imafs + ["mount", str(rootfs), str(mnt), "--state",
-                                    str(work / "imafs-state"), "--policy", str(policy),
-                                    "--keys", str(keys), "--template", "ima-sig",
-                                    "--tpm", tcti], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise KeylimeError(f"imafs mount failed: {r.stderr.strip()}")
-        say(f"$ imafs mount {rel(rootfs)} {rel(mnt)} --policy {rel(policy)} --keys "
-            f"{rel(keys)} --template ima-sig --tpm {tcti}")
-        loop.start_servers()
-        loop.start_agent(mnt)
-        rp = work / "runtime-policy.json"
-        argv = ["keylime-policy", "--rootfs", rel(rootfs), "--mount", rel(mnt),
-                "--keys", rel(keys), "--output", rel(rp)]
-        r = subprocess.run(imafs + argv, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise KeylimeError(f"imafs keylime-policy failed: {r.stderr.strip()}")
-        say("$ imafs " + " ".join(argv))
-        say(f"$ keylime_tenant -c add -t 127.0.0.1 -tp {loop.agent_port} -u {loop.uuid} "
-            f"--runtime-policy {rel(rp)}")
-        loop.add(rp)
-        for _ in range(rounds):
-            out = subprocess.run(["chroot", str(mnt), "/usr/bin/hello"], capture_output=True,
-                                 text=True).stdout.strip()
-            st = loop.wait_pass(1)
-            say(f"verifier: {st['attestation_status']} (attestation {st['attestation_count']}"
-                f", after /usr/bin/hello ran: {out!r})")
-        with open(f"{rootfs}{tampered}", "a") as f:
-            f.write('echo "this line was added by an attacker"\n')
-        r = subprocess.run(["chroot", str(mnt), tampered], capture_output=True, text=True)
-        say(f"a line appended to {rel(rootfs)}{tampered}, which then ran through the "
-            f"mount: exit {r.returncode} ({r.stderr.strip()})")
-        st, took = loop.wait_fail(timeout=30)
-        say(f"verifier: {st['attestation_status']} {took:.1f} s later: {loop.failure(st)}")
-        return 0
-    except KeylimeError as e:
-        say(f"keylime loop: {e}")
-        return 1
-    finally:
-        loop.close()
-        if _mounted(mnt):
-            subprocess.run(imafs + ["umount", str(mnt)], capture_output=True)
-        if _mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="keylime's services attesting an imafs mount")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="scripts/demo's keylime step (see demo())")
-    d.add_argument("--rootfs", type=Path, required=True)
-    d.add_argument("--mnt", type=Path, required=True)
-    d.add_argument("--keys", type=Path, required=True)
-    d.add_argument("--policy", type=Path, required=True, help="the mount's IMA policy")
-    d.add_argument("--work", type=Path, required=True)
-    a = ap.parse_args(argv)
-    why = missing()
-    if why:
-        print(f"keylime loop: cannot run: {why}", file=sys.stderr)
-        return 2
-    return demo(a.rootfs.resolve(), a.mnt.resolve(), a.keys.resolve(), a.policy.resolve(),
-                a.work.resolve())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

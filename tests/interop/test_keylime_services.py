@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import IMAFS, REPO, Mount, force_unmount
+from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount
 import keylime_services as ks
 
 pytestmark = [pytest.mark.interop, pytest.mark.mount, pytest.mark.timeout(900)]
@@ -156,6 +157,41 @@ def host():
             h.mount.stop()
             force_unmount(str(work / "mnt"))
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(keylime: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAFS_DEMO_")}
+    env["IMAFS_DEMO_KEYLIME"] = keylime
+    return subprocess.run([str(REPO / "scripts/demo")], capture_output=True, text=True,
+                          timeout=600, env=env, cwd="/")
+
+
+def test_demo_keylime_step():
+    """``IMAFS_DEMO_KEYLIME=1 ./scripts/demo``: step 8b shows the verifier's PASS, then
+    its FAIL naming the tampered binary; the other steps are unchanged, nothing is
+    left mounted or on disk.  (Runs before the module's services start.)"""
+    r = _demo("1")
+    m = re.search(r"files in (/tmp/imafs-demo\.[A-Za-z0-9]+)/rootfs", r.stdout)
+    work = m.group(1) if m else None
+    for mnt in ("mnt", "mnt-attested"):
+        if work and _is_mounted(f"{work}/{mnt}"):
+            force_unmount(f"{work}/{mnt}")
+            pytest.fail(f"the demo left {work}/{mnt} mounted\n{r.stdout}\n{r.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    heads = re.findall(r"^== (.*) ==$", r.stdout, re.M)
+    assert heads[8] == "8b. keylime's running services attest a mount with a TPM: PASS, then FAIL"
+    assert len(heads) == 11 and heads[9].startswith("9. ") and heads[-1] == "10. Unmount"
+    step = r.stdout.split("== 8b.", 1)[1].split("== 9.", 1)[0]
+    assert re.search(r"^  verifier: PASS \(attestation \d+", step, re.M), step
+    assert re.search(r"^  verifier: FAIL .*/usr/bin/tampered", step, re.M), step
+    assert "ok: keylime's verifier passed the mount, then failed it for /usr/bin/tampered" in step
+    assert "ok: demo complete" in r.stdout
+    assert work is not None and not os.path.exists(work)
+
+
+def test_demo_refuses_a_bad_keylime_switch():
+    r = _demo("yes")
+    assert r.returncode == 2 and "IMAFS_DEMO_KEYLIME=yes: not 0 or 1" in r.stderr
 
 
 def test_registered_added_and_passing_while_files_are_used(host):
