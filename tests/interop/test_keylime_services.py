@@ -7,6 +7,7 @@ the agent with a runtime policy that ``imafs keylime-policy`` writes (the files 
 the tree, the boot aggregate and buffer entries from the mount's list, the signing
 certificate as verification key) and reads the verifier's verdict from its REST API.
 The quote interval is 1 s.  The PCR test breaks the TPM for good: it runs last.
+The demo's keylime step runs first, with services of its own (keylime_demo.py).
 """
 from __future__ import annotations
 
