@@ -25,7 +25,7 @@ import pytest
 from cryptography import x509
 
 from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount
-import keylime_services as ks
+from . import keylime_services as ks
 
 pytestmark = [pytest.mark.interop, pytest.mark.mount, pytest.mark.timeout(900)]
 _why = ks.missing()
