@@ -43,6 +43,49 @@ imafs_setup() {
         echo "$want" > "$stamp"
     fi
     export PATH="$top/.venv/bin:$PATH"
+    imafs_keylime_agent "$top" || return 1
+}
+
+# keylime's Python agent for tests/interop/test_keylime_services.py and the demo's
+# keylime step. The agent is keylime 6.6.0 (the last release with the Python agent;
+# 7.x is servers only), so it needs a venv of its own beside .venv, which holds the
+# 7.x servers. Its wheel-less sdist declares no dependencies: the ones its agent
+# imports are listed here. keylime's configuration templates are in neither wheel:
+# they are kept from the sdists of both versions (the agent's and the servers' pin in
+# pyproject.toml) in .venv-keylime-agent/share/keylime-VERSION/templates.
+IMAFS_KEYLIME_AGENT_VERSION=6.6.0
+IMAFS_KEYLIME_AGENT_DEPS=(cryptography psutil packaging pyyaml requests tornado lark pyasn1
+                          pyasn1-modules)
+imafs_keylime_agent() {
+    local top=$1 venv server want stamp v tmp
+    venv="$top/.venv-keylime-agent"
+    server=$(grep -oE '"keylime==[0-9.]+"' "$top/pyproject.toml" | tr -dc '0-9.')
+    [ -n "$server" ] || { echo "setup: no keylime==VERSION pin in pyproject.toml" >&2; return 1; }
+    want="$IMAFS_KEYLIME_AGENT_VERSION $server ${IMAFS_KEYLIME_AGENT_DEPS[*]}"
+    stamp="$venv/.imafs-stamp"
+    [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || return 0
+    echo "setup: preparing .venv-keylime-agent (keylime $IMAFS_KEYLIME_AGENT_VERSION agent)" >&2
+    local py=${PYTHON:-python3}
+    "$py" -m venv --clear "$venv" || return 1
+    tmp=$(mktemp -d) || return 1
+    if ! ( for v in "$IMAFS_KEYLIME_AGENT_VERSION" "$server"; do
+               "$venv/bin/pip" download -q --disable-pip-version-check --no-deps \
+                   --no-binary :all: -d "$tmp" "keylime==$v" || exit 1
+           done
+           "$venv/bin/pip" install -q --disable-pip-version-check \
+               "$tmp/keylime-$IMAFS_KEYLIME_AGENT_VERSION.tar.gz" "${IMAFS_KEYLIME_AGENT_DEPS[@]}"
+         ) >"$venv/pip.log" 2>&1; then
+        tail -20 "$venv/pip.log" >&2; rm -rf "$tmp"; return 1
+    fi
+    mkdir -p "$venv/share"
+    for v in "$IMAFS_KEYLIME_AGENT_VERSION" "$server"; do
+        rm -rf "$venv/share/keylime-$v"; mkdir -p "$venv/share/keylime-$v"
+        tar -xzf "$tmp/keylime-$v.tar.gz" -C "$venv/share/keylime-$v" --strip-components=1 \
+            "keylime-$v/templates" || { rm -rf "$tmp"; return 1; }
+    done
+    echo "$IMAFS_KEYLIME_AGENT_VERSION" > "$venv/share/keylime-agent-version"
+    rm -rf "$tmp"
+    echo "$want" > "$stamp"
 }
 
 # The Debian rootfs of tests/test_rootfs.py (scripts/rootfs.sh), built when missing.
