@@ -29,23 +29,27 @@ import stat
 from dataclasses import dataclass
 
 from imafs.ima import appraise as ap
-from imafs.ima import hashing
+from imafs.ima import hashing, query
 from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
 from imafs.ima.collect import Collector, Stats, needed
-from imafs.ima.hooks import (ExecRoles, OpenMode, events, has_func, hook_ids,  # noqa: F401
+from imafs.ima.hooks import (ExecRoles, OpenMode, events, has_func, has_measure, hook_ids,
                              open_hooks, verdict_key)
-from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt,  # noqa: F401
-                            IIntTable, OpenState, Pending, Subject, settle, stat_version)
-from imafs.ima.namespaces import Namespace, NamespaceTree, XattrView
-from imafs.ima.policy import MAY_EXEC, MAY_READ, AccessEvent, Decision
-from imafs.ima.readverify import ReadVerifier, ReadVerifyError  # noqa: F401
+from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
+                            OpenState, Pending, Subject, settle, stat_version)
+from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epochs,
+                                  chain_fingerprints)
+from imafs.ima.policy import AccessEvent, Decision
+from imafs.ima.readverify import ReadVerifier, ReadVerifyError, verifiers_of
 from imafs.ima.record import Recorder, measurement_spec
 
 log = logging.getLogger("imafs.engine")
 
-# commands/keys_cmds.py imports these three from here (its hook mapping for
-# ``imafs verify --policy``); they live in hooks.py -- import them from there
+# the engine's interface, for the FUSE adapter and the control directory
+__all__ = ["AccessDenied", "Engine", "FileRef", "FsInfo", "OpenMode", "OpenState", "Pending",
+           "ReadVerifyError", "Subject", "settle"]
+# commands/verify.py imports _has_func, hook_ids and open_hooks from here; they live
+# in hooks.py: once it imports them from there, drop this line and those imports
 _has_func = has_func
 
 _VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
@@ -208,7 +212,7 @@ class Engine:
         try:
             if ii.version != f.version:
                 ii.reset(f.version)
-            epochs = _epochs(chain)
+            epochs = chain_epochs(chain)
             writers = ii.writers
             # 4. violations, before anything is measured
             self._rdwr_violation_check(req)
@@ -233,7 +237,7 @@ class Engine:
             verifiers = ()
             if self.verify_reads and mode.readable and not mode.writable \
                     and ii.writers == 0 and not mode.direct:
-                verifiers = _verifiers(req.decided)
+                verifiers = verifiers_of(req.decided)
                 if verifiers:
                     algo = verifiers[0].hash_algo
                     try:
@@ -249,12 +253,12 @@ class Engine:
             # policy or keys change), and after a remount the verdict cache
             if req.verdict_key is not None and writers == 0 and ii.version == f.version:
                 ii.verdicts[req.verdict_key] = (epochs, req.decided, verifiers)
-                if req.decided and epochs == _epochs(chain):
+                if req.decided and epochs == chain_epochs(chain):
                     self.verdicts.put(
                         VerdictCache.record_key(f.key, f.version, req.verdict_key,
-                                                _fingerprints(chain)),
+                                                chain_fingerprints(chain)),
                         sorted(ii.must_measure & {n.id for n in chain}),
-                        [n.id for n in _verifiers(req.decided)])
+                        [n.id for n in verifiers_of(req.decided)])
         finally:
             ii.lock.release()
         return state
@@ -274,7 +278,7 @@ class Engine:
             return None
         try:
             if ii.verdicts.get(req.verdict_key) is not hit or ii.version != f.version \
-                    or ii.writers or hit[0] != _epochs(req.chain):
+                    or ii.writers or hit[0] != chain_epochs(req.chain):
                 return None
             _epochs_then, decided, verifiers = hit
             if verifiers and ii.tree is None:
@@ -292,7 +296,7 @@ class Engine:
         ii, f = req.ii, req.f
         if req.recorded is None:
             req.recorded = self.verdicts.get(VerdictCache.record_key(
-                f.key, f.version, req.verdict_key, _fingerprints(req.chain)))
+                f.key, f.version, req.verdict_key, chain_fingerprints(req.chain)))
             if req.recorded is None:
                 return None
         measuring, verifier_ids = req.recorded
@@ -310,7 +314,7 @@ class Engine:
                 return None
             ii.must_measure.update(measuring)
             state = self._reopened(req, [], verifiers)
-            ii.verdicts[req.verdict_key] = (_epochs(req.chain), [], verifiers)
+            ii.verdicts[req.verdict_key] = (chain_epochs(req.chain), [], verifiers)
             self._stats.add(done_records=1)
             return state
         finally:
@@ -338,7 +342,7 @@ class Engine:
         one that causes a ToMToU)."""
         ii = req.ii
         for n in req.chain:
-            if not _has_measure(n.policy):
+            if not has_measure(n.policy):
                 continue
             for ev in req.events:
                 if ev.func not in _VIOLATION_FUNCS:
@@ -592,41 +596,8 @@ class Engine:
     # ------------------------------------------------------------------ query
     def explain(self, subject: Subject, f: FileRef, *, exec_: bool = False) -> dict:
         """What the engine decides about a file for this subject, and why (the
-        ``query`` control file): digest, matching rules, measurement and appraisal."""
-        ns = self.namespace_of(subject)
-        out = {"path": os.fsdecode(f.path), "namespace": ns.path, "namespaces": []}
-        if not stat.S_ISREG(f.st.st_mode):
-            out["error"] = "not a regular file: IMA measures and appraises regular files only"
-            return out
-        ii = self.iints.get(f.key)
-        evs = events(ns.chain(), subject, f, ii, MAY_EXEC if exec_ else MAY_READ, exec_)
-        with ii.lock:
-            if ii.version != f.version:
-                ii.reset(f.version)
-            for n in ns.chain():
-                entry = {"namespace": n.path, "appraise_mode": n.appraise_mode, "hooks": []}
-                xv = f.getxattr(n.xattr_name)
-                entry["xattr"] = ap.describe_xattr(xv) if xv else None
-                algo = ap.get_hash_algo(xv, n.hash_algo)   # what a measurement records
-                digest = self.collector.digest(ii, f, algo, {algo})
-                entry["digest"] = f"{algo}:{digest.hex()}"
-                entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
-                for ev in evs:
-                    d = n.policy.match(ev)
-                    h = {"func": ev.func, "mask": ev.mask, "decision": d.to_dict()}
-                    if d.appraise:
-                        r = ap.appraise_decision(
-                            xv, d, lambda a: self.collector.digest(ii, f, a, {a}), n.keyring,
-                            verity_digest=lambda a: self.collector.verity_digest(ii, f, a, {a}),
-                            default_algo=n.hash_algo)
-                        h["appraisal"] = {"status": r.status, "cause": r.cause,
-                                          "detail": r.detail,
-                                          "keyid": (f"{r.keyid:08x}"
-                                                    if r.keyid is not None else None),
-                                          "allowed": r.passed or n.appraise_mode != "enforce"}
-                    entry["hooks"].append(h)
-                out["namespaces"].append(entry)
-        return out
+        ``query`` control file): see query.py."""
+        return query.explain(self, subject, f, exec_=exec_)
 
 
 def _fgetxattr(fd: int, name: str) -> bytes | None:
@@ -634,36 +605,3 @@ def _fgetxattr(fd: int, name: str) -> bytes | None:
         return os.getxattr(fd, name)
     except OSError:
         return None
-
-
-def _fingerprints(chain) -> tuple:
-    """What the decisions of a namespace chain depend on, as content (epochs restart
-    with a mount): each namespace's fingerprint."""
-    return tuple(n.fingerprint() for n in chain)
-
-
-def _epochs(chain) -> tuple:
-    """The policy and keyring epochs of a namespace chain (verdicts depend on them)."""
-    return tuple(n.epoch() for n in chain)
-
-
-def _has_measure(policy) -> bool:
-    """Does the policy have a measure rule (the kernel's ima_policy_flag & IMA_MEASURE)?"""
-    cache = getattr(policy, "_imafs_measures", None)
-    if cache is None:
-        cache = any(r.action == "measure" for r in policy.rules)
-        try:
-            policy._imafs_measures = cache
-        except AttributeError:
-            pass
-    return cache
-
-
-def _verifiers(decided) -> tuple:
-    """The namespaces whose policy measured or appraised an open, in chain order:
-    the ones whose reads are verified, and that record a read-verify violation."""
-    out = []
-    for n, _ev, d in decided:
-        if (d.measure or (d.appraise and n.appraise_mode != "off")) and n not in out:
-            out.append(n)
-    return tuple(out)

@@ -127,6 +127,19 @@ def has_func(policy, func: str) -> bool:
     return func in cache or None in cache
 
 
+def has_measure(policy) -> bool:
+    """Does the policy have a measure rule (the kernel's ima_policy_flag & IMA_MEASURE)?
+    The violation checks run only then."""
+    cache = getattr(policy, "_imafs_measures", None)
+    if cache is None:
+        cache = any(r.action == "measure" for r in policy.rules)
+        try:
+            policy._imafs_measures = cache
+        except AttributeError:
+            pass
+    return cache
+
+
 def binfmt_of(ii: IInt, f: FileRef) -> tuple[bool, bytes | None]:
     """(is ELF, PT_INTERP) of this file version (read once per version)."""
     b = ii.binfmt

@@ -114,6 +114,17 @@ class Namespace:
         return fp
 
 
+def chain_epochs(chain) -> tuple:
+    """The policy and keyring epochs of a namespace chain (verdicts depend on them)."""
+    return tuple(n.epoch() for n in chain)
+
+
+def chain_fingerprints(chain) -> tuple:
+    """What the decisions of a namespace chain depend on, as content (epochs restart
+    with a mount): each namespace's fingerprint."""
+    return tuple(n.fingerprint() for n in chain)
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 CREATE_OPTIONS = {"template", "hash", "appraise"}
 

@@ -27,6 +27,16 @@ from imafs.ima.record import Recorder
 log = logging.getLogger("imafs.engine")
 
 
+def verifiers_of(decided) -> tuple:
+    """The namespaces whose policy measured or appraised an open, in chain order:
+    the ones whose reads are verified, and that record a read-verify violation."""
+    out = []
+    for n, _ev, d in decided:
+        if (d.measure or (d.appraise and n.appraise_mode != "off")) and n not in out:
+            out.append(n)
+    return tuple(out)
+
+
 class ReadVerifyError(AccessDenied):
     """A read that does not match the tree the file was measured with (EIO)."""
 

@@ -1,0 +1,53 @@
+"""The ``query`` control file: what the engine decides about one file for one caller,
+and why -- the digest a measurement records, the rules each namespace of the chain
+matches for each hook, and the appraisal they ask for. Nothing is recorded: the
+file's per-inode state is only read (and its digests computed when missing)."""
+from __future__ import annotations
+
+import os
+import stat
+
+from imafs.ima import appraise as ap
+from imafs.ima.hooks import events
+from imafs.ima.iint import FileRef, Subject
+from imafs.ima.policy import MAY_EXEC, MAY_READ
+
+
+def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dict:
+    """The answer, as a dict the control file prints as JSON (``exec_``: an exec of
+    the file rather than a read)."""
+    ns = engine.namespace_of(subject)
+    out = {"path": os.fsdecode(f.path), "namespace": ns.path, "namespaces": []}
+    if not stat.S_ISREG(f.st.st_mode):
+        out["error"] = "not a regular file: IMA measures and appraises regular files only"
+        return out
+    collector = engine.collector
+    ii = engine.iints.get(f.key)
+    evs = events(ns.chain(), subject, f, ii, MAY_EXEC if exec_ else MAY_READ, exec_)
+    with ii.lock:
+        if ii.version != f.version:
+            ii.reset(f.version)
+        for n in ns.chain():
+            entry = {"namespace": n.path, "appraise_mode": n.appraise_mode, "hooks": []}
+            xv = f.getxattr(n.xattr_name)
+            entry["xattr"] = ap.describe_xattr(xv) if xv else None
+            algo = ap.get_hash_algo(xv, n.hash_algo)   # what a measurement records
+            digest = collector.digest(ii, f, algo, {algo})
+            entry["digest"] = f"{algo}:{digest.hex()}"
+            entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
+            for ev in evs:
+                d = n.policy.match(ev)
+                h = {"func": ev.func, "mask": ev.mask, "decision": d.to_dict()}
+                if d.appraise:
+                    r = ap.appraise_decision(
+                        xv, d, lambda a: collector.digest(ii, f, a, {a}), n.keyring,
+                        verity_digest=lambda a: collector.verity_digest(ii, f, a, {a}),
+                        default_algo=n.hash_algo)
+                    h["appraisal"] = {"status": r.status, "cause": r.cause,
+                                      "detail": r.detail,
+                                      "keyid": (f"{r.keyid:08x}"
+                                                if r.keyid is not None else None),
+                                      "allowed": r.passed or n.appraise_mode != "enforce"}
+                entry["hooks"].append(h)
+            out["namespaces"].append(entry)
+    return out
