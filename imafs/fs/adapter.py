@@ -2,12 +2,13 @@
 call.
 
 Only translation lives here: a FUSE open (caller, inode, flags) becomes an engine
-``Subject``, ``FileRef`` and ``OpenMode``; an engine refusal (``AccessDenied``)
-becomes ``Denied`` with its errno; a ``Pending`` is handed on for the overlay to
-finish in a worker thread. Besides, the FUSE side of read-time verification: which
-cached pages the kernel may keep (``keep_cache``), the page-cache fill of a digest
-pass (``notify_store``), invalidations, and inotify on files whose reads are
-verified. No policy, list, signature or xattr format is looked at in this module.
+``Subject``, ``FileRef`` and ``OpenMode``; the engine's answer -- an ``OpenState``, a
+``Pending`` for the overlay to finish in a worker thread, or a refusal
+(``AccessDenied``, which is the overlay's ``Denied``) -- goes back as it is. Besides,
+the FUSE side of read-time verification: which cached pages the kernel may keep
+(``opened``), the page-cache fill of a digest pass (``notify_store``),
+invalidations, and inotify on files whose reads are verified. No policy, list,
+signature or xattr format is looked at in this module.
 """
 from __future__ import annotations
 
@@ -126,43 +127,13 @@ class IntegrityHooks(Hooks):
     def open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
              created: bool = False):
         """On the event loop: the engine decides a warm open right here (a worker
-        thread's round trip costs more than the decision itself) and hands anything
-        else on as a Pending."""
+        thread's round trip costs more than the decision itself) and returns a
+        Pending for anything else."""
         f = self._file(inode, fd, flags)
         if f is None:
             return None
-        try:
-            r = self.engine.file_open(Subject(caller.pid, caller.uid, caller.gid), f,
-                                      OpenMode.from_flags(flags, exec_=exec_, created=created))
-        except AccessDenied as e:
-            raise self._denied(caller, e) from None
-        if type(r) is Pending:
-            return Pending(self._finish_open, r, caller, inode)
-        return self._opened(r, inode)
-
-    def _finish_open(self, pending: Pending, caller: Caller, inode: Inode):
-        try:
-            state = pending.finish()
-        except AccessDenied as e:
-            raise self._denied(caller, e) from None
-        return self._opened(state, inode)
-
-    @staticmethod
-    def _denied(caller: Caller, e: AccessDenied) -> Denied:
-        log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, e.reason)
-        return Denied(e.errno, e.reason)
-
-    def _opened(self, state, inode: Inode):
-        if state is not None and self.engine.verify_reads:
-            state.ref = inode.nodeid
-            if state.tree is not None and self._inotify is not None:
-                self._inotify.watch(inode.nodeid, inode.fd)
-            if state.tree is not None and inode.nodeid in self._unverified:
-                # the kernel may hold pages of this inode that were served without
-                # verification: do not let this verified open keep them
-                self._unverified.discard(inode.nodeid)
-                self._tainted.add(inode.nodeid)
-        return state
+        return self.engine.file_open(Subject(caller.pid, caller.uid, caller.gid), f,
+                                     OpenMode.from_flags(flags, exec_=exec_, created=created))
 
     def release(self, token):
         """On the event loop (cheap): None, or the slow part as a Pending."""
@@ -218,11 +189,23 @@ class IntegrityHooks(Hooks):
         return size if size is not None and size != st.st_size else None
 
     # ------------------------------------------------------------------ page cache
-    def keep_cache(self, inode: Inode, unchanged: bool) -> bool:
-        """Whether an open may keep the kernel's cached pages of the inode: when the
-        digest pass of this open filled them (they are the bytes just measured); else
-        only if the file is unchanged since the last open, and not after a failed
-        verification, nor when pages read unverified could be among them."""
+    def opened(self, inode: Inode, token, unchanged: bool) -> bool:
+        """An open succeeded: a handle whose reads are verified gets its inode watched
+        (inotify) and its nodeid (``OpenState.ref``). Returns whether the open may keep
+        the kernel's cached pages of the inode: when the digest pass of this open
+        filled them (they are the bytes just measured); else only if the file is
+        unchanged since the last open, and not after a failed verification, nor when
+        pages read unverified could be among them."""
+        if token is not None and self.engine.verify_reads:
+            token.ref = inode.nodeid
+            if token.tree is not None:
+                if self._inotify is not None:
+                    self._inotify.watch(inode.nodeid, inode.fd)
+                if inode.nodeid in self._unverified:
+                    # the kernel may hold pages of this inode that were served without
+                    # verification: do not let this verified open keep them
+                    self._unverified.discard(inode.nodeid)
+                    self._tainted.add(inode.nodeid)
         if inode.nodeid in self._filled:
             self._filled.discard(inode.nodeid)
             self._tainted.discard(inode.nodeid)
@@ -313,11 +296,8 @@ class IntegrityHooks(Hooks):
 
     # ------------------------------------------------------------------ xattrs
     def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None):
-        try:
-            stored = self.engine.inode_setxattr(caller.pid, (inode.dev, inode.ino),
-                                                inode.path(), name, value)
-        except AccessDenied as e:
-            raise Denied(e.errno, e.reason) from None
+        stored = self.engine.inode_setxattr(caller.pid, (inode.dev, inode.ino), inode.path(),
+                                            name, value)
         return None if stored is None else (stored, value)
 
     def listxattr(self, caller: Caller, inode: Inode, names: list[bytes]) -> list[bytes]:

@@ -29,7 +29,7 @@ from pyfuse3 import FUSEError
 
 from imafs.fs import sysio
 from imafs.fs.routes import CONTROL_BASE, ControlRoutes  # noqa: F401 - control.py's too
-from imafs.ima.iint import Pending
+from imafs.ima.iint import AccessDenied, Pending
 
 log = logging.getLogger("imafs.fs")
 
@@ -66,13 +66,9 @@ class Caller:
     umask: int = 0o022
 
 
-class Denied(Exception):
-    """Raised by hooks to refuse an operation with an errno."""
-
-    def __init__(self, err: int, reason: str = ""):
-        super().__init__(reason or os.strerror(err))
-        self.errno = err
-        self.reason = reason
+#: what hooks raise to refuse an operation (``.errno``, ``.reason``): the engine's
+#: refusal itself, so that it crosses from the engine to the overlay unchanged
+Denied = AccessDenied
 
 
 class Hooks:
@@ -81,9 +77,9 @@ class Hooks:
 
     ``open``, ``read`` and ``release`` run on the event loop and must not block: each
     answers at once, or returns a :class:`Pending`, whose ``finish()`` the overlay
-    calls in a worker thread for the answer. ``wrote`` and the listing, size and
-    cache questions run on the event loop too; ``changed`` and ``setxattr`` in a
-    worker thread.
+    calls in a worker thread for the answer. ``opened``, ``wrote`` and the listing
+    and size questions run on the event loop too; ``changed`` and ``setxattr`` in a
+    worker thread. Refusals raise :data:`Denied`.
     """
     active = False         # open/release/read/write/setattr hooks wanted
     xattr_hooks = False    # setxattr/getxattr/listxattr/removexattr hooks wanted
@@ -127,9 +123,9 @@ class Hooks:
         """Cheap: a size to report instead of ``st.st_size``."""
         return None
 
-    def keep_cache(self, inode: "Inode", unchanged: bool) -> bool:
-        """Whether the open may keep the kernel's cached pages (``unchanged``: the
-        file is as the last open saw it)."""
+    def opened(self, inode: "Inode", token, unchanged: bool) -> bool:
+        """An open of ``inode`` succeeded with ``token``: whether it may keep the
+        kernel's cached pages (``unchanged``: the file is as the last open saw it)."""
         return unchanged
 
 
@@ -572,17 +568,7 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
         token = None
         if active:
-            caller = _caller(ctx)
-            try:
-                token = self.hooks.open(caller, node, fd, flags, exec_)
-                if type(token) is Pending:
-                    token = await self._in_thread(token.finish)
-            except Denied as d:
-                os.close(fd)
-                raise FUSEError(d.errno)
-            except BaseException:
-                os.close(fd)
-                raise
+            token = await self._hook_open(_caller(ctx), node, fd, flags, exec_)
         h = OpenFile(fd, node, oflags, token)
         try:
             if trunc:
@@ -599,7 +585,7 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
         keep = self._keep_cache(node, st)
         if active:
-            keep = self.hooks.keep_cache(node, keep)
+            keep = self.hooks.opened(node, token, keep)
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=keep)
 
     @staticmethod
@@ -672,16 +658,7 @@ class Overlay(pyfuse3.Operations):
         node = self._remember(parent, name, pfd, st)
         token = None
         if self.hooks.active:
-            try:
-                token = self.hooks.open(caller, node, fd, flags, False, created)
-                if type(token) is Pending:
-                    token = await self._in_thread(token.finish)
-            except Denied as d:
-                os.close(fd)
-                raise FUSEError(d.errno)
-            except BaseException:
-                os.close(fd)
-                raise
+            token = await self._hook_open(caller, node, fd, flags, False, created)
         if trunc:
             try:
                 _truncate_opened(fd, base)
@@ -780,6 +757,23 @@ class Overlay(pyfuse3.Operations):
             # inline, before any later request runs: FUSE RELEASE is asynchronous to
             # close(), and the next OPEN must see the open counts without this handle
             await self._release_token(h.token)
+
+    async def _hook_open(self, caller: Caller, node: Inode, fd: int, flags: int, exec_: bool,
+                         created: bool = False):
+        """The hooks' token for an open of ``fd`` (finished in a worker thread when
+        they return a Pending); a refusal closes ``fd`` and answers its errno."""
+        try:
+            token = self.hooks.open(caller, node, fd, flags, exec_, created)
+            if type(token) is Pending:
+                token = await self._in_thread(token.finish)
+            return token
+        except Denied as d:
+            os.close(fd)
+            log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, d.reason)
+            raise FUSEError(d.errno) from None
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def _release_token(self, token) -> None:
         r = self.hooks.release(token)
