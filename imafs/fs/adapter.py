@@ -24,7 +24,7 @@ import pyfuse3
 from imafs.fs import sysio
 from imafs.fs.inotify import Inotify
 from imafs.fs.overlay import Caller, Denied, Hooks, Inode
-from imafs.fs.resolve import resolve
+from imafs.fs.resolve import open_regular, resolve
 from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, OpenMode, Pending, Subject
 
 log = logging.getLogger("imafs.fs.adapter")
@@ -55,6 +55,42 @@ def _identity(inode: Inode, root_link: str | None, pid: int,
     finally:
         os.close(fd)
     return (st.st_dev, st.st_ino)
+
+
+def file_ref(fd: int, st: os.stat_result, path: bytes, node: str, *, readable: bool,
+             fs: FsInfo, generation: int, resolve=None, fill_cache=None,
+             pread_nowait=None) -> FileRef:
+    """THE place that makes a backing file a ``FileRef`` (an open through the mount,
+    or a path a control file reads): ``fd`` the open descriptor, ``node`` a path of
+    the backing inode (``/proc/self/fd/N``) for ``reopen`` and ``setxattr``."""
+    def getxattr(name: str):
+        try:
+            return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+
+    return FileRef(
+        fd=fd, st=st, path=path, readable=readable,
+        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
+        getxattr=getxattr, setxattr=lambda n, v: os.setxattr(node, n, v),
+        fs=fs, resolve=resolve, fill_cache=fill_cache, generation=generation,
+        pread_nowait=pread_nowait)
+
+
+def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
+    """A path of the mount (``resolve.open_regular``: regular files only, symlinks
+    resolved inside the mount) as a read-only ``FileRef``; the caller closes its
+    ``fd``. What the control files (ima/securityfs.py) open a path with."""
+    fd, st, rel = open_regular(root_fd, path, mountpoint)
+    try:
+        return file_ref(fd, st, rel.encode(), sysio.proc_path(fd), readable=True,
+                        fs=sysio.fs_info(fd, st.st_dev),
+                        generation=sysio.generation(fd, st.st_dev))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class IntegrityHooks(Hooks):
@@ -103,25 +139,13 @@ class IntegrityHooks(Hooks):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        path = sysio.proc_path(inode.fd)
         verify = self.engine.verify_reads
-
-        def getxattr(name: str):
-            try:
-                return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
-            except OSError as e:
-                if e.errno in (errno.ENODATA, errno.ENOTSUP):
-                    return None
-                raise
-
-        return FileRef(
-            fd=fd, st=st, path=inode.path(), readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
-            reopen=lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
-            getxattr=getxattr, setxattr=lambda n, v: os.setxattr(path, n, v),
-            fs=self._fsinfo(fd, st.st_dev),
+        return file_ref(
+            fd, st, inode.path(), sysio.proc_path(inode.fd),
+            readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
+            fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
             fill_cache=(lambda: self._fill_cache(inode)) if verify else None,
-            generation=self._generation(inode, fd, st.st_dev),
             pread_nowait=sysio.pread_nowait if verify else None)
 
     def open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,

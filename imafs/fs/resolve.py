@@ -1,7 +1,8 @@
 """Resolve a path of the mount to a backing inode without ever leaving the backing
 tree: component by component with O_PATH|O_NOFOLLOW; symlinks are followed *inside*
 the mount (an absolute target restarts at the mount root, like a chroot), ``..``
-never climbs above the root."""
+never climbs above the root. ``open_regular``: a path of the mount opened read-only,
+regular files only (what the control files read: a policy, certificates, a query)."""
 from __future__ import annotations
 
 import errno
@@ -62,3 +63,49 @@ def resolve(root_fd: int, path: str, *, follow: bool = True) -> tuple[int, str]:
             os.close(cur)
         for fd, _ in stack:
             os.close(fd)
+
+
+_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory",
+         stat.S_IFLNK: "a symbolic link"}
+
+
+def _regular(st: os.stat_result) -> os.stat_result:
+    """``st`` when it is a regular file's; else OSError(EINVAL) saying what it is (as
+    the kernel's kernel_read_file refuses a policy file that is not regular)."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KIND.get(stat.S_IFMT(st.st_mode), "of an unknown type")
+        raise OSError(errno.EINVAL, f"not a regular file ({kind})")
+    return st
+
+
+def open_regular(root_fd: int, path: str,
+                 mountpoint: str = "") -> tuple[int, os.stat_result, str]:
+    """Open a path of the mount -- absolute in the mount, or a host path below
+    ``mountpoint`` (its real path) -- read-only, resolving symlinks inside the mount
+    only: (descriptor, its stat, the normalised path inside the mount); the caller
+    closes the descriptor. OSError(EINVAL) with a reason for a relative path, a NUL
+    byte, or anything but a regular file."""
+    if mountpoint and (path == mountpoint or path.startswith(mountpoint + "/")):
+        path = path[len(mountpoint):] or "/"
+    if not path.startswith("/"):
+        raise OSError(errno.EINVAL, "path must be absolute (inside the mount)")
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "path contains a NUL byte")
+    # Only a regular file is opened (a FIFO's open would wait for a writer forever,
+    # a device's read may never end): the type is read from the O_PATH descriptor
+    # the resolver returns, and the file is opened through it -- the same inode,
+    # no second lookup by name -- non-blocking, and checked again.
+    node_fd, rel = resolve(root_fd, path)
+    try:
+        _regular(os.fstat(node_fd))
+        fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(node_fd)
+    try:
+        st = _regular(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st, rel
