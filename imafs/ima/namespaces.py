@@ -415,6 +415,42 @@ class NamespaceTree:
                     uid=uid)
         return child
 
+    def ns_join(self, base: Namespace, text: str, pid: int, uid: int, *,
+                check: Callable[[], None] | None = None,
+                bind: Callable[[Namespace], None] | None = None) -> Namespace:
+        """``ns-join``: process ``pid`` of ``base`` moves into the existing descendant
+        ``text`` names (only deeper: :meth:`descendant`). The join is recorded first in
+        that namespace's parent's list (``ns-join``): nobody moves unrecorded; a move
+        that fails after that is recorded too (``ns-join-failed``). ``check()`` (raises
+        NamespaceError) runs once the target is known; ``bind(target)`` moves the
+        process (default: the binder moves ``pid``)."""
+        target = self.descendant(base, text)
+        if check is not None:
+            check()
+        uuid_ = getattr(target, "uuid", "")
+        data = (f"ns-join name={target.path} id={target.id} uuid={uuid_} "
+                f"from={base.path}").encode()
+        try:
+            record_buffer(target.parent, "ns-join", data)
+        except Exception as e:  # noqa: BLE001 - fail closed: nobody moves unrecorded
+            raise NamespaceError(errno.EIO, f"cannot record the join of {target.path}: "
+                                            f"{e}") from None
+        if bind is None and self.binder is not None:
+            bind = lambda t: self.binder.bind(pid, t.id)  # noqa: E731
+        try:
+            if bind is not None:
+                bind(target)
+        except Exception as e:  # noqa: BLE001 - BindingError, OSError
+            try:
+                record_buffer(target.parent, "ns-join-failed",
+                              data.replace(b"ns-join ", b"ns-join-failed ", 1))
+            except Exception as e2:  # noqa: BLE001
+                log.error("cannot record the failed join of %s: %s", target.path, e2)
+            raise NamespaceError(errno.EPERM, str(e)) from None
+        self._audit("ns_join", ns=base.path, target=target.path, id=target.id, pid=pid,
+                    uid=uid)
+        return target
+
     def _audit(self, kind: str, **fields) -> None:
         if self.audit is not None:
             self.audit.record(kind, **fields)

@@ -51,3 +51,22 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
                 entry["hooks"].append(h)
             out["namespaces"].append(entry)
     return out
+
+
+def own_view(result: dict) -> dict:
+    """What a query may tell: everything about the caller's own namespace; of each
+    ancestor only whether its appraisal lets the access through. The ancestors'
+    rules, labels and measurements are theirs (a child never reads its parent's
+    policy or list), and the caller learns the verdict anyway by trying."""
+    own = result.get("namespace")
+    out = []
+    for entry in result.get("namespaces", ()):
+        if entry.get("namespace") == own:
+            out.append(entry)
+            continue
+        allowed = all((hk.get("appraisal") or {}).get("allowed", True)
+                      for hk in entry.get("hooks", ()))
+        out.append({"namespace": entry.get("namespace"), "ancestor": True, "allowed": allowed})
+    if "namespaces" in result:
+        result["namespaces"] = out
+    return result
