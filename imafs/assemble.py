@@ -12,7 +12,7 @@ import os
 
 import pyfuse3
 
-from imafs.fs.adapter import IntegrityHooks
+from imafs.fs.adapter import IntegrityHooks, open_in_mount
 from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
@@ -22,6 +22,7 @@ from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
 from imafs.ima.policy import Policy, load_policy_arg, parse_policy
+from imafs.ima.securityfs import Securityfs
 from imafs.ima.tpm import TPM, TPMError
 from imafs.store import Store
 
@@ -174,7 +175,10 @@ def build(opts) -> Filesystem:
                     cache_store=cache_store)
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
-    overlay.attach_control(ControlDir(engine, overlay, mountpoint=opts.mountpoint))
+    # the control files read the paths written to them inside the mount only
+    mountpoint = os.path.realpath(opts.mountpoint) if opts.mountpoint else ""
+    overlay.attach_control(ControlDir(Securityfs(engine, open_file=functools.partial(
+        open_in_mount, overlay.root.fd, mountpoint=mountpoint))))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")

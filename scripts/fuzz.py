@@ -11,7 +11,8 @@ Targets (each takes one byte string):
   xattr        parse_ima_xattr / needed_algo / describe_xattr / appraise against a keyring
   evm          parse_evm_xattr / describe_evm_xattr / evm_verify_hmac (HMAC key, keyring)
   cert         certificate parsing and keyring checks (DER and PEM)
-  ctl-policy   writes to the ``policy`` control file (ControlDir, no mount), loaded at close
+  ctl-policy   writes to the ``policy`` control file (a securityfs session, no mount),
+               loaded at close
   ctl-keys     writes to ``keys``
   ctl-ns       writes to ``ns-create`` and ``ns-remove``
   ctl-query    writes to ``query`` (paths resolved in a small tree with symlinks)
@@ -27,7 +28,7 @@ Targets (each takes one byte string):
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, EvmXattrError, KeyringError, TemplateError, ValueError where the API says
-so, FUSEError with an errno the control file documents), a rejection without a
+so, SecurityfsError with an errno the control file documents), a rejection without a
 message, an input that takes longer than --timeout seconds, or resident memory over
 --rss-mb.
 
@@ -270,7 +271,7 @@ class Targets:
         except KeyringError as e:
             _clear(e)
 
-    # --- control files (no mount: the ControlDir methods the FUSE handlers call)
+    # --- control files (no mount: securityfs sessions, as the FUSE handlers drive them)
     def control(self):
         if self._ctl is None:
             self._ctl = _Control()
@@ -405,13 +406,15 @@ class Targets:
             _clear(e)
 
 
-class _Handle:
+class _Caller:
     pid, uid, gid = os.getpid(), 0, 0
 
 
 class _Control:
-    """A ControlDir over an engine with a real LMDB store (in a temporary directory),
-    no FUSE: writes go through the same methods the FUSE handlers call."""
+    """The control files (imafs.ima.securityfs) over an engine with a real LMDB store
+    (in a temporary directory), no FUSE: each input is written through a session as
+    FUSE writes are, and the session is closed as close(2) closes it (flush, release);
+    paths written resolve in a small tree through the mount's own path opener."""
 
     ALLOWED = {
         "policy": {errno.EINVAL, errno.EFBIG},
@@ -423,11 +426,12 @@ class _Control:
 
     def __init__(self):
         from imafs.assemble import namespace_tree
-        from imafs.fs.control import ControlDir, CtlHandle
+        from imafs.fs.adapter import open_in_mount
         from imafs.ima.engine import Engine
         from imafs.ima.keys import Keyring
         from imafs.ima.measurelog import MeasurementList
         from imafs.ima.policy import Policy
+        from imafs.ima.securityfs import FILES, Securityfs
         from imafs.store import Store
         self.tmp = tempfile.mkdtemp(prefix="imafs-fuzz-")
         import atexit
@@ -452,44 +456,31 @@ class _Control:
         self.engine = Engine(tree, store=store)
         self.root = tree.root
         self.rootfd = os.open(tree_dir, os.O_PATH | os.O_DIRECTORY)
-
-        class _Overlay:
-            class root:
-                fd = self.rootfd
-        self.ctl = ControlDir(self.engine, _Overlay())
-        self.CtlHandle = CtlHandle
+        self.secfs = Securityfs(self.engine,
+                                open_file=lambda path: open_in_mount(self.rootfd, path))
+        self.nodes = {n.name: n for n in FILES}
         self._Policy = Policy
 
     def write(self, name: str, data: bytes, reset: bool = True) -> None:
-        from pyfuse3 import FUSEError
-        h = self.CtlHandle(name, self.root, _Handle(), 0, 0)
+        from imafs.ima.securityfs import SecurityfsError
+        h = self.secfs.open(self.nodes[name], self.root, _Caller(), os.O_WRONLY)
         # the first byte (when there is one) cuts the input into two write() calls
         cut = data[0] % (len(data) + 1) if data else 0
         parts = [data[1:cut], data[cut:]] if data else [b""]
-        fn = {"policy": lambda b: self.ctl._write_policy(h, b),
-              "keys": lambda b: self.ctl._write_keys(h, b, False),
-              "query": lambda b: self.ctl._write_query(h, b),
-              "ns-create": lambda b: self.ctl._write_ns(h, b),
-              "ns-remove": lambda b: self.ctl._write_ns(h, b)}[name]
         try:
             try:
                 for p in parts:
                     if p or not name.startswith("ns-"):
-                        n = fn(p)
+                        n = h.write(p)
                         if n != len(p):
                             raise Bug(f"{name}: write of {len(p)} bytes returned {n}")
-                # close(): flush
-                if name == "policy":     # as ControlDir.flush
-                    if h.pending and not h.refused:
-                        self.ctl._write_policy(h, b"\n", True)
-                    if h.rules:
-                        self.ctl._load_policy(h)
-                elif name == "keys":     # keys are applied at close, like the kernel's
-                    self.ctl._write_keys(h, b"", True)
-            except FUSEError as e:
+                h.flush()       # close(2): policy and keys are applied here
+            except SecurityfsError as e:
+                _clear(e)
                 if e.errno not in self.ALLOWED[name]:
                     raise Bug(f"{name}: errno {e.errno} ({os.strerror(e.errno)})")
         finally:
+            h.close()
             if reset:
                 self._reset(name)
 
@@ -612,7 +603,8 @@ def run_atheris_child(target: str, runs: int, seconds: float | None, timeout: fl
     import atheris
     with atheris.instrument_imports():
         import imafs.ima.policy, imafs.ima.appraise, imafs.ima.keys  # noqa: F401
-        import imafs.ima.templates, imafs.ima.verifylog, imafs.fs.control  # noqa: F401
+        import imafs.ima.templates, imafs.ima.verifylog, imafs.ima.securityfs  # noqa: F401
+        import imafs.ima.keyring_update  # noqa: F401
         import imafs.ima.namespaces  # noqa: F401
     run = make_runner(target, timeout)
     corpus = tempfile.mkdtemp(prefix=f"imafs-corpus-{target}-")

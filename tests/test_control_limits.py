@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import _ima_testkeys as tk
-from imafs.fs.control import MAX_KEYS_WRITE
+from imafs.ima.keyring_update import MAX_KEYS_WRITE
 from imafs.ima.namespaces import MAX_NAMESPACES, MAX_NS_DEPTH
 from imafs.ima.policy import MAX_POLICY_BYTES
 from test_namespaces_mount import host_sh, lines

@@ -219,9 +219,8 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
     recorded (ns-create, then ns-init in its own list) before the move; it is
     removed again, and the parent's list records that (ns-remove): no namespace that
     never got a process is left in it."""
-    from pyfuse3 import FUSEError
-    from imafs.fs.control import ControlDir, CtlHandle
     from imafs.ima.binding import BindingError
+    from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError
     from imafs.ima.engine import Engine
     from imafs.store import Store
     from test_namespaces_unit import make_tree
@@ -254,11 +253,12 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
     try:
         t = make_tree(store, binder=Binder())
         eng = Engine(t, store=store)
-        ctl = ControlDir(eng, overlay=None)
-        h = CtlHandle("ns-create", t.root, Ctx, 0, 16)
+        node = next(n for n in FILES if n.name == "ns-create")
+        h = Securityfs(eng).open(node, t.root, Ctx, os.O_WRONLY)
+        h.close()
         h.opener = Opener()
-        with pytest.raises(FUSEError) as e:
-            ctl._write_ns(h, b"kid")
+        with pytest.raises(SecurityfsError) as e:
+            h.write(b"kid")
         assert e.value.errno == errno.EPERM
         assert "kid" not in t.root.children and Binder.removed == [1]
         ents = [x for x in t.root.mlist.entries() if x.name in (b"ns-create", b"ns-remove")]

@@ -271,7 +271,7 @@ def test_policy_size_limits_and_a_million_lines(make_mount, world_tmp):
     over MAX_POLICY_RULES rules, the old policy kept; a million-line policy (a million
     lines of rules: refused; a million blank lines: parsed) never stalls the
     requests of other processes."""
-    from imafs.fs.control import MAX_POLICY_RULES
+    from imafs.ima.securityfs_write import MAX_POLICY_RULES
     m = make_mount(["--policy", str(_policy(world_tmp, "measure func=BPRM_CHECK\n"))])
     (m.backing / "probe").write_bytes(b"p" * 4096)
     before = m.ctl("policy").read_text()

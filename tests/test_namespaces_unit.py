@@ -136,6 +136,7 @@ def test_unknown_namespace_is_refused_never_host():
     tree does not know: the engine refuses, the control directory shows nothing."""
     from pyfuse3 import FUSEError
     from imafs.fs.control import ControlDir
+    from imafs.ima.securityfs import Securityfs
 
     for answer in (None, 99):
         t = make_tree(resolver=lambda pid, a=answer: a)
@@ -143,7 +144,7 @@ def test_unknown_namespace_is_refused_never_host():
         with pytest.raises(AccessDenied) as e:
             eng.namespace_of(Subject(pid=1234, uid=0, gid=0))
         assert e.value.errno == errno.EACCES and "unknown" in e.value.reason
-        ctl = ControlDir(eng, overlay=None)
+        ctl = ControlDir(Securityfs(eng))
 
         class Ctx:
             pid, uid, gid, umask = 1234, 0, 0, 0o22
@@ -157,7 +158,7 @@ def test_unknown_namespace_is_refused_never_host():
             assert e.value.errno == errno.EACCES
     # the same calls succeed for a host process
     t = make_tree(resolver=lambda pid: 0)
-    ctl = ControlDir(Engine(t), overlay=None)
+    ctl = ControlDir(Securityfs(Engine(t)))
     assert trio.run(lambda: ctl.getattr(ctl.nodeid(0, 3), Ctx)).st_ino == ctl.nodeid(0, 3)
 
 
@@ -166,10 +167,11 @@ def test_descendant_views_have_no_ns_create():
     would move the ancestor's own process into a descendant: it is not offered."""
     from pyfuse3 import FUSEError
     from imafs.fs.control import ControlDir
+    from imafs.ima.securityfs import Securityfs
 
     t = make_tree(resolver=lambda pid: 0)
     c = t.create(t.root, *t.parse_create("c"))
-    ctl = ControlDir(Engine(t), overlay=None)
+    ctl = ControlDir(Securityfs(Engine(t)))
 
     class Ctx:
         pid, uid, gid, umask = 1234, 0, 0, 0o22

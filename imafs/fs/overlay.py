@@ -28,7 +28,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from imafs.fs import sysio
-from imafs.fs.routes import CONTROL_BASE, ControlRoutes  # noqa: F401 - control.py's too
+from imafs.fs.routes import ControlRoutes
 from imafs.ima.iint import AccessDenied, Pending
 
 log = logging.getLogger("imafs.fs")
