@@ -47,10 +47,17 @@ class _Dir:
         self.slot, self.idx, self.ns = slot, idx, ns
 
 
-async def _in_thread(fn, *args):
-    """``fn(*args)`` in a worker thread; a refusal becomes the FUSE error."""
+async def _in_thread(fn, *args, lock=None):
+    """``fn(*args)`` in a worker thread, holding ``lock`` (a session's: requests on one
+    handle may come concurrently, its calls are made one at a time); a refusal
+    becomes the FUSE error."""
+    def call():
+        if lock is None:
+            return fn(*args)
+        with lock:
+            return fn(*args)
     try:
-        return await trio.to_thread.run_sync(fn, *args)
+        return await trio.to_thread.run_sync(call)
     except SecurityfsError as e:
         raise FUSEError(e.errno) from None
 
@@ -164,20 +171,20 @@ class ControlDir:
     async def read(self, h, off: int, size: int):
         if isinstance(h, _Dir):
             raise FUSEError(errno.EISDIR)
-        return await _in_thread(h.read, off, size)
+        return await _in_thread(h.read, off, size, lock=h.lock)
 
     async def write(self, h, off: int, buf: bytes) -> int:
         if isinstance(h, _Dir):
             raise FUSEError(errno.EISDIR)
-        return await _in_thread(h.write, bytes(buf))
+        return await _in_thread(h.write, bytes(buf), lock=h.lock)
 
     async def flush(self, h) -> None:
         if not isinstance(h, _Dir):
-            await _in_thread(h.flush)
+            await _in_thread(h.flush, lock=h.lock)
 
     async def release(self, h) -> None:
         if not isinstance(h, _Dir):
-            await _in_thread(h.close)
+            await _in_thread(h.close, lock=h.lock)
 
     # ------------------------------------------------------------------ directories
     async def opendir(self, nodeid, ctx):

@@ -4,7 +4,8 @@ banks, the mount's stats.
 
 A session is made by ``Securityfs.open`` (ima/securityfs.py) once the open is allowed,
 and lives until the file is closed; the FUSE layer (fs/control.py) calls its methods
-in a worker thread, one at a time per open. A refusal is :class:`SecurityfsError` (an
+in a worker thread, one at a time per open (holding ``Session.lock``: two threads of
+a process may write through one descriptor at once). A refusal is :class:`SecurityfsError` (an
 errno and the reason), which the FUSE layer answers with the errno; the log line and
 the audit record were written where it was raised.
 
@@ -19,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import threading
 
 from imafs.logutil import PrintableLogFilter
 
@@ -60,6 +62,7 @@ class Session:
     """
 
     def __init__(self, fs, node, ns, caller, flags: int):
+        self.lock = threading.Lock()    # whoever calls the methods below holds it
         self.fs = fs
         self.node = node
         self.name = node.name
