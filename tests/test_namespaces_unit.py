@@ -75,7 +75,7 @@ def test_duplicate_name_is_eexist():
 
 
 @pytest.mark.parametrize("text", [
-    "", "   ", "-x", ".hidden", "a/b", "..", "x" * 64, "na\u00efve", "a b=",
+    "", "   ", "-x", ".hidden", "a/b", "..", "x" * 65, "na\u00efve", "a b=",
     "a bogus=1", "a template", "a template=nope", "a hash=md6", "a appraise=maybe",
     "a appraise=log appraise=off",
 ])

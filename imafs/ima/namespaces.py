@@ -23,15 +23,16 @@ import errno
 import hashlib
 import json
 import logging
-import re
 import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from imafs.ima import nsoptions
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
+from imafs.ima.nsoptions import APPRAISE_MODES, NAME_RE, OptionError  # noqa: F401
 from imafs.ima.policy import Policy
 from imafs.ima.record import record_buffer
 
@@ -41,7 +42,12 @@ IMA_XATTR = "security.ima"
 #: the prefix of the names under which child namespaces keep their own security.ima
 PRIVATE_XATTR_PREFIX = "security.imafs."
 
-APPRAISE_MODES = ("enforce", "log", "fix", "off")
+# The ima-buf entries namespace events record (their data: ``event_data``, parsed
+# back by ``parse_event``): in the parent's list, ns-create, ns-remove, ns-join and
+# ns-join-failed; in the child's, ns-init (the same data as its ns-create).
+NS_CREATE, NS_INIT, NS_REMOVE = "ns-create", "ns-init", "ns-remove"
+NS_JOIN, NS_JOIN_FAILED = "ns-join", "ns-join-failed"
+NS_EVENTS = (NS_CREATE, NS_INIT, NS_REMOVE, NS_JOIN, NS_JOIN_FAILED)
 # Limits, as the kernel's for user namespaces: every open is measured, appraised and
 # recorded in its namespace's list and every ancestor's (so the depth bounds what one
 # open costs), and each namespace holds a policy, a list, PCRs, a keyring and a cgroup.
@@ -64,6 +70,7 @@ class Namespace:
     template: str = "ima-ng"
     hash_algo: str = "sha256"
     policy_epoch: int = 0
+    origin: str = "inside"      # "host": made from the host (control socket)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
 
@@ -124,9 +131,6 @@ def chain_fingerprints(chain) -> tuple:
     with a mount): each namespace's fingerprint."""
     return tuple(n.fingerprint() for n in chain)
 
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-CREATE_OPTIONS = {"template", "hash", "appraise"}
 
 
 class NamespaceError(Exception):
@@ -222,7 +226,8 @@ class NamespaceTree:
             return
         rec = {"name": ns.name, "parent": ns.parent.id, "template": ns.template,
                "hash": ns.hash_algo, "appraise": ns.appraise_mode,
-               "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", "")}
+               "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", ""),
+               "origin": ns.origin}
         with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
             t.put(struct.pack(">I", ns.id), json.dumps(rec).encode())
 
@@ -238,6 +243,7 @@ class NamespaceTree:
                                {"template": rec["template"], "hash": rec["hash"],
                                 "appraise": rec["appraise"]}, rec["policy"])
             ns.uuid = rec.get("uuid", "")
+            ns.origin = rec.get("origin", "inside")
             parent.children[ns.name] = ns
             self.by_id[nsid] = ns
 
@@ -259,38 +265,16 @@ class NamespaceTree:
 
     # --- create / remove
     def parse_create(self, text: str) -> tuple[str, dict]:
-        words = text.split()
-        if not words:
-            raise NamespaceError(errno.EINVAL, "ns-create needs a name")
-        name, opts = words[0], {}
-        if not NAME_RE.match(name):
-            raise NamespaceError(errno.EINVAL, f"bad namespace name {name!r} (letters, digits, "
-                                               f"'.', '_', '-'; at most 63)")
-        for w in words[1:]:
-            k, eq, v = w.partition("=")
-            if not eq or k not in CREATE_OPTIONS:
-                raise NamespaceError(errno.EINVAL, f"unknown option {w!r} (template=, hash=, "
-                                                   f"appraise=)")
-            if k in opts:
-                raise NamespaceError(errno.EINVAL, f"option {k} given twice")
-            opts[k] = v
-        if "appraise" in opts and opts["appraise"] not in APPRAISE_MODES:
-            raise NamespaceError(errno.EINVAL, f"appraise must be one of {', '.join(APPRAISE_MODES)}")
-        if "template" in opts:
-            from imafs.ima.templates import TEMPLATES
-            if opts["template"] not in TEMPLATES:
-                raise NamespaceError(errno.EINVAL, f"unknown template {opts['template']!r}")
-        if "hash" in opts:
-            from imafs.ima import hashing
-            try:
-                algo = hashing.hash_algo(opts["hash"])
-                algo.new()
-            except (ValueError, hashing.HashAlgoError) as e:
-                raise NamespaceError(errno.EINVAL, f"hash: {e}")
-            opts["hash"] = algo.name        # the kernel's name: "SHA512" is sha512
-        return name, opts
+        """ns-create's text, ``NAME [OPTION=VALUE ...]``, in the namespace-options
+        grammar (nsoptions.py) as a process inside the mount gives it: options that
+        name host files are refused (EINVAL)."""
+        try:
+            return nsoptions.parse_create(text)
+        except OptionError as e:
+            raise NamespaceError(errno.EINVAL, str(e)) from None
 
-    def create(self, parent: Namespace, name: str, opts: dict) -> Namespace:
+    def create(self, parent: Namespace, name: str, opts: dict, *,
+               origin: str = "inside") -> Namespace:
         with self._lock:
             path = f"{parent.path.rstrip('/')}/{name}"
             if name in parent.children:
@@ -307,6 +291,7 @@ class NamespaceTree:
             nsid = self._next_id()
             ns = self._factory(nsid, name, parent, opts, "")
             ns.uuid = str(uuid.uuid4())
+            ns.origin = origin
             parent.children[name] = ns
             self.by_id[nsid] = ns
             self._save(ns)
@@ -330,33 +315,51 @@ class NamespaceTree:
     def ns_create(self, parent: Namespace, text: str, pid: int, uid: int, *,
                   check: Callable[[], None] | None = None,
                   bind: Callable[[Namespace], None] | None = None) -> Namespace:
-        """``ns-create``: a child of ``parent``, into which process ``pid`` moves. The
-        creation is measured in the parent's list (``ns-create``) and starts the
-        child's (``ns-init``), with the same data, so a verifier ties them -- before
-        anyone moves: a creation the parent's list cannot show (full disk) moves
-        nobody. ``check()`` (raises NamespaceError) runs once the request is parsed;
-        ``bind(child)`` moves the process (default: the binder moves ``pid``). When it
-        cannot be moved, the child is removed again, through ``ns-remove`` once its
-        creation is in the parent's list, so the list tells what happened."""
+        """``ns-create``: a child of ``parent`` named and configured by ``text``
+        (parse_create), into which process ``pid`` moves (create_bound)."""
         name, opts = self.parse_create(text)
+        return self.create_bound(parent, name, opts, pid, uid, check=check, bind=bind)
+
+    def create_bound(self, parent: Namespace, name: str, opts: dict, pid: int, uid: int, *,
+                     check: Callable[[], None] | None = None,
+                     bind: Callable[[Namespace], None] | None = None,
+                     setup: Callable[[Namespace], None] | None = None,
+                     origin: str = "inside", extra: str = "") -> Namespace:
+        """A child of ``parent`` (options already checked), into which process ``pid``
+        moves. ``check()`` (raises NamespaceError) runs first; ``setup(child)`` gives
+        the new child what it starts with (a host-given policy and keys) before
+        anything is recorded: when it raises, the child is removed again and no list
+        shows it. The creation is then measured in the parent's list (``ns-create``)
+        and starts the child's (``ns-init``), with the same data (``extra`` appended
+        to it), so a verifier ties them -- before anyone moves: a creation the
+        parent's list cannot show (full disk) moves nobody. ``bind(child)`` moves the
+        process (default: the binder moves ``pid``). When it cannot be moved, the
+        child is removed again, through ``ns-remove`` once its creation is in the
+        parent's list, so the list tells what happened."""
         if check is not None:
             check()
         try:
-            child = self.create(parent, name, opts)
+            child = self.create(parent, name, opts, origin=origin)
         except NamespaceError:
             raise
         except ValueError as e:     # options the list or the templates refuse
             raise NamespaceError(errno.EINVAL, f"namespace {name!r}: {e}") from None
         except Exception as e:  # noqa: BLE001 - lmdb.Error (full disk): nothing created
             raise NamespaceError(errno.EIO, f"cannot store namespace {name!r}: {e}") from None
-        data = (f"ns-create name={child.path} id={child.id} uuid={child.uuid} "
-                f"template={child.template} hash={child.hash_algo} "
-                f"appraise={child.appraise_mode}").encode()
+        if setup is not None:
+            try:
+                setup(child)
+                self._save(child)
+            except Exception as e:  # noqa: BLE001 - nothing recorded yet: just undo
+                self._undo_create(parent, child, False, pid, uid)
+                err = e.errno if isinstance(e, NamespaceError) else errno.EINVAL
+                raise NamespaceError(err, f"namespace {child.path}: {e}") from None
+        data = event_data(NS_CREATE, child) + (" " + extra if extra else "").encode()
         recorded = False
         try:
-            record_buffer(parent, "ns-create", data)
+            record_buffer(parent, NS_CREATE, data)
             recorded = True
-            record_buffer(child, "ns-init", data)
+            record_buffer(child, NS_INIT, data)
         except Exception as e:  # noqa: BLE001 - fail closed, the process stays where it is
             self._undo_create(parent, child, recorded, pid, uid)
             raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "
@@ -371,7 +374,7 @@ class NamespaceTree:
                 raise NamespaceError(errno.EPERM, f"{e}; namespace {child.path} removed "
                                                   f"again") from None
         self._audit("ns_create", ns=parent.path, child=child.path, id=child.id,
-                    uuid=child.uuid, pid=pid, uid=uid)
+                    uuid=child.uuid, pid=pid, uid=uid, origin=origin)
         return child
 
     def _undo_create(self, parent: Namespace, child: Namespace, recorded: bool, pid: int,
@@ -403,14 +406,7 @@ class NamespaceTree:
                 self.binder.remove(child.id)
             except Exception as e:  # noqa: BLE001 - the namespace is gone either way
                 log.warning("namespace %s: %s", child.path, e)
-        final = f"entries={child.mlist.count}"
-        try:
-            bank = "sha256" if "sha256" in child.mlist.banks else child.mlist.banks[0]
-            final += f" pcr10={bank}:{child.mlist.pcr(bank, 10).hex()}"
-        except Exception:  # noqa: BLE001 - a list without PCRs (tests)
-            pass
-        record_buffer(parent, "ns-remove", f"ns-remove name={child.path} id={child.id} "
-                                           f"uuid={child.uuid} {final}".encode())
+        record_buffer(parent, NS_REMOVE, event_data(NS_REMOVE, child))
         self._audit("ns_remove", ns=parent.path, child=child.path, id=child.id, pid=pid,
                     uid=uid)
         return child
@@ -454,6 +450,48 @@ class NamespaceTree:
     def _audit(self, kind: str, **fields) -> None:
         if self.audit is not None:
             self.audit.record(kind, **fields)
+
+
+def event_data(event: str, ns: Namespace) -> bytes:
+    """The data of a namespace event's ima-buf entry: ``ns-create`` (and its
+    ``ns-init``) names the child, its id, UUID and options; ``ns-remove`` adds the
+    child's final entry count and PCR 10 (sha256 bank when the list has it)."""
+    head = f"{event} name={ns.path} id={ns.id} uuid={getattr(ns, 'uuid', '')}"
+    if event in (NS_CREATE, NS_INIT):
+        return (f"{head} template={ns.template} hash={ns.hash_algo} "
+                f"appraise={ns.appraise_mode}").encode()
+    if event == NS_REMOVE:
+        final = f" entries={ns.mlist.count}"
+        try:
+            bank = "sha256" if "sha256" in ns.mlist.banks else ns.mlist.banks[0]
+            final += f" pcr10={bank}:{ns.mlist.pcr(bank, 10).hex()}"
+        except Exception:  # noqa: BLE001 - a list without PCRs (tests)
+            pass
+        return (head + final).encode()
+    return head.encode()
+
+
+def parse_event(data: bytes) -> dict[str, str]:
+    """The fields of a namespace event's data (``event_data``): {"event": NAME,
+    "name": ..., "id": ..., "uuid": ..., ...}; ValueError for data that is not one."""
+    try:
+        words = data.decode("utf-8").split(" ")
+    except UnicodeDecodeError:
+        raise ValueError("namespace event data is not UTF-8") from None
+    if not words or words[0] not in NS_EVENTS:
+        raise ValueError(f"not a namespace event: {data[:40]!r}")
+    out = {"event": words[0]}
+    for w in words[1:]:
+        k, eq, v = w.partition("=")
+        if not eq or not k or k in out:
+            raise ValueError(f"{words[0]}: malformed field {w[:40]!r}")
+        out[k] = v
+    for k in ("name", "id", "uuid"):
+        if k not in out:
+            raise ValueError(f"{words[0]}: no {k}= field")
+    if not out["id"].isdigit():
+        raise ValueError(f"{words[0]}: id {out['id']!r} is not a number")
+    return out
 
 
 class XattrView:
