@@ -18,6 +18,7 @@ from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
 from imafs.ima.binding import CgroupBinder
 from imafs.ima.engine import Engine
+from imafs.ima.hostns import HostNamespaces
 from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -68,9 +69,13 @@ def guard(ops):
 
 
 class Filesystem:
-    def __init__(self, ops, closers=()):
+    """``ops`` for pyfuse3; ``host``: the namespace operations the control socket
+    serves (imafs/ima/hostns.py), None without integrity."""
+
+    def __init__(self, ops, closers=(), host=None):
         self.ops = guard(ops)
         self._closers = list(closers)
+        self.host = host
 
     def close(self) -> None:
         self.ops.close_all()
@@ -185,4 +190,5 @@ def build(opts) -> Filesystem:
     # the binder last: a namespace's cgroup goes only once nothing serves it
     return Filesystem(overlay, [hooks.close, audit.close, store.close, cache_store.close,
                                 binder.close]
-                      + ([tpm.close] if tpm is not None else []))
+                      + ([tpm.close] if tpm is not None else []),
+                      host=HostNamespaces(tree, audit))

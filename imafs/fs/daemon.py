@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import subprocess
+from stat import S_ISDIR as stat_isdir
 import sys
 import time
 from dataclasses import dataclass, field
@@ -297,9 +298,21 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
         return 1
     # resolve before mounting: afterwards a lookup would wait on this very daemon
     mnt_real = os.path.realpath(opts.mountpoint)
+    # the control socket (imafs/ctl/server.py): listening before the mount is
+    # reported ready, so a runtime's hook right after `imafs mount` finds it
+    ctl = None
+    if fs.host is not None:
+        from imafs.ctl import server as ctl_server
+        try:
+            ctl = ctl_server.listen(opts.state)
+        except OSError as e:
+            log.error("no control socket in %s: %s (imafs ns and imafs oci-hook will not "
+                      "reach this mount)", opts.state, e.strerror or e)
     try:
         pyfuse3.init(fs.ops, mnt_real, fuse_options(opts))
     except Exception as e:
+        if ctl is not None:
+            _close_socket(ctl, opts.state)
         fs.close()
         msg = f"cannot mount {opts.mountpoint}: {e}"
         log.error(msg)
@@ -307,7 +320,11 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
             print(f"imafs mount: {msg}", file=sys.stderr)
         _report(ready_fd, f"error: {msg}")
         return 1
-    _register_daemon(mnt_real)
+    info = {"mountpoint": mnt_real, "dev": _mount_dev(mnt_real), "pid": os.getpid(),
+            "state": os.path.realpath(opts.state)}
+    if ctl is not None:
+        info["socket"] = os.path.join(info["state"], "control.sock")
+    _register_daemon(mnt_real, info)
     log.info("mounted %s on %s (state %s, integrity %s)", opts.backing, opts.mountpoint,
              opts.state, "on" if opts.integrity else "off")
     if ready_fd is not None:
@@ -327,6 +344,10 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
                         pyfuse3.terminate()
                         return
             nursery.start_soon(on_signal)
+            if ctl is not None:
+                from imafs.ctl import server as ctl_server
+                srv = ctl_server.Server(ctl, ctl_server.Handlers(fs.host, info))
+                nursery.start_soon(srv.serve)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 
@@ -341,10 +362,30 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
             pyfuse3.close(unmount=True)
         except Exception as e:
             log.warning("unmount at exit: %s", e)
+        if ctl is not None:
+            _close_socket(ctl, opts.state)
         fs.close()
         _unregister_daemon(mnt_real)
         log.info("unmounted %s", opts.mountpoint)
     return code
+
+
+def _close_socket(sock, state: str) -> None:
+    """Close the control socket and remove its file (this daemon holds the state's
+    lock until it exits: no other daemon made a socket there meanwhile)."""
+    try:
+        os.unlink(os.path.join(state, "control.sock"))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _mount_dev(mnt: str) -> str:
+    """major:minor of the (topmost) mount at mnt, from mountinfo: what identifies this
+    mount to a client of the control socket (stat() of the mount point would wait on
+    this daemon before its loop runs)."""
+    m = _fuse_mount_of(mnt)
+    return m["dev"] if m else ""
 
 
 def daemon_pid(state: str) -> int | None:
@@ -467,11 +508,47 @@ def _runfile(mnt: str) -> str:
     return os.path.join(RUN_DIR, hashlib.sha256(os.fsencode(mnt)).hexdigest()[:24] + ".pid")
 
 
-def _register_daemon(mnt: str) -> None:
+def _run_dir() -> None:
+    """/run/imafs, root's and writable by root alone (clients trust what it holds); a
+    directory an older imafs left mode 0777 (made under umask 0) is made 0755."""
     try:
-        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        os.mkdir(RUN_DIR, 0o755)
+    except FileExistsError:
+        pass
+    st = os.lstat(RUN_DIR)
+    if not stat_isdir(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"{RUN_DIR} is not a directory")
+    if st.st_uid == os.geteuid() == 0 and st.st_mode & 0o022:
+        os.chmod(RUN_DIR, 0o755)
+
+
+def _infofile(mnt: str) -> str:
+    return _runfile(mnt)[:-len(".pid")] + ".json"
+
+
+def mount_record(mnt: str) -> dict | None:
+    """What the daemon of mount point ``mnt`` (absolute, resolved) recorded under
+    /run/imafs: pid, mountpoint, dev, state, socket (None: no record)."""
+    import json
+    try:
+        with open(_infofile(mnt)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _register_daemon(mnt: str, info: dict | None = None) -> None:
+    import json
+    try:
+        _run_dir()
         with open(_runfile(mnt), "w") as f:
             f.write(f"{os.getpid()}\n")
+        if info is not None:
+            tmp = _infofile(mnt) + f".{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, _infofile(mnt))
     except OSError as e:
         log.warning("cannot record daemon pid: %s", e)
 
@@ -484,6 +561,7 @@ def _unregister_daemon(mnt: str) -> None:
             if int(f.read().strip()) != os.getpid():
                 return
         os.unlink(_runfile(mnt))
+        os.unlink(_infofile(mnt))
     except (OSError, ValueError):
         pass
 

@@ -144,7 +144,16 @@ class CgroupBinder:
             # daemon's to clean up at unmount (it stayed mounted forever otherwise)
             self.mode, self.root, self._mounted = "v1", mnt, True
             return
-        os.makedirs(mnt, exist_ok=True)
+        # each level made 0755 (the daemon runs with umask 0, and makedirs would make
+        # the parents 0777: /run/imafs holds the daemons' records, root's alone)
+        for d in (os.path.dirname(RUN_CG), RUN_CG, mnt):
+            try:
+                os.mkdir(d, 0o755)
+            except FileExistsError:
+                if d != mnt:
+                    st = os.lstat(d)
+                    if st.st_uid == 0 and st.st_mode & 0o022:
+                        os.chmod(d, 0o755)      # left 0777 by an older imafs
         if _mount_named(self.name, mnt):
             self.mode, self.root, self._mounted = "v1", mnt, True
             return
