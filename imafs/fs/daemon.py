@@ -541,14 +541,19 @@ def _register_daemon(mnt: str, info: dict | None = None) -> None:
     import json
     try:
         _run_dir()
-        with open(_runfile(mnt), "w") as f:
-            f.write(f"{os.getpid()}\n")
-        if info is not None:
-            tmp = _infofile(mnt) + f".{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(info, f)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, _infofile(mnt))
+        # explicit modes: the daemon runs with umask 0 (open(..., "w") made them 0666)
+        for path, data in ((_runfile(mnt), f"{os.getpid()}\n"),
+                           (_infofile(mnt), json.dumps(info) if info is not None else None)):
+            if data is None:
+                continue
+            tmp = f"{path}.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data.encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     except OSError as e:
         log.warning("cannot record daemon pid: %s", e)
 
