@@ -33,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # a command whose positional words may also follow its options (imafs ns create
+    # MNT NAME --pid PID OPTION=VALUE...) names the list they join (set_defaults(
+    # trailing=...)); anything else unknown is an error, as parse_args makes it
+    trailing = getattr(args, "trailing", None)
+    if extra:
+        if trailing is None or any(w.startswith("-") for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, trailing).extend(extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -28,6 +28,13 @@ IMA measurement list against.
               keylime accepts an ima-sig entry whose signature one of them verifies
               (and otherwise checks its digest against the policy).
 
+Excludes, by default (--no-default-excludes leaves them out): the namespace events
+(ns-create, ns-init, ns-remove, ns-join, ns-join-failed: every container started
+after the policy was written adds one with unique data; `imafs verify-log --child`
+checks them instead) and package managers' mutable state (/var/lib/dpkg/status and
+triggers, apt's lists and caches, debconf's and rpm's databases: rewritten in place,
+so no digest stays true; their digests are not listed). docs/attestation.md.
+
 With --rootfs, the files are the tree's alone: a --mount or --list then adds only
 its boot aggregate and its buffer entries (ns-create, ns-init, ns-remove; the
 keys a kernel's list records), never the file digests it recorded: a file changed
@@ -137,8 +144,18 @@ def _run(args) -> int:
         except ValueError:
             raise CommandError(f"--boot-aggregate: {value!r} is neither hex nor 'zero'")
         policy["digests"].setdefault(rp.BOOT_AGGREGATE, []).append(value.lower())
+    if not args.no_default_excludes:
+        policy["excludes"].extend(rp.default_excludes())
     for regex in args.exclude_regex or []:
         policy["excludes"].append(regex)
+    import re
+    for regex in policy["excludes"]:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise CommandError(f"--exclude-regex {regex!r}: {e}")
+    if not args.no_default_excludes:
+        rp.drop_excluded(policy, rp.MUTABLE_EXCLUDES)
     if args.keys or args.key:
         policy["verification-keys"] = _verification_keys(args.keys or [], args.key or [])
     rp.finish(policy)
@@ -196,6 +213,9 @@ def register(sub) -> None:
                    help="with --rootfs: a directory inside the tree not to walk (e.g. /proc)")
     p.add_argument("--exclude-regex", action="append", metavar="REGEX",
                    help="add a path regex to the policy's excludes (keylime ignores matches)")
+    p.add_argument("--no-default-excludes", action="store_true",
+                   help="write no default excludes (namespace events, package managers' "
+                        "mutable state) and keep their digests")
     p.add_argument("--boot-aggregate", action="append", metavar="HEX|zero",
                    help="allow this boot aggregate digest; 'zero': the one a mount without "
                         "a TPM records (all zeros of --algo)")

@@ -151,7 +151,7 @@ def register(sub) -> None:
     c.add_argument("--policy", metavar="FILE", help="the namespace's policy (host file)")
     c.add_argument("--keys", metavar="DIR", help="the namespace's certificates (host "
                                                  "directory)")
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, trailing="options")
 
     ls = s.add_parser("list", help="list the namespaces of a mount",
                       description="Every namespace below the mount's root: path, id, "

@@ -88,30 +88,45 @@ def _run(args) -> int:
                     keyring.add(f.read())
         except (OSError, KeyringError) as e:
             raise CommandError(f"keys: {e}")
-    try:
-        stream = open(args.list, "rb")
-    except OSError as e:
-        raise CommandError(f"{args.list}: {e.strerror}")
-    with stream:
-        fmt = args.format
-        if fmt == "auto":
-            head = stream.read(32)
-            stream.seek(0) if stream.seekable() else None
-            fmt = verifylog.detect_format(head)
-            if not stream.seekable():
-                raise CommandError("give --format for a list that cannot be re-read")
-        rep = verifylog.verify(verifylog.entries_of(stream, fmt, args.bank), bank=args.bank,
-                               banks=banks, expected=expected,
-                               keyring=keyring, all_problems=args.all)
+    rep = _replay(args.list, args, banks, expected, keyring)
     name = os.path.basename(args.list)
     for p in rep.problems:
         print(f"imafs verify-log: {name}: {p}", file=sys.stderr)
-    if rep.ok:
+    links_ok, tied = True, []
+    if rep.ok and args.child:
+        children = []
+        for child in args.child:
+            path = _child_list(child)
+            crep = _replay(path, args, banks, {}, keyring)
+            for p in crep.problems:
+                print(f"imafs verify-log: {child}: {p}", file=sys.stderr)
+            if not crep.ok:
+                links_ok = False
+                continue
+            children.append((child, crep))
+        for lk in verifylog.link(rep, children):
+            for p in lk.problems:
+                print(f"imafs verify-log: {lk.child}: {p}", file=sys.stderr)
+                links_ok = False
+            if not lk.problems:
+                gone = (f"; removed at entry {lk.removed_at}: its length and PCR 10 match"
+                        if lk.removed_at is not None else "; not removed yet")
+                tied.append(f"{lk.child}: namespace {lk.name} (id {lk.id}) created at "
+                            f"entry {lk.created_at} of {name}{gone}")
+    if rep.ok and links_ok:
         checked = "; ".join(
             f"{b} PCR {', '.join(str(i) for i in sorted(r) if i in rep.used_pcrs or any(r[i]))}"
             f" match" for b, r in expected.items()) or "no PCR values given"
         print(f"{name}: OK: {rep.entries} entries ({rep.violations} violations), "
               f"{rep.signatures_checked} signatures verified; {checked}")
+        if rep.ns_events:
+            counts: dict[str, int] = {}
+            for _, ev, _, _ in rep.ns_events:
+                counts[ev] = counts.get(ev, 0) + 1
+            print(f"{name}: namespace events: " + ", ".join(
+                f"{n} {ev}" for ev, n in counts.items()) + " (each explained by the list)")
+        for line in tied:
+            print(line)
         if args.show_pcrs:
             for b, regs in rep.pcrs.items():
                 for i in sorted(rep.used_pcrs):
@@ -120,11 +135,41 @@ def _run(args) -> int:
     return 1
 
 
+def _child_list(path: str) -> str:
+    """A child list named by its file, or by an archive directory (imafs ns remove
+    --archive, the OCI hook's poststop): its binary_runtime_measurements."""
+    if os.path.isdir(path):
+        return os.path.join(path, "binary_runtime_measurements")
+    return path
+
+
+def _replay(path: str, args, banks, expected, keyring):
+    from imafs.ima import verifylog
+    try:
+        stream = open(path, "rb")
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror}")
+    with stream:
+        fmt = args.format
+        if fmt == "auto":
+            head = stream.read(32)
+            stream.seek(0) if stream.seekable() else None
+            fmt = verifylog.detect_format(head)
+            if not stream.seekable():
+                raise CommandError("give --format for a list that cannot be re-read")
+        return verifylog.verify(verifylog.entries_of(stream, fmt, args.bank), bank=args.bank,
+                                banks=banks, expected=expected,
+                                keyring=keyring, all_problems=args.all)
+
+
 def register(sub) -> None:
     p = sub.add_parser("verify-log", help="replay a measurement list offline and check it",
                        description="Check every template hash, replay the list into the PCR "
                                    "banks and compare with the values given; with keys, "
-                                   "verify ima-sig signatures. Reports the first bad entry "
+                                   "verify ima-sig signatures; check that every namespace "
+                                   "event (ns-create, ns-remove, ...) is well formed and "
+                                   "explained by the list, and with --child that child lists "
+                                   "are the ones its events name. Reports the first bad entry "
                                    "(--all: every one). Exit 0 when the list is good.")
     p.add_argument("list", metavar="LIST", help="ascii or binary list (a file, or MNT/.imafs/...)")
     p.add_argument("--pcrs", action="append", metavar="BANK,FILE",
@@ -138,4 +183,8 @@ def register(sub) -> None:
     p.add_argument("--key", action="append", metavar="CERT", help="one certificate")
     p.add_argument("--all", action="store_true", help="report every bad entry, not only the first")
     p.add_argument("--show-pcrs", action="store_true", help="print the replayed PCR values")
+    p.add_argument("--child", action="append", metavar="LIST|DIR",
+                   help="a child namespace's list (or its archive directory): its ns-init "
+                        "must be an ns-create of LIST and, once LIST recorded its removal, "
+                        "its length and PCR 10 must be the removal's; repeatable")
     p.set_defaults(func=_run)

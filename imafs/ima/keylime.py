@@ -15,6 +15,19 @@ document with no FUSE and no keylime import:
   of that tree records it: spaces become ``_``, as IMA writes them.  Symlinks are not
   followed and other file systems mounted below the tree are not entered.
 
+Excludes (``default_excludes``), written by default because keylime cannot check
+these entries against a policy written beforehand:
+
+* the namespace events (``^(ns-create|ns-init|ns-remove|ns-join|ns-join-failed)$``):
+  ima-buf entries whose data is unique to each container (id, UUID); names of file
+  entries start with ``/``, so this anchored pattern skips nothing else. The entries
+  stay in the list and in PCR 10; ``imafs verify-log`` checks them and their links
+  to the child lists instead (verifylog.py).
+* package managers' mutable state (``MUTABLE_EXCLUDES``: dpkg's status, available,
+  diversions, statoverride and triggers, apt's lists and caches, debconf's and rpm's
+  databases): read by dpkg and apt, rewritten by them, so no digest taken before stays
+  true. Excluded by path, and their digests are not listed (docs/attestation.md).
+
 Choices:
 
 * ``meta.generator`` is keylime's ``LegacyAllowList`` (3), what ``keylime-policy
@@ -30,18 +43,21 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 from imafs.ima import hashing
+from imafs.ima.namespaces import NS_EVENTS
 from imafs.ima.templates import TemplateError, parse_ascii_line
 
 log = logging.getLogger("imafs.keylime")
 
 __all__ = ["RUNTIME_POLICY_VERSION", "GENERATOR_LEGACY_ALLOWLIST", "KEYLIME_ALGOS",
            "KEYLIME_TEMPLATES", "empty_policy", "finish", "from_ascii_list", "from_rootfs",
-           "boot_aggregate_zero", "RuntimePolicyError"]
+           "boot_aggregate_zero", "RuntimePolicyError", "NS_EVENTS_EXCLUDE",
+           "MUTABLE_EXCLUDES", "default_excludes", "drop_excluded"]
 
 RUNTIME_POLICY_VERSION = 1
 GENERATOR_LEGACY_ALLOWLIST = 3
@@ -50,6 +66,33 @@ KEYLIME_ALGOS = ("sha1", "sha256", "sha384", "sha512")
 #: templates keylime's measurement-list parser knows
 KEYLIME_TEMPLATES = ("ima", "ima-ng", "ima-sig", "ima-buf")
 BOOT_AGGREGATE = "boot_aggregate"
+#: keylime's excludes are regexes matched (re.match) against each entry's name
+assert all(re.fullmatch(r"[a-z-]+", n) for n in NS_EVENTS)     # no regex escapes needed
+NS_EVENTS_EXCLUDE = "^(" + "|".join(NS_EVENTS) + ")$"
+#: files package managers read and rewrite (their digest never stays): by path
+MUTABLE_EXCLUDES = (
+    r"^/var/lib/dpkg/(status|available|diversions|statoverride)(-old)?$",
+    r"^/var/lib/dpkg/(lock|lock-frontend|triggers/|updates/)",
+    r"^/var/lib/apt/(lists/|extended_states$|periodic/)",
+    r"^/var/cache/(apt|debconf)/",
+    r"^/var/lib/(rpm|dnf)/",
+)
+
+
+def default_excludes() -> list[str]:
+    """What ``imafs keylime-policy`` excludes unless told not to."""
+    return [NS_EVENTS_EXCLUDE, *MUTABLE_EXCLUDES]
+
+
+def drop_excluded(policy: dict, patterns) -> int:
+    """Remove the digests of paths ``patterns`` exclude (keylime never looks them
+    up); how many paths were dropped. Buffer entries (ima-buf) stay: they cost
+    nothing and show what the list held when the policy was written."""
+    rx = [re.compile(p) for p in patterns]
+    gone = [n for n in policy["digests"] if n != BOOT_AGGREGATE and any(r.match(n) for r in rx)]
+    for n in gone:
+        del policy["digests"][n]
+    return len(gone)
 
 
 class RuntimePolicyError(ValueError):

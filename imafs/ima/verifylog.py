@@ -8,6 +8,16 @@ every bank (a violation extends 0xff.., as the kernel does) and the result compa
 with the PCR values given. The first bad entry is reported with its number and byte
 offset. Works on binary and ascii lists of any bank, streamed: a list of a million
 entries is never held in memory.
+
+Namespace events (the ``ima-buf`` entries ns-create, ns-init, ns-remove, ns-join,
+ns-join-failed: namespaces.py) are checked too, because a keylime policy excludes
+them (docs/attestation.md): each must parse; an ``ns-init`` only as a child list's
+second entry; a removal, join or failed join must name a namespace an earlier
+``ns-create`` of the same list made (same name, id, UUID), and one namespace is
+created once. :func:`link` then ties child lists to their parent: a child's
+``ns-init`` must carry exactly the data of an ``ns-create`` of the parent, and when
+the parent recorded the child's removal, its ``entries=`` and ``pcr10=`` must be
+the child list's length and replayed PCR 10 (an archived list is complete).
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
 from imafs.ima import appraise as ap
+from imafs.ima.namespaces import NS_CREATE, NS_EVENTS, NS_INIT, NS_REMOVE, parse_event
 from imafs.ima.templates import TemplateEntry, TemplateError, hash_size, new_hash, \
     parse_ascii, parse_binary
 
@@ -43,6 +54,8 @@ class Report:
     pcrs: dict = field(default_factory=dict)     # bank -> list of NUM_PCRS digests
     used_pcrs: set = field(default_factory=set)
     problems: list = field(default_factory=list)
+    ns_events: list = field(default_factory=list)   # (entry, event, data, fields)
+    ns_created: dict = field(default_factory=dict)  # id -> (name, id, uuid)
 
     @property
     def ok(self) -> bool:
@@ -123,6 +136,10 @@ def verify(entries: Iterable[TemplateEntry], *, bank: str = "sha1",
                 h.update(e.extend_value(b))
                 regs = rep.pcrs[b]
                 regs[e.pcr] = h.digest()
+            if e.template == "ima-buf" and name in NS_EVENTS and not e.violation:
+                why = _ns_event(rep, i, name, e.get("buf") or b"")
+                if why and problem(Problem(i, "ns-event", why, name)):
+                    return rep
             if keyring is not None and not e.violation:
                 why = _check_sig(e, keyring)
                 if why is not None:
@@ -152,6 +169,82 @@ def verify(entries: Iterable[TemplateEntry], *, bank: str = "sha1",
                                     f"{b} PCR {idx}: list replays to {got.hex()}, "
                                     f"expected {value.hex()}"))
     return rep
+
+
+def _ns_event(rep: Report, i: int, event: str, data: bytes) -> str:
+    """Record a namespace event of entry ``i``; "" or why it is malformed or
+    unexplained by the list before it."""
+    try:
+        f = parse_event(data)
+    except ValueError as err:
+        return str(err)
+    if event == NS_INIT:
+        if f["event"] != NS_CREATE:
+            return f"its data is a {f['event']}, not the ns-create it repeats"
+        if i != 1:
+            return "ns-init is a child list's second entry, after its boot aggregate"
+    elif f["event"] != event:
+        return f"its data says {f['event']}"
+    key = (f["name"], f["id"], f["uuid"])
+    if event == NS_CREATE:
+        if f["id"] in rep.ns_created:
+            return f"namespace id {f['id']} created twice"
+        rep.ns_created[f["id"]] = key
+    elif event != NS_INIT and rep.ns_created.get(f["id"]) != key:
+        return (f"{event} of namespace {f['name']} (id {f['id']}, uuid {f['uuid']}) that "
+                f"no earlier ns-create of this list made")
+    rep.ns_events.append((i, event, data, f))
+    return ""
+
+
+@dataclass
+class Link:
+    """How a child list ties to its parent's (link())."""
+    child: str
+    name: str = ""
+    id: str = ""
+    created_at: int | None = None       # the parent's ns-create entry
+    removed_at: int | None = None       # the parent's ns-remove entry, if any
+    problems: list = field(default_factory=list)
+
+
+def link(parent: Report, children: list[tuple[str, Report]]) -> list[Link]:
+    """Tie each (label, report) child list to the parent's namespace events."""
+    creates = {data: (i, f) for i, ev, data, f in parent.ns_events if ev == NS_CREATE}
+    removes = {(f["name"], f["id"], f["uuid"]): (i, f) for i, ev, _, f in parent.ns_events
+               if ev == NS_REMOVE}
+    out = []
+    for label, rep in children:
+        lk = Link(label)
+        out.append(lk)
+        init = [(i, data, f) for i, ev, data, f in rep.ns_events if ev == NS_INIT]
+        if not init:
+            lk.problems.append("no ns-init entry: not a child namespace's list")
+            continue
+        _, data, f = init[0]
+        lk.name, lk.id = f["name"], f["id"]
+        hit = creates.get(data)
+        if hit is None:
+            lk.problems.append(f"its ns-init (namespace {f['name']}, id {f['id']}, uuid "
+                               f"{f['uuid']}) is no ns-create of the parent list")
+            continue
+        lk.created_at = hit[0]
+        gone = removes.get((f["name"], f["id"], f["uuid"]))
+        if gone is None:
+            continue
+        lk.removed_at, g = gone
+        if g.get("entries") != str(rep.entries):
+            lk.problems.append(f"the parent recorded its removal with {g.get('entries')} "
+                               f"entries, the list has {rep.entries}")
+        bank, _, value = g.get("pcr10", "").partition(":")
+        if bank in rep.pcrs:
+            if rep.pcrs[bank][10].hex() != value:
+                lk.problems.append(f"the parent recorded its removal with {bank} PCR 10 "
+                                   f"{value}, the list replays to "
+                                   f"{rep.pcrs[bank][10].hex()}")
+        elif bank:
+            lk.problems.append(f"the removal's PCR 10 is of bank {bank}, not replayed")
+    return out
 
 
 def _check_sig(e: TemplateEntry, keyring) -> str | None:
