@@ -25,6 +25,12 @@ Targets (each takes one byte string):
                parses re-serializes to the input, and loads into an LMDB index and out
   rpm-header   RPM headers (imafs/sources/rpm.py: index entries, typed data, file tags)
   packages     Debian Packages indexes and dpkg status files (imafs/sources/debian.py)
+  ns-options   the namespace-options grammar (NAME OPTION=VALUE...), from inside the
+               mount and from the host; what parses formats back to the same options
+  ns-event     namespace event data (ns-create, ns-remove, ... buffer entries)
+  ctl-request  control-socket request lines (protocol.decode, check_request) and the
+               daemon's operations on them (a namespace tree without binder)
+  oci-state    the OCI runtime state a hook reads on stdin
 
 A *bug* is any exception but the target's documented rejection (PolicyError,
 XattrError, EvmXattrError, KeyringError, TemplateError, ValueError where the API says
@@ -139,6 +145,26 @@ def seeds(target: str) -> list[bytes]:
         return [header([(1000, 6, 0, 1), (1118, 8, 6, 1), (1035, 8, 16, 1), (5011, 4, 84, 1),
                         (1117, 8, 0, 1), (1116, 4, 84, 1), (1030, 3, 88, 1)], store),
                 header([], b""), header([(1, 7, 0, 4)], b"abcd")]
+    if target == "ns-options":
+        return [b"web", b"web template=ima-sig hash=sha512 appraise=log",
+                b"c policy=/etc/p keys=/etc/k", b"x quota=3 model=learn", b"-x hash=md6",
+                b"a" * 64 + b" appraise=off"]
+    if target == "ns-event":
+        return [b"ns-create name=/web id=1 uuid=c7bea3a8-888f-438e-94f8-5c4210013991 "
+                b"template=ima-ns hash=sha256 appraise=log",
+                b"ns-remove name=/web id=1 uuid=u entries=3 pcr10=sha256:" + b"ab" * 32,
+                b"ns-join name=/web/db id=2 uuid=u from=/", b"ns-init", b"x=y"]
+    if target == "ctl-request":
+        return [b'{"v":1,"op":"hello"}', b'{"v":1,"op":"ns-list"}',
+                b'{"v":1,"op":"ns-create","name":"web","pid":1,"options":{"appraise":"log"},'
+                b'"policy":"measure func=BPRM_CHECK\n","certs":[]}',
+                b'{"v":1,"op":"ns-remove","name":"web","uuid":"u"}', b'{"v":2}', b"[]",
+                b'{"v":1,"op":"ns-create","fds":["pidfd"]}']
+    if target == "oci-state":
+        return [b'{"ociVersion":"1.0.2","id":"web","status":"creating","pid":4242,'
+                b'"bundle":"/srv/b","annotations":{"org.imafs.profile":"web"}}',
+                b'{"ociVersion":"1.0.2","id":"web","status":"stopped","bundle":"/b"}',
+                b"{}", b"null", b'{"id":1}']
     if target == "packages":
         return [b"Package: a\nVersion: 1\nArchitecture: all\nSHA256: " + b"a" * 64 +
                 b"\nSize: 3\nFilename: pool/a.deb\n\nPackage: b\nStatus: install ok installed\n"
@@ -405,6 +431,72 @@ class Targets:
         except ModelError as e:       # e.g. load after seal
             _clear(e)
 
+    # --- namespaces from the host and the OCI hook
+    def ns_options(self, data: bytes) -> None:
+        from imafs.ima import nsoptions
+        text = data.decode("utf-8", "replace")
+        for host in (False, True):
+            try:
+                name, opts = nsoptions.parse_create(text, host_files=host)
+            except nsoptions.OptionError as e:
+                _clear(e)
+                continue
+            again = nsoptions.parse_create(f"{name} {nsoptions.format_options(opts)}",
+                                           host_files=host)
+            if again != (name, opts):
+                raise Bug("parsed options do not format back to themselves")
+            if not host and set(opts) & set(nsoptions.HOST_FILE_OPTIONS):
+                raise Bug("a host-file option was taken from inside the mount")
+
+    def ns_event(self, data: bytes) -> None:
+        from imafs.ima.namespaces import parse_event
+        try:
+            f = parse_event(data)
+        except ValueError as e:
+            _clear(e)
+            return
+        if not f["id"].isdigit() or "name" not in f:
+            raise Bug("an event without a numeric id or a name parsed")
+
+    def ctl_request(self, data: bytes) -> None:
+        from imafs.ctl import protocol as P
+        try:
+            op, args = P.check_request(P.decode(data))
+        except P.ProtocolError as e:
+            _clear(e)
+            return
+        if getattr(self, "_handlers", None) is None:
+            from imafs.assemble import namespace_tree
+            from imafs.ctl.server import Handlers
+            from imafs.ima.hostns import HostNamespaces
+            from imafs.ima.keys import Keyring
+            from imafs.ima.measurelog import MeasurementList
+            from imafs.store import Store
+            self._htmp = tempfile.TemporaryDirectory(prefix="imafs-fuzz-ctl-")
+            self._hstore = Store(self._htmp.name, sync=False, map_size=1 << 30)
+            tree = namespace_tree(self._hstore, [], keyring=Keyring(self._hstore, 0),
+                                  mlist=MeasurementList(self._hstore, 0))
+            self._handlers = Handlers(HostNamespaces(tree), {"dev": "0:0"})
+        args.pop("fds", None)
+        ans = self._handlers(op, args, {}, (os.getpid(), 0))
+        if not isinstance(ans, dict) or "ok" not in ans:
+            raise Bug(f"{op}: an answer without ok")
+        if not ans["ok"] and not str(ans.get("error", "")).strip():
+            raise Bug(f"{op}: a refusal without a message")
+        host = self._handlers.host
+        for child in list(host.tree.root.children):     # keep the state bounded
+            host.tree.ns_remove(host.tree.root, child, os.getpid(), 0)
+
+    def oci_state(self, data: bytes) -> None:
+        from imafs.ctl.oci import HookError, parse_state
+        try:
+            st = parse_state(data)
+        except HookError as e:
+            _clear(e)
+            return
+        if not st.bundle.startswith("/") or not isinstance(st.pid, int):
+            raise Bug("a state without an absolute bundle or an integer pid parsed")
+
 
 class _Caller:
     pid, uid, gid = os.getpid(), 0, 0
@@ -502,6 +594,8 @@ TARGETS = {
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
     "model": "model", "model-ctl": "model_ctl",
     "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",
+    "ns-options": "ns_options", "ns-event": "ns_event", "ctl-request": "ctl_request",
+    "oci-state": "oci_state",
 }
 
 

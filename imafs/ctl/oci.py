@@ -85,7 +85,8 @@ def parse_state(data: bytes) -> OciState:
                 raise HookError(f"the container state has no {key!r}")
             return None
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise HookError(f"the container state's {key!r} is not a {kind.__name__}")
+            raise HookError(f"the container state's {key!r} is not a "
+                            f"{'number' if kind is int else 'string'}")
         return v
 
     st = OciState(oci_version=get("ociVersion", str), id=get("id", str),

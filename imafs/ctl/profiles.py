@@ -30,6 +30,7 @@ and writable by nobody else when present) is ``KEY = VALUE`` lines:
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ def _read(path: str, limit: int, what: str, strict: bool) -> bytes:
     try:
         fd = os.open(path, flags)
     except OSError as e:
+        if e.errno == errno.ELOOP and strict:
+            raise ProfileError(f"{what} {path} is a symbolic link: refused") from None
         raise ProfileError(f"{what} {path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -137,7 +140,7 @@ def load_keys(path: str, *, strict: bool) -> list[bytes]:
         names = sorted(os.listdir(path))
     except OSError as e:
         raise ProfileError(f"keys {path}: {e.strerror}") from None
-    ring, out, files = Keyring(), [], 0
+    ring, out, files, seen = Keyring(), [], 0, set()
     for name in names:
         if not name.lower().endswith(CERT_SUFFIXES):
             continue
@@ -153,7 +156,9 @@ def load_keys(path: str, *, strict: bool) -> list[bytes]:
                 info = ring.add(blob)
             except KeyringError as e:
                 raise ProfileError(f"key {fp} is unusable: {e}") from None
-            out.append(info.der)
+            if info.fingerprint not in seen:     # a keygen directory: .der and .pem
+                seen.add(info.fingerprint)
+                out.append(info.der)
     if not out:
         raise ProfileError(f"keys {path}: no certificate in it (*.der, *.pem, *.crt, ...)")
     return out

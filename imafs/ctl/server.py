@@ -191,7 +191,8 @@ def _arg(args: dict, key: str, kind, default=...):
         return default
     v = args[key]
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise P.ProtocolError(f"argument {key!r} must be a {kind.__name__}")
+        raise P.ProtocolError(f"argument {key!r} must be a "
+                              f"{ {int: 'number', str: 'string', dict: 'JSON object', list: 'list'}[kind] }")
     return v
 
 
