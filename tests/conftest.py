@@ -176,3 +176,22 @@ def wait_for(pred, timeout=5.0, interval=0.02):
             return True
         time.sleep(interval)
     return pred()
+
+
+ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE",
+                                   "/var/cache/imafs/rootfs-bookworm-minbase"))
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs() -> Path:
+    """The suite's Debian rootfs (scripts/rootfs.sh's cache), shared by the session:
+    read it, never change it (overlay or copy it). Skipped when it is not built, unless
+    IMAFS_BUILD_ROOTFS=1 (then it is built here)."""
+    if not (Path(str(ROOTFS_CACHE) + ".complete").is_file() and ROOTFS_CACHE.is_dir()):
+        if os.environ.get("IMAFS_BUILD_ROOTFS", "") in ("", "0"):
+            pytest.skip(f"no cached Debian rootfs at {ROOTFS_CACHE} (build it with "
+                        f"scripts/rootfs.sh, or set IMAFS_BUILD_ROOTFS=1)")
+        p = subprocess.run([str(REPO / "scripts" / "rootfs.sh"), str(ROOTFS_CACHE)],
+                           capture_output=True, text=True, timeout=840)
+        assert p.returncode == 0, p.stderr
+    return ROOTFS_CACHE
