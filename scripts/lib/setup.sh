@@ -8,7 +8,7 @@
 IMAFS_APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr acl ima-evm-utils fsverity
                     busybox-static stress-ng util-linux python3-gpg swtpm swtpm-tools
                     tpm2-tools debootstrap libtss2-dev gcc python3-dev python3-venv
-                    python3-pip rpm)
+                    python3-pip rpm runc)
 
 imafs_setup() {
     local top

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,11 +59,14 @@ class Host:
         self.policy_file: Path | None = None
         self.tpm_tainted = False
         self.n = 0
+        self.hook: Path | None = None
 
     def build(self) -> None:
         r = self.root
-        for d in ("bin", "usr/bin", "etc", "proc", "tmp"):
+        for d in ("bin", "usr/bin", "etc", "proc", "tmp", "dev", "sys", "var/lib/dpkg"):
             (r / d).mkdir(parents=True)
+        (r / "var/lib/dpkg/status").write_text("Package: hello\nStatus: install ok "
+                                                "installed\n")
         shutil.copy("/bin/busybox", r / "bin/busybox")
         for a in ("sh", "cat", "echo", "true", "ls"):
             (r / "bin" / a).symlink_to("busybox")
@@ -104,6 +108,46 @@ class Host:
         assert r.returncode == 0, (script, r.stdout, r.stderr)
         assert (self.mnt / ".imafs" / "namespaces" / name).is_dir()
         return r.stdout
+
+    def runc_container(self, name: str) -> str:
+        """A container as runc starts it: the bundle's root is the mount, the hook
+        (installed by scripts/install) makes its namespace at createRuntime and, when
+        the container has run /usr/bin/hello and exited, archives and removes it at
+        poststop."""
+        if self.hook is None:
+            self._runc_setup()
+        c = json.loads(json.dumps(self.spec))
+        c["root"] = {"path": str(self.mnt), "readonly": False}
+        c["process"]["terminal"] = False
+        c["process"]["args"] = ["/usr/bin/hello"]
+        c["annotations"] = {"org.imafs.profile": "web"}
+        h = {"path": str(self.hook), "args": ["imafs", "oci-hook", "--config",
+                                              str(self.work / "oci-hook.conf")]}
+        c["hooks"] = {"createRuntime": [h], "poststop": [h]}
+        (self.work / "bundle" / "config.json").write_text(json.dumps(c))
+        r = subprocess.run(["runc", "--root", str(self.work / "runc"), "run", "--bundle",
+                            str(self.work / "bundle"), name], capture_output=True, text=True,
+                           timeout=60)
+        subprocess.run(["runc", "--root", str(self.work / "runc"), "delete", "-f", name],
+                       capture_output=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def _runc_setup(self) -> None:
+        w = self.work
+        r = subprocess.run([str(REPO / "scripts" / "install"), str(w / "prefix")],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, IMAFS_PYTHON=sys.executable))
+        assert r.returncode == 0, r.stderr
+        (w / "profiles" / "web").mkdir(parents=True)
+        (w / "profiles" / "web" / "policy").write_text("measure func=BPRM_CHECK\n")
+        (w / "oci-hook.conf").write_text(f"profiles = {w / 'profiles'}\n"
+                                         f"archive = {w / 'archive'}\n"
+                                         f"state_dir = {w / 'hookstate'}\n")
+        (w / "bundle").mkdir()
+        subprocess.run(["runc", "spec", "--bundle", str(w / "bundle")], check=True)
+        self.spec = json.loads((w / "bundle" / "config.json").read_text())
+        self.hook = w / "prefix" / "bin" / "imafs"
 
     def keylime_policy(self, *extra: str) -> tuple[Path, dict]:
         """``imafs keylime-policy`` as a user writes it for this host (or with
@@ -260,20 +304,40 @@ def test_containers_pass_with_namespace_events_excluded(host):
     assert names.count("ns-create") >= 3 and names.count("ns-remove") >= 3
 
 
-@pytest.mark.xfail(strict=True, raises=ks.KeylimeError, reason=(
-    "issue 15: a container's ns-create (and ns-remove) entry in the host list is an "
-    "ima-buf entry with unique data; keylime fails it (not_in_allowlist) unless "
-    "`imafs keylime-policy` excludes the namespace-event buffer entries by default "
-    "(and `imafs verify-log` checks their links to the child lists)"))
 def test_containers_started_after_the_policy_keep_passing(host):
     """The requirement (issue 15, Attestation): a host that starts containers after
     its keylime runtime policy was written keeps passing, with the policy as
-    ``imafs keylime-policy`` writes it."""
-    policy, _ = host.keylime_policy()
+    ``imafs keylime-policy`` writes it (its default excludes: the namespace events,
+    and package managers' mutable state, which dpkg rewrites between rounds here).
+    Containers made by hand (ns-create) and by runc with ``imafs oci-hook`` come and
+    go between rounds; ``imafs verify-log`` then checks the events keylime skipped and
+    ties the runc containers' archived lists to the host's list."""
+    policy, doc = host.keylime_policy()
+    assert "^(ns-create|ns-init|ns-remove|ns-join|ns-join-failed)$" in doc["excludes"]
+    assert "/var/lib/dpkg/status" not in doc["digests"]
     host.attest(policy)
+    runc = shutil.which("runc") is not None
     for i in range(3):
         host.container(f"web{i}", "/usr/bin/hello")
+        (host.mnt / ".imafs" / "ns-remove").write_text(f"web{i}\n")
+        if runc:
+            assert host.runc_container(f"runc{i}") == "hello\n"
+        with open(host.mnt / "var/lib/dpkg/status", "a") as f:     # dpkg at work
+            f.write(f"\nPackage: p{i}\nStatus: install ok installed\n")
+        host.run("/bin/cat", "/var/lib/dpkg/status")
         host.loop.wait_pass(1)
+    names = [e[4] for e in host.host_list()]
+    assert names.count("ns-create") >= 3 + 3 * runc and "/var/lib/dpkg/status" in names
+    host.loop.wait_pass(2)
+    lst = host.work / "host.bin"
+    lst.write_bytes((host.mnt / ".imafs" / "binary_runtime_measurements").read_bytes())
+    archives = sorted((host.work / "archive").iterdir()) if runc else []
+    assert len(archives) == 3 * runc
+    r = subprocess.run(IMAFS + ["verify-log", str(lst)] + [
+        a for d in archives for a in ("--child", str(d))], capture_output=True, text=True,
+        timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("its length and PCR 10 match") == len(archives)
 
 
 def test_tampered_binary_fails_within_two_rounds(host):
