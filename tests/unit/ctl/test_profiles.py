@@ -3,7 +3,9 @@ files loaded into what a control-socket request carries. Runs as root (ownership
 what is checked)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,28 @@ def test_config(tmp_path):
     with pytest.raises(pr.ProfileError) as e:
         pr.load_config(str(tmp_path / "missing.conf"))
     assert "No such file" in str(e.value)
+
+
+def test_the_shipped_examples_load(tmp_path):
+    """examples/oci/: the profile and the configuration the docs point to, and
+    examples/host.policy, are what the hook and the mount take."""
+    from imafs.ima.policy import load_policy_arg
+    repo = Path(__file__).resolve().parents[3]
+    ex = repo / "examples"
+    shutil.copytree(ex / "oci" / "profiles", tmp_path / "profiles")
+    for d, _, files in os.walk(tmp_path):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    o = pr.load_profile(str(tmp_path / "profiles"), "web")
+    assert "measure func=BPRM_CHECK" in o.policy and o.options == {"appraise": "enforce",
+                                                                   "template": "ima-ng"}
+    conf = tmp_path / "oci-hook.conf"
+    shutil.copy(ex / "oci" / "oci-hook.conf", conf)
+    os.chmod(conf, 0o644)
+    cfg = pr.load_config(str(conf))
+    assert (cfg.profiles, cfg.archive, cfg.allow_host_paths) == (
+        "/etc/imafs/profiles", "/var/lib/imafs/archive", False)
+    assert len(load_policy_arg(str(ex / "host.policy"))) == 5
+    hooks = json.loads((ex / "oci" / "hooks.json").read_text())
+    assert hooks["hooks"]["createRuntime"][0]["args"] == ["imafs", "oci-hook"]
