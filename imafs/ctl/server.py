@@ -141,9 +141,12 @@ class Handlers:
     def __call__(self, op: str, args: dict, fds: dict, peer: tuple[int, int]) -> dict:
         try:
             return getattr(self, "op_" + op.replace("-", "_"))(args, fds, peer)
-        except NamespaceError as e:
-            return P.refusal(str(e), e.errno)
-        except P.ProtocolError as e:
+        except (NamespaceError, P.ProtocolError) as e:
+            log.warning("control socket: %s by pid %d refused: %s", op, peer[0], e)
+            if op in ("ns-create", "ns-remove") and self.host.audit is not None:
+                self.host.audit.record(op.replace("-", "_") + "_rejected", ns="/",
+                                       pid=peer[0], uid=peer[1], via="control socket",
+                                       name=str(args.get("name", ""))[:80], error=str(e))
             return P.refusal(str(e), e.errno)
 
     def op_hello(self, args, fds, peer) -> dict:

@@ -156,6 +156,14 @@ def test_bad_requests_are_refused_and_the_mount_goes_on(m):
                                             "EINVAL", "EINVAL", "EINVAL", None]
     assert "argument 'pid' missing" in ans[3]["error"]
     assert "names 1 descriptor(s) and carries 0" in ans[5]["error"] and ans[6]["ok"]
+    # what the client would have refused, sent anyway: the daemon checks it again,
+    # logs and audits the refusal
+    ans = raw(m, b'{"v":1,"op":"ns-create","name":"q","pid":%d,"options":{"quota":"3"}}\n'
+              % os.getpid())
+    assert ans[0]["errno"] == "EINVAL" and "quota=: " in ans[0]["error"]
+    rec = [a for a in m.audit() if a["type"] == "ns_create_rejected"][-1]
+    assert rec["via"] == "control socket" and rec["name"] == "q" and "quota" in rec["error"]
+    assert "control socket: ns-create by pid" in m.log_text()
     # more descriptors than a request may carry: refused, connection closed
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
     try:
@@ -263,6 +271,7 @@ def test_ns_create_refusals_make_nothing(m, world_tmp, args, why):
         assert r.returncode == 2 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert len(host_list(m)) == before
         assert ":/ns" not in Path(f"/proc/{rd.pid}/cgroup").read_text()   # not bound
+
         assert imafs("ns", "list", m.mnt).stdout.count("\n") == 1
     finally:
         rd.stop()
