@@ -223,8 +223,12 @@ def create(st: OciState, cfg: HookConfig, state: str | None = None) -> dict:
                              policy=opts.policy,
                              certs=[base64.b64encode(d).decode() for d in opts.certs],
                              fds={"pidfd": pidfd})
-            except BaseException:
-                _unlink(sfile)
+            except CtlError as e:
+                # refused by the daemon: nothing was made, poststop has nothing to do;
+                # no answer (a timeout, a broken connection): the namespace may exist,
+                # so the provisional state stays and poststop removes it by name
+                if e.errno:
+                    _unlink(sfile)
                 raise
             ns = ans["namespace"]
             rec["uuid"] = ns["uuid"]
