@@ -109,3 +109,52 @@ def test_a_rootless_hook_is_told_why():
                             code], input=js(), capture_output=True, env=env)
         assert r.returncode == 2, r.stderr
         assert b"runs as root of a user namespace" in r.stderr
+
+
+class _FakeClient:
+    """What Client.for_mount returns, answering ns-create as told."""
+
+    def __init__(self, answer):
+        self.answer, self.info, self.calls = answer, {"state": "/s"}, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def call(self, op, **kw):
+        self.calls.append((op, kw))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs as root")
+@pytest.mark.parametrize("answer,kept", [
+    (oci.CtlError("namespace /web exists", "EEXIST"), False),     # refused: nothing made
+    (oci.CtlError("ns-create: the daemon did not answer in time"), True),   # unknown
+])
+def test_the_hooks_state_after_a_failed_creation(tmp_path, monkeypatch, answer, kept):
+    """A refusal leaves no hook state (its poststop touches nothing); a creation the
+    daemon did not answer keeps the provisional state, so poststop removes by name
+    whatever was made."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"root": {"path": "/x"}}')
+    monkeypatch.setattr(oci, "container_root", lambda bundle, cfg: "/x")
+    fake = _FakeClient(answer)
+    monkeypatch.setattr(oci.Client, "for_mount", classmethod(lambda cls, m, state=None: fake))
+    cfg = HookConfig(state_dir=str(tmp_path / "state"), archive=None)
+    st = js(pid=os.getpid(), bundle=str(tmp_path / "b"), annotations={})
+    with pytest.raises(oci.HookError):
+        oci.run(st, cfg)
+    left = list((tmp_path / "state").iterdir())
+    assert len(left) == (1 if kept else 0)
+    if kept:
+        rec = json.loads(left[0].read_text())
+        assert rec["name"] == "web" and rec["uuid"] is None
+        fake.answer = {"ok": True, "namespace": {"name": "web"}}
+        assert oci.run(js(status="stopped", pid=None, bundle=str(tmp_path / "b")), cfg) \
+            == {"name": "web"}
+        assert fake.calls[-1] == ("ns-remove", {"name": "web", "uuid": None, "fds": None})
+        assert not list((tmp_path / "state").iterdir())
