@@ -187,6 +187,9 @@ class Handlers:
         return P.reply(namespace=out)
 
 
+_KINDS = {int: "number", str: "string", dict: "JSON object", list: "list"}
+
+
 def _arg(args: dict, key: str, kind, default=...):
     if key not in args or args[key] is None:
         if default is ...:
@@ -194,8 +197,7 @@ def _arg(args: dict, key: str, kind, default=...):
         return default
     v = args[key]
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise P.ProtocolError(f"argument {key!r} must be a "
-                              f"{ {int: 'number', str: 'string', dict: 'JSON object', list: 'list'}[kind] }")
+        raise P.ProtocolError(f"argument {key!r} must be a {_KINDS[kind]}")
     return v
 
 
