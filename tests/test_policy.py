@@ -111,6 +111,10 @@ PRINT_VECTORS = [
     ("measure func=CRITICAL_DATA", "measure func=CRITICAL_DATA "),
     ("appraise func=SETXATTR_CHECK appraise_algos=sha256",
      "appraise func=SETXATTR_CHECK appraise_algos=sha256 "),
+    ("measure func=DIGEST_LIST_CHECK", "measure func=DIGEST_LIST_CHECK "),
+    # digest_cache= prints last, after permit_directio (the patches' ima_policy_show)
+    ("appraise digest_cache=content permit_directio func=BPRM_CHECK",
+     "appraise func=BPRM_CHECK permit_directio digest_cache=content "),
     ("measure mask=MAY_EXEC", "measure mask=MAY_EXEC "),
     ("measure mask=MAY_WRITE", "measure mask=MAY_WRITE "),
     ("measure mask=MAY_READ", "measure mask=MAY_READ "),

@@ -101,6 +101,12 @@ Where we differ from the kernel, on purpose
 * ``template=ima-ns`` is accepted: ``ima-ns`` (``d-ng|n-ng|ns``) is an imafs
   template, the kernel knows only its built-in ones (``KERNEL_TEMPLATES``) and
   refuses any other name.
+* ``digest_cache=`` (Roberto Sassu's digest_cache patches, never merged: their
+  syntax and restrictions, docs/digest-lists.md) on a measure rule needs ``pcr=``,
+  as there, but may name PCR 10: the patches refuse the default PCR, which would
+  leave keylime -- it replays every entry into PCR 10 -- unable to verify such a
+  list at all. ``func=DIGEST_LIST_CHECK`` (a digest list loaded through
+  ``digest_list_add``) is one of the hooks the overlay produces.
 * ``pcr=`` takes 0..23, not the kernel's 0..63: imafs keeps 24 software PCRs
   (``measurelog.NUM_PCRS``), as many as its ``pcrs/`` files list and
   ``evmctl --pcrs`` reads; a rule naming PCR 24..63 would make every open it
@@ -159,11 +165,11 @@ ALL_ACTIONS = frozenset({"measure", "appraise", "audit", "hash"})
 FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT", "BPRM_CHECK",
          "CREDS_CHECK", "MODULE_CHECK", "FIRMWARE_CHECK", "KEXEC_KERNEL_CHECK",
          "KEXEC_INITRAMFS_CHECK", "POLICY_CHECK", "KEXEC_CMDLINE", "KEY_CHECK",
-         "CRITICAL_DATA", "SETXATTR_CHECK")
+         "CRITICAL_DATA", "SETXATTR_CHECK", "DIGEST_LIST_CHECK")
 FUNC_ALIASES = {"PATH_CHECK": "FILE_CHECK", "FILE_MMAP": "MMAP_CHECK"}
 #: Hooks the overlay can produce events for.
 FILE_FUNCS = frozenset({"FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT",
-                        "BPRM_CHECK", "CREDS_CHECK", "POLICY_CHECK"})
+                        "BPRM_CHECK", "CREDS_CHECK", "POLICY_CHECK", "DIGEST_LIST_CHECK"})
 KERNEL_ONLY_FUNCS = frozenset(FUNCS) - FILE_FUNCS
 _EVENT_FUNCS = frozenset(FUNCS) | {"POST_SETATTR"}
 
@@ -180,6 +186,16 @@ IMAFS_TEMPLATES = ("ima-ns",)
 
 APPRAISE_TYPES = ("imasig", "imasig|modsig", "sigv3")
 DIGEST_TYPES = ("verity",)
+#: digest_cache= values: "content" (the digest_cache RFC patches of 2023 and Feb 2024)
+#: and "data" (its spelling since the v1 of the "Integrate with Integrity Digest Cache"
+#: series, 2024); both mean "file data digests from digest lists", printed as given
+DIGEST_CACHE_VALUES = ("content", "data")
+#: the hooks a digest_cache= rule may name (ima_digest_cache_func_allowed(); None: no
+#: func=); POLICY_CHECK for appraise rules only: a policy is always measured
+DIGEST_CACHE_FUNCS = frozenset({None, "FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT",
+                                "BPRM_CHECK", "CREDS_CHECK", "FIRMWARE_CHECK",
+                                "POLICY_CHECK", "MODULE_CHECK", "KEXEC_KERNEL_CHECK",
+                                "KEXEC_INITRAMFS_CHECK"})
 
 DEFAULT_PCR = 10            # CONFIG_IMA_MEASURE_PCR_IDX
 #: pcr= accepts 0..PCR_LIMIT-1: imafs keeps 24 software PCRs (measurelog.NUM_PCRS,
@@ -198,13 +214,13 @@ _SLOT = {"euid": "uid", "egid": "gid"}
 _VALUE_KEYS = frozenset((
     "func", "mask", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template",
     "appraise_type", "appraise_flag", "appraise_algos", "digest_type",
-    "keyrings", "label") + _ID_KEYS + _LSM_KEYS)
+    "keyrings", "label", "digest_cache") + _ID_KEYS + _LSM_KEYS)
 
 # Which keywords each hook allows (ima_validate_rule).  None = no func= given.
 _FILE_KEYS = frozenset((
     "func", "mask", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template",
     "appraise_type", "appraise_algos", "digest_type",
-    "permit_directio") + _ID_KEYS + _LSM_KEYS)
+    "permit_directio", "digest_cache") + _ID_KEYS + _LSM_KEYS)
 _KERNEL_READ_KEYS = _FILE_KEYS - {"digest_type"}
 _ALLOWED = {f: _FILE_KEYS for f in (None, "FILE_CHECK", "MMAP_CHECK",
                                     "MMAP_CHECK_REQPROT", "BPRM_CHECK",
@@ -212,13 +228,21 @@ _ALLOWED = {f: _FILE_KEYS for f in (None, "FILE_CHECK", "MMAP_CHECK",
                                     "POLICY_CHECK")}
 _ALLOWED.update({f: _KERNEL_READ_KEYS for f in (
     "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")})
+# a digest list read by the digest_cache LSM: as the kernel's other file reads (the
+# patch adds it to MODULE_CHECK's case of ima_validate_rule); digest_cache= itself is
+# refused below (a list is not vouched for by a list)
+_ALLOWED["DIGEST_LIST_CHECK"] = _KERNEL_READ_KEYS
 _ALLOWED["KEXEC_CMDLINE"] = frozenset((
     "func", "fsmagic", "fsname", "fs_subtype", "fsuuid", "pcr", "template")
     + _ID_KEYS + _LSM_KEYS)
 _ALLOWED["KEY_CHECK"] = frozenset(("func", "uid", "gid", "pcr", "keyrings", "template"))
 _ALLOWED["CRITICAL_DATA"] = frozenset(("func", "uid", "gid", "pcr", "label", "template"))
 _ALLOWED["SETXATTR_CHECK"] = frozenset(("func", "appraise_algos") + _LSM_KEYS)
-_MODSIG_FUNCS = ("MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
+# appraise_type=imasig|modsig: the kernel's modsig hooks, and DIGEST_LIST_CHECK, for
+# which the digest_cache patches' own example policies write it (imafs verifies no
+# appended signature: imasig|modsig requires an imasig signature, as for the others)
+_MODSIG_FUNCS = ("MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK",
+                 "DIGEST_LIST_CHECK")
 _MEASURE_ONLY_FUNCS = ("KEXEC_CMDLINE", "KEY_CHECK", "CRITICAL_DATA")
 
 #: Magic numbers of the file systems the built-in policies exclude.
@@ -321,6 +345,7 @@ class Rule:
     subj_user: str | None = None
     subj_role: str | None = None
     subj_type: str | None = None
+    digest_cache: str | None = None                 # "content" or "data"
     line: int = field(default=0, compare=False)
 
     # ---- printing (ima_policy_show) ----
@@ -365,6 +390,8 @@ class Rule:
             out.append(f"digest_type={self.digest_type}")
         if self.permit_directio:
             out.append("permit_directio")
+        if self.digest_cache is not None:
+            out.append(f"digest_cache={self.digest_cache}")
         # the kernel writes the action, then every keyword, each followed by a space
         return " ".join(out) + " "
 
@@ -528,7 +555,10 @@ class Decision:
     ``template`` come from the deciding measure rule (template None: the
     mount's default); the appraise options from the deciding appraise rule;
     ``digest_type`` and ``permit_directio`` from any deciding rule (the kernel
-    ORs those flags).
+    ORs those flags). ``digest_cache_measure``/``digest_cache_appraise``: the
+    deciding measure/appraise rule says ``digest_cache=`` (the patches' usage
+    mask), for a hook that may use digest lists (DIGEST_CACHE_FUNCS; never the
+    measurement of a policy).
     """
     measure: bool = False
     appraise: bool = False
@@ -540,6 +570,8 @@ class Decision:
     appraise_algos: tuple[str, ...] | None = None
     digest_type: str | None = None
     permit_directio: bool = False
+    digest_cache_measure: bool = False
+    digest_cache_appraise: bool = False
     measure_rule: Rule | None = None
     appraise_rule: Rule | None = None
     audit_rule: Rule | None = None
@@ -561,6 +593,9 @@ class Decision:
                                if self.appraise_algos is not None else None),
             "digest_type": self.digest_type,
             "permit_directio": self.permit_directio,
+            "digest_cache": [a for a, on in (("measure", self.digest_cache_measure),
+                                             ("appraise", self.digest_cache_appraise))
+                             if on],
             "rules": {k: _rule_dict(r) for k, r in self.rules.items()},
         }
 
@@ -630,6 +665,12 @@ class Policy:
                 d.digest_type = rule.digest_type
             if rule.permit_directio:
                 d.permit_directio = True
+            if rule.digest_cache is not None and do \
+                    and event.func in DIGEST_CACHE_FUNCS:
+                if pair == "measure" and event.func != "POLICY_CHECK":
+                    d.digest_cache_measure = True
+                elif pair == "appraise":
+                    d.digest_cache_appraise = True
         return d
 
 
@@ -729,6 +770,10 @@ def _parse_value(key, op, value):
     if key == "digest_type":
         if value not in DIGEST_TYPES:
             raise _Bad(f"bad digest_type {_show(value)} (verity)")
+        return value
+    if key == "digest_cache":
+        if value not in DIGEST_CACHE_VALUES:
+            raise _Bad(f"bad digest_cache {_show(value)} (content, or data)")
         return value
     if key == "appraise_algos":
         # the kernel's names only (ima_parse_appraise_algos(): match_string() over
@@ -847,6 +892,7 @@ def _validate(vals, pos, bad):
                       ("appraise_algos", "appraise")):
         if key in vals and action != need:
             raise bad(at(key), f'"{key}" is only allowed with {need}, not {action}')
+    _validate_digest_cache(vals, at, bad)
     # conditions and options each hook allows, reported in the order given
     allowed = _ALLOWED[func]
     for key in sorted(pos, key=at):
@@ -882,6 +928,38 @@ def _validate(vals, pos, bad):
             raise bad(at("template"), f"digest_type=verity needs a template with the "
                                       f"d-ngv2 field (ima-ngv2 or ima-sigv2), "
                                       f"not {tmpl}")
+
+
+def _validate_digest_cache(vals, at, bad):
+    """The digest_cache patches' restrictions (ima_parse_rule, ima_validate_rule):
+    measure and appraise rules only; the hooks of DIGEST_CACHE_FUNCS (POLICY_CHECK
+    for appraisal only); a measure rule must name its PCR; an appraise rule names no
+    other appraisal method. imafs differs in one point: the PCR may be the default
+    one, 10, if it is written out (``pcr=10``), which keylime needs -- it replays every
+    entry into PCR 10 (docs/digest-lists.md#the-pcr)."""
+    if "digest_cache" not in vals:
+        return
+    action, func = vals["action"], vals.get("func")
+    col = at("digest_cache")
+    if action not in ("measure", "appraise"):
+        raise bad(col, f'"digest_cache" is only allowed with measure or appraise, '
+                       f'not {action}')
+    if func == "DIGEST_LIST_CHECK":
+        raise bad(col, "digest_cache cannot be used with func=DIGEST_LIST_CHECK: a "
+                       "digest list is not vouched for by a digest list")
+    if func not in DIGEST_CACHE_FUNCS or (action == "measure" and func == "POLICY_CHECK"):
+        why = (": a policy is always measured" if func == "POLICY_CHECK" else "")
+        raise bad(col, f'"digest_cache" is not allowed with {action} '
+                       f"func={func}{why}")
+    if action == "measure" and "pcr" not in vals:
+        raise bad(col, "measure digest_cache= needs pcr=: a list that omits the files "
+                       "found in digest lists goes to a PCR the policy names (pcr=10 "
+                       "too, for keylime)")
+    if action == "appraise":
+        for key in sorted({"appraise_type", "digest_type"} & set(vals), key=at):
+            if key in vals:
+                raise bad(at(key), f'"{key}" cannot be combined with digest_cache=: '
+                                   f"the digest list is the appraisal method")
 
 
 def _size_error(data: bytes):
