@@ -19,9 +19,15 @@ value under the digest).  The index survives remounts (it is in the store).
 
 Lookups (:meth:`lookup`) read one key with a cursor and return the OR of the actions
 of the lists that hold the digest: a few microseconds (docs/digest-lists.md).
+
+What verdicts depend on: :attr:`DigestListIndex.epoch` changes with every list added
+or removed through this object (a verdict of this mount given because of a list must
+not outlive it), :meth:`state` is the same for the same loaded lists across mounts
+(verdicts kept in LMDB).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
@@ -60,6 +66,7 @@ class ListInfo:
     count: int                      # digests in the list (with repeats)
     blocks: tuple                   # (type, modifiers, algo, count) per block
     provenance: dl.Provenance | None
+    origin: dict | None = None      # how it was loaded: path, pid, uid, time (imafs)
 
     def package(self, block: int) -> dl.Package | None:
         return self.provenance.package_of_block(block) if self.provenance else None
@@ -106,6 +113,9 @@ class DigestListIndex:
         self._lock = threading.Lock()           # one writer of this namespace at a time
         self._info_cache: dict[int, ListInfo] = {}
         self._prefix: dict[tuple[int, str], bytes] = {}
+        #: changes with every list added or removed (verdicts depend on it)
+        self.epoch = 0
+        self._derived: tuple | None = None     # (epoch, state, algos per type)
 
     # ------------------------------------------------------------------ keys
     def _dkey(self, type: int, algo_id: int, digest: bytes) -> bytes:
@@ -119,11 +129,12 @@ class DigestListIndex:
 
     # ------------------------------------------------------------------ writes
     def add(self, label: str, data: bytes, *, actions: int, algo: str = "sha256",
-            parsed: dl.DigestList | None = None) -> ListInfo:
+            parsed: dl.DigestList | None = None, origin: dict | None = None) -> ListInfo:
         """Load a list file's bytes under ``label`` with the ``actions`` done to it
         (ACTION_* bits).  Refuses (IndexError_) a malformed list (EINVAL, nothing
         added), a label already loaded or the same list content loaded under another
-        label (EEXIST, as DIGLIM refuses a list whose digest it knows)."""
+        label (EEXIST, as DIGLIM refuses a list whose digest it knows). ``origin``:
+        how it was loaded (JSON-able: path, pid, uid, time), kept with it."""
         _check_label(label)
         if not 0 <= actions <= 0xFF:
             raise ValueError(f"actions {actions} do not fit in 8 bits")
@@ -145,6 +156,8 @@ class DigestListIndex:
             "blocks": [[b.type, b.modifiers, b.algo, b.count] for b in lst.blocks],
             "provenance": lst.provenance.to_json() if lst.provenance else None,
         }
+        if origin is not None:
+            record["origin"] = origin
         with self._lock, self._env.begin(write=True) as txn:
             names, meta = self._db["dl-names"], self._db["dl-meta"]
             if txn.get(self._label_key(label), db=names) is not None:
@@ -174,6 +187,7 @@ class DigestListIndex:
                     new[k[4]] += 1
                 cur.put(k, _VALUE.pack(list_id, actions, order[i]), dupdata=True)
             self._add_counts(txn, new, +1)
+        self.epoch += 1         # after the commit: a reader of the new epoch sees it
         info = self._info(list_id, record)
         return info
 
@@ -211,8 +225,10 @@ class DigestListIndex:
             txn.delete(self._ns + lid, db=self._db["dl-data"])
             txn.delete(self._label_key(label), db=names)
             txn.delete(self._ldigest_key(rec["algo"], bytes.fromhex(rec["digest"])), db=names)
-        self._info_cache.pop(list_id, None)
-        return self._info(list_id, rec)
+        self.epoch += 1
+        info = self._info(list_id, rec)
+        self._info_cache.pop(list_id, None)     # info() of a removed list: None
+        return info
 
     def clear(self) -> int:
         """Unload every list of the namespace (the namespace is removed); returns how
@@ -228,6 +244,7 @@ class DigestListIndex:
                     n += name == "dl-lists"
                     if not cur.delete(dupdata=True):
                         break
+        self.epoch += 1
         self._info_cache.clear()
         return n
 
@@ -326,6 +343,33 @@ class DigestListIndex:
         out[dl.COMPACT_DIGEST_LIST] = nlists
         return out
 
+    def state(self) -> bytes:
+        """What the loaded lists are, as content (empty when none is loaded): a
+        digest of each list's own digest and actions, in load order -- the same lists
+        give the same bytes at the next mount."""
+        return self._derive()[1]
+
+    def algos(self, type: int = dl.COMPACT_FILE) -> frozenset[str]:
+        """The algorithms of the ``type`` digests the loaded lists hold (what a file
+        must be hashed with to be looked up)."""
+        return self._derive()[2].get(type, frozenset())
+
+    def _derive(self) -> tuple:
+        d = self._derived
+        if d is not None and d[0] == self.epoch:
+            return d
+        epoch = self.epoch
+        h, algos = hashlib.sha256(), {}
+        lists = self.lists()
+        for info in lists:
+            h.update(f"{info.algo}:{info.digest.hex()}:{info.actions};".encode())
+            for typ, _mods, algo, _count in info.blocks:
+                algos.setdefault(typ, set()).add(algo)
+        d = (epoch, h.digest()[:16] if lists else b"",
+             {t: frozenset(a) for t, a in algos.items()})
+        self._derived = d
+        return d
+
     def count(self) -> int:
         """Distinct digests of every type (a digest in two lists counts once)."""
         c = self.counts()
@@ -361,7 +405,7 @@ class DigestListIndex:
             prov = dl.Provenance.from_bytes(raw, 0, len(rec["blocks"]))
         info = ListInfo(list_id, rec["label"], rec["algo"], bytes.fromhex(rec["digest"]),
                         rec["actions"], rec["size"], rec["count"],
-                        tuple(tuple(b) for b in rec["blocks"]), prov)
+                        tuple(tuple(b) for b in rec["blocks"]), prov, rec.get("origin"))
         if len(self._info_cache) > 1024:
             self._info_cache.clear()
         self._info_cache[list_id] = info

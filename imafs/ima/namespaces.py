@@ -73,6 +73,9 @@ class Namespace:
     origin: str = "inside"      # "host": made from the host (control socket)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
+    # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
+    # None: none can be): they vouch for files to this namespace's rules only
+    digest_lists: object = field(default=None, repr=False)
 
     def chain(self) -> list["Namespace"]:
         """This namespace and its ancestors, leaf first."""
@@ -100,13 +103,16 @@ class Namespace:
             self.policy = policy
             self.policy_epoch += 1
 
-    def epoch(self) -> tuple[int, int]:
-        """Verdicts of this namespace depend on its policy and its keys."""
-        return (self.policy_epoch, self.keyring.epoch)
+    def epoch(self) -> tuple[int, int, int]:
+        """Verdicts of this namespace depend on its policy, its keys and its loaded
+        digest lists."""
+        lists = self.digest_lists
+        return (self.policy_epoch, self.keyring.epoch, lists.epoch if lists else 0)
 
     def fingerprint(self) -> bytes:
         """The same as content, stable across mounts (for verdicts kept in LMDB): its
-        id, options, policy text and the certificates of its keyring."""
+        id, options, policy text, the certificates of its keyring and the digest lists
+        it has loaded (none: nothing added, so an older state keeps its verdicts)."""
         ep = self.epoch()
         cached = getattr(self, "_fp", None)
         if cached is not None and cached[0] == ep:
@@ -116,6 +122,9 @@ class Namespace:
         h.update(self.policy.text().encode())
         for k in sorted(k.fingerprint for k in self.keyring):
             h.update(k)
+        lists = self.digest_lists.state() if self.digest_lists is not None else b""
+        if lists:
+            h.update(b"digest lists:" + lists)
         fp = h.digest()[:16]
         self._fp = (ep, fp)
         return fp
@@ -309,6 +318,12 @@ class NamespaceTree:
             if self.store is not None:
                 with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
                     t.delete(struct.pack(">I", ns.id))
+            if ns.digest_lists is not None:     # its id is never given again
+                try:
+                    ns.digest_lists.clear()
+                except Exception as e:  # noqa: BLE001 - lmdb.Error: unusable anyway
+                    log.warning("namespace %s: its digest lists stay in LMDB: %s",
+                                ns.path, e)
             return ns
 
     # --- ns-create / ns-remove
