@@ -590,8 +590,11 @@ def may_fix(xattr: bytes | None) -> bool:
 
 def decision_flags(decision) -> tuple:
     """What an appraisal's result depends on besides the file, its value and the
-    keyring: the deciding rule's appraise_type, appraise_algos and digest_type."""
-    return (decision.appraise_type, decision.appraise_algos, decision.digest_type)
+    keyring: the deciding rule's appraise_type, appraise_algos and digest_type, and
+    whether it takes digest lists (digest_cache=: the namespace's lists then count,
+    ima/digest_cache.py)."""
+    flags = (decision.appraise_type, decision.appraise_algos, decision.digest_type)
+    return flags + (True,) if getattr(decision, "digest_cache_appraise", False) else flags
 
 
 def appraise_decision(xattr: bytes | None, decision, digest_for: Callable[[str], bytes],

@@ -43,6 +43,7 @@ MAX_LABEL = 255
 _BE32 = struct.Struct(">I")
 _VALUE = struct.Struct(">IBI")          # list id, actions, block index
 _COUNT = struct.Struct(">Q")
+_ALL_ACTIONS = dl.ACTION_MEASURED | dl.ACTION_APPRAISED | dl.ACTION_APPRAISED_DIGSIG
 _DBS = ("dl-lists", "dl-names", "dl-data", "dl-meta")
 
 
@@ -115,7 +116,7 @@ class DigestListIndex:
         self._prefix: dict[tuple[int, str], bytes] = {}
         #: changes with every list added or removed (verdicts depend on it)
         self.epoch = 0
-        self._derived: tuple | None = None     # (epoch, state, algos per type)
+        self._derived: tuple | None = None     # (epoch, state, algos, sorted algos)
 
     # ------------------------------------------------------------------ keys
     def _dkey(self, type: int, algo_id: int, digest: bytes) -> bytes:
@@ -265,15 +266,17 @@ class DigestListIndex:
         if prefix is None:
             prefix = self._prefix[(type, algo)] = \
                 self._ns + bytes((type, hashing.hash_algo(algo).ima_id))
+        key = prefix + digest
         with self._env.begin(db=self._dig) as txn:
-            cur = txn.cursor()
-            if not cur.set_key(prefix + digest):
+            first = txn.get(key)                # the first list's value (dupsort)
+            if first is None:
                 return None
-            it = cur.iternext_dup()
-            first = next(it)
             actions = first[4]
-            for v in it:
-                actions |= v[4]
+            if actions & _ALL_ACTIONS != _ALL_ACTIONS:   # what other lists add
+                cur = txn.cursor()
+                cur.set_key(key)
+                for v in cur.iternext_dup():
+                    actions |= v[4]
         list_id, _, block = _VALUE.unpack(first)
         return Hit(actions, list_id, block)
 
@@ -354,6 +357,10 @@ class DigestListIndex:
         must be hashed with to be looked up)."""
         return self._derive()[2].get(type, frozenset())
 
+    def algos_sorted(self, type: int = dl.COMPACT_FILE) -> tuple[str, ...]:
+        """:meth:`algos`, sorted (the order lookups try them in)."""
+        return self._derive()[3].get(type, ())
+
     def _derive(self) -> tuple:
         d = self._derived
         if d is not None and d[0] == self.epoch:
@@ -366,7 +373,8 @@ class DigestListIndex:
             for typ, _mods, algo, _count in info.blocks:
                 algos.setdefault(typ, set()).add(algo)
         d = (epoch, h.digest()[:16] if lists else b"",
-             {t: frozenset(a) for t, a in algos.items()})
+             {t: frozenset(a) for t, a in algos.items()},
+             {t: tuple(sorted(a)) for t, a in algos.items()})
         self._derived = d
         return d
 

@@ -29,7 +29,7 @@ import stat
 from dataclasses import dataclass
 
 from imafs.ima import appraise as ap
-from imafs.ima import hashing, query
+from imafs.ima import digest_cache, hashing, query
 from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
 from imafs.ima.collect import Collector, Stats, needed
@@ -71,6 +71,7 @@ class OpenRequest:
     recorded: tuple | None = None        # its verdict from LMDB, if any
     events: list | None = None           # step 2
     decided: list | None = None          # [(namespace, event, decision)]
+    listed: dict | None = None           # ns id -> digest_cache.Found or None (step 5)
 
 
 class Engine:
@@ -362,6 +363,7 @@ class Engine:
         """Per decision, in chain order: store the measurement, audit, appraise (the
         first refusal wins; the others still measure and audit)."""
         xattrs, algos = needed(req.decided, req.f)
+        algos |= digest_cache.wanted_algos(req.decided)     # in the same hashing pass
         denial = None
         for n, ev, d in req.decided:
             xattr = xattrs.get(n.id)
@@ -383,6 +385,10 @@ class Engine:
         ii, f = req.ii, req.f
         done = ii.measured.setdefault(n.id, set())
         if d.pcr in done:
+            return
+        if d.digest_cache_measure and digest_cache.measured(
+                req, n, lambda a: self.collector.digest(ii, f, a, algos | {a})):
+            done.add(d.pcr)     # the entry of a list that holds it stands for the file's
             return
         template, algo, verity = measurement_spec(n, d, xattr)
         if verity:
@@ -406,21 +412,31 @@ class Engine:
         if not fresh:
             result = cached[1]
         else:
-            result = ap.appraise_decision(
-                xattr, d, lambda a: self.collector.digest(ii, f, a, algos | {a}), n.keyring,
-                verity_digest=lambda a: self.collector.verity_digest(ii, f, a, algos),
-                default_algo=n.hash_algo, new_file=mode.created, file_size=f.st.st_size)
+            result = None
+            if d.digest_cache_appraise:     # a list that was appraised: tried first
+                result = digest_cache.appraisal(
+                    req, n, lambda a: self.collector.digest(ii, f, a, algos | {a}))
+            if result is None:
+                result = ap.appraise_decision(
+                    xattr, d, lambda a: self.collector.digest(ii, f, a, algos | {a}),
+                    n.keyring,
+                    verity_digest=lambda a: self.collector.verity_digest(ii, f, a, algos),
+                    default_algo=n.hash_algo, new_file=mode.created, file_size=f.st.st_size)
             ii.appraised[cache_key] = (n.epoch(), result)
         if result.passed:
-            if mode.writable and xattr and xattr[0] in (ap.EVM_IMA_XATTR_DIGSIG,
-                                                        ap.IMA_VERITY_DIGSIG) \
+            listed = digest_cache.is_listed(result)
+            if mode.writable and (listed or xattr and xattr[0] in (ap.EVM_IMA_XATTR_DIGSIG,
+                                                                   ap.IMA_VERITY_DIGSIG)) \
                     and n.appraise_mode == "enforce" and not mode.created:
-                # a signed file is immutable: the kernel refuses to open it for write
+                # a signed file is immutable: the kernel refuses to open it for write;
+                # the digest_cache patches, a file a digest list vouches for too
+                what = "file in a digest list" if listed else "signed file"
                 self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid,
                                   uid=subject.uid, func=ev.func, result="fail",
-                                  cause="write-signed-file", mode=n.appraise_mode)
+                                  cause="write-" + what.replace(" ", "-"),
+                                  mode=n.appraise_mode)
                 return AccessDenied(errno.EACCES,
-                                    f"{os.fsdecode(f.path)}: signed file opened for write")
+                                    f"{os.fsdecode(f.path)}: {what} opened for write")
             if mode.writable:
                 ii.update_xattr.add(n.id)
             return None

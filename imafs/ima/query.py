@@ -1,6 +1,7 @@
 """The ``query`` control file: what the engine decides about one file for one caller,
 and why -- the digest a measurement records, the rules each namespace of the chain
-matches for each hook, and the appraisal they ask for. Nothing is recorded: the
+matches for each hook, and the appraisal they ask for (a digest list that vouches for
+the file: "digest in list debian.list (from bash 5.2.15-2+b7)"). Nothing is recorded: the
 file's per-inode state is only read (and its digests computed when missing)."""
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import stat
 
 from imafs.ima import appraise as ap
+from imafs.ima import digest_cache
+from imafs.ima import digest_lists as dl
 from imafs.ima.hooks import events
 from imafs.ima.iint import FileRef, Subject
 from imafs.ima.policy import MAY_EXEC, MAY_READ
@@ -35,12 +38,24 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
             digest = collector.digest(ii, f, algo, {algo})
             entry["digest"] = f"{algo}:{digest.hex()}"
             entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
+            digest_for = lambda a: collector.digest(ii, f, a, {a})  # noqa: E731
             for ev in evs:
                 d = n.policy.match(ev)
                 h = {"func": ev.func, "mask": ev.mask, "decision": d.to_dict()}
-                if d.appraise:
+                listed = None
+                if d.digest_cache_measure or d.digest_cache_appraise:
+                    found = digest_cache.lookup(n, digest_for)
+                    h["digest_list"] = None if found is None else {
+                        "list": found.label, "actions": dl.format_actions(found.actions)}
+                    if d.digest_cache_appraise and found is not None \
+                            and found.actions & dl.ACTION_APPRAISED:
+                        listed = f"digest in list {found.label}"
+                if listed:
+                    h["appraisal"] = {"status": ap.PASS, "cause": None, "detail": listed,
+                                      "keyid": None, "allowed": True}
+                elif d.appraise:
                     r = ap.appraise_decision(
-                        xv, d, lambda a: collector.digest(ii, f, a, {a}), n.keyring,
+                        xv, d, digest_for, n.keyring,
                         verity_digest=lambda a: collector.verity_digest(ii, f, a, {a}),
                         default_algo=n.hash_algo)
                     h["appraisal"] = {"status": r.status, "cause": r.cause,

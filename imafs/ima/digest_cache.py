@@ -1,0 +1,290 @@
+"""Digest lists in the open path: what the digest_cache patches (Roberto Sassu, 2023-24,
+never merged; ``ima_digest_cache.c``) add to ``process_measurement``, per namespace.
+
+- A rule with ``digest_cache=`` (policy.py) lets its namespace's loaded digest lists
+  stand for the file: ``appraise ... digest_cache=content`` passes a file whose digest
+  is in a list that was itself appraised when it was loaded; ``measure ...
+  digest_cache=content pcr=N`` records no entry for a file whose digest is in a list
+  that was measured -- the list's own entry stands for it, which is what makes the PCR
+  independent of the order of accesses. The actions a list was loaded with
+  (``ACTION_MEASURED``, ``ACTION_APPRAISED``) are the kernel's "verified usage": the
+  same action must have been done to the list (:func:`lookup` returns them).
+- Loading a list is the hook ``DIGEST_LIST_CHECK`` (:func:`load`): the file is opened
+  through the engine as that hook, measured and appraised by the policies of the
+  namespace it goes into and of its ancestors; a refused appraisal refuses the load;
+  the bytes parsed are the bytes the engine hashed.
+- Each namespace has its own lists (``Namespace.digest_lists``, an
+  ima/digest_index.DigestListIndex): a container's lists never vouch for the host.
+  Verdicts depend on them (``Namespace.epoch``/``fingerprint``): a verdict owed to a
+  list does not outlive the list.
+
+The engine calls :func:`wanted_algos`, :func:`measured` and :func:`appraisal`; the
+control files (securityfs_digest.py) call :func:`load` and :func:`unload`; the query
+file :func:`describe`. No FUSE here.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from imafs.ima import appraise as ap
+from imafs.ima import digest_lists as dl
+from imafs.ima import hashing
+from imafs.ima.digest_index import IndexError_, ListInfo
+from imafs.ima.hooks import OpenMode
+from imafs.ima.iint import AccessDenied, FileRef, Subject, settle
+from imafs.ima.policy import MAY_READ
+
+log = logging.getLogger("imafs.engine")
+
+__all__ = ["Found", "ListedPass", "DigestListRefused", "wanted_algos", "lookup", "found",
+           "measured", "appraisal", "is_listed", "load", "unload", "describe",
+           "list_actions"]
+
+DIGEST_LIST_CHECK = "DIGEST_LIST_CHECK"
+
+
+class Found(NamedTuple):
+    """A file's digest found in a namespace's lists: the OR of the actions of the
+    lists holding it, and the first of them (for messages, read when asked)."""
+    actions: int
+    algo: str
+    hit: object                 # digest_index.Hit
+    index: object               # the DigestListIndex that answered
+
+    @property
+    def label(self) -> str:
+        """``debian.list (from bash 5.2.15-2+b7)``."""
+        return self.index.describe(self.hit)
+
+
+@dataclass(frozen=True)
+class ListedPass(ap.AppraiseResult):
+    """An appraisal passed because the file's digest is in an appraised digest list
+    (the patches set INTEGRITY_PASS): such a file is, like a signed one, not opened
+    for writing in enforce mode (its list cannot follow the change)."""
+
+
+class DigestListRefused(Exception):
+    """A load or removal refused: ``errno`` for the control file, the reason."""
+
+    def __init__(self, err: int, msg: str):
+        super().__init__(msg)
+        self.errno = err
+
+
+# --------------------------------------------------------------------------- open path
+
+def wanted_algos(decided) -> set[str]:
+    """The algorithms the lists of the namespaces whose decisions use them hold (the
+    file is hashed in each, in the same pass as the rest)."""
+    out: set[str] = set()
+    for n, _ev, d in decided:
+        if (d.digest_cache_measure or d.digest_cache_appraise) \
+                and n.digest_lists is not None:
+            out |= n.digest_lists.algos()
+    return out
+
+
+def lookup(n, digest_for: Callable[[str], bytes]) -> Found | None:
+    """Is the file (``digest_for(algo)``: its digest) in a list of namespace ``n``?
+    Each algorithm the lists hold is tried (sorted: the same answer every time)."""
+    idx = n.digest_lists
+    if idx is None:
+        return None
+    for algo in idx.algos_sorted():
+        hit = idx.lookup(algo, digest_for(algo))
+        if hit is not None:
+            return Found(hit.actions, algo, hit, idx)
+    return None
+
+
+def found(req, n, digest_for: Callable[[str], bytes]) -> Found | None:
+    """:func:`lookup` once per open (``req``, the engine's OpenRequest) and namespace:
+    the patches' digest_cache_lookup in process_measurement."""
+    memo = req.listed
+    if memo is None:
+        memo = req.listed = {}
+    if n.id not in memo:
+        memo[n.id] = lookup(n, digest_for)
+    return memo[n.id]
+
+
+def measured(req, n, digest_for: Callable[[str], bytes]) -> bool:
+    """A ``measure ... digest_cache=`` decision of ``n`` records no entry: a list
+    holding the file's digest was measured when it was loaded."""
+    f = found(req, n, digest_for)
+    return f is not None and bool(f.actions & dl.ACTION_MEASURED)
+
+
+def appraisal(req, n, digest_for: Callable[[str], bytes]) -> ListedPass | None:
+    """The pass an ``appraise ... digest_cache=`` decision of ``n`` gets -- only if a
+    list holding the file's digest was appraised when it was loaded -- else None (the
+    file is then appraised from its ``security.ima`` as usual: the patches try the
+    digest cache first)."""
+    f = found(req, n, digest_for)
+    if f is None or not f.actions & dl.ACTION_APPRAISED:
+        return None
+    return ListedPass(ap.PASS, None, f.algo, None, f"digest in list {f.label}")
+
+
+def is_listed(result) -> bool:
+    return isinstance(result, ListedPass)
+
+
+def describe(n, digest_for: Callable[[str], bytes]) -> dict | None:
+    """For the query file: which list of ``n`` holds the file, with what actions."""
+    found = lookup(n, digest_for)
+    if found is None:
+        return None
+    return {"list": found.label, "algo": found.algo,
+            "actions": dl.format_actions(found.actions)}
+
+
+# --------------------------------------------------------------------------- loading
+
+def list_actions(ns, state) -> int:
+    """What the open of a list (``state``, a DIGEST_LIST_CHECK OpenState) did to it in
+    namespace ``ns`` -- the actions its digests may be used for: measured (its entry
+    is in ``ns``'s list on the rule's PCR), appraised (passed; by a signature:
+    also ACTION_APPRAISED_DIGSIG). Appraisal in log or fix mode that did not pass,
+    and appraise_mode=off, are no appraisal."""
+    ii = state.iint
+    actions = 0
+    for n, _ev, d in state.decisions:
+        if n is not ns:
+            continue
+        if d.measure and d.pcr in ii.measured.get(n.id, ()):
+            actions |= dl.ACTION_MEASURED
+        if d.appraise and n.appraise_mode != "off":
+            cached = ii.appraised.get((n.id, ap.decision_flags(d)))
+            if cached is not None and cached[1].passed:
+                actions |= dl.ACTION_APPRAISED
+                if cached[1].keyid is not None:
+                    actions |= dl.ACTION_APPRAISED_DIGSIG
+    return actions
+
+
+def load(engine, ns, subject: Subject, f: FileRef, *, label: str | None = None,
+         origin: dict | None = None) -> ListInfo:
+    """``digest_list_add``: the list file ``f`` (opened read-only by the caller, who
+    closes its fd) goes into namespace ``ns``'s lists. It is opened through the engine
+    as DIGEST_LIST_CHECK, decided for ``ns`` and its ancestors (``subject`` is taken
+    to be in ``ns``: the writer may be an ancestor writing a child's file); a refused
+    appraisal refuses the load (EACCES). The bytes parsed are checked to be those the
+    engine hashed. DigestListRefused on any refusal; nothing is loaded then."""
+    idx = ns.digest_lists
+    if idx is None:
+        raise DigestListRefused(errno.EOPNOTSUPP, f"namespace {ns.path} keeps no digest lists")
+    path = os.fsdecode(f.path)
+    label = label or os.path.basename(path.rstrip("/"))
+    size = f.st.st_size
+    if size > dl.MAX_LIST_SIZE:
+        raise DigestListRefused(errno.EFBIG, f"{path}: a digest list is at most "
+                                             f"{dl.MAX_LIST_SIZE} bytes ({size})")
+    if idx.get(label) is not None:      # before it is measured: nothing to undo
+        raise DigestListRefused(errno.EEXIST, f"a digest list named {label!r} is already "
+                                              f"loaded in namespace {ns.path}")
+    state = None
+    try:
+        with engine.tree.acting_as(subject.pid, ns):
+            state = settle(engine.file_open(subject, f, OpenMode(),
+                                            funcs=[(DIGEST_LIST_CHECK, MAY_READ)]))
+        data = _read_all(f.fd, size)
+        actions = list_actions(ns, state) if state is not None else 0
+        _same_bytes(engine, state, f, data, path)
+    except AccessDenied as e:       # appraisal refused it, or its entry cannot be stored
+        raise DigestListRefused(e.errno or errno.EACCES, e.reason if path in e.reason
+                                else f"{path}: {e.reason}") from None
+    except OSError as e:
+        raise DigestListRefused(e.errno or errno.EIO, f"{path}: {e.strerror or e}") from None
+    finally:
+        if state is not None:
+            engine.file_release(state)
+    rec = dict(origin or {})
+    rec.setdefault("path", path)
+    rec.setdefault("time", int(time.time()))
+    try:
+        info = idx.add(label, data, actions=actions, origin=rec)
+    except IndexError_ as e:
+        raise DigestListRefused(e.errno, f"{path}: {e}" if path not in str(e) else str(e)) \
+            from None
+    engine.audit.record("digest_list_add", ns=ns.path, path=path, label=label,
+                        digest=f"{info.algo}:{info.digest.hex()}",
+                        actions=dl.format_actions(actions), pid=subject.pid, uid=subject.uid)
+    log.info("namespace %s: digest list %s loaded from %s (%s, %d digests)", ns.path, label,
+             path, dl.format_actions(actions), info.count)
+    return info
+
+
+def unload(engine, ns, subject: Subject, label: str, f: FileRef | None = None) -> ListInfo:
+    """``digest_list_del``: remove the list ``label`` from ``ns``; its digests go unless
+    another loaded list holds them. With ``f`` (the list file, named by path): its
+    content must be the loaded list's. Not measured: from its entry on, a verifier
+    takes a list to vouch for its files; unloading only narrows that here."""
+    idx = ns.digest_lists
+    if idx is None:
+        raise DigestListRefused(errno.EOPNOTSUPP, f"namespace {ns.path} keeps no digest lists")
+    info = idx.get(label)
+    if info is None:
+        raise DigestListRefused(errno.ENOENT, f"no digest list named {label!r} is loaded in "
+                                              f"namespace {ns.path}")
+    if f is not None:
+        try:
+            data = _read_all(f.fd, min(f.st.st_size, dl.MAX_LIST_SIZE + 1))
+        except OSError as e:
+            raise DigestListRefused(e.errno or errno.EIO, f"{os.fsdecode(f.path)}: "
+                                                          f"{e.strerror or e}") from None
+        if hashing.hash_algo(info.algo).new(data).digest() != info.digest:
+            raise DigestListRefused(errno.EINVAL, f"{os.fsdecode(f.path)} is not the list "
+                                                  f"loaded as {label!r} (its content differs)")
+    try:
+        info = idx.remove(label)
+    except IndexError_ as e:
+        raise DigestListRefused(e.errno, str(e)) from None
+    engine.audit.record("digest_list_del", ns=ns.path, label=label,
+                        digest=f"{info.algo}:{info.digest.hex()}", pid=subject.pid,
+                        uid=subject.uid)
+    log.info("namespace %s: digest list %s removed by pid %d", ns.path, label, subject.pid)
+    return info
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The file's first ``size`` bytes (and no more: a file that grew is checked by
+    its digest)."""
+    parts, off = [], 0
+    while off < size:
+        chunk = os.pread(fd, min(size - off, 1 << 20), off)
+        if not chunk:
+            break
+        parts.append(chunk)
+        off += len(chunk)
+    return b"".join(parts)
+
+
+def _same_bytes(engine, state, f: FileRef, data: bytes, path: str) -> None:
+    """The bytes read are those the engine measured and appraised (each digest it
+    computed of this version, verity ones aside), and the file did not change since
+    (size, times): else a writer between the hashing and the read would slip another
+    list in. A list no rule measured nor appraised was not hashed: nothing to check."""
+    st = os.fstat(f.fd)
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (len(data), f.st.st_mtime_ns,
+                                                        f.st.st_ctime_ns):
+        raise DigestListRefused(errno.EAGAIN, f"{path} changed while it was loaded")
+    if state is None:
+        return
+    ii = state.iint
+    with ii.lock:
+        digests = {a: d for a, d in ii.digests.items() if not a.startswith("verity-")}
+    for algo, digest in digests.items():
+        try:
+            h = hashing.hash_algo(algo).new(data).digest()
+        except (ValueError, hashing.HashAlgoError):
+            continue
+        if h != digest:
+            raise DigestListRefused(errno.EAGAIN, f"{path} changed while it was loaded "
+                                                  f"(its {algo} is not the one appraised)")
