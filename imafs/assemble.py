@@ -12,11 +12,13 @@ import os
 
 import pyfuse3
 
-from imafs.fs.adapter import IntegrityHooks, open_in_mount
+from imafs.fs.adapter import IntegrityHooks, open_as_writer, open_in_mount
+from imafs.fs import sysio
 from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
 from imafs.ima.binding import CgroupBinder
+from imafs.ima.digest_index import DigestListIndex
 from imafs.ima.engine import Engine
 from imafs.ima.hostns import HostNamespaces
 from imafs.ima.keys import Keyring, VerifiedSignatures
@@ -92,12 +94,13 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
     """The root namespace (``rules``, ``keyring``, ``mlist`` and options given) and the
     children stored in ``store``, each with its own list, PCRs, keyring and policy;
     a child's options default to its parent's; every keyring shares the root's memo
-    of verified signatures. ``binder`` places processes (None: every process is in
-    the root namespace)."""
+    of verified signatures, and each has its own digest lists. ``binder`` places
+    processes (None: every process is in the root namespace)."""
     verified = keyring.verified
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=appraise, template=template,
-                     hash_algo=hash_algo)
+                     hash_algo=hash_algo,
+                     digest_lists=DigestListIndex(store, 0) if store is not None else None)
 
     def factory(nsid, name, parent, o, policy_text):
         template = o.get("template") or parent.template
@@ -108,7 +111,7 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
             id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
             mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
             keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
-            template=template, hash_algo=algo)
+            template=template, hash_algo=algo, digest_lists=DigestListIndex(store, nsid))
 
     return NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
                          factory=factory, binder=binder, audit=audit)
@@ -180,10 +183,22 @@ def build(opts) -> Filesystem:
                     cache_store=cache_store)
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
-    # the control files read the paths written to them inside the mount only
+    # the control files read the paths written to them inside the mount only; the
+    # digest-list files as their writer sees them (a file of the mount: its backing one)
     mountpoint = os.path.realpath(opts.mountpoint) if opts.mountpoint else ""
-    overlay.attach_control(ControlDir(Securityfs(engine, open_file=functools.partial(
-        open_in_mount, overlay.root.fd, mountpoint=mountpoint))))
+
+    def backing_of(nodeid: int) -> tuple[int, bytes]:
+        try:
+            node = overlay.inode(nodeid)
+            return os.open(sysio.proc_path(node.fd), os.O_PATH | os.O_CLOEXEC), node.path()
+        except pyfuse3.FUSEError as e:
+            raise OSError(e.errno, os.strerror(e.errno)) from None
+
+    overlay.attach_control(ControlDir(Securityfs(
+        engine, open_file=functools.partial(open_in_mount, overlay.root.fd,
+                                            mountpoint=mountpoint),
+        open_as=functools.partial(open_as_writer, backing_of=backing_of,
+                                  mountpoint=mountpoint))))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")

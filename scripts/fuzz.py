@@ -16,6 +16,8 @@ Targets (each takes one byte string):
   ctl-keys     writes to ``keys``
   ctl-ns       writes to ``ns-create`` and ``ns-remove``
   ctl-query    writes to ``query`` (paths resolved in a small tree with symlinks)
+  ctl-digest   writes to ``digest_list_add``, ``digest_list_del`` and ``digest_query``
+               (paths resolved in the same tree, which holds a digest list)
   list-binary  verify-log on a binary list (template hashes, PCR replay)
   list-ascii   verify-log on an ascii list
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import io
 import os
 import random
@@ -123,6 +126,10 @@ def seeds(target: str) -> list[bytes]:
     if target == "ctl-query":
         return [b"/a\n", b"exec /bin/x\n", b"/out/../../etc/passwd", b"/loop\n", b"rel",
                 b"/dir\n", b"/a /b\n"]
+    if target == "ctl-digest":
+        return [b"/lists/l.list\n", b"l.list", b"/a", b"/loop", b"/out/../lists/l.list\n",
+                b"sha256:" + hashlib.sha256(b"a file\n").hexdigest().encode(),
+                b"sha1:00", b"/lists/l.list\n/lists/l.list\n"]
     if target == "list-binary":
         return [b"".join(e.binary_record("sha1") for e in _seed_entries())]
     if target == "list-ascii":
@@ -317,6 +324,16 @@ class Targets:
 
     def ctl_query(self, data: bytes) -> None:
         self.control().write("query", data)
+
+    def ctl_digest(self, data: bytes) -> None:
+        # the first byte picks the file; the list loaded stays for the next inputs
+        # until a removal or the reset every 64 inputs
+        name = ("digest_list_add", "digest_list_del", "digest_query")[data[0] % 3] \
+            if data else "digest_query"
+        self.control().write(name, data[1:], reset=False)
+        self._digests = getattr(self, "_digests", 0) + 1
+        if self._digests % 64 == 0:
+            self.control().root.digest_lists.clear()
 
     # --- verify-log
     def list_binary(self, data: bytes) -> None:
@@ -514,6 +531,11 @@ class _Control:
         "ns-create": {errno.EINVAL, errno.EEXIST},
         "ns-remove": {errno.EINVAL, errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY},
         "query": {errno.EINVAL},
+        "digest_list_add": {errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.ELOOP,
+                            errno.ENOTDIR, errno.ENAMETOOLONG, errno.EFBIG},
+        "digest_list_del": {errno.EINVAL, errno.ENOENT, errno.ELOOP, errno.ENOTDIR,
+                            errno.ENAMETOOLONG},
+        "digest_query": {errno.EINVAL},
     }
 
     def __init__(self):
@@ -539,6 +561,11 @@ class _Control:
             f.write(b"\x7fELF" + bytes(100))
         with open(os.path.join(tree_dir, "keys", "k.der"), "wb") as f:
             f.write(_cert_seeds()[0])
+        from imafs.ima import digest_lists as dl
+        os.makedirs(os.path.join(tree_dir, "lists"))
+        with open(os.path.join(tree_dir, "lists", "l.list"), "wb") as f:
+            f.write(dl.DigestList((dl.Block.of("file", "sha256", [
+                hashlib.sha256(b"a file\n").digest()]),)).to_bytes())
         os.symlink("/etc/passwd", os.path.join(tree_dir, "out"))
         os.symlink("loop", os.path.join(tree_dir, "loop"))
         store = Store(os.path.join(self.tmp, "lmdb"), sync=False, map_size=1 << 30)
@@ -549,7 +576,9 @@ class _Control:
         self.root = tree.root
         self.rootfd = os.open(tree_dir, os.O_PATH | os.O_DIRECTORY)
         self.secfs = Securityfs(self.engine,
-                                open_file=lambda path: open_in_mount(self.rootfd, path))
+                                open_file=lambda path: open_in_mount(self.rootfd, path),
+                                open_as=lambda pid, uid, gid, path:
+                                open_in_mount(self.rootfd, path))
         self.nodes = {n.name: n for n in FILES}
         self._Policy = Policy
 
@@ -591,6 +620,7 @@ class _Control:
 TARGETS = {
     "policy": "policy", "xattr": "xattr", "evm": "evm", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
+    "ctl-digest": "ctl_digest",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
     "model": "model", "model-ctl": "model_ctl",
     "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",

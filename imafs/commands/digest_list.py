@@ -27,6 +27,10 @@ from sources a distribution signs, each verified before a digest is taken from i
   from-rpm PKG.rpm... -o LIST --keyring KEY.asc   header digests, header signature
                              checked by rpmkeys
   show LIST                  what a list holds and where it came from
+  load MNT LIST [--ns N]     load a list into a mount (its namespace N): written to
+                             MNT/.imafs/digest_list_add, measured and appraised there
+                             as DIGEST_LIST_CHECK
+  unload MNT LIST|NAME [--ns N]  remove it again (digest_list_del)
 
 Sign the list like any file (imafs sign, evmctl ima_sign): its signature covers the
 digests and the provenance.  md5sums files are never a source."""
@@ -89,6 +93,21 @@ def register(subparsers) -> None:
     q.add_argument("--digests", action="store_true",
                    help="also print every digest, with its package")
     q.set_defaults(func=_run, dl_func=_show)
+
+    for name, helptext, fn in (
+            ("load", "load a list into a mount (digest_list_add)", _load),
+            ("unload", "remove a loaded list from a mount (digest_list_del)", _unload)):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("mount", metavar="MNT", help="an imafs mount point")
+        q.add_argument("list", metavar="LIST" if name == "load" else "LIST|NAME",
+                       help="the list file (read as this process sees it)"
+                       + ("" if name == "load" else ", or the name it was loaded as"))
+        q.add_argument("--ns", metavar="N", default=None,
+                       help="a namespace below this process's (NAME or NAME/NAME...): "
+                            "its file under namespaces/ is written")
+        q.add_argument("--control-name", default=".imafs", metavar="NAME",
+                       help="the mount's control directory (default .imafs)")
+        q.set_defaults(func=_run, dl_func=fn)
 
 
 def _algo(text: str) -> str:
@@ -246,6 +265,53 @@ def _from_rpm(args) -> int:
             done.append(r)
             bar.update(1)
     _write(args.output, rpm.make_list(done, keys, _generator(args)))
+    return 0
+
+
+def _control_file(args, name: str) -> str:
+    """MNT/.imafs/[namespaces/A/namespaces/B/]NAME. (When the mount's control socket
+    is on main, load goes through it; until then it writes the control file, which
+    does the same: the path is read as this process sees it.)"""
+    ctl = os.path.join(args.mount, args.control_name)
+    if not os.path.isdir(ctl):
+        raise _Refused(f"{args.mount}: no imafs control directory {args.control_name}/ "
+                       f"(not an imafs mount with integrity on?)")
+    for part in (args.ns or "").strip("/").split("/"):
+        if part:
+            if part in (".", ".."):
+                raise _Refused(f"--ns {args.ns}: a namespace path has no . or ..")
+            ctl = os.path.join(ctl, "namespaces", part)
+    return os.path.join(ctl, name)
+
+
+def _write_control(path: str, request: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise _Refused(f"{path}: {e.strerror}") from None
+    try:
+        os.write(fd, request.encode() + b"\n")
+    except OSError as e:
+        raise _Refused(f"{request}: refused by {os.path.basename(path)}: {e.strerror} "
+                       f"(the reason is in the mount's log and audit log)") from None
+    finally:
+        os.close(fd)
+
+
+def _load(args) -> int:
+    path = os.path.abspath(args.list)
+    _write_control(_control_file(args, "digest_list_add"), path)
+    _say(f"{path}: loaded as {os.path.basename(path)}"
+         + (f" into namespace {args.ns}" if args.ns else ""))
+    return 0
+
+
+def _unload(args) -> int:
+    what = args.list
+    if "/" in what or os.path.exists(what):
+        what = os.path.abspath(what)
+    _write_control(_control_file(args, "digest_list_del"), what)
+    _say(f"{what}: unloaded" + (f" from namespace {args.ns}" if args.ns else ""))
     return 0
 
 

@@ -24,7 +24,7 @@ import pyfuse3
 from imafs.fs import sysio
 from imafs.fs.inotify import Inotify
 from imafs.fs.overlay import Caller, Denied, Hooks, Inode
-from imafs.fs.resolve import open_regular, resolve
+from imafs.fs.resolve import open_as_seen_by, open_regular, resolve
 from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, OpenMode, Pending, Subject
 
 log = logging.getLogger("imafs.fs.adapter")
@@ -91,6 +91,48 @@ def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_as_writer(pid: int, uid: int, gid: int, path: str, *, backing_of,
+                   mountpoint: str = "") -> FileRef:
+    """A path as the process that wrote it sees it (``resolve.open_as_seen_by``: its
+    root, its fsuid, fsgid and supplementary groups), read-only, as a ``FileRef``;
+    a file of the mount is its backing file (``backing_of(nodeid)``, the overlay's).
+    The caller closes its ``fd``. What digest_list_add and digest_list_del read."""
+    creds = None
+    if uid != 0:
+        try:
+            groups = pyfuse3.get_sup_groups(pid)
+        except Exception:  # noqa: BLE001 - a gone process: no groups, it fails anyway
+            groups = set()
+        creds = lambda: sysio.thread_credentials(uid, gid, groups | {gid})  # noqa: E731
+    fd, st, shown, _on_mount = open_as_seen_by(pid, path, mount_dev=_mount_dev(mountpoint),
+                                               backing_of=backing_of, creds=creds)
+    try:
+        return file_ref(fd, st, shown, sysio.proc_path(fd), readable=True,
+                        fs=sysio.fs_info(fd, st.st_dev),
+                        generation=sysio.generation(fd, st.st_dev))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _mount_dev(mountpoint: str) -> int | None:
+    """The st_dev of the FUSE mount at ``mountpoint`` (from /proc/self/mountinfo, not
+    a stat: that would be a request to ourselves); None when it is not mounted."""
+    if not mountpoint:
+        return None
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4 and sysio._mountinfo_field(fields[4]) == mountpoint:
+                    major, minor = fields[2].split(":")
+                    dev = os.makedev(int(major), int(minor))   # the last one: on top
+    except OSError:
+        return None
+    return dev
 
 
 class IntegrityHooks(Hooks):

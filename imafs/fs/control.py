@@ -3,9 +3,10 @@ is ima/securityfs.py's.
 
 Every process sees its own integrity namespace's files at the top; an ancestor sees
 each descendant under ``namespaces/NAME/``. Node ids encode (namespace slot, index in
-``securityfs.FILES``): slot 0 is "the caller's own namespace" (resolved at open from
-the caller's pid), slot ``id + 1`` a named namespace (checked at open: the caller must
-be that namespace or an ancestor). Entries are never cached by the kernel (timeout 0),
+``securityfs.FILES``, entry key): slot 0 is "the caller's own namespace" (resolved at
+open from the caller's pid), slot ``id + 1`` a named namespace (checked at open: the
+caller must be that namespace or an ancestor); the key (0 for a file of its own name)
+tells apart the files of an ``entries`` row (``digest_lists_loaded/LABEL``). Entries are never cached by the kernel (timeout 0),
 so two processes of different namespaces never share a resolved name.
 
 Every other file of one's own view is the namespace's own inode (slot id + 1, the same
@@ -31,12 +32,15 @@ from pyfuse3 import FUSEError
 
 from imafs.fs.routes import CONTROL_BASE
 from imafs.ima.iint import Subject
-from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError, children
+from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError, children, entries_row
 
 SLOT = 1024
+KEY_SHIFT = 40      # node id = CONTROL_BASE + key << KEY_SHIFT + slot * SLOT + index
 CHILDREN: dict[int, dict[bytes, int]] = {
     i: {name.encode(): j for name, j in children(i).items()}
     for i, node in enumerate(FILES) if node.is_dir}
+ENTRIES: dict[int, int] = {i: e for i, node in enumerate(FILES)
+                           if node.is_dir and (e := entries_row(i)) is not None}
 
 
 class _Dir:
@@ -69,12 +73,24 @@ class ControlDir:
 
     # ------------------------------------------------------------------ nodes
     @staticmethod
-    def nodeid(slot: int, idx: int) -> int:
-        return CONTROL_BASE + slot * SLOT + idx
+    def nodeid(slot: int, idx: int, key: int = 0) -> int:
+        return CONTROL_BASE + (key << KEY_SHIFT) + slot * SLOT + idx
 
     @staticmethod
     def split(nodeid: int) -> tuple[int, int]:
-        return divmod(nodeid - CONTROL_BASE, SLOT)
+        """(slot, index) of a node id (its entry key: :meth:`key`)."""
+        return divmod((nodeid - CONTROL_BASE) & ((1 << KEY_SHIFT) - 1), SLOT)
+
+    @staticmethod
+    def key(nodeid: int) -> int:
+        return (nodeid - CONTROL_BASE) >> KEY_SHIFT
+
+    def _entries(self, idx: int, ns) -> dict[str, int]:
+        """The files of the ``entries`` row ``idx`` in ``ns`` (name -> key)."""
+        try:
+            return self.fs.entries(FILES[idx], ns)
+        except SecurityfsError as e:
+            raise FUSEError(e.errno) from None
 
     def _target(self, slot: int, pid: int):
         """The namespace a node of ``slot`` shows to process ``pid``."""
@@ -86,6 +102,7 @@ class ControlDir:
     def _attr(self, nodeid: int, ns=None, uid: int = 0) -> pyfuse3.EntryAttributes:
         slot, idx = self.split(nodeid)
         node = FILES[idx]
+        key = self.key(nodeid)
         a = pyfuse3.EntryAttributes()
         a.st_ino = nodeid
         a.entry_timeout = 0
@@ -94,7 +111,11 @@ class ControlDir:
         a.st_nlink = 2 if node.is_dir else 1
         a.st_uid = 0
         a.st_gid = 0
-        a.st_size = self.fs.size(node, ns, uid) if ns is not None else 0
+        try:
+            a.st_size = (0 if ns is None else self.fs.size(node, ns, uid, key) if key
+                         else self.fs.size(node, ns, uid))
+        except SecurityfsError as e:       # an entry gone meanwhile
+            raise FUSEError(e.errno) from None
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
         if not node.is_dir:
@@ -136,17 +157,22 @@ class ControlDir:
                 raise FUSEError(errno.ENOENT)  # handled by the overlay for the mount root
             return self._attr(self.nodeid(slot, parent))
         child_idx = CHILDREN.get(idx, {}).get(name)
+        key = 0
+        if child_idx is None and idx in ENTRIES:
+            key = self._entries(ENTRIES[idx], ns).get(os.fsdecode(name), 0)
+            child_idx = ENTRIES[idx] if key else None
         if child_idx is None or self._hidden(slot, child_idx):
             raise FUSEError(errno.ENOENT)
-        return self._attr(self.nodeid(self._file_slot(slot, child_idx, ns), child_idx), ns,
-                          ctx.uid)
+        return self._attr(self.nodeid(self._file_slot(slot, child_idx, ns), child_idx, key),
+                          ns, ctx.uid)
 
     def forget(self, nodeid, n) -> None:
         pass
 
     async def getattr(self, nodeid, ctx):
         slot, idx = self.split(nodeid)
-        if not 0 <= idx < len(FILES) or self._hidden(slot, idx):
+        if not 0 <= idx < len(FILES) or self._hidden(slot, idx) \
+                or bool(self.key(nodeid)) != FILES[idx].entries:
             raise FUSEError(errno.ENOENT)
         ns = self._target(slot, ctx.pid)
         return self._attr(nodeid, ns, ctx.uid)
@@ -162,9 +188,13 @@ class ControlDir:
         slot, idx = self.split(nodeid)
         if not 0 <= idx < len(FILES) or FILES[idx].is_dir:
             raise FUSEError(errno.EISDIR)
-        if self._hidden(slot, idx):
+        key = self.key(nodeid)
+        if self._hidden(slot, idx) or bool(key) != FILES[idx].entries:
             raise FUSEError(errno.ENOENT)
         ns = self._target(slot, ctx.pid)
+        if key:
+            return await _in_thread(self.fs.open, FILES[idx], ns,
+                                    Subject(ctx.pid, ctx.uid, ctx.gid), flags, key)
         return await _in_thread(self.fs.open, FILES[idx], ns,
                                 Subject(ctx.pid, ctx.uid, ctx.gid), flags)
 
@@ -201,6 +231,11 @@ class ControlDir:
             names = [(n, self.nodeid(self._file_slot(h.slot, i, h.ns), i))
                      for n, i in CHILDREN.get(h.idx, {}).items()
                      if not self._hidden(h.slot, i)]
+            e = ENTRIES.get(h.idx)
+            if e is not None:
+                slot = self._file_slot(h.slot, e, h.ns)
+                names += [(os.fsencode(n), self.nodeid(slot, e, k))
+                          for n, k in sorted(self._entries(e, h.ns).items())]
         for i in range(start_id, len(names)):
             name, nodeid = names[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(nodeid), i + 1):

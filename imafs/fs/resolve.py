@@ -2,7 +2,9 @@
 tree: component by component with O_PATH|O_NOFOLLOW; symlinks are followed *inside*
 the mount (an absolute target restarts at the mount root, like a chroot), ``..``
 never climbs above the root. ``open_regular``: a path of the mount opened read-only,
-regular files only (what the control files read: a policy, certificates, a query)."""
+regular files only (what the control files read: a policy, certificates, a query).
+``open_as_seen_by``: a path as a process sees it (its root, its credentials), a file
+of the mount opened on its backing inode (what digest_list_add reads)."""
 from __future__ import annotations
 
 import errno
@@ -109,3 +111,61 @@ def open_regular(root_fd: int, path: str,
         os.close(fd)
         raise
     return fd, st, rel
+
+
+def open_as_seen_by(pid: int, path: str, *, mount_dev: int | None, backing_of,
+                    creds=None) -> tuple[int, os.stat_result, bytes, bool]:
+    """Open ``path`` as process ``pid`` sees it -- in its root (``/proc/PID/root``:
+    its chroot, in its mount namespace), symlinks and ``..`` never leaving that root
+    (openat2 RESOLVE_IN_ROOT), and with its credentials (``creds()``: a context
+    manager in force around every lookup and open, e.g. sysio.thread_credentials) --
+    read-only, regular files only: (descriptor, stat, path recorded for it, whether
+    it is a file of the imafs mount). A file of the mount (on ``mount_dev``) is opened
+    on its backing inode (``backing_of(nodeid) -> (O_PATH descriptor, path inside the
+    mount)``), never through the mount: the daemon would call itself, and the open
+    would be its own. OSError(EINVAL) with a reason for a relative path, a NUL byte or
+    anything but a regular file; ESRCH when the process is gone."""
+    if not path.startswith("/"):
+        raise OSError(errno.EINVAL, "path must be absolute (as the writer sees it)")
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "path contains a NUL byte")
+    try:
+        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OSError(errno.ESRCH, f"process {pid} is gone") from None
+    creds = creds or _no_creds
+    try:
+        with creds():
+            node = sysio.openat2(root, path, os.O_PATH,
+                                 sysio.RESOLVE_IN_ROOT | sysio.RESOLVE_NO_MAGICLINKS)
+    finally:
+        os.close(root)
+    try:
+        st = _regular(os.fstat(node))
+        on_mount = mount_dev is not None and st.st_dev == mount_dev
+        shown = os.fsencode(path)
+        if on_mount:
+            backing, shown = backing_of(st.st_ino)
+            os.close(node)
+            node = backing
+            _regular(os.fstat(node))
+        # the very inode resolved, opened non-blocking (no FIFO can be swapped in)
+        with creds():
+            fd = os.open(sysio.proc_path(node), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(node)
+    try:
+        st = _regular(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st, shown, on_mount
+
+
+class _no_creds:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -14,7 +14,10 @@ row's index is part of its node id) and a ``Session`` subclass (see securityfs_r
 ``contents`` for what a read shows, ``write``/``flush``/``close`` for what a write does.
 The row says the rest: its mode, who writes it (nobody, root, anyone), whether it is
 only in a process's own view, whether a write moves the opener, the audit record of a
-refused write, whether only the root namespace has it.
+refused write, whether only the root namespace has it. A row with ``entries`` stands
+for every file its directory lists: the session's ``entries(fs, ns)`` gives their
+names and keys (name -> key, an int from 1), each file is that row opened with its key
+(``digest_lists_loaded/``: one file per loaded list).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import os
 import threading
 from dataclasses import dataclass
 
+from imafs.ima.securityfs_digest import (DigestListAdd, DigestListDel, DigestQuery,
+                                         DigestsCount, LoadedList)
 from imafs.ima.securityfs_read import (ListFile, MeasurementCount, PcrBank, Session,
                                        SecurityfsError, Stats, Violations, log)
 from imafs.ima.securityfs_write import (KeysFile, NsCreate, NsJoin, NsRemove, PolicyFile,
@@ -47,6 +52,7 @@ class Node:
     rejected: str | None = None     # the audit record of a refused write (None: none)
     root_ns_only: bool = False      # the root namespace's only (mount-wide counters)
     namespaces: bool = False        # a directory of the child namespaces
+    entries: bool = False           # one file per entry session.entries() lists
 
     @property
     def is_dir(self) -> bool:
@@ -78,13 +84,29 @@ FILES: tuple[Node, ...] = (
     Node("stats", TOP, 0o440, Stats, root_ns_only=True),
     Node("ns-join", TOP, 0o200, NsJoin, writers="root", own_only=True, moves_opener=True,
          rejected="ns_join_rejected"),
+    # digest lists (DIGLIM's files; docs/digest-lists.md): who writes add/del as policy
+    Node("digest_list_add", TOP, 0o200, DigestListAdd, writers="root",
+         rejected="digest_list_rejected"),
+    Node("digest_list_del", TOP, 0o200, DigestListDel, writers="root",
+         rejected="digest_list_rejected"),
+    Node("digest_query", TOP, 0o600, DigestQuery, writers="any"),
+    Node("digests_count", TOP, 0o440, DigestsCount),
+    Node("digest_lists_loaded", TOP, 0o550),
+    Node("", 24, 0o440, LoadedList, entries=True),  # digest_lists_loaded/LABEL
 )
+assert FILES[24].name == "digest_lists_loaded"
 
 
 def children(index: int) -> dict[str, int]:
     """The entries of directory FILES[index]: name -> index (the child namespaces of
-    a ``namespaces`` directory are not in the table)."""
-    return {n.name: i for i, n in enumerate(FILES) if n.parent == index}
+    a ``namespaces`` directory, and the files of an ``entries`` row, are not in the
+    table)."""
+    return {n.name: i for i, n in enumerate(FILES) if n.parent == index and not n.entries}
+
+
+def entries_row(index: int) -> int | None:
+    """The ``entries`` row under directory FILES[index], if it has one."""
+    return next((i for i, n in enumerate(FILES) if n.parent == index and n.entries), None)
 
 
 def _no_paths(path: str):
@@ -98,9 +120,12 @@ class Securityfs:
     is no path of a regular file); the caller closes its ``fd``. The policy, keys and
     query files read the paths written to them through it."""
 
-    def __init__(self, engine, *, open_file=None):
+    def __init__(self, engine, *, open_file=None, open_as=None):
+        """``open_as(pid, uid, gid, path)``: ``path`` as process ``pid`` sees it, opened
+        with its credentials, as a ``FileRef`` (what digest_list_add reads)."""
         self.engine = engine
         self.open_file = open_file or _no_paths
+        self.open_as = open_as or (lambda pid, uid, gid, path: _no_paths(path))
         self.last_query: dict[tuple[int, int], bytes] = {}  # (ns id, uid) -> answer
         self.policy_lock = threading.Lock()     # one policy load at a time
         self.keys_lock = threading.Lock()       # one keyring transaction at a time
@@ -122,7 +147,7 @@ class Securityfs:
                                                 f"{own.path} nor below it")
         return ns
 
-    def open(self, node: Node, ns, caller, flags: int) -> Session:
+    def open(self, node: Node, ns, caller, flags: int, key: int = 0) -> Session:
         """Who may open what: ``caller`` (a Subject: pid, uid, gid) opens file ``node``
         of namespace ``ns`` (what :meth:`target` gave) with ``flags``. A session, or
         SecurityfsError (logged; audited for a file whose refusals are). As securityfs,
@@ -148,14 +173,22 @@ class Securityfs:
         if node.root_ns_only and ns.parent is not None:
             # mount-wide counters: they count the host's and the siblings' hashing too
             raise SecurityfsError(errno.EACCES, f"{node.name}: root namespace only")
+        if node.entries:
+            return node.session(self, node, ns, caller, flags, key=key)
         return node.session(self, node, ns, caller, flags)
 
-    def size(self, node: Node, ns, uid: int) -> int:
+    def size(self, node: Node, ns, uid: int, key: int = 0) -> int:
         """The size getattr reports for file ``node`` of ``ns`` (what a read by ``uid``
         would return now: sendfile()/splice stop at i_size on a FUSE file)."""
         if node.is_dir:
             return 0
+        if node.entries:
+            return node.session.size(self, node, ns, uid, key=key)
         return node.session.size(self, node, ns, uid)
+
+    def entries(self, node: Node, ns) -> dict[str, int]:
+        """The files an ``entries`` row stands for in namespace ``ns``: name -> key."""
+        return node.session.entries(self, ns)
 
     def trim(self) -> None:
         """A list read leaves the LMDB pages it touched mapped in the daemon

@@ -130,8 +130,9 @@ def test_table_rows_keep_their_index():
     assert set(children(2)) == {"sha1", "sha256"}
     by = {n.name: n for n in FILES}
     assert {n for n, x in by.items() if x.writers == "root"} == {
-        "policy", "keys", "ns-create", "ns-remove", "ns-join"}
-    assert by["query"].writers == "any"
+        "policy", "keys", "ns-create", "ns-remove", "ns-join", "digest_list_add",
+        "digest_list_del"}
+    assert {n for n, x in by.items() if x.writers == "any"} == {"query", "digest_query"}
     assert {n for n, x in by.items() if x.own_only} == {"ns-create", "ns-join"}
     assert {n for n, x in by.items() if x.moves_opener} == {"ns-create", "ns-join"}
     modes = {n: x.mode for n, x in by.items()}
