@@ -195,3 +195,54 @@ def debian_rootfs() -> Path:
                            capture_output=True, text=True, timeout=840)
         assert p.returncode == 0, p.stderr
     return ROOTFS_CACHE
+
+
+@pytest.fixture(scope="session")
+def debian_digest_list(debian_rootfs, tmp_path_factory):
+    """``imafs digest-list from-dpkg`` of the suite's rootfs, from the .debs and
+    archive index files scripts/rootfs.sh keeps beside it (ROOTFS.archive), built once
+    per session and signed (security.ima) with a test key: an object with ``list``,
+    ``keys`` (the key directory: signing_key.pem, signing_cert.der) and ``unsigned``
+    (the same list, no signature)."""
+    archive = Path(str(debian_rootfs) + ".archive")
+    if not archive.is_dir():
+        pytest.skip(f"no {archive} (scripts/rootfs.sh keeps the .debs there)")
+    d = tmp_path_factory.mktemp("debian-list")
+    out = d / "debian.list"
+    p = subprocess.run(IMAFS + ["digest-list", "from-dpkg", str(debian_rootfs), "--debs",
+                                str(archive), "-o", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr
+    keys = d / "keys"
+    subprocess.run(IMAFS + ["keygen", "--out", str(keys), "--type", "ec"], check=True,
+                   capture_output=True, cwd=REPO)
+    unsigned = d / "unsigned.list"
+    shutil.copyfile(out, unsigned)
+    subprocess.run(IMAFS + ["sign", "-q", "--key", str(keys / "signing_key.pem"),
+                            "--cert", str(keys / "signing_cert.der"), str(out)],
+                   check=True, capture_output=True, cwd=REPO)
+    return type("DebianList", (), {"list": out, "keys": keys, "unsigned": unsigned})
+
+
+@contextlib.contextmanager
+def overlay_of(lower: Path, work: Path):
+    """A writable view of ``lower`` that never changes it: an overlayfs mount (upper
+    and work directories in ``work``), or a copy where overlayfs cannot be mounted.
+    Yields the merged directory; unmounted on exit."""
+    merged = work / "merged"
+    for sub in ("upper", "work", "merged"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'work'}",
+                        str(merged)], capture_output=True, text=True)
+    if p.returncode != 0:
+        merged.rmdir()
+        subprocess.run(["cp", "-a", str(lower), str(merged)], check=True)
+        yield merged
+        return
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", str(merged)], capture_output=True)
+        if _is_mounted(str(merged)):
+            subprocess.run(["umount", "-l", str(merged)], capture_output=True)

@@ -172,3 +172,46 @@ def test_wrong_tag_types_are_refused():
     h = rpm.parse_header(raw, 0, "x")
     with pytest.raises(SourceError, match="tag 1117 has the wrong type"):
         rpm._digests("x", h, raw, "0")
+
+
+def test_rpm_list_appraises_the_packages_files_through_a_mount(pkgs, make_mount, world_tmp):
+    """A list from a signed package's header vouches, through a mount, for exactly the
+    package's files (FILE_CHECK with digest_cache=content); the list is appraised by
+    its imafs signature when it is loaded."""
+    out = world_tmp / "rpm.list"
+    imafs("digest-list", "from-rpm", pkgs["good"], "-o", out, "--keyring", pkgs["asc"])
+    keys = world_tmp / "keys"
+    imafs("keygen", "--out", keys, "--type", "ec")
+    b = world_tmp / "backing1"
+    (b / "usr/bin").mkdir(parents=True)
+    (b / "usr/share/hello").mkdir(parents=True)
+    (b / "usr/bin/hello").write_bytes(HELLO)
+    (b / "usr/share/hello/data").write_bytes(DATA)
+    (b / "usr/share/hello/other").write_bytes(b"in no package\n")
+    (b / "lists").mkdir()
+    (b / "lists/rpm.list").write_bytes(out.read_bytes())
+    imafs("sign", "-q", "--key", keys / "signing_key.pem", "--cert",
+          keys / "signing_cert.der", b / "lists/rpm.list")
+    policy = world_tmp / "policy"
+    policy.write_text("measure func=DIGEST_LIST_CHECK\n"
+                      "appraise func=DIGEST_LIST_CHECK appraise_type=imasig\n"
+                      "appraise func=FILE_CHECK mask=MAY_READ digest_cache=content\n")
+    m = make_mount(["--policy", str(policy), "--keys", str(keys)], backing=b)
+    with pytest.raises(PermissionError):
+        (m.mnt / "usr/bin/hello").read_bytes()          # no list yet
+    imafs("digest-list", "load", m.mnt, m.mnt / "lists/rpm.list")
+    assert (m.mnt / "usr/bin/hello").read_bytes() == HELLO
+    assert (m.mnt / "usr/share/hello/data").read_bytes() == DATA
+    with pytest.raises(PermissionError):
+        (m.mnt / "usr/share/hello/other").read_bytes()
+    shown = m.ctl("digest_lists_loaded/rpm.list").read_text()
+    assert "-- hello 3:1.0-1 (noarch)" in shown and pkgs["fpr"] in shown
+    h = hashlib.sha256(HELLO).hexdigest()
+    fd = os.open(m.ctl("digest_query"), os.O_RDWR)
+    try:
+        os.write(fd, f"sha256:{h}\n".encode())
+        ans = os.pread(fd, 4096, 0).decode()
+    finally:
+        os.close(fd)
+    assert ans.startswith("rpm.list (actions: 7): version: 1, algo: sha256, type: 1")
+    assert ans.rstrip().endswith("-- hello 3:1.0-1")
