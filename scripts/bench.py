@@ -31,6 +31,12 @@ Modes (``--modes``; "-warm": remount on the state of a priming run, see Method)
                                default when the policy appraises)
   verified, verified-warm      measure, and every read checked against the Merkle tree
                                (--verify-reads=on)
+  digest-list, digest-list-warm  measure and appraise through a signed digest list
+                               (digest_cache=content; no file signature counts): the
+                               tree's reads and execs (a list of its files), the rootfs's
+                               execs and mmaps (from-dpkg of --rootfs with DIR.archive);
+                               loaded through digest_list_add at the start of each run
+                               (timed; the warm state has it already)
   namespace                    as measure, the workload in a child integrity namespace
 With --pin on, every mode runs pinned (its daemon and its workload under ``taskset -c
 0``: cross-CPU wake-ups between caller and daemon are a large part of the time on a
@@ -63,12 +69,14 @@ is mounted in the chroot (none of the commands needs one).
   r-ls     ``ls -lR /usr > /dev/null``
   r-tar    ``tar c /usr | wc -c``
 
-Measurements without a mount (``--only`` keys ``hash`` and ``ns``)
+Measurements without a mount (``--only`` keys ``hash``, ``ns`` and ``dl``)
   hash     imafs's own hashing (imafs.ima.hashing.hash_fd, sha256, and sha256 with the
            fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
            ("cold") and cached, against hashlib.sha256 over the same bytes in memory
   ns       per-open cost of finding the caller's integrity namespace
            (CgroupBinder.ns_of, and read_ns uncached), host process and namespaced one
+  dl       a digest list of 100,000 sha256 digests (10,000 with --quick): parse and
+           load into a namespace's LMDB index, removal, and the per-open lookup
 
 Method
   * Every timed run of a FUSE mode starts on a fresh mount (the mount is not timed): no
@@ -124,7 +132,7 @@ def parse_args(argv=None):
                                 epilog="Modes: " + ", ".join(m.name for m in MODES)
                                 + " (integrity-off: another name of overlay, c of passthrough-c). Workloads: a, b "
                                 "(b-cold and b-warm), c, d, e, f; with --rootfs r-true, r-dpkg, "
-                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns.")
+                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns, dl.")
     p.add_argument("--reps", type=int, default=3, help="timed runs per workload and mode (median)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates, "

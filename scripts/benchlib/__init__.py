@@ -4,6 +4,7 @@
     workloads.py   the workloads on the synthetic tree, and choosing workloads (--only)
     rootfs.py      the real root filesystem: its copy, its signing, its chroot workloads
     modes.py       the modes (columns): policies, setups, how each one mounts (--modes, --pin)
+    digestlists.py the digest-list modes: each backing's signed list, its policy, its load
     mounts.py      mounting and unmounting: imafs, libfuse's C passthrough_ll
     passthrough_c.py  building passthrough_ll from the example Debian ships in libfuse3-dev
     measure.py     the measurements without a mount (hashing, namespace resolution)

@@ -1,17 +1,20 @@
-"""The measurements without a mount (``--only`` keys ``hash`` and ``ns``): imafs's own
-hashing against hashlib, and the per-open cost of finding the caller's namespace."""
+"""The measurements without a mount (``--only`` keys ``hash``, ``ns`` and ``dl``):
+imafs's own hashing against hashlib, the per-open cost of finding the caller's
+namespace, and a digest list's load time and per-open lookup cost."""
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from benchlib import drop_page_cache, import_imafs, read_files
 
-MICRO = ("hash", "ns")
+MICRO = ("hash", "ns", "dl")
 
 
 def hashing_micro(path: Path, reps: int) -> dict:
@@ -105,3 +108,66 @@ NS_ROWS = {"host": "host process, ns_of (cached per process)",
            "child": "process in a child namespace, ns_of",
            "host uncached": "host process, read_ns (uncached: /proc/PID/cgroup)",
            "child uncached": "process in a child namespace, read_ns (uncached)"}
+
+
+def digest_list_micro(n: int = 100_000, reps: int = 3, lookups: int = 20_000) -> dict:
+    """A digest list of ``n`` sha256 digests (1,000 packages: one block each, with a
+    provenance), as digest_list_add handles it after the list's own measurement and
+    appraisal: parsed and loaded (one LMDB transaction) into a fresh synchronous store
+    (STATE/lmdb is one), then removed; median of ``reps`` (at least 3). Per lookup, in
+    microseconds: DigestListIndex.lookup of a digest in the list and of one that is
+    not, and digest_cache.lookup, what process_measurement adds to a cold open's
+    decision per namespace whose rule says digest_cache= (the file's digest at hand)."""
+    import_imafs()
+    import types
+    from imafs.ima import digest_cache
+    from imafs.ima import digest_lists as dl
+    from imafs.ima.digest_index import DigestListIndex
+    from imafs.store import Store
+    rng = random.Random(17)
+    nblocks = 1000
+    per = max(1, n // nblocks)
+    digests = [rng.randbytes(32) for _ in range(per * nblocks)]
+    blocks = tuple(dl.Block.of("file", "sha256", sorted(digests[i * per:(i + 1) * per]))
+                   for i in range(nblocks))
+    prov = dl.Provenance("debian", packages=tuple(
+        dl.Package(f"pkg{i}", "1.0", i, "amd64", per) for i in range(nblocks)))
+    data = dl.DigestList(blocks, prov).to_bytes()
+    found = rng.sample(digests, min(lookups, len(digests)))
+    missing = [rng.randbytes(32) for _ in range(len(found))]
+    load, remove, us = [], [], {}
+    for rep in range(max(3, reps)):
+        with tempfile.TemporaryDirectory(prefix="imafs-bench-dl-", dir="/var/tmp") as d:
+            store = Store(d)
+            try:
+                idx = DigestListIndex(store, 0)
+                t0 = time.perf_counter()
+                idx.add("bench.list", data, actions=dl.ACTION_MEASURED | dl.ACTION_APPRAISED,
+                        parsed=dl.parse(data))
+                load.append(time.perf_counter() - t0)
+                if idx.count() != len(set(digests)):
+                    raise RuntimeError(f"{idx.count()} digests loaded, not {len(digests)}")
+                if rep == 0:
+                    ns = types.SimpleNamespace(id=0, digest_lists=idx)
+                    for key, sample, fn in (
+                            ("found", found, lambda dg: idx.lookup("sha256", dg)),
+                            ("missing", missing, lambda dg: idx.lookup("sha256", dg)),
+                            ("open", found,
+                             lambda dg: digest_cache.lookup(ns, lambda a: dg))):
+                        t0 = time.perf_counter()
+                        hits = sum(fn(dg) is not None for dg in sample)
+                        us[key] = (time.perf_counter() - t0) / len(sample) * 1e6
+                        if hits != (0 if key == "missing" else len(sample)):
+                            raise RuntimeError(f"lookup {key}: {hits} hits")
+                t0 = time.perf_counter()
+                idx.remove("bench.list")
+                remove.append(time.perf_counter() - t0)
+            finally:
+                store.close()
+    return {"digests": len(digests), "bytes": len(data), "load_s": load, "remove_s": remove,
+            "us": us}
+
+
+DL_ROWS = {"found": "DigestListIndex.lookup, digest in the list",
+           "missing": "DigestListIndex.lookup, digest in no list",
+           "open": "digest_cache.lookup (the per-open step, found)"}

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from benchlib import TREE, import_imafs
+from benchlib.digestlists import (ROOTFS_DIGEST_LIST, TREE_DIGEST_LIST, digest_list_setup,
+                                  load_digest_list)
 
 if TYPE_CHECKING:
     from benchlib.run import Bench
@@ -170,6 +172,13 @@ MODES: list[Mode] = [
                 args=("--verify-reads=on",),
                 setup=policy_file(MEASURE_ALL_POLICY, "verified", ROOTFS_MEASURE),
                 policies=(policy_title(MEASURE_ALL_POLICY), policy_title(ROOTFS_MEASURE))),
+    *_mode_pair("digest-list", "measure and appraise through a digest list "
+                "(digest_cache=content; no file signature counts): reads and execs of the "
+                "tree (a list of its files' digests), execs and mmaps of the rootfs (its "
+                "from-dpkg list); the signed list loaded by digest_list_add at the start of "
+                "each run (timed)", "as digest-list (the list stays loaded in the state)",
+                setup=digest_list_setup, wrap=load_digest_list,
+                policies=(policy_title(TREE_DIGEST_LIST), policy_title(ROOTFS_DIGEST_LIST))),
     Mode("namespace", "as measure, run in a child namespace (chain of two, empty child "
          "policy), fresh state", setup=policy_file(MEASURE_ALL_POLICY, "ns",
                                                            ROOTFS_MEASURE),

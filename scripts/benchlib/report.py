@@ -3,8 +3,10 @@ results (run now, or read back from a --json file). Every time comes with its ra
 integrity off (``overlay``) and, when it ran, to the C limit (``passthrough-c``)."""
 from __future__ import annotations
 
+import statistics
+
 from benchlib import ROOTFS, TREE
-from benchlib.measure import NS_ROWS, hashing_summary
+from benchlib.measure import DL_ROWS, NS_ROWS, hashing_summary
 from benchlib.modes import OVERLAY, PASSTHROUGH_C, reference
 from benchlib.results import cell_summary, fmt_ratio, issue_targets, target_cells
 from benchlib.run import Bench
@@ -58,6 +60,18 @@ def print_tables(bench: Bench) -> None:
         for k, label in NS_ROWS.items():
             if k in ns.get("us", {}):
                 print(f"  {label:56s} {ns['us'][k]:6.1f} us")
+    dlm = bench.micro.get("digest_list")
+    if dlm:
+        print("\ndigest list")
+        if "error" in dlm:
+            print(f"  n/a ({dlm['error']})")
+        else:
+            print(f"  load of {dlm['digests']:,} digests ({dlm['bytes'] / 2**20:.1f} MiB list) "
+                  f"{statistics.median(dlm['load_s']):.2f} s, removal "
+                  f"{statistics.median(dlm['remove_s']):.2f} s")
+            for k, label in DL_ROWS.items():
+                if k in dlm.get("us", {}):
+                    print(f"  {label:56s} {dlm['us'][k]:6.1f} us")
     if bench.rootfs_info:
         ri = bench.rootfs_info
         print(f"\nrootfs {ri['source']}: {ri['files']:,} files, {ri['bytes'] / 2**20:.0f} MiB; "
@@ -84,7 +98,8 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
         if kind == OVERLAY or _ran(bench, kind):   # the headline ratio's even where n/a
             for target in (TREE, ROOTFS):
                 out += _summary(bench, target, key, kind, title)
-    out += _modes(bench) + _hashing(bench) + _ns(bench) + _rootfs(bench) + _per_workload(bench)
+    out += (_modes(bench) + _hashing(bench) + _ns(bench) + _digest_list(bench) + _rootfs(bench)
+            + _per_workload(bench))
     out += ["Sizes: " + ", ".join(f"{k}={v}" for k, v in bench.sizes.__dict__.items()) + ".",
             ""]
     return "\n".join(out)
@@ -204,6 +219,25 @@ def _ns(bench: Bench) -> list[str]:
     return _micro(bench, "ns_resolution", "Namespace resolution per open", intro, lambda ns: [
         "| caller | per open |", "|---|---:|"] + [
         f"| {label} | {ns['us'][k]:.1f} µs |" for k, label in NS_ROWS.items() if k in ns["us"]])
+
+
+def _digest_list(bench: Bench) -> list[str]:
+    d = bench.micro.get("digest_list") or {}
+    intro = (f"A digest list of {d.get('digests', 0):,} sha256 digests in 1,000 packages "
+             f"({d.get('bytes', 0) / 2**20:.1f} MiB), as `digest_list_add` handles it once "
+             "the list itself is measured and appraised: parsed and loaded into the "
+             "namespace's LMDB index (one synchronous transaction), then removed (median of "
+             f"{len(d.get('load_s', [])) or bench.args.reps}); and what a lookup costs, "
+             "the step a cold open's decision adds per namespace whose rule says "
+             "`digest_cache=` (issue 17's goals: a load under 2 s, a few µs per open).")
+    return _micro(bench, "digest_list", "Digest lists", intro, lambda r: [
+        "| | median | runs |", "|---|---:|---|",
+        f"| load | {statistics.median(r['load_s']):.2f} s | "
+        f"{', '.join(f'{t:.2f}' for t in r['load_s'])} |",
+        f"| removal | {statistics.median(r['remove_s']):.2f} s | "
+        f"{', '.join(f'{t:.2f}' for t in r['remove_s'])} |"] + [
+        f"| {label} | {r['us'][k]:.1f} µs | |" for k, label in DL_ROWS.items()
+        if k in r["us"]])
 
 
 def _rootfs(bench: Bench) -> list[str]:

@@ -185,6 +185,7 @@ def to_json(bench: Bench, info: dict) -> dict:
         "hashing": (dict(bench.micro["hashing"], summary=hashing_summary(bench.micro["hashing"]))
                     if "hashing" in bench.micro else None),
         "ns_resolution": bench.micro.get("ns_resolution"),
+        "digest_list": bench.micro.get("digest_list"),
         "rootfs": bench.rootfs_info or None,
     }
 
@@ -219,6 +220,8 @@ def load_json(path: str, args) -> tuple[Bench, dict]:
         bench.micro["hashing"] = {k: v for k, v in data["hashing"].items() if k != "summary"}
     if data.get("ns_resolution"):
         bench.micro["ns_resolution"] = data["ns_resolution"]
+    if data.get("digest_list"):
+        bench.micro["digest_list"] = data["digest_list"]
     bench.rootfs_info = dict(data.get("rootfs") or {})
     if "built" in bench.rootfs_info:   # a file written before results kept suite and date only
         bench.rootfs_info["built"] = built_record(bench.rootfs_info["built"])

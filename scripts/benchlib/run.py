@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from benchlib import DROP_CACHES, IMAFS, REPO, ROOTFS, TREE, drop_page_cache, env
-from benchlib.measure import hashing_micro, ns_resolution_micro
+from benchlib.measure import digest_list_micro, hashing_micro, ns_resolution_micro
 from benchlib import passthrough_c
 from benchlib.modes import IMAFS_DAEMON, PIN, Mode
 from benchlib.mounts import CPassthroughMount, ImafsMount, MountFailed, force_unmount
@@ -263,6 +263,13 @@ class Bench:
                 self.micro["ns_resolution"] = {"us": us}
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.micro["ns_resolution"] = {"error": str(e) or type(e).__name__}
+        if "dl" in self.micro_keys:
+            self.log("bench: digest list: load of 100,000 digests, lookup per open")
+            try:
+                self.micro["digest_list"] = digest_list_micro(
+                    10_000 if self.args.quick else 100_000, self.args.reps)
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["digest_list"] = {"error": str(e) or type(e).__name__}
         for k, v in self.micro.items():
             self.log(f"bench:   {k}: " + (f"n/a ({v['error']})" if "error" in v else "done"))
 
