@@ -18,6 +18,7 @@ from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
 from imafs.ima.binding import CgroupBinder
+from imafs.ima.digest_cache import HostLists
 from imafs.ima.digest_index import DigestListIndex
 from imafs.ima.engine import Engine
 from imafs.ima.hostns import HostNamespaces
@@ -72,12 +73,14 @@ def guard(ops):
 
 class Filesystem:
     """``ops`` for pyfuse3; ``host``: the namespace operations the control socket
-    serves (imafs/ima/hostns.py), None without integrity."""
+    serves (imafs/ima/hostns.py), ``lists`` its digest-list operations
+    (imafs/ima/digest_cache.py); None without integrity."""
 
-    def __init__(self, ops, closers=(), host=None):
+    def __init__(self, ops, closers=(), host=None, lists=None):
         self.ops = guard(ops)
         self._closers = list(closers)
         self.host = host
+        self.lists = lists
 
     def close(self) -> None:
         self.ops.close_all()
@@ -194,11 +197,11 @@ def build(opts) -> Filesystem:
         except pyfuse3.FUSEError as e:
             raise OSError(e.errno, os.strerror(e.errno)) from None
 
+    open_as = functools.partial(open_as_writer, backing_of=backing_of, mountpoint=mountpoint)
     overlay.attach_control(ControlDir(Securityfs(
         engine, open_file=functools.partial(open_in_mount, overlay.root.fd,
                                             mountpoint=mountpoint),
-        open_as=functools.partial(open_as_writer, backing_of=backing_of,
-                                  mountpoint=mountpoint))))
+        open_as=open_as)))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
              "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
              root.hash_algo, "on" if verify_reads else "off")
@@ -206,4 +209,4 @@ def build(opts) -> Filesystem:
     return Filesystem(overlay, [hooks.close, audit.close, store.close, cache_store.close,
                                 binder.close]
                       + ([tpm.close] if tpm is not None else []),
-                      host=HostNamespaces(tree, audit))
+                      host=HostNamespaces(tree, audit), lists=HostLists(engine, open_as))

@@ -27,8 +27,9 @@ from sources a distribution signs, each verified before a digest is taken from i
   from-rpm PKG.rpm... -o LIST --keyring KEY.asc   header digests, header signature
                              checked by rpmkeys
   show LIST                  what a list holds and where it came from
-  load MNT LIST [--ns N]     load a list into a mount (its namespace N): written to
-                             MNT/.imafs/digest_list_add, measured and appraised there
+  load MNT LIST [--ns N]     load a list into a mount (its namespace N) over the
+                             mount's control socket (else through
+                             MNT/.imafs/digest_list_add): measured and appraised there
                              as DIGEST_LIST_CHECK
   unload MNT LIST|NAME [--ns N]  remove it again (digest_list_del)
 
@@ -106,7 +107,8 @@ def register(subparsers) -> None:
                        help="a namespace below this process's (NAME or NAME/NAME...): "
                             "its file under namespaces/ is written")
         q.add_argument("--control-name", default=".imafs", metavar="NAME",
-                       help="the mount's control directory (default .imafs)")
+                       help="the mount's control directory, when the control socket "
+                            "cannot be used (default .imafs)")
         q.set_defaults(func=_run, dl_func=fn)
 
 
@@ -269,17 +271,13 @@ def _from_rpm(args) -> int:
 
 
 def _control_file(args, name: str) -> str:
-    """MNT/.imafs/[namespaces/A/namespaces/B/]NAME. (When the mount's control socket
-    is on main, load goes through it; until then it writes the control file, which
-    does the same: the path is read as this process sees it.)"""
+    """MNT/.imafs/[namespaces/A/namespaces/B/]NAME."""
     ctl = os.path.join(args.mount, args.control_name)
     if not os.path.isdir(ctl):
         raise _Refused(f"{args.mount}: no imafs control directory {args.control_name}/ "
                        f"(not an imafs mount with integrity on?)")
     for part in (args.ns or "").strip("/").split("/"):
         if part:
-            if part in (".", ".."):
-                raise _Refused(f"--ns {args.ns}: a namespace path has no . or ..")
             ctl = os.path.join(ctl, "namespaces", part)
     return os.path.join(ctl, name)
 
@@ -298,19 +296,57 @@ def _write_control(path: str, request: str) -> None:
         os.close(fd)
 
 
+def _over_socket(args, op: str, **request) -> dict | None:
+    """``op`` over the mount's control socket: its answer; None when this process
+    cannot use it (not the host's root, or a daemon without one): the control file is
+    written instead. A refusal by the daemon is final (_Refused)."""
+    from imafs.ctl.client import Client, CtlError
+    try:
+        client = Client.for_mount(args.mount)
+    except CtlError as e:
+        _say(f"(control socket: {e}; writing the control file instead)")
+        return None
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        with client:
+            return client.call(op, fds={"pidfd": pidfd}, ns=args.ns or "", **request)
+    except CtlError as e:
+        why = f" ({e.errno})" if e.errno else ""
+        raise _Refused(f"{request.get('path') or request.get('list')}: {e}{why}") from None
+    finally:
+        os.close(pidfd)
+
+
+def _check_ns(args) -> None:
+    if any(p in (".", "..") for p in (args.ns or "").split("/")):
+        raise _Refused(f"--ns {args.ns}: a namespace path has no . or ..")
+
+
 def _load(args) -> int:
+    """Over the mount's control socket (imafs/ctl): the daemon opens the path as this
+    process sees it; else through MNT/.imafs/digest_list_add, which does the same."""
+    _check_ns(args)
     path = os.path.abspath(args.list)
-    _write_control(_control_file(args, "digest_list_add"), path)
-    _say(f"{path}: loaded as {os.path.basename(path)}"
-         + (f" into namespace {args.ns}" if args.ns else ""))
+    ans = _over_socket(args, "digest-list-add", path=path)
+    if ans is None:
+        _write_control(_control_file(args, "digest_list_add"), path)
+        _say(f"{path}: loaded as {os.path.basename(path)}"
+             + (f" into namespace {args.ns}" if args.ns else ""))
+        return 0
+    d = ans["digest_list"]
+    _say(f"{path}: loaded as {d['label']} into namespace {d['namespace']} "
+         f"({d['digests']} digests, {d['actions']}, {d['digest']})")
     return 0
 
 
 def _unload(args) -> int:
+    _check_ns(args)
     what = args.list
     if "/" in what or os.path.exists(what):
         what = os.path.abspath(what)
-    _write_control(_control_file(args, "digest_list_del"), what)
+    ans = _over_socket(args, "digest-list-del", list=what)
+    if ans is None:
+        _write_control(_control_file(args, "digest_list_del"), what)
     _say(f"{what}: unloaded" + (f" from namespace {args.ns}" if args.ns else ""))
     return 0
 

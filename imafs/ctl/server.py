@@ -36,6 +36,7 @@ import struct
 import trio
 
 from imafs.ctl import protocol as P
+from imafs.ima.digest_cache import DigestListRefused
 from imafs.ima.hostns import CreateRequest, HostNamespaces, Target
 from imafs.ima.namespaces import NamespaceError
 from imafs.logutil import PrintableLogFilter
@@ -134,14 +135,15 @@ def check_peer(sock) -> tuple[int, int]:
 class Handlers:
     """The operations, run in worker threads: protocol arguments -> engine calls."""
 
-    def __init__(self, host: HostNamespaces, info: dict):
+    def __init__(self, host: HostNamespaces, info: dict, lists=None):
         self.host = host
         self.info = info        # mountpoint, dev, pid, state
+        self.lists = lists      # imafs.ima.digest_cache.HostLists
 
     def __call__(self, op: str, args: dict, fds: dict, peer: tuple[int, int]) -> dict:
         try:
             return getattr(self, "op_" + op.replace("-", "_"))(args, fds, peer)
-        except (NamespaceError, P.ProtocolError) as e:
+        except (NamespaceError, P.ProtocolError, DigestListRefused) as e:
             log.warning("control socket: %s by pid %d refused: %s", op, peer[0], e)
             if op in ("ns-create", "ns-remove") and self.host.audit is not None:
                 self.host.audit.record(op.replace("-", "_") + "_rejected", ns="/",
@@ -185,6 +187,27 @@ class Handlers:
                  out["path"], out["id"],
                  f", archived as {out['archive']}" if "archive" in out else "")
         return P.reply(namespace=out)
+
+
+    def op_digest_list_add(self, args, fds, peer) -> dict:
+        """A list file (``path``, as the requester sees it) into namespace ``ns`` (a
+        path from the root; default the root), as digest_list_add does."""
+        out = self._lists().add(_arg(args, "ns", str, ""), _arg(args, "path", str), peer[0],
+                                fds.get("pidfd"))
+        log.info("control socket: pid %d loaded digest list %s into namespace %s", peer[0],
+                 out["label"], out["namespace"])
+        return P.reply(digest_list=out)
+
+    def op_digest_list_del(self, args, fds, peer) -> dict:
+        """A loaded list (``list``: its path, or its name) out of namespace ``ns``."""
+        out = self._lists().remove(_arg(args, "ns", str, ""), _arg(args, "list", str),
+                                   peer[0], fds.get("pidfd"))
+        return P.reply(digest_list=out)
+
+    def _lists(self):
+        if self.lists is None:
+            raise P.ProtocolError("this daemon keeps no digest lists", errno.EOPNOTSUPP)
+        return self.lists
 
 
 _KINDS = {int: "number", str: "string", dict: "JSON object", list: "list"}

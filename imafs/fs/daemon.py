@@ -346,7 +346,8 @@ def _serve(opts: MountOptions, lock: StateLock, ready_fd) -> int:
             nursery.start_soon(on_signal)
             if ctl is not None:
                 from imafs.ctl import server as ctl_server
-                srv = ctl_server.Server(ctl, ctl_server.Handlers(fs.host, info))
+                srv = ctl_server.Server(ctl, ctl_server.Handlers(
+                    fs.host, info, getattr(fs, "lists", None)))
                 nursery.start_soon(srv.serve)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()

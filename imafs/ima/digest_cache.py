@@ -19,8 +19,9 @@ never merged; ``ima_digest_cache.c``) add to ``process_measurement``, per namesp
   list does not outlive the list.
 
 The engine calls :func:`wanted_algos`, :func:`measured` and :func:`appraisal`; the
-control files (securityfs_digest.py) call :func:`load` and :func:`unload`; the query
-file :func:`describe`. No FUSE here.
+control files (securityfs_digest.py) call :func:`load` and :func:`unload`, the control
+socket (imafs/ctl/server.py) :class:`HostLists`; the query file :func:`lookup`. No FUSE
+here.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ log = logging.getLogger("imafs.engine")
 
 __all__ = ["Found", "ListedPass", "DigestListRefused", "wanted_algos", "lookup", "found",
            "measured", "appraisal", "is_listed", "load", "unload", "describe",
-           "list_actions"]
+           "list_actions", "HostLists"]
 
 DIGEST_LIST_CHECK = "DIGEST_LIST_CHECK"
 
@@ -288,3 +289,72 @@ def _same_bytes(engine, state, f: FileRef, data: bytes, path: str) -> None:
         if h != digest:
             raise DigestListRefused(errno.EAGAIN, f"{path} changed while it was loaded "
                                                   f"(its {algo} is not the one appraised)")
+
+
+# --------------------------------------------------------------------------- the host
+
+class HostLists:
+    """The control socket's digest-list operations (``imafs digest-list load/unload``,
+    imafs/ctl/server.py): the namespace named by its path from the root ("" or "/":
+    the root; "web", "web/db"), the list file as the requesting process sees it --
+    only the host's root reaches the socket, so with uid 0, in that process's root
+    (``open_as``, as for digest_list_add). ``pidfd`` (the requester's own, optional)
+    pins it: a pid reused meanwhile is refused."""
+
+    def __init__(self, engine, open_as):
+        self.engine = engine
+        self.open_as = open_as
+
+    def namespace(self, path: str):
+        ns = self.engine.tree.root
+        for part in (path or "").strip("/").split("/"):
+            if not part:
+                continue
+            child = ns.children.get(part)
+            if child is None:
+                raise DigestListRefused(errno.ENOENT, f"no namespace {part!r} under "
+                                                      f"{ns.path}")
+            ns = child
+        return ns
+
+    def _open(self, path: str, pid: int, pidfd: int | None) -> FileRef:
+        from imafs.ima.hostns import pidfd_pid
+        if pidfd is not None and pidfd_pid(pidfd) != pid:
+            raise DigestListRefused(errno.ESRCH, f"pid {pid} is not the process whose "
+                                                 f"pidfd came with the request")
+        try:
+            f = self.open_as(pid, 0, 0, path)
+        except OSError as e:
+            raise DigestListRefused(e.errno or errno.EIO,
+                                    f"{path}: {e.strerror or e}") from None
+        if pidfd is not None and pidfd_pid(pidfd) != pid:
+            os.close(f.fd)
+            raise DigestListRefused(errno.ESRCH, f"pid {pid} exited while {path} was "
+                                                 f"opened")
+        return f
+
+    def add(self, ns_path: str, path: str, pid: int, pidfd: int | None = None) -> dict:
+        ns = self.namespace(ns_path)
+        f = self._open(path, pid, pidfd)
+        try:
+            info = load(self.engine, ns, Subject(pid, 0, 0), f,
+                        origin={"path": path, "file": os.fsdecode(f.path), "pid": pid,
+                                "uid": 0, "via": "control socket"})
+        finally:
+            os.close(f.fd)
+        return {"namespace": ns.path, "label": info.label,
+                "digest": f"{info.algo}:{info.digest.hex()}",
+                "actions": dl.format_actions(info.actions), "digests": info.count}
+
+    def remove(self, ns_path: str, what: str, pid: int, pidfd: int | None = None) -> dict:
+        ns = self.namespace(ns_path)
+        if not what.startswith("/"):
+            info = unload(self.engine, ns, Subject(pid, 0, 0), what)
+        else:
+            f = self._open(what, pid, pidfd)
+            try:
+                info = unload(self.engine, ns, Subject(pid, 0, 0),
+                              os.path.basename(what.rstrip("/")), f)
+            finally:
+                os.close(f.fd)
+        return {"namespace": ns.path, "label": info.label}
