@@ -43,8 +43,8 @@ from imafs.ima.policy import MAY_READ
 log = logging.getLogger("imafs.engine")
 
 __all__ = ["Found", "ListedPass", "DigestListRefused", "wanted_algos", "lookup", "found",
-           "measured", "appraisal", "is_listed", "load", "unload", "describe",
-           "list_actions", "HostLists"]
+           "measured", "appraisal", "is_listed", "load", "unload", "list_actions",
+           "HostLists"]
 
 DIGEST_LIST_CHECK = "DIGEST_LIST_CHECK"
 
@@ -93,15 +93,20 @@ def wanted_algos(decided) -> set[str]:
 
 def lookup(n, digest_for: Callable[[str], bytes]) -> Found | None:
     """Is the file (``digest_for(algo)``: its digest) in a list of namespace ``n``?
-    Each algorithm the lists hold is tried (sorted: the same answer every time)."""
+    Each algorithm the lists hold is tried (sorted: the same answer every time); the
+    actions are those of every list holding it, in any algorithm."""
     idx = n.digest_lists
     if idx is None:
         return None
+    first = None
+    actions = 0
     for algo in idx.algos_sorted():
         hit = idx.lookup(algo, digest_for(algo))
         if hit is not None:
-            return Found(hit.actions, algo, hit, idx)
-    return None
+            actions |= hit.actions
+            if first is None:
+                first = (algo, hit)
+    return None if first is None else Found(actions, first[0], first[1], idx)
 
 
 def found(req, n, digest_for: Callable[[str], bytes]) -> Found | None:
@@ -135,15 +140,6 @@ def appraisal(req, n, digest_for: Callable[[str], bytes]) -> ListedPass | None:
 
 def is_listed(result) -> bool:
     return isinstance(result, ListedPass)
-
-
-def describe(n, digest_for: Callable[[str], bytes]) -> dict | None:
-    """For the query file: which list of ``n`` holds the file, with what actions."""
-    found = lookup(n, digest_for)
-    if found is None:
-        return None
-    return {"list": found.label, "algo": found.algo,
-            "actions": dl.format_actions(found.actions)}
 
 
 # --------------------------------------------------------------------------- loading
