@@ -25,7 +25,10 @@ from benchlib.rootfs import built_record  # noqa: E402
 from benchlib.runs import SMOKE  # noqa: E402
 
 NO_C = passthrough_c.missing()   # why passthrough-c cannot be built here, or None
-ALL_MODES = [m.name for m in MODES if not (NO_C and m.name == PASSTHROUGH_C)]
+# the digest-list modes run in a test of their own (test_bench_digest_list_modes)
+DL_MODES = ("digest-list", "digest-list-warm")
+ALL_MODES = [m.name for m in MODES
+             if not (NO_C and m.name == PASSTHROUGH_C) and m.name not in DL_MODES]
 ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE", DEFAULT_ROOTFS))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE filesystems as root")
@@ -206,6 +209,32 @@ def test_bench_rootfs(tmp_path):
     assert "## Summary: real root filesystem (time, ratio to integrity off)" in text
     assert "## Real root filesystem" in text and "imafs sign -r --skip-special" in text
     assert "exec+mmap imasig + appraise_tcb" in text
+    _cleaned_up(tmp_path, png)
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(300)
+def test_bench_digest_list_modes(tmp_path):
+    """The digest-list modes on the tree: every read and exec passes through the list
+    of the tree's files, the measurement list holds the list alone (cold and warm), the
+    warm state hashes nothing; and the dl measurement (a list loaded, lookups timed)."""
+    modes = ["overlay", *DL_MODES]
+    p, data, text, png = _run(["--only", "a,c,dl", "--modes", ",".join(modes)], tmp_path,
+                              280)
+    _cells_ok(data, ["a", "c"], modes)
+    for w in ("a", "c"):
+        cells = data["workloads"][w]["modes"]
+        for m in DL_MODES:
+            # boot aggregate and the list: no file of the tree got an entry of its own
+            assert cells[m]["engine"]["entries"] == 2, (w, m, cells[m]["engine"])
+        assert cells["digest-list-warm"]["engine"]["hashed_files"] == 0
+    d = data["digest_list"]
+    assert d["digests"] == 10_000 and len(d["load_s"]) >= 3
+    assert set(d["us"]) == {"first", "found", "missing", "open"} and \
+        all(v > 0 for v in d["us"].values())
+    assert "## Digest lists" in text and "| load |" in text
     _cleaned_up(tmp_path, png)
 
 
