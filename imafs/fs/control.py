@@ -6,8 +6,9 @@ each descendant under ``namespaces/NAME/``. Node ids encode (namespace slot, ind
 ``securityfs.FILES``, entry key): slot 0 is "the caller's own namespace" (resolved at
 open from the caller's pid), slot ``id + 1`` a named namespace (checked at open: the
 caller must be that namespace or an ancestor); the key (0 for a file of its own name)
-tells apart the files of an ``entries`` row (``digest_lists_loaded/LABEL``). Entries are never cached by the kernel (timeout 0),
-so two processes of different namespaces never share a resolved name.
+tells apart the files of an ``entries`` row (``digest_lists_loaded/LABEL``). Entries
+are never cached by the kernel (timeout 0), so two processes of different namespaces
+never share a resolved name.
 
 Every other file of one's own view is the namespace's own inode (slot id + 1, the same
 inode as the ancestors' namespaces/NAME/FILE): the kernel keeps file pages per inode,
