@@ -128,6 +128,19 @@ def world_tmp():
 
 
 @pytest.fixture
+def mkfile(tmp_path):
+    """Factory: mkfile(data) -> the path of a new file in tmp_path holding data."""
+    n = [0]
+
+    def make(data: bytes) -> Path:
+        n[0] += 1
+        p = tmp_path / f"f{n[0]}"
+        p.write_bytes(data)
+        return p
+    return make
+
+
+@pytest.fixture
 def make_mount(world_tmp):
     """Factory: make_mount(args=[...], backing=None) -> started Mount; all are
     unmounted at teardown."""

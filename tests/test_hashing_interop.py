@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from imafs.ima import hashing as H
+from imafs.ima.verity import VeritySpec
 
 pytestmark = [
     pytest.mark.interop,
@@ -88,7 +89,7 @@ def test_module_entry_point(files):
 def test_tree_and_descriptor_bytes_equal_fsverity(files, tmp_path, params):
     """The whole Merkle tree (fs-verity storage order) and the descriptor, byte for byte."""
     alg, bs, salt = params
-    spec = H.VeritySpec(alg, bs, salt)
+    spec = VeritySpec(alg, bs, salt)
     for path in files[:-1]:          # the 100 MiB file is covered by the digest test
         tree_out, desc_out = tmp_path / "tree", tmp_path / "desc"
         cmd = ["fsverity", "digest", path, f"--hash-alg={alg}", f"--block-size={bs}",

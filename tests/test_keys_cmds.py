@@ -14,6 +14,7 @@ from imafs.cli import main
 from imafs.commands import sign, verify
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
+from imafs.ima.verity import fsverity_digest_fd
 from imafs.ima.keys import Keyring, keyid_of, keyid_of_public_key
 
 import _ima_testkeys as tk
@@ -327,7 +328,7 @@ def test_sign_verity(keydir, files, capsys):
     assert v[:3] == b"\x06\x03\x04"
     fd = os.open(files / "b", os.O_RDONLY)
     try:
-        vd = hashing.fsverity_digest_fd(fd)
+        vd = fsverity_digest_fd(fd)
     finally:
         os.close(fd)
     ring = Keyring()

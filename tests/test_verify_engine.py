@@ -15,7 +15,7 @@ import _ima_testkeys as tk
 import pytest
 
 from imafs.ima import appraise as ap
-from imafs.ima import hashing
+from imafs.ima.verity import fsverity_digest_fd
 from imafs.ima.audit import AuditLog
 from imafs.ima.engine import (AccessDenied, Engine, FileRef, OpenMode, Pending,
                               ReadVerifyError, Subject, settle)
@@ -112,7 +112,7 @@ def data_file(tmp, name="f", size=5 * BS + 123, seed=1):
 
 def fsverity_digest(path) -> bytes:
     with open(path, "rb") as f:
-        return hashing.fsverity_digest_fd(f.fileno())
+        return fsverity_digest_fd(f.fileno())
 
 
 # ------------------------------------------------------------------ good reads
@@ -354,7 +354,7 @@ def test_appraise_sigv3_sha512(tmp_path, world):
     p = data_file(tmp_path)
     kid = keyid_of(tk.cert(tk.key("rsa")))
     with open(p, "rb") as f:
-        vd = hashing.fsverity_digest_fd(f.fileno(), "sha512")
+        vd = fsverity_digest_fd(f.fileno(), "sha512")
     os.setxattr(p, "security.ima", ap.sign_v3(tk.key("rsa"), "sha512", vd, kid))
     w = world(SIGV3, keys=[_cert()])
     state, _fd = w.open(p)

@@ -26,7 +26,7 @@ import pytest
 from conftest import IMAFS, REPO, wait_for
 
 from imafs.ima import appraise as ap
-from imafs.ima import hashing
+from imafs.ima.verity import fsverity_digest_text
 from imafs.ima.keys import keyid_of
 
 pytestmark = pytest.mark.mount
@@ -645,7 +645,7 @@ def test_digest_type_verity_with_sigv3_signatures(make_mount, world_tmp):
     # measured as the fs-verity digest, exactly what fsverity-utils computes
     want = subprocess.run(["fsverity", "digest", str(good)], capture_output=True, text=True,
                           check=True).stdout.split()[0] if os.path.exists("/usr/bin/fsverity") \
-        else hashing.fsverity_digest_text(os.open(good, os.O_RDONLY))
+        else fsverity_digest_text(os.open(good, os.O_RDONLY))
     lines = [ln.split() for ln in m.ctl("ascii_runtime_measurements").read_text().splitlines()]
     mine = [ln for ln in lines if ln[-1] == "/good"]
     assert mine and mine[0][2] == "ima-ngv2" and mine[0][3] == "verity:" + want

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 
-from imafs.ima import hashing
+from imafs.ima import hashing, verity
 
 HELP = "print file digests (flat, or fs-verity with --verity)"
 DESCRIPTION = """\
@@ -44,10 +44,10 @@ def _block_size(text: str) -> int:
         n = int(text, 10)
     except ValueError:
         n = -1
-    if n & (n - 1) or not hashing.MIN_BLOCK_SIZE <= n <= hashing.MAX_BLOCK_SIZE:
+    if n & (n - 1) or not verity.MIN_BLOCK_SIZE <= n <= verity.MAX_BLOCK_SIZE:
         raise argparse.ArgumentTypeError(
             f"invalid block size {text!r}: must be a power of 2 from "
-            f"{hashing.MIN_BLOCK_SIZE} to {hashing.MAX_BLOCK_SIZE}")
+            f"{verity.MIN_BLOCK_SIZE} to {verity.MAX_BLOCK_SIZE}")
     return n
 
 
@@ -58,9 +58,9 @@ def _salt(text: str) -> bytes:
         salt = None
     if salt is None:
         raise argparse.ArgumentTypeError(f"salt {text!r} is not a valid hex string")
-    if len(salt) > hashing.MAX_SALT_SIZE:
+    if len(salt) > verity.MAX_SALT_SIZE:
         raise argparse.ArgumentTypeError(
-            f"salt is {len(salt)} bytes; fs-verity allows at most {hashing.MAX_SALT_SIZE}")
+            f"salt is {len(salt)} bytes; fs-verity allows at most {verity.MAX_SALT_SIZE}")
     return salt
 
 
@@ -115,7 +115,7 @@ def run(args) -> int:
     algos = list(dict.fromkeys(args.algo or ["sha256"]))
     if args.verity:
         try:
-            spec = hashing.VeritySpec(args.hash_alg or "sha256", args.block_size or 4096,
+            spec = verity.VeritySpec(args.hash_alg or "sha256", args.block_size or 4096,
                                       args.salt or b"")
         except ValueError as e:         # a block size too small for the algorithm
             args._parser.error(f"--block-size: {e}")

@@ -13,6 +13,7 @@ from imafs.commands import CommandError
 from imafs.commands._files import open_regular, progress, walk, xattr_name
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
+from imafs.ima.verity import fsverity_digest_fd
 from imafs.ima import keys as km
 
 
@@ -128,7 +129,7 @@ def _sign_one(path, name, algo, key, keyid, args, say) -> str | None:
     try:
         try:
             if args.verity:
-                value = ap.sign_v3(key, algo, hashing.fsverity_digest_fd(fd, algo), keyid)
+                value = ap.sign_v3(key, algo, fsverity_digest_fd(fd, algo), keyid)
             else:
                 digest = hashing.hash_fd(fd, [algo])[algo]
                 value = (ap.hash_xattr(algo, digest) if args.hash_only

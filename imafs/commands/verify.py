@@ -19,6 +19,7 @@ from imafs.commands import _files
 from imafs.commands._files import open_regular, progress, walk
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
+from imafs.ima.verity import fsverity_digest_fd
 from imafs.ima import keys as km
 from imafs.ima.policy import Decision, Policy, PolicyError, load_policy_arg
 
@@ -141,7 +142,7 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
 
         def verity(a: str):
             try:
-                return hashing.fsverity_digest_fd(fd, a)
+                return fsverity_digest_fd(fd, a)
             except hashing.HashAlgoError:       # fs-verity has no such algorithm
                 return None
 

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import struct
 
-from imafs.ima import hashing
+from imafs.ima.verity import MerkleTree, TreeFormatError
 
 log = logging.getLogger("imafs.engine")
 
@@ -116,8 +116,8 @@ class TreeCache(_Cache):
         if raw is None:
             return None
         try:
-            return hashing.MerkleTree.from_bytes(raw)
-        except hashing.TreeFormatError as e:
+            return MerkleTree.from_bytes(raw)
+        except TreeFormatError as e:
             log.warning("tree cache: dropping a bad entry: %s", e)
             return None
 

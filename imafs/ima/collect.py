@@ -11,6 +11,7 @@ import os
 import threading
 
 from imafs.ima import hashing
+from imafs.ima.verity import VeritySpec
 from imafs.ima.appraise import get_hash_algo, needed_algo
 from imafs.ima.cache import DigestCache, TreeCache
 from imafs.ima.iint import FileRef, IInt, stat_version
@@ -140,10 +141,10 @@ class Collector:
             sink = f.fill_cache()
         fd = f.fd if f.readable else f.reopen()
         try:
-            res = hashing.hash_fd(fd, want, verity=hashing.VeritySpec() if need_tree else None,
+            res = hashing.hash_fd(fd, want, verity=VeritySpec() if need_tree else None,
                                   sink=sink)
             if other_verity:   # fs-verity digest with another hash (sha512): its own pass
-                vt = hashing.hash_fd(fd, [], verity=hashing.VeritySpec(algo[7:])).tree
+                vt = hashing.hash_fd(fd, [], verity=VeritySpec(algo[7:])).tree
                 ii.digests[algo] = vt.verity_digest
             st = os.fstat(fd)
         finally:

@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 
-from imafs.ima import hashing
+from imafs.ima.verity import VerifyResult
 from imafs.ima.collect import Stats
 from imafs.ima.iint import COUNTS, AccessDenied, IInt, OpenState, Pending, Subject
 from imafs.ima.record import Recorder
@@ -180,7 +180,7 @@ class ReadVerifier:
         served = longest
         for (t, verifiers), (length, probe), grew in zip(trees, spans, grown):
             part = buf[:length]
-            res = t.verify_range(start, part) if part else hashing.VerifyResult(True)
+            res = t.verify_range(start, part) if part else VerifyResult(True)
             short = len(part) < length
             extra = grew or (probe and length > 0 and len(buf) > length)
             if nowait and (not res.ok or short or extra):

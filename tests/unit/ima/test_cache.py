@@ -13,6 +13,7 @@ import struct
 import pytest
 
 from imafs.ima import hashing
+from imafs.ima.verity import VeritySpec
 from imafs.ima.engine import Engine, FileRef, OpenMode, Subject, settle
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
@@ -46,7 +47,7 @@ def _write_old_state(cache: Store, path, root: Namespace, *, verdict: bool,
         txn.put(_old_identity(st), blob, db=dbs["digests"])
         if tree:
             with open(path, "rb") as f:
-                t = hashing.hash_fd(f.fileno(), [], verity=hashing.VeritySpec()).tree
+                t = hashing.hash_fd(f.fileno(), [], verity=VeritySpec()).tree
             txn.put(_old_identity(st), struct.pack(">QQQQ", *version) + t.to_bytes(),
                     db=dbs["trees"])
         if verdict:
