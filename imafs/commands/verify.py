@@ -5,7 +5,7 @@ Without --policy a file is appraised as by a rule ``appraise`` without options
 with --policy, as a mount with that root policy would for a read (or exec) by root:
 the access's hooks are matched with :meth:`imafs.ima.policy.Policy.match` and each
 appraising decision is appraised. Either way one :class:`~imafs.ima.policy.Decision`
-goes to :func:`_appraise`, the one call into the engine's appraisal.
+goes to :func:`imafs.ima.appraise.appraise_decision`, as the engine's do.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import sys
 from imafs.commands import CommandError
 from imafs.commands import _files
 from imafs.commands._files import open_regular, progress, walk
+from imafs.fs.sysio import fs_info
 from imafs.ima import appraise as ap
-from imafs.ima import hashing
-from imafs.ima.verity import fsverity_digest_fd
+from imafs.ima import binfmt, hashing, hooks
 from imafs.ima import keys as km
-from imafs.ima.policy import Decision, Policy, PolicyError, load_policy_arg
+from imafs.ima.policy import MAY_READ, Decision, Policy, PolicyError, load_policy_arg
+from imafs.ima.verity import fsverity_digest_fd
 
 
 def _keyring(args) -> km.Keyring:
@@ -50,62 +51,37 @@ def _load_policy(value: str):
         raise CommandError(f"--policy: {e}")
 
 
-_FS_FIELDS = frozenset({"fsmagic", "fsname", "fsuuid"})
-# root, as the engine sees a root caller (imafs.ima.engine.Subject.ids)
+# root, as the engine sees a root caller (imafs.ima.iint.Subject.ids)
 _ROOT_IDS = {"uid": 0, "euid": 0, "suid": 0, "gid": 0, "egid": 0, "sgid": 0,
              "cap_setuid": True, "cap_setgid": True}
 
 
 def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | None = None):
     """The access events the mount derives from a read-only open by root of this file
-    (``exec_``: an exec by root that runs it), following the engine's hook mapping
-    (imafs.ima.engine.Engine._events, with its own helpers): a read is FILE_CHECK
+    (``exec_``: an exec by root that runs it), built by the engine's hook mapping
+    (imafs.ima.hooks: open_hooks, access_events): a read is FILE_CHECK
     MAY_READ, and for an ELF file, when a rule can match an mmap hook, also the
     dynamic loader's MMAP_CHECK_REQPROT and MMAP_CHECK; an exec is FILE_CHECK and
     BPRM_CHECK, and for an ELF file CREDS_CHECK (with the credentials the exec gives:
     set-id bits) and the mmap hooks. (The ELF interpreter's own open, FILE_CHECK and
     mmap hooks without BPRM_CHECK, is not asked about.)"""
-    from imafs.ima import binfmt
-    from imafs.ima import policy as pm
-    from imafs.ima.engine import _has_func, hook_ids, open_hooks
-
     def elf() -> bool:
         try:
             return st.st_size >= 4 and binfmt.is_elf(os.pread(fd, 4, 0))
         except OSError:
             return False
     role = ("elf" if elf() else "other") if exec_ else None
-    library = not exec_ and _has_func(policy, "MMAP_CHECK") and elf()
-    hooks = open_hooks(pm.MAY_READ, exec_, role, library)
-    fs = {}
-    if policy.needs & _FS_FIELDS:
-        # the file system the mount sees is the backing file's (run verify on the
-        # backing tree, not through the mount): the mount's own fs_info, once per device
-        fs = fs_cache.get(st.st_dev) if fs_cache is not None else None
-        if fs is None:
-            from imafs.fs.integrity import fs_info
-            info = fs_info(fd, st.st_dev)
-            fs = {"fsmagic": info.magic, "fsname": info.name, "fs_subtype": info.subtype,
-                  "fsuuid": info.uuid}
-            if fs_cache is not None:
-                fs_cache[st.st_dev] = fs
-    out = []
-    for func, mask in hooks:
-        who = hook_ids(func, exec_, _ROOT_IDS, st, role)
-        out.append(pm.AccessEvent(func=func, mask=mask, fowner=st.st_uid, fgroup=st.st_gid,
-                                  path=path, **who, **fs))
-    return out
-
-
-def _appraise(d: Decision, value: bytes | None, digest_for, ring, verity_digest,
-              default_algo: str) -> ap.AppraiseResult:
-    """The appraisal decision ``d`` asks for (its appraise_type, appraise_algos and
-    digest_type), of a file whose ``security.ima`` is ``value``."""
-    return ap.appraise(value, digest_for, ring,
-                       require_sig=d.appraise_type in ("imasig", "imasig|modsig"),
-                       allowed_algos=d.appraise_algos, verity_digest=verity_digest,
-                       sigv3_required=d.appraise_type == "sigv3",
-                       verity_required=d.digest_type == "verity", default_algo=default_algo)
+    library = not exec_ and hooks.has_func(policy, "MMAP_CHECK") and elf()
+    # the file system the mount sees is the backing file's (run verify on the backing
+    # tree, not through the mount): the mount's own fs_info, once per device. Always:
+    # Policy.needs leaves out fsuuid (None is the null UUID, not "unknown")
+    fs = fs_cache.get(st.st_dev) if fs_cache is not None else None
+    if fs is None:
+        fs = fs_info(fd, st.st_dev)
+        if fs_cache is not None:
+            fs_cache[st.st_dev] = fs
+    return hooks.access_events(hooks.open_hooks(MAY_READ, exec_, role, library), _ROOT_IDS,
+                               st, fs, path, exec_, role)
 
 
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
@@ -150,7 +126,8 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
             d = Decision(appraise=True, appraise_type="imasig" if require_sig else None,
                          digest_type=("verity" if value and value[0] == ap.IMA_VERITY_DIGSIG
                                       else None))
-            return _appraise(d, value, digest_for, ring, verity, default_algo)
+            return ap.appraise_decision(value, d, digest_for, ring, verity_digest=verity,
+                                        default_algo=default_algo)
         verdict = None
         seen: dict = {}
         for ev in _root_events(policy, path, fd, os.fstat(fd), exec_, fs_cache):
@@ -159,7 +136,9 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
                 continue
             flags = (d.appraise_type, d.appraise_algos, d.digest_type)
             if flags not in seen:
-                seen[flags] = _appraise(d, value, digest_for, ring, verity, default_algo)
+                seen[flags] = ap.appraise_decision(value, d, digest_for, ring,
+                                                   verity_digest=verity,
+                                                   default_algo=default_algo)
             r = seen[flags]
             r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
                                     f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))

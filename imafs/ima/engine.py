@@ -33,8 +33,7 @@ from imafs.ima import digest_cache, hashing, query
 from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
 from imafs.ima.collect import Collector, Stats, needed
-from imafs.ima.hooks import (ExecRoles, OpenMode, events, has_func, has_measure, hook_ids,
-                             open_hooks, verdict_key)
+from imafs.ima.hooks import ExecRoles, OpenMode, events, has_measure, verdict_key
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
                             OpenState, Pending, Subject, settle, stat_version)
 from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epochs,
@@ -48,9 +47,6 @@ log = logging.getLogger("imafs.engine")
 # the engine's interface, for the FUSE adapter and the control directory
 __all__ = ["AccessDenied", "Engine", "FileRef", "FsInfo", "OpenMode", "OpenState", "Pending",
            "ReadVerifyError", "Subject", "settle"]
-# commands/verify.py imports _has_func, hook_ids and open_hooks from here; they live
-# in hooks.py: once it imports them from there, drop this line and those imports
-_has_func = has_func
 
 _VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
 

@@ -1,7 +1,7 @@
 """An open -> its IMA hooks: which (func, mask) pairs it stands for, the role of an
 exec open (the program, its ELF interpreter, a script), the credentials each hook
-sees, and the :class:`AccessEvent` the policy is matched against (README / docs:
-"How kernel hooks map to FUSE requests").
+sees, and the :class:`AccessEvent` the policy is matched against
+(docs/kernel-mapping.md: "How kernel hooks map to FUSE requests").
 
 The kernel calls its hooks from the VFS (do_open: FILE_CHECK; bprm_execve:
 BPRM_CHECK, CREDS_CHECK; mmap: MMAP_CHECK); a FUSE daemon sees only OPEN requests,
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from imafs.ima import binfmt
-from imafs.ima.iint import FileRef, IInt, Subject
+from imafs.ima.iint import FileRef, FsInfo, IInt, Subject
 from imafs.ima.policy import MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, AccessEvent
 
 INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
@@ -194,16 +194,26 @@ def events(chain, subject: Subject, f: FileRef, ii: IInt, mask: int, exec_: bool
                    and any(has_func(ns.policy, "MMAP_CHECK") for ns in chain)
                    and binfmt_of(ii, f)[0])
         hooks = open_hooks(mask, exec_, role, library)
-    ids = subject_ids(chain, subject)
+    return access_events(hooks, subject_ids(chain, subject), f.st, f.fs,
+                         os.fsdecode(f.path), exec_, role, subject.pid)
+
+
+def access_events(hooks, ids: dict, st: os.stat_result, fs: FsInfo, path: str,
+                  exec_: bool, role: str | None, pid: int | None = None
+                  ) -> list[AccessEvent]:
+    """One AccessEvent per (func, mask) hook: the subject's ``ids`` as each hook sees
+    them (:func:`hook_ids`), the file's owner and group, its file system. The one place
+    AccessEvents of an open are built (the engine's :func:`events`, and ``imafs verify
+    --policy`` for a read or exec by root)."""
     out = []
     for func, hmask in hooks:
-        who = hook_ids(func, exec_, ids, f.st, role, subject.pid)
+        who = hook_ids(func, exec_, ids, st, role, pid)
         out.append(AccessEvent(
             func=func, mask=hmask, uid=who["uid"], euid=who["euid"], gid=who["gid"],
             egid=who["egid"], suid=who.get("suid"), sgid=who.get("sgid"),
             cap_setuid=who.get("cap_setuid", False), cap_setgid=who.get("cap_setgid", False),
-            fowner=f.st.st_uid, fgroup=f.st.st_gid, fsmagic=f.fs.magic, fsname=f.fs.name,
-            fs_subtype=f.fs.subtype, fsuuid=f.fs.uuid, path=os.fsdecode(f.path)))
+            fowner=st.st_uid, fgroup=st.st_gid, fsmagic=fs.magic, fsname=fs.name,
+            fs_subtype=fs.subtype, fsuuid=fs.uuid, path=path))
     return out
 
 
