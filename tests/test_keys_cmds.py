@@ -279,6 +279,17 @@ def test_sign_hash_only_and_user_xattr(files, capsys):
     assert rc == 1 and out.endswith("b: fail (missing-hash)\n")
 
 
+def test_sign_help_says_which_hash_form_each_algorithm_gets(capsys):
+    """What --hash-only writes, as the help says it: 01 for md4, md5, sha1, else 04."""
+    with pytest.raises(SystemExit):
+        main(["sign", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "01 <digest> for md4, md5 and sha1, else 04 <algo> <digest>" in out
+    for algo in ("md4", "md5", "sha1", "sha256"):
+        form = ap.hash_xattr(algo, bytes(hashing.digest_size(algo)))[0]
+        assert form == (1 if algo in ("md4", "md5", "sha1") else 4), algo
+
+
 def test_sign_print_only(keydir, files, capsys):
     rc, out, _ = run(capsys, "sign", "-n", "--key", keydir / "signing_key.pem", files / "a")
     assert rc == 0 and out.startswith(f"{files}/a: 0302")

@@ -5,6 +5,7 @@ import os
 
 from imafs.commands import CommandError
 from imafs.fs import daemon
+from imafs.ima.keys import CERT_SUFFIXES, Keyring, KeyringError
 
 
 def _mount(args) -> int:
@@ -41,7 +42,6 @@ def _check_engine_args(opts) -> None:
             load_policy_arg(opts.policy)
         except PolicyError as e:
             raise CommandError(f"--policy: {e}")
-    from imafs.ima.keys import Keyring, KeyringError
     ring = Keyring()        # refusals named by file, as the keys control file does
     for d in opts.extra["keys_dirs"]:
         if not os.path.isdir(d):
@@ -98,7 +98,8 @@ def register(sub) -> None:
     p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
                    help="the root namespace's IMA policy (default: no rules, as the kernel)")
     p.add_argument("--keys", action="append", metavar="DIR",
-                   help="load every certificate (*.der, *.pem, *.crt) of DIR into the root keyring")
+                   help=f"load every certificate ({', '.join('*' + s for s in CERT_SUFFIXES)}) "
+                   "of DIR into the root keyring")
     p.add_argument("--key", action="append", metavar="CERT",
                    help="load one certificate (DER or PEM) into the root keyring; repeatable")
     p.add_argument("--appraise", choices=["enforce", "log", "fix", "off"], default="enforce",

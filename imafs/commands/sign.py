@@ -1,7 +1,7 @@
 """``imafs sign``: write ``security.ima`` as evmctl ima_sign does -- a signature v2
 (``03 02 ...``), an fs-verity signature v3 (``06 03 ...``, --verity) or the hash form
-(``04 <algo> <digest>``, --hash-only) -- to regular files, refusing anything else with
-one message each.
+(``01 <digest>`` for md4, md5 and sha1, else ``04 <algo> <digest>``, --hash-only) -- to
+regular files, refusing anything else with one message each.
 """
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ def register(sub) -> None:
     g.add_argument("--imasig", dest="hash_only", action="store_false",
                    help="write a signature (default)")
     g.add_argument("--hash-only", dest="hash_only", action="store_true",
-                   help="write the hash form (04 <algo> <digest>) instead")
+                   help="write the hash form instead: 01 <digest> for md4, md5 and "
+                   "sha1, else 04 <algo> <digest> (as fix mode and evmctl ima_hash)")
     g.add_argument("--verity", action="store_true",
                    help="write an fs-verity signature v3 (06 03 ...) over the file's "
                    "fs-verity digest (sha256 or sha512, 4096-byte blocks, no salt)")

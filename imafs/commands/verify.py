@@ -222,7 +222,8 @@ def register(sub) -> None:
         "the backing tree: fsmagic/fsname/fsuuid are those of the files' file system. "
         "Exit 0 when no file fails, else 1.")
     p.add_argument("--keys", action="append", metavar="DIR",
-                   help="directory of certificates (*.der, *.pem, *.crt, *.x509, *.cer)")
+                   help=f"directory of certificates "
+                   f"({', '.join('*' + s for s in km.CERT_SUFFIXES)})")
     p.add_argument("--key", action="append", metavar="CERT", help="one certificate")
     p.add_argument("--require-sig", action="store_true",
                    help="hashes do not pass, only signatures (appraise_type=imasig); "
