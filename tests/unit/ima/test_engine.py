@@ -1,17 +1,28 @@
-"""What the engine remembers between opens, without a mount: the per-version verdict
-that lets a repeated read-only open skip policy matching (the kernel's
-IMA_DONE_MASK), and the memo of verified signatures that spares a remount the
-public-key operations. Each test checks both that the shortcut is taken and that it
-is not taken when the answer could differ."""
+"""imafs.ima.engine without a mount: Engine.file_open (process_measurement) driven
+with FileRefs over temporary files and LMDB stores in a temporary directory.
+
+First the decision itself: a measurement in the list, appraisal that passes and
+refuses, and the Pending of a cold open, which finish() completes in one hashing
+pass without deciding again. Then what the engine remembers between opens: the
+per-version verdict that lets a repeated read-only open skip policy matching (the
+kernel's IMA_DONE_MASK), and the memo of verified signatures that spares a remount
+the public-key operations; each of those tests checks both that the shortcut is
+taken and that it is not taken when the answer could differ."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 
-import _ima_testkeys as tk
 import pytest
 
+import _ima_testkeys as tk
+
 from imafs.ima import appraise as ap
-from imafs.ima.engine import AccessDenied, Engine, FileRef, OpenMode, Subject, settle
+from imafs.ima import collect
+from imafs.ima import engine as engine_mod
+from imafs.ima.engine import (AccessDenied, Engine, FileRef, OpenMode, OpenState, Pending,
+                              Subject, settle)
 from imafs.ima.keys import Keyring, VerifiedSignatures, keyid_of
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -37,13 +48,17 @@ class World:
                              cache_store=self.cache, verify_reads=verify)
         self.fds = []
 
-    def open(self, path, subject=ROOT, *, write=False):
+    def ref(self, path, *, write=False) -> FileRef:
+        """A FileRef as the adapter makes one: the caller's descriptor, its fstat."""
         fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
         self.fds.append(fd)
-        f = FileRef(fd=fd, st=os.fstat(fd), path=b"/" + os.path.basename(path).encode(),
-                    readable=True, reopen=lambda: os.open(path, os.O_RDONLY),
-                    getxattr=lambda n: _getxattr(path, n),
-                    setxattr=lambda n, v: os.setxattr(path, n, v))
+        return FileRef(fd=fd, st=os.fstat(fd), path=b"/" + os.path.basename(path).encode(),
+                       readable=True, reopen=lambda: os.open(path, os.O_RDONLY),
+                       getxattr=lambda n: _getxattr(path, n),
+                       setxattr=lambda n, v: os.setxattr(path, n, v))
+
+    def open(self, path, subject=ROOT, *, write=False):
+        f = self.ref(path, write=write)
         return settle(self.engine.file_open(subject, f, OpenMode(writable=write)))
 
     def close(self):
@@ -100,10 +115,163 @@ def counted(monkeypatch):
 def _signed(tmp_path, name, priv, cert, data=b"signed content\n"):
     p = tmp_path / name
     p.write_bytes(data)
-    import hashlib
     os.setxattr(p, "security.ima",
                 ap.sign_v2(priv, "sha256", hashlib.sha256(data).digest(), keyid_of(cert)))
     return p
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The hashing passes over files: one entry (the algorithms asked for) per pass."""
+    passes = []
+    real = collect.hashing.hash_fd
+
+    def hash_fd(fd, algos, **kw):
+        passes.append(sorted(algos))
+        return real(fd, algos, **kw)
+    monkeypatch.setattr(collect.hashing, "hash_fd", hash_fd)
+    return passes
+
+
+# --- the decision ----------------------------------------------------------------
+
+
+def test_a_measured_open_records_the_files_digest_once(tmp_path, worlds, hashed):
+    w = worlds("m", MEASURE)
+    p = tmp_path / "f"
+    p.write_bytes(b"measured\n" * 1000)
+    state = w.open(p)
+    assert isinstance(state, OpenState) and state.readable and not state.writable
+    assert state.iint.readers == 1
+    entries = list(w.root.mlist.entries())
+    assert [e.name for e in entries] == [b"boot_aggregate", b"/f"]
+    assert entries[1].pcr == 10
+    assert entries[1].file_digest[2] == hashlib.sha256(p.read_bytes()).digest()
+    assert hashed == [["sha256"]]
+    w.engine.file_release(state)
+    assert state.iint.readers == 0
+    w.engine.file_release(w.open(p))                  # the same version: no new entry
+    assert w.root.mlist.count == 2 and len(hashed) == 1
+
+
+def test_no_policy_no_work_and_not_a_regular_file_is_none(tmp_path, worlds, hashed):
+    w = worlds("n", "")
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+    assert not w.engine.active()
+    state = w.open(p)
+    assert isinstance(state, OpenState) and state.decisions == []
+    assert hashed == [] and w.root.mlist.count == 1
+    w2 = worlds("n2", MEASURE)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        d = FileRef(fd=fd, st=os.fstat(fd), path=b"/", readable=True, reopen=lambda: -1,
+                    getxattr=lambda n: None, setxattr=lambda n, v: None)
+        assert w2.engine.file_open(ROOT, d, OpenMode()) is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("form", ["sha256", "sha1", "sha512"])
+def test_appraisal_passes_a_right_hash_and_refuses_a_wrong_one(tmp_path, worlds, form):
+    w = worlds("h", "appraise func=FILE_CHECK mask=MAY_READ\n")
+    good, bad, none = tmp_path / "good", tmp_path / "bad", tmp_path / "none"
+    for q in (good, bad, none):
+        q.write_bytes(b"appraised content\n")
+    digest = hashlib.new(form, b"appraised content\n").digest()
+    os.setxattr(good, "security.ima", ap.hash_xattr(form, digest))
+    os.setxattr(bad, "security.ima", ap.hash_xattr(form, bytes(len(digest))))
+    w.engine.file_release(w.open(good))
+    for q in (bad, none):
+        with pytest.raises(AccessDenied) as e:
+            w.open(q)
+        assert e.value.errno == errno.EACCES
+        assert w.engine.iints.get((os.stat(q).st_dev, os.stat(q).st_ino)).readers == 0
+
+
+def test_appraisal_with_a_signature(tmp_path, worlds):
+    priv, other = tk.key("ec"), tk.key("ec", 1)
+    cert = tk.der(tk.cert(priv))
+    w = worlds("s", APPRAISE, [cert])
+    ok = _signed(tmp_path, "ok", priv, tk.cert(priv))
+    wrong = _signed(tmp_path, "wrong", other, tk.cert(other))
+    changed = _signed(tmp_path, "changed", priv, tk.cert(priv))
+    with open(changed, "ab") as f:
+        f.write(b"!")
+    w.engine.file_release(w.open(ok))
+    for q in (wrong, changed):
+        with pytest.raises(AccessDenied):
+            w.open(q)
+
+
+def test_a_cold_open_is_pending_and_finish_completes_it_without_deciding_again(
+        tmp_path, worlds, hashed, counted, monkeypatch):
+    """The inline attempt decides (events, get_action) and returns a Pending without
+    hashing or recording anything; finish() -- the worker thread -- hashes once and
+    completes that very decision: get_action and the events are not redone."""
+    n_events = []
+    real_events = engine_mod.events
+
+    def events(*a, **kw):
+        n_events.append(1)
+        return real_events(*a, **kw)
+    monkeypatch.setattr(engine_mod, "events", events)
+    w = worlds("p", MEASURE + APPRAISE.replace(" appraise_type=imasig", ""))
+    p = tmp_path / "f"
+    p.write_bytes(b"pending\n" * 5000)
+    os.setxattr(p, "security.ima", ap.hash_xattr("sha256", hashlib.sha256(p.read_bytes()).digest()))
+    f = w.ref(p)
+    r = w.engine.file_open(ROOT, f, OpenMode())
+    assert type(r) is Pending
+    assert hashed == [] and counted["decide"] == 1 and len(n_events) == 1
+    assert w.root.mlist.count == 1                       # nothing recorded yet
+    ii = w.engine.iints.get(f.key)
+    assert ii.readers == 0 and not ii.lock.locked()      # nothing counted, lock free
+    state = r.finish()
+    assert isinstance(state, OpenState) and state.iint is ii and ii.readers == 1
+    assert hashed == [["sha256"]]                        # one pass for measure + appraise
+    assert counted["decide"] == 1 and len(n_events) == 1     # not decided again
+    assert [e.name for e in w.root.mlist.entries()] == [b"boot_aggregate", b"/f"]
+    assert not ii.lock.locked()
+    # warm: the next open answers inline, no thread, no hashing, no matching
+    r2 = w.engine.file_open(ROOT, w.ref(p), OpenMode())
+    assert isinstance(r2, OpenState)
+    assert hashed == [["sha256"]] and counted["decide"] == 1
+
+
+def test_a_refusal_comes_from_finish(tmp_path, worlds):
+    w = worlds("r", APPRAISE)
+    p = tmp_path / "unsigned"
+    p.write_bytes(b"no signature\n")
+    r = w.engine.file_open(ROOT, w.ref(p), OpenMode())
+    assert type(r) is Pending
+    with pytest.raises(AccessDenied) as e:
+        r.finish()
+    assert e.value.errno == errno.EACCES
+    ii = w.engine.iints.get((os.stat(p).st_dev, os.stat(p).st_ino))
+    assert ii.readers == 0 and not ii.lock.locked()
+
+
+def test_a_busy_file_is_pending_even_when_warm(tmp_path, worlds, hashed):
+    """Waiting for the file's lock is work for a worker thread too: an open that finds
+    the lock taken returns a Pending, which finishes once the lock is free."""
+    w = worlds("b", MEASURE)
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    w.engine.file_release(w.open(p))
+    f = w.ref(p)
+    ii = w.engine.iints.get(f.key)
+    ii.lock.acquire()
+    try:
+        r = w.engine.file_open(ROOT, f, OpenMode())
+        assert type(r) is Pending
+    finally:
+        ii.lock.release()
+    assert isinstance(r.finish(), OpenState)
+    assert len(hashed) == 1 and w.root.mlist.count == 2
+
+
+# --- what the engine remembers between opens -------------------------------------
 
 
 def test_repeated_read_only_opens_skip_matching(tmp_path, worlds, counted):
