@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers.mounts import wait_for
+from conftest import wait_for
 from imafs.fs import adapter as adapter_mod
 from imafs.fs.adapter import IntegrityHooks
 from imafs.fs.overlay import Caller, Denied, Inode
