@@ -583,6 +583,25 @@ def test_verify_policy_exec_creds_check_sees_the_set_id_credentials(capsys, keyd
     assert rc == 0 and out == f"{setuid}: not appraised\n"        # a read: no CREDS_CHECK
 
 
+def test_verify_policy_sees_the_file_systems_uuid(capsys, tmp_path, monkeypatch):
+    """fsuuid= rules compare the backing file system's UUID, as the mount does (the
+    file-system facts are read for every policy, not only for those Policy.needs
+    names: it leaves fsuuid out, since None is the null UUID there)."""
+    from imafs.ima.iint import FsInfo
+    uuid = "6f1a2b3c-0000-4000-8000-00000000abcd"
+    monkeypatch.setattr(verify, "fs_info",
+                        lambda fd, dev: FsInfo(magic=0xEF53, name="ext4", uuid=uuid))
+    f = tmp_path / "f"
+    f.write_bytes(b"unsigned")
+    rc, out, _ = run(capsys, "verify", "--policy",
+                     _policy(tmp_path, f"appraise fsuuid={uuid}\n"), f)
+    assert (rc, out) == (1, f"{f}: fail (missing-hash)\n")
+    other = "6f1a2b3c-0000-4000-8000-000000000000"
+    rc, out, _ = run(capsys, "verify", "--policy",
+                     _policy(tmp_path, f"appraise fsuuid={other}\n"), f)
+    assert (rc, out) == (0, f"{f}: not appraised\n")
+
+
 @pytest.mark.parametrize("policy_text", [
     "appraise func=FILE_CHECK\n", "appraise func=MMAP_CHECK_REQPROT\n",
     "appraise fowner=0\n", "measure func=BPRM_CHECK\n"])
