@@ -238,7 +238,42 @@ def fs_info(fd: int, dev: int) -> FsInfo:
                 continue
     except OSError:
         pass
-    return FsInfo(magic=magic, name=name or "", subtype=subtype, uuid=uuid)
+    return FsInfo(magic=magic, name=name or "", subtype=subtype, uuid=uuid,
+                  s_uuid=fs_uuid(fd, dev))
+
+
+FS_IOC_GETFSUUID = 0x80111500           # _IOR(0x15, 0, struct fsuuid2): u8 len, u8 uuid[16]
+_fs_uuids: dict[int, bytes | None] = {}  # st_dev -> sb->s_uuid
+
+
+def _kernel_has_getfsuuid() -> bool:
+    """FS_IOC_GETFSUUID came with Linux 6.5."""
+    try:
+        major, minor = (int(x) for x in
+                        re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    except (AttributeError, ValueError):
+        return False
+    return (major, minor) >= (6, 5)
+
+
+def fs_uuid(fd: int, dev: int) -> bytes | None:
+    """The file system's ``sb->s_uuid`` (16 bytes; what EVM hashes into HMACs and
+    type-3 signatures, and evmctl's ``--uuid``), by FS_IOC_GETFSUUID, once per
+    device. Where the ioctl exists (Linux 6.5+) and the file system has no UUID
+    (ENOTTY: proc, ...), the kernel hashes its zero-filled ``s_uuid``: 16 zero bytes.
+    On an older kernel the UUID is unknown (None): EVM values that cover it then
+    fail as such rather than against a guess."""
+    if dev in _fs_uuids:
+        return _fs_uuids[dev]
+    buf = ctypes.create_string_buffer(17)
+    uuid = None
+    if _libc.ioctl(fd, FS_IOC_GETFSUUID, buf) == 0:
+        n = buf.raw[0]
+        uuid = buf.raw[1:1 + n].ljust(16, b"\0")[:16]
+    elif ctypes.get_errno() == errno.ENOTTY and _kernel_has_getfsuuid():
+        uuid = bytes(16)
+    _fs_uuids[dev] = uuid
+    return uuid
 
 
 MNT_DETACH = 2

@@ -107,6 +107,9 @@ class FsInfo:
     name: str | None = None        # sb->s_type->name: "ext4", "fuse", ...
     subtype: str | None = None     # a FUSE file system's subtype ("sshfs"), or None
     uuid: str | None = None
+    # sb->s_uuid, the 16 bytes EVM hashes into HMACs and type-3 signatures
+    # (FS_IOC_GETFSUUID); None where the kernel does not say
+    s_uuid: bytes | None = None
 
 
 @dataclass
@@ -114,7 +117,9 @@ class FileRef:
     """A file as the adapter opened it. ``fd`` is the caller's descriptor (it may be
     write-only); ``reopen()`` gives a fresh read-only descriptor of the same inode
     (the engine closes it); ``getxattr``/``setxattr`` act on the backing inode
-    (``getxattr`` may read through ``fd``: use it only while the open is decided)."""
+    (``getxattr`` may read through ``fd``: use it only while the open is decided).
+    ``st``, ``fs`` (its ``s_uuid`` too) and ``generation`` are what EVM covers besides
+    the xattrs."""
     fd: int
     st: os.stat_result
     path: bytes
@@ -138,6 +143,9 @@ class FileRef:
     # from the page cache only (RWF_NOWAIT; short at EOF), or None when that would
     # block or cannot be done; None: every verified read goes to a worker thread
     pread_nowait: Callable[[int, int, int], bytearray | None] | None = None
+    # removes an xattr of the backing inode (EVM: a security.evm nothing protected
+    # is left for)
+    removexattr: Callable[[str], None] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
