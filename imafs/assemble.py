@@ -18,10 +18,12 @@ from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
 from imafs.ima.binding import CgroupBinder
+from imafs.ima import evm as evmfmt
 from imafs.ima.digest_cache import HostLists
 from imafs.ima.digest_index import DigestListIndex
 from imafs.ima.engine import Engine
 from imafs.ima.hostns import HostNamespaces
+from imafs.ima.evm_hooks import EvmState, load_key
 from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
@@ -93,17 +95,36 @@ class Filesystem:
 
 def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
                    appraise: str = "enforce", template: str = "ima-ng",
-                   hash_algo: str = "sha256", binder=None, audit=None) -> NamespaceTree:
+                   hash_algo: str = "sha256", binder=None, audit=None,
+                   evm: EvmState | None = None, backing: str | None = None) -> NamespaceTree:
     """The root namespace (``rules``, ``keyring``, ``mlist`` and options given) and the
     children stored in ``store``, each with its own list, PCRs, keyring and policy;
-    a child's options default to its parent's; every keyring shares the root's memo
-    of verified signatures, and each has its own digest lists. ``binder`` places
-    processes (None: every process is in the root namespace)."""
+    a child's options default to its parent's (EVM: off unless ``evm=`` says, with
+    the root's build-time configuration); every keyring shares the root's memo of
+    verified signatures, and each has its own digest lists. ``binder`` places
+    processes (None: every process is in the root namespace). ``backing``: a child's
+    HMAC key may not lie in it."""
     verified = keyring.verified
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=appraise, template=template,
-                     hash_algo=hash_algo,
+                     hash_algo=hash_algo, evm=evm or EvmState(),
                      digest_lists=DigestListIndex(store, 0) if store is not None else None)
+
+    def child_evm(name, o) -> EvmState:
+        mode = o.get("evm") or "off"
+        key = None
+        if o.get("evm_key"):
+            try:
+                key = load_key(o["evm_key"], backing=backing,
+                               fingerprint=o.get("evm_key_fp") or None)
+            except evmfmt.HmacKeyError as e:
+                if "evm_key_fp" not in o:
+                    raise ValueError(str(e)) from None
+                # a stored namespace whose key is gone: fail closed (its HMACs fail)
+                log.error("namespace %s: EVM HMAC key not loaded: %s", name, e)
+        flags = o.get("evm_flags")
+        return EvmState(mode, key, config=root.evm.config,
+                        flags=int(flags) if flags is not None else None)
 
     def factory(nsid, name, parent, o, policy_text):
         template = o.get("template") or parent.template
@@ -114,10 +135,24 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
             id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
             mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
             keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
-            template=template, hash_algo=algo, digest_lists=DigestListIndex(store, nsid))
+            template=template, hash_algo=algo, evm=child_evm(name, o),
+            digest_lists=DigestListIndex(store, nsid))
 
     return NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
                          factory=factory, binder=binder, audit=audit)
+
+
+def root_evm(x: dict, backing: str) -> EvmState:
+    """The root namespace's EVM from ``--evm``, ``--evm-key`` and ``--evm-fsuuid``
+    (ValueError: a key imafs refuses)."""
+    config = evmfmt.EvmConfig(fsuuid=x.get("evm_fsuuid", "on") != "off")
+    key = None
+    if x.get("evm_key"):
+        try:
+            key = load_key(x["evm_key"], backing=backing)
+        except evmfmt.HmacKeyError as e:
+            raise ValueError(f"--evm-key: {e}") from None
+    return EvmState(x.get("evm") or "off", key, config=config)
 
 
 def build(opts) -> Filesystem:
@@ -173,10 +208,12 @@ def build(opts) -> Filesystem:
     keyring.verified = VerifiedSignatures(cache_store)
     binder = CgroupBinder.for_store(store, opts.state)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
+    evm = root_evm(x, opts.backing)
     tree = namespace_tree(store, rules, keyring=keyring, mlist=mlist,
                           appraise=x.get("appraise", "enforce"),
                           template=x.get("template", "ima-ng"),
-                          hash_algo=x.get("hash", "sha256"), binder=binder, audit=audit)
+                          hash_algo=x.get("hash", "sha256"), binder=binder, audit=audit,
+                          evm=evm, backing=opts.backing)
     root = tree.root
     # --verify-reads on|off; default: on when the root policy has an appraise rule
     vr = x.get("verify_reads")
@@ -203,8 +240,9 @@ def build(opts) -> Filesystem:
                                             mountpoint=mountpoint),
         open_as=open_as)))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
-             "verify-reads %s", len(rules), len(keyring), root.appraise_mode, root.template,
-             root.hash_algo, "on" if verify_reads else "off")
+             "verify-reads %s, EVM %s", len(rules), len(keyring), root.appraise_mode,
+             root.template, root.hash_algo, "on" if verify_reads else "off",
+             root.evm.describe())
     # the binder last: a namespace's cgroup goes only once nothing serves it
     return Filesystem(overlay, [hooks.close, audit.close, store.close, cache_store.close,
                                 binder.close]

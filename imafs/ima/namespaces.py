@@ -12,9 +12,11 @@ stored here: its policy (and its keys) come from the command line at each mount.
 ``ns-create`` and ``ns-remove`` (:meth:`NamespaceTree.ns_create`, ``ns_remove``)
 record the change in the parent's list and move processes through the binder.
 
-Each namespace has its own ``security.ima``: the root's is the file's own
-attribute, a child's is kept under a private name (``security.imafs.nsID.ima``) and
-shown to the child's processes as ``security.ima`` (:class:`XattrView`).
+Each namespace has its own ``security.ima`` and ``security.evm``: the root's are the
+file's own attributes, a child's are kept under private names
+(``security.imafs.nsID.ima``, ``.evm``) and shown to the child's processes as
+``security.ima`` / ``security.evm`` (:class:`XattrView`). Each namespace has its own
+EVM state (mode, HMAC key, flags: ``Namespace.evm``, imafs/ima/evm_hooks.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from imafs.ima import nsoptions
+from imafs.ima.evm_hooks import EvmState
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.nsoptions import APPRAISE_MODES, NAME_RE, OptionError  # noqa: F401
@@ -39,6 +42,7 @@ from imafs.ima.record import record_buffer
 log = logging.getLogger("imafs.engine")
 
 IMA_XATTR = "security.ima"
+EVM_XATTR = "security.evm"
 #: the prefix of the names under which child namespaces keep their own security.ima
 PRIVATE_XATTR_PREFIX = "security.imafs."
 
@@ -71,6 +75,7 @@ class Namespace:
     hash_algo: str = "sha256"
     policy_epoch: int = 0
     origin: str = "inside"      # "host": made from the host (control socket)
+    evm: EvmState = field(default_factory=EvmState)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
     # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
@@ -91,6 +96,11 @@ class Namespace:
         return IMA_XATTR if self.id == 0 else f"{PRIVATE_XATTR_PREFIX}ns{self.id}.ima"
 
     @property
+    def evm_xattr_name(self) -> str:
+        """Where this namespace keeps its own ``security.evm`` on backing files."""
+        return EVM_XATTR if self.id == 0 else f"{PRIVATE_XATTR_PREFIX}ns{self.id}.evm"
+
+    @property
     def path(self) -> str:
         parts, ns = [], self
         while ns is not None and ns.parent is not None:
@@ -103,16 +113,18 @@ class Namespace:
             self.policy = policy
             self.policy_epoch += 1
 
-    def epoch(self) -> tuple[int, int, int]:
-        """Verdicts of this namespace depend on its policy, its keys and its loaded
-        digest lists."""
+    def epoch(self) -> tuple[int, int, int, int]:
+        """Verdicts of this namespace depend on its policy, its keys, its loaded
+        digest lists and its EVM state."""
         lists = self.digest_lists
-        return (self.policy_epoch, self.keyring.epoch, lists.epoch if lists else 0)
+        return (self.policy_epoch, self.keyring.epoch, lists.epoch if lists else 0,
+                self.evm.epoch)
 
     def fingerprint(self) -> bytes:
         """The same as content, stable across mounts (for verdicts kept in LMDB): its
-        id, options, policy text, the certificates of its keyring and the digest lists
-        it has loaded (none: nothing added, so an older state keeps its verdicts)."""
+        id, options, policy text, the certificates of its keyring, its EVM state (mode,
+        flags, the HMAC key's fingerprint; empty while off) and the digest lists it has
+        loaded (none: nothing added, so an older state keeps its verdicts)."""
         ep = self.epoch()
         cached = getattr(self, "_fp", None)
         if cached is not None and cached[0] == ep:
@@ -120,6 +132,7 @@ class Namespace:
         h = hashlib.sha256(repr((self.id, self.appraise_mode, self.template,
                                  self.hash_algo)).encode())
         h.update(self.policy.text().encode())
+        h.update(self.evm.fingerprint())
         for k in sorted(k.fingerprint for k in self.keyring):
             h.update(k)
         lists = self.digest_lists.state() if self.digest_lists is not None else b""
@@ -237,6 +250,10 @@ class NamespaceTree:
                "hash": ns.hash_algo, "appraise": ns.appraise_mode,
                "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", ""),
                "origin": ns.origin}
+        if ns.evm.mode != "off":
+            rec.update(evm=ns.evm.mode, evm_flags=ns.evm.flags,
+                       evm_key=ns.evm.key.source if ns.evm.key is not None else "",
+                       evm_key_fp=ns.evm.key.fingerprint.hex() if ns.evm.key else "")
         with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
             t.put(struct.pack(">I", ns.id), json.dumps(rec).encode())
 
@@ -248,9 +265,12 @@ class NamespaceTree:
             parent = self.by_id.get(rec["parent"])
             if parent is None:
                 continue
-            ns = self._factory(nsid, rec["name"], parent,
-                               {"template": rec["template"], "hash": rec["hash"],
-                                "appraise": rec["appraise"]}, rec["policy"])
+            opts = {"template": rec["template"], "hash": rec["hash"],
+                    "appraise": rec["appraise"]}
+            for k in ("evm", "evm_key", "evm_key_fp", "evm_flags"):
+                if rec.get(k):
+                    opts[k] = rec[k]
+            ns = self._factory(nsid, rec["name"], parent, opts, rec["policy"])
             ns.uuid = rec.get("uuid", "")
             ns.origin = rec.get("origin", "inside")
             parent.children[ns.name] = ns
@@ -510,13 +530,16 @@ def parse_event(data: bytes) -> dict[str, str]:
 
 
 class XattrView:
-    """Which ``security.ima`` a process sees: its namespace's own. The root
-    namespace's is the file's attribute; a child's is stored under its private name
-    and read, written and listed as ``security.ima`` by the child's processes only;
-    private names are nobody's to read, write or list directly. Names are bytes, as
-    the FUSE requests carry them."""
+    """Which ``security.ima`` and ``security.evm`` a process sees: its namespace's own.
+    The root namespace's are the file's attributes; a child's are stored under its
+    private names and read, written and listed as ``security.ima`` /
+    ``security.evm`` by the child's processes only; private names are nobody's to
+    read, write or list directly. Names are bytes, as the FUSE requests carry them.
+    :meth:`value` is what the engine reads of a file for a namespace (EVM's view)."""
 
     IMA = IMA_XATTR.encode()
+    EVM = EVM_XATTR.encode()
+    OWN = (IMA, EVM)                    # the names each namespace has its own of
     PRIVATE = PRIVATE_XATTR_PREFIX.encode()
     UNKNOWN = PRIVATE + b"unknown"      # a name no file has: reads as ENODATA
 
@@ -526,11 +549,16 @@ class XattrView:
     def is_private(self, name: bytes) -> bool:
         return name.startswith(self.PRIVATE)
 
+    @staticmethod
+    def own_name(ns: Namespace, name: bytes) -> bytes:
+        """Where namespace ``ns`` keeps its own ``name`` (one of OWN)."""
+        return (ns.xattr_name if name == XattrView.IMA else ns.evm_xattr_name).encode()
+
     def stored_name(self, ns: Namespace, name: bytes) -> bytes | None:
         """The name a write of ``name`` by a process of ``ns`` goes to, or None for
         ``name`` itself."""
-        if name == self.IMA and ns.id != 0:
-            return ns.xattr_name.encode()
+        if name in self.OWN and ns.id != 0:
+            return self.own_name(ns, name)
         return None
 
     def read_name(self, pid: int, name: bytes) -> bytes | None:
@@ -539,19 +567,40 @@ class XattrView:
             # a namespace's own security.ima is read as security.ima inside it; by its
             # private name nobody reads it (a sibling would, otherwise)
             return self.UNKNOWN
-        if name == self.IMA:
+        if name in self.OWN:
             ns = self.tree.of_pid(pid)
             if ns is None:
                 return self.UNKNOWN
             if ns.id != 0:
-                return ns.xattr_name.encode()
+                return self.own_name(ns, name)
         return None
 
     def listed(self, pid: int, names: list[bytes]) -> list[bytes]:
-        """The names ``pid`` is shown: ``security.ima`` when its namespace has a value
-        (the host's attribute, or the namespace's private copy), no private name."""
-        out = [n for n in names if n != self.IMA and not n.startswith(self.PRIVATE)]
+        """The names ``pid`` is shown: ``security.ima`` and ``security.evm`` when its
+        namespace has a value (the host's attribute, or the namespace's private copy),
+        no private name."""
+        out = [n for n in names if n not in self.OWN and not n.startswith(self.PRIVATE)]
         ns = self.tree.of_pid(pid)
-        if ns is not None and ns.xattr_name.encode() in names:
-            out.append(self.IMA)
+        if ns is not None:
+            for own in self.OWN:
+                if self.own_name(ns, own) in names:
+                    out.append(own)
         return out
+
+    def value(self, ns: Namespace, name: str, getxattr) -> bytes | None:
+        """The value of xattr ``name`` as namespace ``ns`` sees it, read through
+        ``getxattr(name) -> bytes | None``: its own ``security.ima`` and
+        ``security.evm`` (a child's private ones), every other attribute the file's.
+        A child without a ``security.evm`` of its own sees the file's -- an image's
+        signature -- unless it has a ``security.ima`` of its own, which the file's
+        ``security.evm`` does not cover."""
+        if name == IMA_XATTR:
+            return getxattr(ns.xattr_name)
+        if name == EVM_XATTR:
+            if ns.id == 0:
+                return getxattr(EVM_XATTR)
+            own = getxattr(ns.evm_xattr_name)
+            if own is not None or getxattr(ns.xattr_name) is not None:
+                return own
+            return getxattr(EVM_XATTR)
+        return getxattr(name)
