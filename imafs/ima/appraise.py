@@ -600,18 +600,21 @@ def decision_flags(decision) -> tuple:
 def appraise_decision(xattr: bytes | None, decision, digest_for: Callable[[str], bytes],
                       keyring, *, verity_digest: Callable[[str], bytes | None] | None,
                       default_algo: str = "sha256", new_file: bool = False,
-                      file_size: int | None = None) -> AppraiseResult:
+                      file_size: int | None = None,
+                      evm_status: str = UNKNOWN) -> AppraiseResult:
     """:func:`appraise` as a policy ``Decision`` asks for it: ``appraise_type=imasig``
     (or ``imasig|modsig``) requires a signature, ``sigv3`` a v3 signature over the
     fs-verity digest, ``digest_type=verity`` the fs-verity digest, ``appraise_algos=``
-    limits the algorithms."""
+    limits the algorithms. ``evm_status``: EVM's verdict on the file's metadata
+    (imafs.ima.evm_hooks; "unknown" where EVM is off)."""
     return appraise(
         xattr, digest_for, keyring,
         require_sig=decision.appraise_type in ("imasig", "imasig|modsig"),
         allowed_algos=decision.appraise_algos, verity_digest=verity_digest,
         sigv3_required=decision.appraise_type == "sigv3",
         verity_required=decision.digest_type == "verity",
-        default_algo=default_algo, new_file=new_file, file_size=file_size)
+        default_algo=default_algo, new_file=new_file, file_size=file_size,
+        evm_status=evm_status)
 
 
 def get_hash_algo(xattr: bytes | None, default: str) -> str:

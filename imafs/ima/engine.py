@@ -11,7 +11,7 @@ top to bottom the same way:
    otherwise the open returns a :class:`Pending` that a worker thread finishes;
 4. violations (open_writers, ToMToU: ima_rdwr_violation_check);
 5. per decision: collect (collect.py), store (record.py), audit, appraise
-   (appraise.py);
+   (appraise.py; the metadata's EVM status from evm_hooks.py);
 6. the handle counted; 7. its reads verified (readverify.py); 8. the verdict kept.
 
 The FUSE adapter describes an open with :class:`Subject`, :class:`FileRef` and
@@ -26,13 +26,14 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from imafs.ima import appraise as ap
 from imafs.ima import digest_cache, hashing, query
 from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
 from imafs.ima.collect import Collector, Stats, needed
+from imafs.ima.evm_hooks import Change, EvmHooks
 from imafs.ima.hooks import ExecRoles, OpenMode, events, has_measure, verdict_key
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
                             OpenState, Pending, Subject, settle, stat_version)
@@ -96,6 +97,7 @@ class Engine:
         self.reads = ReadVerifier(self.recorder, (self.digests, self.trees, self.verdicts),
                                   self._stats)
         self.xattrs = XattrView(tree)
+        self.evm = EvmHooks(tree, self.xattrs, self.audit)
 
     # ------------------------------------------------------------------ state
     def active(self) -> bool:
@@ -413,11 +415,15 @@ class Engine:
                 result = digest_cache.appraisal(
                     req, n, lambda a: self.collector.digest(ii, f, a, algos | {a}))
             if result is None:
+                # evm_verifyxattr(): the metadata as n sees it, once security.ima is there
+                evm_result = self.evm.verifyxattr(n, f) if xattr else None
+                self.evm.audit_appraisal(n, f, subject, ev.func, evm_result)
                 result = ap.appraise_decision(
                     xattr, d, lambda a: self.collector.digest(ii, f, a, algos | {a}),
                     n.keyring,
                     verity_digest=lambda a: self.collector.verity_digest(ii, f, a, algos),
-                    default_algo=n.hash_algo, new_file=mode.created, file_size=f.st.st_size)
+                    default_algo=n.hash_algo, new_file=mode.created, file_size=f.st.st_size,
+                    evm_status=self.evm.appraisal_status(n, evm_result))
             ii.appraised[cache_key] = (n.epoch(), result)
         if result.passed:
             listed = digest_cache.is_listed(result)
@@ -452,6 +458,7 @@ class Engine:
             try:
                 f.setxattr(n.xattr_name, ap.hash_xattr(algo, digest))
                 log.info("fix: wrote %s hash of %s", n.xattr_name, os.fsdecode(f.path))
+                self.evm.ima_written(n, f)      # and n's HMAC, as the kernel's post hook
             except OSError as e:
                 log.warning("fix: cannot write %s of %s: %s", n.xattr_name,
                             os.fsdecode(f.path), e)
@@ -553,6 +560,8 @@ class Engine:
                     digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
                     try:
                         f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
+                        self.evm.ima_written(n, replace(
+                            f, fd=fd, st=st, getxattr=lambda name: _fgetxattr(fd, name)))
                     except OSError as e:
                         log.warning("cannot update %s of %s: %s", n.xattr_name,
                                     os.fsdecode(f.path), e)

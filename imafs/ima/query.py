@@ -1,7 +1,8 @@
 """The ``query`` control file: what the engine decides about one file for one caller,
 and why -- the digest a measurement records, the rules each namespace of the chain
-matches for each hook, and the appraisal they ask for (a digest list that vouches for
-the file: "digest in list debian.list (from bash 5.2.15-2+b7)"). Nothing is recorded: the
+matches for each hook, the appraisal they ask for (a digest list that vouches for
+the file: "digest in list debian.list (from bash 5.2.15-2+b7)") and, where EVM is on,
+the status of the file's metadata. Nothing is recorded: the
 file's per-inode state is only read (and its digests computed when missing)."""
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
             entry["digest"] = f"{algo}:{digest.hex()}"
             entry["measured_pcrs"] = sorted(ii.measured.get(n.id, ()))
             digest_for = lambda a: collector.digest(ii, f, a, {a})  # noqa: E731
+            evm_r = engine.evm.verifyxattr(n, f)
+            if evm_r is not None:        # EVM on in n: the kernel's status, and why
+                entry["evm"] = {"mode": n.evm.mode, "status": evm_r.kernel_name,
+                                "cause": evm_r.cause, "detail": evm_r.detail}
+            evm_status = engine.evm.appraisal_status(n, evm_r if xv else None)
             for ev in evs:
                 d = n.policy.match(ev)
                 h = {"func": ev.func, "mask": ev.mask, "decision": d.to_dict()}
@@ -57,7 +63,7 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
                     r = ap.appraise_decision(
                         xv, d, digest_for, n.keyring,
                         verity_digest=lambda a: collector.verity_digest(ii, f, a, {a}),
-                        default_algo=n.hash_algo)
+                        default_algo=n.hash_algo, evm_status=evm_status)
                     h["appraisal"] = {"status": r.status, "cause": r.cause,
                                       "detail": r.detail,
                                       "keyid": (f"{r.keyid:08x}"
