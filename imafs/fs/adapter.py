@@ -25,7 +25,8 @@ from imafs.fs import sysio
 from imafs.fs.inotify import Inotify
 from imafs.fs.overlay import Caller, Denied, Hooks, Inode
 from imafs.fs.resolve import open_as_seen_by, open_regular, resolve
-from imafs.ima.engine import AccessDenied, Engine, FileRef, FsInfo, OpenMode, Pending, Subject
+from imafs.ima.engine import (AccessDenied, Change, Engine, FileRef, FsInfo, OpenMode, Pending,
+                               Subject)
 
 log = logging.getLogger("imafs.fs.adapter")
 
@@ -61,8 +62,9 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, node: str, *, readable: b
              fs: FsInfo, generation: int, resolve=None, fill_cache=None,
              pread_nowait=None) -> FileRef:
     """THE place that makes a backing file a ``FileRef`` (an open through the mount,
-    or a path a control file reads): ``fd`` the open descriptor, ``node`` a path of
-    the backing inode (``/proc/self/fd/N``) for ``reopen`` and ``setxattr``."""
+    a path a control file reads, a file whose attributes change): ``fd`` the open
+    descriptor, ``node`` a path of the backing inode (``/proc/self/fd/N``) for
+    ``reopen``, ``setxattr`` and ``removexattr``."""
     def getxattr(name: str):
         try:
             return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
@@ -76,7 +78,7 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, node: str, *, readable: b
         reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
         getxattr=getxattr, setxattr=lambda n, v: os.setxattr(node, n, v),
         fs=fs, resolve=resolve, fill_cache=fill_cache, generation=generation,
-        pread_nowait=pread_nowait)
+        pread_nowait=pread_nowait, removexattr=lambda n: os.removexattr(node, n))
 
 
 def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
@@ -163,6 +165,10 @@ class IntegrityHooks(Hooks):
     def active(self) -> bool:  # open/release hooks only while some policy has rules
         return self.engine.active()
 
+    @property
+    def attr_hooks(self) -> bool:
+        return self.engine.watches_attrs()
+
     # ------------------------------------------------------------------ open
     @staticmethod
     def _generation(inode: Inode, fd: int, dev: int) -> int:
@@ -207,13 +213,6 @@ class IntegrityHooks(Hooks):
 
     def wrote(self, token) -> None:
         self.engine.file_written(token)
-
-    def changed(self, inode: Inode) -> None:
-        try:
-            size = os.fstat(inode.fd).st_size if inode.kind == stat.S_IFREG else None
-        except OSError:
-            size = None
-        self.engine.file_changed((inode.dev, inode.ino), size)
 
     # ------------------------------------------------------------------ verified reads
     def read(self, token, fd, off, size):
@@ -360,11 +359,45 @@ class IntegrityHooks(Hooks):
         if self._inval_q is not None:
             self._inval_q.put(None)
 
-    # ------------------------------------------------------------------ xattrs
-    def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None):
-        stored = self.engine.inode_setxattr(caller.pid, (inode.dev, inode.ino), inode.path(),
-                                            name, value)
-        return None if stored is None else (stored, value)
+    # ------------------------------------------------------------------ attributes
+    def _changing(self, inode: Inode, opened: list):
+        """A worker thread's ``file()`` for the engine: the regular file whose
+        attributes change, read-only, as a FileRef (its descriptor goes in
+        ``opened``, closed by the caller); None for anything else."""
+        def file() -> FileRef | None:
+            if inode.kind != stat.S_IFREG:
+                return None
+            fd = os.open(sysio.proc_path(inode.fd),
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            opened.append(fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return file_ref(fd, st, inode.path(), sysio.proc_path(inode.fd), readable=True,
+                            fs=self._fsinfo(fd, st.st_dev),
+                            generation=self._generation(inode, fd, st.st_dev))
+        return file
+
+    def setattr(self, caller: Caller, inode: Inode, uid, gid, mode, apply):
+        opened: list[int] = []
+        try:
+            return self.engine.inode_setattr(
+                Subject(caller.pid, caller.uid, caller.gid), (inode.dev, inode.ino),
+                Change(uid=uid, gid=gid, mode=mode), apply, self._changing(inode, opened))
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def setxattr(self, caller: Caller, inode: Inode, name: bytes, value: bytes | None,
+                 apply) -> None:
+        opened: list[int] = []
+        try:
+            self.engine.inode_setxattr(Subject(caller.pid, caller.uid, caller.gid),
+                                       (inode.dev, inode.ino), inode.path(), name, value,
+                                       apply, self._changing(inode, opened))
+        finally:
+            for fd in opened:
+                os.close(fd)
 
     def listxattr(self, caller: Caller, inode: Inode, names: list[bytes]) -> list[bytes]:
         return self.engine.inode_listxattr(caller.pid, names)

@@ -78,11 +78,13 @@ class Hooks:
     ``open``, ``read`` and ``release`` run on the event loop and must not block: each
     answers at once, or returns a :class:`Pending`, whose ``finish()`` the overlay
     calls in a worker thread for the answer. ``opened``, ``wrote`` and the listing
-    and size questions run on the event loop too; ``changed`` and ``setxattr`` in a
-    worker thread. Refusals raise :data:`Denied`.
+    and size questions run on the event loop too; ``setattr`` and ``setxattr`` in a
+    worker thread, each around the change itself (``apply``). Refusals raise
+    :data:`Denied`.
     """
-    active = False         # open/release/read/write/setattr hooks wanted
+    active = False         # open/release/read/write hooks wanted
     xattr_hooks = False    # setxattr/getxattr/listxattr/removexattr hooks wanted
+    attr_hooks = False     # setattr hooks wanted (owner, group, mode, size)
 
     def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool,
              created: bool = False):
@@ -103,13 +105,18 @@ class Hooks:
     def wrote(self, token) -> None:
         pass
 
-    def changed(self, inode: "Inode") -> None:
-        """Attributes or content changed through the mount (setattr, truncate)."""
+    def setattr(self, caller: Caller, inode: "Inode", uid: int | None, gid: int | None,
+                mode: int | None, apply):
+        """A change of owner, group, mode (None: not set) or size through the mount:
+        ``apply()`` makes it and returns the stat after it; return that, or raise
+        Denied to refuse (before calling ``apply``)."""
+        return apply()
 
-    def setxattr(self, caller: Caller, inode: "Inode", name: bytes, value: bytes | None):
-        """Validate an xattr write (value None: removal); raise Denied to refuse;
-        return (name, value) to store instead, or None to store as given."""
-        return None
+    def setxattr(self, caller: Caller, inode: "Inode", name: bytes, value: bytes | None,
+                 apply) -> None:
+        """An xattr write (value None: removal): ``apply(name)`` stores it under
+        ``name`` (the hook may give another); raise Denied to refuse."""
+        apply(name)
 
     def getxattr(self, caller: Caller, inode: "Inode", name: bytes):
         """Return a name to read instead of ``name``, or None."""
@@ -403,6 +410,33 @@ class Overlay(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self.inode(inode)
+        caller = _caller(ctx)
+        meta = (fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid)
+        # a chown(f, -1, -1) or the set-id check before a write: no field at all (it
+        # may drop S_ISGID, see _setattr)
+        empty = not (meta or fields.update_atime or fields.update_mtime
+                     or fields.update_ctime)
+
+        def apply():
+            return self._setattr(node, attr, fields, fh, caller)
+        try:
+            if (meta or empty) and self.hooks.attr_hooks:
+                st = await self._in_thread(
+                    self.hooks.setattr, caller, node,
+                    attr.st_uid if fields.update_uid else None,
+                    attr.st_gid if fields.update_gid else None,
+                    attr.st_mode if fields.update_mode else None, apply)
+            else:
+                st = apply()
+        except Denied as d:
+            raise FUSEError(d.errno)
+        except OSError as e:
+            raise _fuse_error(e)
+        return self._attr(st, node.nodeid)
+
+    def _setattr(self, node: Inode, attr, fields, fh, caller: Caller) -> os.stat_result:
+        """The change itself (OSError on failure): the stat after it."""
         path = sysio.proc_path(node.fd)
         # a chown, or the set-id check before a write (file_remove_privs), by an
         # unprivileged caller: the kernel decides with setattr_should_drop_sgid() on
@@ -414,54 +448,46 @@ class Overlay(pyfuse3.Operations):
         chown_sgid = ((fields.update_uid or fields.update_gid or not (
             fields.update_size or fields.update_mode or fields.update_atime
             or fields.update_mtime or fields.update_ctime))
-            and ctx.uid != 0 and node.kind != stat.S_IFDIR)
-        dropped = False
-        try:
-            st0 = os.fstat(node.fd) if chown_sgid else None
-            if fields.update_size:
-                h = self.handles.get(fh) if fh is not None else None
-                if isinstance(h, OpenFile) and h.writable:
-                    os.ftruncate(h.fd, attr.st_size)
-                else:
-                    os.truncate(path, attr.st_size)
-            if fields.update_uid or fields.update_gid:
-                st = os.fstat(node.fd)
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                sysio.fchown_empty(node.fd, uid, gid)
-                # chown clears S_ISUID/S_ISGID on the backing file even for root; the
-                # kernel sends a mode with the bits still set only if they must stay
-                if not fields.update_mode and stat.S_ISREG(st.st_mode) and \
-                        st.st_mode & (stat.S_ISUID | stat.S_ISGID) and ctx.uid == 0:
-                    os.chmod(path, stat.S_IMODE(st.st_mode))
-            if fields.update_mode:
-                if node.kind != stat.S_IFLNK:
-                    os.chmod(path, stat.S_IMODE(attr.st_mode))
-            if (st0 is not None and st0.st_mode & stat.S_ISGID
-                    and not _in_group(_caller(ctx), st0.st_gid)):
-                now = os.fstat(node.fd)
-                if now.st_mode & stat.S_ISGID:
-                    os.chmod(path, stat.S_IMODE(now.st_mode) & ~stat.S_ISGID)
-                    dropped = True
-            if fields.update_atime or fields.update_mtime:
-                sysio.utimens_empty(
-                    node.fd,
-                    attr.st_atime_ns if fields.update_atime else None,
-                    attr.st_mtime_ns if fields.update_mtime else None)
+            and caller.uid != 0 and node.kind != stat.S_IFDIR)
+        st0 = os.fstat(node.fd) if chown_sgid else None
+        if fields.update_size:
+            h = self.handles.get(fh) if fh is not None else None
+            if isinstance(h, OpenFile) and h.writable:
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_uid or fields.update_gid:
             st = os.fstat(node.fd)
-            if fields.update_size and not fields.update_mode and ctx.uid != 0:
-                # the kernel sends a new mode only for S_ISUID and group-executable
-                # S_ISGID; the rest of the rule is ours (we truncate as root)
-                kill = _privs_to_drop(st, _caller(ctx))
-                if kill:
-                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~kill)
-                    st = os.fstat(node.fd)
-        except OSError as e:
-            raise _fuse_error(e)
-        if self.hooks.active and (fields.update_size or fields.update_mode
-                                  or fields.update_uid or fields.update_gid or dropped):
-            await self._in_thread(self.hooks.changed, node)
-        return self._attr(st, node.nodeid)
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            sysio.fchown_empty(node.fd, uid, gid)
+            # chown clears S_ISUID/S_ISGID on the backing file even for root; the
+            # kernel sends a mode with the bits still set only if they must stay
+            if not fields.update_mode and stat.S_ISREG(st.st_mode) and \
+                    st.st_mode & (stat.S_ISUID | stat.S_ISGID) and caller.uid == 0:
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+        if fields.update_mode:
+            if node.kind != stat.S_IFLNK:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if (st0 is not None and st0.st_mode & stat.S_ISGID
+                and not _in_group(caller, st0.st_gid)):
+            now = os.fstat(node.fd)
+            if now.st_mode & stat.S_ISGID:
+                os.chmod(path, stat.S_IMODE(now.st_mode) & ~stat.S_ISGID)
+        if fields.update_atime or fields.update_mtime:
+            sysio.utimens_empty(
+                node.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None)
+        st = os.fstat(node.fd)
+        if fields.update_size and not fields.update_mode and caller.uid != 0:
+            # the kernel sends a new mode only for S_ISUID and group-executable
+            # S_ISGID; the rest of the rule is ours (we truncate as root)
+            kill = _privs_to_drop(st, caller)
+            if kill:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~kill)
+                st = os.fstat(node.fd)
+        return st
 
     async def readlink(self, inode, ctx):
         node = self.inode(inode)
@@ -894,21 +920,25 @@ class Overlay(pyfuse3.Operations):
 
     async def setxattr(self, inode, name, value, ctx):
         node = self.inode(inode)
-        if self.hooks.xattr_hooks:
-            try:
-                repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, value)
-            except Denied as d:
-                raise FUSEError(d.errno)
-            if repl is not None:
-                name, value = repl
+        caller = _caller(ctx)
+
+        def apply(stored: bytes) -> None:
+            os.setxattr(self._xattr_path(node), stored, value)
+            if name == _ACL_ACCESS and caller.uid != 0:
+                self._acl_drop_sgid(node, caller)
+        await self._xattr_change(node, caller, name, value, apply)
+
+    async def _xattr_change(self, node: Inode, caller: Caller, name: bytes,
+                            value: bytes | None, apply) -> None:
         try:
-            os.setxattr(self._xattr_path(node), name, value)
-            if name == _ACL_ACCESS and ctx.uid != 0:
-                self._acl_drop_sgid(node, _caller(ctx))
+            if self.hooks.xattr_hooks:
+                await self._in_thread(self.hooks.setxattr, caller, node, name, value, apply)
+            else:
+                apply(name)
+        except Denied as d:
+            raise FUSEError(d.errno)
         except OSError as e:
             raise _fuse_error(e)
-        if self.hooks.xattr_hooks:
-            await self._in_thread(self.hooks.changed, node)
 
     @staticmethod
     def _acl_drop_sgid(node: Inode, caller: Caller) -> None:
@@ -951,19 +981,10 @@ class Overlay(pyfuse3.Operations):
 
     async def removexattr(self, inode, name, ctx):
         node = self.inode(inode)
-        if self.hooks.xattr_hooks:
-            try:
-                repl = await self._in_thread(self.hooks.setxattr, _caller(ctx), node, name, None)
-            except Denied as d:
-                raise FUSEError(d.errno)
-            if repl is not None:
-                name = repl[0]
-        try:
-            os.removexattr(self._xattr_path(node), name)
-        except OSError as e:
-            raise _fuse_error(e)
-        if self.hooks.xattr_hooks:
-            await self._in_thread(self.hooks.changed, node)
+
+        def apply(stored: bytes) -> None:
+            os.removexattr(self._xattr_path(node), stored)
+        await self._xattr_change(node, _caller(ctx), name, None, apply)
 
     def close_all(self) -> None:
         for h in list(self.handles.values()):

@@ -46,8 +46,8 @@ from imafs.ima.record import Recorder, measurement_spec
 log = logging.getLogger("imafs.engine")
 
 # the engine's interface, for the FUSE adapter and the control directory
-__all__ = ["AccessDenied", "Engine", "FileRef", "FsInfo", "OpenMode", "OpenState", "Pending",
-           "ReadVerifyError", "Subject", "settle"]
+__all__ = ["AccessDenied", "Change", "Engine", "FileRef", "FsInfo", "OpenMode", "OpenState",
+           "Pending", "ReadVerifyError", "Subject", "settle"]
 
 _VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
 
@@ -105,6 +105,11 @@ class Engine:
         if len(self.tree.root.policy):
             return True
         return any(len(ns.policy) for ns in self.tree.by_id.values())
+
+    def watches_attrs(self) -> bool:
+        """Whether changes of owner, group, mode and size must come through
+        :meth:`inode_setattr`: some policy has rules, or some namespace has EVM on."""
+        return self.active() or self.evm.active()
 
     def stats(self) -> dict:
         """A snapshot of the engine's counters (the ``stats`` control file)."""
@@ -582,29 +587,55 @@ class Engine:
                         ii.wgen += 1
                 ii.reset(None)
 
-    def inode_setxattr(self, pid: int, key, path: bytes, name: bytes,
-                       value: bytes | None) -> bytes | None:
-        """ima_inode_setxattr / ima_inode_removexattr (``value`` None) by process
-        ``pid``: a ``security.ima`` value must parse (EINVAL), private names are
-        imafs's own (EPERM); the file's verdicts are stale. Returns the name to store
-        the value under (a child namespace's own), or None for ``name`` itself."""
+    def inode_setattr(self, subject: Subject, key, change: Change, apply, file=None):
+        """A change of owner, group, mode or size through the mount by ``subject``:
+        ``apply()`` makes it and returns the stat after it. EVM checks it first and
+        brings HMACs up to date after it (evm_hooks.py; ``file()`` gives the file as a
+        FileRef when EVM needs it, None for a file that is not regular); the file's
+        verdicts are stale. Returns the stat; AccessDenied refuses (nothing done)."""
+        st = self._evm_change(subject, key, change, apply, file)
+        self.file_changed(key, st.st_size if stat.S_ISREG(st.st_mode) else None)
+        return st
+
+    def inode_setxattr(self, subject: Subject, key, path: bytes, name: bytes,
+                       value: bytes | None, apply, file=None) -> None:
+        """ima_inode_setxattr / ima_inode_removexattr (``value`` None) and EVM's hooks,
+        by ``subject``: a ``security.ima`` value must parse (EINVAL), private names are
+        imafs's own (EPERM); EVM checks the change (evm_hooks.py); ``apply(name)``
+        stores it under ``name`` -- a child namespace's own for ``security.ima`` and
+        ``security.evm``; HMACs follow; the file's verdicts are stale. ``file()`` as
+        for inode_setattr."""
         view = self.xattrs
         if view.is_private(name):
             raise AccessDenied(errno.EPERM, "namespace-private integrity attributes are "
                                             "managed by imafs")
-        if name != view.IMA:
-            return None
-        if value is not None:
+        if name == view.IMA and value is not None:
             try:
                 ap.parse_ima_xattr(value)
             except ap.XattrError as e:
                 log.warning("refused security.ima on %s: %s", os.fsdecode(path), e)
                 raise AccessDenied(errno.EINVAL, str(e)) from None
-        ns = self.tree.of_pid(pid)
-        if ns is None:
-            raise AccessDenied(errno.EACCES, f"pid {pid}: integrity namespace unknown")
+        stored = name
+        if name in view.OWN:
+            ns = self.namespace_of(subject)
+            stored = view.stored_name(ns, name) or name
+        self._evm_change(subject, key, Change(name=os.fsdecode(name), value=value),
+                         lambda: apply(stored), file)
         self.file_changed(key)
-        return view.stored_name(ns, name)
+
+    def _evm_change(self, subject: Subject, key, change: Change, apply, file):
+        """``apply()`` between EVM's check and its update, under the file's lock (as
+        the kernel's under the inode's), when some namespace has EVM on."""
+        if file is None or not self.evm.active():
+            return apply()
+        ns = self.namespace_of(subject)
+        f = file()
+        if f is None:
+            return apply()
+        ii = self.iints.get(key)
+        with ii.lock:
+            return self.evm.inode_change(ns, f, change, apply, pid=subject.pid,
+                                         uid=subject.uid)
 
     def inode_getxattr(self, pid: int, name: bytes) -> bytes | None:
         """The name a read of xattr ``name`` by ``pid`` reads instead, or None."""
