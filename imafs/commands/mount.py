@@ -26,7 +26,8 @@ def _mount(args) -> int:
         extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
                "audit_log": args.audit_log, "verify_reads": args.verify_reads,
-               "tpm": args.tpm})
+               "tpm": args.tpm, "evm": args.evm, "evm_key": args.evm_key,
+               "evm_fsuuid": args.evm_fsuuid})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
@@ -75,6 +76,22 @@ def _check_engine_args(opts) -> None:
         hashing.hash_algo(opts.extra["hash"]).new()
     except (ValueError, hashing.HashAlgoError) as e:
         raise CommandError(f"--hash: {e}")
+    _check_evm_args(opts)
+
+
+def _check_evm_args(opts) -> None:
+    x = opts.extra
+    if x.get("evm_key") and x.get("evm", "off") == "off":
+        raise CommandError("--evm-key needs --evm enforce or --evm log")
+    if x.get("evm", "off") != "off" and not opts.integrity:
+        raise CommandError("--evm needs integrity (not with --no-integrity)")
+    if x.get("evm_key"):
+        from imafs.ima.evm import HmacKeyError
+        from imafs.ima.evm_hooks import load_key
+        try:
+            load_key(x["evm_key"], backing=opts.backing)
+        except HmacKeyError as e:
+            raise CommandError(f"--evm-key: {e}")
 
 
 def _umount(args) -> int:
@@ -122,6 +139,21 @@ def register(sub) -> None:
                         "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "
                         "device:/dev/tpmrm0; the boot aggregate comes from its PCRs 0-9 "
                         "(needs tpm2-pytss: pip install 'imafs[tpm]')")
+    p.add_argument("--evm", choices=["enforce", "log", "off"], default="off",
+                   help="EVM in the root namespace (security.evm protects security.ima, "
+                        "the other security xattrs, owner, group and mode): enforce (a "
+                        "file whose metadata does not verify fails appraisal; changes the "
+                        "kernel's EVM refuses are EPERM), log (audited only), off "
+                        "(default). Signature keys: the root keyring (--keys/--key)")
+    p.add_argument("--evm-key", metavar="FILE",
+                   help="the root namespace's EVM HMAC key: raw bytes (32 to 128), as "
+                        "/etc/keys/evm-key-plain; a root-owned file of mode 600 outside "
+                        "BACKING. The daemon checks HMACs with it and writes them after "
+                        "permitted changes through the mount")
+    p.add_argument("--evm-fsuuid", choices=["on", "off"], default="on",
+                   help="HMACs and type-3 signatures cover the backing file system's UUID "
+                        "(on, as kernels built with CONFIG_EVM_ATTR_FSUUID; off: as "
+                        "evmctl 1.4's hmac computes them)")
     p.add_argument("--control-name", default=".imafs", metavar="NAME",
                    help="name of the control directory at the mount root (default .imafs)")
     p.add_argument("--no-integrity", action="store_true",
