@@ -1,12 +1,15 @@
-"""The securityfs ``evm`` file's flags (the kernel's evm_secfs.c): what reading it
-shows and what a write may change. Pure; the control directory (ima/securityfs.py)
-checks the writer's privilege and keeps the flags per namespace."""
+"""The securityfs ``evm`` file (the kernel's evm_secfs.c): its flags -- what reading
+it shows and what a write may change (pure) -- and :class:`EvmFile`, the control
+file's session (``MNT/.imafs/evm``; ima/securityfs.py's table checks the writer's
+privilege, as for ``policy``). Each namespace keeps its flags in its EVM state
+(ima/evm_hooks.py)."""
 from __future__ import annotations
 
 import errno
 import re
 
 from imafs.ima.evm import EvmError
+from imafs.ima.securityfs_read import SecurityfsError, Session, log, quote
 
 EVM_INIT_HMAC = 0x0001
 EVM_INIT_X509 = 0x0002
@@ -66,3 +69,40 @@ def state_write(flags: int, text: bytes | str, *, hmac_key_available: bool) -> i
     if flags & EVM_INIT_HMAC:
         flags &= ~EVM_ALLOW_METADATA_WRITES
     return flags
+
+
+class EvmFile(Session):
+    """``evm``: the namespace's EVM flags (:func:`state_text`); a write is taken at
+    once, as the kernel's evm_write_key (:func:`state_write`): ENOENT to ask for the
+    HMAC without a key, EPERM once setup is complete or while EVM is off in the
+    namespace, EINVAL for anything but the flags. A child's flags are kept with it."""
+
+    MAX_WRITE = 32
+
+    @classmethod
+    def contents(cls, fs, node, ns, uid: int) -> bytes:
+        return state_text(ns.evm.flags).encode()
+
+    def write(self, buf: bytes) -> int:
+        ns, eng = self.ns, self.fs.engine
+        try:
+            if len(buf) > self.MAX_WRITE:
+                raise EvmStateError(errno.EINVAL, f"over {self.MAX_WRITE} bytes written")
+            before = ns.evm.flags
+            flags = ns.evm.write(buf)
+            if ns.parent is not None and flags != before:
+                eng.tree.save_policy(ns)        # the namespace's record holds its flags
+        except EvmStateError as e:
+            log.warning("evm write %s to namespace %s refused (pid %d): %s", quote(buf),
+                        ns.path, self.pid, e)
+            eng.audit.record("evm_rejected", ns=ns.path, pid=self.pid, uid=self.uid,
+                             error=str(e))
+            raise SecurityfsError(e.errno, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - lmdb.Error: not stored (in force now)
+            log.error("namespace %s: EVM flags 0x%x cannot be stored: %s", ns.path,
+                      ns.evm.flags, e)
+            raise SecurityfsError(errno.EIO, f"cannot store the EVM flags: {e}") from None
+        eng.audit.record("evm_update", ns=ns.path, pid=self.pid, uid=self.uid,
+                         flags=state_text(flags))
+        log.info("namespace %s: EVM flags 0x%x (pid %d)", ns.path, flags, self.pid)
+        return len(buf)

@@ -2,7 +2,8 @@
 ``/sys/kernel/security/ima/``: which files there are (:data:`FILES`), which namespace's
 files a process may see, who may open what (:meth:`Securityfs.open`), and per open a
 session that reads and writes (ima/securityfs_read.py: the ``Session`` interface and the
-files that are only read; ima/securityfs_write.py: policy, keys, query, ns-*).
+files that are only read; ima/securityfs_write.py: policy, keys, query, ns-*;
+ima/evm_secfs.py: evm).
 
 Nothing here knows FUSE: fs/control.py gives the tree node ids, serves lookups and
 directory listings from :data:`FILES`, and hands each open to :meth:`Securityfs.open`
@@ -26,6 +27,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from imafs.ima.evm_secfs import EvmFile
 from imafs.ima.securityfs_digest import (DigestListAdd, DigestListDel, DigestQuery,
                                          DigestsCount, LoadedList)
 from imafs.ima.securityfs_read import (ListFile, MeasurementCount, PcrBank, Session,
@@ -93,6 +95,7 @@ FILES: tuple[Node, ...] = (
     Node("digests_count", TOP, 0o440, DigestsCount),
     Node("digest_lists_loaded", TOP, 0o550),
     Node("", 24, 0o440, LoadedList, entries=True),  # digest_lists_loaded/LABEL
+    Node("evm", TOP, 0o660, EvmFile, writers="root", rejected="evm_rejected"),
 )
 assert FILES[24].name == "digest_lists_loaded"
 

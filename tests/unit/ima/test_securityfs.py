@@ -131,13 +131,14 @@ def test_table_rows_keep_their_index():
     by = {n.name: n for n in FILES}
     assert {n for n, x in by.items() if x.writers == "root"} == {
         "policy", "keys", "ns-create", "ns-remove", "ns-join", "digest_list_add",
-        "digest_list_del"}
+        "digest_list_del", "evm"}
     assert {n for n, x in by.items() if x.writers == "any"} == {"query", "digest_query"}
     assert {n for n, x in by.items() if x.own_only} == {"ns-create", "ns-join"}
     assert {n for n, x in by.items() if x.moves_opener} == {"ns-create", "ns-join"}
     modes = {n: x.mode for n, x in by.items()}
     assert (modes["policy"], modes["keys"], modes["query"], modes["ns-create"]) == (0o600,) * 4
     assert (modes["ns-remove"], modes["ns-join"], modes["violations"]) == (0o200, 0o200, 0o440)
+    assert modes["evm"] == 0o660        # as the kernel's securityfs evm file
 
 
 def test_target_is_own_namespace_or_a_descendant(world):
