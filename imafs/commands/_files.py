@@ -1,10 +1,14 @@
 """What ``imafs sign`` and ``imafs verify`` share: the files named on the command line
-(walked, refused with one reason each), opened safely, with a progress bar."""
+(walked, refused with one reason each), opened safely, with a progress bar; EVM's
+options and what EVM covers of a file."""
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import stat
 import sys
+import uuid as uuidlib
 
 
 def walk(paths, recursive: bool, skip_special: bool):
@@ -87,3 +91,62 @@ def progress(total: int, quiet: bool, unit: str = "file"):
 def xattr_name(which: str) -> str:
     """``--xattr security|user``."""
     return "user.ima" if which == "user" else "security.ima"
+
+
+# --- EVM (security.evm): the options sign and verify share, and what EVM covers ---------
+
+
+def uuid_arg(s: str) -> bytes | None:
+    """``--uuid``: a file system UUID in text form (its bytes in text order, as
+    ``sb->s_uuid`` and evmctl's ``--uuid``), or ``none`` to leave it out (evmctl's
+    ``-u``, a kernel without CONFIG_EVM_ATTR_FSUUID)."""
+    if s.lower() == "none":
+        return None
+    try:
+        return uuidlib.UUID(s).bytes
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a UUID (or 'none')") from None
+
+
+def add_evm_options(p) -> None:
+    """``--uuid``, ``--m32``, ``--smack``: how a kernel computes what EVM covers."""
+    p.add_argument("--uuid", type=uuid_arg, metavar="UUID|none", default=False,
+                   help="with --evm: the file system UUID HMACs and type-3 signatures "
+                   "cover (default: the file's own, FS_IOC_GETFSUUID); 'none' leaves it "
+                   "out, as a kernel without CONFIG_EVM_ATTR_FSUUID (evmctl -u)")
+    p.add_argument("--m32", action="store_true",
+                   help="with --evm: the 32-bit struct h_misc (evmctl --m32)")
+    p.add_argument("--smack", action="store_true",
+                   help="with --evm: also cover SMACK64EXEC, SMACK64TRANSMUTE and "
+                   "SMACK64MMAP (CONFIG_EVM_EXTRA_SMACK_XATTRS, evmctl --smack)")
+
+
+def evm_config(args):
+    """The evm.EvmConfig ``--uuid none``, ``--m32`` and ``--smack`` ask for."""
+    from imafs.ima import evm
+    kw = {"fsuuid": args.uuid is not None, "bits": 32 if args.m32 else 64}
+    return evm.EvmConfig.with_smack_extras(**kw) if args.smack else evm.EvmConfig(**kw)
+
+
+def evm_metadata(fd: int, args, config, overrides: dict | None = None):
+    """What EVM covers of the open regular file ``fd`` (evm.FileMetadata): its
+    protected xattrs (``overrides``: values to take instead, e.g. a security.ima not
+    written yet), owner, group, mode, inode, generation and the file system's UUID
+    (``--uuid`` or the file's own)."""
+    from imafs.fs import sysio
+    from imafs.ima import evm
+    st = os.fstat(fd)
+    overrides = overrides or {}
+
+    def getxattr(name: str):
+        if name in overrides:
+            return overrides[name]
+        try:
+            return os.getxattr(fd, name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+    uuid = args.uuid if args.uuid is not False else sysio.fs_uuid(fd, st.st_dev)
+    return evm.FileMetadata.collect(getxattr, st, generation=sysio.generation(fd, st.st_dev)
+                                    & 0xFFFFFFFF, fs_uuid=uuid, config=config)

@@ -1,7 +1,9 @@
 """``imafs sign``: write ``security.ima`` as evmctl ima_sign does -- a signature v2
 (``03 02 ...``), an fs-verity signature v3 (``06 03 ...``, --verity) or the hash form
 (``01 <digest>`` for md4, md5 and sha1, else ``04 <algo> <digest>``, --hash-only) -- to
-regular files, refusing anything else with one message each.
+regular files, refusing anything else with one message each; with --evm, then
+``security.evm`` as evmctl sign does: a signature of the file's metadata (``03 02 ...``,
+or ``05 02 ...`` with --portable).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import os
 import sys
 
 from imafs.commands import CommandError
-from imafs.commands._files import open_regular, progress, walk, xattr_name
+from imafs.commands._files import (add_evm_options, evm_config, evm_metadata, open_regular,
+                                   progress, walk, xattr_name)
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
 from imafs.ima.verity import fsverity_digest_fd
@@ -91,7 +94,12 @@ def cmd_sign(args) -> int:
         raise CommandError(f"--verity needs --hash {' or '.join(hashing.VERITY_ALGOS)}, "
                            f"not {algo}")
     key = keyid = None
-    if not args.hash_only:
+    if args.evm and args.xattr != "security":
+        raise CommandError("--evm signs security.evm, which covers security.ima: not with "
+                           "--xattr user")
+    if not args.evm and (args.portable or args.m32 or args.smack or args.uuid is not False):
+        raise CommandError("--portable, --uuid, --m32 and --smack go with --evm")
+    if not args.hash_only or args.evm:
         if not args.key:
             raise CommandError("--key is required to sign (or use --hash-only)")
         key, key_data = _load_private_key(args.key, args.pass_file)
@@ -103,13 +111,16 @@ def cmd_sign(args) -> int:
     name = xattr_name(args.xattr)
     todo = list(walk(args.paths, args.recursive, args.skip_special))
     refused = 0
+    printed: dict[str, bytes] = {}      # -n: the security.ima value printed per file
     with progress(len(todo), args.quiet) as bar:
         def say(msg, err=True):
             bar.write(msg, file=sys.stderr if err else sys.stdout)
         for path, why in todo:
             bar.update(1)
             if why is None:
-                why = _sign_one(path, name, algo, key, keyid, args, say)
+                why = _sign_one(path, name, algo, key, keyid, args, say, printed)
+            if why is None and args.evm:
+                why = _sign_evm(path, algo, key, keyid, args, say, printed.pop(path, None))
             if why:
                 refused += 1
                 say(f"imafs sign: {path}: {why}")
@@ -119,7 +130,7 @@ def cmd_sign(args) -> int:
     return 0
 
 
-def _sign_one(path, name, algo, key, keyid, args, say) -> str | None:
+def _sign_one(path, name, algo, key, keyid, args, say, printed: dict) -> str | None:
     try:
         fd = open_regular(path)
     except IsADirectoryError as e:
@@ -138,11 +149,43 @@ def _sign_one(path, name, algo, key, keyid, args, say) -> str | None:
             return f"cannot read: {e.strerror or e}"
         if args.print_only:
             say(f"{path}: {value.hex()}", err=False)
+            printed[path] = value
             return None
         try:
             os.setxattr(fd, name, value)
         except OSError as e:
             return f"cannot write {name}: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _sign_evm(path, algo, key, keyid, args, say, ima: bytes | None) -> str | None:
+    """security.evm over the metadata as it is now (security.ima written first; with
+    -n, ``ima`` is the value just printed): a portable (05) or type-3 (03)
+    signature."""
+    from imafs.ima import evm
+    try:
+        fd = open_regular(path)
+    except OSError as e:
+        return f"cannot open: {e.strerror or e}"
+    try:
+        over = {evm.XATTR_NAME_IMA: ima} if ima is not None else {}
+        try:
+            meta = evm_metadata(fd, args, evm_config(args), over)
+            value = evm.sign_evm(key, keyid, meta, algo=algo, portable=args.portable,
+                                 config=evm_config(args))
+        except evm.EvmError as e:
+            return f"cannot sign security.evm: {e}"
+        except OSError as e:
+            return f"cannot read its metadata: {e.strerror or e}"
+        if args.print_only:
+            say(f"{path}: security.evm {value.hex()}", err=False)
+            return None
+        try:
+            os.setxattr(fd, evm.XATTR_NAME_EVM, value)
+        except OSError as e:
+            return f"cannot write security.evm: {e.strerror or e}"
     finally:
         os.close(fd)
     return None
@@ -187,4 +230,12 @@ def register(sub) -> None:
                    help="print the values (hex) instead of writing them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--evm", action="store_true",
+                   help="then sign the file's metadata into security.evm, as evmctl sign: "
+                   "security.ima, the other security xattrs, owner, group, mode and (not "
+                   "--portable) inode, generation and file system UUID")
+    p.add_argument("--portable", action="store_true",
+                   help="with --evm: a portable signature (05), without inode, generation "
+                   "and UUID, which survives a copy (evmctl --portable)")
+    add_evm_options(p)
     p.set_defaults(func=cmd_sign, hash_only=False)

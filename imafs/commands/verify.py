@@ -5,7 +5,9 @@ Without --policy a file is appraised as by a rule ``appraise`` without options
 with --policy, as a mount with that root policy would for a read (or exec) by root:
 the access's hooks are matched with :meth:`imafs.ima.policy.Policy.match` and each
 appraising decision is appraised. Either way one :class:`~imafs.ima.policy.Decision`
-goes to :func:`imafs.ima.appraise.appraise_decision`, as the engine's do.
+goes to :func:`imafs.ima.appraise.appraise_decision`, as the engine's do. With --evm
+the file's ``security.evm`` is checked too (imafs.ima.evm), as a mount with ``--evm
+enforce`` checks it, and its status goes into the appraisal.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | N
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
                 require_sig: bool = False, default_algo: str = "sha256",
                 policy=None, exec_: bool = False,
-                fs_cache: dict | None = None) -> ap.AppraiseResult | None:
+                fs_cache: dict | None = None, evm_check=None) -> ap.AppraiseResult | None:
     """Offline appraisal of one file.
 
     Without ``policy``: as an ``appraise`` rule without options (``require_sig``:
@@ -100,7 +102,9 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
     decision's appraise_type, appraise_algos and digest_type; the first failure is
     the verdict, else the pass (its detail names the rule). None when no rule
     appraises the access (the mount allows it unappraised). ``fs_cache``: a dict
-    that keeps the file-system facts (fsmagic, ...) per device across calls."""
+    that keeps the file-system facts (fsmagic, ...) per device across calls.
+    ``evm_check(fd) -> evm.EvmResult``: EVM's status of the file, which the appraisal
+    takes (as with ``--evm enforce``) and the result's ``evm`` attribute holds."""
     fd = open_regular(path)
     try:
         try:
@@ -122,12 +126,16 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
             except hashing.HashAlgoError:       # fs-verity has no such algorithm
                 return None
 
+        evm_r = evm_check(fd) if evm_check is not None else None
+        evm_status = evm_r.status if evm_r is not None and value else ap.UNKNOWN
         if policy is None:
             d = Decision(appraise=True, appraise_type="imasig" if require_sig else None,
                          digest_type=("verity" if value and value[0] == ap.IMA_VERITY_DIGSIG
                                       else None))
-            return ap.appraise_decision(value, d, digest_for, ring, verity_digest=verity,
-                                        default_algo=default_algo)
+            return _with_evm(ap.appraise_decision(value, d, digest_for, ring,
+                                                  verity_digest=verity,
+                                                  default_algo=default_algo,
+                                                  evm_status=evm_status), evm_r)
         verdict = None
         seen: dict = {}
         for ev in _root_events(policy, path, fd, os.fstat(fd), exec_, fs_cache):
@@ -138,16 +146,46 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
             if flags not in seen:
                 seen[flags] = ap.appraise_decision(value, d, digest_for, ring,
                                                    verity_digest=verity,
-                                                   default_algo=default_algo)
+                                                   default_algo=default_algo,
+                                                   evm_status=evm_status)
             r = seen[flags]
             r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
                                     f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))
             if not r.passed:
-                return r
+                return _with_evm(r, evm_r)
             verdict = verdict or r
-        return verdict
+        return _with_evm(verdict, evm_r) if verdict is not None else None
     finally:
         os.close(fd)
+
+
+def _with_evm(r: ap.AppraiseResult, evm_r) -> ap.AppraiseResult:
+    """``r`` with EVM's result attached (``r.evm``), for the report."""
+    return r if evm_r is None else dataclasses.replace(r, evm=evm_r)
+
+
+def _evm_checker(args, ring):
+    """--evm: fd -> evm.EvmResult, with the keyring and --evm-key's HMAC key."""
+    from imafs.commands._files import evm_config, evm_metadata
+    from imafs.ima import evm
+    key = None
+    if args.evm_key:
+        try:
+            key = evm.HmacKey.from_file(args.evm_key)
+        except evm.HmacKeyError as e:
+            raise CommandError(f"--evm-key: {e}")
+    config = evm_config(args)
+
+    def check(fd: int):
+        meta = evm_metadata(fd, args, config)
+        try:
+            value = os.getxattr(fd, evm.XATTR_NAME_EVM)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+            value = None
+        return evm.evm_verify_hmac(value, meta, hmac_key=key, keyring=ring, config=config)
+    return check
 
 
 def cmd_verify(args) -> int:
@@ -164,6 +202,12 @@ def cmd_verify(args) -> int:
     except hashing.HashAlgoError as e:
         raise CommandError(f"--hash {args.hash}: {e}")
     name = _files.xattr_name(args.xattr)
+    if not args.evm and (args.evm_key or args.m32 or args.smack or args.uuid is not False):
+        raise CommandError("--evm-key, --uuid, --m32 and --smack go with --evm")
+    if args.evm and name != "security.ima":
+        raise CommandError("--evm checks security.evm, which covers security.ima: not with "
+                           "--xattr user")
+    evm_check = _evm_checker(args, ring) if args.evm else None
     todo = list(walk(args.paths, args.recursive, args.skip_special))
     bad = 0
     fs_cache: dict = {}
@@ -174,7 +218,7 @@ def cmd_verify(args) -> int:
                 try:
                     r = verify_file(path, ring, xattr_name=name, require_sig=args.require_sig,
                                     default_algo=default, policy=policy, exec_=args.exec_,
-                                    fs_cache=fs_cache)
+                                    fs_cache=fs_cache, evm_check=evm_check)
                 except IsADirectoryError as e:
                     why = e.strerror
                 except OSError as e:
@@ -189,13 +233,18 @@ def cmd_verify(args) -> int:
                 if not args.failures_only:
                     bar.write(f"{path}: not appraised")
                 continue
+            ev = r.evm
+            evm_text = "" if ev is None else (
+                f" [evm: {ev.kernel_name}" + (f" ({ev.cause})" if ev.cause else "")
+                + (f": {ev.detail}" if args.verbose and ev.detail else "") + "]")
             if r.passed:
                 if not args.failures_only:
-                    bar.write(f"{path}: pass" + (f" ({r.detail})" if args.verbose else ""))
+                    bar.write(f"{path}: pass" + (f" ({r.detail})" if args.verbose else "")
+                              + evm_text)
             else:
                 bad += 1
                 bar.write(f"{path}: fail ({r.cause})"
-                          + (f" [{r.status}: {r.detail}]" if args.verbose else ""))
+                          + (f" [{r.status}: {r.detail}]" if args.verbose else "") + evm_text)
     return 1 if bad else 0
 
 
@@ -236,6 +285,13 @@ def register(sub) -> None:
                    help="algorithm for files without a value naming one: the mount's "
                    "--hash (default sha256)")
     p.add_argument("--xattr", choices=("security", "user"), default="security")
+    p.add_argument("--evm", action="store_true",
+                   help="also check security.evm against the keys (and --evm-key), as a "
+                   "mount with --evm enforce: its status goes into the appraisal and is "
+                   "printed as [evm: INTEGRITY_...]")
+    p.add_argument("--evm-key", metavar="FILE",
+                   help="with --evm: the HMAC key (raw bytes, root-owned, mode 600)")
+    _files.add_evm_options(p)
     p.add_argument("-r", "--recursive", action="store_true")
     p.add_argument("--skip-special", action="store_true")
     p.add_argument("--failures-only", action="store_true",

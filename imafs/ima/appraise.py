@@ -352,12 +352,14 @@ CAUSES = (
 class AppraiseResult:
     """``status``: one of :data:`STATUSES`; ``cause``: the kernel's audit cause (None on
     pass); ``algo``: the hash algorithm the decision used; ``keyid``: the signature's
-    key id; ``detail``: a human explanation for logs and the ``query`` file."""
+    key id; ``detail``: a human explanation for logs and the ``query`` file; ``evm``:
+    the EVM result (imafs.ima.evm.EvmResult) a caller attached, None without EVM."""
     status: str
     cause: str | None
     algo: str | None = None
     keyid: int | None = None
     detail: str = ""
+    evm: object = None
 
     @property
     def passed(self) -> bool:
