@@ -18,6 +18,7 @@ Targets (each takes one byte string):
   ctl-query    writes to ``query`` (paths resolved in a small tree with symlinks)
   ctl-digest   writes to ``digest_list_add``, ``digest_list_del`` and ``digest_query``
                (paths resolved in the same tree, which holds a digest list)
+  ctl-evm      writes to ``evm`` (the namespace's EVM flags: the kernel's rules)
   list-binary  verify-log on a binary list (template hashes, PCR replay)
   list-ascii   verify-log on an ascii list
   pcrs         PCR-NN: <hex> files given to verify-log --pcrs
@@ -123,6 +124,9 @@ def seeds(target: str) -> list[bytes]:
     if target == "ctl-ns":
         return [b"web", b"web template=ima-sig hash=sha512 appraise=log\n",
                 b"-x template=nope", b"\xffname"]
+    if target == "ctl-evm":
+        return [b"2", b"4\n", b"0x80000000", b"01", b"1", b"+6", b"0", b"0x100", b"-1",
+                b"99999999999"]
     if target == "ctl-query":
         return [b"/a\n", b"exec /bin/x\n", b"/out/../../etc/passwd", b"/loop\n", b"rel",
                 b"/dir\n", b"/a /b\n"]
@@ -335,6 +339,17 @@ class Targets:
         if self._digests % 64 == 0:
             self.control().root.digest_lists.clear()
 
+    def ctl_evm(self, data: bytes) -> None:
+        from imafs.ima.evm_secfs import EVM_INIT_MASK, state_text
+        ctl = self.control()
+        ctl.write("evm", data, reset=False)
+        flags = ctl.root.evm.flags
+        ctl._reset("evm")
+        if flags & ~EVM_INIT_MASK or not flags:
+            raise Bug(f"evm: flags 0x{flags:x} after a write")
+        if state_text(flags) != str(flags & 0x7FFFFFFF):
+            raise Bug(f"evm: reads {state_text(flags)!r} for flags 0x{flags:x}")
+
     # --- verify-log
     def list_binary(self, data: bytes) -> None:
         self._verify(data, "binary")
@@ -536,6 +551,7 @@ class _Control:
         "digest_list_del": {errno.EINVAL, errno.ENOENT, errno.ELOOP, errno.ENOTDIR,
                             errno.ENAMETOOLONG},
         "digest_query": {errno.EINVAL},
+        "evm": {errno.EINVAL, errno.EPERM, errno.ENOENT, errno.ERANGE},
     }
 
     def __init__(self):
@@ -581,6 +597,7 @@ class _Control:
                                 open_in_mount(self.rootfd, path))
         self.nodes = {n.name: n for n in FILES}
         self._Policy = Policy
+        self._reset("evm")
 
     def write(self, name: str, data: bytes, reset: bool = True) -> None:
         from imafs.ima.securityfs import SecurityfsError
@@ -615,12 +632,15 @@ class _Control:
         elif name == "keys":
             for k in list(self.root.keyring):
                 self.root.keyring.remove(k.keyid)
+        elif name == "evm":
+            from imafs.ima.evm_hooks import EvmState
+            self.root.evm = EvmState("enforce")
 
 
 TARGETS = {
     "policy": "policy", "xattr": "xattr", "evm": "evm", "cert": "cert", "ctl-policy": "ctl_policy",
     "ctl-keys": "ctl_keys", "ctl-ns": "ctl_ns", "ctl-query": "ctl_query",
-    "ctl-digest": "ctl_digest",
+    "ctl-digest": "ctl_digest", "ctl-evm": "ctl_evm",
     "list-binary": "list_binary", "list-ascii": "list_ascii", "pcrs": "pcrs",
     "model": "model", "model-ctl": "model_ctl",
     "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",

@@ -1,0 +1,289 @@
+"""EVM (security.evm) through real mounts: a signed binary whose metadata changes behind
+the mount (set-uid bit, owner, security.capability) is refused at its next exec with
+EACCES and an audit record, and runs again once its metadata matches; HMACs written
+by the daemon (fix mode, then after every permitted change through the mount), and
+a change behind the mount caught; the kernel's refusals of metadata changes through
+the mount (EPERM); the ``evm`` control file; ``--evm log``; the mount's refusals of
+bad HMAC key files; ``query``. Signatures are made by ``imafs sign --evm`` (evmctl's
+are in tests/interop/test_evm.py)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import IMAFS, REPO, run_as
+
+pytestmark = pytest.mark.mount
+
+EXEC_POLICY = "appraise func=BPRM_CHECK appraise_type=imasig\n"
+HASH_POLICY = "appraise func=BPRM_CHECK\n"
+CAPS = bytes.fromhex("0100000200200000000000000000000000000000")   # cap_net_raw+ep
+PROG = shutil.which("true") or "/bin/true"
+
+
+def sh(*argv, check=True):
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60,
+                       cwd=REPO)
+    if check and p.returncode:
+        raise AssertionError(f"{argv}: rc {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evm-key") / "ec"
+    sh(*IMAFS, "keygen", "--out", d, "--type", "ec")
+    return d
+
+
+def sign(key: Path, path, *extra):
+    sh(*IMAFS, "sign", "-q", "--evm", "--portable", "--key", key / "signing_key.pem",
+       "--cert", key / "signing_cert.der", *extra, path)
+
+
+def runs(path) -> int:
+    """0 when the program ran, else the errno of the refused exec."""
+    try:
+        subprocess.run([str(path)], check=True, timeout=30)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def policy(world_tmp: Path, text: str) -> list[str]:
+    p = world_tmp / f"policy{abs(hash(text))}"
+    p.write_text(text)
+    return ["--policy", str(p)]
+
+
+def hmac_key(world_tmp: Path, name: str = "evm.key", data: bytes | None = None) -> Path:
+    p = world_tmp / name
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if data is not None else os.urandom(64))
+    return p
+
+
+def records(m, kind: str, path: str) -> list[dict]:
+    return [r for r in m.audit() if r["type"] == kind and r.get("path") == path]
+
+
+def evm_value(path) -> bytes | None:
+    try:
+        return os.getxattr(path, "security.evm")
+    except OSError as e:
+        assert e.errno == errno.ENODATA, e
+        return None
+
+
+def errno_of(fn, *args) -> int:
+    try:
+        fn(*args)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def write_ctl(m, name: str, data: bytes) -> int:
+    fd = os.open(m.ctl(name), os.O_WRONLY)
+    try:
+        os.write(fd, data)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- signatures, behind
+def test_metadata_changed_behind_the_mount_fails_the_next_exec(make_mount, world_tmp, key):
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    sign(key, prog)
+    assert evm_value(prog)[0] == 0x05
+    m = make_mount(["--evm", "enforce", "--key", str(key / "signing_cert.der")]
+                   + policy(world_tmp, EXEC_POLICY), backing=b)
+    mp = m.mnt / "prog"
+    assert runs(mp) == 0
+    changes = [
+        ("set-uid bit", lambda: os.chmod(prog, 0o4755), lambda: os.chmod(prog, 0o755)),
+        ("owner", lambda: os.chown(prog, 4242, -1), lambda: os.chown(prog, 0, -1)),
+        ("security.capability", lambda: os.setxattr(prog, "security.capability", CAPS),
+         lambda: os.removexattr(prog, "security.capability")),
+    ]
+    for what, change, undo in changes:
+        before = len(records(m, "appraise_metadata", "/prog"))
+        change()
+        assert runs(mp) == errno.EACCES, what
+        new = records(m, "appraise_metadata", "/prog")[before:]
+        assert [(r["status"], r["cause"], r["result"]) for r in new] == [
+            ("INTEGRITY_FAIL_IMMUTABLE", "invalid-signature", "fail_immutable")], what
+        assert records(m, "appraise", "/prog")[-1]["cause"] == "invalid-fail-immutable"
+        undo()
+        assert runs(mp) == 0, f"{what} undone: the same metadata again"
+    # the same changes, EVM logging only: the exec runs, the failure is recorded
+    m.restart(["--evm", "log", "--key", str(key / "signing_cert.der")]
+              + policy(world_tmp, EXEC_POLICY))
+    os.chmod(prog, 0o4755)
+    assert runs(mp) == 0
+    r = records(m, "appraise_metadata", "/prog")[-1]
+    assert (r["status"], r["mode"]) == ("INTEGRITY_FAIL_IMMUTABLE", "log")
+    # and without EVM the change goes unnoticed (what EVM is for)
+    m.restart(["--key", str(key / "signing_cert.der")] + policy(world_tmp, EXEC_POLICY))
+    assert runs(mp) == 0
+    assert m.ctl("evm").read_text() == "0"
+    assert write_ctl(m, "evm", b"2") == errno.EPERM
+
+
+def test_portable_signature_protects_against_changes_through_the_mount(make_mount,
+                                                                     world_tmp, key):
+    """evm_inode_setattr: a file whose portable signature verifies cannot have its
+    metadata changed (EPERM; it could never verify again); one whose signature fails
+    already can (nothing left to protect); a change that changes nothing is allowed."""
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    sign(key, prog)
+    m = make_mount(["--evm", "enforce", "--key", str(key / "signing_cert.der")]
+                   + policy(world_tmp, EXEC_POLICY), backing=b)
+    mp = m.mnt / "prog"
+    assert errno_of(os.chmod, mp, 0o4755) == errno.EPERM
+    assert errno_of(os.chown, mp, 4242, -1) == errno.EPERM
+    assert errno_of(os.setxattr, mp, "security.capability", CAPS) == errno.EPERM
+    r = [x for x in m.audit() if x["type"] == "appraise_metadata"][-1]
+    assert (r["status"], r["error"], r["change"]) == (
+        "INTEGRITY_PASS_IMMUTABLE", "EPERM", "setxattr security.capability")
+    assert errno_of(os.chmod, mp, 0o755) == 0                  # no change
+    assert stat.S_IMODE(prog.stat().st_mode) == 0o755 and runs(mp) == 0
+    os.chown(prog, 4242, -1)                                    # behind: now it fails
+    assert errno_of(os.chmod, mp, 0o700) == 0                   # FAIL_IMMUTABLE: allowed
+    assert evm_value(prog)[0] == 0x05                           # never rewritten
+    assert runs(mp) == errno.EACCES
+    # an HMAC written from user space is refused (only the daemon computes them)
+    assert errno_of(os.setxattr, mp, "security.evm", b"\x02" + bytes(20)) == errno.EPERM
+    assert errno_of(os.setxattr, mp, "security.evm", b"\x05\x02") == errno.EINVAL
+    q = m.query("/prog")["namespaces"][0]
+    assert q["evm"]["status"] == "INTEGRITY_FAIL_IMMUTABLE"
+    assert q["evm"]["cause"] == "invalid-signature"
+
+
+# ---------------------------------------------------------------- HMACs
+def test_hmacs_follow_changes_through_the_mount(make_mount, world_tmp):
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    k = hmac_key(world_tmp)
+    # fix mode labels: security.ima, then the HMAC (the kernel's post-setxattr hook)
+    m = make_mount(["--appraise", "fix", "--evm", "enforce", "--evm-key", str(k)]
+                   + policy(world_tmp, HASH_POLICY), backing=b)
+    mp = m.mnt / "prog"
+    assert runs(mp) == 0
+    h0 = evm_value(prog)
+    assert h0 is not None and len(h0) == 21 and h0[0] == 0x02
+    assert m.ctl("evm").read_text() == "3"        # EVM_INIT_HMAC | EVM_INIT_X509
+    assert write_ctl(m, "evm", b"4") == errno.EPERM   # setup complete
+    m.restart(["--evm", "enforce", "--evm-key", str(k)] + policy(world_tmp, HASH_POLICY))
+    assert runs(mp) == 0
+    # permitted changes through the mount: the daemon recomputes the HMAC
+    os.chmod(mp, 0o750)
+    h1 = evm_value(prog)
+    assert h1 not in (None, h0) and runs(mp) == 0
+    os.chown(mp, 4242, 4243)
+    os.setxattr(mp, "security.capability", CAPS)
+    h2 = evm_value(prog)
+    assert h2 != h1 and runs(mp) == 0
+    assert m.query("/prog")["namespaces"][0]["evm"]["status"] == "INTEGRITY_PASS"
+    # behind the mount: caught at the next exec
+    os.chmod(prog, 0o755)
+    assert runs(mp) == errno.EACCES
+    r = records(m, "appraise_metadata", "/prog")[-1]
+    assert (r["status"], r["cause"]) == ("INTEGRITY_FAIL", "invalid-HMAC")
+    assert records(m, "appraise", "/prog")[-1]["cause"] == "invalid-HMAC"
+    # and a file that fails is not re-protected through the mount (EPERM)
+    assert errno_of(os.chmod, mp, 0o700) == errno.EPERM
+    assert errno_of(os.removexattr, mp, "security.capability") == errno.EPERM
+    assert evm_value(prog) == h2
+    os.chmod(prog, 0o750)                                   # behind, back as it was
+    assert runs(mp) == 0
+    # security.ima rewritten through the mount: the HMAC follows
+    good = os.getxattr(prog, "security.ima")
+    os.setxattr(mp, "security.ima", good)
+    assert evm_value(prog) == h2 and runs(mp) == 0
+
+
+def test_new_files_get_hmacs_and_unlabelled_files_are_refused(make_mount, world_tmp):
+    """A file created through the mount (IMA_NEW_FILE) is labelled at its last close:
+    security.ima, then its HMAC. An existing file with no protected xattr cannot be
+    given one through the mount once an HMAC key is in use (the kernel's
+    evm_protect_xattr: INTEGRITY_NOXATTRS, audited as update_metadata)."""
+    b = world_tmp / "backing"
+    b.mkdir()
+    (b / "old").write_bytes(b"old\n")
+    k = hmac_key(world_tmp)
+    m = make_mount(["--evm", "enforce", "--evm-key", str(k)]
+                   + policy(world_tmp, "appraise func=FILE_CHECK\n"), backing=b)
+    with open(m.mnt / "new", "wb") as f:
+        f.write(b"new\n")
+    assert m.mnt.joinpath("new").read_bytes() == b"new\n"
+    assert evm_value(b / "new")[0] == 0x02
+    assert errno_of(os.setxattr, m.mnt / "old", "security.ima",
+                    b"\x04\x04" + bytes(32)) == errno.EPERM
+    assert records(m, "update_metadata", "/old")[-1]["status"] == "INTEGRITY_NOXATTRS"
+
+
+# ---------------------------------------------------------------- the evm file, options
+def test_evm_control_file(make_mount, world_tmp, key):
+    m = make_mount(["--evm", "enforce", "--key", str(key / "signing_cert.der")])
+    assert m.ctl("evm").read_text() == "2"             # EVM_INIT_X509
+    assert stat.S_IMODE(os.stat(m.ctl("evm")).st_mode) == 0o660
+    assert write_ctl(m, "evm", b"1") == errno.ENOENT  # no HMAC key
+    assert write_ctl(m, "evm", b"0x10") == errno.EINVAL
+    assert write_ctl(m, "evm", b"junk") == errno.EINVAL
+    p = run_as(65534, 65534, ["sh", "-c", f"echo 4 > {m.ctl('evm')}"], capture_output=True)
+    assert p.returncode != 0
+    assert write_ctl(m, "evm", b"4\n") == 0           # EVM_ALLOW_METADATA_WRITES
+    assert m.ctl("evm").read_text() == "6"
+    assert [r["flags"] for r in m.audit() if r["type"] == "evm_update"] == ["6"]
+    # metadata writes allowed: a signed file's mode may change
+    shutil.copy(PROG, m.backing / "prog")
+    sign(key, m.backing / "prog")
+    os.chmod(m.mnt / "prog", 0o700)
+    assert write_ctl(m, "evm", b"0x80000000") == 0     # setup complete: read-only
+    assert write_ctl(m, "evm", b"2") == errno.EPERM
+
+
+def test_mount_refuses_bad_hmac_keys(make_mount, world_tmp):
+    b = world_tmp / "backing"
+    b.mkdir()
+    mnt = world_tmp / "mnt"
+    mnt.mkdir()
+
+    def mount(*args):
+        return sh(*IMAFS, "mount", b, mnt, "--state", world_tmp / "state", *args,
+                  check=False)
+    inside = hmac_key(b, "key")
+    p = mount("--evm", "enforce", "--evm-key", inside)
+    assert p.returncode == 2 and "inside the backing tree" in p.stderr
+    loose = hmac_key(world_tmp, "loose")
+    os.chmod(loose, 0o644)
+    p = mount("--evm", "enforce", "--evm-key", loose)
+    assert p.returncode == 2 and "chmod 600" in p.stderr
+    short = hmac_key(world_tmp, "short", b"x" * 16)
+    p = mount("--evm", "enforce", "--evm-key", short)
+    assert p.returncode == 2 and "32 to 128 bytes" in p.stderr
+    good = hmac_key(world_tmp, "good")
+    p = mount("--evm-key", good)
+    assert p.returncode == 2 and "--evm-key needs --evm" in p.stderr
+    os.chown(good, 4242, -1)
+    p = mount("--evm", "log", "--evm-key", good)
+    assert p.returncode == 2 and "not root" in p.stderr
