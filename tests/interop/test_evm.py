@@ -1,14 +1,19 @@
-"""security.evm both ways with Debian's evmctl 1.4, on files of a real file system
-(no mount): evmctl's portable and type-3 signatures verify with imafs.ima.evm and
-imafs's verify with ``evmctl verify``; HMACs agree with ``evmctl hmac``."""
+"""security.evm both ways with Debian's evmctl 1.4: on files of a real file system,
+evmctl's portable and type-3 signatures verify with imafs.ima.evm and imafs's verify
+with ``evmctl verify``; HMACs agree with ``evmctl hmac``. Through real mounts (the
+end of this file): files evmctl signed (RSA, EC) pass a mount with ``--evm
+enforce``; ``imafs sign --evm`` passes ``evmctl verify``; the HMACs the daemon
+writes are evmctl's, and evmctl's pass the daemon."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import uuid as uuidlib
 from dataclasses import replace
 from pathlib import Path
@@ -400,3 +405,118 @@ def test_hmac_with_the_uuid_is_the_kernels_default(evm_key_plain, f):
             h.update(m.xattrs[name])
     h.update(evm.h_misc(evm.EVM_XATTR_HMAC, m) + u)
     assert evm.evm_calc_hmac(key, m) == h.digest()
+
+
+# --- through a mount ----------------------------------------------------------------------
+
+PROG = shutil.which("true") or "/bin/true"
+IMAFS = [sys.executable, "-m", "imafs"]
+
+
+def runs(path) -> int:
+    """0 when the program ran, else the errno of the refused exec."""
+    try:
+        subprocess.run([str(path)], check=True, timeout=30)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def policy_args(d: Path, text: str) -> list[str]:
+    p = d / "policy"
+    p.write_text(text)
+    return ["--policy", str(p)]
+
+
+def test_evmctl_portable_signatures_pass_a_mount(keys, make_mount, world_tmp):
+    b = world_tmp / "backing"
+    b.mkdir()
+    for kind in ("rsa", "ec"):
+        shutil.copy(PROG, b / kind)
+        sh("evmctl", "sign", "--portable", "--imasig", "-a", "sha256", "--key",
+           keys[kind].key, b / kind)
+        assert evm_value(b / kind)[0] == 5
+    m = make_mount(["--evm", "enforce", "--key", str(keys["rsa"].der), "--key",
+                    str(keys["ec"].der)]
+                   + policy_args(world_tmp, "appraise func=BPRM_CHECK appraise_type=imasig\n"),
+                   backing=b)
+    for kind in ("rsa", "ec"):
+        assert runs(m.mnt / kind) == 0, kind
+        os.chmod(b / kind, 0o4755)
+        assert runs(m.mnt / kind) == errno.EACCES, kind
+        os.chmod(b / kind, 0o755)
+        assert runs(m.mnt / kind) == 0, kind
+    # evmctl's ima_hash + portable signature of the metadata: a hash in security.ima
+    # protected by a portable signature counts as a signature (PASS_IMMUTABLE)
+    shutil.copy(PROG, b / "hashed")
+    sh("evmctl", "ima_hash", "-a", "sha256", b / "hashed")
+    sh("evmctl", "sign", "--portable", "-a", "sha256", "--key", keys["ec"].key, b / "hashed")
+    assert os.getxattr(b / "hashed", "security.ima")[0] == 4
+    assert runs(m.mnt / "hashed") == 0
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+def test_imafs_sign_evm_passes_evmctl_verify(keys, world_tmp, kind):
+    k = keys[kind]
+    f = world_tmp / "prog"
+    shutil.copy(PROG, f)
+    os.setxattr(f, "security.capability", CAPS)
+    sign = IMAFS + ["sign", "-q", "--evm", "--key", str(k.key), "--cert", str(k.der)]
+    sh(*sign, "--portable", f)
+    assert evm_value(f)[0] == 5
+    p = sh("evmctl", "verify", "--key", k.der, f, check=False)
+    assert p.returncode == 0, p.stderr + p.stdout
+    # type 3, with the file system's UUID (as the kernel), a given one, and none
+    u = fs_uuid(f)
+    sh(*sign, f)
+    assert evm_value(f)[0] == 3
+    assert sh("evmctl", "verify", f"--uuid={text_uuid(u)}", "--key", k.der, f,
+              check=False).returncode == 0
+    given = "01234567-89ab-cdef-0123-456789abcdef"
+    sh(*sign, "--uuid", given, "-a", "sha512", f)
+    assert sh("evmctl", "verify", f"--uuid={given}", "--key", k.der, f,
+              check=False).returncode == 0
+    sh(*sign, "--uuid", "none", "--m32", f)
+    assert sh("evmctl", "verify", "-u", "--m32", "--key", k.der, f,
+              check=False).returncode == 0
+    # and imafs verify --evm reads what evmctl signs
+    sh("evmctl", "sign", "--portable", "--imasig", "-a", "sha256", "--key", k.key, f)
+    p = sh(*IMAFS, "verify", "-q", "--evm", "--key", k.der, f)
+    assert p.stdout.strip() == f"{f}: pass [evm: INTEGRITY_PASS_IMMUTABLE]"
+    os.chmod(f, 0o700)
+    p = sh(*IMAFS, "verify", "-q", "--evm", "--key", k.der, f, check=False)
+    assert p.returncode == 1 and "fail (invalid-fail-immutable)" in p.stdout
+
+
+def test_daemon_hmacs_are_evmctls(evm_key_plain, make_mount, world_tmp):
+    """The same key for evmctl (/etc/keys/evm-key-plain) and the mount (--evm-key),
+    HMACs without the UUID (--evm-fsuuid off, as evmctl 1.4): evmctl's HMAC passes
+    the daemon, and the HMAC the daemon writes after a chmod through the mount is the
+    one evmctl computes for the new metadata."""
+    raw = os.urandom(48)
+    evm_key_plain(raw)
+    kf = world_tmp / "evm.key"
+    fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(raw)
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    sh("evmctl", "ima_hash", "-a", "sha256", prog)
+    sh("evmctl", "hmac", "-a", "sha1", prog)
+    theirs = evm_value(prog)
+    m = make_mount(["--evm", "enforce", "--evm-key", str(kf), "--evm-fsuuid", "off"]
+                   + policy_args(world_tmp, "appraise func=BPRM_CHECK\n"), backing=b)
+    assert runs(m.mnt / "prog") == 0
+    os.chmod(m.mnt / "prog", 0o750)
+    ours = evm_value(prog)
+    assert ours != theirs and runs(m.mnt / "prog") == 0
+    sh("evmctl", "hmac", "-a", "sha1", prog)
+    assert evm_value(prog) == ours
+    os.setxattr(m.mnt / "prog", "security.capability", CAPS)
+    ours = evm_value(prog)
+    sh("evmctl", "hmac", "-a", "sha1", prog)
+    assert evm_value(prog) == ours
+    os.chmod(prog, 0o755)                           # behind the mount
+    assert runs(m.mnt / "prog") == errno.EACCES
