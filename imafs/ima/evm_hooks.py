@@ -142,7 +142,7 @@ class Change:
             return f"{'setxattr' if self.value is not None else 'removexattr'} {self.name}"
         parts = [f"{k}={v if k != 'mode' else oct(v)}" for k, v in
                  (("uid", self.uid), ("gid", self.gid), ("mode", self.mode)) if v is not None]
-        return "setattr " + " ".join(parts)
+        return " ".join(["setattr"] + parts)
 
 
 class EvmHooks:
@@ -211,8 +211,8 @@ class EvmHooks:
         if not stat.S_ISREG(f.st.st_mode) or not self.active():
             return apply()
         name = change.name
-        if name == evm.XATTR_NAME_EVM and change.value is not None:
-            self._check_evm_value(actor, change.value)
+        if name == evm.XATTR_NAME_EVM:
+            self._check_evm_write(actor, change.value, uid)
         private = name is not None and self.xattrs.stored_name(actor, name.encode()) is not None
         checkers = [actor] if private else actor.chain()
         checkers = [ns for ns in checkers if ns.evm.on]
@@ -222,42 +222,53 @@ class EvmHooks:
         touches = change.attrs or (name is not None and (
             name == evm.XATTR_NAME_EVM or name in POSIX_ACLS
             or actor.evm.config.is_protected(name)))
-        if not touches:
+        # a write or truncate by another user drops set-id bits (the kernel's
+        # ATTR_KILL_S*ID, made ATTR_MODE): no check, but the HMACs follow
+        implicit = name is None and bool(f.st.st_mode & (stat.S_ISUID | stat.S_ISGID))
+        if not (touches or implicit):
             return apply()
         before = {}
-        for ns in checkers + refreshed:
+        for ns in (checkers if touches else []) + refreshed:
             if ns.id not in before:
                 before[ns.id] = self.check(ns, f)
-        for ns in checkers:
-            self._protect(ns, f, change, before[ns.id], pid, uid, new_file)
+        if touches:
+            for ns in checkers:
+                self._protect(ns, f, change, before[ns.id], pid, uid, new_file)
         result = apply()
         if refreshed:
             st = os.fstat(f.fd)
-            for ns in refreshed:
-                if before[ns.id].status in _PASSED:
-                    self._update(ns, f, st, f"after {change.describe()}")
+            if touches or (st.st_mode, st.st_uid, st.st_gid) != (
+                    f.st.st_mode, f.st.st_uid, f.st.st_gid):
+                for ns in refreshed:
+                    if before[ns.id].status in _PASSED:
+                        self._update(ns, f, st, f"after {change.describe()}")
         return result
 
     def _descendants(self, ns) -> list:
         return [n for n in list(self.tree.by_id.values())
                 if n is not ns and ns in n.chain()]
 
-    def _check_evm_value(self, actor, value: bytes) -> None:
-        """evm_inode_setxattr() on security.evm, in the writer's namespace with EVM
-        on: an empty value is EINVAL, an HMAC is EPERM (only the kernel -- here the
-        daemon -- computes HMACs), and (imafs) a malformed signature EINVAL."""
+    def _check_evm_write(self, actor, value: bytes | None, uid: int) -> None:
+        """evm_inode_setxattr() / evm_inode_removexattr() of security.evm, in the
+        writer's namespace with EVM on: an empty value is EINVAL, an HMAC is EPERM
+        (only the kernel -- here the daemon -- computes HMACs), a writer but root is
+        EPERM (CAP_SYS_ADMIN), and (imafs) a malformed signature EINVAL."""
         if not actor.evm.on or actor.evm.flags & EVM_ALLOW_METADATA_WRITES:
             return
-        if not value:
-            raise AccessDenied(errno.EINVAL, "empty security.evm value")
-        if value[0] not in (evm.EVM_IMA_XATTR_DIGSIG, evm.EVM_XATTR_PORTABLE_DIGSIG):
-            raise AccessDenied(errno.EPERM, f"security.evm of type 0x{value[0]:02x}: only "
-                                            f"signatures (0x03, 0x05) may be written; the "
-                                            f"daemon computes HMACs")
-        try:
-            evm.parse_evm_xattr(value)
-        except evm.EvmXattrError as e:
-            raise AccessDenied(errno.EINVAL, str(e)) from None
+        if value is not None:
+            if not value:
+                raise AccessDenied(errno.EINVAL, "empty security.evm value")
+            if value[0] not in (evm.EVM_IMA_XATTR_DIGSIG, evm.EVM_XATTR_PORTABLE_DIGSIG):
+                raise AccessDenied(errno.EPERM, f"security.evm of type 0x{value[0]:02x}: "
+                                                f"only signatures (0x03, 0x05) may be "
+                                                f"written; the daemon computes HMACs")
+        if uid != 0:
+            raise AccessDenied(errno.EPERM, "security.evm is root's to write")
+        if value is not None:
+            try:
+                evm.parse_evm_xattr(value)
+            except evm.EvmXattrError as e:
+                raise AccessDenied(errno.EINVAL, str(e)) from None
 
     def _protect(self, ns, f, change: Change, r: evm.EvmResult, pid: int, uid: int,
                  new_file: bool) -> None:
@@ -273,9 +284,6 @@ class EvmHooks:
             ok = (status in (ap.PASS, ap.NOXATTRS) or lenient
                   or (status == ap.PASS_IMMUTABLE and not self._attr_change(f, change)))
         elif name == evm.XATTR_NAME_EVM or e.config.is_protected(name):
-            if name == evm.XATTR_NAME_EVM and uid != 0:     # capable(CAP_SYS_ADMIN)
-                self._refuse(ns, f, change, r, pid, uid, op, "security.evm is root's to "
-                             "write", force=True)
             if status == ap.NOXATTRS:
                 if e.hmac_disabled or new_file or f.fs.magic in _NO_UPDATE_MAGICS:
                     return
@@ -288,14 +296,14 @@ class EvmHooks:
         if not ok:
             self._refuse(ns, f, change, r, pid, uid, op, str(r))
 
-    def _refuse(self, ns, f, change, r, pid, uid, op, why, *, force: bool = False):
+    def _refuse(self, ns, f, change, r, pid, uid, op, why):
         mode = ns.evm.mode
         self.audit.record(op, ns=ns.path, path=f.path, pid=pid, uid=uid,
                           change=change.describe(), result=r.audit_name, status=r.kernel_name,
                           cause=r.cause, detail=r.detail, mode=mode, error="EPERM")
         msg = (f"{os.fsdecode(f.path)}: {change.describe()} refused by EVM in namespace "
                f"{ns.path}: {why}")
-        if mode == "enforce" or force:
+        if mode == "enforce":
             log.warning("%s", msg)
             raise AccessDenied(errno.EPERM, msg)
         log.info("%s (allowed: EVM logs only)", msg)

@@ -311,6 +311,26 @@ def test_host_changes_refresh_descendants_that_passed(world):
     assert world.check(root).cause == "invalid-HMAC" and world.check(a).cause == "invalid-HMAC"
 
 
+def test_set_id_bits_dropped_by_a_write_keep_the_hmac(world):
+    """A truncate or write by another user drops the set-id bits (the overlay does it
+    inside the change): no check, but the HMAC follows the new mode."""
+    root = world.tree.root
+    os.chmod(world.path, 0o4755)
+    world.label(root)
+
+    def apply():
+        os.chmod(world.path, 0o755)
+        return os.stat(world.path)
+    opened = []
+    try:
+        world.engine.inode_setattr(Subject(HOST_PID, 1000, 1000), world.key, Change(), apply,
+                                   world._file(opened))
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert world.check(root).status == ap.PASS
+
+
 def test_signatures_are_never_rewritten(world):
     """A type-3 signature that verifies lets a change through (INTEGRITY_PASS); the
     kernel would replace it by an HMAC, imafs keeps it -- it fails from then on."""
