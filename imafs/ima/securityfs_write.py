@@ -31,12 +31,13 @@ MAX_POLICY_RULES = 4096
 SIGNED_POLICY_REQUIRED = "signed policy file (specified as an absolute pathname) required"
 
 NS_CREATE_USAGE = """\
-Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off]" here to create a
-child integrity namespace of your own and move the process that opened this file (and
-every process it creates afterwards) into it: for "echo NAME > ns-create" that is the
-shell itself. One namespace per open. The child starts with an empty policy, an empty
-keyring and its own measurement list and PCRs; your namespace's rules still apply to
-it. Its files appear here under namespaces/NAME/. Remove it with "NAME" > ns-remove.
+Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off] [evm=enforce|log|off]"
+here to create a child integrity namespace of your own and move the process that opened
+this file (and every process it creates afterwards) into it: for "echo NAME >
+ns-create" that is the shell itself. One namespace per open. The child starts with an
+empty policy, an empty keyring and its own measurement list and PCRs; your namespace's
+rules still apply to it. Its files appear here under namespaces/NAME/. Remove it with
+"NAME" > ns-remove.
 """
 
 
