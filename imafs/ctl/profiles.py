@@ -165,10 +165,12 @@ def load_keys(path: str, *, strict: bool) -> list[bytes]:
 
 
 def parse_option_words(words: list[str], *, host_files: bool, source: str,
-                       strict: bool) -> HostOptions:
-    """Grammar words -> HostOptions, the host files they name loaded."""
+                       strict: bool, host_paths: bool | None = None) -> HostOptions:
+    """Grammar words -> HostOptions, the host files they name loaded (the host paths
+    the daemon reads itself, ``evm_key=``, stay options)."""
     try:
-        opts = nsoptions.parse_options(words, host_files=host_files, source=source)
+        opts = nsoptions.parse_options(words, host_files=host_files, host_paths=host_paths,
+                                       source=source)
     except OptionError as e:
         raise ProfileError(str(e)) from None
     out = HostOptions()
@@ -225,8 +227,8 @@ def load_profile(base: str, name: str) -> HostOptions:
                 raise ProfileError(f"profile options {opath}: {k}= is the profile's own "
                                    f"{k} {'directory' if k == 'keys' else 'file'}, not an "
                                    f"option")
-        out = parse_option_words(words, host_files=False, source=f"profile {name} options",
-                                 strict=True)
+        out = parse_option_words(words, host_files=False, host_paths=True,
+                                 source=f"profile {name} options", strict=True)
     ppath = os.path.join(d, "policy")
     if os.path.lexists(ppath):
         out.policy, out.policy_from = load_policy(ppath, strict=True), f"profile {name}"

@@ -141,7 +141,9 @@ class HostNamespaces:
         tree = self.tree
         try:
             name = nsoptions.check_name(req.name)
-            opts = nsoptions.parse_options(req.options, source="request")
+            # host paths the daemon reads itself (evm_key) come as paths; policy and
+            # keys as their contents (req.policy, req.certs), never as paths
+            opts = nsoptions.parse_options(req.options, host_paths=True, source="request")
         except OptionError as e:
             raise NamespaceError(errno.EINVAL, str(e)) from None
         rules = []
@@ -176,7 +178,7 @@ class HostNamespaces:
         return {"name": ns.name, "path": ns.path, "id": ns.id,
                 "uuid": getattr(ns, "uuid", ""), "origin": ns.origin,
                 "template": ns.template, "hash": ns.hash_algo,
-                "appraise": ns.appraise_mode, "rules": len(ns.policy),
+                "appraise": ns.appraise_mode, "evm": ns.evm.mode, "rules": len(ns.policy),
                 "keys": [f"{k.keyid:08x}" for k in ns.keyring],
                 "entries": ns.mlist.count,
                 "processes": len(binder.members(ns.id)) if binder is not None else 0,

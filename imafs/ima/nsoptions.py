@@ -7,14 +7,19 @@ docs/namespaces.md describes it once ("Namespace options").
 An option is one word ``OPTION=VALUE`` (no spaces in it). Each option says what its
 value is and who may give it:
 
-* value options -- ``template``, ``hash``, ``appraise`` -- may be given anywhere;
+* value options -- ``template``, ``hash``, ``appraise``, ``evm`` -- may be given
+  anywhere;
 * host-file options -- ``policy`` (a host file of rules), ``keys`` (a host
   directory of certificates) -- name files of the host, so only host-side creators
   give them (``host_files=True``); from inside the mount they are refused: the mount
   never reads host paths on a container's word. Host-side creators load them
   (imafs/ctl/profiles.py) and send their contents over the control socket;
+* host-path options -- ``evm_key`` (the namespace's EVM HMAC key) -- name host files
+  too, refused from inside the mount alike, but the daemon reads them itself, by the
+  path a host-side creator sends (``host_paths=True``): a key is read again at each
+  mount, and its bytes never travel;
 * slots -- ``quota`` (per-subtree namespace quotas), ``model`` (behaviour models),
-  ``evm``, ``evm_key`` (EVM), ``digest_lists`` (digest lists) -- are reserved for the
+  ``digest_lists`` (digest lists) -- are reserved for the
   work that builds them: the grammar knows their names and refuses them with a
   message that says they are not built yet, so no creator mistakes them for
   unknown words or gets them silently ignored. Building one means replacing its
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 __all__ = ["NAME_MAX", "NAME_RE", "APPRAISE_MODES", "Option", "OPTIONS", "HOST_FILE_OPTIONS",
-           "OptionError", "check_name", "parse_options", "parse_create", "format_options"]
+           "HOST_PATH_OPTIONS", "OptionError", "check_name", "parse_options", "parse_create",
+           "format_options"]
 
 #: a namespace's name: a full 64-hex container id fits
 NAME_MAX = 64
@@ -51,7 +57,7 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: str           # "value", "host-file" (policy, keys) or "slot"
+    kind: str           # "value", "host-file" (policy, keys), "host-path" (evm_key), "slot"
     doc: str            # one line for the docs and the usage texts
     parse: Callable[[str], str]
     issue: str = ""     # for a slot: the work that builds it
@@ -78,6 +84,13 @@ def _hash(v: str) -> str:
 def _appraise(v: str) -> str:
     if v not in APPRAISE_MODES:
         raise OptionError("appraise", f"{v!r} is not one of {', '.join(APPRAISE_MODES)}")
+    return v
+
+
+def _evm(v: str) -> str:
+    from imafs.ima.evm_hooks import EVM_MODES
+    if v not in EVM_MODES:
+        raise OptionError("evm", f"{v!r} is not one of {', '.join(EVM_MODES)}")
     return v
 
 
@@ -114,15 +127,16 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "per-subtree quotas (issues 14 and 15)"),
     Option("model", "slot", "behaviour model: learn, or a host model file",
            _slot("model", "behaviour models (issue 18)"), "behaviour models (issue 18)"),
-    Option("evm", "slot", "enforce|log|off: EVM in the namespace",
-           _slot("evm", "EVM (issue 19)"), "EVM (issue 19)"),
-    Option("evm_key", "slot", "a host file: the namespace's EVM HMAC key",
-           _slot("evm_key", "EVM (issue 19)"), "EVM (issue 19)"),
+    Option("evm", "value", "enforce|log|off: EVM in the namespace (default: off)", _evm),
+    Option("evm_key", "host-path", "a host file: the namespace's EVM HMAC key (raw "
+                                   "bytes, root's, mode 600; needs evm=enforce|log)",
+           _host_path("evm_key")),
     Option("digest_lists", "slot", "a host directory of digest lists loaded at creation",
            _slot("digest_lists", "digest lists in namespaces (issue 17)"),
            "digest lists in namespaces (issue 17)"),
 )}
 HOST_FILE_OPTIONS = tuple(n for n, o in OPTIONS.items() if o.kind == "host-file")
+HOST_PATH_OPTIONS = tuple(n for n, o in OPTIONS.items() if o.kind == "host-path")
 
 
 def check_name(name: str) -> str:
@@ -137,11 +151,16 @@ def check_name(name: str) -> str:
 
 
 def parse_options(items: Iterable[str] | Mapping[str, str], *, host_files: bool = False,
+                  host_paths: bool | None = None,
                   source: str = "ns-create") -> dict[str, str]:
     """``OPTION=VALUE`` words (or a mapping of option to value) -> {option: value},
     every value checked. ``host_files``: the creator is on the host, so ``policy=``
-    and ``keys=`` (host paths) are taken; otherwise they are refused. ``source`` names
-    where the options came from, for the messages."""
+    and ``keys=`` (host paths) are taken; otherwise they are refused. ``host_paths``
+    (default: as ``host_files``): ``evm_key=`` is taken -- the daemon reads it, so a
+    request over the control socket carries it as a path. ``source`` names where the
+    options came from, for the messages."""
+    if host_paths is None:
+        host_paths = host_files
     pairs: list[tuple[str, str]] = []
     if isinstance(items, Mapping):
         for k, v in items.items():
@@ -170,6 +189,9 @@ def parse_options(items: Iterable[str] | Mapping[str, str], *, host_files: bool 
             raise OptionError(k, f"{source}: given twice")
         if v == "":
             raise OptionError(k, f"{source}: empty value")
+        if opt.kind == "host-path" and not host_paths:
+            raise OptionError(k, f"{source}: names a host file, which only a creator on "
+                                 f"the host gives (imafs ns create, an OCI hook profile)")
         if opt.kind == "host-file" and not host_files:
             raise OptionError(k, f"{source}: names a host {'directory' if k == 'keys' else 'file'}"
                                  f", which only a creator on the host gives (imafs ns "

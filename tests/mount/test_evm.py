@@ -9,7 +9,9 @@ are in tests/interop/test_evm.py)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -287,3 +289,82 @@ def test_mount_refuses_bad_hmac_keys(make_mount, world_tmp):
     os.chown(good, 4242, -1)
     p = mount("--evm", "log", "--evm-key", good)
     assert p.returncode == 2 and "not root" in p.stderr
+
+
+# ---------------------------------------------------------------- a child's own key
+class Runner:
+    """A host shell that runs each command line written to it (prints its status):
+    bound to a namespace, its execs and chmods are that namespace's."""
+
+    def __init__(self):
+        self.p = subprocess.Popen(["bash", "-c", 'while read -r c; do eval "$c" '
+                                   '>/dev/null 2>&1; echo "rc=$?"; done'],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.p.pid
+
+    def run(self, command: str) -> int:
+        self.p.stdin.write(command + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        assert line.startswith("rc="), line
+        return int(line[3:])
+
+    def stop(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def test_a_childs_writes_never_change_the_hosts_evm(make_mount, world_tmp):
+    """The host and a child namespace each with its own HMAC key. The child labels its
+    own view (fix mode: its private security.ima, then its HMAC), then changes the
+    file's mode through the mount: its own HMAC follows, the host's security.evm stays
+    as it was, so the host -- whose rules apply in the child too -- refuses the file."""
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    k0, k1 = hmac_key(world_tmp, "host.key"), hmac_key(world_tmp, "child.key")
+    host = ["--evm", "enforce", "--evm-key", str(k0)] + policy(world_tmp, HASH_POLICY)
+    m = make_mount(["--appraise", "fix"] + host, backing=b)
+    mp = m.mnt / "prog"
+    assert runs(mp) == 0                        # the host labels its view
+    host_evm = evm_value(prog)
+    assert host_evm[0] == 0x02
+    m.restart(host)
+    (world_tmp / "child.policy").write_text(HASH_POLICY)
+    r = Runner()
+    try:
+        bad = sh(*IMAFS, "ns", "create", m.mnt, "bad", "--pid", r.pid,
+                 f"evm_key={k1}", check=False)
+        assert bad.returncode == 2 and "needs EVM on" in bad.stderr
+        out = sh(*IMAFS, "ns", "create", m.mnt, "web", "--pid", r.pid, "evm=enforce",
+                 f"evm_key={k1}", "appraise=fix", "--policy", world_tmp / "child.policy")
+        nsid = int(re.search(r"\(id (\d+)", out.stdout).group(1))
+        ima_name, evm_name = f"security.imafs.ns{nsid}.ima", f"security.imafs.ns{nsid}.evm"
+        web = m.ctl("namespaces/web")
+        assert (web / "evm").read_text() == "3"
+        assert r.run(f"{mp}") == 0              # the child labels its own view
+        own = {n: os.getxattr(prog, n) for n in os.listxattr(prog)
+               if n.startswith("security.imafs.")}
+        assert sorted(own) == [evm_name, ima_name]
+        assert r.run(f"chmod 0750 {mp}") == 0
+        assert stat.S_IMODE(prog.stat().st_mode) == 0o750
+        assert evm_value(prog) == host_evm       # never written from inside the child
+        assert os.getxattr(prog, evm_name) != own[evm_name]
+        # the host's view changed: refused to the host, and to the child (host rules)
+        assert runs(mp) == errno.EACCES
+        assert r.run(f"{mp}") != 0
+        rec = records(m, "appraise_metadata", "/prog")[-1]
+        assert (rec["ns"], rec["cause"]) == ("/", "invalid-HMAC")
+        # the child's own view passes; what it learns of the host is the verdict only
+        r.run(f"printf 'exec %s' {mp} > {m.ctl('query')}; cat {m.ctl('query')} > "
+              f"{world_tmp}/answer")
+        ans = json.loads((world_tmp / "answer").read_text())
+        mine, host_entry = ans["namespaces"]
+        assert mine["evm"]["status"] == "INTEGRITY_PASS"
+        assert host_entry == {"namespace": "/", "ancestor": True, "allowed": False}
+        # the host sets the mode back behind the mount: its view passes again
+        os.chmod(prog, 0o755)
+        assert runs(mp) == 0
+    finally:
+        r.stop()

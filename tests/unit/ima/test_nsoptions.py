@@ -59,7 +59,28 @@ def test_host_file_options_only_from_the_host():
     assert "not an absolute path" in str(e.value)
 
 
-@pytest.mark.parametrize("slot", ["quota", "model", "evm", "evm_key", "digest_lists"])
+def test_evm_options():
+    """evm= is a value option; evm_key= names a host file the daemon reads itself: the
+    host gives it as a path (a request over the control socket too), never a process
+    inside the mount."""
+    assert no.parse_create("a evm=log") == ("a", {"evm": "log"})
+    with pytest.raises(no.OptionError) as e:
+        no.parse_create("a evm=fix")
+    assert e.value.option == "evm" and "not one of enforce, log, off" in str(e.value)
+    with pytest.raises(no.OptionError) as e:
+        no.parse_create("a evm=enforce evm_key=/etc/imafs/k")
+    assert e.value.option == "evm_key" and "only a creator on the host" in str(e.value)
+    assert no.parse_create("a evm=enforce evm_key=/etc/k", host_files=True)[1] == {
+        "evm": "enforce", "evm_key": "/etc/k"}
+    assert no.parse_options({"evm_key": "/k"}, host_paths=True) == {"evm_key": "/k"}
+    with pytest.raises(no.OptionError):         # but never policy= or keys= as paths
+        no.parse_options({"policy": "/p"}, host_paths=True)
+    with pytest.raises(no.OptionError) as e:
+        no.parse_options({"evm_key": "k"}, host_paths=True)
+    assert "not an absolute path" in str(e.value)
+
+
+@pytest.mark.parametrize("slot", ["quota", "model", "digest_lists"])
 def test_slots_are_known_and_refused_as_not_built(slot):
     assert no.OPTIONS[slot].kind == "slot" and no.OPTIONS[slot].issue
     for host in (False, True):
@@ -106,4 +127,4 @@ def test_any_words_parse_or_are_refused_with_a_message(pairs, host):
     assert set(opts) <= set(no.OPTIONS)
     assert no.parse_options(no.format_options(opts).split(), host_files=host) == opts
     if not host:
-        assert not set(opts) & set(no.HOST_FILE_OPTIONS)
+        assert not set(opts) & set(no.HOST_FILE_OPTIONS + no.HOST_PATH_OPTIONS)
