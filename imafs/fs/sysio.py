@@ -266,12 +266,13 @@ def fs_uuid(fd: int, dev: int) -> bytes | None:
     if dev in _fs_uuids:
         return _fs_uuids[dev]
     buf = ctypes.create_string_buffer(17)
-    uuid = None
     if _libc.ioctl(fd, FS_IOC_GETFSUUID, buf) == 0:
         n = buf.raw[0]
         uuid = buf.raw[1:1 + n].ljust(16, b"\0")[:16]
-    elif ctypes.get_errno() == errno.ENOTTY and _kernel_has_getfsuuid():
-        uuid = bytes(16)
+    elif ctypes.get_errno() == errno.ENOTTY:
+        uuid = bytes(16) if _kernel_has_getfsuuid() else None
+    else:
+        return None         # this descriptor cannot say (EBADF: O_PATH): ask again
     _fs_uuids[dev] = uuid
     return uuid
 
