@@ -18,7 +18,8 @@ Its policy, keys and options come from a profile (--profile P: the directory
 PROFILES/P/ with policy, keys/ and options; PROFILES defaults to the OCI hook's,
 /etc/imafs/profiles), or from --policy FILE and --keys DIR, plus OPTION=VALUE words
 of the namespace-options grammar (docs/namespaces.md): template=, hash=, appraise=,
-policy=FILE, keys=DIR. An option given twice (by the profile and a word) is refused.
+evm=enforce|log|off, evm_key=FILE (its EVM HMAC key, read by the daemon), policy=FILE,
+keys=DIR. An option given twice (by the profile and a word) is refused.
 Everything is checked before anything is made; a refusal makes nothing."""
 
 
@@ -87,7 +88,8 @@ def _list(args) -> int:
     for ns in spaces:
         rows.append((ns["path"], str(ns["id"]), str(ns["processes"]), str(ns["entries"]),
                      ns["origin"], f"template={ns['template']} hash={ns['hash']} "
-                                   f"appraise={ns['appraise']} rules={ns['rules']} "
+                                   f"appraise={ns['appraise']} evm={ns['evm']} "
+                                   f"rules={ns['rules']} "
                                    f"keys={len(ns['keys'])}", ns["uuid"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:

@@ -310,11 +310,15 @@ def test_ns_create_inside_shares_the_grammar(m):
                                f"--mount-proc={m.mnt}/proc", "chroot", str(m.mnt), "/bin/sh",
                                "-c", f"echo '{text}' > /.imafs/ns-create && echo in"],
                               capture_output=True, text=True, timeout=30)
-    r = inside("y" * 64 + " appraise=log")
+    r = inside("y" * 64 + " appraise=log evm=log")
     assert r.stdout == "in\n", r.stderr
     assert (m.ctl("namespaces") / ("y" * 64)).is_dir()
+    assert (m.ctl("namespaces") / ("y" * 64) / "evm").read_text() == "2"   # no HMAC key
     for text, why in (("web policy=/etc/motd", "policy=: ns-create: names a host file"),
                       ("web keys=/keys", "keys=: ns-create: names a host directory"),
+                      ("web evm=enforce evm_key=/etc/motd",
+                       "evm_key=: ns-create: names a host file"),
+                      ("web evm=fix", "evm=: 'fix' is not one of enforce, log, off"),
                       ("web quota=5", "quota=: reserved"), ("z" * 65, "at most 64")):
         r = inside(text)
         assert r.returncode != 0 and "in" not in r.stdout

@@ -368,3 +368,71 @@ def test_a_childs_writes_never_change_the_hosts_evm(make_mount, world_tmp):
         assert runs(mp) == 0
     finally:
         r.stop()
+
+
+def oci_hook(conf: Path, state: dict, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run(IMAFS + ["oci-hook", stage, "--config", str(conf)],
+                          input=json.dumps(state), capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def test_oci_hook_profile_gives_a_container_its_own_evm(make_mount, world_tmp):
+    """evm= and evm_key= in an OCI hook profile work as from `imafs ns create`: the
+    container's namespace has EVM on with its HMAC key (the hook sends the key's path;
+    the daemon reads it), labels its own view and never the host's security.evm. In
+    an annotation evm_key= names a host file: refused unless the hook's configuration
+    allows host paths."""
+    b = world_tmp / "backing"
+    b.mkdir()
+    prog = b / "prog"
+    shutil.copy(PROG, prog)
+    k0, k1 = hmac_key(world_tmp, "host.key"), hmac_key(world_tmp, "ctr.key")
+    host = ["--evm", "enforce", "--evm-key", str(k0)] + policy(world_tmp, HASH_POLICY)
+    m = make_mount(["--appraise", "fix"] + host, backing=b)
+    assert runs(m.mnt / "prog") == 0                # the host labels its view
+    host_evm = evm_value(prog)
+    m.restart(host)
+    profiles = world_tmp / "profiles"
+    (profiles / "evm").mkdir(parents=True)
+    (profiles / "evm" / "policy").write_text(HASH_POLICY)
+    (profiles / "evm" / "options").write_text(f"evm=enforce\nevm_key={k1}\nappraise=fix\n")
+    for d in (world_tmp, profiles, profiles / "evm"):
+        os.chmod(d, 0o755)
+    conf = world_tmp / "oci-hook.conf"
+    conf.write_text(f"profiles = {profiles}\narchive = none\n"
+                    f"state_dir = {world_tmp / 'hookstate'}\n")
+    bundle = world_tmp / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"root": {"path": str(m.mnt)}}))
+    r = Runner()
+
+    def state(cid, status, **ann):
+        return {"ociVersion": "1.0.2", "id": cid, "status": status, "pid": r.pid,
+                "bundle": str(bundle), "annotations": ann}
+    try:
+        # an annotation naming the key: a host path, refused (host paths off)
+        bad = oci_hook(conf, state("c0", "creating", **{
+            "org.imafs.options": f"evm=enforce evm_key={k1}"}), "createRuntime")
+        assert bad.returncode == 2 and "evm_key=" in bad.stderr \
+            and "allow_host_paths" in bad.stderr, bad.stderr
+        assert not m.ctl("namespaces/c0").exists()
+        ok = oci_hook(conf, state("c1", "creating", **{"org.imafs.profile": "evm"}),
+                      "createRuntime")
+        assert ok.returncode == 0, ok.stderr
+        ctr = m.ctl("namespaces/c1")
+        assert (ctr / "evm").read_text() == "3"     # signatures and its HMAC key
+        listed = json.loads(sh(*IMAFS, "ns", "list", m.mnt, "--json").stdout)
+        assert [(n["path"], n["evm"]) for n in listed] == [("/c1", "enforce")]
+        nsid = listed[0]["id"]
+        assert r.run(f"{m.mnt / 'prog'}") == 0      # the container labels its own view
+        own = os.getxattr(prog, f"security.imafs.ns{nsid}.evm")
+        assert own[0] == 0x02 and evm_value(prog) == host_evm
+        assert r.run(f"chmod 0750 {m.mnt / 'prog'}") == 0
+        assert os.getxattr(prog, f"security.imafs.ns{nsid}.evm") != own  # its HMAC follows
+        assert evm_value(prog) == host_evm          # never the host's
+        assert runs(m.mnt / "prog") == errno.EACCES  # the host's view changed
+    finally:
+        r.stop()
+    done = oci_hook(conf, state("c1", "stopped"), "poststop")   # the container is gone
+    assert done.returncode == 0, done.stderr
+    assert not ctr.exists()

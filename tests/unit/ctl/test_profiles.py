@@ -161,3 +161,23 @@ def test_the_shipped_examples_load(tmp_path):
     assert len(load_policy_arg(str(ex / "host.policy"))) == 5
     hooks = json.loads((ex / "oci" / "hooks.json").read_text())
     assert hooks["hooks"]["createRuntime"][0]["args"] == ["imafs", "oci-hook"]
+
+
+def test_evm_options_in_profiles_and_annotations(base, tmp_path):
+    """A profile's options may name the namespace's EVM HMAC key: it stays a path (the
+    daemon reads the key); in annotations it is a host path like policy= and keys=."""
+    (base / "web" / "options").write_text("evm=enforce\nevm_key=/etc/imafs/web.evm\n")
+    o = pr.load_profile(str(base), "web")
+    assert o.options == {"evm": "enforce", "evm_key": "/etc/imafs/web.evm"}
+    for key in ("evm_key=relative", "evm_key=/k evm_key=/k"):
+        (base / "web" / "options").write_text(key.replace(" ", "\n") + "\n")
+        with pytest.raises(pr.ProfileError) as e:
+            pr.load_profile(str(base), "web")
+        assert "evm_key=" in str(e.value)
+    words = ["evm=log", "evm_key=/etc/imafs/web.evm"]
+    with pytest.raises(pr.ProfileError) as e:
+        pr.parse_option_words(words, host_files=False, source="annotation org.imafs.options",
+                              strict=True)
+    assert "evm_key=" in str(e.value) and "names a host file" in str(e.value)
+    o = pr.parse_option_words(words, host_files=True, source="cli", strict=False)
+    assert o.options == {"evm": "log", "evm_key": "/etc/imafs/web.evm"}
