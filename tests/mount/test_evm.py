@@ -221,6 +221,15 @@ def test_hmacs_follow_changes_through_the_mount(make_mount, world_tmp):
     good = os.getxattr(prog, "security.ima")
     os.setxattr(mp, "security.ima", good)
     assert evm_value(prog) == h2 and runs(mp) == 0
+    # security.evm removed behind the mount: missing where EVM requires it
+    os.removexattr(prog, "security.evm")
+    assert runs(mp) == errno.EACCES
+    r = records(m, "appraise_metadata", "/prog")[-1]
+    assert (r["status"], r["result"]) == ("INTEGRITY_NOLABEL", "no_label")
+    assert records(m, "appraise", "/prog")[-1]["cause"] == "missing-HMAC"
+    assert m.query("/prog")["namespaces"][0]["evm"]["status"] == "INTEGRITY_NOLABEL"
+    os.setxattr(prog, "security.evm", h2)
+    assert runs(mp) == 0
 
 
 def test_new_files_get_hmacs_and_unlabelled_files_are_refused(make_mount, world_tmp):
