@@ -27,6 +27,7 @@ class FakeEngine:
         self.verify_reads = verify_reads
         self.calls: list[tuple] = []
         self.answers: dict[str, object] = {}
+        self.file = None
 
     def _answer(self, name, *args):
         self.calls.append((name, *args))
@@ -56,8 +57,18 @@ class FakeEngine:
     def measured_size(self, key):
         return self._answer("measured_size", key)
 
-    def inode_setxattr(self, pid, key, path, name, value):
-        return self._answer("inode_setxattr", pid, key, path, name, value)
+    def watches_attrs(self):
+        return self._answer("watches_attrs")
+
+    def inode_setattr(self, subject, key, change, apply, file=None):
+        self.file = file() if file is not None else None
+        self._answer("inode_setattr", subject, key, change)
+        return apply()
+
+    def inode_setxattr(self, subject, key, path, name, value, apply, file=None):
+        self.file = file() if file is not None else None
+        stored = self._answer("inode_setxattr", subject, key, path, name, value)
+        apply(stored or name)
 
     def inode_getxattr(self, pid, name):
         return self._answer("inode_getxattr", pid, name)
@@ -192,11 +203,36 @@ def test_release_and_write_are_passed_through(tree):
                          ("file_written", token)]
 
 
-def test_a_change_is_told_with_the_inodes_key_and_size(tree):
+def test_a_setattr_is_one_engine_call_around_the_change(tree):
+    """The engine gets the caller, the inode's key and the change, the overlay's
+    ``apply`` to make it (its result comes back) and the file as a FileRef; a refusal
+    keeps its errno and nothing is applied."""
     _root, inode, path = tree
     eng = FakeEngine()
-    IntegrityHooks(eng).changed(inode)
-    assert eng.calls == [("file_changed", (inode.dev, inode.ino), 10_000)]
+    h = IntegrityHooks(eng)
+    eng.answers["watches_attrs"] = True
+    assert h.attr_hooks is True
+    done = []
+    st = h.setattr(CALLER, inode, None, None, 0o750,
+                   lambda: done.append("applied") or os.stat(path))
+    assert done == ["applied"] and st.st_size == 10_000
+    name, subject, key, change = eng.calls[-1]
+    assert (name, subject, key) == ("inode_setattr", Subject(4242, 1000, 100),
+                                    (inode.dev, inode.ino))
+    assert (change.uid, change.gid, change.mode) == (None, None, 0o750)
+    assert eng.file.path == b"/f" and eng.file.st.st_size == 10_000
+    eng.answers["inode_setattr"] = AccessDenied(errno.EPERM, "refused by EVM")
+    with pytest.raises(Denied) as e:
+        h.setattr(CALLER, inode, 4242, None, None, lambda: done.append("again"))
+    assert e.value.errno == errno.EPERM and done == ["applied"]
+
+
+def test_no_file_ref_for_what_is_not_a_regular_file(tree):
+    root, _inode, _path = tree
+    eng = FakeEngine()
+    h = IntegrityHooks(eng)
+    h.setattr(CALLER, root, None, None, 0o755, lambda: None)
+    assert eng.file is None
 
 
 def test_reads_verified_inline_in_a_thread_or_not_at_all(tree, opened_fds):
@@ -254,19 +290,22 @@ def test_xattr_hooks_ask_the_engine(tree):
     _root, inode, _path = tree
     eng = FakeEngine()
     h = IntegrityHooks(eng)
+    stored = []
     eng.answers["inode_setxattr"] = b"security.imafs.ns3.ima"
-    assert h.setxattr(CALLER, inode, b"security.ima", b"\x04\x04") == \
-        (b"security.imafs.ns3.ima", b"\x04\x04")
-    assert eng.calls[-1] == ("inode_setxattr", 4242, (inode.dev, inode.ino), b"/f",
-                             b"security.ima", b"\x04\x04")
+    assert h.setxattr(CALLER, inode, b"security.ima", b"\x04\x04", stored.append) is None
+    assert stored == [b"security.imafs.ns3.ima"]      # stored where the engine says
+    assert eng.calls[-1] == ("inode_setxattr", Subject(4242, 1000, 100),
+                             (inode.dev, inode.ino), b"/f", b"security.ima", b"\x04\x04")
+    assert eng.file.path == b"/f"
     eng.answers["inode_setxattr"] = None
-    assert h.setxattr(CALLER, inode, b"user.x", b"v") is None
+    h.setxattr(CALLER, inode, b"user.x", b"v", stored.append)
+    assert stored[-1] == b"user.x"
     eng.answers["inode_listxattr"] = [b"security.ima"]
     assert h.listxattr(CALLER, inode, [b"security.imafs.ns3.ima"]) == [b"security.ima"]
     eng.answers["inode_setxattr"] = AccessDenied(errno.EPERM, "not yours")
     with pytest.raises(Denied) as e:
-        h.setxattr(CALLER, inode, b"security.ima", b"\x03")
-    assert e.value.errno == errno.EPERM
+        h.setxattr(CALLER, inode, b"security.ima", b"\x03", stored.append)
+    assert e.value.errno == errno.EPERM and stored[-1] == b"user.x"   # nothing stored
 
 
 def test_shown_size_is_the_measured_one_while_it_differs(tree):
