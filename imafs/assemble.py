@@ -230,13 +230,15 @@ def build(opts) -> Filesystem:
     def backing_of(nodeid: int) -> tuple[int, bytes]:
         try:
             node = overlay.inode(nodeid)
-            return os.open(sysio.proc_path(node.fd), os.O_PATH | os.O_CLOEXEC), node.path()
+            with node.pinned() as fd:
+                return (overlay.fds.call(os.open, sysio.proc_path(fd),
+                                         os.O_PATH | os.O_CLOEXEC), node.path())
         except pyfuse3.FUSEError as e:
             raise OSError(e.errno, os.strerror(e.errno)) from None
 
     open_as = functools.partial(open_as_writer, backing_of=backing_of, mountpoint=mountpoint)
     overlay.attach_control(ControlDir(Securityfs(
-        engine, open_file=functools.partial(open_in_mount, overlay.root.fd,
+        engine, open_file=functools.partial(open_in_mount, overlay.root_fd,
                                             mountpoint=mountpoint),
         open_as=open_as)))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "

@@ -48,7 +48,8 @@ def _identity(inode: Inode, root_link: str | None, pid: int,
     while root.parent is not None:
         root = root.parent
     try:
-        fd, _rel = resolve(root.fd, os.fsdecode(path))
+        with root.pinned() as rfd:
+            fd, _rel = resolve(rfd, os.fsdecode(path))
     except (OSError, ValueError):
         return None
     try:
@@ -58,13 +59,13 @@ def _identity(inode: Inode, root_link: str | None, pid: int,
     return (st.st_dev, st.st_ino)
 
 
-def file_ref(fd: int, st: os.stat_result, path: bytes, node: str, *, readable: bool,
+def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, readable: bool,
              fs: FsInfo, generation: int, resolve=None, fill_cache=None,
-             pread_nowait=None) -> FileRef:
+             pread_nowait=None, removexattr=None) -> FileRef:
     """THE place that makes a backing file a ``FileRef`` (an open through the mount,
     a path a control file reads, a file whose attributes change): ``fd`` the open
-    descriptor, ``node`` a path of the backing inode (``/proc/self/fd/N``) for
-    ``reopen``, ``setxattr`` and ``removexattr``."""
+    descriptor; ``reopen()`` a fresh read-only descriptor of the backing inode,
+    ``setxattr(name, value)`` and ``removexattr(name)`` on it."""
     def getxattr(name: str):
         try:
             return os.getxattr(fd, name)   # fgetxattr: no walk through /proc
@@ -74,11 +75,9 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, node: str, *, readable: b
             raise
 
     return FileRef(
-        fd=fd, st=st, path=path, readable=readable,
-        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
-        getxattr=getxattr, setxattr=lambda n, v: os.setxattr(node, n, v),
-        fs=fs, resolve=resolve, fill_cache=fill_cache, generation=generation,
-        pread_nowait=pread_nowait, removexattr=lambda n: os.removexattr(node, n))
+        fd=fd, st=st, path=path, readable=readable, reopen=reopen, getxattr=getxattr,
+        setxattr=setxattr, fs=fs, resolve=resolve, fill_cache=fill_cache,
+        generation=generation, pread_nowait=pread_nowait, removexattr=removexattr)
 
 
 def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
@@ -86,8 +85,12 @@ def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
     resolved inside the mount) as a read-only ``FileRef``; the caller closes its
     ``fd``. What the control files (ima/securityfs.py) open a path with."""
     fd, st, rel = open_regular(root_fd, path, mountpoint)
+    node = sysio.proc_path(fd)
     try:
-        return file_ref(fd, st, rel.encode(), sysio.proc_path(fd), readable=True,
+        return file_ref(fd, st, rel.encode(), readable=True,
+                        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
+                        setxattr=lambda n, v: os.setxattr(node, n, v),
+                        removexattr=lambda n: os.removexattr(node, n),
                         fs=sysio.fs_info(fd, st.st_dev),
                         generation=sysio.generation(fd, st.st_dev))
     except BaseException:
@@ -111,7 +114,11 @@ def open_as_writer(pid: int, uid: int, gid: int, path: str, *, backing_of,
     fd, st, shown, _on_mount = open_as_seen_by(pid, path, mount_dev=_mount_dev(mountpoint),
                                                backing_of=backing_of, creds=creds)
     try:
-        return file_ref(fd, st, shown, sysio.proc_path(fd), readable=True,
+        node = sysio.proc_path(fd)
+        return file_ref(fd, st, shown, readable=True,
+                        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
+                        setxattr=lambda n, v: os.setxattr(node, n, v),
+                        removexattr=lambda n: os.removexattr(node, n),
                         fs=sysio.fs_info(fd, st.st_dev),
                         generation=sysio.generation(fd, st.st_dev))
     except BaseException:
@@ -135,6 +142,18 @@ def _mount_dev(mountpoint: str) -> int | None:
     except OSError:
         return None
     return dev
+
+
+def _setxattr(inode: Inode, name: str, value: bytes) -> None:
+    """Set an xattr of the backing inode (through its /proc/self/fd path)."""
+    with inode.pinned() as fd:
+        os.setxattr(sysio.proc_path(fd), name, value)
+
+
+def _removexattr(inode: Inode, name: str) -> None:
+    """Remove an xattr of the backing inode (through its /proc/self/fd path)."""
+    with inode.pinned() as fd:
+        os.removexattr(sysio.proc_path(fd), name)
 
 
 class IntegrityHooks(Hooks):
@@ -189,8 +208,10 @@ class IntegrityHooks(Hooks):
             return None
         verify = self.engine.verify_reads
         return file_ref(
-            fd, st, inode.path(), sysio.proc_path(inode.fd),
-            readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
+            fd, st, inode.path(), readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
+            reopen=lambda: inode.reopen(os.O_RDONLY | os.O_CLOEXEC),
+            setxattr=lambda n, v: _setxattr(inode, n, v),
+            removexattr=lambda n: _removexattr(inode, n),
             fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
             fill_cache=(lambda: self._fill_cache(inode)) if verify else None,
@@ -265,7 +286,11 @@ class IntegrityHooks(Hooks):
             token.ref = inode.nodeid
             if token.tree is not None:
                 if self._inotify is not None:
-                    self._inotify.watch(inode.nodeid, inode.fd)
+                    try:
+                        with inode.pinned() as fd:
+                            self._inotify.watch(inode.nodeid, fd)
+                    except OSError as e:
+                        log.warning("inotify watch of inode %d: %s", inode.nodeid, e)
                 if inode.nodeid in self._unverified:
                     # the kernel may hold pages of this inode that were served without
                     # verification: do not let this verified open keep them
@@ -367,13 +392,15 @@ class IntegrityHooks(Hooks):
         def file() -> FileRef | None:
             if inode.kind != stat.S_IFREG:
                 return None
-            fd = os.open(sysio.proc_path(inode.fd),
-                         os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = inode.reopen(os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
             opened.append(fd)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None
-            return file_ref(fd, st, inode.path(), sysio.proc_path(inode.fd), readable=True,
+            return file_ref(fd, st, inode.path(), readable=True,
+                            reopen=lambda: inode.reopen(os.O_RDONLY | os.O_CLOEXEC),
+                            setxattr=lambda n, v: _setxattr(inode, n, v),
+                            removexattr=lambda n: _removexattr(inode, n),
                             fs=self._fsinfo(fd, st.st_dev),
                             generation=self._generation(inode, fd, st.st_dev))
         return file

@@ -1,9 +1,10 @@
 """Passthrough of a backing directory, as the calling process.
 
-Every inode the kernel knows is backed by an O_PATH descriptor of the backing inode,
-opened relative to its parent's descriptor with O_NOFOLLOW: a name is never resolved
-from the backing root, so a symlink in the tree (``/etc -> /host/etc``) is shown as a
-symlink and never followed by the daemon, and ``..`` at the mount root stays there.
+Every inode the kernel knows is a node, found again through fs/nodefd.py (a file
+handle, or its parent and name; a bounded cache of O_PATH descriptors): names are
+resolved relative to the parent's descriptor with O_NOFOLLOW, never from the backing
+root, so a symlink in the tree (``/etc -> /host/etc``) is shown as a symlink and never
+followed by the daemon, and ``..`` at the mount root stays there.
 Inode numbers are the backing ones (the backing root shows as FUSE's root, 1); inodes
 of other devices below the backing root get numbers from a private range.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 import threading
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from imafs.fs import sysio
+from imafs.fs.nodefd import NodeFds, cache_size
 from imafs.fs.routes import ControlRoutes
 from imafs.ima.iint import AccessDenied, Pending
 
@@ -137,12 +140,18 @@ class Hooks:
 
 
 class Inode:
-    __slots__ = ("nodeid", "fd", "dev", "ino", "nlookup", "parent", "name", "kind",
-                 "lock", "seen", "generation", "__weakref__")
+    """A node the kernel knows. Its backing inode is reached only through a pinned
+    descriptor: ``with node.pinned() as fd`` (fs/nodefd.py; never kept past the
+    block), or a new descriptor from ``node.reopen(flags)``."""
+    __slots__ = ("nodeid", "fds", "handle", "btime", "dev", "ino", "nlookup", "parent",
+                 "name", "kind", "lock", "seen", "generation", "__weakref__")
 
-    def __init__(self, nodeid: int, fd: int, st: os.stat_result, parent, name: bytes):
+    def __init__(self, nodeid: int, fds: NodeFds | None, st: os.stat_result, parent,
+                 name: bytes):
         self.nodeid = nodeid
-        self.fd = fd
+        self.fds = fds
+        self.handle = None   # file handle (fs/nodefd.py), else found by parent and name
+        self.btime = 0       # birth time, checked when found by parent and name
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.kind = stat.S_IFMT(st.st_mode)
@@ -151,9 +160,19 @@ class Inode:
         self.name = name
         self.lock = None   # created on demand by the integrity adapter
         self.seen = None   # (mtime_ns, ctime_ns, size) at the last open: keep_cache
-        # the inode's generation (read once by the integrity adapter: the O_PATH fd
-        # held here pins the backing inode, so its number is not reused meanwhile)
+        # the inode's generation (read once by the integrity adapter; a node is
+        # never found again as another inode: fs/nodefd.py)
         self.generation = None
+
+    def pinned(self):
+        """``with node.pinned() as fd``: an O_PATH descriptor of the backing inode."""
+        return self.fds.pinned(self)
+
+    def reopen(self, flags: int) -> int:
+        """A new descriptor of the backing inode (``flags``: O_RDONLY...), the
+        caller's to close (through /proc/self/fd: the inode itself, no name)."""
+        with self.fds.pinned(self) as fd:
+            return self.fds.call(os.open, sysio.proc_path(fd), flags)
 
     def path(self) -> bytes:
         """Path inside the mount, from the names the kernel last looked up."""
@@ -166,7 +185,7 @@ class Inode:
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode", "flags", "token", "writable")
+    __slots__ = ("fd", "inode", "flags", "token", "writable", "pin")
 
     def __init__(self, fd, inode, flags, token):
         self.fd = fd
@@ -174,16 +193,18 @@ class OpenFile:
         self.flags = flags
         self.token = token
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.pin = None    # the node's descriptor, pinned while the handle is open
 
 
 class DirHandle:
     """An open backing directory. Offsets are the backing file system's own
     (getdents ``d_off``): stable while the directory changes, as the kernel's are."""
-    __slots__ = ("inode", "fd", "buf", "i", "at", "entries")
+    __slots__ = ("inode", "fd", "buf", "i", "at", "entries", "pin")
 
     def __init__(self, inode, fd):
         self.inode = inode
         self.fd = fd
+        self.pin = None    # the node's descriptor, pinned while the handle is open
         self.buf = []      # entries read at offset ``at``; buf[i] is the next to send
         self.i = 0
         self.at = 0
@@ -233,7 +254,8 @@ class Overlay(pyfuse3.Operations):
 
     def __init__(self, backing: str, *, hooks: Hooks | None = None,
                  control_name: bytes = b".imafs", attr_timeout: float = 1.0,
-                 entry_timeout: float = 1.0, max_threads: int = 8):
+                 entry_timeout: float = 1.0, max_threads: int = 8,
+                 fd_cache: int | None = None):
         super().__init__()
         self.backing = os.path.realpath(backing)
         self.hooks = hooks or Hooks()
@@ -243,11 +265,16 @@ class Overlay(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.limiter = trio.CapacityLimiter(max_threads)
-        rootfd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY)
+        rootfd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(rootfd)
         self.root_dev, self.root_ino = st.st_dev, st.st_ino
-        self.root = Inode(pyfuse3.ROOT_INODE, rootfd, st, None, b"")
+        self.root = Inode(pyfuse3.ROOT_INODE, None, st, None, b"")
         self.root.nlookup = 1
+        #: the backing root's O_PATH descriptor, held for the mount's life
+        self.root_fd = rootfd
+        if fd_cache is None:
+            fd_cache = cache_size(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.fds = self.root.fds = NodeFds(self.root, rootfd, self.backing, fd_cache)
         self.inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: self.root}
         self.by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
         self.other_dev: dict[tuple[int, int], int] = {}
@@ -278,9 +305,13 @@ class Overlay(pyfuse3.Operations):
 
     def inode(self, nodeid: int) -> Inode:
         node = self.inodes.get(nodeid)
-        if node is None or node.fd < 0:
+        if node is None:
             raise FUSEError(errno.ESTALE)
         return node
+
+    def _pinned(self, node: Inode):
+        """``with self._pinned(node) as fd`` (fs/nodefd.py), for a request handler."""
+        return self.fds.pinned(node)
 
     def _attr(self, st: os.stat_result, nodeid: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -306,15 +337,20 @@ class Overlay(pyfuse3.Operations):
         return a
 
     def _remember(self, parent: Inode, name: bytes, fd: int, st: os.stat_result) -> Inode:
-        """Register one more kernel reference to the inode behind fd (consumes fd)."""
+        """Register one more kernel reference to the inode behind fd (consumes fd: it
+        goes into the descriptor cache)."""
         key = (st.st_dev, st.st_ino)
         node = self.by_key.get(key)
-        if node is not None and node.fd >= 0:
-            os.close(fd)
-        else:
-            node = Inode(self._nodeid_for(*key), fd, st, parent, name)
+        if node is None:
+            node = Inode(self._nodeid_for(*key), self.fds, st, parent, name)
+            try:
+                self.fds.identify(node, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             self.by_key[key] = node
             self.inodes[node.nodeid] = node
+        self.fds.adopt(node, fd)
         if node is not self.root:
             node.parent, node.name = parent, name
         node.nlookup += 1
@@ -324,7 +360,9 @@ class Overlay(pyfuse3.Operations):
         if b"/" in name:  # O_NOFOLLOW guards the last component only
             raise FUSEError(errno.EINVAL)
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+            with self._pinned(parent) as pfd:
+                fd = self.fds.call(os.open, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   dir_fd=pfd)
         except FileNotFoundError:
             # a negative entry the kernel may cache for entry_timeout (PATH and library
             # searches look up many missing names); creating the name through the
@@ -359,7 +397,8 @@ class Overlay(pyfuse3.Operations):
         owner = caller's fsuid; group = parent's group when the parent is set-gid,
         else the caller's fsgid. chown by root clears S_ISUID/S_ISGID, so restore the
         requested special bits after it (S_ISGID only if the caller may have it)."""
-        pst = os.fstat(parent.fd)
+        with self._pinned(parent) as pfd:
+            pst = os.fstat(pfd)
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
         sysio.fchown_empty(fd_or_node_fd, caller.uid, gid)
         special = mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX)
@@ -376,14 +415,20 @@ class Overlay(pyfuse3.Operations):
         parent = self.inode(parent_inode)
         if parent is self.root and name == b"..":
             name = b"."
-        if name == b".":
-            st = os.fstat(parent.fd)
-            parent.nlookup += 1
-            return self._attr(st, parent.nodeid)
-        if name == b"..":
-            up = parent.parent or self.root
-            up.nlookup += 1
-            return self._attr(os.fstat(up.fd), up.nodeid)
+        try:
+            if name == b".":
+                with self._pinned(parent) as fd:
+                    st = os.fstat(fd)
+                parent.nlookup += 1
+                return self._attr(st, parent.nodeid)
+            if name == b"..":
+                up = parent.parent or self.root
+                with self._pinned(up) as fd:
+                    st = os.fstat(fd)
+                up.nlookup += 1
+                return self._attr(st, up.nodeid)
+        except OSError as e:
+            raise _fuse_error(e)
         return self._entry(parent, name)
 
     async def forget(self, inode_list):
@@ -396,14 +441,13 @@ class Overlay(pyfuse3.Operations):
                 del self.inodes[nodeid]
                 if self.by_key.get((node.dev, node.ino)) is node:
                     del self.by_key[(node.dev, node.ino)]
-                if node.fd >= 0:
-                    os.close(node.fd)
-                    node.fd = -1
+                self.fds.forget(node)
 
     async def getattr(self, inode, ctx=None):
         node = self.inode(inode)
         try:
-            st = os.fstat(node.fd)
+            with self._pinned(node) as fd:
+                st = os.fstat(fd)
         except OSError as e:
             raise _fuse_error(e)
         return self._attr(st, node.nodeid)
@@ -437,7 +481,13 @@ class Overlay(pyfuse3.Operations):
 
     def _setattr(self, node: Inode, attr, fields, fh, caller: Caller) -> os.stat_result:
         """The change itself (OSError on failure): the stat after it."""
-        path = sysio.proc_path(node.fd)
+        with self._pinned(node) as nfd:
+            return self._setattr_on(node, nfd, attr, fields, fh, caller)
+
+    def _setattr_on(self, node: Inode, nfd: int, attr, fields, fh,
+                    caller: Caller) -> os.stat_result:
+        """_setattr with the node's descriptor ``nfd`` pinned."""
+        path = sysio.proc_path(nfd)
         # a chown, or the set-id check before a write (file_remove_privs), by an
         # unprivileged caller: the kernel decides with setattr_should_drop_sgid() on
         # the inode as it is before the change, but FUSE sends a new mode only for
@@ -449,7 +499,7 @@ class Overlay(pyfuse3.Operations):
             fields.update_size or fields.update_mode or fields.update_atime
             or fields.update_mtime or fields.update_ctime))
             and caller.uid != 0 and node.kind != stat.S_IFDIR)
-        st0 = os.fstat(node.fd) if chown_sgid else None
+        st0 = os.fstat(nfd) if chown_sgid else None
         if fields.update_size:
             h = self.handles.get(fh) if fh is not None else None
             if isinstance(h, OpenFile) and h.writable:
@@ -457,10 +507,10 @@ class Overlay(pyfuse3.Operations):
             else:
                 os.truncate(path, attr.st_size)
         if fields.update_uid or fields.update_gid:
-            st = os.fstat(node.fd)
+            st = os.fstat(nfd)
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            sysio.fchown_empty(node.fd, uid, gid)
+            sysio.fchown_empty(nfd, uid, gid)
             # chown clears S_ISUID/S_ISGID on the backing file even for root; the
             # kernel sends a mode with the bits still set only if they must stay
             if not fields.update_mode and stat.S_ISREG(st.st_mode) and \
@@ -471,28 +521,29 @@ class Overlay(pyfuse3.Operations):
                 os.chmod(path, stat.S_IMODE(attr.st_mode))
         if (st0 is not None and st0.st_mode & stat.S_ISGID
                 and not _in_group(caller, st0.st_gid)):
-            now = os.fstat(node.fd)
+            now = os.fstat(nfd)
             if now.st_mode & stat.S_ISGID:
                 os.chmod(path, stat.S_IMODE(now.st_mode) & ~stat.S_ISGID)
         if fields.update_atime or fields.update_mtime:
             sysio.utimens_empty(
-                node.fd,
+                nfd,
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None)
-        st = os.fstat(node.fd)
+        st = os.fstat(nfd)
         if fields.update_size and not fields.update_mode and caller.uid != 0:
             # the kernel sends a new mode only for S_ISUID and group-executable
             # S_ISGID; the rest of the rule is ours (we truncate as root)
             kill = _privs_to_drop(st, caller)
             if kill:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & ~kill)
-                st = os.fstat(node.fd)
+                st = os.fstat(nfd)
         return st
 
     async def readlink(self, inode, ctx):
         node = self.inode(inode)
         try:
-            return sysio.readlink_empty(node.fd)
+            with self._pinned(node) as fd:
+                return sysio.readlink_empty(fd)
         except OSError as e:
             raise _fuse_error(e)
 
@@ -504,8 +555,10 @@ class Overlay(pyfuse3.Operations):
         caller = _caller(ctx)
         perm &= ~caller.umask
         try:
-            make(parent.fd, perm & 0o777)
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+            with self._pinned(parent) as pfd:
+                make(pfd, perm & 0o777)
+                fd = self.fds.call(os.open, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   dir_fd=pfd)
         except OSError as e:
             raise _fuse_error(e)
         try:
@@ -532,14 +585,16 @@ class Overlay(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         parent = self.inode(parent_inode)
         try:
-            os.unlink(name, dir_fd=parent.fd)
+            with self._pinned(parent) as pfd:
+                os.unlink(name, dir_fd=pfd)
         except OSError as e:
             raise _fuse_error(e)
 
     async def rmdir(self, parent_inode, name, ctx):
         parent = self.inode(parent_inode)
         try:
-            os.rmdir(name, dir_fd=parent.fd)
+            with self._pinned(parent) as pfd:
+                os.rmdir(name, dir_fd=pfd)
         except OSError as e:
             raise _fuse_error(e)
 
@@ -547,10 +602,11 @@ class Overlay(pyfuse3.Operations):
         old = self.inode(parent_inode_old)
         new = self.inode(parent_inode_new)
         try:
-            if flags:
-                sysio.renameat2(old.fd, name_old, new.fd, name_new, flags)
-            else:
-                os.rename(name_old, name_new, src_dir_fd=old.fd, dst_dir_fd=new.fd)
+            with self._pinned(old) as ofd, self._pinned(new) as nfd:
+                if flags:
+                    sysio.renameat2(ofd, name_old, nfd, name_new, flags)
+                else:
+                    os.rename(name_old, name_new, src_dir_fd=ofd, dst_dir_fd=nfd)
         except OSError as e:
             raise _fuse_error(e)
         # keep the names we report (measurement paths) in step with the tree
@@ -560,7 +616,8 @@ class Overlay(pyfuse3.Operations):
 
     def _renamed(self, parent: Inode, name: bytes) -> None:
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            with self._pinned(parent) as pfd:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except OSError:
             return
         node = self.by_key.get((st.st_dev, st.st_ino))
@@ -571,8 +628,9 @@ class Overlay(pyfuse3.Operations):
         node = self.inode(inode)
         parent = self.inode(new_parent_inode)
         try:
-            sysio.link_empty(node.fd, parent.fd, new_name)
-            st = os.fstat(node.fd)
+            with self._pinned(node) as fd, self._pinned(parent) as pfd:
+                sysio.link_empty(fd, pfd, new_name)
+                st = os.fstat(fd)
         except OSError as e:
             raise _fuse_error(e)
         node.nlookup += 1
@@ -589,13 +647,25 @@ class Overlay(pyfuse3.Operations):
         active = self.hooks.active     # one answer for the whole open
         trunc = bool(oflags & os.O_TRUNC) and active
         try:
-            fd = os.open(sysio.proc_path(node.fd), oflags & ~os.O_TRUNC if trunc else oflags)
+            # the node stays pinned while the handle is open (fs/nodefd.py)
+            pin = self.fds.pin(node)
         except OSError as e:
+            raise _fuse_error(e)
+        try:
+            fd = self.fds.call(os.open, sysio.proc_path(pin.fd),
+                               oflags & ~os.O_TRUNC if trunc else oflags)
+        except OSError as e:
+            self.fds.unpin(pin)
             raise _fuse_error(e)
         token = None
         if active:
-            token = await self._hook_open(_caller(ctx), node, fd, flags, exec_)
+            try:
+                token = await self._hook_open(_caller(ctx), node, fd, flags, exec_)
+            except BaseException:
+                self.fds.unpin(pin)
+                raise
         h = OpenFile(fd, node, oflags, token)
+        h.pin = pin
         try:
             if trunc:
                 _truncate_opened(fd, oflags)
@@ -606,6 +676,7 @@ class Overlay(pyfuse3.Operations):
                 st = self._open_privs(h, st, _caller(ctx), bool(oflags & os.O_TRUNC))
         except OSError as e:
             os.close(fd)
+            self.fds.unpin(pin)
             if token is not None:
                 await self._release_token(token)
             raise _fuse_error(e)
@@ -644,7 +715,21 @@ class Overlay(pyfuse3.Operations):
         base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
         trunc = False
         try:
-            fd = os.open(name, base | os.O_CREAT | os.O_EXCL, perm & 0o777, dir_fd=parent.fd)
+            ppin = self.fds.pin(parent)
+        except OSError as e:
+            raise _fuse_error(e)
+        try:
+            return await self._create(parent, ppin.fd, name, caller, perm, base, flags)
+        finally:
+            self.fds.unpin(ppin)
+
+    async def _create(self, parent: Inode, pdir: int, name: bytes, caller: Caller,
+                      perm: int, base: int, flags: int):
+        """create() with the parent's descriptor ``pdir`` pinned."""
+        trunc = False
+        try:
+            fd = self.fds.call(os.open, name, base | os.O_CREAT | os.O_EXCL, perm & 0o777,
+                               dir_fd=pdir)
             created = True
         except FileExistsError as e:
             if flags & os.O_EXCL:
@@ -656,7 +741,7 @@ class Overlay(pyfuse3.Operations):
             # As in open(): truncate only once the hooks allowed the open.
             trunc = bool(base & os.O_TRUNC) and self.hooks.active
             try:
-                fd = await self._in_thread(self._open_existing, caller, parent.fd, name,
+                fd = await self._in_thread(self._open_existing, caller, pdir, name,
                                            base & ~os.O_TRUNC if trunc else base, trunc)
             except OSError as e2:
                 raise _fuse_error(e2)
@@ -664,7 +749,8 @@ class Overlay(pyfuse3.Operations):
         except OSError as e:
             raise _fuse_error(e)
         try:
-            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent.fd)
+            pfd = self.fds.call(os.open, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=pdir)
         except OSError as e:
             os.close(fd)
             raise _fuse_error(e)
@@ -682,9 +768,18 @@ class Overlay(pyfuse3.Operations):
             os.close(pfd)
             raise _fuse_error(e)
         node = self._remember(parent, name, pfd, st)
+        try:
+            h.pin = self.fds.pin(node)
+        except OSError as e:
+            os.close(fd)
+            raise _fuse_error(e)
         token = None
         if self.hooks.active:
-            token = await self._hook_open(caller, node, fd, flags, False, created)
+            try:
+                token = await self._hook_open(caller, node, fd, flags, False, created)
+            except BaseException:
+                self.fds.unpin(h.pin)
+                raise
         if trunc:
             try:
                 _truncate_opened(fd, base)
@@ -693,6 +788,7 @@ class Overlay(pyfuse3.Operations):
                     st = self._open_privs(h, st, caller, True)
             except OSError as e:
                 os.close(fd)
+                self.fds.unpin(h.pin)
                 if token is not None:
                     await self._release_token(token)
                 raise _fuse_error(e)
@@ -779,6 +875,8 @@ class Overlay(pyfuse3.Operations):
             os.close(h.fd)
         except OSError:
             pass
+        if h.pin is not None:
+            self.fds.unpin(h.pin)
         if h.token is not None:
             # inline, before any later request runs: FUSE RELEASE is asynchronous to
             # close(), and the next OPEN must see the open counts without this handle
@@ -819,10 +917,18 @@ class Overlay(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         node = self.inode(inode)
         try:
-            fd = os.open(sysio.proc_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            pin = self.fds.pin(node)     # pinned while the handle is open
         except OSError as e:
             raise _fuse_error(e)
-        return self._new_fh(DirHandle(node, fd))
+        try:
+            fd = self.fds.call(os.open, sysio.proc_path(pin.fd),
+                               os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            self.fds.unpin(pin)
+            raise _fuse_error(e)
+        h = DirHandle(node, fd)
+        h.pin = pin
+        return self._new_fh(h)
 
     @staticmethod
     def _list(h: DirHandle):
@@ -863,7 +969,8 @@ class Overlay(pyfuse3.Operations):
             if name == b"." or name == b"..":
                 target = node if name == b"." or node is self.root else (node.parent or self.root)
                 try:
-                    st = os.fstat(target.fd)
+                    with self._pinned(target) as tfd:
+                        st = os.fstat(tfd)
                 except OSError:
                     st = None
                 # the kernel takes no reference for "." and ".." (no forget follows)
@@ -872,7 +979,8 @@ class Overlay(pyfuse3.Operations):
                     return
             elif name != hide:
                 try:
-                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=node.fd)
+                    fd = self.fds.call(os.open, name,
+                                       os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=h.fd)
                 except OSError:
                     fd = -1  # removed since it was read: skip, as getdents would
                 if fd >= 0:
@@ -893,6 +1001,8 @@ class Overlay(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if isinstance(h, DirHandle):
             os.close(h.fd)
+            if h.pin is not None:
+                self.fds.unpin(h.pin)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)
@@ -914,16 +1024,18 @@ class Overlay(pyfuse3.Operations):
         return True  # default_permissions: the kernel checks
 
     # ------------------------------------------------------------------ xattrs
-    def _xattr_path(self, node: Inode) -> str:
-        # following /proc/self/fd/N lands on the inode itself, symlinks included
-        return sysio.proc_path(node.fd)
+    def _xattr(self, node: Inode, fn, *args):
+        """``fn(path, *args)`` on the inode's /proc/self/fd path (following it lands
+        on the inode itself, symlinks included), the node pinned meanwhile."""
+        with self._pinned(node) as fd:
+            return fn(sysio.proc_path(fd), *args)
 
     async def setxattr(self, inode, name, value, ctx):
         node = self.inode(inode)
         caller = _caller(ctx)
 
         def apply(stored: bytes) -> None:
-            os.setxattr(self._xattr_path(node), stored, value)
+            self._xattr(node, os.setxattr, stored, value)
             if name == _ACL_ACCESS and caller.uid != 0:
                 self._acl_drop_sgid(node, caller)
         await self._xattr_change(node, caller, name, value, apply)
@@ -946,9 +1058,10 @@ class Overlay(pyfuse3.Operations):
         posix_acl_update_mode() clears S_ISGID when the caller is not in the file's
         group (FUSE leaves it to the daemon, FUSE_SETXATTR_ACL_KILL_SGID, which
         pyfuse3 cannot receive; we set the ACL as root, so the backing keeps it)."""
-        st = os.fstat(node.fd)
-        if st.st_mode & stat.S_ISGID and not _in_group(caller, st.st_gid):
-            os.chmod(sysio.proc_path(node.fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+        with node.pinned() as fd:
+            st = os.fstat(fd)
+            if st.st_mode & stat.S_ISGID and not _in_group(caller, st.st_gid):
+                os.chmod(sysio.proc_path(fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     async def getxattr(self, inode, name, ctx):
         node = self.inode(inode)
@@ -957,7 +1070,7 @@ class Overlay(pyfuse3.Operations):
             if alt is not None:
                 name = alt
         try:
-            return os.getxattr(self._xattr_path(node), name)
+            return self._xattr(node, os.getxattr, name)
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP and name in _ACL_NAMES:
                 # a backing file system without ACLs has none; the kernel fails the
@@ -968,7 +1081,7 @@ class Overlay(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         node = self.inode(inode)
         try:
-            names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(node))]
+            names = [os.fsencode(n) for n in self._xattr(node, os.listxattr)]
         except OSError as e:
             raise _fuse_error(e)
         if ctx.uid != 0:
@@ -983,7 +1096,7 @@ class Overlay(pyfuse3.Operations):
         node = self.inode(inode)
 
         def apply(stored: bytes) -> None:
-            os.removexattr(self._xattr_path(node), stored)
+            self._xattr(node, os.removexattr, stored)
         await self._xattr_change(node, _caller(ctx), name, None, apply)
 
     def close_all(self) -> None:
@@ -994,13 +1107,9 @@ class Overlay(pyfuse3.Operations):
                 except OSError:
                     pass
         self.handles.clear()
-        for node in list(self.inodes.values()):
-            if node.fd >= 0:
-                try:
-                    os.close(node.fd)
-                except OSError:
-                    pass
-                node.fd = -1
+        self.inodes.clear()
+        self.by_key.clear()
+        self.fds.close()
 
 
 def _sup_groups(pid: int) -> set[int]:

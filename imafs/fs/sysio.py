@@ -1,6 +1,6 @@
 """System calls that the os module does not offer with the flags we need.
 
-The overlay holds an O_PATH descriptor per inode and works relative to it, never by a
+The overlay works relative to O_PATH descriptors of backing inodes, never by a
 path from the backing root: ``AT_EMPTY_PATH`` variants of chown, utimensat, linkat and
 readlinkat operate on the very inode (a symlink included), and ``/proc/self/fd/N``
 reopens it (a magic link: it jumps to the inode, never re-resolves a name).
@@ -285,22 +285,70 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), flags), "umount2", target)
 
 
-def raise_nofile_limit() -> int:
-    """Raise RLIMIT_NOFILE as far as the kernel allows (the overlay holds one O_PATH
-    descriptor per inode the kernel remembers)."""
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (never the hard limit itself:
+    that is the administrator's, e.g. ``prlimit --nofile=1024``). The overlay's
+    descriptor use is bounded (fs/nodefd.py sizes its cache from the result), so a
+    low limit makes the daemon slower, never unable to serve. Returns (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            nr_open = int(f.read())
-    except OSError:
-        nr_open = hard
-    for want in (max(hard, nr_open), hard):
+    if hard != resource.RLIM_INFINITY and soft != hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-            return want
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         except (ValueError, OSError):
-            continue
-    return soft
+            pass
+    return soft, hard
+
+
+# ---------------------------------------------------------------------- file handles
+MAX_HANDLE_SZ = 128
+_HANDLE_HEAD = struct.Struct("=Ii")     # struct file_handle: handle_bytes, handle_type
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+def name_to_handle(fd: int) -> tuple[int, bytes]:
+    """(mount id, file handle) of the inode behind ``fd`` (an O_PATH descriptor will
+    do; a symlink is its own). The handle is the ``struct file_handle`` as the kernel
+    filled it: it names that inode and, where the file system has them, its
+    generation, so it never opens another file that reused the inode number.
+    EOPNOTSUPP where the file system exports no handles (overlayfs without
+    nfs_export=on, FUSE, procfs)."""
+    buf = ctypes.create_string_buffer(_HANDLE_HEAD.size + MAX_HANDLE_SZ)
+    _HANDLE_HEAD.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int(0)
+    _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH),
+           "name_to_handle_at")
+    size = _HANDLE_HEAD.unpack_from(buf, 0)[0]
+    return mount_id.value, buf.raw[:_HANDLE_HEAD.size + size]
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH): ``mount_fd`` is any
+    descriptor on the handle's mount that is not O_PATH. ESTALE once the inode is
+    gone."""
+    return _check(_libc.open_by_handle_at(mount_fd, handle, flags), "open_by_handle_at")
+
+
+STATX_BTIME = 0x800
+_STATX_SIZE = 256
+_STATX_BTIME_OFF = 80           # struct statx: stx_btime (tv_sec s64, tv_nsec u32)
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                        ctypes.c_char_p]
+
+
+def birth_time(fd: int) -> int:
+    """The inode's birth time in ns (statx STATX_BTIME, on an O_PATH descriptor too);
+    0 where the file system does not record it. Tells a new file apart from an old
+    one whose inode number it reused."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_BTIME, buf) != 0:
+        return 0
+    if not struct.unpack_from("=I", buf, 0)[0] & STATX_BTIME:
+        return 0
+    sec, nsec = struct.unpack_from("=qI", buf, _STATX_BTIME_OFF)
+    return sec * 1_000_000_000 + nsec
 
 
 # ---------------------------------------------------------------------- per-thread ids
