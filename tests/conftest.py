@@ -51,9 +51,10 @@ class Mount:
     def __init__(self, backing: Path, mnt: Path, state: Path, args: list[str]):
         self.backing, self.mnt, self.state, self.args = backing, mnt, state, args
         self.log = state / "imafs.log"
+        self.wrap: list[str] = []     # a command the mount runs under (prlimit ...)
 
     def start(self) -> "Mount":
-        cmd = IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
+        cmd = self.wrap + IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
                        "--log-file", str(self.log), "--log-level", "debug"] + self.args
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
         if p.returncode != 0:
@@ -72,6 +73,10 @@ class Mount:
         if extra is not None:
             self.args = extra
         return self.start()
+
+    def pid(self) -> int:
+        """The daemon's pid."""
+        return int((self.state / "daemon.lock").read_text().strip())
 
     def log_text(self) -> str:
         try:
