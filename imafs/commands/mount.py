@@ -27,12 +27,24 @@ def _mount(args) -> int:
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
                "audit_log": args.audit_log, "verify_reads": args.verify_reads,
                "tpm": args.tpm, "evm": args.evm, "evm_key": args.evm_key,
-               "evm_fsuuid": args.evm_fsuuid})
+               "evm_fsuuid": args.evm_fsuuid, "tree_memory": args.tree_memory})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
     except daemon.MountError as e:
         raise CommandError(str(e))
+
+
+def _mib(text: str) -> int:
+    """A whole number of MiB, at least 1 (argparse type)."""
+    import argparse
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of MiB, at least 1")
+    return n
 
 
 def _check_engine_args(opts) -> None:
@@ -134,6 +146,10 @@ def register(sub) -> None:
                         "fs-verity Merkle tree computed when it was measured; a changed "
                         "block is EIO and a violation (default: on when the --policy has "
                         "an appraise rule, else off; decided at mount time)")
+    p.add_argument("--tree-memory", type=_mib, default=None, metavar="MIB",
+                   help="MiB of verity trees (1/128 of each verified file) the daemon keeps "
+                        "in memory; past it they are read back from the tree cache as "
+                        "needed (default 64)")
     p.add_argument("--tpm", metavar="TCTI",
                    help="also extend the root namespace's list into PCR 10 (and the PCR of "
                         "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "

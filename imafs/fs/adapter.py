@@ -61,7 +61,7 @@ def _identity(inode: Inode, root_link: str | None, pid: int,
 
 def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, readable: bool,
              fs: FsInfo, generation: int, resolve=None, fill_cache=None,
-             pread_nowait=None, removexattr=None) -> FileRef:
+             pread_nowait=None, removexattr=None, opener=None) -> FileRef:
     """THE place that makes a backing file a ``FileRef`` (an open through the mount,
     a path a control file reads, a file whose attributes change): ``fd`` the open
     descriptor; ``reopen()`` a fresh read-only descriptor of the backing inode,
@@ -77,7 +77,8 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, read
     return FileRef(
         fd=fd, st=st, path=path, readable=readable, reopen=reopen, getxattr=getxattr,
         setxattr=setxattr, fs=fs, resolve=resolve, fill_cache=fill_cache,
-        generation=generation, pread_nowait=pread_nowait, removexattr=removexattr)
+        generation=generation, pread_nowait=pread_nowait, removexattr=removexattr,
+        opener=opener)
 
 
 def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
@@ -202,7 +203,7 @@ class IntegrityHooks(Hooks):
             info = self._fs[dev] = sysio.fs_info(fd, dev)
         return info
 
-    def _file(self, inode: Inode, fd: int, flags: int) -> FileRef | None:
+    def _file(self, inode: Inode, fd: int, flags: int, pid: int = 0) -> FileRef | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
@@ -215,14 +216,15 @@ class IntegrityHooks(Hooks):
             fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
             fill_cache=(lambda: self._fill_cache(inode)) if verify else None,
-            pread_nowait=sysio.pread_nowait if verify else None)
+            pread_nowait=sysio.pread_nowait if verify else None,
+            opener=(lambda: sysio.ProcessWatch(pid)) if pid else None)
 
     def open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
              created: bool = False):
         """On the event loop: the engine decides a warm open right here (a worker
         thread's round trip costs more than the decision itself) and returns a
         Pending for anything else."""
-        f = self._file(inode, fd, flags)
+        f = self._file(inode, fd, flags, caller.pid)
         if f is None:
             return None
         return self.engine.file_open(Subject(caller.pid, caller.uid, caller.gid), f,

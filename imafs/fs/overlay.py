@@ -26,10 +26,10 @@ import threading
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from imafs.fs import sysio
+from imafs.fs.lanes import Lanes
 from imafs.fs.nodefd import NodeFds, cache_size
 from imafs.fs.routes import ControlRoutes
 from imafs.ima.iint import AccessDenied, Pending
@@ -264,7 +264,7 @@ class Overlay(pyfuse3.Operations):
         self._hidden = None     # the name readdir of the root does not list
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
-        self.limiter = trio.CapacityLimiter(max_threads)
+        self.lanes = Lanes(max_threads)     # worker threads (fs/lanes.py)
         rootfd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(rootfd)
         self.root_dev, self.root_ino = st.st_dev, st.st_ino
@@ -389,7 +389,11 @@ class Overlay(pyfuse3.Operations):
         return fh
 
     async def _in_thread(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return await self.lanes.run(fn, *args)
+
+    async def _finish(self, pending: Pending):
+        """A Pending of the hooks, finished in the worker thread of its lane."""
+        return await self.lanes.run(pending.finish, cost=pending.cost, owner=pending.owner)
 
     def _own_new(self, fd_or_node_fd: int, caller: Caller, parent: Inode, mode: int,
                  is_dir: bool, *, path_fd: bool = True) -> None:
@@ -889,7 +893,7 @@ class Overlay(pyfuse3.Operations):
         try:
             token = self.hooks.open(caller, node, fd, flags, exec_, created)
             if type(token) is Pending:
-                token = await self._in_thread(token.finish)
+                token = await self._finish(token)
             return token
         except Denied as d:
             os.close(fd)

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import resource
+import select
 import struct
 
 from imafs.ima.iint import FsInfo
@@ -425,3 +426,67 @@ class thread_credentials:
     def __exit__(self, *exc):
         self._restore()
         return False
+
+
+# ---------------------------------------------------------------------- openers
+PIDFD_THREAD = os.O_EXCL      # pidfd_open(2) of a thread, not only a process (Linux 6.9)
+
+
+class ProcessWatch:
+    """``with ProcessWatch(tid) as gone:`` -- ``gone()`` tells whether the task has
+    exited or is dying (a fatal signal pending: a task killed while its FUSE request
+    is being answered cannot exit before the answer, so waiting for its exit alone
+    would wait for the work it no longer wants). A pidfd tells that it still runs,
+    so that /proc/TID is that task, never one that reused the number. FUSE requests
+    carry the calling thread's id: watched as a thread where the kernel can
+    (PIDFD_THREAD), else as a process (a thread group leader). ``gone`` is None
+    when the task cannot be watched at all (then nothing is abandoned for it)."""
+
+    def __init__(self, tid: int):
+        self.tid = tid
+        self.fd = None
+
+    def __enter__(self):
+        for flags in (PIDFD_THREAD, 0):
+            try:
+                self.fd = os.pidfd_open(self.tid, flags)
+                break
+            except ProcessLookupError:
+                return lambda: True          # gone already
+            except (OSError, AttributeError):
+                continue
+        if self.fd is None:
+            return None
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        status = f"/proc/{self.tid}/status"
+
+        def gone() -> bool:
+            if poller.poll(0):
+                return True                   # exited
+            return _fatal_signal_pending(status)
+        return gone
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+_SIGKILL_BIT = 1 << (9 - 1)
+
+
+def _fatal_signal_pending(status_path: str) -> bool:
+    """SIGKILL pending for the task (/proc/TID/status SigPnd): the kernel adds it
+    to every thread of a process that a fatal signal ends."""
+    try:
+        with open(status_path, "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    return bool(int(line.split()[1], 16) & _SIGKILL_BIT)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False

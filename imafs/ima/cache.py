@@ -61,12 +61,14 @@ class _Cache:
             return None
         return raw[_VERSION.size:]
 
-    def _put(self, key, version, value: bytes) -> None:
+    def _put(self, key, version, value: bytes) -> bool:
         try:
             with self.store.env.begin(write=True, db=self.db) as txn:
                 txn.put(_IDENTITY.pack(*key), _VERSION.pack(*version) + value)
+            return True
         except Exception as e:  # noqa: BLE001 - a cache: a full disk only costs a rehash
             log.warning("%s cache: cannot store an entry: %s", self.what, e)
+            return False
 
 
 class DigestCache(_Cache):
@@ -121,10 +123,29 @@ class TreeCache(_Cache):
             log.warning("tree cache: dropping a bad entry: %s", e)
             return None
 
-    def put(self, key, version, tree) -> None:
+    def put(self, key, version, tree) -> bool:
+        """Store the tree of this version; whether it is stored."""
         if self.db is None or version is None:
-            return
-        self._put(key, version, tree.to_bytes())
+            return False
+        return self._put(key, version, tree.to_bytes())
+
+    def read_leaves(self, key, version, tree, off: int, size: int) -> bytes | None:
+        """``size`` bytes of the stored leaf level of ``tree`` (this version of the
+        file) from byte ``off``, read from the map without loading the rest; None
+        when the entry is gone or is of another version."""
+        if self.db is None:
+            return None
+        start = _VERSION.size + tree.blob_leaves_offset() + off
+        try:
+            with self.store.env.begin(db=self.db, buffers=True) as txn:
+                raw = txn.get(_IDENTITY.pack(*key))
+                if raw is None or len(raw) < start + size \
+                        or _VERSION.unpack_from(raw, 0) != tuple(version):
+                    return None
+                return bytes(raw[start:start + size])
+        except Exception as e:  # noqa: BLE001 - the caller fails closed
+            log.warning("tree cache: cannot read leaves: %s", e)
+            return None
 
 
 class VerdictCache:

@@ -6,6 +6,8 @@ Also the engine's counters (:class:`Stats`), which this module updates the most.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import threading
@@ -14,7 +16,8 @@ from imafs.ima import hashing
 from imafs.ima.verity import VeritySpec
 from imafs.ima.appraise import get_hash_algo, needed_algo
 from imafs.ima.cache import DigestCache, TreeCache
-from imafs.ima.iint import FileRef, IInt, stat_version
+from imafs.ima.iint import AccessDenied, FileRef, IInt, stat_version
+from imafs.ima.treemem import TreeMemory
 
 log = logging.getLogger("imafs.engine")
 
@@ -26,7 +29,7 @@ class Stats:
     """The engine's counters (the ``stats`` control file). Hashing runs in many
     worker threads: changes go through ``add`` (locked); ``snapshot()`` is a copy."""
     NAMES = ("hashed_files", "hashed_bytes", "cache_hits", "tree_loads", "read_failures",
-             "reads_verified", "done_records")
+             "reads_verified", "done_records", "hashing_abandoned")
 
     def __init__(self):
         self.counts = dict.fromkeys(self.NAMES, 0)
@@ -73,10 +76,12 @@ class Collector:
     """Digests and verity trees of file versions (one per mount)."""
 
     def __init__(self, digests: DigestCache, trees: TreeCache, stats: Stats, *,
-                 verify_reads: bool = False):
+                 verify_reads: bool = False, memory: TreeMemory | None = None):
         self.digests = digests
         self.trees = trees
         self.stats = stats
+        # the byte budget of the trees in memory (treemem.py)
+        self.memory = memory if memory is not None else TreeMemory(trees)
         # read-time verification: every digest pass also builds the verity tree
         self.verify_reads = verify_reads
 
@@ -97,6 +102,7 @@ class Collector:
             return False
         ii.digests.update(cached)
         ii.tree = t
+        self.memory.hold(ii, t, stored=True)
         self.stats.add(cache_hits=1, tree_loads=t is not None)
         return True
 
@@ -120,6 +126,7 @@ class Collector:
             if cached and (t is not None or not tree):
                 ii.digests.update(cached)
                 ii.tree = t
+                self.memory.hold(ii, t, stored=True)
                 self.stats.add(cache_hits=1, tree_loads=t is not None)
                 d = ii.digests.get(algo)
                 if d is not None:
@@ -141,16 +148,18 @@ class Collector:
             sink = f.fill_cache()
         fd = f.fd if f.readable else f.reopen()
         try:
-            res = hashing.hash_fd(fd, want, verity=VeritySpec() if need_tree else None,
-                                  sink=sink)
-            if other_verity:   # fs-verity digest with another hash (sha512): its own pass
-                vt = hashing.hash_fd(fd, [], verity=VeritySpec(algo[7:])).tree
-                ii.digests[algo] = vt.verity_digest
+            with self._watch(f) as progress:
+                res = hashing.hash_fd(fd, want, sink=sink, progress=progress,
+                                      verity=VeritySpec() if need_tree else None)
+                if other_verity:   # fs-verity digest with another hash (sha512): own pass
+                    vt = hashing.hash_fd(fd, [], verity=VeritySpec(algo[7:]),
+                                         progress=progress).tree
+                    ii.digests[algo] = vt.verity_digest
             st = os.fstat(fd)
         finally:
             if fd != f.fd:
                 os.close(fd)
-        self.stats.add(hashed_files=1, hashed_bytes=res.size)
+        self.stats.add(hashed_files=1)
         ii.digests.update(res.digests)
         if res.tree is not None:
             ii.tree = res.tree
@@ -158,12 +167,37 @@ class Collector:
         # a file that changed while it was hashed: keep the result for this open (the
         # bytes served are checked against this very tree), but never cache it under
         # an identity it may not belong to
+        stored = False
         if ii.version is not None and ii.version[:3] == stat_version(st) \
                 and res.size == st.st_size:
             self.digests.put(ii.key, ii.version, ii.digests)
             if res.tree is not None:
-                self.trees.put(ii.key, ii.version, res.tree)
+                stored = self.trees.put(ii.key, ii.version, res.tree)
+        self.memory.hold(ii, res.tree, stored=stored)
         return ii.digests[algo]
+
+    @contextlib.contextmanager
+    def _watch(self, f: FileRef):
+        """A hashing pass's ``progress``: counts the bytes hashed (``hashed_bytes``
+        grows while a pass runs) and abandons the pass once the process that asked
+        for the open is gone (``FileRef.opener``): nobody waits for its answer, and
+        pyfuse3 delivers no FUSE interrupts. The open then fails (EINTR, for nobody);
+        the next open of the file starts a pass of its own."""
+        watch = f.opener() if f.opener is not None else contextlib.nullcontext(None)
+        done = [0]
+        with watch as gone:
+            def progress(n: int) -> bool:
+                done[0] += n
+                self.stats.add(hashed_bytes=n)
+                return gone is not None and gone()
+            try:
+                yield progress
+            except hashing.HashAbandoned:
+                self.stats.add(hashing_abandoned=1)
+                reason = (f"{os.fsdecode(f.path)}: hashing abandoned after {done[0]} bytes: "
+                          f"the process that opened it is gone")
+                log.info("%s", reason)
+                raise AccessDenied(errno.EINTR, reason) from None
 
     def verity_digest(self, ii: IInt, f: FileRef, algo: str, algos) -> bytes | None:
         """The fs-verity file digest in ``algo`` (what ``fsverity digest`` prints),

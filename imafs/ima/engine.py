@@ -42,6 +42,8 @@ from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epo
 from imafs.ima.policy import AccessEvent, Decision
 from imafs.ima.readverify import ReadVerifier, ReadVerifyError, verifiers_of
 from imafs.ima.record import Recorder, measurement_spec
+from imafs.ima.treemem import DEFAULT_BUDGET as DEFAULT_TREE_MEMORY
+from imafs.ima.treemem import TreeMemory
 
 log = logging.getLogger("imafs.engine")
 
@@ -73,13 +75,15 @@ class OpenRequest:
 
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
-                 verify_reads: bool = False, cache_store=None):
+                 verify_reads: bool = False, cache_store=None,
+                 tree_memory: int = DEFAULT_TREE_MEMORY):
         """``store`` holds what must survive a crash (lists, PCRs, namespaces, keys;
         synchronous commits). ``cache_store`` holds digests, verity trees and
         verdicts, which are only a cache: a lost entry is rehashed or decided again,
         so its commits need not wait for the disk (default: ``store``).
         ``verify_reads``: every digest pass also builds the file's verity tree, and
-        reads of measured/appraised files are checked with it."""
+        reads of measured/appraised files are checked with it. ``tree_memory``: the
+        bytes of verity trees kept in memory (treemem.py)."""
         self.tree = tree
         self.store = store
         self.audit = audit or AuditLog(None)
@@ -91,8 +95,9 @@ class Engine:
         self._stats = Stats()
         self.iints = IIntTable()
         self.exec_roles = ExecRoles()
+        self.tree_memory = TreeMemory(self.trees, tree_memory)
         self.collector = Collector(self.digests, self.trees, self._stats,
-                                   verify_reads=self.verify_reads)
+                                   verify_reads=self.verify_reads, memory=self.tree_memory)
         self.recorder = Recorder(store, self.audit)
         self.reads = ReadVerifier(self.recorder, (self.digests, self.trees, self.verdicts),
                                   self._stats)
@@ -113,7 +118,7 @@ class Engine:
 
     def stats(self) -> dict:
         """A snapshot of the engine's counters (the ``stats`` control file)."""
-        return self._stats.snapshot()
+        return {**self._stats.snapshot(), **self.tree_memory.stats()}
 
     def namespace_of(self, subject: Subject) -> Namespace:
         """The caller's namespace; a process that cannot be placed is refused, never
@@ -179,11 +184,18 @@ class Engine:
         req.decided = self.get_action(req.ns, req.events)
         # 3. the inode's lock, without waiting; the digests at hand without hashing
         if not ii.lock.acquire(blocking=False):
-            return Pending(self._finish_open, req)
+            return self._pending_open(req)
         if req.decided and not self.collector.warm(ii, f):
             ii.lock.release()
-            return Pending(self._finish_open, req)
+            return self._pending_open(req)
         return self._measure(req)
+
+    def _pending_open(self, req: OpenRequest) -> Pending:
+        """The rest of an open, for a worker thread: its cost is the file's size
+        (it may hash all of it, or wait for a pass over it), its owner the caller
+        (uid, namespace), for the FUSE layer to schedule fairly."""
+        return Pending(self._finish_open, req, cost=req.f.st.st_size if req.decided else 0,
+                       owner=(req.subject.uid, req.ns.id))
 
     def _finish_open(self, req: OpenRequest):
         """Pending.finish() of an open (a worker thread): steps 3-8 of the same

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HashAlgo", "HASH_ALGOS", "HASH_ALGO_BY_ID", "HASH_ALGO__LAST", "VERITY_ALGOS",
     "VERITY_ALGO_BY_ID", "TPM_ALGO_BY_ID",
-    "HashAlgoError", "UnsupportedAlgorithm",
+    "HashAlgoError", "UnsupportedAlgorithm", "HashAbandoned",
     "hash_algo", "kernel_algo", "new_hash", "algo_id", "algo_name", "digest_size", "available_algos",
     "format_digest", "parse_digest",
     "FileDigests", "hash_fd", "hash_bytes", "pread_full", "set_max_helpers",
@@ -270,6 +270,10 @@ class FileDigests:
         return format_digest(algo, self[algo])
 
 
+class HashAbandoned(Exception):
+    """A pass that ``progress`` asked to stop (nobody wants its result any more)."""
+
+
 class _FlatLane:
     """One flat digest."""
     __slots__ = ("name", "h")
@@ -442,7 +446,8 @@ def hash_bytes(data, algos: Iterable[str] | str = ("sha256",), *,
 
 def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
             verity: VeritySpec | None = None, chunk: int = 1 << 20,
-            sink: Callable[[int, memoryview], None] | None = None) -> FileDigests:
+            sink: Callable[[int, memoryview], None] | None = None,
+            progress: Callable[[int], bool] | None = None) -> FileDigests:
     """Hash an open regular file in one pass of ``pread`` calls (the file offset is
     neither used nor moved; other file types raise ``OSError``).
 
@@ -458,6 +463,9 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
 
     ``sink(offset, data)``: also given every chunk read, in order (the very bytes the
     digests and the tree are computed from); it may run in a helper thread.
+
+    ``progress(n)``: called in the calling thread after each chunk with the bytes
+    just read; a true answer abandons the pass (:class:`HashAbandoned`).
     """
     lanes = _make_lanes(algos, verity)
     if sink is not None:
@@ -478,6 +486,8 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
             mv = memoryview(data)
             for lane in lanes:
                 lane.feed(mv)
+        if progress is not None and progress(len(data)):
+            raise HashAbandoned("hashing abandoned")
         return _results(lanes, len(data), verity)
 
     helpers: list[_Helper] = []
@@ -488,13 +498,14 @@ def hash_fd(fd: int, algos: Iterable[str] | str = ("sha256",), *,
         n = len(lanes) if len(lanes) == 1 else len(lanes) - 1
         helpers = _POOL.take(min(n, _POOL.limit))
     try:
-        return _results(lanes, _stream(fd, size, chunk, lanes, helpers), verity)
+        return _results(lanes, _stream(fd, size, chunk, lanes, helpers, progress), verity)
     finally:
         if helpers:
             _POOL.give(helpers)
 
 
-def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper]) -> int:
+def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper],
+            progress: Callable[[int], bool] | None = None) -> int:
     """Read ``fd`` chunk by chunk and feed every lane; returns the bytes read.
 
     The flat lanes at the end of ``lanes`` run in ``helpers``, the rest here.
@@ -520,6 +531,8 @@ def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper])
                 for lane in lanes:
                     lane.feed(view)
             off += n
+            if progress is not None and progress(n):
+                raise HashAbandoned(f"hashing abandoned at offset {off}")
             if n < want:
                 break
         return off
@@ -567,6 +580,8 @@ def _stream(fd: int, size: int, chunk: int, lanes: list, helpers: list[_Helper])
                 lane.feed(view)
             off += n
             k += 1
+            if progress is not None and progress(n):
+                raise HashAbandoned(f"hashing abandoned at offset {off}")
             if n < want:
                 break
     finally:

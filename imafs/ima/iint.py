@@ -43,12 +43,20 @@ class Pending:
     from disk): ``args`` is what the inline attempt already computed, ``finish()``
     (called once, from a worker thread) completes the same work from there and
     returns what the call that gave this Pending would have returned, or raises as
-    it would have."""
-    __slots__ = ("_fn", "args")
+    it would have.
 
-    def __init__(self, fn: Callable, *args):
+    ``cost`` (bytes it may hash: 0 for a read, a release or a wait) and ``owner``
+    (who asked: (uid, namespace id)) let the caller schedule it: the FUSE layer
+    gives big hashing passes a lane of their own, shared fairly between owners
+    (fs/lanes.py), so that one caller's big files never hold up another's small
+    ones."""
+    __slots__ = ("_fn", "args", "cost", "owner")
+
+    def __init__(self, fn: Callable, *args, cost: int = 0, owner=None):
         self._fn = fn
         self.args = args
+        self.cost = cost
+        self.owner = owner
 
     def finish(self):
         return self._fn(*self.args)
@@ -146,6 +154,10 @@ class FileRef:
     # removes an xattr of the backing inode (EVM: a security.evm nothing protected
     # is left for)
     removexattr: Callable[[str], None] | None = None
+    # () -> a context manager giving ``gone() -> bool``: whether the process that
+    # asked for this open is gone (a pidfd: no pid reuse). A hashing pass for nobody
+    # is abandoned (pyfuse3 delivers no FUSE interrupts); None: never abandoned
+    opener: Callable[[], object] | None = None
 
     @property
     def key(self) -> tuple[int, int]:

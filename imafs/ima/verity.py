@@ -377,6 +377,21 @@ class MerkleTree:
             return res, buf
         return res, buf[lo:lo + size]
 
+    # -- memory -------------------------------------------------------------
+    def spill(self, leaves) -> None:
+        """Let the leaf level go from memory: ``leaves`` stands for it from now on --
+        any object with ``len()`` whose slices are the same bytes (ima/treemem.py
+        reads them back from the tree cache, checked against the level above,
+        which stays). Everything but :meth:`to_bytes`, :meth:`tree_bytes` and
+        ``==`` works on a spilled tree."""
+        if self._levels:
+            self._levels[-1] = leaves
+        self.leaves = leaves
+
+    def blob_leaves_offset(self) -> int:
+        """Where the leaf level starts in :meth:`to_bytes`."""
+        return _BLOB_HEAD.size + len(self.spec.salt) + self.spec.digest_size
+
     # -- storage ------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """Compact, versioned blob for the digest cache (see :meth:`from_bytes`)."""
