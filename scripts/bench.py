@@ -69,7 +69,7 @@ is mounted in the chroot (none of the commands needs one).
   r-ls     ``ls -lR /usr > /dev/null``
   r-tar    ``tar c /usr | wc -c``
 
-Measurements without a mount (``--only`` keys ``hash``, ``ns`` and ``dl``)
+Measurements apart from the modes (``--only`` keys ``hash``, ``ns``, ``dl`` and ``attack``)
   hash     imafs's own hashing (imafs.ima.hashing.hash_fd, sha256, and sha256 with the
            fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
            ("cold") and cached, against hashlib.sha256 over the same bytes in memory
@@ -77,6 +77,11 @@ Measurements without a mount (``--only`` keys ``hash``, ``ns`` and ``dl``)
            (CgroupBinder.ns_of, and read_ns uncached), host process and namespaced one
   dl       a digest list of 100,000 sha256 digests (10,000 with --quick): parse and
            load into a namespace's LMDB index, removal, and the per-open lookup
+  attack   issue 14's hashing attack on a mount of its own (benchlib/attack.py): uid 1000
+           opens ten sparse 3 GiB ELF-magic files (256 MiB with --quick) under a policy
+           measuring MMAP_CHECK and FILE_CHECK reads, reads verified; root's cold opens
+           of small files meanwhile: p50, p99, max (goal p99 < 100 ms), how soon hashing
+           stops once the openers are killed, verity-tree bytes and daemon RSS
 
 Method
   * Every timed run of a FUSE mode starts on a fresh mount (the mount is not timed): no

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchlib import drop_page_cache, import_imafs, read_files
 
-MICRO = ("hash", "ns", "dl")
+MICRO = ("hash", "ns", "dl", "attack")   # attack: benchlib/attack.py (its own mount)
 
 
 def hashing_micro(path: Path, reps: int) -> dict:

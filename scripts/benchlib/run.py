@@ -270,6 +270,13 @@ class Bench:
                     10_000 if self.args.quick else 100_000, self.args.reps)
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.micro["digest_list"] = {"error": str(e) or type(e).__name__}
+        if "attack" in self.micro_keys:
+            self.log("bench: hashing attack (issue 14): root's small-file opens meanwhile")
+            try:
+                from benchlib.attack import attack_micro
+                self.micro["attack"] = attack_micro(self.work, self.args.quick)
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["attack"] = {"error": str(e) or type(e).__name__}
         for k, v in self.micro.items():
             self.log(f"bench:   {k}: " + (f"n/a ({v['error']})" if "error" in v else "done"))
 
