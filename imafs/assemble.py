@@ -28,6 +28,7 @@ from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
 from imafs.ima.policy import Policy, load_policy_arg, parse_policy
+from imafs.ima.quota import Quota
 from imafs.ima.securityfs import Securityfs
 from imafs.ima.tpm import TPM, TPMError
 from imafs.store import Store
@@ -96,14 +97,18 @@ class Filesystem:
 def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
                    appraise: str = "enforce", template: str = "ima-ng",
                    hash_algo: str = "sha256", binder=None, audit=None,
-                   evm: EvmState | None = None, backing: str | None = None) -> NamespaceTree:
+                   evm: EvmState | None = None, backing: str | None = None,
+                   ns_quota: Quota | None = None) -> NamespaceTree:
     """The root namespace (``rules``, ``keyring``, ``mlist`` and options given) and the
     children stored in ``store``, each with its own list, PCRs, keyring and policy;
     a child's options default to its parent's (EVM: off unless ``evm=`` says, with
     the root's build-time configuration); every keyring shares the root's memo of
     verified signatures, and each has its own digest lists. ``binder`` places
     processes (None: every process is in the root namespace). ``backing``: a child's
-    HMAC key may not lie in it."""
+    HMAC key may not lie in it. ``ns_quota``: a child's storage quota unless its
+    options say (``quota``: quota.py's grammar, over this one); default
+    Quota.default()."""
+    base_quota = ns_quota if ns_quota is not None else Quota.default()
     verified = keyring.verified
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
                      keyring=keyring, appraise_mode=appraise, template=template,
@@ -131,7 +136,9 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
         algo = o.get("hash") or parent.hash_algo
         ring = Keyring(store, nsid)
         ring.verified = verified
-        return Namespace(
+        quota = Quota.parse(o["quota"], base_quota) if o.get("quota") else \
+            Quota(dict(base_quota.limits))
+        return Namespace(quota=quota, quota_spec=o.get("quota") or "",
             id=nsid, name=name, parent=parent, policy=Policy(parse_policy(policy_text)),
             mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
             keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
@@ -213,7 +220,9 @@ def build(opts) -> Filesystem:
                           appraise=x.get("appraise", "enforce"),
                           template=x.get("template", "ima-ng"),
                           hash_algo=x.get("hash", "sha256"), binder=binder, audit=audit,
-                          evm=evm, backing=opts.backing)
+                          evm=evm, backing=opts.backing,
+                          ns_quota=Quota.parse(x["ns_quota"], Quota.default())
+                          if x.get("ns_quota") else None)
     root = tree.root
     # --verify-reads on|off; default: on when the root policy has an appraise rule
     vr = x.get("verify_reads")

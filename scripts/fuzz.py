@@ -100,6 +100,8 @@ def _seed_model(sealed: bool) -> bytes:
 
 
 def seeds(target: str) -> list[bytes]:
+    if target == "quota":
+        return [b"list:100000:64M", b"list:0:-", b"list:12", b"list:5:4K,list:7:1G"]
     if target in ("policy", "ctl-policy"):
         from imafs.ima.policy import BUILTIN_POLICIES
         out = [t.encode() for t in BUILTIN_POLICIES.values()]
@@ -233,6 +235,17 @@ class Targets:
         ev = AccessEvent(func="BPRM_CHECK", mask=1, uid=0, euid=0, gid=0, egid=0, fowner=0,
                          fgroup=0, fsmagic=0xEF53, path="/bin/sh")
         Policy(rules).match(ev)
+
+    # --- namespace storage quotas
+    def quota(self, data: bytes) -> None:
+        from imafs.ima.quota import Quota, QuotaError
+        try:
+            q = Quota.parse(data.decode("utf-8", "replace"))
+        except QuotaError as e:
+            _clear(e)
+            return
+        if Quota.parse(q.text()).limits != q.limits:
+            raise Bug("a parsed quota does not print back to itself")
 
     # --- security.ima
     def xattr(self, data: bytes) -> None:
@@ -646,6 +659,7 @@ TARGETS = {
     "digest-list": "digest_list", "rpm-header": "rpm_header", "packages": "packages",
     "ns-options": "ns_options", "ns-event": "ns_event", "ctl-request": "ctl_request",
     "oci-state": "oci_state",
+    "quota": "quota",
 }
 
 

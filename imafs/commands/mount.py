@@ -27,7 +27,8 @@ def _mount(args) -> int:
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
                "audit_log": args.audit_log, "verify_reads": args.verify_reads,
                "tpm": args.tpm, "evm": args.evm, "evm_key": args.evm_key,
-               "evm_fsuuid": args.evm_fsuuid, "tree_memory": args.tree_memory})
+               "evm_fsuuid": args.evm_fsuuid, "tree_memory": args.tree_memory,
+               "ns_quota": args.ns_quota})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
@@ -45,6 +46,17 @@ def _mib(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a whole number of MiB, at least 1")
     return n
+
+
+def _quota(text: str) -> str:
+    """A --ns-quota specification that parses (argparse type; kept as text)."""
+    import argparse
+    from imafs.ima.quota import Quota, QuotaError
+    try:
+        Quota.parse(text)
+    except QuotaError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
 
 
 def _check_engine_args(opts) -> None:
@@ -150,6 +162,11 @@ def register(sub) -> None:
                    help="MiB of verity trees (1/128 of each verified file) the daemon keeps "
                         "in memory; past it they are read back from the tree cache as "
                         "needed (default 64)")
+    p.add_argument("--ns-quota", type=_quota, default=None, metavar="KIND:ENTRIES[:SIZE]",
+                   help="what each child integrity namespace may make the daemon store, "
+                        "e.g. list:100000:64M (entries and bytes of its measurement list; "
+                        "0 or - for no limit; default list:1000000:256M); a namespace at its "
+                        "quota fails closed (EIO) alone")
     p.add_argument("--tpm", metavar="TCTI",
                    help="also extend the root namespace's list into PCR 10 (and the PCR of "
                         "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "

@@ -365,6 +365,13 @@ class MeasurementList:
                 self._tpm_flush()
             return added
 
+    def listed(self, entry: TemplateEntry) -> bool:
+        """Whether an entry with the same PCR and sha1 template hash is in the list
+        (add() would not append it)."""
+        dupkey = _HASHKEY.pack(self.ns_id, entry.pcr) + entry.template_hash(self.banks[0])
+        with self.store.env.begin(db=self._hash) as txn:
+            return txn.get(dupkey) is not None
+
     def add_many(self, entries: Iterable[TemplateEntry]) -> list[bool]:
         """add() for many entries in one transaction (all or nothing)."""
         prepared = [self._prepare(e) for e in entries]

@@ -37,6 +37,7 @@ from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.nsoptions import APPRAISE_MODES, NAME_RE, OptionError  # noqa: F401
 from imafs.ima.policy import Policy
+from imafs.ima.quota import Quota
 from imafs.ima.record import record_buffer
 
 log = logging.getLogger("imafs.engine")
@@ -76,6 +77,9 @@ class Namespace:
     policy_epoch: int = 0
     origin: str = "inside"      # "host": made from the host (control socket)
     evm: EvmState = field(default_factory=EvmState)
+    #: what the namespace may make the daemon store (quota.py); the root's: no limit
+    quota: Quota = field(default_factory=Quota.unlimited)
+    quota_spec: str = ""        # its own ``quota=`` option, if any (kept; over the default)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
     # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
@@ -249,7 +253,7 @@ class NamespaceTree:
         rec = {"name": ns.name, "parent": ns.parent.id, "template": ns.template,
                "hash": ns.hash_algo, "appraise": ns.appraise_mode,
                "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", ""),
-               "origin": ns.origin}
+               "origin": ns.origin, "quota": ns.quota_spec}
         if ns.evm.mode != "off":
             rec.update(evm=ns.evm.mode, evm_flags=ns.evm.flags,
                        evm_key=ns.evm.key.source if ns.evm.key is not None else "",
@@ -270,6 +274,8 @@ class NamespaceTree:
             for k in ("evm", "evm_key", "evm_key_fp", "evm_flags"):
                 if rec.get(k):
                     opts[k] = rec[k]
+            if rec.get("quota"):
+                opts["quota"] = rec["quota"]
             ns = self._factory(nsid, rec["name"], parent, opts, rec["policy"])
             ns.uuid = rec.get("uuid", "")
             ns.origin = rec.get("origin", "inside")
@@ -392,9 +398,9 @@ class NamespaceTree:
         data = event_data(NS_CREATE, child) + (" " + extra if extra else "").encode()
         recorded = False
         try:
-            record_buffer(parent, NS_CREATE, data)
+            record_buffer(parent, NS_CREATE, data, audit=self.audit)
             recorded = True
-            record_buffer(child, NS_INIT, data)
+            record_buffer(child, NS_INIT, data, audit=self.audit)
         except Exception as e:  # noqa: BLE001 - fail closed, the process stays where it is
             self._undo_create(parent, child, recorded, pid, uid)
             raise NamespaceError(errno.EIO, f"cannot record the creation of {child.path}: "

@@ -1,9 +1,10 @@
 """ima_store_measurement, ima_add_violation, ima_audit_measurement and buffer events:
 what goes into a namespace's measurement list and audit log.
 
-An entry that cannot be stored (LMDB map full, disk full, I/O error) refuses the
-access with EIO -- it never goes on unmeasured -- with the reason in the log and the
-audit log; nothing is marked measured, so the next open tries again.
+An entry that cannot be stored (LMDB map full, disk full, I/O error, or the
+namespace's quota reached: quota.py) refuses the access with EIO -- it never goes on
+unmeasured -- with the reason in the log and the audit log; nothing is marked
+measured, so the next open tries again.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from imafs.ima.appraise import get_hash_algo
 from imafs.ima.audit import AuditLog
 from imafs.ima.iint import AccessDenied, FileRef, Subject
 from imafs.ima.policy import DEFAULT_PCR
+from imafs.ima.quota import QuotaExceeded, admit_list_entry
 from imafs.ima.templates import TEMPLATES, buf_entry, build_entry, violation_entry
 
 log = logging.getLogger("imafs.engine")
@@ -58,10 +60,12 @@ def entry(template: str, path: bytes, subject_ns: int, digest: bytes, xattr, pcr
                        ns_id=subject_ns, digest_type=digest_type)
 
 
-def record_buffer(ns, name: str, buf: bytes, *, pcr: int = DEFAULT_PCR) -> bool:
+def record_buffer(ns, name: str, buf: bytes, *, pcr: int = DEFAULT_PCR, audit=None) -> bool:
     """Measure a buffer (``ima-buf``) into a namespace's list (namespace creation and
-    removal...). Raises what the list's append raises."""
-    return ns.mlist.add(buf_entry(name, buf, algo=ns.hash_algo, pcr=pcr))
+    removal...). Raises what the list's append raises, or QuotaExceeded."""
+    e = buf_entry(name, buf, algo=ns.hash_algo, pcr=pcr)
+    admit_list_entry(ns, e, audit)
+    return ns.mlist.add(e)
 
 
 class Recorder:
@@ -75,6 +79,11 @@ class Recorder:
     def add(self, n, entry, subject: Subject, f: FileRef, what: str) -> None:
         """Append ``entry`` to namespace ``n``'s list, or fail closed (AccessDenied,
         EIO)."""
+        try:
+            admit_list_entry(n, entry, self.audit)
+        except QuotaExceeded as e:
+            raise AccessDenied(errno.EIO, f"{os.fsdecode(f.path)}: cannot record the {what}: "
+                                          f"{e}") from None
         try:
             n.mlist.add(entry)
             self._appended += 1

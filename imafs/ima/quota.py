@@ -1,0 +1,145 @@
+"""What one integrity namespace may make the daemon store on the host's disk.
+
+A child namespace's measurement list (and, with issues 17 and 18, its digest lists
+and its behaviour model) lives in the host's LMDB: a container that reads new files
+forever would fill the host's disk. Each namespace has a :class:`Quota`: per kind of
+store (``list``; later ``digest-lists``, ``model``) at most so many entries and so
+many bytes. A store that would go past it is refused (:class:`QuotaExceeded`) and
+the namespace fails closed -- its accesses that need a new entry of that kind are
+refused (record.py: EIO, as any entry that cannot be stored) -- while the host and
+its siblings go on; the first refusal of each namespace and kind is audited
+(``quota_exceeded``) and logged.
+
+Grammar (``--ns-quota`` for every child namespace of a mount; the containers'
+``quota=`` option of ns-create per namespace): ``KIND:ENTRIES[:SIZE]`` items,
+comma-separated; ``SIZE`` in bytes or with K, M, G (powers of 1024); ``0`` or
+``-`` is "no limit". Example: ``list:100000:64M``.
+
+For the ``list`` kind, entries are the list's entries and bytes the size of its
+binary view (``binary_runtime_measurements``, sha1 bank: what a verifier fetches).
+The root namespace has no quota (the kernel's list has none).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger("imafs.engine")
+
+KINDS = ("list",)          # digest lists (17) and models (18) add theirs
+DEFAULT_LIST = (1_000_000, 256 << 20)   # a child's list: entries, bytes of the binary view
+_SIZE = re.compile(r"(\d+)([KMG]?)\Z")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class QuotaError(ValueError):
+    """A quota specification that does not parse."""
+
+
+class QuotaExceeded(Exception):
+    """A store that would take a namespace past its quota (fail closed)."""
+
+    def __init__(self, ns_path: str, kind: str, what: str):
+        super().__init__(f"namespace {ns_path}: {kind} quota reached ({what})")
+        self.errno = errno.EIO
+        self.kind = kind
+
+
+def _number(text: str, *, size: bool) -> int | None:
+    if text in ("0", "-", ""):
+        return None
+    m = _SIZE.match(text.upper()) if size else re.fullmatch(r"\d+", text)
+    if m is None:
+        raise QuotaError(f"{text!r} is not a {'size (N, NK, NM, NG)' if size else 'count'}")
+    return int(m.group(1)) * _UNITS[m.group(2)] if size else int(text)
+
+
+@dataclass
+class Quota:
+    """Per kind: (entries, bytes), None for no limit."""
+    limits: dict = field(default_factory=dict)
+    _refused: set = field(default_factory=set, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                  compare=False)
+
+    @classmethod
+    def default(cls) -> "Quota":
+        """A child namespace's quota when nothing says otherwise."""
+        return cls({"list": DEFAULT_LIST})
+
+    @classmethod
+    def unlimited(cls) -> "Quota":
+        return cls({})
+
+    @classmethod
+    def parse(cls, text: str, base: "Quota | None" = None) -> "Quota":
+        """``KIND:ENTRIES[:SIZE],...`` over ``base`` (kinds not named keep its
+        limits)."""
+        limits = dict(base.limits) if base is not None else {}
+        if not text.strip():
+            raise QuotaError("empty quota (KIND:ENTRIES[:SIZE], e.g. list:100000:64M)")
+        for item in text.split(","):
+            parts = item.strip().split(":")
+            if len(parts) not in (2, 3) or parts[0] not in KINDS:
+                raise QuotaError(f"{item!r}: expected KIND:ENTRIES[:SIZE] with KIND one of "
+                                 f"{', '.join(KINDS)}")
+            try:
+                entries = _number(parts[1], size=False)
+                size = _number(parts[2], size=True) if len(parts) == 3 else None
+            except QuotaError as e:
+                raise QuotaError(f"{item.strip()}: {e}") from None
+            limits[parts[0]] = (entries, size)
+        return cls(limits)
+
+    def text(self) -> str:
+        """The specification that parses back to this quota."""
+        return ",".join(f"{k}:{e if e is not None else 0}:{b if b is not None else 0}"
+                        for k, (e, b) in sorted(self.limits.items())) or "-"
+
+    def admit(self, ns_path: str, kind: str, entries: int, size: int, add: int,
+              audit=None) -> None:
+        """May a namespace holding ``entries`` entries of ``size`` bytes of ``kind``
+        store one more of ``add`` bytes? Raises QuotaExceeded (audited and logged
+        the first time for this namespace and kind)."""
+        lim = self.limits.get(kind)
+        if lim is None:
+            return
+        max_entries, max_bytes = lim
+        if max_entries is not None and entries + 1 > max_entries:
+            what = f"{entries} entries, at most {max_entries}"
+        elif max_bytes is not None and size + add > max_bytes:
+            what = f"{size} + {add} bytes, at most {max_bytes}"
+        else:
+            return
+        err = QuotaExceeded(ns_path, kind, what)
+        with self._lock:
+            first = kind not in self._refused
+            self._refused.add(kind)
+        if first:
+            log.error("%s: new entries refused, accesses that need one fail (EIO) in this "
+                      "namespace only", err)
+            if audit is not None:
+                audit.record("quota_exceeded", ns=ns_path, kind=kind, used_entries=entries,
+                             used_bytes=size, limit_entries=max_entries, limit_bytes=max_bytes)
+        else:
+            log.debug("%s", err)
+        raise err
+
+
+def admit_list_entry(ns, entry, audit=None) -> None:
+    """Before ``entry`` goes into namespace ``ns``'s list: within its quota, or
+    already listed (an entry the list has is not stored twice)."""
+    quota = getattr(ns, "quota", None)
+    if quota is None or "list" not in quota.limits:
+        return
+    ml = ns.mlist
+    try:
+        quota.admit(ns.path, "list", ml.count, ml.size("binary"),
+                    len(entry.binary_record("sha1")), audit)
+    except QuotaExceeded:
+        if not entry.violation and ml.listed(entry):
+            return
+        raise
