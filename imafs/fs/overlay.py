@@ -185,7 +185,7 @@ class Inode:
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode", "flags", "token", "writable", "pin")
+    __slots__ = ("fd", "inode", "flags", "token", "writable", "pin", "uid")
 
     def __init__(self, fd, inode, flags, token):
         self.fd = fd
@@ -194,17 +194,19 @@ class OpenFile:
         self.token = token
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         self.pin = None    # the node's descriptor, pinned while the handle is open
+        self.uid = None    # whose handle it is (counted against the uid's share)
 
 
 class DirHandle:
     """An open backing directory. Offsets are the backing file system's own
     (getdents ``d_off``): stable while the directory changes, as the kernel's are."""
-    __slots__ = ("inode", "fd", "buf", "i", "at", "entries", "pin")
+    __slots__ = ("inode", "fd", "buf", "i", "at", "entries", "pin", "uid")
 
     def __init__(self, inode, fd):
         self.inode = inode
         self.fd = fd
         self.pin = None    # the node's descriptor, pinned while the handle is open
+        self.uid = None    # whose handle it is (counted against the uid's share)
         self.buf = []      # entries read at offset ``at``; buf[i] is the next to send
         self.i = 0
         self.at = 0
@@ -272,9 +274,16 @@ class Overlay(pyfuse3.Operations):
         self.root.nlookup = 1
         #: the backing root's O_PATH descriptor, held for the mount's life
         self.root_fd = rootfd
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if fd_cache is None:
-            fd_cache = cache_size(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            fd_cache = cache_size(soft)
         self.fds = self.root.fds = NodeFds(self.root, rootfd, self.backing, fd_cache)
+        # every open handle holds a backing descriptor: one user (root aside) may hold
+        # a quarter of what the node cache and a reserve leave, so that no user can
+        # take the daemon's last descriptors from the others
+        self.handle_share = max(64, (soft - fd_cache - 64) // 4)
+        self._handles_of: dict[int, int] = {}
+        self._share_warned: set[int] = set()
         self.inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: self.root}
         self.by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
         self.other_dev: dict[tuple[int, int], int] = {}
@@ -386,7 +395,32 @@ class Overlay(pyfuse3.Operations):
             fh = self._next_fh
             self._next_fh += 1
         self.handles[fh] = obj
+        uid = getattr(obj, "uid", None)
+        if uid:
+            self._handles_of[uid] = self._handles_of.get(uid, 0) + 1
         return fh
+
+    def _share(self, uid: int) -> None:
+        """Refuse (EMFILE) a new handle to a user (root aside) who holds its share of
+        the daemon's descriptors already (logged once per user until it drops)."""
+        if uid and self._handles_of.get(uid, 0) >= self.handle_share:
+            if uid not in self._share_warned:
+                self._share_warned.add(uid)
+                log.warning("uid %d holds %d open handles, its share of the daemon's "
+                            "descriptors: its further opens fail with EMFILE", uid,
+                            self.handle_share)
+            raise FUSEError(errno.EMFILE)
+
+    def _unshare(self, h) -> None:
+        """A handle of ``h.uid`` closed."""
+        if h.uid:
+            n = self._handles_of.get(h.uid, 0) - 1
+            if n > 0:
+                self._handles_of[h.uid] = n
+            else:
+                self._handles_of.pop(h.uid, None)
+            if n < self.handle_share // 2:
+                self._share_warned.discard(h.uid)
 
     async def _in_thread(self, fn, *args):
         return await self.lanes.run(fn, *args)
@@ -643,6 +677,7 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
     async def open(self, inode, flags, ctx):
         node = self.inode(inode)
+        self._share(ctx.uid)
         exec_ = bool(flags & FMODE_EXEC)
         oflags = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC
         # O_TRUNC (FUSE atomic_o_trunc) waits for the hooks: the kernel appraises a
@@ -669,7 +704,7 @@ class Overlay(pyfuse3.Operations):
                 self.fds.unpin(pin)
                 raise
         h = OpenFile(fd, node, oflags, token)
-        h.pin = pin
+        h.pin, h.uid = pin, ctx.uid
         try:
             if trunc:
                 _truncate_opened(fd, oflags)
@@ -715,6 +750,7 @@ class Overlay(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self.inode(parent_inode)
         caller = _caller(ctx)
+        self._share(caller.uid)
         perm = stat.S_IMODE(mode) & ~caller.umask
         base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
         trunc = False
@@ -759,6 +795,7 @@ class Overlay(pyfuse3.Operations):
             os.close(fd)
             raise _fuse_error(e)
         h = OpenFile(fd, None, base, None)
+        h.uid = caller.uid
         try:
             if created:
                 self._own_new(pfd, caller, parent, perm, False)
@@ -881,6 +918,7 @@ class Overlay(pyfuse3.Operations):
             pass
         if h.pin is not None:
             self.fds.unpin(h.pin)
+        self._unshare(h)
         if h.token is not None:
             # inline, before any later request runs: FUSE RELEASE is asynchronous to
             # close(), and the next OPEN must see the open counts without this handle
@@ -920,6 +958,7 @@ class Overlay(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
         node = self.inode(inode)
+        self._share(ctx.uid)
         try:
             pin = self.fds.pin(node)     # pinned while the handle is open
         except OSError as e:
@@ -931,7 +970,7 @@ class Overlay(pyfuse3.Operations):
             self.fds.unpin(pin)
             raise _fuse_error(e)
         h = DirHandle(node, fd)
-        h.pin = pin
+        h.pin, h.uid = pin, ctx.uid
         return self._new_fh(h)
 
     @staticmethod
@@ -1007,6 +1046,7 @@ class Overlay(pyfuse3.Operations):
             os.close(h.fd)
             if h.pin is not None:
                 self.fds.unpin(h.pin)
+            self._unshare(h)
 
     async def fsyncdir(self, fh, datasync):
         h = self.handles.get(fh)

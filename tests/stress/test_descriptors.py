@@ -124,3 +124,61 @@ def test_descriptors_bounded_under_a_low_limit(make_mount, world_tmp, backing):
     assert peak < FD_BOUND, f"the daemon held {peak} descriptors"
     log = m.log_text()
     assert "Too many open files" not in log and "Traceback" not in log, log[-3000:]
+
+
+HOLDER = """
+import errno, os, sys
+held, refused = [], 0
+for i in range(int(sys.argv[2])):
+    try:
+        held.append(os.open(f"{sys.argv[1]}/h{i}", os.O_RDONLY))
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        refused += 1
+print(len(held), refused, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_one_user_cannot_take_the_last_descriptors(make_mount, world_tmp):
+    """uid 1000 opens 600 files through the mount and keeps them open: past its
+    share of the daemon's descriptors (a quarter of 1024 - 128 - 64: 208) its opens
+    fail with EMFILE, and root's lookups, opens and exec go on."""
+    backing = world_tmp / "backing"
+    backing.mkdir()
+    (backing / "pub").mkdir()
+    for i in range(600):
+        (backing / "pub" / f"h{i}").write_bytes(b"x")
+    (backing / "big").mkdir()
+    for i in range(FILES // 100):
+        (backing / "big" / f"f{i:06d}").write_bytes(b"")
+    (backing / "bin").mkdir()
+    shutil.copy("/bin/busybox", backing / "bin" / "busybox")
+    (backing / "small").write_bytes(b"small file\n")
+    m = make_mount(["--log-level", "info"], backing=backing, start=False)
+    m.wrap = ["prlimit", f"--nofile={NOFILE}"]
+    m.start()
+    pid = m.pid()
+
+    def demote():
+        os.setgroups([])
+        os.setgid(1000)
+        os.setuid(1000)
+    p = subprocess.Popen([SYSTEM_PYTHON, "-c", HOLDER, str(m.mnt / "pub"), "600"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         preexec_fn=demote)
+    try:
+        held, refused = map(int, p.stdout.readline().split())
+        assert held == 208 and refused == 600 - 208, (held, refused)
+        for i in range(0, FILES // 100, 7):
+            with open(m.mnt / "big" / f"f{i:06d}", "rb") as f:
+                assert f.read() == b""
+        assert (m.mnt / "small").read_bytes() == b"small file\n"
+        r = subprocess.run([str(m.mnt / "bin" / "busybox"), "true"], timeout=30)
+        assert r.returncode == 0
+        assert _fds(pid) < FD_BOUND + 208
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+    assert "uid 1000 holds 208 open handles" in m.log_text()
