@@ -23,6 +23,7 @@ log = logging.getLogger("imafs.engine")
 
 VERITY_TREE_DIGEST = "verity-sha256"   # the fs-verity digest of ii.tree, in ii.digests
 FILL_MAX = 1 << 30     # files up to this size go into the page cache as they are hashed
+WATCH_AFTER = 4 << 20  # a pass watches its opener from here on (a smaller one just ends)
 
 
 class Stats:
@@ -179,17 +180,22 @@ class Collector:
     @contextlib.contextmanager
     def _watch(self, f: FileRef):
         """A hashing pass's ``progress``: counts the bytes hashed (``hashed_bytes``
-        grows while a pass runs) and abandons the pass once the process that asked
-        for the open is gone (``FileRef.opener``): nobody waits for its answer, and
-        pyfuse3 delivers no FUSE interrupts. The open then fails (EINTR, for nobody);
-        the next open of the file starts a pass of its own."""
-        watch = f.opener() if f.opener is not None else contextlib.nullcontext(None)
+        grows while a pass runs) and, past the first WATCH_AFTER bytes, abandons the
+        pass once the process that asked for the open is gone (``FileRef.opener``):
+        nobody waits for its answer, and pyfuse3 delivers no FUSE interrupts. The
+        open then fails (EINTR, for nobody); the next open of the file starts a pass
+        of its own."""
         done = [0]
-        with watch as gone:
+        gone = [None]
+        with contextlib.ExitStack() as stack:
             def progress(n: int) -> bool:
                 done[0] += n
                 self.stats.add(hashed_bytes=n)
-                return gone is not None and gone()
+                if done[0] < WATCH_AFTER or f.opener is None:
+                    return False
+                if gone[0] is None:
+                    gone[0] = stack.enter_context(f.opener()) or (lambda: False)
+                return gone[0]()
             try:
                 yield progress
             except hashing.HashAbandoned:
