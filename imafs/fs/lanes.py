@@ -14,8 +14,7 @@ root's open of a small file waited a minute (issue 14). So:
   ``cost``, set by the engine) runs here: at most ``big`` at once, never on the
   common lane's threads, and at most one per owner; owners waiting for a slot get
   it in turn (trio's limiters are first come, first served, and an owner waits
-  with one pass at a time). Its threads run at nice 10 meanwhile: on a busy
-  machine the event loop and the common lane get the CPUs first.
+  with one pass at a time).
 
 An owner's passes queue behind each other, not in front of anybody else's. A pass
 whose opener has gone is abandoned by the engine (``FileRef.opener``), which frees
@@ -23,30 +22,9 @@ its slot.
 """
 from __future__ import annotations
 
-import os
-import threading
-
 import trio
 
 SMALL_COST = 8 << 20    # bytes: up to this, an open hashes in the common lane (~10 ms)
-HASHING_NICE = 10       # the hashing lane's threads yield the CPUs to everything else
-
-
-def _niced(fn, *args):
-    """``fn(*args)`` at a lower CPU priority (this thread only; restored after: trio
-    reuses its threads)."""
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, HASHING_NICE)
-    except OSError:
-        return fn(*args)
-    try:
-        return fn(*args)
-    finally:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, 0)
-        except OSError:         # cannot raise it back (no CAP_SYS_NICE): leave it
-            pass
 
 
 class _Owner:
@@ -81,7 +59,7 @@ class Lanes:
                 async with o.common:
                     return await trio.to_thread.run_sync(fn, *args, limiter=self.common)
             async with o.hashing:
-                return await trio.to_thread.run_sync(_niced, fn, *args, limiter=self.hashing)
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.hashing)
         finally:
             o.users -= 1
             if o.users == 0:
