@@ -81,19 +81,28 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, read
         opener=opener)
 
 
+def fd_file_ref(fd: int, st: os.stat_result, path: bytes, **kw) -> FileRef:
+    """A read-only ``FileRef`` of a descriptor the caller holds (and closes), reopened
+    and its xattrs written through ``/proc/self/fd/N``: the inode itself, no name. ``kw``:
+    ``fs`` and ``generation`` when the caller knows them, else read here."""
+    node = sysio.proc_path(fd)
+    if "fs" not in kw:
+        kw["fs"] = sysio.fs_info(fd, st.st_dev)
+    if "generation" not in kw:
+        kw["generation"] = sysio.generation(fd, st.st_dev)
+    return file_ref(fd, st, path, readable=True,
+                    reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
+                    setxattr=lambda n, v: os.setxattr(node, n, v),
+                    removexattr=lambda n: os.removexattr(node, n), **kw)
+
+
 def open_in_mount(root_fd: int, path: str, mountpoint: str = "") -> FileRef:
     """A path of the mount (``resolve.open_regular``: regular files only, symlinks
     resolved inside the mount) as a read-only ``FileRef``; the caller closes its
     ``fd``. What the control files (ima/securityfs.py) open a path with."""
     fd, st, rel = open_regular(root_fd, path, mountpoint)
-    node = sysio.proc_path(fd)
     try:
-        return file_ref(fd, st, rel.encode(), readable=True,
-                        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
-                        setxattr=lambda n, v: os.setxattr(node, n, v),
-                        removexattr=lambda n: os.removexattr(node, n),
-                        fs=sysio.fs_info(fd, st.st_dev),
-                        generation=sysio.generation(fd, st.st_dev))
+        return fd_file_ref(fd, st, rel.encode())
     except BaseException:
         os.close(fd)
         raise
@@ -115,13 +124,7 @@ def open_as_writer(pid: int, uid: int, gid: int, path: str, *, backing_of,
     fd, st, shown, _on_mount = open_as_seen_by(pid, path, mount_dev=_mount_dev(mountpoint),
                                                backing_of=backing_of, creds=creds)
     try:
-        node = sysio.proc_path(fd)
-        return file_ref(fd, st, shown, readable=True,
-                        reopen=lambda: os.open(node, os.O_RDONLY | os.O_CLOEXEC),
-                        setxattr=lambda n, v: os.setxattr(node, n, v),
-                        removexattr=lambda n: os.removexattr(node, n),
-                        fs=sysio.fs_info(fd, st.st_dev),
-                        generation=sysio.generation(fd, st.st_dev))
+        return fd_file_ref(fd, st, shown)
     except BaseException:
         os.close(fd)
         raise

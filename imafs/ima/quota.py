@@ -10,8 +10,9 @@ refused (record.py: EIO, as any entry that cannot be stored) -- while the host a
 its siblings go on; the first refusal of each namespace and kind is audited
 (``quota_exceeded``) and logged.
 
-Grammar (``--ns-quota`` for every child namespace of a mount; the containers'
-``quota=`` option of ns-create per namespace): ``KIND:ENTRIES[:SIZE]`` items,
+Grammar (``--ns-quota`` for every child namespace of a mount; a namespace record's
+``quota`` overrides it, for the ``quota=`` option of ns-create once per-subtree quotas
+wire that slot of nsoptions.py): ``KIND:ENTRIES[:SIZE]`` items,
 comma-separated; ``SIZE`` in bytes or with K, M, G (powers of 1024); ``0`` or
 ``-`` is "no limit". Example: ``list:100000:64M``.
 

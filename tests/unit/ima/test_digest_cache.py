@@ -19,8 +19,7 @@ import pytest
 
 import _ima_testkeys as tk
 from imafs.assemble import namespace_tree
-from imafs.fs.adapter import file_ref, open_as_writer, open_in_mount
-from imafs.fs import sysio
+from imafs.fs.adapter import fd_file_ref, open_as_writer, open_in_mount
 from imafs.ima import appraise as ap
 from imafs.ima import digest_lists as dl
 from imafs.ima.audit import AuditLog
@@ -106,9 +105,7 @@ class World:
         """An exec open of ``path`` (BPRM_CHECK), settled and released."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            f = file_ref(fd, os.fstat(fd), path.encode(), sysio.proc_path(fd),
-                         readable=True, fs=sysio.fs_info(fd, os.fstat(fd).st_dev),
-                         generation=0)
+            f = fd_file_ref(fd, os.fstat(fd), path.encode(), generation=0)
             st = settle(self.engine.file_open(Subject(ME, 0, 0), f,
                                               OpenMode(exec_=True),
                                               funcs=[("BPRM_CHECK", 1)]))
