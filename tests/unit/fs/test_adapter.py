@@ -13,6 +13,7 @@ import pytest
 from conftest import wait_for
 from imafs.fs import adapter as adapter_mod
 from imafs.fs.adapter import IntegrityHooks
+from imafs.fs.nodefd import NodeFds
 from imafs.fs.overlay import Caller, Denied, Inode
 from imafs.ima.engine import AccessDenied, FileRef, OpenMode, OpenState, Pending, Subject
 
@@ -80,14 +81,17 @@ class FakeEngine:
 @pytest.fixture
 def tree(tmp_path):
     """A root inode (the backing directory) and the inode of its file ``f``, as the
-    overlay keeps them (O_PATH descriptors)."""
+    overlay keeps them (nodes found again through fs/nodefd.py)."""
     (tmp_path / "f").write_bytes(b"0123456789" * 1000)
-    fds = [os.open(tmp_path, os.O_PATH), os.open(tmp_path / "f", os.O_PATH)]
-    root = Inode(1, fds[0], os.fstat(fds[0]), None, b"")
-    f = Inode(7, fds[1], os.fstat(fds[1]), root, b"f")
+    rootfd = os.open(tmp_path, os.O_PATH)
+    root = Inode(1, None, os.fstat(rootfd), None, b"")
+    fds = root.fds = NodeFds(root, rootfd, str(tmp_path), 64)
+    fd = os.open(tmp_path / "f", os.O_PATH)
+    f = Inode(7, fds, os.fstat(fd), root, b"f")
+    fds.identify(f, fd)
+    fds.adopt(f, fd)
     yield root, f, tmp_path / "f"
-    for fd in fds:
-        os.close(fd)
+    fds.close()
 
 
 @pytest.fixture

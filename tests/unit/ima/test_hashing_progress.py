@@ -7,10 +7,11 @@ import os
 import pytest
 
 from imafs.ima import hashing
+from imafs.ima.verity import VeritySpec
 
 
 @pytest.mark.parametrize("size", [1000, 5 << 20])
-@pytest.mark.parametrize("verity", [None, hashing.VeritySpec()])
+@pytest.mark.parametrize("verity", [None, VeritySpec()])
 def test_progress_counts_and_abandons(tmp_path, size, verity):
     p = tmp_path / "f"
     p.write_bytes(os.urandom(size))
