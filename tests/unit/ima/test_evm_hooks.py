@@ -14,8 +14,7 @@ import stat
 import pytest
 
 from imafs.assemble import namespace_tree
-from imafs.fs import sysio
-from imafs.fs.adapter import file_ref
+from imafs.fs.adapter import fd_file_ref
 from imafs.ima import appraise as ap
 from imafs.ima import evm
 from imafs.ima.audit import AuditLog
@@ -88,10 +87,7 @@ class World:
         return ns
 
     def ref(self, fd):
-        st = os.fstat(fd)
-        return file_ref(fd, st, b"/f", str(self.path), readable=True,
-                        fs=sysio.fs_info(fd, st.st_dev),
-                        generation=sysio.generation(fd, st.st_dev))
+        return fd_file_ref(fd, os.fstat(fd), b"/f")
 
     def check(self, ns):
         fd = os.open(self.path, os.O_RDONLY)
