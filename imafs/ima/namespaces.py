@@ -80,6 +80,10 @@ class Namespace:
     #: what the namespace may make the daemon store (quota.py); the root's: no limit
     quota: Quota = field(default_factory=Quota.unlimited)
     quota_spec: str = ""        # its own ``quota=`` option, if any (kept; over the default)
+    # the namespace's behaviour model (imafs/ima/model.py; docs/models.md), or None;
+    # model_option: what ns-create's model= said ("learn" or a model file's path)
+    model: object = field(default=None, repr=False)
+    model_option: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
     # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
@@ -258,6 +262,8 @@ class NamespaceTree:
             rec.update(evm=ns.evm.mode, evm_flags=ns.evm.flags,
                        evm_key=ns.evm.key.source if ns.evm.key is not None else "",
                        evm_key_fp=ns.evm.key.fingerprint.hex() if ns.evm.key else "")
+        if ns.model_option:
+            rec["model"] = ns.model_option
         with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
             t.put(struct.pack(">I", ns.id), json.dumps(rec).encode())
 
@@ -276,6 +282,8 @@ class NamespaceTree:
                     opts[k] = rec[k]
             if rec.get("quota"):
                 opts["quota"] = rec["quota"]
+            if rec.get("model"):
+                opts["model"] = rec["model"]
             ns = self._factory(nsid, rec["name"], parent, opts, rec["policy"])
             ns.uuid = rec.get("uuid", "")
             ns.origin = rec.get("origin", "inside")
@@ -342,8 +350,12 @@ class NamespaceTree:
             del parent.children[name]
             del self.by_id[ns.id]
             if self.store is not None:
+                # its stored model goes with it (imafs/ima/modelstore.py)
+                models = self.store.db("models") if ns.model is not None else None
                 with self.store.env.begin(write=True, db=self.store.db("ns")) as t:
                     t.delete(struct.pack(">I", ns.id))
+                    if models is not None:
+                        t.delete(struct.pack(">I", ns.id), db=models)
             if ns.digest_lists is not None:     # its id is never given again
                 try:
                     ns.digest_lists.clear()

@@ -9,6 +9,10 @@ value is and who may give it:
 
 * value options -- ``template``, ``hash``, ``appraise``, ``evm`` -- may be given
   anywhere;
+* ``model`` -- a behaviour model (docs/models.md): ``learn`` anywhere; or the
+  absolute path of a model file, which names a file inside the mount when written to
+  ``ns-create`` (the daemon reads it as a policy file) and a host file for host-side
+  creators, which read it themselves (imafs/ctl/profiles.py) and send its text;
 * host-file options -- ``policy`` (a host file of rules), ``keys`` (a host
   directory of certificates) -- name files of the host, so only host-side creators
   give them (``host_files=True``); from inside the mount they are refused: the mount
@@ -18,9 +22,8 @@ value is and who may give it:
   too, refused from inside the mount alike, but the daemon reads them itself, by the
   path a host-side creator sends (``host_paths=True``): a key is read again at each
   mount, and its bytes never travel;
-* slots -- ``quota`` (per-subtree namespace quotas), ``model`` (behaviour models),
-  ``digest_lists`` (digest lists) -- are reserved for the
-  work that builds them: the grammar knows their names and refuses them with a
+* slots -- ``quota`` (per-subtree namespace quotas), ``digest_lists`` (digest
+  lists) -- are reserved for the work that builds them: the grammar knows their names and refuses them with a
   message that says they are not built yet, so no creator mistakes them for
   unknown words or gets them silently ignored. Building one means replacing its
   parser in OPTIONS (and, for a host file, its loader).
@@ -104,6 +107,13 @@ def _host_path(name: str) -> Callable[[str], str]:
     return parse
 
 
+def _model(v: str) -> str:
+    if v != "learn" and (not v.startswith("/") or "\0" in v):
+        raise OptionError("model", f"{v!r} is neither 'learn' nor the absolute path of a "
+                                   f"model file")
+    return v
+
+
 def _slot(name: str, issue: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         raise OptionError(name, f"reserved for {issue}, which is not built yet: no "
@@ -125,8 +135,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("quota", "slot", "namespaces (and storage) a namespace and its descendants may "
                             "hold", _slot("quota", "per-subtree quotas (issues 14 and 15)"),
            "per-subtree quotas (issues 14 and 15)"),
-    Option("model", "slot", "behaviour model: learn, or a host model file",
-           _slot("model", "behaviour models (issue 18)"), "behaviour models (issue 18)"),
+    Option("model", "value", "learn, or PATH: a behaviour model, learning or from a model "
+                             "file (inside the mount from ns-create, a host file from the "
+                             "host)", _model),
     Option("evm", "value", "enforce|log|off: EVM in the namespace (default: off)", _evm),
     Option("evm_key", "host-path", "a host file: the namespace's EVM HMAC key (raw "
                                    "bytes, root's, mode 600; needs evm=enforce|log)",

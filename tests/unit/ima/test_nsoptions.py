@@ -80,7 +80,18 @@ def test_evm_options():
     assert "not an absolute path" in str(e.value)
 
 
-@pytest.mark.parametrize("slot", ["quota", "model", "digest_lists"])
+def test_model_is_learn_or_an_absolute_path():
+    for host in (False, True):
+        assert no.parse_create("a model=learn", host_files=host)[1] == {"model": "learn"}
+        assert no.parse_create("a model=/m/x.model", host_files=host)[1] == {
+            "model": "/m/x.model"}
+        for bad in ("teach", "rel/x.model", ""):
+            with pytest.raises(no.OptionError) as e:
+                no.parse_create(f"a model={bad}", host_files=host)
+            assert e.value.option == "model"
+
+
+@pytest.mark.parametrize("slot", ["quota", "digest_lists"])
 def test_slots_are_known_and_refused_as_not_built(slot):
     assert no.OPTIONS[slot].kind == "slot" and no.OPTIONS[slot].issue
     for host in (False, True):
