@@ -59,12 +59,17 @@ class ModelError(ValueError):
 
 class Actor(NamedTuple):
     """Who acts: the task's stable key, its parent's key (used the first time the
-    task is seen), its credentials, and its pid and name for the records only."""
+    task is seen), its credentials, and its pid and name for the records only.
+    ``lineage``: when a model does not know ``parent`` (or it is None), a callable
+    giving the keys of the task's further ancestors, nearest first; the first one the
+    model knows is taken as the parent (a process that forked without acting through
+    the mount between the task and that ancestor)."""
     key: Hashable
     parent: Hashable | None
     coe: Coe
     pid: int = 0
     comm: str = ""
+    lineage: Callable[[], Iterator[Hashable]] | None = None
 
 
 class Decision(NamedTuple):
@@ -216,11 +221,17 @@ class Model:
         t = self.tasks.get(actor.key)
         if t is not None:
             return t
+        # the parent, found without the lock (lineage may read /proc)
+        parent = self.tasks.get(actor.parent) if actor.parent is not None else None
+        if parent is None and actor.lineage is not None:
+            for key in actor.lineage():
+                parent = self.tasks.get(key)
+                if parent is not None:
+                    break
         with self.lock:
             t = self.tasks.get(actor.key)
             if t is not None:
                 return t
-            parent = self.tasks.get(actor.parent) if actor.parent is not None else None
             if parent is None:
                 t = Task(ZERO, ZERO, False)
             else:
@@ -268,18 +279,28 @@ class Model:
                 vals[i] = ZERO
         return tuple(vals), created
 
+    def _substitutes(self, event: Event) -> bool:
+        """Does this model name a part of the event otherwise than the event does (a
+        file created inside it, a pseudonym)?"""
+        if self.created:
+            for ref in event.refs:
+                if ref[3] is not None and ref[3] in self.created:
+                    return True
+        return bool(self.pseudonyms) and event.pseudonym() in self.pseudonyms
+
     def assess(self, actor: Actor, event: Event) -> _Assessed:
         """Map the event and say what this model would answer; nothing recorded."""
         task = self.tasks.get(actor.key) or self.task(actor)
         coe_id = mm.coe_digest(actor.coe)
         with self.lock:
-            if self.created or self.pseudonyms or event.creates:
+            if event.creates or self._substitutes(event):
                 values, created = self._resolve(task, event)
-                cell = mm.encode_cell(event.name, values)
+                cell_id = mm.cell_id(event.name, values)
             else:
-                values, created, cell = event.values, None, event.cell()
-            coef = mm.coefficient(event.bname, task.parent_id, task.task_id, coe_id, cell)
-            new_id = (mm.task_identity(task.parent_id, coe_id, cell)
+                values, created, cell_id = event.values, None, event.cell_id()
+            coef = mm.coefficient_of(event.bname, task.parent_id, task.task_id, coe_id,
+                                     cell_id)
+            new_id = (mm.task_identity_of(task.parent_id, coe_id, cell_id)
                       if event.identity else None)
             if task.untrusted:
                 allowed, reason = self.mode != ENFORCE, UNTRUSTED
@@ -302,7 +323,9 @@ class Model:
             reason, coef = a.reason, a.coefficient
             if reason == IN_MODEL or (reason == LEARNED and coef in self.points):
                 if happened:
-                    self._trajectory_count(coef)
+                    r = self._trajectory.get(coef)
+                    if r is not None:
+                        r[0] += 1
                 reason = IN_MODEL
             elif reason == LEARNED:
                 if not happened:
@@ -356,18 +379,14 @@ class Model:
         self._state = None
         return True
 
-    def _trajectory_count(self, coef: bytes) -> None:
-        r = self._trajectory.get(coef)
-        if r is not None:
-            r[0] += 1
-
     def _record(self, records: dict, a: _Assessed, reason: str | None) -> None:
         r = records.get(a.coefficient)
         if r is not None:
             r[0] += 1
         elif len(records) < self.max_records:
-            # described when read: a learning run makes many records, reads are rare
-            records[a.coefficient] = [1, self.number, a, reason]
+            # described when first read (a learning run makes many records, reads are
+            # rare), then kept as text: [count, number, assessed | None, reason, text]
+            records[a.coefficient] = [1, self.number, a, reason, None]
         else:
             self.counts["records_dropped"] += 1
 
@@ -395,9 +414,15 @@ class Model:
 
     def _records(self, records: dict) -> Iterator[str]:
         with self.lock:
-            items = [tuple(r) for r in records.values()]
-        for count, number, a, reason in items:
-            body = self._line(a, {"reason": reason} if reason else {}, number, close=False)
+            items = [(r[0], r) for r in records.values()]
+        for count, r in items:
+            body, a = r[4], r[2]
+            if body is None and a is None:  # another reader described it just now
+                body = r[4]
+            elif body is None:
+                body = self._line(a, {"reason": r[3]} if r[3] else {}, r[1], close=False)
+                r[4] = body                 # the description replaces what it describes
+                r[2] = None                 # (in this order: see the line above)
             yield f'{body}, "count": {count}}}\n'
 
     # ------------------------------------------------------------------ values
@@ -480,9 +505,14 @@ def decide_chain(models: Sequence[Model], actor: Actor, event: Event) -> Verdict
     namespace never escapes an ancestor's model. Each model maps the event with its
     own task identities; when one refuses, the others record nothing of an event that
     did not happen (a learning model does not learn it)."""
-    assessed = tuple(m.assess(actor, event) for m in models)
-    allowed = all(a.allowed for a in assessed)
-    decisions = tuple((a.model, a.model.commit(a, happened=allowed)) for a in assessed)
+    if len(models) == 1:            # the common case, without the generators
+        a = models[0].assess(actor, event)
+        return Verdict(a.allowed, ((a.model, a.model.commit(a, happened=a.allowed)),), (a,))
+    assessed = tuple([m.assess(actor, event) for m in models])
+    allowed = True
+    for a in assessed:
+        allowed = allowed and a.allowed
+    decisions = tuple([(a.model, a.model.commit(a, happened=allowed)) for a in assessed])
     return Verdict(allowed, decisions, assessed)
 
 

@@ -140,7 +140,8 @@ class Event:
     when unknown. ``identity``: a bprm_check after which the task runs this file (its
     identity changes). ``creates``: an inode_create (the new file is named by its
     instance, see the model)."""
-    __slots__ = ("name", "bname", "values", "refs", "identity", "creates", "_cell")
+    __slots__ = ("name", "bname", "values", "refs", "identity", "creates", "_cell",
+                 "_cell_id", "_pseudonym")
 
     def __init__(self, name: str, values: tuple, refs: tuple = (), identity: bool = False,
                  creates: bool = False):
@@ -155,6 +156,8 @@ class Event:
         self.identity = identity
         self.creates = creates
         self._cell = None
+        self._cell_id = None
+        self._pseudonym = None
 
     def cell(self) -> bytes:
         """The CELL bytes with ``values`` as they are (computed once)."""
@@ -162,6 +165,25 @@ class Event:
         if c is None:
             c = self._cell = encode_cell(self.name, self.values)
         return c
+
+    def cell_id(self) -> bytes:
+        """H(CELL) with ``values`` as they are (computed once: an engine that keeps
+        an event for a file version maps each open of it with one sha256)."""
+        c = self._cell_id
+        if c is None:
+            c = self._cell_id = _sha256(self.cell()).digest()
+        return c
+
+    def pseudonym(self) -> bytes | None:
+        """The pseudonym of the path whose digest this event carries (None: it
+        carries no file digest)."""
+        p = self._pseudonym
+        if p is None:
+            for _, kind, path, _ in self.refs:
+                if kind is DIGEST:
+                    p = self._pseudonym = pseudonym(path)
+                    break
+        return p
 
     def __repr__(self) -> str:
         return f"Event({self.name!r}, {self.values!r})"
@@ -324,6 +346,11 @@ def encode_cell(name: str, values: tuple) -> bytes:
         raise ValueError(f"{name}: a value does not fit its part: {e}") from None
 
 
+def cell_id(name: str, values: tuple) -> bytes:
+    """H(CELL) of a resolved event."""
+    return _sha256(encode_cell(name, values)).digest()
+
+
 def text(b: bytes) -> str:
     """A name as JSON text: UTF-8, an undecodable byte B as the code point U+DC00+B
     (Python's surrogateescape; JSON writes it \\udcXX). Never ambiguous: valid UTF-8
@@ -359,9 +386,20 @@ def coefficient(name: str | bytes, parent_id: bytes, task_id: bytes, coe_id: byt
     return _sha256(name + parent_id + task_id + coe_id + _sha256(cell).digest()).digest()
 
 
+def coefficient_of(name: bytes, parent_id: bytes, task_id: bytes, coe_id: bytes,
+                   cell_id: bytes) -> bytes:
+    """:func:`coefficient` given H(CELL)."""
+    return _sha256(name + parent_id + task_id + coe_id + cell_id).digest()
+
+
 def task_identity(parent_id: bytes, coe_id: bytes, program_cell: bytes) -> bytes:
     """The identity of a task after it runs a program (the program's file CELL)."""
     return coefficient(_IDENTITY, parent_id, ZERO, coe_id, program_cell)
+
+
+def task_identity_of(parent_id: bytes, coe_id: bytes, cell_id: bytes) -> bytes:
+    """:func:`task_identity` given H(CELL) of the program."""
+    return coefficient_of(_IDENTITY, parent_id, ZERO, coe_id, cell_id)
 
 
 def pseudonym(path) -> bytes:
