@@ -26,6 +26,7 @@ from imafs.ima.hostns import HostNamespaces
 from imafs.ima.evm_hooks import EvmState, load_key
 from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
+from imafs.ima.modelstore import ModelStore, aggregate_of
 from imafs.ima.namespaces import Namespace, NamespaceTree
 from imafs.ima.policy import Policy, load_policy_arg, parse_policy
 from imafs.ima.quota import Quota
@@ -98,7 +99,8 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
                    appraise: str = "enforce", template: str = "ima-ng",
                    hash_algo: str = "sha256", binder=None, audit=None,
                    evm: EvmState | None = None, backing: str | None = None,
-                   ns_quota: Quota | None = None) -> NamespaceTree:
+                   ns_quota: Quota | None = None,
+                   models: ModelStore | None = None) -> NamespaceTree:
     """The root namespace (``rules``, ``keyring``, ``mlist`` and options given) and the
     children stored in ``store``, each with its own list, PCRs, keyring and policy;
     a child's options default to its parent's (EVM: off unless ``evm=`` says, with
@@ -107,7 +109,8 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
     processes (None: every process is in the root namespace). ``backing``: a child's
     HMAC key may not lie in it. ``ns_quota``: a child's storage quota unless its
     options say (``quota``: quota.py's grammar, over this one); default
-    Quota.default()."""
+    Quota.default(). ``models`` makes the behaviour model of a child whose options say
+    ``model=`` (none without it)."""
     base_quota = ns_quota if ns_quota is not None else Quota.default()
     verified = keyring.verified
     root = Namespace(id=0, name="", parent=None, policy=Policy(rules), mlist=mlist,
@@ -136,6 +139,7 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
         algo = o.get("hash") or parent.hash_algo
         ring = Keyring(store, nsid)
         ring.verified = verified
+        option = o.get("model") or ""
         quota = Quota.parse(o["quota"], base_quota) if o.get("quota") else \
             Quota(dict(base_quota.limits))
         return Namespace(quota=quota, quota_spec=o.get("quota") or "",
@@ -143,7 +147,8 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
             mlist=MeasurementList(store, nsid, template=template, hash_algo=algo),
             keyring=ring, appraise_mode=o.get("appraise") or parent.appraise_mode,
             template=template, hash_algo=algo, evm=child_evm(name, o),
-            digest_lists=DigestListIndex(store, nsid))
+            digest_lists=DigestListIndex(store, nsid), model_option=option,
+            model=models.make(nsid, option) if models is not None and option else None)
 
     return NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
                          factory=factory, binder=binder, audit=audit)
@@ -216,20 +221,22 @@ def build(opts) -> Filesystem:
     binder = CgroupBinder.for_store(store, opts.state)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
     evm = root_evm(x, opts.backing)
+    # behaviour models: their aggregate is the root list's boot aggregate (the TPM's)
+    models = ModelStore(store, aggregate_of(mlist))
     tree = namespace_tree(store, rules, keyring=keyring, mlist=mlist,
                           appraise=x.get("appraise", "enforce"),
                           template=x.get("template", "ima-ng"),
                           hash_algo=x.get("hash", "sha256"), binder=binder, audit=audit,
                           evm=evm, backing=opts.backing,
                           ns_quota=Quota.parse(x["ns_quota"], Quota.default())
-                          if x.get("ns_quota") else None)
+                          if x.get("ns_quota") else None, models=models)
     root = tree.root
     # --verify-reads on|off; default: on when the root policy has an appraise rule
     vr = x.get("verify_reads")
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
     engine = Engine(tree, store=store, audit=audit, verify_reads=verify_reads,
-                    cache_store=cache_store,
+                    cache_store=cache_store, model_store=models,
                     **({"tree_memory": x["tree_memory"] << 20}
                        if x.get("tree_memory") is not None else {}))
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)

@@ -160,6 +160,29 @@ def _removexattr(inode: Inode, name: str) -> None:
         os.removexattr(sysio.proc_path(fd), name)
 
 
+def _child(dir_path: bytes, name: bytes) -> bytes:
+    """The path inside the mount of ``name`` in the directory at ``dir_path``."""
+    return dir_path.rstrip(b"/") + b"/" + name
+
+
+def _fstat(node: Inode) -> os.stat_result:
+    with node.pinned() as fd:
+        return os.fstat(fd)
+
+
+def _stat_in(parent: Inode, name: bytes) -> os.stat_result:
+    """lstat of ``name`` in the directory ``parent`` (FileNotFoundError if absent)."""
+    with parent.pinned() as fd:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+
+def _lstat(parent: Inode, name: bytes) -> os.stat_result | None:
+    try:
+        return _stat_in(parent, name)
+    except FileNotFoundError:
+        return None
+
+
 class IntegrityHooks(Hooks):
     xattr_hooks = True
 
@@ -186,7 +209,11 @@ class IntegrityHooks(Hooks):
 
     @property
     def active(self) -> bool:  # open/release hooks only while some policy has rules
-        return self.engine.active()
+        return self.engine.active()     # (or some namespace has a behaviour model)
+
+    @property
+    def modelled(self) -> bool:  # namespace operations only while some model exists
+        return self.engine.modelled()
 
     @property
     def attr_hooks(self) -> bool:
@@ -426,10 +453,47 @@ class IntegrityHooks(Hooks):
         try:
             self.engine.inode_setxattr(Subject(caller.pid, caller.uid, caller.gid),
                                        (inode.dev, inode.ino), inode.path(), name, value,
-                                       apply, self._changing(inode, opened))
+                                       apply, self._changing(inode, opened),
+                                       st=_fstat(inode))
         finally:
             for fd in opened:
                 os.close(fd)
+
+    # ------------------------------------------------------------------ namespace ops
+    def inode_event(self, caller: Caller, hook: str, *, parent: Inode | None = None,
+                    name: bytes | None = None, node: Inode | None = None,
+                    new_parent: Inode | None = None, new_name: bytes | None = None,
+                    **given):
+        """The engine's inode_event with the facts it needs: the stat results of the
+        directories and inodes involved (backing files, as the caller sees them),
+        their paths inside the mount, and what ``given`` says (mode, attributes,
+        symlink target). A name that is not there is no event: the operation will
+        fail (ENOENT) -- or, for a create, opens a file that exists (no create)."""
+        facts = dict(given)
+        try:
+            if hook == "inode_link":
+                facts.update(st=_fstat(node), old_path=node.path(),
+                             new_dir=_fstat(new_parent),
+                             new_path=_child(new_parent.path(), new_name))
+            elif hook == "inode_setattr":
+                facts.update(st=_fstat(node), path=node.path())
+            elif hook == "inode_rename":
+                facts.update(old_dir=_fstat(parent),
+                             old_path=_child(parent.path(), name),
+                             st=_stat_in(parent, name),
+                             new_dir=_fstat(new_parent),
+                             new_path=_child(new_parent.path(), new_name),
+                             target=_lstat(new_parent, new_name))
+            else:
+                facts.update(dir=_fstat(parent), path=_child(parent.path(), name))
+                if hook in ("inode_unlink", "inode_rmdir"):
+                    facts["st"] = _stat_in(parent, name)
+                elif hook == "inode_create" and _lstat(parent, name) is not None:
+                    return None
+        except FileNotFoundError:
+            return None
+        return self.engine.inode_event(Subject(caller.pid, caller.uid, caller.gid), hook,
+                                       facts)
 
     def listxattr(self, caller: Caller, inode: Inode, names: list[bytes]) -> list[bytes]:
         return self.engine.inode_listxattr(caller.pid, names)

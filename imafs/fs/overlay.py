@@ -88,6 +88,7 @@ class Hooks:
     active = False         # open/release/read/write hooks wanted
     xattr_hooks = False    # setxattr/getxattr/listxattr/removexattr hooks wanted
     attr_hooks = False     # setattr hooks wanted (owner, group, mode, size)
+    modelled = False       # inode_event wanted (behaviour models)
 
     def open(self, caller: Caller, inode: "Inode", fd: int, flags: int, exec_: bool,
              created: bool = False):
@@ -114,6 +115,13 @@ class Hooks:
         ``apply()`` makes it and returns the stat after it; return that, or raise
         Denied to refuse (before calling ``apply``)."""
         return apply()
+
+    def inode_event(self, caller: Caller, hook: str, **objects):
+        """Before a namespace operation is done (``hook``: inode_create, inode_mkdir,
+        inode_unlink, inode_rmdir, inode_rename, inode_link, inode_symlink,
+        inode_setattr; ``objects``: the overlay's inodes and names, the new mode or
+        attributes): None to go on, a Pending, or raise Denied to refuse."""
+        return None
 
     def setxattr(self, caller: Caller, inode: "Inode", name: bytes, value: bytes | None,
                  apply) -> None:
@@ -499,6 +507,16 @@ class Overlay(pyfuse3.Operations):
         # may drop S_ISGID, see _setattr)
         empty = not (meta or fields.update_atime or fields.update_mtime
                      or fields.update_ctime)
+        # the behaviour models' inode_setattr, before anything changes
+        if (fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_size or fields.update_atime or fields.update_mtime):
+            await self._lsm(
+                ctx, "inode_setattr", node=node,
+                mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime=bool(fields.update_atime), mtime=bool(fields.update_mtime))
 
         def apply():
             return self._setattr(node, attr, fields, fh, caller)
@@ -586,6 +604,22 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     # ------------------------------------------------------------------ namespace ops
+    async def _lsm(self, ctx, hook: str, **objects) -> None:
+        """The security hook of a namespace operation, before it is done (behaviour
+        models: Hooks.inode_event); a refusal is answered with its errno."""
+        if not self.hooks.modelled:
+            return
+        caller = _caller(ctx)
+        try:
+            r = self.hooks.inode_event(caller, hook, **objects)
+            if type(r) is Pending:
+                await self._in_thread(r.finish)
+        except Denied as d:
+            log.warning("denied: pid %d uid %d: %s", caller.pid, caller.uid, d.reason)
+            raise FUSEError(d.errno) from None
+        except OSError as e:
+            raise _fuse_error(e)
+
     def _make(self, parent_inode, name, ctx, perm, is_dir, make):
         """Create a node with ``make(parent_fd, perm)``, give it to the caller, and
         return its entry (mknod, mkdir, symlink)."""
@@ -612,16 +646,21 @@ class Overlay(pyfuse3.Operations):
                           lambda d, p: os.mknod(name, stat.S_IFMT(mode) | p, rdev, dir_fd=d))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
+        await self._lsm(ctx, "inode_mkdir", parent=self.inode(parent_inode), name=name,
+                        mode=stat.S_IFDIR | (stat.S_IMODE(mode) & ~_caller(ctx).umask))
         return self._make(parent_inode, name, ctx, stat.S_IMODE(mode), True,
                           lambda d, p: os.mkdir(name, p, dir_fd=d))
 
     async def symlink(self, parent_inode, name, target, ctx):
         # a symlink's mode is always 0777 (make ignores the mode it is given)
+        await self._lsm(ctx, "inode_symlink", parent=self.inode(parent_inode), name=name,
+                        target=target)
         return self._make(parent_inode, name, ctx, 0o777, False,
                           lambda d, p: os.symlink(target, name, dir_fd=d))
 
     async def unlink(self, parent_inode, name, ctx):
         parent = self.inode(parent_inode)
+        await self._lsm(ctx, "inode_unlink", parent=parent, name=name)
         try:
             with self._pinned(parent) as pfd:
                 os.unlink(name, dir_fd=pfd)
@@ -630,6 +669,7 @@ class Overlay(pyfuse3.Operations):
 
     async def rmdir(self, parent_inode, name, ctx):
         parent = self.inode(parent_inode)
+        await self._lsm(ctx, "inode_rmdir", parent=parent, name=name)
         try:
             with self._pinned(parent) as pfd:
                 os.rmdir(name, dir_fd=pfd)
@@ -639,6 +679,8 @@ class Overlay(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old = self.inode(parent_inode_old)
         new = self.inode(parent_inode_new)
+        await self._lsm(ctx, "inode_rename", parent=old, name=name_old, new_parent=new,
+                        new_name=name_new, exchange=bool(flags & sysio.RENAME_EXCHANGE))
         try:
             with self._pinned(old) as ofd, self._pinned(new) as nfd:
                 if flags:
@@ -665,6 +707,7 @@ class Overlay(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.inode(inode)
         parent = self.inode(new_parent_inode)
+        await self._lsm(ctx, "inode_link", node=node, new_parent=parent, new_name=new_name)
         try:
             with self._pinned(node) as fd, self._pinned(parent) as pfd:
                 sysio.link_empty(fd, pfd, new_name)
@@ -754,6 +797,8 @@ class Overlay(pyfuse3.Operations):
         perm = stat.S_IMODE(mode) & ~caller.umask
         base = (flags & _OPEN_PASS_MASK) | os.O_CLOEXEC | os.O_NOFOLLOW
         trunc = False
+        await self._lsm(ctx, "inode_create", parent=parent, name=name,
+                        mode=stat.S_IFREG | (perm & 0o7777))
         try:
             ppin = self.fds.pin(parent)
         except OSError as e:

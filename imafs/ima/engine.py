@@ -11,7 +11,9 @@ top to bottom the same way:
    otherwise the open returns a :class:`Pending` that a worker thread finishes;
 4. violations (open_writers, ToMToU: ima_rdwr_violation_check);
 5. per decision: collect (collect.py), store (record.py), audit, appraise
-   (appraise.py; the metadata's EVM status from evm_hooks.py);
+   (appraise.py; the metadata's EVM status from evm_hooks.py); 5b. the behaviour
+   models of the chain decide (modelhooks.py): IMA measures and appraises, the
+   model decides afterwards; either can refuse;
 6. the handle counted; 7. its reads verified (readverify.py); 8. the verdict kept.
 
 The FUSE adapter describes an open with :class:`Subject`, :class:`FileRef` and
@@ -35,6 +37,7 @@ from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
 from imafs.ima.collect import Collector, Stats, needed
 from imafs.ima.evm_hooks import Change, EvmHooks
 from imafs.ima.hooks import ExecRoles, OpenMode, events, has_measure, verdict_key
+from imafs.ima.modelhooks import Modelling, models_of
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
                             OpenState, Pending, Subject, settle, stat_version)
 from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epochs,
@@ -71,19 +74,23 @@ class OpenRequest:
     events: list | None = None           # step 2
     decided: list | None = None          # [(namespace, event, decision)]
     listed: dict | None = None           # ns id -> digest_cache.Found or None (step 5)
+    models: list = ()                    # [(namespace, behaviour model)] of the chain
+    actor: object = None                 # who acts, for them (when known on the loop)
+    model_events: tuple | None = None    # the events this open is (when known on it)
 
 
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
                  verify_reads: bool = False, cache_store=None,
-                 tree_memory: int = DEFAULT_TREE_MEMORY):
+                 tree_memory: int = DEFAULT_TREE_MEMORY, model_store=None):
         """``store`` holds what must survive a crash (lists, PCRs, namespaces, keys;
         synchronous commits). ``cache_store`` holds digests, verity trees and
         verdicts, which are only a cache: a lost entry is rehashed or decided again,
         so its commits need not wait for the disk (default: ``store``).
         ``verify_reads``: every digest pass also builds the file's verity tree, and
         reads of measured/appraised files are checked with it. ``tree_memory``: the
-        bytes of verity trees kept in memory (treemem.py)."""
+        bytes of verity trees kept in memory (treemem.py). ``model_store``
+        (modelstore.ModelStore) keeps sealed behaviour models across mounts."""
         self.tree = tree
         self.store = store
         self.audit = audit or AuditLog(None)
@@ -103,13 +110,20 @@ class Engine:
                                   self._stats)
         self.xattrs = XattrView(tree)
         self.evm = EvmHooks(tree, self.xattrs, self.audit)
+        self.modelling = Modelling(self.collector, store=model_store)
 
     # ------------------------------------------------------------------ state
     def active(self) -> bool:
-        """Whether any namespace has rules (the open hooks are needed at all)."""
+        """Whether any namespace has rules or a behaviour model (the open hooks are
+        needed at all)."""
         if len(self.tree.root.policy):
             return True
-        return any(len(ns.policy) for ns in self.tree.by_id.values())
+        return any(len(ns.policy) or ns.model is not None for ns in self.tree.by_id.values())
+
+    def modelled(self) -> bool:
+        """Whether any namespace has a behaviour model (namespace operations are
+        events: inode_event)."""
+        return any(ns.model is not None for ns in self.tree.by_id.values())
 
     def watches_attrs(self) -> bool:
         """Whether changes of owner, group, mode and size must come through
@@ -117,8 +131,10 @@ class Engine:
         return self.active() or self.evm.active()
 
     def stats(self) -> dict:
-        """A snapshot of the engine's counters (the ``stats`` control file)."""
-        return {**self._stats.snapshot(), **self.tree_memory.stats()}
+        """A snapshot of the engine's counters (the ``stats`` control file), the
+        behaviour models' included."""
+        return {**self._stats.snapshot(), **self.tree_memory.stats(),
+                **self.modelling.stats()}
 
     def namespace_of(self, subject: Subject) -> Namespace:
         """The caller's namespace; a process that cannot be placed is refused, never
@@ -159,6 +175,8 @@ class Engine:
         if not stat.S_ISREG(f.st.st_mode):
             return None
         req = OpenRequest(subject, f, mode, funcs, ns, ns.chain(), self.iints.get(f.key))
+        if funcs is None:
+            req.models = models_of(ns)
         if mode.exec_ and funcs is None:
             req.role = self.exec_roles.role(subject, f, req.ii)
         state = self.process_measurement(req)
@@ -169,21 +187,24 @@ class Engine:
     def process_measurement(self, req: OpenRequest):
         """The inline attempt of an open (steps 1-3; the rest in ``_measure``)."""
         ii, f, mode = req.ii, req.f, req.mode
+        # what the models (step 5b) need and is not at hand -- who acts, from /proc;
+        # the file's sha256 -- is read in a worker thread, and then the whole open is
+        inline = not req.models or self.modelling.ready(req)
         # 1. the verdict of an open like this one (this version, this kind of caller)
         if not (mode.writable or mode.created or mode.direct or req.funcs is not None):
             req.verdict_key = verdict_key(req.chain, req.ns, req.subject, mode.mask,
                                           mode.exec_, req.role)
+            if not inline:
+                return self._pending_open(req)
             state = self._known_verdict(req)
             if state is None:
                 state = self._recorded_verdict(req)
             if state is not None:
                 return state
         # 2. get action: the open's hooks, matched in every namespace of the chain
-        req.events = events(req.chain, req.subject, f, ii, mode.mask, mode.exec_,
-                            req.funcs, req.role)
-        req.decided = self.get_action(req.ns, req.events)
+        self._get_action(req)
         # 3. the inode's lock, without waiting; the digests at hand without hashing
-        if not ii.lock.acquire(blocking=False):
+        if not inline or not ii.lock.acquire(blocking=False):
             return self._pending_open(req)
         if req.decided and not self.collector.warm(ii, f):
             ii.lock.release()
@@ -206,7 +227,7 @@ class Engine:
         if req.verdict_key is not None:
             try:
                 state = self._known_verdict(req, locked=True)
-                if state is None and req.recorded is not None:
+                if state is None and (req.recorded is not None or req.events is None):
                     state = self._recorded_verdict(req, locked=True)
             except BaseException:
                 req.ii.lock.release()
@@ -217,6 +238,12 @@ class Engine:
             state = self._measure(req)
         return self._decided(req, state)
 
+    def _get_action(self, req: OpenRequest) -> None:
+        """Step 2 (in the worker thread when the inline attempt stopped at step 1)."""
+        req.events = events(req.chain, req.subject, req.f, req.ii, req.mode.mask,
+                            req.mode.exec_, req.funcs, req.role)
+        req.decided = self.get_action(req.ns, req.events)
+
     def _decided(self, req: OpenRequest, state):
         if req.role is not None:
             self.exec_roles.decided(req.subject, req.f, req.ii, req.role)
@@ -226,6 +253,8 @@ class Engine:
         """Steps 4-8, with ``req.ii.lock`` held (released here)."""
         ii, f, mode, chain = req.ii, req.f, req.mode, req.chain
         try:
+            if req.events is None:
+                self._get_action(req)
             if ii.version != f.version:
                 ii.reset(f.version)
             epochs = chain_epochs(chain)
@@ -238,6 +267,9 @@ class Engine:
                     self._process_direct(req)
                 else:
                     self._process(req)
+            # 5b. the behaviour models decide (raises AccessDenied, EPERM, to refuse)
+            if req.models:
+                self.modelling.file_open(req)
             # 6. the handle counted (a refused open never gets one): readers are the
             # read-only opens (the kernel's i_readcount)
             with COUNTS:
@@ -338,8 +370,11 @@ class Engine:
                 ii.lock.release()
 
     def _reopened(self, req: OpenRequest, decided, verifiers) -> OpenState:
-        """The OpenState of a read-only open decided by a kept verdict (ii.lock held)."""
+        """The OpenState of a read-only open decided by a kept verdict (ii.lock held):
+        the behaviour models still decide (5b)."""
         ii = req.ii
+        if req.models:
+            self.modelling.file_open(req)
         if req.mode.readable:
             with COUNTS:
                 ii.readers += 1
@@ -610,13 +645,15 @@ class Engine:
         return st
 
     def inode_setxattr(self, subject: Subject, key, path: bytes, name: bytes,
-                       value: bytes | None, apply, file=None) -> None:
+                       value: bytes | None, apply, file=None, st=None) -> None:
         """ima_inode_setxattr / ima_inode_removexattr (``value`` None) and EVM's hooks,
         by ``subject``: a ``security.ima`` value must parse (EINVAL), private names are
         imafs's own (EPERM); EVM checks the change (evm_hooks.py); ``apply(name)``
         stores it under ``name`` -- a child namespace's own for ``security.ima`` and
         ``security.evm``; HMACs follow; the file's verdicts are stale. ``file()`` as
-        for inode_setattr."""
+        for inode_setattr. Given the file's ``st``, the behaviour models'
+        inode_setxattr / inode_removexattr first (EPERM; may read /proc: a worker
+        thread calls this)."""
         view = self.xattrs
         if view.is_private(name):
             raise AccessDenied(errno.EPERM, "namespace-private integrity attributes are "
@@ -627,6 +664,10 @@ class Engine:
             except ap.XattrError as e:
                 log.warning("refused security.ima on %s: %s", os.fsdecode(path), e)
                 raise AccessDenied(errno.EINVAL, str(e)) from None
+        if st is not None and self.modelled():
+            settle(self.inode_event(subject, "inode_setxattr" if value is not None
+                                    else "inode_removexattr",
+                                    {"st": st, "path": path, "name": name, "value": value}))
         stored = name
         if name in view.OWN:
             ns = self.namespace_of(subject)
@@ -648,6 +689,16 @@ class Engine:
         with ii.lock:
             return self.evm.inode_change(ns, f, change, apply, pid=subject.pid,
                                          uid=subject.uid)
+
+    def inode_event(self, subject: Subject, hook: str, facts: dict):
+        """A namespace operation through the mount, before it is done (the LSM hooks
+        of modelhooks.EVENT_OF: inode_create, inode_unlink, inode_setattr, ...), for
+        the behaviour models of the caller's namespace chain: None (allowed), a
+        Pending (finish it in a worker thread), or AccessDenied (EPERM) to refuse."""
+        pairs = models_of(self.namespace_of(subject))
+        if not pairs:
+            return None
+        return self.modelling.inode_event(subject, pairs, hook, facts)
 
     def inode_getxattr(self, pid: int, name: bytes) -> bytes | None:
         """The name a read of xattr ``name`` by ``pid`` reads instead, or None."""
