@@ -125,7 +125,8 @@ def seeds(target: str) -> list[bytes]:
         return _cert_seeds() + [b"/keys/k.der\n", b"/nope\n"]
     if target == "ctl-ns":
         return [b"web", b"web template=ima-sig hash=sha512 appraise=log\n",
-                b"-x template=nope", b"\xffname"]
+                b"-x template=nope", b"\xffname", b"m model=learn", b"m model=/nope",
+                b"m model=rel"]
     if target == "ctl-evm":
         return [b"2", b"4\n", b"0x80000000", b"01", b"1", b"+6", b"0", b"0x100", b"-1",
                 b"99999999999"]

@@ -18,7 +18,12 @@ mtime, so the kernel drops the pages it cached before (auto_inval_data): what a 
 sees is never older than its open.
 
 An open becomes a securityfs session; its reads, writes, flushes and release run in a
-worker thread; a ``SecurityfsError`` is answered with its errno.
+worker thread; a ``SecurityfsError`` is answered with its errno. A stream (a session
+whose ``waits`` is set: a model's ``events``) is read on the event loop instead: a
+read with nothing to give waits there, holding no thread, for the session's wake-up
+(at most MAX_WAITING reads at a time, EAGAIN beyond); FUSE cannot interrupt a request,
+so every WAIT_SLICE seconds the wait asks the session whether its reader was
+signalled or has gone, and answers EINTR then.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from pyfuse3 import FUSEError
 
 from imafs.fs.routes import CONTROL_BASE
 from imafs.ima.iint import Subject
+from imafs.ima.model_secfs import MAX_WAITING, WAIT_SLICE
 from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError, children, entries_row
 
 SLOT = 1024
@@ -71,6 +77,7 @@ class ControlDir:
     def __init__(self, secfs: Securityfs):
         self.fs = secfs
         self.started = time.time_ns()
+        self.waiting = 0        # stream reads waiting for data
 
     # ------------------------------------------------------------------ nodes
     @staticmethod
@@ -202,7 +209,42 @@ class ControlDir:
     async def read(self, h, off: int, size: int):
         if isinstance(h, _Dir):
             raise FUSEError(errno.EISDIR)
+        if h.waits:
+            return await self._read_stream(h, size)
         return await _in_thread(h.read, off, size, lock=h.lock)
+
+    async def _read_stream(self, h, size: int) -> bytes:
+        """A stream's read: what is there, else wait for it on the event loop."""
+        data = h.take(size)
+        if data:
+            return data
+        if h.nonblocking or self.waiting >= MAX_WAITING:
+            raise FUSEError(errno.EAGAIN)
+        token = trio.lowlevel.current_trio_token()
+        self.waiting += 1
+        try:
+            while True:
+                woken = trio.Event()
+
+                def wake(ev=woken):
+                    try:
+                        token.run_sync_soon(ev.set)
+                    except trio.RunFinishedError:
+                        pass
+                h.wake_on_data(wake)
+                data = h.take(size)     # lines that came before the wake-up was set
+                if data:
+                    return data
+                with trio.move_on_after(WAIT_SLICE):
+                    await woken.wait()
+                data = h.take(size)
+                if data:
+                    return data
+                if h.interrupted():
+                    raise FUSEError(errno.EINTR)
+        finally:
+            h.wake_on_data(None)
+            self.waiting -= 1
 
     async def write(self, h, off: int, buf: bytes) -> int:
         if isinstance(h, _Dir):

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from imafs.ima.evm_secfs import EvmFile
 from imafs.ima.securityfs_digest import (DigestListAdd, DigestListDel, DigestQuery,
                                          DigestsCount, LoadedList)
+from imafs.ima.model_secfs import (ModelControl, ModelEvents, ModelExport, ModelForensics,
+                                   ModelMeasurement, ModelState, ModelStats,
+                                   ModelTrajectory)
 from imafs.ima.securityfs_read import (ListFile, MeasurementCount, PcrBank, Session,
                                        SecurityfsError, Stats, Violations, log)
 from imafs.ima.securityfs_write import (KeysFile, NsCreate, NsJoin, NsRemove, PolicyFile,
@@ -61,7 +64,7 @@ class Node:
         return self.session is None
 
 
-TOP, NAMESPACES, PCRS = 0, 1, 2
+TOP, NAMESPACES, PCRS, MODEL = 0, 1, 2, 27
 # index -> node; the index is part of the node id fs/control.py gives it: append only
 FILES: tuple[Node, ...] = (
     Node("", None, 0o555),
@@ -96,8 +99,19 @@ FILES: tuple[Node, ...] = (
     Node("digest_lists_loaded", TOP, 0o550),
     Node("", 24, 0o440, LoadedList, entries=True),  # digest_lists_loaded/LABEL
     Node("evm", TOP, 0o660, EvmFile, writers="root", rejected="evm_rejected"),
+    # the behaviour model (imafs/ima/model_secfs.py; docs/models.md)
+    Node("model", TOP, 0o550),
+    Node("state", MODEL, 0o440, ModelState),
+    Node("measurement", MODEL, 0o440, ModelMeasurement),
+    Node("trajectory", MODEL, 0o440, ModelTrajectory),
+    Node("forensics", MODEL, 0o440, ModelForensics),
+    Node("events", MODEL, 0o440, ModelEvents),
+    Node("control", MODEL, 0o200, ModelControl, writers="root", rejected="model_rejected"),
+    Node("export", MODEL, 0o440, ModelExport),
+    Node("stats", MODEL, 0o440, ModelStats),
 )
 assert FILES[24].name == "digest_lists_loaded"
+assert FILES[MODEL].name == "model" and FILES[MODEL].is_dir
 
 
 def children(index: int) -> dict[str, int]:

@@ -61,6 +61,10 @@ class Session:
         fails there); ``close()`` once, when the last descriptor is gone (no errors).
     """
 
+    # a stream (model_secfs.ModelEvents): fs/control.py serves its reads on the event
+    # loop through take(), wake_on_data() and interrupted(), waiting for data there
+    waits = False
+
     def __init__(self, fs, node, ns, caller, flags: int):
         self.lock = threading.Lock()    # whoever calls the methods below holds it
         self.fs = fs

@@ -16,6 +16,7 @@ import os
 from imafs.ima.binding import Opener
 from imafs.ima.iint import AccessDenied, Subject, settle
 from imafs.ima.hooks import OpenMode
+from imafs.ima.model_secfs import read_model_file
 from imafs.ima.keyring_update import (MAX_KEY_BYTES, MAX_KEYS_WRITE, KeyInput, KeyringUpdate,
                                       key_items)
 from imafs.ima.namespaces import NamespaceError
@@ -31,13 +32,14 @@ MAX_POLICY_RULES = 4096
 SIGNED_POLICY_REQUIRED = "signed policy file (specified as an absolute pathname) required"
 
 NS_CREATE_USAGE = """\
-Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off] [evm=enforce|log|off]"
-here to create a child integrity namespace of your own and move the process that opened
-this file (and every process it creates afterwards) into it: for "echo NAME >
-ns-create" that is the shell itself. One namespace per open. The child starts with an
-empty policy, an empty keyring and its own measurement list and PCRs; your namespace's
-rules still apply to it. Its files appear here under namespaces/NAME/. Remove it with
-"NAME" > ns-remove.
+Write "NAME [template=T] [hash=ALGO] [appraise=enforce|log|fix|off] [evm=enforce|log|off]
+[model=learn|PATH]" here to create a child integrity namespace of your own and move the
+process that opened this file (and every process it creates afterwards) into it: for
+"echo NAME > ns-create" that is the shell itself. One namespace per open. The child
+starts with an empty policy, an empty keyring and its own measurement list and PCRs;
+your namespace's rules still apply to it. model= gives it a behaviour model, learning,
+or loaded from the model file PATH inside the mount (appraised as a policy file). Its
+files appear here under namespaces/NAME/. Remove it with "NAME" > ns-remove.
 """
 
 
@@ -487,12 +489,40 @@ class NsCreate(NsFile):
         return NS_CREATE_USAGE.encode()
 
     def request(self, text: str) -> None:
-        child = self.fs.engine.tree.ns_create(self.ns, text, self.pid, self.uid,
-                                              check=self._check_opener,
-                                              bind=self._bind_opener)
+        tree = self.fs.engine.tree
+        bind = self._bind_opener
+        option = tree.parse_create(text)[1].get("model", "learn")
+        if option != "learn":
+            # model=PATH: read and checked before anything is created; loaded into the
+            # new namespace's model before its first process moves in
+            mf = self._model_file(option)
+
+            def bind(child):
+                child.model.load(mf)
+                store = self.fs.engine.modelling.store
+                if store is not None:
+                    store.save(child.id, child.model)
+                self._bind_opener(child)
+        child = tree.ns_create(self.ns, text, self.pid, self.uid, check=self._check_opener,
+                               bind=bind)
         self.moved = True
         log.info("namespace %s (id %d) created; pid %d moved into it", child.path, child.id,
                  self.pid)
+
+
+    def _model_file(self, path: str):
+        try:
+            mf = read_model_file(self.fs, self.ns, Subject(self.pid, self.uid, self.gid),
+                                 path)
+        except SecurityfsError as e:
+            raise NamespaceError(e.errno, f"model={path}: {e}") from None
+        aggregate = self.fs.engine.modelling.store.aggregate \
+            if self.fs.engine.modelling.store is not None else bytes(32)
+        if mf.aggregate != aggregate:
+            raise NamespaceError(errno.EINVAL, f"model={path}: its aggregate "
+                                               f"{mf.aggregate.hex()} is not this mount's "
+                                               f"{aggregate.hex()}")
+        return mf
 
 
 class NsJoin(NsFile):

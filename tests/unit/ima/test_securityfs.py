@@ -25,7 +25,7 @@ from imafs.ima.iint import Subject
 from imafs.ima.keys import Keyring, keyid_of
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.policy import MAX_POLICY_BYTES, parse_policy
-from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError, children
+from imafs.ima.securityfs import FILES, MODEL, Securityfs, SecurityfsError, children
 from imafs.ima.securityfs_write import SIGNED_POLICY_REQUIRED
 from imafs.store import Store
 
@@ -131,8 +131,12 @@ def test_table_rows_keep_their_index():
     by = {n.name: n for n in FILES}
     assert {n for n, x in by.items() if x.writers == "root"} == {
         "policy", "keys", "ns-create", "ns-remove", "ns-join", "digest_list_add",
-        "digest_list_del", "evm"}
+        "digest_list_del", "evm", "control"}
     assert {n for n, x in by.items() if x.writers == "any"} == {"query", "digest_query"}
+    # the behaviour model's directory and files (model_secfs.py), appended after them
+    assert set(children(MODEL)) == {"state", "measurement", "trajectory", "forensics",
+                                    "events", "control", "export", "stats"}
+    assert by["control"].writers == "root" and by["control"].rejected == "model_rejected"
     assert {n for n, x in by.items() if x.own_only} == {"ns-create", "ns-join"}
     assert {n for n, x in by.items() if x.moves_opener} == {"ns-create", "ns-join"}
     modes = {n: x.mode for n, x in by.items()}
