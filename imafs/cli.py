@@ -12,7 +12,7 @@ from imafs.commands import CommandError
 
 # the order ``imafs --help`` lists the commands in; a module not named here follows
 ORDER = ("digest", "digest_list", "keylime_policy", "keygen", "sign", "verify", "mount", "ns",
-         "oci_hook", "policy", "verify_log")
+         "oci_hook", "policy", "model", "verify_log")
 
 
 def command_modules() -> list[str]:

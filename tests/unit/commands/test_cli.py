@@ -26,5 +26,6 @@ def test_help_lists_the_commands_in_order():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
     assert list(sub.choices) == ["digest", "digest-list", "keylime-policy", "keygen", "sign", "verify",
-                                 "mount", "umount", "ns", "oci-hook", "policy", "verify-log"]
+                                 "mount", "umount", "ns", "oci-hook", "policy", "model",
+                                 "verify-log"]
     assert cli.CommandError is CommandError
