@@ -150,8 +150,10 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
             digest_lists=DigestListIndex(store, nsid), model_option=option,
             model=models.make(nsid, option) if models is not None and option else None)
 
-    return NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
+    tree = NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
                          factory=factory, binder=binder, audit=audit)
+    tree.models = models
+    return tree
 
 
 def root_evm(x: dict, backing: str) -> EvmState:
@@ -236,7 +238,7 @@ def build(opts) -> Filesystem:
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
     engine = Engine(tree, store=store, audit=audit, verify_reads=verify_reads,
-                    cache_store=cache_store, model_store=models,
+                    cache_store=cache_store, 
                     **({"tree_memory": x["tree_memory"] << 20}
                        if x.get("tree_memory") is not None else {}))
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)

@@ -82,15 +82,14 @@ class OpenRequest:
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
                  verify_reads: bool = False, cache_store=None,
-                 tree_memory: int = DEFAULT_TREE_MEMORY, model_store=None):
+                 tree_memory: int = DEFAULT_TREE_MEMORY):
         """``store`` holds what must survive a crash (lists, PCRs, namespaces, keys;
         synchronous commits). ``cache_store`` holds digests, verity trees and
         verdicts, which are only a cache: a lost entry is rehashed or decided again,
         so its commits need not wait for the disk (default: ``store``).
         ``verify_reads``: every digest pass also builds the file's verity tree, and
         reads of measured/appraised files are checked with it. ``tree_memory``: the
-        bytes of verity trees kept in memory (treemem.py). ``model_store``
-        (modelstore.ModelStore) keeps sealed behaviour models across mounts."""
+        bytes of verity trees kept in memory (treemem.py)."""
         self.tree = tree
         self.store = store
         self.audit = audit or AuditLog(None)
@@ -110,7 +109,7 @@ class Engine:
                                   self._stats)
         self.xattrs = XattrView(tree)
         self.evm = EvmHooks(tree, self.xattrs, self.audit)
-        self.modelling = Modelling(self.collector, store=model_store)
+        self.modelling = Modelling(self.collector)
 
     # ------------------------------------------------------------------ state
     def active(self) -> bool:

@@ -280,7 +280,7 @@ class ModelControl(ModelSession):
         return format_model(mf)
 
     def _store(self, model) -> None:
-        store = self.fs.engine.modelling.store
+        store = self.fs.engine.tree.models
         if store is None or (model.mode == "learn" and not model.points):
             return
         try:

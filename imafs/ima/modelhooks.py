@@ -112,10 +112,9 @@ class Modelling:
     """The engine's behaviour-model step (one per engine). ``collector`` computes a
     file's sha256 when the collect step did not; ``tasks`` names who acts."""
 
-    def __init__(self, collector, tasks: TaskCache | None = None, store=None):
+    def __init__(self, collector, tasks: TaskCache | None = None):
         self.collector = collector
         self.tasks = tasks or TaskCache()
-        self.store = store          # modelstore.ModelStore: models kept across mounts
         self._creating: collections.OrderedDict = collections.OrderedDict()
         # (file version, name, access, exec role) -> its events (_open_events): the
         # next open like it is mapped with one sha256 per model

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+from typing import Callable
 
 from imafs.ima import model as M
 from imafs.ima.modelfile import ModelFileError, format_model, parse_model
@@ -80,6 +81,28 @@ class ModelStore:
             model = self.new()
             model.enforce()
         return model
+
+    def check(self, mf) -> None:
+        """A model file a new namespace is to start from: ValueError when it was not
+        learned on this platform (another aggregate)."""
+        if mf.aggregate != self.aggregate:
+            raise ValueError(f"the model's aggregate {mf.aggregate.hex()} is not this "
+                             f"mount's {self.aggregate.hex()}")
+
+    def creation(self, mf) -> tuple[Callable, str]:
+        """What making a namespace with a model adds (NamespaceTree.create_bound):
+        ``setup(child)``, which loads the model file ``mf`` (None: a learning model)
+        into the child's model and stores it, before anything is recorded or anyone
+        moves in; and the data its ns-create entry records: ``model=learn`` or
+        ``model=state:HEX`` (the state of the file's coefficients)."""
+        def setup(child) -> None:
+            if child.model is None:
+                raise ValueError("this namespace has no model")
+            if mf is not None:
+                child.model.load(mf)
+                self.save(child.id, child.model)
+        extra = "model=learn" if mf is None else f"model=state:{mf.computed_state().hex()}"
+        return setup, extra
 
     def save(self, nsid: int, model: M.Model) -> None:
         """Keep ``model`` (sealed or enforcing, or just loaded) for the next mounts.

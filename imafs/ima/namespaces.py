@@ -190,6 +190,9 @@ class NamespaceTree:
         self._lock = threading.RLock()
         self._high = root.id             # highest id ever given (ids are never reused)
         self._acting = threading.local()  # acting_as(): (pid, ns) of this thread
+        # the mount's behaviour models (modelstore.ModelStore; set by the composition
+        # root): what makes a namespace's model and keeps it across mounts
+        self.models = None
         if store is not None:
             self._load()
 

@@ -490,38 +490,34 @@ class NsCreate(NsFile):
 
     def request(self, text: str) -> None:
         tree = self.fs.engine.tree
-        bind = self._bind_opener
-        option = tree.parse_create(text)[1].get("model", "learn")
-        if option != "learn":
-            # model=PATH: read and checked before anything is created; loaded into the
-            # new namespace's model before its first process moves in
-            mf = self._model_file(option)
-
-            def bind(child):
-                child.model.load(mf)
-                store = self.fs.engine.modelling.store
-                if store is not None:
-                    store.save(child.id, child.model)
-                self._bind_opener(child)
-        child = tree.ns_create(self.ns, text, self.pid, self.uid, check=self._check_opener,
-                               bind=bind)
+        name, opts = tree.parse_create(text)
+        setup, extra = None, ""
+        if "model" in opts:
+            if tree.models is None:
+                raise NamespaceError(errno.EOPNOTSUPP, "this mount makes no behaviour models")
+            # model=PATH: read, appraised and checked before anything is made; loaded
+            # into the new namespace's model before its creation is recorded
+            mf = None if opts["model"] == "learn" else self._model_file(opts["model"])
+            setup, extra = tree.models.creation(mf)
+        child = tree.create_bound(self.ns, name, opts, self.pid, self.uid,
+                                  check=self._check_opener, bind=self._bind_opener,
+                                  setup=setup, extra=extra)
         self.moved = True
         log.info("namespace %s (id %d) created; pid %d moved into it", child.path, child.id,
                  self.pid)
 
-
     def _model_file(self, path: str):
+        """The model file at ``path`` inside the mount, appraised as a policy file in
+        the creator's chain (the new namespace's own policy is empty), and fit for
+        this mount."""
         try:
             mf = read_model_file(self.fs, self.ns, Subject(self.pid, self.uid, self.gid),
                                  path)
+            self.fs.engine.tree.models.check(mf)
         except SecurityfsError as e:
             raise NamespaceError(e.errno, f"model={path}: {e}") from None
-        aggregate = self.fs.engine.modelling.store.aggregate \
-            if self.fs.engine.modelling.store is not None else bytes(32)
-        if mf.aggregate != aggregate:
-            raise NamespaceError(errno.EINVAL, f"model={path}: its aggregate "
-                                               f"{mf.aggregate.hex()} is not this mount's "
-                                               f"{aggregate.hex()}")
+        except ValueError as e:
+            raise NamespaceError(errno.EINVAL, f"model={path}: {e}") from None
         return mf
 
 

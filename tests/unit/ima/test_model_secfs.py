@@ -63,8 +63,7 @@ class World:
                                    keyring=Keyring(self.store, 0),
                                    mlist=MeasurementList(self.store, 0), binder=Binder(),
                                    audit=self.audit, models=self.models)
-        self.engine = Engine(self.tree, store=self.store, audit=self.audit,
-                             model_store=self.models)
+        self.engine = Engine(self.tree, store=self.store, audit=self.audit)
         self.rootfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
         self.fs = Securityfs(self.engine,
                              open_file=functools.partial(open_in_mount, self.rootfd))

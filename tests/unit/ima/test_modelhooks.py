@@ -68,7 +68,7 @@ class World:
                                    keyring=Keyring(self.store, 0),
                                    mlist=MeasurementList(self.store, 0),
                                    binder=self.binder, models=self.models)
-        self.engine = Engine(self.tree, store=self.store, model_store=self.models)
+        self.engine = Engine(self.tree, store=self.store)
         self.fds: list[int] = []
 
     def namespace(self, name="c", parent=None, option="learn"):
