@@ -1,10 +1,12 @@
 """``imafs model``: behaviour models (docs/models.md).
 
 ``imafs model export MNT [--ns NAME[/NAME...]] -o FILE`` writes a namespace's model as
-a model file (aggregate, pseudonyms, coefficients, state, seal, end), read from the
-mount's control files (``.imafs/namespaces/NAME/model/export``; without ``--ns``, the
-caller's own namespace's). ``imafs model check FILE`` parses a model file as a
-``load`` would and prints what it holds.
+a model file (aggregate, pseudonyms, coefficients, state, seal, end), asked of the
+daemon over the mount's control socket (``model-export``), or -- when the socket
+cannot be used -- read from the mount's control files
+(``.imafs/namespaces/NAME/model/export``; without ``--ns``, the caller's own
+namespace's). ``imafs model check FILE`` parses a model file as a ``load`` would and
+prints what it holds.
 """
 from __future__ import annotations
 
@@ -42,9 +44,36 @@ def _read(path: Path) -> bytes:
     return data
 
 
+def _over_socket(args) -> tuple[bytes, str] | None:
+    """The model file over the control socket, or None when the socket cannot be
+    used (so the control files are read); CommandError for a refusal."""
+    from imafs.ctl.client import Client, CtlError
+    if not args.ns:
+        return None
+    try:
+        c = Client.for_mount(args.mnt, state=args.state)
+    except CtlError as e:
+        if not args.quiet:
+            print(f"imafs model export: control socket: {e}; reading the control files",
+                  file=sys.stderr)
+        return None
+    try:
+        with c:
+            ans = c.call("model-export", ns=args.ns)
+    except CtlError as e:
+        if e.errno == "EFBIG":
+            return None
+        raise CommandError(str(e)) from None
+    return ans["model"].encode("ascii"), "control socket"
+
+
 def _export(args) -> int:
-    src = model_dir(args.mnt, args.ns, args.control_name) / "export"
-    data = _read(src)
+    got = _over_socket(args)
+    if got is not None:
+        data, src = got
+    else:
+        path = model_dir(args.mnt, args.ns, args.control_name) / "export"
+        data, src = _read(path), str(path)
     try:
         mf = parse_model(data)
     except ModelFileError as e:         # what the mount gave is no model file
@@ -66,7 +95,7 @@ def _export(args) -> int:
     if not args.quiet:
         print(f"{args.output if args.output != '-' else '<stdout>'}: "
               f"{len(mf.coefficients)} coefficient(s), {len(mf.pseudonyms)} pseudonym(s), "
-              f"state {mf.computed_state().hex()}", file=sys.stderr)
+              f"state {mf.computed_state().hex()} (from {src})", file=sys.stderr)
     return 0
 
 
@@ -96,14 +125,17 @@ def register(subparsers) -> None:
         description="Write the behaviour model of namespace NAME of the mount MNT (its "
                     "in-model coefficients, pseudonyms, state, seal) as a model file, "
                     "which a 'load' or an ns-create model=PATH takes (sign it when the "
-                    "policy appraises POLICY_CHECK). Read from MNT/.imafs/namespaces/"
-                    "NAME/model/export, as root.")
+                    "policy appraises POLICY_CHECK). Asked of the daemon over the "
+                    "mount's control socket (root of the host), else read from "
+                    "MNT/.imafs/namespaces/NAME/model/export.")
     e.add_argument("mnt", metavar="MNT")
     e.add_argument("--ns", metavar="NAME[/NAME...]",
                    help="the namespace, below the caller's own (default: the caller's)")
     e.add_argument("-o", "--output", required=True, metavar="FILE", help="'-': stdout")
     e.add_argument("--control-name", default=".imafs",
                    help="the mount's control directory (as mount's --control-name)")
+    e.add_argument("--state", metavar="DIR",
+                   help="the daemon's state directory, when /run/imafs has no record of it")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_export)
 

@@ -19,7 +19,8 @@ PROFILES/P/ with policy, keys/ and options; PROFILES defaults to the OCI hook's,
 /etc/imafs/profiles), or from --policy FILE and --keys DIR, plus OPTION=VALUE words
 of the namespace-options grammar (docs/namespaces.md): template=, hash=, appraise=,
 evm=enforce|log|off, evm_key=FILE (its EVM HMAC key, read by the daemon), policy=FILE,
-keys=DIR. An option given twice (by the profile and a word) is refused.
+keys=DIR, model=learn|FILE (a behaviour model: learning, or from a model file of the
+host). An option given twice (by the profile and a word) is refused.
 Everything is checked before anything is made; a refusal makes nothing."""
 
 
@@ -62,15 +63,16 @@ def _create(args) -> int:
             ans = c.call("ns-create", name=args.name, pid=args.pid, options=opts.options,
                          policy=opts.policy,
                          certs=[base64.b64encode(d).decode() for d in opts.certs],
-                         fds={"pidfd": pidfd})
+                         model=opts.model, fds={"pidfd": pidfd})
     except CtlError as e:
         raise CommandError(str(e)) from None
     finally:
         os.close(pidfd)
     ns = ans["namespace"]
+    model = f", model {ns['model']}" if ns.get("model") else ""
     print(f"namespace {ns['path']} (id {ns['id']}, uuid {ns['uuid']}): {ns['rules']} "
-          f"rule(s), {len(ns['keys'])} key(s), appraise {ns['appraise']}; pid {args.pid} "
-          f"bound")
+          f"rule(s), {len(ns['keys'])} key(s), appraise {ns['appraise']}{model}; pid "
+          f"{args.pid} bound")
     return 0
 
 
@@ -90,7 +92,9 @@ def _list(args) -> int:
                      ns["origin"], f"template={ns['template']} hash={ns['hash']} "
                                    f"appraise={ns['appraise']} evm={ns['evm']} "
                                    f"rules={ns['rules']} "
-                                   f"keys={len(ns['keys'])}", ns["uuid"]))
+                                   f"keys={len(ns['keys'])}"
+                                   + (f" model={ns['model']}" if ns.get("model") else ""),
+                     ns["uuid"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

@@ -11,8 +11,9 @@ A runtime runs the hook with the container's state as JSON on stdin (``ociVersio
    overrides; names up to 64 characters, so 64-hex ids fit);
 3. takes the policy, keys and options of the profile ``org.imafs.profile`` names (or
    the configuration's ``default_profile``), plus the words of annotation
-   ``org.imafs.options`` (host paths there only when the configuration allows them;
-   an option both give is refused) -- profiles.py;
+   ``org.imafs.options`` and annotation ``org.imafs.model`` (``learn``, or a host
+   model file: the same as the word ``model=VALUE``; host paths there only when the
+   configuration allows them; an option both give is refused) -- profiles.py;
 4. asks the mount's daemon over its control socket to create the namespace and bind
    the container's init (paused by the runtime until every hook has run), passing a
    pidfd of it, and remembers the namespace (its UUID) in its state directory.
@@ -41,6 +42,7 @@ from imafs.ima.nsoptions import OptionError
 ANNOTATION_PROFILE = "org.imafs.profile"
 ANNOTATION_NAMESPACE = "org.imafs.namespace"
 ANNOTATION_OPTIONS = "org.imafs.options"
+ANNOTATION_MODEL = "org.imafs.model"
 MAX_STATE = 1 << 20
 MAX_CONFIG = 4 << 20
 CREATE_STATUSES = ("creating", "created")
@@ -171,6 +173,12 @@ def host_options(st: OciState, cfg: HookConfig) -> tuple[HostOptions, str]:
         if profile:
             opts = load_profile(cfg.profiles, profile)
         words = st.annotations.get(ANNOTATION_OPTIONS, "").split()
+        model = st.annotations.get(ANNOTATION_MODEL, "").strip()
+        if model:
+            if any(w.startswith("model=") for w in words):
+                raise ProfileError(f"model= is given by annotation {ANNOTATION_MODEL} and "
+                                   f"by annotation {ANNOTATION_OPTIONS}")
+            words.append(f"model={model}")
         if words:
             extra = parse_option_words(words, host_files=cfg.allow_host_paths,
                                        source=f"annotation {ANNOTATION_OPTIONS}",
@@ -222,7 +230,7 @@ def create(st: OciState, cfg: HookConfig, state: str | None = None) -> dict:
                 ans = c.call("ns-create", name=name, pid=st.pid, options=opts.options,
                              policy=opts.policy,
                              certs=[base64.b64encode(d).decode() for d in opts.certs],
-                             fds={"pidfd": pidfd})
+                             model=opts.model, fds={"pidfd": pidfd})
             except CtlError as e:
                 # refused by the daemon: nothing was made, poststop has nothing to do;
                 # no answer (a timeout, a broken connection): the namespace may exist,

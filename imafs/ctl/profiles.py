@@ -1,11 +1,14 @@
 """Host-side namespace options: profiles, the OCI hook's configuration, and the host
-files that ``policy=`` and ``keys=`` name, loaded into what a control-socket request
-carries (the policy's text, the certificates).
+files that ``policy=``, ``keys=`` and ``model=PATH`` name, loaded into what a
+control-socket request carries (the policy's text, the certificates, the model file's
+text).
 
 A **profile** is a directory ``PROFILES/NAME/`` (default PROFILES:
 ``/etc/imafs/profiles``) the host's administrator writes, because whoever creates a
 container sets its annotations: ``policy`` (rules; absent: none), ``keys/``
-(certificates, as ``--keys`` takes them; absent: none) and ``options`` (words of the
+(certificates, as ``--keys`` takes them; absent: none), ``model`` (a model file the
+namespace's behaviour model starts from; absent: none, or ``model=learn`` among the
+options) and ``options`` (words of the
 namespace-options grammar, ``#`` comments; absent: none; ``policy=`` and ``keys=``
 are the profile's own files, not options). Every part is checked to be root's and
 writable by nobody else (the PROFILES directory, the profile's directory, each
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 
 from imafs.ima import nsoptions
 from imafs.ima.keys import CERT_SUFFIXES, Keyring, KeyringError, _split_pem
+from imafs.ima.modelfile import ModelFileError, parse_model
 from imafs.ima.nsoptions import OptionError
 from imafs.ima.policy import MAX_POLICY_BYTES, PolicyError, parse_policy
 
@@ -45,6 +49,8 @@ DEFAULT_PROFILES = "/etc/imafs/profiles"
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_CERT_FILE = 1 << 20
 MAX_CERT_FILES = 256
+# a model file sent over the control socket: one request line, with room for the rest
+MAX_MODEL_TEXT = 3 << 20
 
 
 class ProfileError(Exception):
@@ -60,6 +66,8 @@ class HostOptions:
     policy_from: str = ""
     certs: list = field(default_factory=list)
     keys_from: str = ""
+    model: str | None = None
+    model_from: str = ""
 
     def merge(self, other: "HostOptions", other_name: str, mine: str) -> None:
         """Add ``other``'s options; an option both give is refused (neither wins
@@ -79,6 +87,14 @@ class HostOptions:
                 raise ProfileError(f"keys are given by {self.keys_from} and by "
                                    f"{other.keys_from}")
             self.certs, self.keys_from = other.certs, other.keys_from
+        if other.model is not None:
+            if self.model is not None:
+                raise ProfileError(f"a model is given by {self.model_from} and by "
+                                   f"{other.model_from}")
+            self.model, self.model_from = other.model, other.model_from
+        if self.model is not None and self.options.get("model") == "learn":
+            raise ProfileError(f"model=learn and a model file ({self.model_from}): one or "
+                               f"the other")
 
 
 def _check_admin(path: str, st: os.stat_result, what: str) -> None:
@@ -164,6 +180,17 @@ def load_keys(path: str, *, strict: bool) -> list[bytes]:
     return out
 
 
+def load_model(path: str, *, strict: bool) -> str:
+    """A host model file's text, checked as a load checks it (the line of the first
+    error); at most MAX_MODEL_TEXT bytes: it goes in one control-socket request."""
+    raw = _read(path, MAX_MODEL_TEXT, "model", strict)
+    try:
+        parse_model(raw)
+    except ModelFileError as e:
+        raise ProfileError(f"model {path}: {e}") from None
+    return raw.decode("ascii")
+
+
 def parse_option_words(words: list[str], *, host_files: bool, source: str,
                        strict: bool, host_paths: bool | None = None) -> HostOptions:
     """Grammar words -> HostOptions, the host files they name loaded (the host paths
@@ -179,6 +206,12 @@ def parse_option_words(words: list[str], *, host_files: bool, source: str,
             out.policy, out.policy_from = load_policy(v, strict=strict), f"policy={v}"
         elif k == "keys":
             out.certs, out.keys_from = load_keys(v, strict=strict), f"keys={v}"
+        elif k == "model" and v != "learn":
+            if not host_files:
+                raise ProfileError(f"{source}: model={v} names a host file, which only "
+                                   f"a creator on the host gives (imafs ns create, an OCI "
+                                   f"hook profile's model file)")
+            out.model, out.model_from = load_model(v, strict=strict), f"model={v}"
         else:
             out.options[k] = v
     return out
@@ -223,7 +256,7 @@ def load_profile(base: str, name: str) -> HostOptions:
             raise ProfileError(f"profile options {opath}: not UTF-8 text") from None
         for w in words:
             k = w.partition("=")[0]
-            if k in nsoptions.HOST_FILE_OPTIONS:
+            if k in nsoptions.HOST_FILE_OPTIONS or (k == "model" and w != "model=learn"):
                 raise ProfileError(f"profile options {opath}: {k}= is the profile's own "
                                    f"{k} {'directory' if k == 'keys' else 'file'}, not an "
                                    f"option")
@@ -235,6 +268,12 @@ def load_profile(base: str, name: str) -> HostOptions:
     kpath = os.path.join(d, "keys")
     if os.path.lexists(kpath):
         out.certs, out.keys_from = load_keys(kpath, strict=True), f"profile {name}"
+    mpath = os.path.join(d, "model")
+    if os.path.lexists(mpath):
+        if out.options.get("model") == "learn":
+            raise ProfileError(f"profile {name}: model=learn and a model file: one or the "
+                               f"other")
+        out.model, out.model_from = load_model(mpath, strict=True), f"profile {name}"
     return out
 
 

@@ -29,7 +29,8 @@ MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
 WORKERS = 2
-OPS = ("hello", "ns-create", "ns-list", "ns-remove", "digest-list-add", "digest-list-del")
+OPS = ("hello", "ns-create", "ns-list", "ns-remove", "digest-list-add", "digest-list-del",
+       "model-export")
 
 
 class ProtocolError(Exception):

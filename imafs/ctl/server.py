@@ -169,12 +169,17 @@ class Handlers:
                 certs.append(base64.b64decode(c, validate=True))
             except (binascii.Error, ValueError):
                 raise P.ProtocolError(f"certs: item {i} is not base64") from None
+        model = _arg(args, "model", str, None)
         req = CreateRequest(name=name, target=Target(pid, fds.get("pidfd")), options=options,
-                            policy=policy, certs=certs, uid=peer[1])
+                            policy=policy, certs=certs, model=model, uid=peer[1])
         out = self.host.create(req)
         log.info("control socket: pid %d made namespace %s (id %d) for pid %d", peer[0],
                  out["path"], out["id"], pid)
         return P.reply(namespace=out)
+
+    def op_model_export(self, args, fds, peer) -> dict:
+        out = self.host.model_export(_arg(args, "ns", str), limit=P.MAX_RESPONSE - 4096)
+        return P.reply(**out)
 
     def op_ns_list(self, args, fds, peer) -> dict:
         return P.reply(namespaces=self.host.list())

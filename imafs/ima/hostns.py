@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from imafs.ima import nsoptions
 from imafs.ima.keys import Keyring, KeyringError
+from imafs.ima.modelfile import MAX_MODEL_BYTES, ModelFileError, format_model, parse_model
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
 from imafs.ima.nsoptions import OptionError
 from imafs.ima.policy import MAX_POLICY_BYTES, Policy, PolicyError, parse_policy
@@ -63,6 +64,7 @@ class CreateRequest:
     options: dict = field(default_factory=dict)     # value options of nsoptions
     policy: str | None = None                       # the policy's text
     certs: list = field(default_factory=list)       # DER or PEM certificates (bytes)
+    model: str | None = None                        # a model file's text (models.md)
     uid: int = 0                                    # the requester's, for the audit log
 
 
@@ -153,16 +155,19 @@ class HostNamespaces:
             except PolicyError as e:
                 raise NamespaceError(errno.EINVAL, f"policy: {e}") from None
         checked = check_certs(req.certs)
+        model_setup, model_extra = self._model(req, opts)
         keyids = ",".join(f"{k.keyid:08x}" for k in checked) or "-"
         ptext = Policy(rules).text()
         extra = (f"origin=host policy=sha256:{hashlib.sha256(ptext.encode()).hexdigest()} "
-                 f"keys={keyids}")
+                 f"keys={keyids}" + (f" {model_extra}" if model_extra else ""))
 
         def setup(child: Namespace) -> None:
             if rules:
                 child.set_policy(Policy(rules))
             for k in checked:
                 child.keyring.add(k.der)
+            if model_setup is not None:
+                model_setup(child)
 
         child = tree.create_bound(tree.root, name, opts, req.target.pid, req.uid,
                                   setup=setup, origin="host", extra=extra,
@@ -172,6 +177,35 @@ class HostNamespaces:
                  req.target.pid)
         return self.describe(child)
 
+    def _model(self, req: CreateRequest, opts: dict):
+        """The behaviour model a request asks for: ``model=learn`` among its options,
+        or a model file's text (its creator read the host file); what creation adds
+        (ModelStore.creation), or (None, "")."""
+        option = opts.get("model")
+        if option is not None and option != "learn":
+            raise NamespaceError(errno.EINVAL, f"model={option}: a host file goes as its "
+                                               f"text (the request's model argument)")
+        if req.model is None and option is None:
+            return None, ""
+        models = self.tree.models
+        if models is None:
+            raise NamespaceError(errno.EOPNOTSUPP, "this mount makes no behaviour models")
+        mf = None
+        if req.model is not None:
+            if option == "learn":
+                raise NamespaceError(errno.EINVAL, "model=learn and a model file: one or "
+                                                   "the other")
+            raw = req.model.encode("utf-8", "surrogateescape")
+            try:
+                if len(raw) > MAX_MODEL_BYTES:
+                    raise ModelFileError(0, f"{len(raw)} bytes (at most {MAX_MODEL_BYTES})")
+                mf = parse_model(raw)
+                models.check(mf)
+            except ValueError as e:         # ModelFileError, another aggregate
+                raise NamespaceError(errno.EINVAL, f"model: {e}") from None
+        opts["model"] = "learn" if mf is None else "host"
+        return models.creation(mf)
+
     # --- list
     def describe(self, ns: Namespace) -> dict:
         binder = self.tree.binder
@@ -179,10 +213,34 @@ class HostNamespaces:
                 "uuid": getattr(ns, "uuid", ""), "origin": ns.origin,
                 "template": ns.template, "hash": ns.hash_algo,
                 "appraise": ns.appraise_mode, "evm": ns.evm.mode, "rules": len(ns.policy),
+                "model": None if ns.model is None else ns.model.mode,
                 "keys": [f"{k.keyid:08x}" for k in ns.keyring],
                 "entries": ns.mlist.count,
                 "processes": len(binder.members(ns.id)) if binder is not None else 0,
                 "children": sorted(ns.children)}
+
+    # --- models
+    def model_export(self, path: str, *, limit: int) -> dict:
+        """The behaviour model of the namespace at ``path`` (``a/b``, below the root)
+        as a model file's text, with its mode and state; ENOENT without one, EFBIG
+        over ``limit`` bytes (its control file ``export`` has no bound)."""
+        ns = self.tree.root
+        for part in path.strip("/").split("/"):
+            if not part:
+                continue
+            child = ns.children.get(part)
+            if child is None:
+                raise NamespaceError(errno.ENOENT, f"no namespace {part!r} under {ns.path}")
+            ns = child
+        if ns.model is None:
+            raise NamespaceError(errno.ENOENT, f"namespace {ns.path} has no behaviour model")
+        text = format_model(ns.model.export())
+        if len(text) > limit:
+            raise NamespaceError(errno.EFBIG, f"the model of {ns.path} is {len(text)} bytes, "
+                                              f"more than one answer holds: read "
+                                              f".imafs/namespaces/.../model/export instead")
+        return {"path": ns.path, "mode": ns.model.mode, "state": ns.model.state().hex(),
+                "model": text.decode("ascii")}
 
     def list(self) -> list[dict]:
         """Every namespace below the root, parents before their children."""

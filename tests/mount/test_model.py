@@ -325,7 +325,8 @@ def test_control_needs_root_and_modes_only_go_forward(world, learned):
 
 def test_export_load_same_state_and_workload_runs(world, learned):
     out = world.work / "w.model"
-    imafs("model", "export", world.mount.mnt, "--ns", "w", "-o", out)
+    r = imafs("model", "export", world.mount.mnt, "--ns", "w", "-o", out)
+    assert "(from control socket)" in r.stderr
     text = out.read_text()
     lines = text.splitlines()
     assert lines[0] == "aggregate " + "0" * 64 and lines[-2:] == ["seal", "end"]
@@ -343,6 +344,20 @@ def test_export_load_same_state_and_workload_runs(world, learned):
     ok(world.join("copy"), "loaded model enforced")
     assert world.state("copy") == learned
     assert world.records("copy", "forensics") == []
+    # from the host: imafs ns create ... model=FILE (a host file, sent as text)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        imafs("ns", "create", world.mount.mnt, "fromhost", "--pid", sleeper.pid,
+              f"model={out}")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert world.state("fromhost") == learned and world.stats("fromhost")["mode"] == "sealed"
+    listed = json.loads(imafs("ns", "list", world.mount.mnt, "--json").stdout)
+    assert {n["name"]: n["model"] for n in listed}["fromhost"] == "sealed"
+    world.control("fromhost", "enforce")
+    ok(world.join("fromhost"), "a host-made namespace's model enforced")
+    assert world.state("fromhost") == learned
     # load through control, into a learning namespace
     r = world.create("loaded", "learn", "exit 0\n")
     assert r.returncode == 0, r.stderr

@@ -158,3 +158,26 @@ def test_the_hooks_state_after_a_failed_creation(tmp_path, monkeypatch, answer, 
             == {"name": "web"}
         assert fake.calls[-1] == ("ns-remove", {"name": "web", "uuid": None, "fds": None})
         assert not list((tmp_path / "state").iterdir())
+
+
+def test_annotation_model_is_the_model_word(tmp_path):
+    """org.imafs.model: learn, or a host model file (host paths only where the
+    configuration allows them); not with a model= word in org.imafs.options."""
+    from imafs.ima import model as M
+    from imafs.ima.modelfile import format_model
+    text = format_model(M.Model().export()).decode()
+    (tmp_path / "m.model").write_text(text)
+    st = oci.parse_state(js(annotations={"org.imafs.model": "learn"}))
+    opts, _ = oci.host_options(st, HookConfig())
+    assert opts.options == {"model": "learn"}
+    st = oci.parse_state(js(annotations={"org.imafs.model": str(tmp_path / "m.model")}))
+    with pytest.raises(oci.HookError) as e:
+        oci.host_options(st, HookConfig())
+    assert "names a host file" in str(e.value) and "allow_host_paths" in str(e.value)
+    opts, _ = oci.host_options(st, HookConfig(allow_host_paths=True))
+    assert opts.model == text
+    st = oci.parse_state(js(annotations={"org.imafs.model": "learn",
+                                         "org.imafs.options": "model=learn"}))
+    with pytest.raises(oci.HookError) as e:
+        oci.host_options(st, HookConfig())
+    assert "org.imafs.model" in str(e.value)

@@ -181,3 +181,42 @@ def test_evm_options_in_profiles_and_annotations(base, tmp_path):
     assert "evm_key=" in str(e.value) and "names a host file" in str(e.value)
     o = pr.parse_option_words(words, host_files=True, source="cli", strict=False)
     assert o.options == {"evm": "log", "evm_key": "/etc/imafs/web.evm"}
+
+
+def _model_text() -> str:
+    from imafs.ima import model as M, modelmap as mm
+    from imafs.ima.modelfile import format_model
+    m = M.Model()
+    m.decide(M.Actor((1, 1), None, mm.Coe()),
+             mm.file_open("/a", mm.Inode(0, 0, 0o100644), bytes(32), 4))
+    return format_model(m.export()).decode()
+
+
+def test_models_from_words_and_profiles(base, tmp_path):
+    """model=learn is an option; model=FILE a host file, read and checked here (its
+    text goes in the request); a profile's model file; never both."""
+    (tmp_path / "m.model").write_text(_model_text())
+    o = pr.parse_option_words(["model=learn"], host_files=False, source="a", strict=True)
+    assert o.options == {"model": "learn"} and o.model is None
+    o = pr.parse_option_words([f"model={tmp_path / 'm.model'}"], host_files=True,
+                              source="cli", strict=False)
+    assert o.model == _model_text() and "model" not in o.options
+    with pytest.raises(pr.ProfileError) as e:
+        pr.parse_option_words([f"model={tmp_path / 'm.model'}"], host_files=False,
+                              source="annotation org.imafs.options", strict=True)
+    assert "names a host file" in str(e.value)
+    (tmp_path / "bad.model").write_text("aggregate 00\n")
+    with pytest.raises(pr.ProfileError) as e:
+        pr.parse_option_words([f"model={tmp_path / 'bad.model'}"], host_files=True,
+                              source="cli", strict=False)
+    assert "model file line 1" in str(e.value)
+    (base / "web" / "model").write_text(_model_text())
+    p = pr.load_profile(str(base), "web")
+    assert p.model == _model_text() and p.model_from == "profile web"
+    with pytest.raises(pr.ProfileError) as e:
+        p.merge(pr.HostOptions(options={"model": "learn"}), "cli", "profile web")
+    assert "one or the other" in str(e.value)
+    (base / "web" / "options").write_text("model=/etc/x.model\n")
+    with pytest.raises(pr.ProfileError) as e:
+        pr.load_profile(str(base), "web")
+    assert "is the profile's own model file" in str(e.value)

@@ -186,3 +186,70 @@ def test_list_and_remove_with_archive(host, tmp_path):
     finally:
         os.close(fd)
     assert "archive" in str(e.value) and "web2" in h.tree.root.children
+
+
+@pytest.fixture
+def host_models(tmp_path):
+    from imafs.ima.modelstore import ModelStore
+    store = Store(str(tmp_path / "lmdb"))
+    binder = Binder()
+    models = ModelStore(store, bytes(range(32)))
+    tree = namespace_tree(store, [], keyring=Keyring(store, 0),
+                          mlist=MeasurementList(store, 0), binder=binder, models=models)
+    yield HostNamespaces(tree), binder
+    store.close()
+
+
+def _model(aggregate: bytes) -> str:
+    from imafs.ima import model as M, modelmap as mm
+    from imafs.ima.modelfile import format_model
+    m = M.Model(aggregate)
+    m.decide(M.Actor((1, 1), None, mm.Coe()),
+             mm.file_open("/a", mm.Inode(0, 0, 0o100644), bytes(32), 4))
+    return format_model(m.export()).decode()
+
+
+def test_create_with_a_model(host_models):
+    """model=learn, or a model file's text: the namespace's model from its creation,
+    its ns-create recording which (model=learn, model=state:HEX); ns-list says its
+    mode; model-export gives the file back."""
+    h, binder = host_models
+    text = _model(bytes(range(32)))
+    out = h.create(CreateRequest("m", Target(7), {}, None, [], model=text))
+    ns = h.tree.root.children["m"]
+    assert out["model"] == "sealed" and ns.model.mode == "sealed" and ns.model.points
+    assert h.tree.models.make(ns.id, "host").mode == "sealed"     # stored
+    data = [parse_event(e.get("buf")) for e in parse_ascii(
+        b"".join(h.tree.root.mlist.iter_view("ascii"))) if e.name == b"ns-create"]
+    assert data[0]["model"] == "state:" + ns.model.state().hex()
+    ex = h.model_export("m", limit=1 << 20)
+    assert ex["model"] == text and ex["mode"] == "sealed"
+    h.create(CreateRequest("l", Target(8), {"model": "learn"}, None, []))
+    assert h.tree.root.children["l"].model.mode == "learn"
+    assert [d["model"] for d in [parse_event(e.get("buf")) for e in parse_ascii(
+        b"".join(h.tree.root.mlist.iter_view("ascii"))) if e.name == b"ns-create"]][1] \
+        == "learn"
+    with pytest.raises(NamespaceError) as e:
+        h.model_export("m", limit=10)
+    assert e.value.errno == errno.EFBIG
+    with pytest.raises(NamespaceError) as e:
+        h.model_export("nope", limit=1 << 20)
+    assert e.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(options={"model": "/etc/x.model"}), "goes as its text"),
+    (dict(model="aggregate 00\n"), "model file line 1"),
+    (dict(model=_model(bytes(32))), "is not this mount's"),
+    (dict(options={"model": "learn"}, model=_model(bytes(range(32)))), "one or the other"),
+])
+def test_model_refusals_make_nothing(host_models, kw, why):
+    h, binder = host_models
+    before = h.tree.root.mlist.count
+    args = dict(name="web", target=Target(1), options={}, policy=None, certs=[])
+    args.update(kw)
+    with pytest.raises(NamespaceError) as e:
+        h.create(CreateRequest(**args))
+    assert why in str(e.value) and e.value.errno == errno.EINVAL
+    assert not h.tree.root.children and h.tree.root.mlist.count == before
+    assert binder.moves == []
