@@ -238,7 +238,7 @@ def build(opts) -> Filesystem:
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
     engine = Engine(tree, store=store, audit=audit, verify_reads=verify_reads,
-                    cache_store=cache_store, 
+                    cache_store=cache_store,
                     **({"tree_memory": x["tree_memory"] << 20}
                        if x.get("tree_memory") is not None else {}))
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)

@@ -69,7 +69,7 @@ is mounted in the chroot (none of the commands needs one).
   r-ls     ``ls -lR /usr > /dev/null``
   r-tar    ``tar c /usr | wc -c``
 
-Measurements apart from the modes (``--only`` keys ``hash``, ``ns``, ``dl`` and ``attack``)
+Measurements apart from the modes (``--only`` keys: hash, ns, dl, attack, model)
   hash     imafs's own hashing (imafs.ima.hashing.hash_fd, sha256, and sha256 with the
            fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
            ("cold") and cached, against hashlib.sha256 over the same bytes in memory
@@ -82,6 +82,11 @@ Measurements apart from the modes (``--only`` keys ``hash``, ``ns``, ``dl`` and 
            measuring MMAP_CHECK and FILE_CHECK reads, reads verified; root's cold opens
            of small files meanwhile: p50, p99, max (goal p99 < 100 ms), how soon hashing
            stops once the openers are killed, verity-tree bytes and daemon RSS
+  model    behaviour models (benchlib/model.py): cost per event of a learning and an
+           enforcing model, one process opening 2,000 small files (300 with --quick, 100
+           with --smoke) in a child namespace of a mount of their own, against the same
+           without a model, under plain appraisal (the files signed) and an empty policy;
+           decide_chain alone in-process
 
 Method
   * Every timed run of a FUSE mode starts on a fresh mount (the mount is not timed): no
@@ -137,7 +142,7 @@ def parse_args(argv=None):
                                 epilog="Modes: " + ", ".join(m.name for m in MODES)
                                 + " (integrity-off: another name of overlay, c of passthrough-c). Workloads: a, b "
                                 "(b-cold and b-warm), c, d, e, f; with --rootfs r-true, r-dpkg, "
-                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns, dl.")
+                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns, dl, model.")
     p.add_argument("--reps", type=int, default=3, help="timed runs per workload and mode (median)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates, "

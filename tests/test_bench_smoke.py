@@ -1,8 +1,8 @@
 """scripts/bench.py runs end to end at smoke-test sizes and writes its reports: every
 mode (libfuse's C passthrough_ll included when gcc, pkg-config and libfuse3-dev are
 installed) on the small-file and big-file workloads with the hashing and namespace
-measurements, pinned and unpinned runs, and (when the cached Debian rootfs exists) one
-real-rootfs command."""
+measurements, pinned and unpinned runs, the behaviour models' cost per event (--only
+model), and (when the cached Debian rootfs exists) one real-rootfs command."""
 import json
 import os
 import statistics
@@ -162,6 +162,52 @@ def test_bench_quick_all_modes(tmp_path):
     for section in ("## Issue targets", "## Hashing", "## Namespace resolution per open"):
         assert section in again
     assert again == text.replace("![ratio to integrity off](r.png)\n\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(240)
+def test_bench_model(tmp_path):
+    """--only model: a learning and an enforcing behaviour model against the same
+    workload without one, under plain appraisal (the files signed: every file hashed
+    for it, and by no model) and an empty policy (every file hashed by the model
+    alone); every open one model event, the enforcing runs inside the model; the
+    section in the report, and again from the JSON alone."""
+    p, data, text, png = _run(["--only", "model"], tmp_path, 230)
+    assert data["workloads"] == {} and data["hashing"] is None
+    m = data["model"]
+    assert "error" not in m, m
+    files, reps = m["files"], m["reps"]
+    assert files == 100 and reps == 1
+    for policy in ("appraise", "empty"):
+        row = m[policy]
+        for kind in ("none", "learn", "enforce"):
+            c = row[kind]
+            assert len(c["times"]) == reps and c["median"] > 0, (policy, kind, c)
+            # the untimed first run hashed every file once: for the appraisal, or for
+            # the model (its own pass) where no policy asks
+            want = 0 if (policy, kind) == ("empty", "none") else files
+            assert c["hashed_files"] == want, (policy, kind, c)
+        assert row["none"]["events"] is None and row["none"]["daemon_us"] is None
+        for kind in ("learn", "enforce"):
+            c = row[kind]
+            assert c["events"] == files, (policy, kind, c)
+            assert c["daemon_us"] > 0 and isinstance(c["us_per_event"], float)
+    assert m["decide_us"]["learn"] > 0 and m["decide_us"]["in-model"] > 0
+    assert "## Behaviour models" in text and "plain appraise" in text
+    assert "decide_chain alone" in p.stdout
+    assert "mirror" not in text and "http" not in text
+    # its mounts and files gone (no workload: no plot)
+    assert list((tmp_path / "work").iterdir()) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    md2 = tmp_path / "again.md"
+    q = subprocess.run([sys.executable, str(BENCH), "--from-json", str(tmp_path / "r.json"),
+                        "--markdown", str(md2), "--plot", "none"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert q.returncode == 0, q.stderr
+    assert "## Behaviour models" in md2.read_text()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchlib import drop_page_cache, import_imafs, read_files
 
-MICRO = ("hash", "ns", "dl", "attack")   # attack: benchlib/attack.py (its own mount)
+MICRO = ("hash", "ns", "dl", "attack", "model")   # attack, model: benchlib/attack.py, model.py
 
 
 def hashing_micro(path: Path, reps: int) -> dict:

@@ -81,6 +81,15 @@ def print_tables(bench: Bench) -> None:
             from benchlib.attack import attack_lines
             for line in attack_lines(at):
                 print("  " + line)
+    mo = bench.micro.get("model")
+    if mo:
+        print("\nbehaviour models (issue 18): cost per event")
+        if "error" in mo:
+            print(f"  n/a ({mo['error']})")
+        else:
+            from benchlib.model import model_lines
+            for line in model_lines(mo):
+                print("  " + line)
     if bench.rootfs_info:
         ri = bench.rootfs_info
         print(f"\nrootfs {ri['source']}: {ri['files']:,} files, {ri['bytes'] / 2**20:.0f} MiB; "
@@ -108,8 +117,7 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
             for target in (TREE, ROOTFS):
                 out += _summary(bench, target, key, kind, title)
     out += (_modes(bench) + _hashing(bench) + _ns(bench) + _digest_list(bench) + _attack(bench)
-            + _rootfs(bench)
-            + _per_workload(bench))
+            + _model(bench) + _rootfs(bench) + _per_workload(bench))
     out += ["Sizes: " + ", ".join(f"{k}={v}" for k, v in bench.sizes.__dict__.items()) + ".",
             ""]
     return "\n".join(out)
@@ -258,6 +266,16 @@ def _attack(bench: Bench) -> list[str]:
              "it never opened before (each one a hashing pass of its own). Goal: p99 under "
              "100 ms during the attack.")
     return _micro(bench, "attack", "Hashing attack", intro, attack_lines)
+
+
+def _model(bench: Bench) -> list[str]:
+    from benchlib.model import model_lines
+    intro = ("Issue 18: one process opens and reads small files in a child namespace, "
+             "without a behaviour model, learning (every event new) and enforcing (every "
+             "event in the model); the cost per event is the difference of the medians. "
+             "Goal: under 20 µs per event on top of the overlay.")
+    return _micro(bench, "model", "Behaviour models", intro,
+                  lambda r: [f"- {md(line)}" for line in model_lines(r)])
 
 
 def _rootfs(bench: Bench) -> list[str]:

@@ -186,6 +186,7 @@ def to_json(bench: Bench, info: dict) -> dict:
                     if "hashing" in bench.micro else None),
         "ns_resolution": bench.micro.get("ns_resolution"),
         "digest_list": bench.micro.get("digest_list"),
+        "model": bench.micro.get("model"),
         "rootfs": bench.rootfs_info or None,
     }
 
@@ -222,6 +223,8 @@ def load_json(path: str, args) -> tuple[Bench, dict]:
         bench.micro["ns_resolution"] = data["ns_resolution"]
     if data.get("digest_list"):
         bench.micro["digest_list"] = data["digest_list"]
+    if data.get("model"):
+        bench.micro["model"] = data["model"]
     bench.rootfs_info = dict(data.get("rootfs") or {})
     if "built" in bench.rootfs_info:   # a file written before results kept suite and date only
         bench.rootfs_info["built"] = built_record(bench.rootfs_info["built"])

@@ -277,6 +277,13 @@ class Bench:
                 self.micro["attack"] = attack_micro(self.work, self.args.quick)
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.micro["attack"] = {"error": str(e) or type(e).__name__}
+        if "model" in self.micro_keys:
+            self.log("bench: behaviour models, cost per event (issue 18)")
+            try:
+                from benchlib.model import model_micro
+                self.micro["model"] = model_micro(self)
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["model"] = {"error": str(e) or type(e).__name__}
         for k, v in self.micro.items():
             self.log(f"bench:   {k}: " + (f"n/a ({v['error']})" if "error" in v else "done"))
 
