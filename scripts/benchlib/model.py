@@ -13,7 +13,10 @@ busy machine); and the daemon's own account (``stats``: ``model_us`` over
 ``model_events``, the time its model step took: who acts, the digest, the decision).
 Both under plain appraisal (every file signed by ``imafs sign -r``, a policy
 appraising every read's signature: the digest is IMA's, the model adds its decision)
-and under an empty policy (the model then hashes every file itself, once per version).
+and under an empty policy (the model then hashes every file itself, once per version;
+and since the engine's open hooks are off while no policy has rules and no model
+exists, the difference to the run without a model there is the whole engine's open
+path, not the model's step alone).
 Also the model's decision alone, in-process (``decide_chain`` over a prepared event:
 learned, and in the model)."""
 from __future__ import annotations
@@ -32,7 +35,8 @@ from benchlib import IMAFS, REPO, env, import_imafs
 POLICIES = {"appraise": "appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n",
             "empty": ""}
 POLICY_TITLES = {"appraise": "plain appraise (signatures on every read)",
-                 "empty": "empty policy (the model hashes)"}
+                 "empty": "empty policy (without a model no open reaches the engine; "
+                          "with one, the engine's open path and the model's own hashing)"}
 if TYPE_CHECKING:
     from benchlib.run import Bench
 
