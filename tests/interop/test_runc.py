@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,79 @@ def test_hook_namespace_with_a_read_only_root(rt):
     finally:
         rt.delete(cid)
     assert rt.namespaces() == []
+
+
+def _model_records(rt, cid: str, name: str) -> list[dict]:
+    return [json.loads(line) for line in
+            rt.ctl(f"namespaces/{cid}/model/{name}").read_text().splitlines()]
+
+
+def _paths(records: list[dict], etype: str) -> list[str]:
+    return [r[etype]["path"]["pathname"] for r in records if r["event"]["type"] == etype]
+
+
+def test_hook_annotation_model_learn_then_a_profiles_model(rt):
+    """Issue 18 through runc: annotation org.imafs.model=learn gives the container a
+    learning behaviour model from its first exec; exported from the host, it is the
+    model file of a profile, and a second container with that profile starts from it
+    (sealed, the same state): the same commands are in the model, a new read goes to
+    forensics."""
+    script = "cat /etc/debian_version >/dev/null; exec sleep 600"
+    cid = cid_of("learn")
+    rt.config(["sh", "-c", script], annotations={"org.imafs.model": "learn"})
+    out = rt.work / "learned.model"
+    try:
+        r = rt.run_d(cid)
+        assert r.returncode == 0, r.stderr
+        (ns,) = rt.namespaces()
+        assert ns["name"] == cid and ns["model"] == "learn"
+        # the init's run ends with the exec of sleep and its loader's opens: then
+        # the trajectory stops growing
+        assert wait_for(lambda: "/usr/bin/sleep" in _paths(
+            _model_records(rt, cid, "trajectory"), "bprm_check"), 10)
+        tr = []
+        for _ in range(20):
+            time.sleep(1.0)
+            now = _model_records(rt, cid, "trajectory")
+            if len(now) == len(tr):
+                break
+            tr = now
+        assert {"/usr/bin/dash", "/usr/bin/cat"} <= set(_paths(tr, "bprm_check"))   # sh
+        assert "/etc/debian_version" in _paths(tr, "file_open")
+        state = rt.ctl(f"namespaces/{cid}/model/state").read_text().strip()
+        imafs("model", "export", rt.mnt, "--ns", cid, "-o", out)
+        assert f"state {state}\n" in out.read_text()
+        imafs("model", "check", out)
+    finally:
+        d = rt.delete(cid)
+    assert d.returncode == 0, d.stderr
+    assert rt.namespaces() == []
+    prof = rt.profile("modelled", WEB_POLICY)
+    (prof / "model").write_text(out.read_text())
+    # the same commands: all in the model, the same state; one more read: forensics,
+    # allowed (sealed), and the state moves (an outside coefficient is part of it)
+    for extra, outside in (("", []), ("cat /etc/hostname >/dev/null; ", ["/etc/hostname"])):
+        cid = cid_of("model")
+        rt.config(["sh", "-c", extra + script], profile="modelled")
+        ctl = rt.ctl(f"namespaces/{cid}/model")
+        try:
+            r = rt.run_d(cid)
+            assert r.returncode == 0, r.stderr
+            (ns,) = rt.namespaces()
+            assert ns["model"] == "sealed"
+            # the exec of sleep, the last event, is in the model
+            assert wait_for(lambda: json.loads((ctl / "stats").read_text())
+                            .get("in-model", 0) >= len(tr), 10), (ctl / "stats").read_text()
+            forensics = [json.loads(x) for x in (ctl / "forensics").read_text().splitlines()]
+            assert _paths(forensics, "file_open") == outside, forensics
+            assert all(x["reason"] == "out-of-model" for x in forensics)
+            st = json.loads((ctl / "stats").read_text())
+            assert st["mode"] == "sealed" and st.get("out-of-model", 0) == len(forensics)
+            now = (ctl / "state").read_text().strip()
+            assert (now == state) == (not outside), (now, state)
+        finally:
+            d = rt.delete(cid)
+        assert d.returncode == 0, d.stderr
 
 
 @pytest.mark.xfail(strict=True, reason=H15A_APPRAISAL)
