@@ -66,10 +66,14 @@ class FakeEngine:
         self._answer("inode_setattr", subject, key, change)
         return apply()
 
-    def inode_setxattr(self, subject, key, path, name, value, apply, file=None):
+    def inode_setxattr(self, subject, key, path, name, value, apply, file=None, st=None):
         self.file = file() if file is not None else None
+        self.st = st                            # for the behaviour models' events
         stored = self._answer("inode_setxattr", subject, key, path, name, value)
         apply(stored or name)
+
+    def modelled(self):
+        return False
 
     def inode_getxattr(self, pid, name):
         return self._answer("inode_getxattr", pid, name)
@@ -301,6 +305,7 @@ def test_xattr_hooks_ask_the_engine(tree):
     assert eng.calls[-1] == ("inode_setxattr", Subject(4242, 1000, 100),
                              (inode.dev, inode.ino), b"/f", b"security.ima", b"\x04\x04")
     assert eng.file.path == b"/f"
+    assert (eng.st.st_dev, eng.st.st_ino) == (inode.dev, inode.ino)
     eng.answers["inode_setxattr"] = None
     h.setxattr(CALLER, inode, b"user.x", b"v", stored.append)
     assert stored[-1] == b"user.x"
