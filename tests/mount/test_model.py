@@ -447,6 +447,36 @@ def test_xattr_events_by_a_process_that_joined(world, learned):
         assert v_coefficient(rec).hex() == rec["coefficient"]
 
 
+def test_pseudonym_keeps_a_mutable_file_in_the_model(world, learned):
+    """``pseudonym PATH`` in control: the file's digest is left out of its events, so
+    a file that changes between runs stays in the model; another file that changed is
+    out of it (EPERM under enforce)."""
+    tmp = world.mount.mnt / "tmp"
+    (tmp / "state.txt").write_text("v1\n")
+    (tmp / "other.txt").write_text("v1\n")
+    script = ("read a < /tmp/state.txt; echo a=$?\n"
+              "read b < /tmp/other.txt; echo b=$?\n")
+    r = world.create("ps", "learn", "exit 0\n")
+    assert r.returncode == 0, r.stderr
+    world.control("ps", "pseudonym /tmp/state.txt")
+    r = world.join("ps", script)
+    assert "a=0" in r.stdout and "b=0" in r.stdout, (r.stdout, r.stderr)
+    opens = {rec["file_open"]["path"]["pathname"]: rec["file_open"]["digest"]
+             for rec in world.records("ps", "trajectory")
+             if rec["event"]["type"] == "file_open"}
+    assert opens["/tmp/state.txt"] == "0" * 64 and opens["/tmp/other.txt"] != "0" * 64
+    assert world.stats("ps")["pseudonyms"] == 1
+    world.control("ps", "enforce")
+    # both files change (written from the host, through the mount)
+    (tmp / "state.txt").write_text("v2, longer\n")
+    (tmp / "other.txt").write_text("v2, longer\n")
+    r = world.join("ps", script)
+    assert "a=0" in r.stdout and "b=2" in r.stdout, (r.stdout, r.stderr)
+    assert [x[1:] for x in forensics_of(world, "ps")] == [
+        ("file_open", "sh", "/tmp/other.txt")]
+    assert "pseudonym " in world.read("ps", "export")
+
+
 # ---------------------------------------------------------------------- remount
 
 def test_sealed_model_kept_across_a_remount(world, learned):
