@@ -143,6 +143,8 @@ class Modelling:
         events of this file version at hand (or its digest and ELF type)? Sets
         ``req.actor``."""
         s = req.subject
+        if req.mode.exec_:      # read the task afresh (_file_open): not on the loop
+            return False
         a = self.tasks.known(s.pid, s.uid, s.gid)
         if a is None:
             return False
@@ -175,6 +177,12 @@ class Modelling:
 
     def _file_open(self, req) -> int:
         pairs, f, mode = req.models, req.f, req.mode
+        if mode.exec_:
+            # the credentials the new identity is computed with are the task's now: a
+            # capset() or a change of ids since the cached read (runtimes drop their
+            # capabilities just before they exec the workload) would otherwise make
+            # the identity depend on how long ago that read was
+            self.tasks.exec_seen(req.subject.pid)
         a = req.actor or self.tasks.actor(req.subject.pid, req.subject.uid,
                                           req.subject.gid)
         if a is None:
