@@ -85,6 +85,19 @@ def end_process(pid: int | None) -> None:
             return
 
 
+def daemon_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system, every thread) the daemon ``pid`` used so far: read
+    around a timed run, less sensitive to other load than its wall time."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _daemon_pid(state: Path) -> int | None:
     try:
         return int((state / "daemon.lock").read_text().strip() or 0) or None
@@ -117,6 +130,9 @@ class ImafsMount:
             why = (p.stderr or p.stdout).strip().splitlines()
             reason = why[-1] if why else f"exit status {p.returncode}"
             raise MountFailed(reason.removeprefix("imafs mount: ").strip())
+
+    def daemon_pid(self) -> int | None:
+        return self.pid
 
     def stop(self) -> None:
         try:
@@ -162,6 +178,9 @@ class CPassthroughMount:
                 why = f"exit status {rc}" if rc is not None else f"not mounted after {timeout:g} s"
                 raise MountFailed(f"passthrough_ll: {why}: {_tail(self.log)}")
             time.sleep(0.005)
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def stop(self) -> None:
         try:

@@ -40,6 +40,7 @@ def cell_summary(res: dict[str, dict[str, Cell]], wkey: str, mname: str) -> dict
         return ratio(med, _median(res, wkey, reference(kind, mname)))
     return {
         "times": c.times, "median": med, "error": c.error, "note": c.note, "engine": c.engine,
+        "daemon_cpu": c.cpu,
         "ratio_native": to(NATIVE), "ratio_overlay": to(OVERLAY),
         "ratio_passthrough_c": to(PASSTHROUGH_C),
     }
@@ -216,7 +217,8 @@ def load_json(path: str, args) -> tuple[Bench, dict]:
     for k, w in data["workloads"].items():
         for name, c in w["modes"].items():
             bench.results[k][name] = Cell(times=list(c["times"]), error=c["error"], note=c["note"],
-                                          engine=c.get("engine"))
+                                          engine=c.get("engine"),
+                                          cpu=list(c.get("daemon_cpu") or []))
     if data.get("hashing"):
         bench.micro["hashing"] = {k: v for k, v in data["hashing"].items() if k != "summary"}
     if data.get("ns_resolution"):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from benchlib import DROP_CACHES, IMAFS, REPO, ROOTFS, TREE, drop_page_cache, en
 from benchlib.measure import digest_list_micro, hashing_micro, ns_resolution_micro
 from benchlib import passthrough_c
 from benchlib.modes import IMAFS_DAEMON, PIN, Mode
-from benchlib.mounts import CPassthroughMount, ImafsMount, MountFailed, force_unmount
+from benchlib.mounts import (CPassthroughMount, ImafsMount, MountFailed, daemon_cpu,
+                             force_unmount)
 from benchlib.rootfs import build_rootfs
 from benchlib.runs import Cell, Sizes, Workload
 from benchlib.workloads import reset_out
@@ -41,6 +43,7 @@ class Bench:
         self._tree_signed = False
         self._passthrough_ll: Path | None = None
         self.mount: ImafsMount | CPassthroughMount | None = None
+        self.last_cpu: float | None = None   # the daemon's CPU time in the last timed run
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -152,11 +155,15 @@ class Bench:
             drop_page_cache()
         else:
             os.sync()
+        pid = self.mount.daemon_pid() if self.mount is not None else None
+        c0 = daemon_cpu(pid)
         t0 = time.perf_counter()
         p = subprocess.run(argv, cwd=r.cwd, capture_output=True, text=True,
                            env=r.env if r.env is not None else env(),
                            stdin=subprocess.DEVNULL, timeout=self.args.timeout)
         dt = time.perf_counter() - t0
+        c1 = daemon_cpu(pid)
+        self.last_cpu = c1 - c0 if c0 is not None and c1 is not None else None
         if p.returncode != 0:
             err = (p.stderr or p.stdout).strip().splitlines()
             raise RuntimeError(f"exit status {p.returncode}" + (f": {err[0]}" if err else ""))
@@ -217,6 +224,8 @@ class Bench:
                         if mode.integrity and not (root / self.control_name).is_dir():
                             cell.note = "no control directory: engine not active in this build"
                         cell.times.append(self.run_once(mode, w, root))
+                        if self.last_cpu is not None:
+                            cell.cpu.append(self.last_cpu)
                         if mode.integrity:
                             cell.engine = self.engine_stats(root)
                             hashed = (cell.engine or {}).get("hashed_files")
@@ -235,9 +244,11 @@ class Bench:
                 if warm_state is not None:
                     shutil.rmtree(warm_state, ignore_errors=True)
             med = cell.median
+            cpu = (f"; daemon CPU {statistics.median(cell.cpu):.3f} s"
+                   if cell.cpu and med is not None else "")
             self.log(f"bench:   {w.key:7s} {mode.name:21s} "
-                     + (f"{med:8.3f} s  (runs: {', '.join(f'{t:.3f}' for t in cell.times)})"
-                        if med is not None else f"n/a ({cell.error})"))
+                     + (f"{med:8.3f} s  (runs: {', '.join(f'{t:.3f}' for t in cell.times)}"
+                        f"{cpu})" if med is not None else f"n/a ({cell.error})"))
         if target == TREE:
             reset_out(self)
 

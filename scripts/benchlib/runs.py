@@ -64,6 +64,7 @@ class Cell:
     error: str | None = None
     note: str | None = None
     engine: dict | None = None   # the engine's counters after the last timed run
+    cpu: list[float] = field(default_factory=list)   # the daemon's CPU seconds per run
 
     @property
     def median(self) -> float | None:
