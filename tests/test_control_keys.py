@@ -145,8 +145,11 @@ def test_one_bad_certificate_refuses_the_whole_write(make_mount, world_tmp):
     assert ids(m) == []
     assert write(m.ctl("keys"), b"".join(bundle[:2] + bundle[3:])) == 0
     assert sorted(ids(m)) == sorted(kid(c) for _, c in good)
-    # a certificate left incomplete at close is refused then
-    assert write(m.ctl("keys"), tk.der(certs(1, base=58)[0][1])[:200]) == errno.EINVAL
+    # a certificate left incomplete at close is refused then: at release (the mount
+    # answers no FLUSH; close(2) succeeds as the kernel's securityfs release), logged,
+    # and before the next open is answered
+    assert write(m.ctl("keys"), tk.der(certs(1, base=58)[0][1])[:200]) == 0
+    assert sorted(ids(m)) == sorted(kid(c) for _, c in good)
     assert "truncated DER certificate (200 of" in m.log_text()
 
 

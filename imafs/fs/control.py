@@ -17,8 +17,10 @@ two namespaces must never share a file inode. Each lookup and getattr reports a 
 mtime, so the kernel drops the pages it cached before (auto_inval_data): what a reader
 sees is never older than its open.
 
-An open becomes a securityfs session; its reads, writes, flushes and release run in a
-worker thread; a ``SecurityfsError`` is answered with its errno. A stream (a session
+An open becomes a securityfs session; its reads, writes and release run in a worker
+thread; a ``SecurityfsError`` is answered with its errno. The mount answers no FLUSH
+(fs/overlay.py): what a close does happens at release, and the routes (fs/routes.py)
+make every later open wait for it. A stream (a session
 whose ``waits`` is set: a model's ``events``) is read on the event loop instead: a
 read with nothing to give waits there, holding no thread, for the session's wake-up
 (at most MAX_WAITING reads at a time, EAGAIN beyond); FUSE cannot interrupt a request,
@@ -250,10 +252,6 @@ class ControlDir:
         if isinstance(h, _Dir):
             raise FUSEError(errno.EISDIR)
         return await _in_thread(h.write, bytes(buf), lock=h.lock)
-
-    async def flush(self, h) -> None:
-        if not isinstance(h, _Dir):
-            await _in_thread(h.flush, lock=h.lock)
 
     async def release(self, h) -> None:
         if not isinstance(h, _Dir):

@@ -34,7 +34,7 @@ class ControlRoutes:
     BY_NODE = ("lookup", "forget", "getattr", "setattr", "readlink", "open", "opendir",
                "setxattr", "getxattr", "listxattr", "removexattr", "link")
     BY_NAME = ("mknod", "mkdir", "symlink", "unlink", "rmdir", "rename", "create")
-    BY_HANDLE = ("read", "write", "flush", "release", "fsync", "readdir", "releasedir",
+    BY_HANDLE = ("read", "write", "release", "fsync", "readdir", "releasedir",
                  "fsyncdir")
 
     def install(self) -> None:
@@ -105,6 +105,7 @@ class ControlRoutes:
 
     def _open(self, own):
         async def open_control(inode, flags, ctx):
+            await self.ov.settled()      # what a control file's close did is seen
             h = await self.ctl.open(inode, flags, ctx)
             return pyfuse3.FileInfo(fh=self._fh(h), direct_io=True, nonseekable=False)
 
@@ -188,25 +189,36 @@ class ControlRoutes:
             return own(fh, off, buf)
         return write
 
-    def _flush(self, own):
-        def flush(fh):
-            if fh >= CONTROL_BASE:      # control writes take effect (or fail) at close()
-                return self.ctl.flush(self._handle(fh))
-            return own(fh)
-        return flush
-
     def _release(self, own):
         async def nothing():
             return None
 
+        async def release_control(h):
+            # a control file's close takes effect here (FLUSH is off: the overlay's
+            # flush): every open that comes meanwhile waits for it
+            self.ov.settle_begin()
+            try:
+                await self.ctl.release(h)
+            finally:
+                self.ov.settle_end()
+
         def release(fh):
             if fh >= CONTROL_BASE:
                 h = self.handles.pop(fh, None)
-                return nothing() if h is None else self.ctl.release(h)
+                return nothing() if h is None else release_control(h)
             return own(fh)
         return release
 
-    _releasedir = _release
+    def _releasedir(self, own):
+        async def nothing():
+            return None
+
+        def releasedir(fh):
+            if fh >= CONTROL_BASE:
+                self.handles.pop(fh, None)
+                return nothing()
+            return own(fh)
+        return releasedir
 
     def _readdir(self, own):
         def readdir(fh, start_id, token):

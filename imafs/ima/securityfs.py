@@ -7,12 +7,12 @@ ima/evm_secfs.py: evm).
 
 Nothing here knows FUSE: fs/control.py gives the tree node ids, serves lookups and
 directory listings from :data:`FILES`, and hands each open to :meth:`Securityfs.open`
-and each read, write, flush and release to the session (in a worker thread). Refusals
+and each read, write and release to the session (in a worker thread). Refusals
 are :class:`SecurityfsError` (errno and reason, already logged and audited).
 
 A new control file is a :class:`Node` row appended to :data:`FILES` (append only: a
 row's index is part of its node id) and a ``Session`` subclass (see securityfs_read.py):
-``contents`` for what a read shows, ``write``/``flush``/``close`` for what a write does.
+``contents`` for what a read shows, ``write``/``close`` for what a write does.
 The row says the rest: its mode, who writes it (nobody, root, anyone), whether it is
 only in a process's own view, whether a write moves the opener, the audit record of a
 refused write, whether only the root namespace has it. A row with ``entries`` stands

@@ -56,9 +56,11 @@ class Session:
         open; ``size(fs, node, ns, uid)``: what getattr reports (securityfs says 0, but
         sendfile()/splice stop at i_size on a FUSE file: what a read would return now);
       - ``read(off, size) -> bytes`` when reads are not of the contents taken at open;
-      - ``write(data) -> int`` (the bytes taken) for a writable file; ``flush()`` at
-        each close(2) of a descriptor of the open (a write that takes effect at close
-        fails there); ``close()`` once, when the last descriptor is gone (no errors).
+      - ``write(data) -> int`` (the bytes taken) for a writable file: a refusal
+        fails that write(2); ``close()`` once, when the last descriptor is gone (the
+        release: where staged writes take effect; close(2) never fails, as the
+        kernel's securityfs release, and the mount answers no FLUSH). ``flush()``:
+        the part of a close that may refuse (logged and audited), called by it.
     """
 
     # a stream (model_secfs.ModelEvents): fs/control.py serves its reads on the event

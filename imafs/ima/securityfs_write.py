@@ -70,9 +70,10 @@ class StagedWrite(Session):
         if self.refused == errno.EFBIG:
             # over the size limit: the write(2) that crossed it may well have returned
             # a short count (the kernel reports what it passed on before the refusal),
-            # so the close says it too. (Other refusals leave close(2) succeeding, as
-            # the kernel's release of the policy file does: a later write on the open
-            # fails, and a tool that retries the short write sees it.)
+            # so the close logs it too. close(2) itself succeeds, as the kernel's
+            # release of the policy file does (the mount answers no FLUSH: this runs
+            # at release): a later write on the open fails, and a tool that retries
+            # the short write sees it.
             if not self.told:
                 self.told = True
                 log.warning("%s open by pid %d in namespace %s closed with nothing %s: %s",
@@ -84,7 +85,8 @@ class StagedWrite(Session):
         """At close: take what this open wrote."""
 
     def close(self) -> None:
-        if not self.refused:        # a refused open applies nothing, and its close told
+        # a refused open applies nothing; over the size limit, its close logs so
+        if not self.refused or self.refused == errno.EFBIG:
             try:
                 self.flush()
             except SecurityfsError:

@@ -54,7 +54,7 @@ class SlowSession:
         self.inside -= 1
         return len(data)
 
-    def flush(self):
+    def close(self):
         raise SecurityfsError(errno.EFBIG, "over the limit")
 
 
@@ -69,7 +69,7 @@ def test_calls_of_one_open_are_serialized_and_refusals_are_fuse_errors():
             for _ in range(4):
                 n.start_soon(ctl.write, h, 0, b"measure func=BPRM_CHECK\n")
         with pytest.raises(FUSEError) as e:
-            await ctl.flush(h)
+            await ctl.release(h)
         assert e.value.errno == errno.EFBIG
     trio.run(main)
     assert s.most == 1
