@@ -245,7 +245,7 @@ class IntegrityHooks(Hooks):
             removexattr=lambda n: _removexattr(inode, n),
             fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
-            fill_cache=(lambda: self._fill_cache(inode)) if verify else None,
+            fill_cache=lambda: self._fill_cache(inode),
             pread_nowait=sysio.pread_nowait if verify else None,
             opener=(lambda: sysio.ProcessWatch(pid)) if pid else None)
 
@@ -346,9 +346,11 @@ class IntegrityHooks(Hooks):
         self.invalidate(nodeid)
 
     def _fill_cache(self, inode: Inode):
-        """For the engine's digest pass (a worker thread, the file's IInt locked, no
-        other handle verifying it): drop the kernel's pages and attributes of the inode
-        and return a sink that stores the bytes being hashed in its page cache."""
+        """For the engine's digest pass of any open that hashes (a worker thread, the
+        file's IInt locked, no other handle verifying it, no writer): drop the kernel's
+        pages and attributes of the inode and return a sink that stores the bytes being
+        hashed in its page cache; the open keeps them (``opened``), so its reads are
+        served the bytes measured without reaching the daemon."""
         if not self._fill_ok:
             return None
         nodeid = inode.nodeid

@@ -139,12 +139,14 @@ class Collector:
                       if a not in ii.digests and not a.startswith("verity-"))
         other_verity = (algo.startswith("verity-") and algo != VERITY_TREE_DIGEST
                         and algo not in ii.digests)
-        # the bytes of this pass, which the tree describes, may go straight into the
-        # kernel's page cache of the file (FileRef.fill_cache): reads of them are then
-        # served without a second hash; only while no other handle verifies the file
-        # (its pages must match that handle's tree) and nobody writes it
+        # the bytes of this pass -- the bytes measured, and the ones the tree describes
+        # -- go straight into the kernel's page cache of the file (FileRef.fill_cache):
+        # reads of them are then served from there, never read or hashed a second
+        # time (a first read of a measured file costs one pass); only while no other
+        # handle verifies the file (its pages must match that handle's tree) and
+        # nobody writes it
         sink = None
-        if (need_tree and f.fill_cache is not None and ii.writers == 0
+        if (f.fill_cache is not None and ii.writers == 0
                 and 0 < f.st.st_size <= FILL_MAX and not ii.live_trees()):
             sink = f.fill_cache()
         fd = f.fd if f.readable else f.reopen()
