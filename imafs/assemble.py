@@ -17,7 +17,7 @@ from imafs.fs import sysio
 from imafs.fs.control import ControlDir
 from imafs.fs.overlay import Overlay
 from imafs.ima.audit import AuditLog
-from imafs.ima.binding import CgroupBinder
+from imafs.ima.binding import Binder, protect_daemon
 from imafs.ima import evm as evmfmt
 from imafs.ima.digest_cache import HostLists
 from imafs.ima.digest_index import DigestListIndex
@@ -220,7 +220,10 @@ def build(opts) -> Filesystem:
     # committed without waiting for the disk (a cold open paid fsyncs for them otherwise)
     cache_store = Store(os.path.join(opts.state, "cache"), sync=False)
     keyring.verified = VerifiedSignatures(cache_store)
-    binder = CgroupBinder.for_store(store, opts.state)
+    # the binder holds what binds processes (a detached cgroup hierarchy, descriptors
+    # of bound pid namespaces): nobody of the daemon's uid may reach its descriptors
+    protect_daemon()
+    binder = Binder.for_store(store, opts.state)
     audit = AuditLog(x.get("audit_log") or os.path.join(opts.state, "audit.log"))
     evm = root_evm(x, opts.backing)
     # behaviour models: their aggregate is the root list's boot aggregate (the TPM's)

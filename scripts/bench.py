@@ -74,7 +74,7 @@ Measurements apart from the modes (``--only`` keys: hash, ns, dl, attack, model)
            fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
            ("cold") and cached, against hashlib.sha256 over the same bytes in memory
   ns       per-open cost of finding the caller's integrity namespace
-           (CgroupBinder.ns_of, and read_ns uncached), host process and namespaced one
+           (Binder.ns_of, and read_ns uncached), host process and namespaced ones
   dl       a digest list of 100,000 sha256 digests (10,000 with --quick): parse and
            load into a namespace's LMDB index, removal, and the per-open lookup
   attack   issue 14's hashing attack on a mount of its own (benchlib/attack.py): uid 1000

@@ -5,7 +5,6 @@ plain shells where the host's tools are needed), each entering its namespace wit
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import os
 import re
@@ -108,17 +107,25 @@ def lines(r) -> dict[str, str]:
     return out
 
 
-def cg_root(m) -> str:
-    """Where the mount's cgroup hierarchy is (its key is kept in the state; the
-    daemon logs it at mount)."""
-    found = re.findall(r"namespace binding: v1 hierarchy name=imafs\.(\w+) at (\S+)",
-                       m.log_text())
-    assert found, "no 'namespace binding' line in the daemon's log"
-    return found[-1][1]
-
-
 def cg_key(m) -> str:
-    return os.path.basename(cg_root(m))
+    """The key of the mount's cgroup hierarchy (kept in the state; the daemon logs it
+    at mount). The hierarchy is mounted nowhere: cg_dirs looks into it."""
+    found = re.findall(r"namespace binding: pid namespaces; cgroup hierarchy "
+                       r"name=imafs\.(\w+) mounted nowhere", m.log_text())
+    assert found, "no 'namespace binding' line in the daemon's log"
+    return found[-1]
+
+
+def cg_dirs(m) -> dict[str, int]:
+    """The namespace cgroups of the mount's hierarchy and how many processes each has,
+    as root of the initial user namespace sees them by mounting the hierarchy in a
+    mount namespace of its own (the host's never has it mounted)."""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"""
+        d=$(mktemp -d) && mount -t cgroup -o none,name=imafs.{cg_key(m)} cgroup $d || exit 9
+        for x in $d/ns*; do [ -d "$x" ] && echo "${{x##*/}} $(wc -w < $x/cgroup.procs)"; done
+        umount $d; rmdir $d"""], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return {k: int(v) for k, v in (ln.split() for ln in r.stdout.splitlines())}
 
 
 @pytest.fixture
@@ -446,7 +453,6 @@ def test_ns_remove_lifecycle(ns_mount):
     for text, err in (("bad/name", "Invalid argument"), ("ok bogus=1", "Invalid argument")):
         r = host_sh(f"echo '{text}' > {mnt}/.imafs/ns-create", pidns=False)
         assert r.returncode != 0 and err in r.stderr
-    cg = cg_root(m)
     p = container(m, "echo c > /.imafs/ns-create && printf '%s' > /.imafs/policy && "
                      "cat /f > /tmp/o && echo sub > /.imafs/ns-create && sleep 30"
                      % MEASURE_READS.replace("\n", r"\n"), wait=False)
@@ -460,21 +466,28 @@ def test_ns_remove_lifecycle(ns_mount):
         r = host_sh(f"echo sub > {mnt}/.imafs/namespaces/c/ns-remove", pidns=False)
         assert "Device or resource busy" in r.stderr     # its processes are alive
         r = host_sh(f"echo c > {mnt}/.imafs/ns-remove", pidns=False)
-        assert "Directory not empty" in r.stderr         # it has a child namespace
-        assert len(glob.glob(f"{cg}/ns*")) == 2
+        assert "Device or resource busy" in r.stderr     # its pid namespace lives
+        # c binds the container's pid namespace; sub, made inside it, a cgroup
+        sub_id = buf_id(ns_bufs(m.ctl("namespaces/c/ascii_runtime_measurements"),
+                                b"ns-create")[0])
+        assert cg_dirs(m) == {f"ns{sub_id}": 1}
+        assert re.search(r"namespace /c \(id \d+\) created; pid \d+ moved into it "
+                         r"\(bound by its pid namespace\)", m.log_text())
+        assert "namespace /c/sub (id %d) created; pid" % sub_id in m.log_text()
+        assert "(bound by its cgroup)" in m.log_text()
     finally:
         p.kill()
         p.communicate()
     # the container's init died: the kernel killed the rest of its pid namespace
-    sub_id = buf_id(ns_bufs(m.ctl("namespaces/c/ascii_runtime_measurements"),
-                            b"ns-create")[0])
-    assert wait_for(lambda: not open(f"{cg}/ns{sub_id}/cgroup.procs").read(), 10)
+    assert wait_for(lambda: cg_dirs(m) == {f"ns{sub_id}": 0}, 10)
+    # an exited namespace stays readable by its parent until removed
+    assert b"/f" in names(m.ctl("namespaces/c/ascii_runtime_measurements").read_bytes())
+    r = host_sh(f"echo c > {mnt}/.imafs/ns-remove", pidns=False)
+    assert "Directory not empty" in r.stderr             # it has a child namespace
     log = m.log_text()
     for why in ("bad namespace name", "unknown option", "exists", "still has processes",
                 "has child namespaces"):
         assert why in log, why
-    # an exited namespace stays readable by its parent until removed
-    assert b"/f" in names(m.ctl("namespaces/c/ascii_runtime_measurements").read_bytes())
     r = host_sh(f"echo sub > {mnt}/.imafs/namespaces/c/ns-remove", pidns=False)
     assert r.returncode == 0, r.stderr
     before = m.ctl("namespaces/c/ascii_runtime_measurements").read_bytes()
@@ -482,7 +495,7 @@ def test_ns_remove_lifecycle(ns_mount):
     r = host_sh(f"echo c > {mnt}/.imafs/ns-remove", pidns=False)
     assert r.returncode == 0, r.stderr
     assert os.listdir(m.ctl("namespaces")) == []
-    assert glob.glob(f"{cg}/ns*") == []                # their cgroups are gone
+    assert cg_dirs(m) == {}                             # their cgroups are gone
     removed = ns_bufs(m.ctl("ascii_runtime_measurements"), b"ns-remove")
     assert [w.split()[1] for w in removed] == ["name=/c"]
     assert f"entries={len(names(before))}" in removed[0]

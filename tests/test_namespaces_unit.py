@@ -10,7 +10,7 @@ import uuid
 import pytest
 import trio
 
-from imafs.ima.binding import CgroupBinder
+from imafs.ima.binding import Binder
 from imafs.ima.engine import AccessDenied, Engine, Subject
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
@@ -147,7 +147,7 @@ def test_unknown_namespace_is_refused_never_host():
         ctl = ControlDir(Securityfs(eng))
 
         class Ctx:
-            pid, uid, gid, umask = 1234, 0, 0, 0o22
+            pid, uid, gid, umask = os.getpid(), 0, 0, 0o22  # the host (a real process)
 
         for call in (lambda: ctl.getattr(ctl.nodeid(0, 3), Ctx),          # policy
                      lambda: ctl.open(ctl.nodeid(0, 3), os.O_RDONLY, Ctx),
@@ -174,7 +174,7 @@ def test_descendant_views_have_no_ns_create():
     ctl = ControlDir(Securityfs(Engine(t)))
 
     class Ctx:
-        pid, uid, gid, umask = 1234, 0, 0, 0o22
+        pid, uid, gid, umask = os.getpid(), 0, 0, 0o22   # the host (a real process)
 
     slot = c.id + 1
     with pytest.raises(FUSEError) as e:
@@ -207,7 +207,7 @@ def test_ns_remove_records_final_state(tmp_path):
 # ------------------------------------------------------------------ the binder
 @pytest.fixture
 def binder():
-    b = CgroupBinder(f"ut{os.getpid()}{uuid.uuid4().hex[:6]}")
+    b = Binder(f"ut{os.getpid()}{uuid.uuid4().hex[:6]}")
     procs: list = []            # Popen (our children) or pids (reparented grandchildren)
     yield b, procs
     pids = [p.pid if isinstance(p, subprocess.Popen) else p for p in procs]
@@ -224,8 +224,9 @@ def binder():
         if isinstance(p, subprocess.Popen):
             p.wait()
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 5.0)
+    h = b.cgroups
     assert b.close(wait=2.0) == []
-    assert wait_for(lambda: b.read_ns(os.getpid()) is None, 2.0), "hierarchy outlived close()"
+    assert wait_for(lambda: not h.exists(), 2.0), "hierarchy outlived close()"
 
 
 def _sleeper(procs, cmd="exec sleep 30"):
@@ -248,7 +249,7 @@ def test_binder_host_child_dead(binder):
     assert b.ns_of(p.pid) is None                # dead: unknown, never the host
     assert b.members(1) == []
     b.remove(1)
-    assert not os.path.exists(os.path.join(b.root, "ns1"))
+    assert "ns1" not in b.cgroups.names()
 
 
 def test_binder_double_fork_setsid_grandchild(binder):
@@ -295,8 +296,7 @@ def test_binder_cache_per_process(binder):
     b.bind(p.pid, 1)
     assert b.ns_of(p.pid) == 1 and b.ns_of(p.pid) == 1      # second answer from the cache
     # move it behind the binder's back: the cache still answers for this process ...
-    with open(os.path.join(b.root, "cgroup.procs"), "w") as f:
-        f.write(str(p.pid))
+    b.cgroups.move_to_root(p.pid)
     assert b.read_ns(p.pid) == 0 and b.ns_of(p.pid) == 1
     # ... but a new process under its pid, once it is reaped, is read afresh
     b.bind(p.pid, 1)
@@ -354,13 +354,13 @@ def test_binder_foreign_cgroup_is_unknown(binder):
     """A process in a cgroup of the hierarchy that is no namespace's is unknown."""
     b, procs = binder
     p = _sleeper(procs)
-    d = os.path.join(b.root, "intruder")
-    os.mkdir(d)
+    os.mkdir("intruder", dir_fd=b.cgroups.fd)
     try:
-        with open(os.path.join(d, "cgroup.procs"), "w") as f:
-            f.write(str(p.pid))
+        fd = os.open("intruder/cgroup.procs", os.O_WRONLY, dir_fd=b.cgroups.fd)
+        os.write(fd, str(p.pid).encode())
+        os.close(fd)
         assert b.ns_of(p.pid) is None
         p.kill()
         p.wait()
     finally:
-        os.rmdir(d)
+        os.rmdir("intruder", dir_fd=b.cgroups.fd)

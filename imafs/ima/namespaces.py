@@ -195,6 +195,12 @@ class NamespaceTree:
         self.models = None
         if store is not None:
             self._load()
+        if binder is not None and hasattr(binder, "attach"):
+            binder.attach(self._parent_id)
+
+    def _parent_id(self, nsid: int) -> int | None:
+        ns = self.by_id.get(nsid)
+        return None if ns is None or ns.parent is None else ns.parent.id
 
     # --- processes
     def of_pid(self, pid: int) -> Namespace | None:
@@ -488,7 +494,7 @@ class NamespaceTree:
             raise NamespaceError(errno.EIO, f"cannot record the join of {target.path}: "
                                             f"{e}") from None
         if bind is None and self.binder is not None:
-            bind = lambda t: self.binder.bind(pid, t.id)  # noqa: E731
+            bind = lambda t: self.binder.bind(pid, t.id, whole_pidns=False)  # noqa: E731
         try:
             if bind is not None:
                 bind(target)

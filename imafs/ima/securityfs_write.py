@@ -471,14 +471,20 @@ class NsFile(Session):
                                               f"{self.pid}) has left namespace "
                                               f"{self.ns.path} (it is in {where})")
 
+    #: ns-create binds the opener's pid namespace when it has one of its own (the
+    #: whole container); ns-join moves the opener alone (binding.py)
+    WHOLE_PIDNS = True
+
     def _bind_opener(self, ns) -> None:
         """Move the opener into ns; BindingError-like exceptions when it did not move."""
         binder = self.fs.engine.tree.binder
         if binder is None:
             return
-        binder.bind(self.opener.pid, ns.id)     # checks that it is there
+        how = binder.bind(self.opener.pid, ns.id,   # checks that it is there
+                          whole_pidns=self.WHOLE_PIDNS)
         if not self.opener.alive():
             raise OSError(errno.ESRCH, f"pid {self.pid} exited while it was moved")
+        self.bound_by = how
 
 
 class NsCreate(NsFile):
@@ -505,8 +511,8 @@ class NsCreate(NsFile):
                                   check=self._check_opener, bind=self._bind_opener,
                                   setup=setup, extra=extra)
         self.moved = True
-        log.info("namespace %s (id %d) created; pid %d moved into it", child.path, child.id,
-                 self.pid)
+        log.info("namespace %s (id %d) created; pid %d moved into it (bound by its %s)",
+                 child.path, child.id, self.pid, getattr(self, "bound_by", "binder"))
 
     def _model_file(self, path: str):
         """The model file at ``path`` inside the mount, appraised as a policy file in
@@ -525,7 +531,10 @@ class NsCreate(NsFile):
 
 class NsJoin(NsFile):
     """``ns-join``: move the opener into an existing descendant of its namespace (only
-    deeper; NamespaceTree.ns_join records it first)."""
+    deeper; NamespaceTree.ns_join records it first). The opener alone moves (its
+    cgroup): its pid namespace may hold processes that stay where they are."""
+
+    WHOLE_PIDNS = False
 
     def request(self, text: str) -> None:
         target = self.fs.engine.tree.ns_join(self.ns, text, self.pid, self.uid,

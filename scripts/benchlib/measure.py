@@ -82,33 +82,50 @@ def hashing_summary(h: dict | None) -> list[dict]:
 
 def ns_resolution_micro(n: int = 20000) -> dict[str, float]:
     """Per-open cost of finding the caller's namespace, in microseconds, for a host
-    process and one bound to a namespace: CgroupBinder.ns_of (the engine's call, cached
-    per process) and, "uncached", read_ns (a read of /proc/PID/cgroup)."""
+    process, one bound by its cgroup and one bound by its pid namespace: Binder.ns_of
+    (the engine's call, cached per process) and, "uncached", read_ns (a stat of
+    /proc/PID/ns/pid and a read of /proc/PID/cgroup)."""
     import_imafs()
-    from imafs.ima.binding import CgroupBinder
-    b = CgroupBinder(f"bench{os.getpid()}")
+    from imafs.ima.binding import Binder
+    b = Binder(f"bench{os.getpid()}")
     child = subprocess.Popen(["sleep", "60"])
+    box = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "60"])
     try:
         b.bind(child.pid, 1)
+        deadline = time.monotonic() + 5
+        inner = None
+        while inner is None and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{box.pid}/task/{box.pid}/children") as f:
+                    inner = int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                time.sleep(0.01)
+        b.bind(inner, 2)
         out = {}
-        for name, pid in (("host", os.getpid()), ("child", child.pid)):
+        for name, pid, want in (("host", os.getpid(), 0), ("child", child.pid, 1),
+                                ("pidns child", inner, 2)):
             for fn, suffix in ((b.ns_of, ""), (b.read_ns, " uncached")):
-                assert fn(pid) == (1 if name == "child" else 0)
+                assert fn(pid) == want
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn(pid)
                 out[name + suffix] = (time.perf_counter() - t0) / n * 1e6
         return out
     finally:
-        child.kill()
-        child.wait()
+        for p in (child, box):
+            p.kill()
+            p.wait()
+        time.sleep(0.1)
         b.close(wait=2.0)
 
 
 NS_ROWS = {"host": "host process, ns_of (cached per process)",
-           "child": "process in a child namespace, ns_of",
-           "host uncached": "host process, read_ns (uncached: /proc/PID/cgroup)",
-           "child uncached": "process in a child namespace, read_ns (uncached)"}
+           "child": "process bound by its cgroup, ns_of",
+           "pidns child": "process bound by its pid namespace, ns_of",
+           "host uncached": "host process, read_ns (uncached: /proc/PID/ns/pid, "
+                            "/proc/PID/cgroup)",
+           "child uncached": "process bound by its cgroup, read_ns (uncached)",
+           "pidns child uncached": "process bound by its pid namespace, read_ns (uncached)"}
 
 
 def digest_list_micro(n: int = 100_000, reps: int = 3, lookups: int = 20_000) -> dict:

@@ -233,7 +233,7 @@ def _hashing(bench: Bench) -> list[str]:
 
 def _ns(bench: Bench) -> list[str]:
     intro = ("What the engine pays on each open to find the caller's integrity namespace "
-             "(`CgroupBinder`, the process's cgroup; measured in-process).")
+             "(`Binder`: the process's pid namespace and cgroup; measured in-process).")
     return _micro(bench, "ns_resolution", "Namespace resolution per open", intro, lambda ns: [
         "| caller | per open |", "|---|---:|"] + [
         f"| {label} | {ns['us'][k]:.1f} µs |" for k, label in NS_ROWS.items() if k in ns["us"]])
