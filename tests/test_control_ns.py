@@ -220,6 +220,7 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
     removed again, and the parent's list records that (ns-remove): no namespace that
     never got a process is left in it."""
     from imafs.ima.binding import BindingError
+    from imafs.ima.capability import OWN_PIDNS, OWN_USERNS, Creds
     from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError
     from imafs.ima.engine import Engine
     from imafs.store import Store
@@ -231,7 +232,7 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
         def read_ns(self, pid):
             return 0
 
-        def bind(self, pid, ns_id):
+        def bind(self, pid, ns_id, **kw):
             raise BindingError(f"pid {pid} did not move into namespace {ns_id}")
 
         def members(self, ns_id):
@@ -254,7 +255,9 @@ def test_failed_move_is_undone_in_the_parent_list(tmp_path):
         t = make_tree(store, binder=Binder())
         eng = Engine(t, store=store)
         node = next(n for n in FILES if n.name == "ns-create")
-        h = Securityfs(eng).open(node, t.root, Ctx, os.O_WRONLY)
+        fs = Securityfs(eng)
+        fs.creds_of = lambda pid: Creds(pid, 1 << 21, OWN_USERNS, OWN_PIDNS)   # the host
+        h = fs.open(node, t.root, Ctx, os.O_WRONLY)
         h.close()
         h.opener = Opener()
         with pytest.raises(SecurityfsError) as e:

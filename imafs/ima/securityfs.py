@@ -13,12 +13,41 @@ are :class:`SecurityfsError` (errno and reason, already logged and audited).
 A new control file is a :class:`Node` row appended to :data:`FILES` (append only: a
 row's index is part of its node id) and a ``Session`` subclass (see securityfs_read.py):
 ``contents`` for what a read shows, ``write``/``close`` for what a write does.
-The row says the rest: its mode, who writes it (nobody, root, anyone), whether it is
-only in a process's own view, whether a write moves the opener, the audit record of a
-refused write, whether only the root namespace has it. A row with ``entries`` stands
-for every file its directory lists: the session's ``entries(fs, ns)`` gives their
-names and keys (name -> key, an int from 1), each file is that row opened with its key
+The row says the rest: its mode, who writes it, whether it is only in a process's own
+view, whether a write moves the opener, the audit record of a refused write, whether
+only the root namespace has it. A row with ``entries`` stands for every file its
+directory lists: the session's ``entries(fs, ns)`` gives their names and keys (name ->
+key, an int from 1), each file is that row opened with its key
 (``digest_lists_loaded/``: one file per loaded list).
+
+**Who may open what** (:meth:`Securityfs.open`, :meth:`Securityfs.target`), as the
+kernel's securityfs decides it -- at open, from the opener's capabilities and
+namespaces (ima/capability.py), never from its uid alone:
+
+- ``policy``, ``keys``, ``ns-remove``, ``ns-join``, ``digest_list_add``,
+  ``digest_list_del``, ``evm``, ``model/control`` of namespace T (``writers="admin"``):
+  CAP_SYS_ADMIN in the initial user namespace; or, when T and every namespace between
+  the opener's own and T were created from inside (``ns-create``, ``origin`` inside),
+  CAP_SYS_ADMIN in the opener's own user namespace. Besides:
+    - the root namespace's ``policy``, ``keys``, ``ns-remove``, digest lists, ``evm``
+      and ``model/control`` (``root_host``) are written by **the host** only: a process
+      of the root namespace whose pid and user namespaces are the daemon's, with
+      CAP_SYS_ADMIN. A process of the root namespace in a container (another pid
+      namespace, or a user namespace of its own) is not the host, whatever its uid or
+      capabilities;
+    - the ``policy``, ``keys``, digest lists, ``evm`` and ``model/control`` of a
+      namespace made from the host (hook, CLI, control socket: ``origin`` host) are
+      never written from within it (``host_given``);
+- ``ns-create``, ``query`` and ``digest_query`` (``writers="self"``): CAP_SYS_ADMIN in
+  the opener's own user namespace (ns-create only adds rules; query shows the rules and
+  digests of the namespace, which the kernel's policy file shows only to CAP_SYS_ADMIN);
+- reading: a process sees its own namespace's files, and a descendant's under
+  ``namespaces/NAME/``; a process of the root namespace that is not the host sees the
+  descendants' files only with CAP_SYS_ADMIN in the initial user namespace (a container
+  without a namespace of its own does not read its siblings').
+
+Every refusal is EACCES, one log line and an audit record (``Node.rejected``, else
+``control_rejected``).
 """
 from __future__ import annotations
 
@@ -27,6 +56,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from imafs.ima.capability import CredsError, creds_of
 from imafs.ima.evm_secfs import EvmFile
 from imafs.ima.securityfs_digest import (DigestListAdd, DigestListDel, DigestQuery,
                                          DigestsCount, LoadedList)
@@ -48,7 +78,9 @@ class Node:
     parent: int | None              # index in FILES of its directory (None: the top)
     mode: int
     session: type | None = None     # the Session subclass serving it; None: a directory
-    writers: str | None = None      # who may open it for writing: None, "root", "any"
+    # who may open it for writing: None (nobody), "admin" (the namespace's
+    # administrator), "self" (CAP_SYS_ADMIN in the opener's user namespace)
+    writers: str | None = None
     # only in a process's own view, never under namespaces/NAME/ (ns-create or ns-join
     # there would move the opener, an ancestor's process, relative to a namespace not
     # its own)
@@ -58,6 +90,8 @@ class Node:
     root_ns_only: bool = False      # the root namespace's only (mount-wide counters)
     namespaces: bool = False        # a directory of the child namespaces
     entries: bool = False           # one file per entry session.entries() lists
+    root_host: bool = False         # the root namespace's is written by the host only
+    host_given: bool = False        # a host-made namespace's is never written from within
 
     @property
     def is_dir(self) -> bool:
@@ -70,7 +104,8 @@ FILES: tuple[Node, ...] = (
     Node("", None, 0o555),
     Node("namespaces", TOP, 0o555, namespaces=True),
     Node("pcrs", TOP, 0o550),
-    Node("policy", TOP, 0o600, PolicyFile, writers="root", rejected="policy_rejected"),
+    Node("policy", TOP, 0o600, PolicyFile, writers="admin", rejected="policy_rejected",
+         root_host=True, host_given=True),
     Node("ascii_runtime_measurements", TOP, 0o440, ListFile),
     Node("ascii_runtime_measurements_sha1", TOP, 0o440, ListFile),
     Node("ascii_runtime_measurements_sha256", TOP, 0o440, ListFile),
@@ -81,24 +116,28 @@ FILES: tuple[Node, ...] = (
     Node("violations", TOP, 0o440, Violations),
     Node("sha1", PCRS, 0o440, PcrBank),
     Node("sha256", PCRS, 0o440, PcrBank),
-    Node("keys", TOP, 0o600, KeysFile, writers="root", rejected="key_rejected"),
-    Node("query", TOP, 0o600, QueryFile, writers="any"),
-    Node("ns-create", TOP, 0o600, NsCreate, writers="root", own_only=True,
+    Node("keys", TOP, 0o600, KeysFile, writers="admin", rejected="key_rejected",
+         root_host=True, host_given=True),
+    Node("query", TOP, 0o600, QueryFile, writers="self", rejected="query_rejected"),
+    Node("ns-create", TOP, 0o600, NsCreate, writers="self", own_only=True,
          moves_opener=True, rejected="ns_create_rejected"),
-    Node("ns-remove", TOP, 0o200, NsRemove, writers="root", rejected="ns_remove_rejected"),
+    Node("ns-remove", TOP, 0o200, NsRemove, writers="admin", rejected="ns_remove_rejected",
+         root_host=True),
     Node("stats", TOP, 0o440, Stats, root_ns_only=True),
-    Node("ns-join", TOP, 0o200, NsJoin, writers="root", own_only=True, moves_opener=True,
+    Node("ns-join", TOP, 0o200, NsJoin, writers="admin", own_only=True, moves_opener=True,
          rejected="ns_join_rejected"),
     # digest lists (DIGLIM's files; docs/digest-lists.md): who writes add/del as policy
-    Node("digest_list_add", TOP, 0o200, DigestListAdd, writers="root",
-         rejected="digest_list_rejected"),
-    Node("digest_list_del", TOP, 0o200, DigestListDel, writers="root",
-         rejected="digest_list_rejected"),
-    Node("digest_query", TOP, 0o600, DigestQuery, writers="any"),
+    Node("digest_list_add", TOP, 0o200, DigestListAdd, writers="admin",
+         rejected="digest_list_rejected", root_host=True, host_given=True),
+    Node("digest_list_del", TOP, 0o200, DigestListDel, writers="admin",
+         rejected="digest_list_rejected", root_host=True, host_given=True),
+    Node("digest_query", TOP, 0o600, DigestQuery, writers="self",
+         rejected="query_rejected"),
     Node("digests_count", TOP, 0o440, DigestsCount),
     Node("digest_lists_loaded", TOP, 0o550),
     Node("", 24, 0o440, LoadedList, entries=True),  # digest_lists_loaded/LABEL
-    Node("evm", TOP, 0o660, EvmFile, writers="root", rejected="evm_rejected"),
+    Node("evm", TOP, 0o660, EvmFile, writers="admin", rejected="evm_rejected",
+         root_host=True, host_given=True),
     # the behaviour model (imafs/ima/model_secfs.py; docs/models.md)
     Node("model", TOP, 0o550),
     Node("state", MODEL, 0o440, ModelState),
@@ -106,7 +145,8 @@ FILES: tuple[Node, ...] = (
     Node("trajectory", MODEL, 0o440, ModelTrajectory),
     Node("forensics", MODEL, 0o440, ModelForensics),
     Node("events", MODEL, 0o440, ModelEvents),
-    Node("control", MODEL, 0o200, ModelControl, writers="root", rejected="model_rejected"),
+    Node("control", MODEL, 0o200, ModelControl, writers="admin", rejected="model_rejected",
+         root_host=True, host_given=True),
     Node("export", MODEL, 0o440, ModelExport),
     Node("stats", MODEL, 0o440, ModelStats),
 )
@@ -146,15 +186,18 @@ class Securityfs:
         self.last_query: dict[tuple[int, int], bytes] = {}  # (ns id, uid) -> answer
         self.policy_lock = threading.Lock()     # one policy load at a time
         self.keys_lock = threading.Lock()       # one keyring transaction at a time
+        self.creds_of = creds_of                # pid -> Creds (capability.py)
 
     def target(self, pid: int, ns_id: int | None = None):
         """The namespace whose files process ``pid`` sees: its own (``ns_id`` None), or
         namespace ``ns_id`` if it is that namespace or an ancestor of it (EACCES
-        otherwise, ENOENT when there is none)."""
+        otherwise, ENOENT when there is none); a process of the root namespace that is
+        not the host sees a descendant's files only with CAP_SYS_ADMIN in the initial
+        user namespace."""
         own = self.engine.tree.of_pid(pid)
         if own is None:     # a process we cannot place sees nothing
             raise SecurityfsError(errno.EACCES, f"pid {pid} is in no known namespace")
-        if ns_id is None:
+        if ns_id is None or ns_id == own.id:
             return own
         ns = self.engine.tree.by_id.get(ns_id)
         if ns is None:
@@ -162,31 +205,87 @@ class Securityfs:
         if own not in ns.chain():
             raise SecurityfsError(errno.EACCES, f"namespace {ns.path} is not "
                                                 f"{own.path} nor below it")
+        if own.parent is None:
+            try:
+                creds = self.creds_of(pid)
+            except CredsError as e:
+                raise SecurityfsError(errno.EACCES, e.strerror) from None
+            if not (creds.host_namespaces or creds.admin):
+                self._refuse(None, ns, pid, None,
+                             f"pid {pid} is in the root namespace but not the host "
+                             f"({creds.describe()}): it does not read namespace {ns.path}")
         return ns
+
+    def _refuse(self, node: Node | None, ns, pid: int, uid: int | None, msg: str):
+        """One log line, one audit record, EACCES."""
+        what = "namespaces/" if node is None else node.name
+        log.warning("open of %s of namespace %s by pid %d refused: %s", what, ns.path, pid,
+                    msg)
+        rec = (node.rejected if node is not None else None) or "control_rejected"
+        self.engine.audit.record(rec, ns=ns.path, pid=pid, uid=uid, file=what, error=msg)
+        raise SecurityfsError(errno.EACCES, msg)
+
+    def may_write(self, node: Node, ns, caller) -> None:
+        """Who may open file ``node`` of namespace ``ns`` for writing (see the module);
+        raises SecurityfsError (logged, audited) when ``caller`` may not."""
+        if node.writers is None:
+            self._refuse(node, ns, caller.pid, caller.uid, f"{node.name} is read-only")
+        try:
+            creds = self.creds_of(caller.pid)
+        except CredsError as e:
+            self._refuse(node, ns, caller.pid, caller.uid, e.strerror)
+        own = self.engine.tree.of_pid(caller.pid)
+        if own is None:
+            self._refuse(node, ns, caller.pid, caller.uid,
+                         f"pid {caller.pid} is in no known namespace")
+        who = f"pid {caller.pid} (uid {caller.uid}; {creds.describe()})"
+        if node.writers == "self":
+            if not creds.sys_admin:
+                self._refuse(node, ns, caller.pid, caller.uid,
+                             f"{who} may not write {node.name}: it takes CAP_SYS_ADMIN")
+            return
+        # writers == "admin"
+        if ns.parent is None:
+            if node.root_host and not (own is ns and creds.host_namespaces and creds.admin):
+                self._refuse(node, ns, caller.pid, caller.uid,
+                             f"{who} may not write the root namespace's {node.name}: only "
+                             f"the host does (a process of the root namespace in the "
+                             f"daemon's pid and user namespaces, with CAP_SYS_ADMIN)")
+            if not creds.admin:
+                self._refuse(node, ns, caller.pid, caller.uid,
+                             f"{who} may not write the root namespace's {node.name}: it "
+                             f"takes CAP_SYS_ADMIN in the initial user namespace")
+            return
+        if node.host_given and own is ns and getattr(ns, "origin", "inside") == "host":
+            self._refuse(node, ns, caller.pid, caller.uid,
+                         f"{who} may not write {node.name} of namespace {ns.path}: it was "
+                         f"made from the host, and is never changed from within")
+        if creds.admin:
+            return
+        chain = ns.chain()
+        inside = own.parent is not None and own in chain and all(
+            getattr(n, "origin", "inside") == "inside" for n in chain[:chain.index(own) + 1])
+        if creds.sys_admin and inside:
+            return
+        self._refuse(node, ns, caller.pid, caller.uid,
+                     f"{who} may not write {node.name} of namespace {ns.path}: it takes "
+                     f"CAP_SYS_ADMIN in the initial user namespace"
+                     + ("" if not creds.sys_admin else ", or being inside a namespace "
+                        "created from inside"))
 
     def open(self, node: Node, ns, caller, flags: int, key: int = 0) -> Session:
         """Who may open what: ``caller`` (a Subject: pid, uid, gid) opens file ``node``
         of namespace ``ns`` (what :meth:`target` gave) with ``flags``. A session, or
-        SecurityfsError (logged; audited for a file whose refusals are). As securityfs,
-        permissions are checked at open, for the opener: a descriptor root opened still
-        writes after a setuid()."""
+        SecurityfsError (logged and audited). As securityfs, permissions are checked at
+        open, for the opener: a descriptor opened by a privileged process still writes
+        after it dropped its privileges."""
         if node.is_dir:
             raise SecurityfsError(errno.EISDIR, f"{node.name} is a directory")
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if writing and node.writers is None:
-            log.warning("open of %s for writing by pid %d (uid %d) refused: it is read-only",
-                        node.name, caller.pid, caller.uid)
-            raise SecurityfsError(errno.EACCES, f"{node.name} is read-only")
-        if writing and node.writers == "root" and caller.uid != 0:
+        if writing:
             # the kernel's default_permissions lets through a caller with
-            # CAP_DAC_OVERRIDE: the check that counts is this one, on the opener's uid
-            msg = f"uid {caller.uid} may not write {node.name}: only uid 0 writes it"
-            log.warning("open of %s in namespace %s for writing by pid %d refused: %s",
-                        node.name, ns.path, caller.pid, msg)
-            if node.rejected:
-                self.engine.audit.record(node.rejected, ns=ns.path, pid=caller.pid,
-                                         uid=caller.uid, error=msg)
-            raise SecurityfsError(errno.EACCES, msg)
+            # CAP_DAC_OVERRIDE: the check that counts is this one
+            self.may_write(node, ns, caller)
         if node.root_ns_only and ns.parent is not None:
             # mount-wide counters: they count the host's and the siblings' hashing too
             raise SecurityfsError(errno.EACCES, f"{node.name}: root namespace only")

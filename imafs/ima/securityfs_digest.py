@@ -4,7 +4,7 @@
 and ``digest_lists_loaded/``, one file per loaded list with its provenance.
 
 Sessions of ima/securityfs_read.py's :class:`Session`. Who may write add/del: as
-``policy`` (the row in securityfs.FILES says ``writers="root"``). A path written is
+``policy`` (the row in securityfs.FILES says ``writers="admin"``). A path written is
 opened by ``Securityfs.open_as`` -- as the process that opened the file sees it: its
 root, its credentials, never the daemon's -- and loaded by ima/digest_cache.py (the
 DIGEST_LIST_CHECK hook). One request per ``write()``; a refusal fails that write with

@@ -20,6 +20,7 @@ from imafs.fs.adapter import open_in_mount
 from imafs.ima import securityfs_write
 from imafs.ima.audit import AuditLog
 from imafs.ima.binding import BindingError
+from imafs.ima.capability import OWN_PIDNS, OWN_USERNS, Creds
 from imafs.ima.engine import Engine
 from imafs.ima.iint import Subject
 from imafs.ima.keys import Keyring, keyid_of
@@ -30,6 +31,7 @@ from imafs.ima.securityfs_write import SIGNED_POLICY_REQUIRED
 from imafs.store import Store
 
 ME = os.getpid()
+CAP_ALL, SYS_ADMIN, DAC_OVERRIDE = (1 << 41) - 1, 1 << 21, 1 << 1
 
 
 class Binder:
@@ -45,7 +47,7 @@ class Binder:
 
     read_ns = ns_of
 
-    def bind(self, pid, ns_id):
+    def bind(self, pid, ns_id, **kw):
         if self.fail:
             raise BindingError(f"pid {pid} did not move into namespace {ns_id}")
         self.where[pid] = ns_id
@@ -76,6 +78,8 @@ class World:
         self.rootfd = os.open(self.tree_dir, os.O_PATH | os.O_DIRECTORY)
         self.fs = Securityfs(self.engine,
                              open_file=functools.partial(open_in_mount, self.rootfd))
+        # every pid is the host unless a test says otherwise (pids here are made up)
+        self.fs.creds_of = lambda p: Creds(p, CAP_ALL, OWN_USERNS, OWN_PIDNS)
 
     def open(self, name, ns=None, *, uid=0, pid=ME, flags=os.O_WRONLY):
         node = next(n for n in FILES if n.name == name)
@@ -129,14 +133,19 @@ def test_table_rows_keep_their_index():
     assert [n.name for n in FILES[:len(first)]] == first
     assert set(children(2)) == {"sha1", "sha256"}
     by = {n.name: n for n in FILES}
-    assert {n for n, x in by.items() if x.writers == "root"} == {
-        "policy", "keys", "ns-create", "ns-remove", "ns-join", "digest_list_add",
-        "digest_list_del", "evm", "control"}
-    assert {n for n, x in by.items() if x.writers == "any"} == {"query", "digest_query"}
+    assert {n for n, x in by.items() if x.writers == "admin"} == {
+        "policy", "keys", "ns-remove", "ns-join", "digest_list_add", "digest_list_del", "evm",
+        "control"}
+    assert {n for n, x in by.items() if x.writers == "self"} == {
+        "query", "ns-create", "digest_query"}
+    assert {n for n, x in by.items() if x.root_host} == {
+        "policy", "keys", "ns-remove", "digest_list_add", "digest_list_del", "evm", "control"}
+    assert {n for n, x in by.items() if x.host_given} == {
+        "policy", "keys", "digest_list_add", "digest_list_del", "evm", "control"}
     # the behaviour model's directory and files (model_secfs.py), appended after them
     assert set(children(MODEL)) == {"state", "measurement", "trajectory", "forensics",
                                     "events", "control", "export", "stats"}
-    assert by["control"].writers == "root" and by["control"].rejected == "model_rejected"
+    assert by["control"].writers == "admin" and by["control"].rejected == "model_rejected"
     assert {n for n, x in by.items() if x.own_only} == {"ns-create", "ns-join"}
     assert {n for n, x in by.items() if x.moves_opener} == {"ns-create", "ns-join"}
     modes = {n: x.mode for n, x in by.items()}
@@ -160,27 +169,133 @@ def test_target_is_own_namespace_or_a_descendant(world):
 
 
 # ------------------------------------------------------------------ who may open what
-@pytest.mark.parametrize("name", ["policy", "keys", "ns-create", "ns-remove", "ns-join"])
-def test_only_uid_0_opens_root_files_for_writing(world, name, caplog):
+OTHER_PIDNS, OTHER_USERNS = (OWN_PIDNS[0], 1), (OWN_USERNS[0], 2)
+WHO = {
+    # the host: root namespace, the daemon's pid and user namespaces, CAP_SYS_ADMIN
+    "host": (CAP_ALL, OWN_USERNS, OWN_PIDNS),
+    "host_nocap": (CAP_ALL & ~SYS_ADMIN, OWN_USERNS, OWN_PIDNS),     # uid 0 alone
+    "dac": (DAC_OVERRIDE, OWN_USERNS, OWN_PIDNS),                    # uid 1000
+    # a container's root with every capability of the initial user namespace
+    "container_admin": (CAP_ALL, OWN_USERNS, OTHER_PIDNS),
+    # runc's default set: no CAP_SYS_ADMIN
+    "container": (CAP_ALL & ~SYS_ADMIN, OWN_USERNS, OTHER_PIDNS),
+    # root of a user namespace of its own (every capability, over it only)
+    "userns_root": (CAP_ALL, OTHER_USERNS, OTHER_PIDNS),
+}
+ADMIN_FILES = ("policy", "keys", "ns-remove", "ns-join")
+
+
+def as_(world, who, pid=ME):
+    cap, userns, pidns = WHO[who]
+    world.fs.creds_of = lambda p: Creds(p, cap, userns, pidns)
+
+
+def may(world, who, name, ns=None, pid=ME):
+    as_(world, who, pid)
+    try:
+        world.open(name, ns, pid=pid, uid=0 if who != "dac" else 1000).close()
+        return True
+    except SecurityfsError as e:
+        assert e.errno == errno.EACCES and str(e)
+        return False
+
+
+def test_root_files_are_the_hosts(world, caplog):
+    """The root namespace's policy, keys and ns-remove: the host with CAP_SYS_ADMIN
+    only -- not uid 0 without it, not CAP_DAC_OVERRIDE (which passes the kernel's mode
+    check), not a container's root in the root namespace, whatever its capabilities
+    (issue 15 item 1). ns-join (it moves only the writer, deeper): CAP_SYS_ADMIN in the
+    initial user namespace. ns-create and query: CAP_SYS_ADMIN in one's own user
+    namespace. Each refusal logged and audited."""
     caplog.set_level(logging.WARNING, "imafs.control")
-    for flags in (os.O_WRONLY, os.O_RDWR):
-        msg = refused(errno.EACCES, world.open, name, None, uid=1000, flags=flags)
-        assert msg == f"uid 1000 may not write {name}: only uid 0 writes it"
-    rec = world.records(name.replace("-", "_").replace("keys", "key") + "_rejected")
-    assert len(rec) == 2 and rec[0]["uid"] == 1000 and rec[0]["error"] == msg
-    assert f"open of {name} in namespace / for writing by pid {ME} refused: {msg}" \
-        in caplog.text
-    world.open(name, uid=1000, flags=os.O_RDONLY).close()      # reading is the mode's
-    world.open(name, uid=0).close()
+    allowed = {name: {w for w in WHO if may(world, w, name)}
+               for name in ADMIN_FILES + ("ns-create", "query")}
+    for name in ("policy", "keys", "ns-remove"):
+        assert allowed[name] == {"host"}, name
+    assert allowed["ns-join"] == {"host", "container_admin"}
+    assert allowed["ns-create"] == allowed["query"] == {"host", "container_admin",
+                                                         "userns_root"}
+    assert "only the host does" in caplog.text
+    recs = world.records("policy_rejected")
+    assert len(recs) == len(WHO) - 1 and all(r["ns"] == "/" for r in recs)
+    assert [r for r in world.records("key_rejected") if r["uid"] == 1000]
+    assert len(world.records("query_rejected")) == 3
+    # reading is the file mode's (the kernel checks it)
+    as_(world, "container")
+    world.open("policy", flags=os.O_RDONLY).close()
+    # checked at open: a descriptor the host opened still writes afterwards
+    as_(world, "host")
+    h = world.open("policy")
+    as_(world, "container")
+    h.write(b"measure func=BPRM_CHECK\n")
+    h.flush()
+    h.close()
+    assert len(world.root.policy) == 1
+
+
+def test_child_files(world):
+    """A namespace made from inside (ns-create): CAP_SYS_ADMIN in the initial user
+    namespace, or in one's own while inside it (and from an ancestor inside too). A
+    namespace made from the host: its policy and keys never from within; its
+    ns-remove and ns-join with CAP_SYS_ADMIN in the initial user namespace."""
+    t = world.tree
+    c = t.create(t.root, *t.parse_create("c"))
+    d = t.create(c, *t.parse_create("d"))
+    h = t.create(t.root, *t.parse_create("h"), origin="host")
+    e = t.create(h, *t.parse_create("e"))
+    world.binder.where.update({11: c.id, 12: h.id, 13: e.id})
+    inside = {name: {w for w in WHO if may(world, w, name, c, pid=11)} for name in ADMIN_FILES}
+    for name in ADMIN_FILES:
+        assert inside[name] == {"host", "container_admin", "userns_root"}, name
+    # from c, the files of its descendant d (made from inside too)
+    assert {w for w in WHO if may(world, w, "policy", d, pid=11)} == \
+        {"host", "container_admin", "userns_root"}
+    hostmade = {name: {w for w in WHO if may(world, w, name, h, pid=12)}
+                for name in ADMIN_FILES}
+    assert hostmade["policy"] == hostmade["keys"] == set()
+    assert hostmade["ns-remove"] == hostmade["ns-join"] == {"host", "container_admin"}
+    recs = [r for r in world.records("policy_rejected") if r["ns"] == "/h"]
+    assert recs and all("made from the host" in r["error"] for r in recs)
+    # e (made from inside h): its own files from inside; from h, not by h's user
+    # namespace root (h was made from the host)
+    assert may(world, "userns_root", "policy", e, pid=13)
+    assert not may(world, "userns_root", "policy", e, pid=12)
+    # the host writes every child's files from the root
+    assert all(may(world, "host", n, ns) for n in ("policy", "keys") for ns in (c, h, e))
+    # a container root of the root namespace in a user namespace of its own: no
+    # child's files (it is not inside them)
+    assert not may(world, "userns_root", "policy", c)
+
+
+def test_only_the_host_reads_children_from_the_root(world):
+    """A process of the root namespace that is not the host (a container without a
+    namespace of its own) reads no descendant's files, unless it has CAP_SYS_ADMIN in
+    the initial user namespace; a child's process reads its own and its
+    descendants'."""
+    t = world.tree
+    c = t.create(t.root, *t.parse_create("c"))
+    d = t.create(c, *t.parse_create("d"))
+    world.binder.where[11] = c.id
+    for who, ok in (("host", True), ("container_admin", True), ("container", False),
+                    ("userns_root", False), ("dac", True), ("host_nocap", True)):
+        as_(world, who)
+        if ok:
+            assert world.fs.target(ME, c.id) is c
+        else:
+            msg = refused(errno.EACCES, world.fs.target, ME, c.id)
+            assert "not the host" in msg
+        assert world.fs.target(ME, 0) is world.root           # its own: always
+    as_(world, "container")
+    assert world.fs.target(11, d.id) is d
+    assert world.records("control_rejected")
 
 
 def test_read_only_files_refuse_writers_and_stats_is_the_roots(world, caplog):
     caplog.set_level(logging.WARNING, "imafs.control")
     refused(errno.EACCES, world.open, "violations")
-    assert f"open of violations for writing by pid {ME} (uid 0) refused: it is read-only" \
-        in caplog.text
-    assert world.records() == []
-    world.open("query", uid=1000).close()                      # anyone queries
+    assert f"open of violations of namespace / by pid {ME} refused: violations is " \
+        f"read-only" in caplog.text
+    assert [r["file"] for r in world.records()] == ["violations"]
     h = world.open("stats", flags=os.O_RDONLY)
     assert set(json.loads(h.read(0, 1 << 16))) == set(world.engine.stats())
     c = world.tree.create(world.root, *world.tree.parse_create("c"))
