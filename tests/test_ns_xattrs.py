@@ -1,6 +1,7 @@
 """security.ima is per integrity namespace, and so is its listing: listxattr shows
-``security.ima`` exactly when the caller's namespace has a value (so getfattr -d,
-cp -a and tar --xattrs keep each namespace's label) and never shows the private
+``security.ima`` exactly when the caller's namespace has a value -- its own, or for a
+child that wrote none the file's own, the image's (so getfattr -d, cp -a and tar
+--xattrs keep each namespace's label) -- and never shows the private
 ``security.imafs.*`` names the values are stored under."""
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def test_listxattr_per_namespace(make_mount, world_tmp):
     child = _listing(r.stdout)
     assert child["both"] == (["security.ima"], child_val.hex())
     assert child["childonly"] == (["security.ima"], child_val.hex())
-    assert child["hostonly"] == ([], "-")          # the host's value is not the child's
+    # a child without a value of its own sees the file's (the image's)
+    assert child["hostonly"] == (["security.ima"], host_val.hex())
     assert child["none"] == (["user.other"], "-")
     # the host: its own values, never the private names
     r = subprocess.run([sys.executable, "-c", LISTER] + files.split(), capture_output=True,
@@ -77,11 +79,12 @@ def test_listxattr_per_namespace(make_mount, world_tmp):
     assert host["none"] == (["user.other"], "-")
     # the backing file holds both, under their own names
     assert any(n.startswith("security.imafs.") for n in os.listxattr(b / "childonly"))
-    # a sibling sees neither the child's values nor their names
+    # a sibling sees neither the child's values nor their names: the files' own
     r = _in_new_ns(mnt, "sib", f"{sys.executable} -c '{LISTER}' {files}")
     assert r.returncode == 0, r.stderr
     sib = _listing(r.stdout)
-    assert sib["both"] == ([], "-") and sib["childonly"] == ([], "-")
+    assert sib["both"] == (["security.ima"], host_val.hex())
+    assert sib["childonly"] == ([], "-")
     # cp -a in the child keeps the child's label
     r = _in_new_ns(mnt, "c2", f"""
         setfattr -n security.ima -v 0x{child_val.hex()} {mnt}/none || exit 8

@@ -131,7 +131,8 @@ class Hooks:
         apply(name)
 
     def getxattr(self, caller: Caller, inode: "Inode", name: bytes):
-        """Return a name to read instead of ``name``, or None."""
+        """Return a name to read instead of ``name``, a tuple of names of which the
+        first the file has is read, or None."""
         return None
 
     def listxattr(self, caller: Caller, inode: "Inode", names: list[bytes]) -> list[bytes]:
@@ -1187,6 +1188,14 @@ class Overlay(pyfuse3.Operations):
         node = self.inode(inode)
         if self.hooks.xattr_hooks:
             alt = self.hooks.getxattr(_caller(ctx), node, name)
+            if type(alt) is tuple:
+                for n in alt[:-1]:
+                    try:
+                        return self._xattr(node, os.getxattr, n)
+                    except OSError as e:
+                        if e.errno != errno.ENODATA:
+                            raise _fuse_error(e)
+                alt = alt[-1]
             if alt is not None:
                 name = alt
         try:

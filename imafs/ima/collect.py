@@ -55,15 +55,15 @@ class Stats:
 
 
 def needed(decided, f: FileRef) -> tuple[dict, set]:
-    """What the actions of one open read and need: each deciding namespace's own
-    ``security.ima`` (ns id -> value or None) and the set of digest algorithms the
+    """What the actions of one open read and need: the ``security.ima`` each deciding
+    namespace appraises with (``Namespace.ima_xattr``; ns id -> value or None) and the set of digest algorithms the
     measurements, audits, hash rules and appraisals will ask for (computed in one
     pass)."""
     algos = set()
     xattrs: dict[int, bytes | None] = {}
     for n, _ev, d in decided:
         if n.id not in xattrs:
-            xattrs[n.id] = f.getxattr(n.xattr_name)
+            xattrs[n.id] = n.ima_xattr(f.getxattr)
         if d.measure or d.audit:
             algos.add(get_hash_algo(xattrs[n.id], n.hash_algo))
         if d.hash:

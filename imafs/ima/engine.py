@@ -524,7 +524,7 @@ class Engine:
         denial = None
         audited = False
         for n, ev, d in req.decided:
-            xattr = f.getxattr(n.xattr_name)
+            xattr = n.ima_xattr(f.getxattr)
             algo = ap.get_hash_algo(xattr, n.hash_algo)
             zero = bytes(hashing.hash_algo(algo).digest_size)
             if (d.measure or d.appraise or d.audit) and not audited:
@@ -605,7 +605,9 @@ class Engine:
                     if not (d.hash or (d.appraise and (n.appraise_mode == "fix"
                                                        or n.id in update))):
                         continue
-                    cur = _fgetxattr(fd, n.xattr_name)   # f.getxattr's fd is closed
+                    # the value this namespace appraises with (f.getxattr's fd is
+                    # closed): a child without its own has the file's (the image's)
+                    cur = n.ima_xattr(lambda name: _fgetxattr(fd, name))
                     if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
                         continue    # ima_update_xattr(): never over a signature (IMA_DIGSIG)
                     digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
@@ -699,8 +701,9 @@ class Engine:
             return None
         return self.modelling.inode_event(subject, pairs, hook, facts)
 
-    def inode_getxattr(self, pid: int, name: bytes) -> bytes | None:
-        """The name a read of xattr ``name`` by ``pid`` reads instead, or None."""
+    def inode_getxattr(self, pid: int, name: bytes) -> bytes | tuple | None:
+        """The name a read of xattr ``name`` by ``pid`` reads instead (a tuple: the
+        first of these names the file has), or None."""
         return self.xattrs.read_name(pid, name)
 
     def inode_listxattr(self, pid: int, names: list[bytes]) -> list[bytes]:

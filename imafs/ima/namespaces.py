@@ -13,10 +13,13 @@ stored here: its policy (and its keys) come from the command line at each mount.
 record the change in the parent's list and move processes through the binder.
 
 Each namespace has its own ``security.ima`` and ``security.evm``: the root's are the
-file's own attributes, a child's are kept under private names
-(``security.imafs.nsID.ima``, ``.evm``) and shown to the child's processes as
-``security.ima`` / ``security.evm`` (:class:`XattrView`). Each namespace has its own
-EVM state (mode, HMAC key, flags: ``Namespace.evm``, imafs/ima/evm_hooks.py).
+file's own attributes; a child's are kept under private names
+(``security.imafs.nsID.ima``, ``.evm``), written and read as ``security.ima`` /
+``security.evm`` by the child's processes (:class:`XattrView`), and never replace the
+host's. A child that has written no ``security.ima`` of its own sees, and appraises
+against its own keyring, the file's own (the image's) value
+(:meth:`Namespace.ima_xattr`). Each namespace has its own EVM state (mode, HMAC key,
+flags: ``Namespace.evm``, imafs/ima/evm_hooks.py).
 """
 from __future__ import annotations
 
@@ -107,6 +110,17 @@ class Namespace:
     def evm_xattr_name(self) -> str:
         """Where this namespace keeps its own ``security.evm`` on backing files."""
         return EVM_XATTR if self.id == 0 else f"{PRIVATE_XATTR_PREFIX}ns{self.id}.evm"
+
+    def ima_xattr(self, getxattr) -> bytes | None:
+        """The ``security.ima`` this namespace measures and appraises a file with
+        (``getxattr(name) -> bytes | None``): a child's own value when it has written
+        one, else the file's own -- the image's signature, checked against the child's
+        keyring. The root's is the file's."""
+        if self.id != 0:
+            own = getxattr(self.xattr_name)
+            if own is not None:
+                return own
+        return getxattr(IMA_XATTR)
 
     @property
     def path(self) -> str:
@@ -560,8 +574,9 @@ class XattrView:
     """Which ``security.ima`` and ``security.evm`` a process sees: its namespace's own.
     The root namespace's are the file's attributes; a child's are stored under its
     private names and read, written and listed as ``security.ima`` /
-    ``security.evm`` by the child's processes only; private names are nobody's to
-    read, write or list directly. Names are bytes, as the FUSE requests carry them.
+    ``security.evm`` by the child's processes only -- where a child has written no
+    ``security.ima``, it reads the file's own (the image's). Private names are nobody's
+    to read, write or list directly. Names are bytes, as the FUSE requests carry them.
     :meth:`value` is what the engine reads of a file for a namespace (EVM's view)."""
 
     IMA = IMA_XATTR.encode()
@@ -582,14 +597,15 @@ class XattrView:
         return (ns.xattr_name if name == XattrView.IMA else ns.evm_xattr_name).encode()
 
     def stored_name(self, ns: Namespace, name: bytes) -> bytes | None:
-        """The name a write of ``name`` by a process of ``ns`` goes to, or None for
-        ``name`` itself."""
+        """The name a write (or removal) of ``name`` by a process of ``ns`` goes to, or
+        None for ``name`` itself."""
         if name in self.OWN and ns.id != 0:
             return self.own_name(ns, name)
         return None
 
-    def read_name(self, pid: int, name: bytes) -> bytes | None:
-        """The name a read of ``name`` by ``pid`` reads instead, or None for ``name``."""
+    def read_name(self, pid: int, name: bytes) -> bytes | tuple | None:
+        """The name a read of ``name`` by ``pid`` reads instead -- or the names, in
+        order, of which the first the file has is read -- or None for ``name``."""
         if name.startswith(self.PRIVATE):
             # a namespace's own security.ima is read as security.ima inside it; by its
             # private name nobody reads it (a sibling would, otherwise)
@@ -599,30 +615,35 @@ class XattrView:
             if ns is None:
                 return self.UNKNOWN
             if ns.id != 0:
-                return self.own_name(ns, name)
+                # security.ima: its own, else the file's (the image's); security.evm:
+                # its own (value() says when the engine falls back to the file's)
+                return (self.own_name(ns, name), name) if name == self.IMA else \
+                    self.own_name(ns, name)
         return None
 
     def listed(self, pid: int, names: list[bytes]) -> list[bytes]:
-        """The names ``pid`` is shown: ``security.ima`` and ``security.evm`` when its
-        namespace has a value (the host's attribute, or the namespace's private copy),
-        no private name."""
+        """The names ``pid`` is shown: ``security.ima`` when its namespace has a value
+        -- its own, or for a child without one the file's -- and ``security.evm`` when
+        it has its own (the host's attribute, or the namespace's private copy); no
+        private name."""
         out = [n for n in names if n not in self.OWN and not n.startswith(self.PRIVATE)]
         ns = self.tree.of_pid(pid)
         if ns is not None:
             for own in self.OWN:
-                if self.own_name(ns, own) in names:
+                if self.own_name(ns, own) in names or (own == self.IMA and own in names):
                     out.append(own)
         return out
 
     def value(self, ns: Namespace, name: str, getxattr) -> bytes | None:
         """The value of xattr ``name`` as namespace ``ns`` sees it, read through
-        ``getxattr(name) -> bytes | None``: its own ``security.ima`` and
-        ``security.evm`` (a child's private ones), every other attribute the file's.
+        ``getxattr(name) -> bytes | None``: its own ``security.ima`` (a child without
+        one: the file's, Namespace.ima_xattr) and ``security.evm`` (a child's private
+        ones), every other attribute the file's.
         A child without a ``security.evm`` of its own sees the file's -- an image's
         signature -- unless it has a ``security.ima`` of its own, which the file's
         ``security.evm`` does not cover."""
         if name == IMA_XATTR:
-            return getxattr(ns.xattr_name)
+            return ns.ima_xattr(getxattr)
         if name == EVM_XATTR:
             if ns.id == 0:
                 return getxattr(EVM_XATTR)

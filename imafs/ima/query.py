@@ -33,7 +33,7 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
             ii.reset(f.version)
         for n in ns.chain():
             entry = {"namespace": n.path, "appraise_mode": n.appraise_mode, "hooks": []}
-            xv = f.getxattr(n.xattr_name)
+            xv = n.ima_xattr(f.getxattr)
             entry["xattr"] = ap.describe_xattr(xv) if xv else None
             algo = ap.get_hash_algo(xv, n.hash_algo)   # what a measurement records
             digest = collector.digest(ii, f, algo, {algo})
