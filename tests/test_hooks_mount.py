@@ -90,6 +90,26 @@ def test_elf_exec_and_its_interpreter_in_a_chroot(make_mount, world_tmp):
     assert _entries(m)[ld] == {11, 12, 13, 14, 15}
 
 
+def test_elf_exec_and_its_interpreter_under_pivot_root(make_mount, world_tmp):
+    """As runc starts a container: pivot_root into the mount (in a mount namespace of
+    its own). The loader is recorded as under chroot -- FILE_CHECK and the mmap hooks,
+    no BPRM_CHECK (PCR 11) -- though /proc/PID/root now reads "/" to the daemon
+    (issue 15 item 5: it compared that path with the mount point)."""
+    b = world_tmp / "rootfs"
+    ld = _dynamic_rootfs(b)
+    (b / "old").mkdir()
+    m = _mount(make_mount, world_tmp, HOOKS, b)
+    r = subprocess.run(["unshare", "--mount", "--fork", "bash", "-c",
+                        f"mount --make-rprivate / && cd {m.mnt} && pivot_root . old && "
+                        f"exec /bin/true"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = _entries(m)
+    assert got["/bin/true"] == {11, 12, 13, 14, 15}, got
+    assert got[ld] == {12, 13, 15}, got
+    assert got["/lib/x86_64-linux-gnu/libc.so.6"] == {12, 15}, got
+
+
 def test_an_appraised_exec_cannot_pass_as_a_loader(make_mount, world_tmp):
     """The loader role is taken only by the very file the previous exec's PT_INTERP
     names, opened next by the same task: a failed exec of a dynamically linked program

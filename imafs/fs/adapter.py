@@ -31,18 +31,15 @@ from imafs.ima.engine import (AccessDenied, Change, Engine, FileRef, FsInfo, Ope
 log = logging.getLogger("imafs.fs.adapter")
 
 
-def _identity(inode: Inode, root_link: str | None, pid: int,
-              path: bytes) -> tuple[int, int] | None:
+def _identity(inode: Inode, root_key, pid: int, path: bytes) -> tuple[int, int] | None:
     """(st_dev, st_ino) of what the absolute ``path`` names inside the mount (symlinks
     followed inside it, never out of the backing tree) -- if the process's root is the
-    mount (``root_link``: the mount point, as /proc/PID/root reads for a process
-    chrooted into it); else None."""
-    if root_link is None:
-        return None
-    try:
-        if os.readlink(f"/proc/{pid}/root") != root_link:
-            return None
-    except OSError:
+    mount's root; else None. Compared by identity (``root_key()``: the mount root's,
+    as ``sysio.identity_nosync`` reads it), not by path: after pivot_root into the
+    mount (runc), /proc/PID/root reads "/" in the daemon, while a chroot reads the
+    mount point; both are the mount's root inode."""
+    want = root_key()
+    if want is None or sysio.identity_nosync(f"/proc/{pid}/root") != want:
         return None
     root = inode
     while root.parent is not None:
@@ -188,8 +185,8 @@ class IntegrityHooks(Hooks):
 
     def __init__(self, engine: Engine, *, mountpoint: str | None = None):
         self.engine = engine
-        # what /proc/PID/root reads for a process chrooted into the mount
-        self._root_link = os.path.realpath(mountpoint) if mountpoint else None
+        self._mountpoint = os.path.realpath(mountpoint) if mountpoint else None
+        self._root_key = None   # the mount root's (dev major, minor, ino): _mount_root
         self._fs: dict[int, FsInfo] = {}
         # read-time verification: nodeids whose kernel page cache must not be kept at
         # the next open (a failed verification, or pages read unverified before a
@@ -206,6 +203,15 @@ class IntegrityHooks(Hooks):
         # inotify on the backing inodes of files verified handles hold open: a change
         # behind the mount drops the kernel's pages of the file at once
         self._inotify = Inotify(self._changed_behind) if engine.verify_reads else None
+
+    def _mount_root(self):
+        """The mount root's identity, as the kernel's inode has it (read once the
+        mount is up: its inode number is the FUSE root's, 1)."""
+        if self._root_key is None and self._mountpoint is not None:
+            key = sysio.identity_nosync(self._mountpoint)
+            if key is not None and key[2] == pyfuse3.ROOT_INODE:
+                self._root_key = key
+        return self._root_key
 
     @property
     def active(self) -> bool:  # open/release hooks only while some policy has rules
@@ -244,7 +250,7 @@ class IntegrityHooks(Hooks):
             setxattr=lambda n, v: _setxattr(inode, n, v),
             removexattr=lambda n: _removexattr(inode, n),
             fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
-            resolve=lambda pid, p: _identity(inode, self._root_link, pid, p),
+            resolve=lambda pid, p: _identity(inode, self._mount_root, pid, p),
             fill_cache=lambda: self._fill_cache(inode),
             pread_nowait=sysio.pread_nowait if verify else None,
             opener=(lambda: sysio.ProcessWatch(pid)) if pid else None)

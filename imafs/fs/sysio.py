@@ -157,6 +157,24 @@ def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int) -> int:
 
 
 # ---------------------------------------------------------------------- file facts
+AT_STATX_DONT_SYNC = 0x4000
+STATX_INO = 0x100
+_AT_FDCWD = -100
+
+
+def identity_nosync(path: str) -> tuple[int, int, int] | None:
+    """(dev major, dev minor, ino) of what ``path`` names, from the inode the kernel
+    holds -- statx(AT_STATX_DONT_SYNC): on this very FUSE mount (a process's
+    /proc/PID/root) no request reaches the daemon, which may be the caller, on its
+    event loop. None when it cannot be read."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, STATX_INO, buf) != 0:
+        return None
+    (ino,) = struct.unpack_from("=Q", buf.raw, 32)          # stx_ino
+    major, minor = struct.unpack_from("=II", buf.raw, 136)  # stx_dev_major, _minor
+    return (major, minor, ino)
+
+
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
                 ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),

@@ -220,9 +220,10 @@ def access_events(hooks, ids: dict, st: os.stat_result, fs: FsInfo, path: str,
 class ExecRoles:
     """Which exec open is the ELF interpreter's: after an ELF exec was allowed, the
     file its PT_INTERP names (resolved inside the mount, when the process's root is
-    the mount's: a container chrooted into it) is remembered for that task, so its
-    next exec open -- in a real exec the very next open, of that file -- is taken for
-    the loader's (binfmt_elf's open_exec). A process whose root is elsewhere loads its
+    the mount's root -- chroot or pivot_root into it; ``FileRef.resolve`` compares
+    the root by identity) is remembered for that task, so its next exec open -- in a
+    real exec the very next open, of that file -- is taken for the loader's
+    (binfmt_elf's open_exec). A process whose root is elsewhere loads its
     interpreter from there, not through the mount: nothing is remembered, and every
     exec open of it stays BPRM_CHECK."""
 
