@@ -364,3 +364,41 @@ def test_binder_foreign_cgroup_is_unknown(binder):
         p.wait()
     finally:
         os.rmdir("intruder", dir_fd=b.cgroups.fd)
+
+
+# ------------------------------------------------------------------ subtree quotas
+def test_subtree_quota(tmp_path):
+    """Namespaces count per subtree (a namespace and its descendants): a child's quota
+    (quota=namespaces:N, default DEFAULT_SUBTREE_NAMESPACES) bounds its subtree, every
+    ancestor's applies too, a sibling is never refused for another's; a removal frees
+    a place; the counts are the same after a reload."""
+    from imafs.ima.namespaces import DEFAULT_SUBTREE_NAMESPACES
+    store = Store(str(tmp_path / "lmdb"))
+    try:
+        t = make_tree(store)
+        a = t.create(t.root, *t.parse_create("a quota=namespaces:3"))
+        b = t.create(t.root, *t.parse_create("b"))
+        a1 = t.create(a, *t.parse_create("a1 quota=namespaces:50"))   # a's still holds
+        t.create(a1, *t.parse_create("a2"))
+        with pytest.raises(NamespaceError) as e:
+            t.create(a1, *t.parse_create("a3"))
+        assert e.value.errno == errno.ENOSPC
+        assert "namespace /a and its descendants hold 3 namespaces, its quota " \
+               "(namespaces:3)" in str(e.value)
+        assert (a.subtree, a1.subtree, t.root.subtree) == (3, 2, 5)
+        # the sibling: its own default quota, untouched by a's
+        for i in range(DEFAULT_SUBTREE_NAMESPACES - 1):
+            t.create(b, *t.parse_create(f"b{i}"))
+        with pytest.raises(NamespaceError) as e:
+            t.create(b, *t.parse_create("one-more"))
+        assert e.value.errno == errno.ENOSPC and "/b and its descendants" in str(e.value)
+        t.create(t.root, *t.parse_create("c"))                # the host: its own limit
+        t.remove(a1, "a2")
+        assert a.subtree == 2
+        t.create(a, *t.parse_create("again"))
+        counts = {ns.path: ns.subtree for ns in t.by_id.values()}
+        t2 = make_tree(store)
+        assert {ns.path: ns.subtree for ns in t2.by_id.values()} == counts
+        assert t2.by_id[a.id].quota_spec == "namespaces:3"
+    finally:
+        store.close()

@@ -64,6 +64,11 @@ NS_EVENTS = (NS_CREATE, NS_INIT, NS_REMOVE, NS_JOIN, NS_JOIN_FAILED)
 # the user.max_user_namespaces count with ENOSPC; ns-create does the same.
 MAX_NS_DEPTH = 32           # levels below the root namespace (the root is level 0)
 MAX_NAMESPACES = 1024       # namespaces of a mount, the root not counted
+# Namespaces count per subtree: a child namespace and all its descendants may hold at
+# most this many namespaces together (itself included) unless its quota= says
+# otherwise, so that one container cannot take the mount's 1024 from the others
+# (issue 14 item 5); every ancestor's quota applies as well.
+DEFAULT_SUBTREE_NAMESPACES = 64
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Namespace:
     # model_option: what ns-create's model= said ("learn" or a model file's path)
     model: object = field(default=None, repr=False)
     model_option: str = ""
+    subtree: int = 1            # namespaces in its subtree, itself included
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
     # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
@@ -105,6 +111,17 @@ class Namespace:
     def xattr_name(self) -> str:
         """Where this namespace keeps its own ``security.ima`` on backing files."""
         return IMA_XATTR if self.id == 0 else f"{PRIVATE_XATTR_PREFIX}ns{self.id}.ima"
+
+    @property
+    def subtree_limit(self) -> int | None:
+        """How many namespaces this one and its descendants may hold together: its
+        quota= (``namespaces:N``), else DEFAULT_SUBTREE_NAMESPACES; the root's is the
+        mount's (MAX_NAMESPACES, checked apart); None: no limit of its own."""
+        if self.parent is None:
+            return None
+        if self.quota_spec:
+            return nsoptions.quota_limit(self.quota_spec)
+        return DEFAULT_SUBTREE_NAMESPACES
 
     @property
     def evm_xattr_name(self) -> str:
@@ -312,6 +329,11 @@ class NamespaceTree:
             ns.origin = rec.get("origin", "inside")
             parent.children[ns.name] = ns
             self.by_id[nsid] = ns
+        # subtree counts: a child's id is always above its parent's
+        for nsid in sorted(self.by_id, reverse=True):
+            ns = self.by_id[nsid]
+            if ns.parent is not None:
+                ns.parent.subtree += ns.subtree
 
     def _next_id(self) -> int:
         """Namespace ids are never reused (a removed namespace's list stays in LMDB):
@@ -354,12 +376,23 @@ class NamespaceTree:
                 raise NamespaceError(errno.ENOSPC, f"the mount holds {MAX_NAMESPACES} "
                                                    f"integrity namespaces, the most it "
                                                    f"may: remove one first")
+            for a in parent.chain():
+                lim = a.subtree_limit
+                if lim is not None and a.subtree + 1 > lim:
+                    raise NamespaceError(
+                        errno.ENOSPC, f"namespace {a.path} and its descendants hold "
+                                      f"{a.subtree} namespaces, its quota (namespaces:"
+                                      f"{lim}): {path} is refused; remove one of them "
+                                      f"first")
             nsid = self._next_id()
             ns = self._factory(nsid, name, parent, opts, "")
             ns.uuid = str(uuid.uuid4())
             ns.origin = origin
+            ns.quota_spec = opts.get("quota", "")
             parent.children[name] = ns
             self.by_id[nsid] = ns
+            for a in parent.chain():
+                a.subtree += 1
             self._save(ns)
             return ns
 
@@ -372,6 +405,8 @@ class NamespaceTree:
                 raise NamespaceError(errno.ENOTEMPTY, f"namespace {ns.path} has child namespaces")
             del parent.children[name]
             del self.by_id[ns.id]
+            for a in parent.chain():
+                a.subtree -= 1
             if self.store is not None:
                 # its stored model goes with it (imafs/ima/modelstore.py)
                 models = self.store.db("models") if ns.model is not None else None

@@ -7,8 +7,8 @@ docs/namespaces.md describes it once ("Namespace options").
 An option is one word ``OPTION=VALUE`` (no spaces in it). Each option says what its
 value is and who may give it:
 
-* value options -- ``template``, ``hash``, ``appraise``, ``evm`` -- may be given
-  anywhere;
+* value options -- ``template``, ``hash``, ``appraise``, ``evm``, ``quota`` -- may be
+  given anywhere;
 * ``model`` -- a behaviour model (docs/models.md): ``learn`` anywhere; or the
   absolute path of a model file, which names a file inside the mount when written to
   ``ns-create`` (the daemon reads it as a policy file) and a host file for host-side
@@ -22,8 +22,11 @@ value is and who may give it:
   too, refused from inside the mount alike, but the daemon reads them itself, by the
   path a host-side creator sends (``host_paths=True``): a key is read again at each
   mount, and its bytes never travel;
-* slots -- ``quota`` (per-subtree namespace quotas), ``digest_lists`` (digest
-  lists) -- are reserved for the work that builds them: the grammar knows their names and refuses them with a
+* ``quota`` -- ``KIND:ENTRIES[:SIZE]`` items, comma-separated: ``namespaces:N``, how
+  many namespaces the new namespace and all its descendants may hold together (the
+  storage kinds of issue 14 item 5 join the same items);
+* slots -- ``digest_lists`` (digest lists) -- are reserved for the work that builds
+  them: the grammar knows their names and refuses them with a
   message that says they are not built yet, so no creator mistakes them for
   unknown words or gets them silently ignored. Building one means replacing its
   parser in OPTIONS (and, for a host file, its loader).
@@ -40,7 +43,7 @@ from typing import Callable, Iterable, Mapping
 
 __all__ = ["NAME_MAX", "NAME_RE", "APPRAISE_MODES", "Option", "OPTIONS", "HOST_FILE_OPTIONS",
            "HOST_PATH_OPTIONS", "OptionError", "check_name", "parse_options", "parse_create",
-           "format_options"]
+           "format_options", "quota_limit"]
 
 #: a namespace's name: a full 64-hex container id fits
 NAME_MAX = 64
@@ -114,6 +117,48 @@ def _model(v: str) -> str:
     return v
 
 
+#: the kinds ``quota=`` takes; the storage kinds (issue 14 item 5) join them
+QUOTA_KINDS = ("namespaces",)
+MAX_QUOTA_NAMESPACES = 1024     # the mount's own limit (namespaces.MAX_NAMESPACES)
+
+
+def _quota(v: str) -> str:
+    """``KIND:ENTRIES[:SIZE],...`` -> the same, normalised. ``namespaces:N``: N namespaces
+    in the subtree, the namespace itself included (1..1024; ``0`` or ``-``: no limit of
+    its own, its ancestors' still apply); it has no size."""
+    out = {}
+    for item in v.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or parts[0] not in QUOTA_KINDS:
+            raise OptionError("quota", f"{item!r}: expected KIND:ENTRIES[:SIZE] with KIND "
+                                       f"one of {', '.join(QUOTA_KINDS)} (e.g. "
+                                       f"namespaces:16)")
+        kind = parts[0]
+        if kind in out:
+            raise OptionError("quota", f"{kind} given twice")
+        if len(parts) == 3:
+            raise OptionError("quota", f"{item!r}: namespaces have a count, no size")
+        n = parts[1]
+        if n in ("0", "-"):
+            out[kind] = "0"
+            continue
+        if not n.isdigit() or not 1 <= int(n) <= MAX_QUOTA_NAMESPACES:
+            raise OptionError("quota", f"{item!r}: the count is 1 to {MAX_QUOTA_NAMESPACES}, "
+                                       f"or 0 for no limit of its own")
+        out[kind] = str(int(n))
+    return ",".join(f"{k}:{n}" for k, n in out.items())
+
+
+def quota_limit(spec: str | None, kind: str = "namespaces") -> int | None:
+    """The ENTRIES of ``kind`` a (checked) quota= text gives; None: none given, or 0
+    (no limit of its own)."""
+    for item in (spec or "").split(","):
+        parts = item.split(":")
+        if parts[0] == kind and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]):
+            return int(parts[1])
+    return None
+
+
 def _slot(name: str, issue: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         raise OptionError(name, f"reserved for {issue}, which is not built yet: no "
@@ -132,9 +177,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                                   "policy from its creation", _host_path("policy")),
     Option("keys", "host-file", "a host directory of X.509 certificates, the namespace's "
                                 "own keyring from its creation", _host_path("keys")),
-    Option("quota", "slot", "namespaces (and storage) a namespace and its descendants may "
-                            "hold", _slot("quota", "per-subtree quotas (issues 14 and 15)"),
-           "per-subtree quotas (issues 14 and 15)"),
+    Option("quota", "value", "namespaces:N: how many namespaces it and its descendants may "
+                             "hold together (default: 64)", _quota),
     Option("model", "value", "learn, or PATH: a behaviour model, learning or from a model "
                              "file (inside the mount from ns-create, a host file from the "
                              "host)", _model),

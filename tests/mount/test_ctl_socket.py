@@ -254,7 +254,8 @@ def test_ns_create_list_remove(m, keys, world_tmp):
     (["--policy", "{w}/bad.policy"], "line 1, column 9"),
     (["--keys", "{w}/badkeys"], "is unusable"),
     (["--keys", "{w}"], "no certificate in it"),
-    (["quota=3"], "quota=: reserved for per-subtree quotas"),
+    (["quota=3"], "quota=: '3': expected KIND:ENTRIES"),
+    (["digest_lists=/x"], "digest_lists=: reserved for digest lists"),
     (["template=nope"], "unknown template"),
     (["--profile", "web", "--policy", "{w}/bad.policy"], "not both"),
     (["--profile", "nope", "--profiles", "{w}"], "no profile 'nope'"),
@@ -319,7 +320,7 @@ def test_ns_create_inside_shares_the_grammar(m):
                       ("web evm=enforce evm_key=/etc/motd",
                        "evm_key=: ns-create: names a host file"),
                       ("web evm=fix", "evm=: 'fix' is not one of enforce, log, off"),
-                      ("web quota=5", "quota=: reserved"), ("z" * 65, "at most 64")):
+                      ("web quota=5", "quota=: '5': expected"), ("z" * 65, "at most 64")):
         r = inside(text)
         assert r.returncode != 0 and "in" not in r.stdout
         assert wait_for(lambda: why in m.log_text()), (why, m.log_text()[-2000:])

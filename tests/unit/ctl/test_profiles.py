@@ -68,7 +68,8 @@ def test_a_profile_may_have_nothing(base):
     (lambda p: (p / "options").write_text("policy=/etc/shadow\n"),
      "is the profile's own policy file"),
     (lambda p: (p / "options").write_text("appraise=sometimes\n"), "appraise=: "),
-    (lambda p: (p / "options").write_text("quota=3\n"), "not built yet"),
+    (lambda p: (p / "options").write_text("quota=3\n"), "expected KIND:ENTRIES"),
+    (lambda p: (p / "options").write_text("digest_lists=/x\n"), "not built yet"),
 ])
 def test_spoilt_profiles_are_refused(base, spoil, why):
     spoil(base / "web")

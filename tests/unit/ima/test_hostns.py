@@ -90,7 +90,8 @@ def test_create_with_policy_and_keys_records_and_binds(host, cert):
     (dict(certs=[b"0\x82\x01\x00garbage"]), "keys: certificate 1"),
     (dict(options={"appraise": "maybe"}), "appraise=: "),
     (dict(options={"policy": "/etc/p"}), "policy=: "),
-    (dict(options={"quota": "3"}), "not built yet"),
+    (dict(options={"quota": "3"}), "expected KIND:ENTRIES"),
+    (dict(options={"digest_lists": "/x"}), "not built yet"),
     (dict(name="a/b"), "bad namespace name"),
     (dict(policy="measure func=BPRM_CHECK\n" * 4097), "rules (at most 4096)"),
 ])

@@ -91,13 +91,41 @@ def test_model_is_learn_or_an_absolute_path():
             assert e.value.option == "model"
 
 
-@pytest.mark.parametrize("slot", ["quota", "digest_lists"])
+@pytest.mark.parametrize("slot", ["digest_lists"])
 def test_slots_are_known_and_refused_as_not_built(slot):
     assert no.OPTIONS[slot].kind == "slot" and no.OPTIONS[slot].issue
     for host in (False, True):
         with pytest.raises(no.OptionError) as e:
             no.parse_create(f"a {slot}=1", host_files=host)
         assert e.value.option == slot and "not built yet" in str(e.value)
+
+
+def test_quota_namespaces():
+    """quota=namespaces:N (1..1024; 0 or -: no limit of its own), anywhere; a count,
+    no size; unknown kinds and malformed items refused, naming the item."""
+    assert no.parse_create("a quota=namespaces:16") == ("a", {"quota": "namespaces:16"})
+    assert no.parse_options(["quota=namespaces:007"]) == {"quota": "namespaces:7"}
+    assert no.parse_options(["quota=namespaces:-"]) == {"quota": "namespaces:0"}
+    assert no.quota_limit("namespaces:16") == 16
+    assert no.quota_limit("namespaces:0") is None and no.quota_limit("") is None
+    for bad, why in (("3", "expected KIND:ENTRIES"), ("list:5", "expected KIND:ENTRIES"),
+                     ("namespaces:1025", "1 to 1024"), ("namespaces:x", "1 to 1024"),
+                     ("namespaces:3:1M", "no size"),
+                     ("namespaces:3,namespaces:4", "given twice")):
+        with pytest.raises(no.OptionError) as e:
+            no.parse_options([f"quota={bad}"])
+        assert e.value.option == "quota" and why in str(e.value), (bad, str(e.value))
+
+
+@given(st.text(max_size=40))
+def test_quota_parser_refuses_or_normalises(text):
+    try:
+        got = no.parse_options([f"quota={text}"]) if text else {}
+    except no.OptionError as e:
+        assert str(e)
+        return
+    if got:
+        assert no.parse_options([f"quota={got['quota']}"]) == got
 
 
 def test_mappings_take_the_same_grammar():
@@ -115,7 +143,7 @@ def test_ns_create_parses_through_the_grammar():
     assert t.parse_create("web appraise=log") == ("web", {"appraise": "log"})
     assert t.parse_create("x" * 64)[0] == "x" * 64
     for text, why in (("web policy=/p", "only a creator on the host"),
-                      ("web quota=3", "not built yet"), ("x" * 65, "at most 64")):
+                      ("web quota=3", "expected KIND:ENTRIES"), ("x" * 65, "at most 64")):
         with pytest.raises(NamespaceError) as e:
             t.parse_create(text)
         assert e.value.errno == errno.EINVAL and why in str(e.value)
