@@ -83,9 +83,11 @@ def pidfd_pid(pidfd: int) -> int | None:
 
 
 def bind_process(tree: NamespaceTree, ns: Namespace, target: Target) -> None:
-    """THE way the host side binds a process to a namespace it made: the binder moves
-    it (today a cgroup of the mount's private hierarchy; binding.py), and the pidfd,
-    when given, proves that the process moved is still the one the caller meant."""
+    """THE way the host side binds a process to a namespace it made: the binder binds
+    its pid namespace when it has one of its own (a container's init: the whole
+    container, and whatever enters it later), else its cgroup (binding.py), and
+    refuses a process already in a namespace the new one is not below; the pidfd,
+    when given, proves that the process bound is still the one the caller meant."""
     if tree.binder is None:
         raise NamespaceError(errno.EPERM, "this mount binds no processes to namespaces")
     if target.pidfd is not None and pidfd_pid(target.pidfd) != target.pid:
