@@ -196,15 +196,16 @@ class Securityfs:
         user namespace."""
         own = self.engine.tree.of_pid(pid)
         if own is None:     # a process we cannot place sees nothing
-            raise SecurityfsError(errno.EACCES, f"pid {pid} is in no known namespace")
+            self._refuse(None, self.engine.tree.root, pid, None,
+                         f"pid {pid} is in no known namespace: it sees no control file")
         if ns_id is None or ns_id == own.id:
             return own
         ns = self.engine.tree.by_id.get(ns_id)
         if ns is None:
             raise SecurityfsError(errno.ENOENT, f"no namespace id {ns_id}")
         if own not in ns.chain():
-            raise SecurityfsError(errno.EACCES, f"namespace {ns.path} is not "
-                                                f"{own.path} nor below it")
+            self._refuse(None, ns, pid, None, f"namespace {ns.path} is not {own.path} nor "
+                                              f"below it")
         if own.parent is None:
             try:
                 creds = self.creds_of(pid)
