@@ -23,6 +23,7 @@ from imafs.fs.adapter import fd_file_ref, open_as_writer, open_in_mount
 from imafs.ima import appraise as ap
 from imafs.ima import digest_lists as dl
 from imafs.ima.audit import AuditLog
+from imafs.ima.capability import OWN_PIDNS, OWN_USERNS, Creds
 from imafs.ima.engine import Engine
 from imafs.ima.hooks import OpenMode
 from imafs.ima.iint import AccessDenied, Subject, settle
@@ -254,9 +255,13 @@ def test_loaded_lists_directory(w):
 def test_writer_credentials_and_bad_requests(w, tmp_path):
     lst = w.make_list("private.list", {"a": b"a"})
     os.chmod(lst, 0o600)
-    # uid 1000 opens digest_list_add? refused at open as for policy; as a writer of
-    # root's open, a path only root may read is read with root's credentials
+    # uid 1000 (no CAP_SYS_ADMIN) opens digest_list_add? refused at open as for
+    # policy; as a writer of root's open, a path only root may read is read with
+    # root's credentials
+    real = w.fs.creds_of
+    w.fs.creds_of = lambda p: Creds(p, 0, OWN_USERNS, OWN_PIDNS)
     refused(errno.EACCES, w.session, "digest_list_add", uid=1000)
+    w.fs.creds_of = real
     with pytest.raises(PermissionError):
         open_as_writer(ME, 1000, 1000, lst, backing_of=None)
     f = open_as_writer(ME, 0, 0, lst, backing_of=None)

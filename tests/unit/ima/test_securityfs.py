@@ -182,7 +182,8 @@ WHO = {
     # root of a user namespace of its own (every capability, over it only)
     "userns_root": (CAP_ALL, OTHER_USERNS, OTHER_PIDNS),
 }
-ADMIN_FILES = ("policy", "keys", "ns-remove", "ns-join")
+ADMIN_FILES = ("policy", "keys", "ns-remove", "ns-join", "digest_list_add",
+               "digest_list_del")
 
 
 def as_(world, who, pid=ME):
@@ -205,21 +206,22 @@ def test_root_files_are_the_hosts(world, caplog):
     only -- not uid 0 without it, not CAP_DAC_OVERRIDE (which passes the kernel's mode
     check), not a container's root in the root namespace, whatever its capabilities
     (issue 15 item 1). ns-join (it moves only the writer, deeper): CAP_SYS_ADMIN in the
-    initial user namespace. ns-create and query: CAP_SYS_ADMIN in one's own user
-    namespace. Each refusal logged and audited."""
+    initial user namespace. ns-create, query and digest_query: CAP_SYS_ADMIN in one's
+    own user namespace. The digest lists as policy. Each refusal logged and audited."""
     caplog.set_level(logging.WARNING, "imafs.control")
     allowed = {name: {w for w in WHO if may(world, w, name)}
-               for name in ADMIN_FILES + ("ns-create", "query")}
-    for name in ("policy", "keys", "ns-remove"):
+               for name in ADMIN_FILES + ("ns-create", "query", "digest_query")}
+    for name in ("policy", "keys", "ns-remove", "digest_list_add", "digest_list_del"):
         assert allowed[name] == {"host"}, name
     assert allowed["ns-join"] == {"host", "container_admin"}
-    assert allowed["ns-create"] == allowed["query"] == {"host", "container_admin",
-                                                         "userns_root"}
+    assert allowed["ns-create"] == allowed["query"] == allowed["digest_query"] == {
+        "host", "container_admin", "userns_root"}
+    assert len(world.records("digest_list_rejected")) == 2 * (len(WHO) - 1)
     assert "only the host does" in caplog.text
     recs = world.records("policy_rejected")
     assert len(recs) == len(WHO) - 1 and all(r["ns"] == "/" for r in recs)
     assert [r for r in world.records("key_rejected") if r["uid"] == 1000]
-    assert len(world.records("query_rejected")) == 3
+    assert len(world.records("query_rejected")) == 6
     # reading is the file mode's (the kernel checks it)
     as_(world, "container")
     world.open("policy", flags=os.O_RDONLY).close()
@@ -252,7 +254,8 @@ def test_child_files(world):
         {"host", "container_admin", "userns_root"}
     hostmade = {name: {w for w in WHO if may(world, w, name, h, pid=12)}
                 for name in ADMIN_FILES}
-    assert hostmade["policy"] == hostmade["keys"] == set()
+    for name in ("policy", "keys", "digest_list_add", "digest_list_del"):
+        assert hostmade[name] == set(), name
     assert hostmade["ns-remove"] == hostmade["ns-join"] == {"host", "container_admin"}
     recs = [r for r in world.records("policy_rejected") if r["ns"] == "/h"]
     assert recs and all("made from the host" in r["error"] for r in recs)
