@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from _escape_helper import build_escape
 from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount, wait_for
 from imafs.ima.keys import keyid_of
 from imafs.ima.namespaces import parse_event
@@ -381,6 +383,99 @@ def test_the_containers_own_policy_refuses_an_unsigned_program(rt):
              .splitlines()]
     assert any(a.get("path") == "/usr/bin/id" and a.get("ns") == f"/{cid}" for a in audit
                if a["type"].startswith("appraise")), audit[-5:]
+
+
+def _kv(r) -> dict[str, str]:
+    """key=value lines a container printed."""
+    return dict(x.partition("=")[::2] for x in r.stdout.splitlines() if "=" in x)
+
+
+ATTACK = """
+echo 'measure func=FILE_CHECK uid=4242' > /.imafs/policy; echo policy=$?
+echo 'remove {kid}' > /.imafs/keys; echo keys=$?
+echo {name} > /.imafs/ns-remove; echo remove=$?
+echo {sibling} > /.imafs/ns-join; echo join=$?
+cat /.imafs/namespaces/{sibling}/ascii_runtime_measurements >/dev/null; echo sibling=$?
+echo $$ > /sys/fs/cgroup/cgroup.procs; echo cgroup=$?
+setsid sh -c '(sleep 1; cat /etc/issue.net >/dev/null) &' </dev/null >/dev/null 2>&1
+echo forked=$?
+"""
+
+
+def test_a_runc_container_cannot_change_its_namespace_read_a_sibling_or_leave(rt):
+    """issue 15's attacks as runc starts containers (runc's default capabilities, no
+    CAP_SYS_ADMIN), through runc exec: in its hook-made namespace the container writes
+    its host-given policy, removes its key, removes or leaves its namespace, reads its
+    sibling container's list, writes its cgroup, double-forks with setsid, and runs a
+    signed static helper that breaks out of a chroot and looks for the binding's
+    hierarchy and writes the keys and policy it finds: each fails (EACCES, logged),
+    the namespace keeps its policy and key, and what the forked and escaped processes
+    read afterwards is measured in the container's list. A container started without
+    the hook (the root namespace) writes the host's policy and keys and reads the
+    namespaces' lists: refused too. Before: uid 0 wrote all of them (item 1)."""
+    a, b = cid_of("atk"), cid_of("sib")
+    kid = f"{keyid_of((rt.work / 'imagekeys' / 'signing_cert.der').read_bytes()):08x}"
+    esc = rt.merged / "usr" / "local" / "bin" / "imafs-escape"
+    build_escape(esc, rt.work)
+    imafs("sign", "-q", "--key", rt.work / "imagekeys" / "signing_key.pem", esc)
+    hier = re.findall(r"cgroup hierarchy name=(imafs\.\w+) mounted nowhere",
+                      rt.mount.log_text())[-1]
+    host_policy, host_keys = rt.ctl("policy").read_text(), rt.ctl("keys").read_text()
+    rt.config(["sleep", "600"])
+    try:
+        assert rt.run_d(b).returncode == 0
+        assert rt.run_d(a).returncode == 0
+        policy = rt.ctl(f"namespaces/{a}/policy").read_text()
+        keys = rt.ctl(f"namespaces/{a}/keys").read_text()
+        assert kid in keys
+        r = rt.runc("exec", a, "sh", "-c", ATTACK.format(kid=kid, name=a, sibling=b))
+        out = _kv(r)
+        assert all(out.get(k) not in (None, "0")
+                   for k in ("policy", "keys", "remove", "join", "sibling")), r
+        assert r.stderr.count("Permission denied") >= 4, r.stderr
+        assert out["cgroup"] != "0" and out["forked"] == "0", r
+        # the forked grandchild, reparented and in a session of its own, is still in
+        # the container's namespace: its read is in the container's list
+        assert wait_for(lambda: b"/etc/issue.net" in child_names(rt, a), 10)
+        # runc's default set has no CAP_SYS_CHROOT; Docker's has: give it, as there
+        r = rt.runc("exec", "--cap", "CAP_SYS_CHROOT", a, "/usr/local/bin/imafs-escape",
+                    "/", "/etc/hostname", hier)
+        out = _kv(r)
+        assert r.returncode == 0 and out["escaped"] == "1", (r.stdout, r.stderr)
+        assert out["tried"] == "0" and out["moved"] == "0", r.stdout
+        assert out["mount"] == "errno1" and "mounted" not in out, r.stdout
+        assert out["keys"] == out["policy"] == "errno13", r.stdout
+        assert rt.ctl(f"namespaces/{a}/policy").read_text() == policy
+        assert rt.ctl(f"namespaces/{a}/keys").read_text() == keys
+        assert {n["name"] for n in rt.namespaces()} == {a, b}
+        log = rt.mount.log_text()
+        assert f"may not write policy of namespace /{a}: it was made from the host" in log
+        assert "may not write ns-remove" in log and "may not write ns-join" in log
+    finally:
+        rt.delete(a)
+        rt.delete(b)
+    # no hook: the container is in the root namespace, and is not the host
+    c = cid_of("nohook")
+    rt.config(["sleep", "600"], hooks=False, profile=None)
+    holder = subprocess.Popen(["sleep", "600"])
+    try:
+        imafs("ns", "create", rt.mnt, "other", "--pid", holder.pid)
+        assert rt.run_d(c).returncode == 0
+        r = rt.runc("exec", c, "sh", "-c", ATTACK.format(kid=kid, name="other",
+                                                        sibling="other"))
+        out = _kv(r)
+        assert all(out.get(k) not in (None, "0")
+                   for k in ("policy", "keys", "remove", "sibling")), r
+        assert r.stderr.count("Permission denied") >= 4, r.stderr
+        assert rt.ctl("policy").read_text() == host_policy
+        assert rt.ctl("keys").read_text() == host_keys
+        assert "is in the root namespace but not the host" in rt.mount.log_text()
+    finally:
+        rt.delete(c)
+        holder.kill()
+        holder.wait()
+        wait_for(lambda: imafs("ns", "remove", rt.mnt, "other", ok=False).returncode == 0)
+    assert rt.namespaces() == []
 
 
 def _spoil_profile(rt, name: str, how: str) -> None:
