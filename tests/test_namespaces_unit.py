@@ -402,3 +402,54 @@ def test_subtree_quota(tmp_path):
         assert t2.by_id[a.id].quota_spec == "namespaces:3"
     finally:
         store.close()
+
+
+def test_root_children_count_per_creator(tmp_path):
+    """The root namespace has no subtree quota: its children made from inside count
+    per creator (a container: the pid namespace below the daemon's), at most
+    MAX_ROOT_CHILDREN_PER_CREATOR each; another creator and the host ("") go on; a
+    removal frees a place; the creator is kept across a reload. pidns.top_key names
+    the pid namespace below the daemon's a process is in."""
+    from imafs.ima.namespaces import MAX_ROOT_CHILDREN_PER_CREATOR as N
+    from imafs.ima.pidns import own_key, top_key
+    store = Store(str(tmp_path / "lmdb"))
+    try:
+        t = make_tree(store)
+        for i in range(N):
+            t.create(t.root, *t.parse_create(f"x{i}"), creator="pid namespace 7")
+        with pytest.raises(NamespaceError) as e:
+            t.create(t.root, *t.parse_create("more"), creator="pid namespace 7")
+        assert e.value.errno == errno.ENOSPC
+        assert f"pid namespace 7 made {N} of the namespaces under /" in str(e.value)
+        t.create(t.root, *t.parse_create("other"), creator="pid namespace 8")
+        t.create(t.root, *t.parse_create("host"))
+        # below the root, the subtree quota counts, not the creator
+        t.create(t.by_id[1], *t.parse_create("deeper"), creator="pid namespace 7")
+        t.remove(t.root, "x1")
+        t.create(t.root, *t.parse_create("again"), creator="pid namespace 7")
+        t2 = make_tree(store)
+        assert sum(1 for c in t2.root.children.values()
+                   if c.creator == "pid namespace 7") == N
+    finally:
+        store.close()
+    assert top_key(os.getpid()) == own_key()
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "unshare", "--pid", "--fork",
+                          "sleep", "30"])
+    try:
+        def leaf(pid):
+            kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+            return leaf(int(kids[0])) if kids else pid
+
+        def sleeping():
+            try:
+                return open(f"/proc/{leaf(p.pid)}/comm").read().strip() == "sleep"
+            except OSError:
+                return False
+        assert wait_for(sleeping, 10)
+        sleeper = leaf(p.pid)
+        outer = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+        st = os.stat(f"/proc/{outer}/ns/pid")
+        assert top_key(sleeper) == (st.st_dev, st.st_ino)
+    finally:
+        p.kill()
+        p.wait()

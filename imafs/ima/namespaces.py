@@ -69,6 +69,13 @@ MAX_NAMESPACES = 1024       # namespaces of a mount, the root not counted
 # otherwise, so that one container cannot take the mount's 1024 from the others
 # (issue 14 item 5); every ancestor's quota applies as well.
 DEFAULT_SUBTREE_NAMESPACES = 64
+# The root namespace has no subtree quota (it is the mount's): its children made from
+# inside count per creator instead -- per container, the pid namespace just below the
+# daemon's that the creating process is in (a process that is not the host: without
+# CAP_SYS_ADMIN in the initial user namespace). A container in the root namespace
+# that makes a nested pid namespace for each ns-create still makes at most this many
+# (issue 15: one container made 1,022 namespaces in 6 s).
+MAX_ROOT_CHILDREN_PER_CREATOR = DEFAULT_SUBTREE_NAMESPACES
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Namespace:
     model: object = field(default=None, repr=False)
     model_option: str = ""
     subtree: int = 1            # namespaces in its subtree, itself included
+    creator: str = ""           # the container that made it from inside ("": the host)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     children: dict = field(default_factory=dict, repr=False)
     # the digest lists loaded into this namespace (ima/digest_index.DigestListIndex;
@@ -297,7 +305,7 @@ class NamespaceTree:
         rec = {"name": ns.name, "parent": ns.parent.id, "template": ns.template,
                "hash": ns.hash_algo, "appraise": ns.appraise_mode,
                "policy": ns.policy.text(), "uuid": getattr(ns, "uuid", ""),
-               "origin": ns.origin, "quota": ns.quota_spec}
+               "origin": ns.origin, "quota": ns.quota_spec, "creator": ns.creator}
         if ns.evm.mode != "off":
             rec.update(evm=ns.evm.mode, evm_flags=ns.evm.flags,
                        evm_key=ns.evm.key.source if ns.evm.key is not None else "",
@@ -327,6 +335,7 @@ class NamespaceTree:
             ns = self._factory(nsid, rec["name"], parent, opts, rec["policy"])
             ns.uuid = rec.get("uuid", "")
             ns.origin = rec.get("origin", "inside")
+            ns.creator = rec.get("creator", "")
             parent.children[ns.name] = ns
             self.by_id[nsid] = ns
         # subtree counts: a child's id is always above its parent's
@@ -362,7 +371,7 @@ class NamespaceTree:
             raise NamespaceError(errno.EINVAL, str(e)) from None
 
     def create(self, parent: Namespace, name: str, opts: dict, *,
-               origin: str = "inside") -> Namespace:
+               origin: str = "inside", creator: str = "") -> Namespace:
         with self._lock:
             path = f"{parent.path.rstrip('/')}/{name}"
             if name in parent.children:
@@ -384,11 +393,19 @@ class NamespaceTree:
                                       f"{a.subtree} namespaces, its quota (namespaces:"
                                       f"{lim}): {path} is refused; remove one of them "
                                       f"first")
+            if creator and parent.subtree_limit is None:
+                made = sum(1 for c in parent.children.values() if c.creator == creator)
+                if made >= MAX_ROOT_CHILDREN_PER_CREATOR:
+                    raise NamespaceError(
+                        errno.ENOSPC, f"{creator} made {made} of the namespaces under "
+                                      f"{parent.path}, the most one creator may: {path} "
+                                      f"is refused; remove one of them first")
             nsid = self._next_id()
             ns = self._factory(nsid, name, parent, opts, "")
             ns.uuid = str(uuid.uuid4())
             ns.origin = origin
             ns.quota_spec = opts.get("quota", "")
+            ns.creator = creator
             parent.children[name] = ns
             self.by_id[nsid] = ns
             for a in parent.chain():
@@ -425,17 +442,21 @@ class NamespaceTree:
     # --- ns-create / ns-remove
     def ns_create(self, parent: Namespace, text: str, pid: int, uid: int, *,
                   check: Callable[[], None] | None = None,
-                  bind: Callable[[Namespace], None] | None = None) -> Namespace:
+                  bind: Callable[[Namespace], None] | None = None,
+                  creator: str = "") -> Namespace:
         """``ns-create``: a child of ``parent`` named and configured by ``text``
-        (parse_create), into which process ``pid`` moves (create_bound)."""
+        (parse_create), into which process ``pid`` moves (create_bound). ``creator``:
+        the container making it, when not the host (MAX_ROOT_CHILDREN_PER_CREATOR)."""
         name, opts = self.parse_create(text)
-        return self.create_bound(parent, name, opts, pid, uid, check=check, bind=bind)
+        return self.create_bound(parent, name, opts, pid, uid, check=check, bind=bind,
+                                 creator=creator)
 
     def create_bound(self, parent: Namespace, name: str, opts: dict, pid: int, uid: int, *,
                      check: Callable[[], None] | None = None,
                      bind: Callable[[Namespace], None] | None = None,
                      setup: Callable[[Namespace], None] | None = None,
-                     origin: str = "inside", extra: str = "") -> Namespace:
+                     origin: str = "inside", extra: str = "",
+                     creator: str = "") -> Namespace:
         """A child of ``parent`` (options already checked), into which process ``pid``
         moves. ``check()`` (raises NamespaceError) runs first; ``setup(child)`` gives
         the new child what it starts with (a host-given policy and keys) before
@@ -450,7 +471,7 @@ class NamespaceTree:
         if check is not None:
             check()
         try:
-            child = self.create(parent, name, opts, origin=origin)
+            child = self.create(parent, name, opts, origin=origin, creator=creator)
         except NamespaceError:
             raise
         except ValueError as e:     # options the list or the templates refuse

@@ -66,6 +66,35 @@ def own_key() -> tuple[int, int]:
     return ns_key("/proc/self/ns/pid")
 
 
+def top_key(pid: int) -> tuple[int, int] | None:
+    """The pid namespace just below the daemon's that process ``pid`` is in (its own
+    or an ancestor of it: the container it belongs to); the daemon's own when it is
+    there; None when it cannot be read (gone, or above the daemon's)."""
+    own = own_key()
+    try:
+        fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        key = ns_key(fd)
+        for _ in range(MAX_LEVELS):
+            if key == own:
+                return own
+            try:
+                parent = fcntl.ioctl(fd, NS_GET_PARENT)
+            except OSError:
+                return None
+            pkey = ns_key(parent)
+            os.close(fd)
+            fd = parent
+            if pkey == own:
+                return key
+            key = pkey
+        return None
+    finally:
+        os.close(fd)
+
+
 def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:

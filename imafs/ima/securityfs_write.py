@@ -20,6 +20,7 @@ from imafs.ima.model_secfs import read_model_file
 from imafs.ima.keyring_update import (MAX_KEY_BYTES, MAX_KEYS_WRITE, KeyInput, KeyringUpdate,
                                       key_items)
 from imafs.ima.namespaces import NamespaceError
+from imafs.ima.pidns import own_key, top_key
 from imafs.ima.policy import MAX_POLICY_BYTES, MAY_READ, Policy, PolicyError, parse_policy
 from imafs.ima.query import own_view
 from imafs.ima.securityfs_read import Session, SecurityfsError, log, quote
@@ -496,6 +497,10 @@ class NsCreate(NsFile):
     def contents(cls, fs, node, ns, uid: int) -> bytes:
         return NS_CREATE_USAGE.encode()
 
+    def __init__(self, fs, node, ns, caller, flags: int):
+        super().__init__(fs, node, ns, caller, flags)
+        self.creator = creator_of(fs, caller.pid) if self.writing else ""
+
     def request(self, text: str) -> None:
         tree = self.fs.engine.tree
         name, opts = tree.parse_create(text)
@@ -509,7 +514,7 @@ class NsCreate(NsFile):
             setup, extra = tree.models.creation(mf)
         child = tree.create_bound(self.ns, name, opts, self.pid, self.uid,
                                   check=self._check_opener, bind=self._bind_opener,
-                                  setup=setup, extra=extra)
+                                  setup=setup, extra=extra, creator=self.creator)
         self.moved = True
         log.info("namespace %s (id %d) created; pid %d moved into it (bound by its %s)",
                  child.path, child.id, self.pid, getattr(self, "bound_by", "binder"))
@@ -527,6 +532,25 @@ class NsCreate(NsFile):
         except ValueError as e:
             raise NamespaceError(errno.EINVAL, f"model={path}: {e}") from None
         return mf
+
+
+def creator_of(fs, pid: int) -> str:
+    """Who an ``ns-create`` by ``pid`` counts against (namespaces.py,
+    MAX_ROOT_CHILDREN_PER_CREATOR), read at open as every privilege: "" for a process
+    with CAP_SYS_ADMIN in the initial user namespace (the host, no bound but the
+    mount's); else the container it is in -- the pid namespace just below the daemon's
+    (all of the daemon's pid namespace's such processes count together)."""
+    try:
+        if fs.creds_of(pid).admin:
+            return ""
+    except OSError:
+        pass
+    key = top_key(pid)
+    if key is None:
+        return "an unknown pid namespace"
+    if key == own_key():
+        return "the host's pid namespace (without CAP_SYS_ADMIN)"
+    return f"pid namespace {key[1]}"
 
 
 class NsJoin(NsFile):

@@ -419,6 +419,32 @@ def test_one_container_cannot_take_every_namespace(bm):
                and "its quota" in x.get("error", "")) == 80 - 63 + 1
 
 
+def test_a_container_in_the_root_namespace_makes_a_bounded_number(bm):
+    """issue 15's quota, per caller: a container with no namespace of its own (its
+    own pid namespace, no CAP_SYS_ADMIN in the initial user namespace) makes a nested
+    user and pid namespace for each ns-create -- each a new child of the root, which
+    has no subtree quota. At most 64 are its; past that ENOSPC naming it, while the
+    host goes on. Before: it took every namespace of the mount."""
+    m, mnt = bm, bm.mnt
+    r = subprocess.run(["unshare", "--fork", "--kill-child", "--pid", f"--mount-proc={mnt}/proc",
+                        "bash", "-c", f"""
+        made=0
+        for i in $(seq 1 70); do
+          if unshare --user --map-root-user --pid --fork \
+               sh -c "echo r$i > {mnt}/.imafs/ns-create" 2>/dev/null; then
+            made=$((made+1))
+          fi
+        done
+        echo made=$made"""], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r
+    assert lines(r)["made"] == "64", r.stdout
+    assert len(os.listdir(m.ctl("namespaces"))) == 64
+    r = host_sh(f"echo mine > {mnt}/.imafs/ns-create", pidns=False)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"pid namespace \d+ made 64 of the namespaces under /, the most one "
+                     r"creator may", m.log_text())
+
+
 # ------------------------------------------------------------------ appraisal in a child
 def test_image_signatures_appraise_in_a_child(make_mount, world_tmp):
     """issue 15 item 2, performed: the image's files carry their own security.ima,
