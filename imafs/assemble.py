@@ -151,7 +151,7 @@ def namespace_tree(store, rules, *, keyring: Keyring, mlist: MeasurementList,
             model=models.make(nsid, option) if models is not None and option else None)
 
     tree = NamespaceTree(root, binder.ns_of if binder is not None else None, store=store,
-                         factory=factory, binder=binder, audit=audit)
+                         factory=factory, binder=binder, audit=audit, child_quota=base_quota)
     tree.models = models
     return tree
 

@@ -16,6 +16,7 @@ from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
 from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.quota import Quota
 from imafs.ima.templates import parse_ascii
 from imafs.store import Store
 
@@ -34,7 +35,9 @@ def make_tree(store=None, resolver=None, binder=None) -> NamespaceTree:
     def factory(nsid, name, parent, o, policy_text):
         template = o.get("template") or parent.template
         algo = o.get("hash") or parent.hash_algo
-        return Namespace(id=nsid, name=name, parent=parent,
+        return Namespace(quota=Quota.parse(o["quota"], Quota.default()) if o.get("quota")
+                         else Quota.default(), quota_spec=o.get("quota") or "",
+                         id=nsid, name=name, parent=parent,
                          policy=Policy(parse_policy(policy_text)),
                          mlist=mlist(nsid, template, algo), keyring=Keyring(store, nsid),
                          appraise_mode=o.get("appraise") or parent.appraise_mode,
@@ -453,3 +456,25 @@ def test_root_children_count_per_creator(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_quota_from_inside_never_loosens(tmp_path):
+    """quota= given from inside (ns-create) is tightened to the parent's quota (below
+    the root: the mount's child quota) in every kind, at creation and after a reload;
+    a host-made namespace's quota is taken as given."""
+    store = Store(str(tmp_path / "lmdb"))
+    try:
+        t = make_tree(store)
+        a = t.create(t.root, *t.parse_create("a quota=list:0:0,namespaces:0"))
+        assert a.quota.limits["list"] == Quota.default().limits["list"]
+        assert a.subtree_limit == 64
+        h = t.create(t.root, *t.parse_create("h quota=list:0:0,namespaces:200"),
+                     origin="host")
+        assert h.quota.limits["list"] == (None, None) and h.subtree_limit == 200
+        b = t.create(h, *t.parse_create("b quota=namespaces:500,list:10"))
+        assert b.subtree_limit == 200 and b.quota.limits["list"] == (10, None)
+        t2 = make_tree(store)
+        assert t2.by_id[a.id].subtree_limit == 64 and t2.by_id[b.id].subtree_limit == 200
+        assert t2.by_id[h.id].quota.limits["list"] == (None, None)
+    finally:
+        store.close()

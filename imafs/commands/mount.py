@@ -165,8 +165,9 @@ def register(sub) -> None:
     p.add_argument("--ns-quota", type=_quota, default=None, metavar="KIND:ENTRIES[:SIZE]",
                    help="what each child integrity namespace may make the daemon store, "
                         "e.g. list:100000:64M (entries and bytes of its measurement list; "
-                        "0 or - for no limit; default list:1000000:256M); a namespace at its "
-                        "quota fails closed (EIO) alone")
+                        "0 or - for no limit; default list:1000000:256M) and namespaces:N "
+                        "(how many namespaces a child and its descendants may hold, default "
+                        "64); a namespace at its list quota fails closed (EIO) alone")
     p.add_argument("--tpm", metavar="TCTI",
                    help="also extend the root namespace's list into PCR 10 (and the PCR of "
                         "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "

@@ -40,7 +40,7 @@ from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.nsoptions import APPRAISE_MODES, NAME_RE, OptionError  # noqa: F401
 from imafs.ima.policy import Policy
-from imafs.ima.quota import Quota
+from imafs.ima.quota import DEFAULT_NAMESPACES, Quota
 from imafs.ima.record import record_buffer
 
 log = logging.getLogger("imafs.engine")
@@ -65,10 +65,10 @@ NS_EVENTS = (NS_CREATE, NS_INIT, NS_REMOVE, NS_JOIN, NS_JOIN_FAILED)
 MAX_NS_DEPTH = 32           # levels below the root namespace (the root is level 0)
 MAX_NAMESPACES = 1024       # namespaces of a mount, the root not counted
 # Namespaces count per subtree: a child namespace and all its descendants may hold at
-# most this many namespaces together (itself included) unless its quota= says
-# otherwise, so that one container cannot take the mount's 1024 from the others
-# (issue 14 item 5); every ancestor's quota applies as well.
-DEFAULT_SUBTREE_NAMESPACES = 64
+# most this many namespaces together (itself included) unless its quota says otherwise
+# (quota.py, kind ``namespaces``), so that one container cannot take the mount's 1024
+# from the others (issue 14 item 5); every ancestor's quota applies as well.
+DEFAULT_SUBTREE_NAMESPACES = DEFAULT_NAMESPACES[0]
 # The root namespace has no subtree quota (it is the mount's): its children made from
 # inside count per creator instead -- per container, the pid namespace just below the
 # daemon's that the creating process is in (a process that is not the host: without
@@ -123,13 +123,12 @@ class Namespace:
     @property
     def subtree_limit(self) -> int | None:
         """How many namespaces this one and its descendants may hold together: its
-        quota= (``namespaces:N``), else DEFAULT_SUBTREE_NAMESPACES; the root's is the
-        mount's (MAX_NAMESPACES, checked apart); None: no limit of its own."""
+        quota's ``namespaces`` kind (quota.py; default DEFAULT_SUBTREE_NAMESPACES); the
+        root's is the mount's (MAX_NAMESPACES, checked apart); None: no limit of its
+        own."""
         if self.parent is None:
             return None
-        if self.quota_spec:
-            return nsoptions.quota_limit(self.quota_spec)
-        return DEFAULT_SUBTREE_NAMESPACES
+        return self.quota.namespaces()
 
     @property
     def evm_xattr_name(self) -> str:
@@ -214,11 +213,12 @@ class NamespaceTree:
     """All namespaces of a mount, persisted in LMDB (db ``ns``: id -> JSON)."""
 
     def __init__(self, root: Namespace, resolver=None, *, store=None, factory=None,
-                 binder=None, audit=None):
+                 binder=None, audit=None, child_quota: Quota | None = None):
         """``resolver(pid) -> namespace id or None``; ``factory(id, name, parent,
         opts, policy_text) -> Namespace`` makes a child; ``binder`` (binding.py) moves
         processes into a namespace created by ``ns_create``; ``audit`` records
-        creations and removals."""
+        creations and removals; ``child_quota``: a child's quota when its options do
+        not say (the mount's --ns-quota; default Quota.default())."""
         self.root = root
         self.binder = binder
         self.audit = audit
@@ -226,6 +226,7 @@ class NamespaceTree:
         self._resolver = resolver
         self.store = store
         self._factory = factory          # (id, name, parent, opts, policy_text) -> Namespace
+        self.child_quota = child_quota if child_quota is not None else Quota.default()
         self._lock = threading.RLock()
         self._high = root.id             # highest id ever given (ids are never reused)
         self._acting = threading.local()  # acting_as(): (pid, ns) of this thread
@@ -336,6 +337,7 @@ class NamespaceTree:
             ns.uuid = rec.get("uuid", "")
             ns.origin = rec.get("origin", "inside")
             ns.creator = rec.get("creator", "")
+            self._tighten(ns)
             parent.children[ns.name] = ns
             self.by_id[nsid] = ns
         # subtree counts: a child's id is always above its parent's
@@ -393,7 +395,7 @@ class NamespaceTree:
                                       f"{a.subtree} namespaces, its quota (namespaces:"
                                       f"{lim}): {path} is refused; remove one of them "
                                       f"first")
-            if creator and parent.subtree_limit is None:
+            if creator and parent.parent is None:
                 made = sum(1 for c in parent.children.values() if c.creator == creator)
                 if made >= MAX_ROOT_CHILDREN_PER_CREATOR:
                     raise NamespaceError(
@@ -404,14 +406,21 @@ class NamespaceTree:
             ns = self._factory(nsid, name, parent, opts, "")
             ns.uuid = str(uuid.uuid4())
             ns.origin = origin
-            ns.quota_spec = opts.get("quota", "")
             ns.creator = creator
+            self._tighten(ns)
             parent.children[name] = ns
             self.by_id[nsid] = ns
             for a in parent.chain():
                 a.subtree += 1
             self._save(ns)
             return ns
+
+    def _tighten(self, ns: Namespace) -> None:
+        """A quota given from inside (ns-create) never loosens what the namespace would
+        have without it: its parent's, or below the root the mount's (quota.py)."""
+        if ns.origin == "inside" and ns.quota_spec:
+            outer = ns.parent.quota if ns.parent.parent is not None else self.child_quota
+            ns.quota = ns.quota.within(outer)
 
     def remove(self, parent: Namespace, name: str) -> Namespace:
         with self._lock:

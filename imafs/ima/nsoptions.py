@@ -22,9 +22,9 @@ value is and who may give it:
   too, refused from inside the mount alike, but the daemon reads them itself, by the
   path a host-side creator sends (``host_paths=True``): a key is read again at each
   mount, and its bytes never travel;
-* ``quota`` -- ``KIND:ENTRIES[:SIZE]`` items, comma-separated: ``namespaces:N``, how
-  many namespaces the new namespace and all its descendants may hold together (the
-  storage kinds of issue 14 item 5 join the same items);
+* ``quota`` -- ima/quota.py's ``KIND:ENTRIES[:SIZE]`` items, comma-separated:
+  ``namespaces:N``, how many namespaces the new namespace and all its descendants may
+  hold together, and the storage kinds (``list:ENTRIES:SIZE``, issue 14 item 5);
 * slots -- ``digest_lists`` (digest lists) -- are reserved for the work that builds
   them: the grammar knows their names and refuses them with a
   message that says they are not built yet, so no creator mistakes them for
@@ -41,9 +41,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+from imafs.ima.quota import Quota, QuotaError
+
 __all__ = ["NAME_MAX", "NAME_RE", "APPRAISE_MODES", "Option", "OPTIONS", "HOST_FILE_OPTIONS",
            "HOST_PATH_OPTIONS", "OptionError", "check_name", "parse_options", "parse_create",
-           "format_options", "quota_limit"]
+           "format_options"]
 
 #: a namespace's name: a full 64-hex container id fits
 NAME_MAX = 64
@@ -117,46 +119,13 @@ def _model(v: str) -> str:
     return v
 
 
-#: the kinds ``quota=`` takes; the storage kinds (issue 14 item 5) join them
-QUOTA_KINDS = ("namespaces",)
-MAX_QUOTA_NAMESPACES = 1024     # the mount's own limit (namespaces.MAX_NAMESPACES)
-
-
 def _quota(v: str) -> str:
-    """``KIND:ENTRIES[:SIZE],...`` -> the same, normalised. ``namespaces:N``: N namespaces
-    in the subtree, the namespace itself included (1..1024; ``0`` or ``-``: no limit of
-    its own, its ancestors' still apply); it has no size."""
-    out = {}
-    for item in v.split(","):
-        parts = item.strip().split(":")
-        if len(parts) not in (2, 3) or parts[0] not in QUOTA_KINDS:
-            raise OptionError("quota", f"{item!r}: expected KIND:ENTRIES[:SIZE] with KIND "
-                                       f"one of {', '.join(QUOTA_KINDS)} (e.g. "
-                                       f"namespaces:16)")
-        kind = parts[0]
-        if kind in out:
-            raise OptionError("quota", f"{kind} given twice")
-        if len(parts) == 3:
-            raise OptionError("quota", f"{item!r}: namespaces have a count, no size")
-        n = parts[1]
-        if n in ("0", "-"):
-            out[kind] = "0"
-            continue
-        if not n.isdigit() or not 1 <= int(n) <= MAX_QUOTA_NAMESPACES:
-            raise OptionError("quota", f"{item!r}: the count is 1 to {MAX_QUOTA_NAMESPACES}, "
-                                       f"or 0 for no limit of its own")
-        out[kind] = str(int(n))
-    return ",".join(f"{k}:{n}" for k, n in out.items())
-
-
-def quota_limit(spec: str | None, kind: str = "namespaces") -> int | None:
-    """The ENTRIES of ``kind`` a (checked) quota= text gives; None: none given, or 0
-    (no limit of its own)."""
-    for item in (spec or "").split(","):
-        parts = item.split(":")
-        if parts[0] == kind and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]):
-            return int(parts[1])
-    return None
+    """``KIND:ENTRIES[:SIZE],...``: ima/quota.py's grammar (the storage kinds and
+    ``namespaces:N``), normalised; what the namespace gets is quota.py's business."""
+    try:
+        return Quota.parse(v).text()
+    except QuotaError as e:
+        raise OptionError("quota", f"{e} (e.g. namespaces:16 or list:100000:64M)") from None
 
 
 def _slot(name: str, issue: str) -> Callable[[str], str]:
@@ -177,8 +146,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                                   "policy from its creation", _host_path("policy")),
     Option("keys", "host-file", "a host directory of X.509 certificates, the namespace's "
                                 "own keyring from its creation", _host_path("keys")),
-    Option("quota", "value", "namespaces:N: how many namespaces it and its descendants may "
-                             "hold together (default: 64)", _quota),
+    Option("quota", "value", "namespaces:N (how many namespaces it and its descendants may "
+                             "hold together, default 64), list:ENTRIES:SIZE (its "
+                             "list's storage, default the mount's --ns-quota)", _quota),
     Option("model", "value", "learn, or PATH: a behaviour model, learning or from a model "
                              "file (inside the mount from ns-create, a host file from the "
                              "host)", _model),

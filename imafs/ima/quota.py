@@ -1,4 +1,6 @@
-"""What one integrity namespace may make the daemon store on the host's disk.
+"""What one integrity namespace may make the daemon hold: its stores on the host's
+disk, and how many namespaces it and its descendants make. One concern, one place:
+every per-namespace bound of issues 14 (item 5) and 15 is a kind here.
 
 A child namespace's measurement list (and, with issues 17 and 18, its digest lists
 and its behaviour model) lives in the host's LMDB: a container that reads new files
@@ -10,15 +12,21 @@ refused (record.py: EIO, as any entry that cannot be stored) -- while the host a
 its siblings go on; the first refusal of each namespace and kind is audited
 (``quota_exceeded``) and logged.
 
-Grammar (``--ns-quota`` for every child namespace of a mount; a namespace record's
-``quota`` overrides it, for the ``quota=`` option of ns-create once per-subtree quotas
-wire that slot of nsoptions.py): ``KIND:ENTRIES[:SIZE]`` items,
-comma-separated; ``SIZE`` in bytes or with K, M, G (powers of 1024); ``0`` or
-``-`` is "no limit". Example: ``list:100000:64M``.
+The kind ``namespaces`` is a count, no size: how many namespaces the namespace and
+all its descendants may hold together, itself included (1 to 1024; default 64).
+NamespaceTree.create checks it against the subtree and every ancestor's (ENOSPC).
+
+Grammar (``--ns-quota`` for every child namespace of a mount; the ``quota=`` option
+of a namespace, from ns-create, a hook profile or ``imafs ns create``, over it):
+``KIND:ENTRIES[:SIZE]`` items, comma-separated; ``SIZE`` in bytes or with K, M, G
+(powers of 1024); ``0`` or ``-`` is "no limit". Example: ``list:100000:64M,namespaces:8``.
+A quota given from inside the mount (ns-create) never loosens what its parent (or,
+below the root, ``--ns-quota``) gives: :meth:`Quota.within`.
 
 For the ``list`` kind, entries are the list's entries and bytes the size of its
 binary view (``binary_runtime_measurements``, sha1 bank: what a verifier fetches).
-The root namespace has no quota (the kernel's list has none).
+The root namespace has no quota (the kernel's list has none; the mount's own limits
+bound its namespaces).
 """
 from __future__ import annotations
 
@@ -30,8 +38,11 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("imafs.engine")
 
-KINDS = ("list",)          # digest lists (17) and models (18) add theirs
+KINDS = ("list", "namespaces")   # digest lists (17) and models (18) add theirs
 DEFAULT_LIST = (1_000_000, 256 << 20)   # a child's list: entries, bytes of the binary view
+DEFAULT_NAMESPACES = (64, None)         # a child's subtree: namespaces (a count, no size)
+MAX_NAMESPACES = 1024                   # the mount's own (namespaces.MAX_NAMESPACES)
+COUNT_ONLY = ("namespaces",)
 _SIZE = re.compile(r"(\d+)([KMG]?)\Z")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -69,7 +80,7 @@ class Quota:
     @classmethod
     def default(cls) -> "Quota":
         """A child namespace's quota when nothing says otherwise."""
-        return cls({"list": DEFAULT_LIST})
+        return cls({"list": DEFAULT_LIST, "namespaces": DEFAULT_NAMESPACES})
 
     @classmethod
     def unlimited(cls) -> "Quota":
@@ -80,6 +91,7 @@ class Quota:
         """``KIND:ENTRIES[:SIZE],...`` over ``base`` (kinds not named keep its
         limits)."""
         limits = dict(base.limits) if base is not None else {}
+        seen = set()
         if not text.strip():
             raise QuotaError("empty quota (KIND:ENTRIES[:SIZE], e.g. list:100000:64M)")
         for item in text.split(","):
@@ -87,18 +99,44 @@ class Quota:
             if len(parts) not in (2, 3) or parts[0] not in KINDS:
                 raise QuotaError(f"{item!r}: expected KIND:ENTRIES[:SIZE] with KIND one of "
                                  f"{', '.join(KINDS)}")
+            if parts[0] in seen:
+                raise QuotaError(f"{parts[0]} given twice")
+            seen.add(parts[0])
             try:
                 entries = _number(parts[1], size=False)
                 size = _number(parts[2], size=True) if len(parts) == 3 else None
             except QuotaError as e:
                 raise QuotaError(f"{item.strip()}: {e}") from None
+            if parts[0] in COUNT_ONLY:
+                if len(parts) == 3:
+                    raise QuotaError(f"{item.strip()}: {parts[0]} have a count, no size")
+                if entries is not None and not 1 <= entries <= MAX_NAMESPACES:
+                    raise QuotaError(f"{item.strip()}: the count is 1 to {MAX_NAMESPACES}, "
+                                     f"or 0 for no limit of its own")
             limits[parts[0]] = (entries, size)
         return cls(limits)
 
+    def within(self, outer: "Quota") -> "Quota":
+        """This quota, never looser than ``outer`` in any kind ``outer`` limits (None:
+        no limit, the loosest)."""
+        def tight(a, b):
+            return b if a is None else a if b is None else min(a, b)
+        limits = dict(self.limits)
+        for kind, (e, b) in outer.limits.items():
+            mine = limits.get(kind, (None, None))
+            limits[kind] = (tight(mine[0], e), tight(mine[1], b))
+        return Quota(limits)
+
+    def namespaces(self) -> int | None:
+        """How many namespaces the subtree may hold (None: no limit of its own); the
+        default when the quota does not say."""
+        return self.limits.get("namespaces", DEFAULT_NAMESPACES)[0]
+
     def text(self) -> str:
         """The specification that parses back to this quota."""
-        return ",".join(f"{k}:{e if e is not None else 0}:{b if b is not None else 0}"
-                        for k, (e, b) in sorted(self.limits.items())) or "-"
+        return ",".join(f"{k}:{e if e is not None else 0}" + (
+            "" if k in COUNT_ONLY else f":{b if b is not None else 0}")
+            for k, (e, b) in sorted(self.limits.items())) or "-"
 
     def admit(self, ns_path: str, kind: str, entries: int, size: int, add: int,
               audit=None) -> None:

@@ -101,15 +101,16 @@ def test_slots_are_known_and_refused_as_not_built(slot):
 
 
 def test_quota_namespaces():
-    """quota=namespaces:N (1..1024; 0 or -: no limit of its own), anywhere; a count,
-    no size; unknown kinds and malformed items refused, naming the item."""
+    """quota= is quota.py's grammar: namespaces:N (1..1024; 0 or -: no limit of its
+    own; a count, no size) and the storage kinds, anywhere; unknown kinds and
+    malformed items refused, naming the item."""
     assert no.parse_create("a quota=namespaces:16") == ("a", {"quota": "namespaces:16"})
     assert no.parse_options(["quota=namespaces:007"]) == {"quota": "namespaces:7"}
     assert no.parse_options(["quota=namespaces:-"]) == {"quota": "namespaces:0"}
-    assert no.quota_limit("namespaces:16") == 16
-    assert no.quota_limit("namespaces:0") is None and no.quota_limit("") is None
-    for bad, why in (("3", "expected KIND:ENTRIES"), ("list:5", "expected KIND:ENTRIES"),
-                     ("namespaces:1025", "1 to 1024"), ("namespaces:x", "1 to 1024"),
+    assert no.parse_options(["quota=list:5:1K,namespaces:2"]) == {
+        "quota": "list:5:1024,namespaces:2"}
+    for bad, why in (("3", "expected KIND:ENTRIES"), ("model:5", "expected KIND:ENTRIES"),
+                     ("namespaces:1025", "1 to 1024"), ("namespaces:x", "not a count"),
                      ("namespaces:3:1M", "no size"),
                      ("namespaces:3,namespaces:4", "given twice")):
         with pytest.raises(no.OptionError) as e:

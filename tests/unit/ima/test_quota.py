@@ -6,21 +6,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imafs.ima.quota import DEFAULT_LIST, Quota, QuotaError, QuotaExceeded
+from imafs.ima.quota import DEFAULT_LIST, DEFAULT_NAMESPACES, Quota, QuotaError, QuotaExceeded
 
 
 def test_parse_and_print():
     assert Quota.parse("list:100000:64M").limits == {"list": (100000, 64 << 20)}
     assert Quota.parse("list:12").limits == {"list": (12, None)}
     assert Quota.parse("list:0:-").limits == {"list": (None, None)}
-    assert Quota.parse("list:5", Quota.default()).limits == {"list": (5, None)}
-    assert Quota.default().limits == {"list": DEFAULT_LIST}
+    assert Quota.parse("list:5", Quota.default()).limits == {"list": (5, None),
+                                                             "namespaces": DEFAULT_NAMESPACES}
+    assert Quota.default().limits == {"list": DEFAULT_LIST, "namespaces": DEFAULT_NAMESPACES}
     q = Quota.parse("list:7:3K")
     assert Quota.parse(q.text()).limits == q.limits
 
 
 @pytest.mark.parametrize("bad", ["", "list", "model:1", "list:x", "list:1:2T", "list:1:2:3",
-                                 "list:-1", " , "])
+                                 "list:-1", " , ", "namespaces:1:1M", "namespaces:1025",
+                                 "list:1,list:2"])
 def test_refused_with_a_reason(bad):
     with pytest.raises(QuotaError) as e:
         Quota.parse(bad)
@@ -56,3 +58,20 @@ def test_admit_entries_and_bytes_audited_once():
         q.admit("/c", "list", 1, 95, 10, audit)       # bytes
     assert [k for k, _ in audit.recs] == ["quota_exceeded"]
     Quota.unlimited().admit("/", "list", 10**9, 10**12, 1, audit)
+
+
+def test_namespaces_kind_and_within():
+    """namespaces: a count (1..1024, 0 no limit of its own), printed without a size;
+    Quota.namespaces() is the default when a quota does not say; within() keeps the
+    tighter limit of each kind (a quota from inside never loosens its parent's)."""
+    q = Quota.parse("namespaces:8")
+    assert q.limits == {"namespaces": (8, None)} and q.text() == "namespaces:8"
+    assert Quota.parse(q.text()).limits == q.limits
+    assert Quota.parse("namespaces:0").namespaces() is None
+    assert Quota.unlimited().namespaces() == DEFAULT_NAMESPACES[0]
+    outer = Quota.parse("list:100:1M,namespaces:4")
+    loose = Quota.parse("list:0:0,namespaces:0", Quota.default())
+    assert loose.within(outer).limits == {"list": (100, 1 << 20), "namespaces": (4, None)}
+    tight = Quota.parse("list:10,namespaces:2")
+    assert tight.within(outer).limits == {"list": (10, 1 << 20), "namespaces": (2, None)}
+    assert tight.within(Quota.unlimited()).limits == tight.limits
