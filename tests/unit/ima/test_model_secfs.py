@@ -18,6 +18,7 @@ from imafs.fs.adapter import open_in_mount
 from imafs.ima import model as M
 from imafs.ima import modelmap as mm
 from imafs.ima.audit import AuditLog
+from imafs.ima.capability import OWN_PIDNS, OWN_USERNS, Creds
 from imafs.ima.engine import Engine
 from imafs.ima.iint import Subject
 from imafs.ima.keys import Keyring
@@ -41,8 +42,9 @@ class Binder:
 
     read_ns = ns_of
 
-    def bind(self, pid, ns_id):
+    def bind(self, pid, ns_id, *, whole_pidns=True):
         self.where[pid] = ns_id
+        return "cgroup"
 
     def members(self, ns_id):
         return [p for p, n in self.where.items() if n == ns_id]
@@ -123,9 +125,13 @@ def test_files_show_the_model(world):
 
 
 def test_control_as_policy_is(world):
+    # who may: as policy (capabilities, not uid: securityfs.py); uid 1000 has none
+    real = world.fs.creds_of
+    world.fs.creds_of = lambda p: Creds(p, 0, OWN_USERNS, OWN_PIDNS)
     with pytest.raises(SecurityfsError) as e:
         world.control("seal\n", uid=1000)
     assert e.value.errno == errno.EACCES
+    world.fs.creds_of = real
     with pytest.raises(SecurityfsError) as e:
         world.control("seal\nfrobnicate\n")         # parsed whole: nothing applied
     assert e.value.errno == errno.EINVAL and world.ns.model.mode == "learn"
