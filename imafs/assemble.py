@@ -171,7 +171,7 @@ def root_evm(x: dict, backing: str) -> EvmState:
 
 def build(opts) -> Filesystem:
     common = dict(control_name=opts.control_name.encode(), attr_timeout=opts.attr_timeout,
-                  entry_timeout=opts.attr_timeout)
+                  entry_timeout=opts.attr_timeout, read_only=opts.read_only)
     if not opts.integrity:
         return Filesystem(Overlay(opts.backing, **common))
 

@@ -10,18 +10,23 @@ from imafs.ima.keys import CERT_SUFFIXES, Keyring, KeyringError
 
 def _mount(args) -> int:
     allow_other = True
+    read_only = False
     for o in args.o or []:
         for word in o.split(","):
             if word == "allow_other":
                 allow_other = True
             elif word == "noallow_other":
                 allow_other = False
+            elif word in ("ro", "rw"):
+                read_only = word == "ro"
             elif word:
-                raise CommandError(f"unknown -o option {word!r} (allow_other, noallow_other)")
+                raise CommandError(f"unknown -o option {word!r} "
+                                   f"(allow_other, noallow_other, ro, rw)")
     opts = daemon.MountOptions(
         backing=args.backing, mountpoint=args.mountpoint, state=args.state,
         foreground=args.foreground, log_file=args.log_file, log_level=args.log_level,
-        allow_other=allow_other, policy=args.policy, control_name=args.control_name,
+        allow_other=allow_other, read_only=read_only, policy=args.policy,
+        control_name=args.control_name,
         integrity=not args.no_integrity, attr_timeout=args.attr_timeout,
         extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
@@ -135,7 +140,9 @@ def register(sub) -> None:
     p.add_argument("--log-file", metavar="FILE",
                    help="log file (default: stderr in foreground, STATE/imafs.log otherwise)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("-o", action="append", metavar="OPT", help="mount options: allow_other (default), noallow_other")
+    p.add_argument("-o", action="append", metavar="OPT",
+                   help="mount options: allow_other (default), noallow_other; "
+                   "ro (read-only: every change EROFS), rw (default)")
     p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
                    help="the root namespace's IMA policy (default: no rules, as the kernel)")
     p.add_argument("--keys", action="append", metavar="DIR",

@@ -34,6 +34,7 @@ class MountOptions:
     log_file: str | None = None
     log_level: str = "info"
     allow_other: bool = True
+    read_only: bool = False            # -o ro: MS_RDONLY, every change EROFS
     policy: str | None = None          # file path, "tcb", "appraise_tcb" or None
     control_name: str = ".imafs"
     integrity: bool = True             # False: plain passthrough (benchmarks)
@@ -215,6 +216,11 @@ def fuse_options(opts: MountOptions) -> set[str]:
     o = {"fsname=imafs", "subtype=imafs", "default_permissions"}
     if opts.allow_other:
         o.add("allow_other")
+    if opts.read_only:
+        # libfuse's fuse_mount turns "ro" into MS_RDONLY: the VFS refuses every change
+        # (mnt_want_write), control files included, and FUSE no longer drops the
+        # cached attributes after each read (fuse_invalidate_atime: not on IS_RDONLY)
+        o.add("ro")
     if os.geteuid() == 0:
         # a container rootfs has set-uid programs and device nodes
         o.update({"suid", "dev"})

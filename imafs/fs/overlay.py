@@ -267,8 +267,11 @@ class Overlay(pyfuse3.Operations):
     def __init__(self, backing: str, *, hooks: Hooks | None = None,
                  control_name: bytes = b".imafs", attr_timeout: float = 1.0,
                  entry_timeout: float = 1.0, max_threads: int = 8,
-                 fd_cache: int | None = None):
+                 fd_cache: int | None = None, read_only: bool = False):
         super().__init__()
+        #: ``-o ro``: the kernel refuses every change through the mount (MS_RDONLY);
+        #: the daemon refuses them too (EROFS), should the mount be made writable
+        self.read_only = read_only
         self.backing = os.path.realpath(backing)
         self.hooks = hooks or Hooks()
         self.control = None
@@ -326,6 +329,12 @@ class Overlay(pyfuse3.Operations):
         if not self._settling:
             ev, self._settled = self._settled, None
             ev.set()
+
+    def _writable(self) -> None:
+        """EROFS on a read-only mount (the kernel refuses first; this is the daemon's
+        own check, in case the mount was made writable behind it)."""
+        if self.read_only:
+            raise FUSEError(errno.EROFS)
 
     async def settled(self) -> None:
         """Wait until no such release is in progress (an open's first step)."""
@@ -524,6 +533,7 @@ class Overlay(pyfuse3.Operations):
         return self._attr(st, node.nodeid)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self._writable()
         node = self.inode(inode)
         caller = _caller(ctx)
         meta = (fields.update_size or fields.update_mode or fields.update_uid
@@ -667,16 +677,19 @@ class Overlay(pyfuse3.Operations):
         return self._attr(st, self._remember(parent, name, fd, st).nodeid)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._writable()
         return self._make(parent_inode, name, ctx, stat.S_IMODE(mode), False,
                           lambda d, p: os.mknod(name, stat.S_IFMT(mode) | p, rdev, dir_fd=d))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self._writable()
         await self._lsm(ctx, "inode_mkdir", parent=self.inode(parent_inode), name=name,
                         mode=stat.S_IFDIR | (stat.S_IMODE(mode) & ~_caller(ctx).umask))
         return self._make(parent_inode, name, ctx, stat.S_IMODE(mode), True,
                           lambda d, p: os.mkdir(name, p, dir_fd=d))
 
     async def symlink(self, parent_inode, name, target, ctx):
+        self._writable()
         # a symlink's mode is always 0777 (make ignores the mode it is given)
         await self._lsm(ctx, "inode_symlink", parent=self.inode(parent_inode), name=name,
                         target=target)
@@ -684,6 +697,7 @@ class Overlay(pyfuse3.Operations):
                           lambda d, p: os.symlink(target, name, dir_fd=d))
 
     async def unlink(self, parent_inode, name, ctx):
+        self._writable()
         parent = self.inode(parent_inode)
         await self._lsm(ctx, "inode_unlink", parent=parent, name=name)
         try:
@@ -693,6 +707,7 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def rmdir(self, parent_inode, name, ctx):
+        self._writable()
         parent = self.inode(parent_inode)
         await self._lsm(ctx, "inode_rmdir", parent=parent, name=name)
         try:
@@ -702,6 +717,7 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._writable()
         old = self.inode(parent_inode_old)
         new = self.inode(parent_inode_new)
         await self._lsm(ctx, "inode_rename", parent=old, name=name_old, new_parent=new,
@@ -730,6 +746,7 @@ class Overlay(pyfuse3.Operations):
             node.parent, node.name = parent, name
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._writable()
         node = self.inode(inode)
         parent = self.inode(new_parent_inode)
         await self._lsm(ctx, "inode_link", node=node, new_parent=parent, new_name=new_name)
@@ -744,6 +761,8 @@ class Overlay(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
     async def open(self, inode, flags, ctx):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._writable()
         if self._settled is not None:
             await self.settled()
         node = self.inode(inode)
@@ -818,6 +837,7 @@ class Overlay(pyfuse3.Operations):
         return st
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._writable()
         if self._settled is not None:
             await self.settled()
         parent = self.inode(parent_inode)
@@ -959,6 +979,7 @@ class Overlay(pyfuse3.Operations):
             raise _fuse_error(e)
 
     async def write(self, fh, off, buf):
+        self._writable()
         h = self.handles.get(fh)
         if not isinstance(h, OpenFile):
             raise FUSEError(errno.EBADF)
@@ -1152,6 +1173,7 @@ class Overlay(pyfuse3.Operations):
             return fn(sysio.proc_path(fd), *args)
 
     async def setxattr(self, inode, name, value, ctx):
+        self._writable()
         node = self.inode(inode)
         caller = _caller(ctx)
 
@@ -1222,6 +1244,7 @@ class Overlay(pyfuse3.Operations):
         return names
 
     async def removexattr(self, inode, name, ctx):
+        self._writable()
         node = self.inode(inode)
 
         def apply(stored: bytes) -> None:
