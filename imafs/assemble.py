@@ -28,7 +28,8 @@ from imafs.ima.keys import Keyring, VerifiedSignatures
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.modelstore import ModelStore, aggregate_of
 from imafs.ima.namespaces import Namespace, NamespaceTree
-from imafs.ima.policy import Policy, load_policy_arg, parse_policy
+from imafs.ima.policy import Policy
+from imafs.ima.policy_parse import load_policy_arg, parse_policy
 from imafs.ima.quota import Quota
 from imafs.ima.securityfs import Securityfs
 from imafs.ima.tpm import TPM, TPMError

@@ -103,7 +103,7 @@ def seeds(target: str) -> list[bytes]:
     if target == "quota":
         return [b"list:100000:64M", b"list:0:-", b"list:12", b"list:5:4K,list:7:1G"]
     if target in ("policy", "ctl-policy"):
-        from imafs.ima.policy import BUILTIN_POLICIES
+        from imafs.ima.policy_parse import BUILTIN_POLICIES
         out = [t.encode() for t in BUILTIN_POLICIES.values()]
         out += [b"measure func=BPRM_CHECK mask=MAY_EXEC uid>1000 fowner<5 pcr=11 "
                 b"template=ima-sig\n",
@@ -220,8 +220,8 @@ class Targets:
 
     # --- policy
     def policy(self, data: bytes) -> None:
-        from imafs.ima.policy import (AccessEvent, Policy, PolicyError, format_policy,
-                                      parse_policy)
+        from imafs.ima.policy import AccessEvent, Policy, PolicyError, format_policy
+        from imafs.ima.policy_parse import parse_policy
         try:
             rules = parse_policy(data)
         except PolicyError as e:
@@ -761,7 +761,7 @@ def run_atheris_child(target: str, runs: int, seconds: float | None, timeout: fl
     """In a child process: libFuzzer over one target, the seeds as its corpus."""
     import atheris
     with atheris.instrument_imports():
-        import imafs.ima.policy, imafs.ima.appraise, imafs.ima.keys  # noqa: F401
+        import imafs.ima.policy, imafs.ima.policy_parse, imafs.ima.appraise, imafs.ima.keys  # noqa: F401
         import imafs.ima.templates, imafs.ima.verifylog, imafs.ima.securityfs  # noqa: F401
         import imafs.ima.keyring_update  # noqa: F401
         import imafs.ima.namespaces  # noqa: F401

@@ -526,7 +526,8 @@ def test_map_full_fails_closed(tmp_path, monkeypatch):
     from imafs.ima.keys import Keyring
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
-    from imafs.ima.policy import Policy, parse_policy
+    from imafs.ima.policy import Policy
+    from imafs.ima.policy_parse import parse_policy
     from imafs.ima.templates import build_entry
     from imafs.store import Store
     store = Store(str(tmp_path / "lmdb"), map_size=256 << 10)

@@ -614,7 +614,8 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
     from imafs.ima.keys import Keyring
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
-    from imafs.ima.policy import Policy, parse_policy
+    from imafs.ima.policy import Policy
+    from imafs.ima.policy_parse import parse_policy
     from imafs.store import Store
     elf, suid, text = tmp_path / "elf", tmp_path / "suid", tmp_path / "text"
     shutil.copy("/bin/true", elf)

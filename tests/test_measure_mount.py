@@ -534,7 +534,7 @@ def test_control_directory(make_mount, world_tmp):
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
     # --control-name renames it; --policy tcb is the kernel's tcb policy
-    from imafs.ima.policy import BUILTIN_POLICIES
+    from imafs.ima.policy_parse import BUILTIN_POLICIES
     m2 = make_mount(["--policy", "tcb", "--control-name", "ima-ctl"])
     ctl2 = m2.mnt / "ima-ctl"
     assert not os.path.exists(m2.mnt / ".imafs")

@@ -15,7 +15,8 @@ from imafs.ima.engine import AccessDenied, Engine, Subject
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
-from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.policy import Policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.quota import Quota
 from imafs.ima.templates import parse_ascii
 from imafs.store import Store

@@ -8,10 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 from imafs.cli import main as cli_main
 from imafs.ima import policy as P
+from imafs.ima import policy_parse as PP
 from imafs.ima.hashing import algo_id, available_algos
-from imafs.ima.policy import (BUILTIN_POLICIES, MAX_POLICY_BYTES, AccessEvent,
-                              Cmp, Policy, PolicyError, Rule, format_policy,
-                              load_policy_arg, parse_policy, parse_rule)
+from imafs.ima.policy import (MAX_POLICY_BYTES, AccessEvent, Cmp, Policy, PolicyError, Rule,
+                              format_policy)
+from imafs.ima.policy_parse import BUILTIN_POLICIES, load_policy_arg, parse_policy, parse_rule
 
 HSET = settings(deadline=None, max_examples=300)
 
@@ -213,7 +214,7 @@ def test_print_vectors(text, printed):
 
 def test_every_keyword_is_in_a_print_vector():
     words = " ".join(t for t, _ in PRINT_VECTORS)
-    for kw in list(P.ACTIONS) + sorted(P._VALUE_KEYS) + ["permit_directio"]:
+    for kw in list(P.ACTIONS) + sorted(PP._VALUE_KEYS) + ["permit_directio"]:
         assert kw in words, kw
     for f in P.FUNCS:
         assert f"func={f}" in words, f
@@ -833,7 +834,7 @@ def test_needs_and_missing_event_fields():
 
 TOKENS = (list(P.ACTIONS) + ["permit_directio", "dont_audit", "#", "^", "=", "<", ">",
                              "|", ",", "0x", "-", "+"]
-          + [k + "=" for k in P._VALUE_KEYS] + ["uid<", "euid>", "fowner<", "fgroup>"]
+          + [k + "=" for k in PP._VALUE_KEYS] + ["uid<", "euid>", "fowner<", "fgroup>"]
           + list(P.FUNCS) + list(P.MASKS) + list(P.TEMPLATES)
           + ["imasig", "imasig|modsig", "sigv3", "verity", "check_blacklist", "sha256",
              "0", "10", "63", "64", "4294967295", "9fa0", "ZZ",
@@ -889,7 +890,7 @@ def valid_rules(draw):
     if action == "appraise":
         funcs += ["SETXATTR_CHECK"]
     func = draw(st.sampled_from(funcs))
-    allowed = P._ALLOWED[func]
+    allowed = PP._ALLOWED[func]
     w = {"action": action}
     if func:
         w["func"] = f"func={func}"
@@ -940,7 +941,7 @@ def valid_rules(draw):
             w["appraise_algos"] = "appraise_algos=" + ",".join(algos)
         if maybe("appraise_type"):
             types = ["imasig"]
-            if func in P._MODSIG_FUNCS:
+            if func in PP._MODSIG_FUNCS:
                 types.append("imasig|modsig")
             if "digest_type" in allowed:
                 types.append("sigv3")

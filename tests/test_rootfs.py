@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IMAFS, REPO, Mount, force_unmount, _is_mounted
-from imafs.ima.policy import BUILTIN_POLICIES
+from imafs.ima.policy_parse import BUILTIN_POLICIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.mount, pytest.mark.timeout(900)]
 

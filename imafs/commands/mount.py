@@ -66,7 +66,8 @@ def _quota(text: str) -> str:
 
 def _check_engine_args(opts) -> None:
     """Refuse bad policy, keys or algorithms before anything is mounted."""
-    from imafs.ima.policy import PolicyError, load_policy_arg
+    from imafs.ima.policy import PolicyError
+    from imafs.ima.policy_parse import load_policy_arg
     if opts.policy is not None:
         try:
             load_policy_arg(opts.policy)

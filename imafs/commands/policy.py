@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from imafs.ima.policy import (BUILTIN_POLICIES, MAX_POLICY_BYTES, PolicyError,
-                              format_policy, load_policy_arg, parse_policy)
+from imafs.ima.policy import MAX_POLICY_BYTES, PolicyError, format_policy
+from imafs.ima.policy_parse import BUILTIN_POLICIES, load_policy_arg, parse_policy
 
 
 def _check(args) -> int:

@@ -23,7 +23,8 @@ from imafs.fs.sysio import fs_info
 from imafs.ima import appraise as ap
 from imafs.ima import binfmt, hashing, hooks
 from imafs.ima import keys as km
-from imafs.ima.policy import MAY_READ, Decision, Policy, PolicyError, load_policy_arg
+from imafs.ima.policy import MAY_READ, Decision, Policy, PolicyError
+from imafs.ima.policy_parse import load_policy_arg
 from imafs.ima.verity import fsverity_digest_fd
 
 

@@ -42,7 +42,8 @@ from imafs.ima import nsoptions
 from imafs.ima.keys import CERT_SUFFIXES, Keyring, KeyringError, _split_pem
 from imafs.ima.modelfile import ModelFileError, parse_model
 from imafs.ima.nsoptions import OptionError
-from imafs.ima.policy import MAX_POLICY_BYTES, PolicyError, parse_policy
+from imafs.ima.policy import MAX_POLICY_BYTES, PolicyError
+from imafs.ima.policy_parse import parse_policy
 
 DEFAULT_CONFIG = "/etc/imafs/oci-hook.conf"
 DEFAULT_PROFILES = "/etc/imafs/profiles"

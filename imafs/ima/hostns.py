@@ -33,7 +33,8 @@ from imafs.ima.keys import Keyring, KeyringError
 from imafs.ima.modelfile import MAX_MODEL_BYTES, ModelFileError, format_model, parse_model
 from imafs.ima.namespaces import Namespace, NamespaceError, NamespaceTree
 from imafs.ima.nsoptions import OptionError
-from imafs.ima.policy import MAX_POLICY_BYTES, Policy, PolicyError, parse_policy
+from imafs.ima.policy import MAX_POLICY_BYTES, Policy, PolicyError
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.securityfs_write import MAX_POLICY_RULES
 
 log = logging.getLogger("imafs.hostns")

@@ -21,7 +21,8 @@ from imafs.ima.keyring_update import (MAX_KEY_BYTES, MAX_KEYS_WRITE, KeyInput, K
                                       key_items)
 from imafs.ima.namespaces import NamespaceError
 from imafs.ima.pidns import own_key, top_key
-from imafs.ima.policy import MAX_POLICY_BYTES, MAY_READ, Policy, PolicyError, parse_policy
+from imafs.ima.policy import MAX_POLICY_BYTES, MAY_READ, Policy, PolicyError
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.query import own_view
 from imafs.ima.securityfs_read import Session, SecurityfsError, log, quote
 

@@ -29,7 +29,7 @@ MEASURE_ALL_POLICY = ("measure func=FILE_CHECK mask=MAY_READ\n"
 APPRAISE_SIG_POLICY = ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig\n"
                        "appraise func=BPRM_CHECK appraise_type=imasig\n")
 # Real rootfs: a policy is a tuple of pieces, each a built-in policy's name
-# (imafs.ima.policy.BUILTIN_POLICIES, as the kernel prints it) or rule text. The first
+# (imafs.ima.policy_parse.BUILTIN_POLICIES, as the kernel prints it) or rule text. The first
 # matching appraise rule decides, so the signature rules for executables and libraries
 # go before appraise_tcb's "appraise fowner=0" (which accepts a hash), as the kernel
 # puts its secure-boot signature rules before the appraise_tcb ones (tests/test_rootfs.py).
@@ -47,7 +47,7 @@ def policy_text(spec) -> str:
     if isinstance(spec, str):
         return spec
     import_imafs()
-    from imafs.ima.policy import BUILTIN_POLICIES
+    from imafs.ima.policy_parse import BUILTIN_POLICIES
     return "".join(BUILTIN_POLICIES.get(p, p) for p in spec)
 
 

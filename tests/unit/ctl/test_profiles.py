@@ -142,7 +142,7 @@ def test_config(tmp_path):
 def test_the_shipped_examples_load(tmp_path):
     """examples/oci/: the profile and the configuration the docs point to, and
     examples/host.policy, are what the hook and the mount take."""
-    from imafs.ima.policy import load_policy_arg
+    from imafs.ima.policy_parse import load_policy_arg
     repo = Path(__file__).resolve().parents[3]
     ex = repo / "examples"
     shutil.copytree(ex / "oci" / "profiles", tmp_path / "profiles")

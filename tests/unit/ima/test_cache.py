@@ -18,7 +18,8 @@ from imafs.ima.engine import Engine, FileRef, OpenMode, Subject, settle
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
-from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.policy import Policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
 MEASURE = "measure func=FILE_CHECK mask=MAY_READ\n"

@@ -29,7 +29,8 @@ from imafs.ima.hooks import OpenMode
 from imafs.ima.iint import AccessDenied, Subject, settle
 from imafs.ima.keys import Keyring, keyid_of
 from imafs.ima.measurelog import MeasurementList
-from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.policy import Policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.securityfs import FILES, Securityfs, SecurityfsError
 from imafs.store import Store
 

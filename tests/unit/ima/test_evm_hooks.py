@@ -24,7 +24,7 @@ from imafs.ima.evm_secfs import EvmStateError
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import NamespaceError, XattrView
-from imafs.ima.policy import parse_policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
 HOST_PID, CHILD_PID, GRANDCHILD_PID = 1001, 1002, 1003

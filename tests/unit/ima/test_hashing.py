@@ -17,7 +17,8 @@ from imafs.ima.verity import VeritySpec
 
 from imafs.ima import appraise as ap
 from imafs.ima import hashing as H
-from imafs.ima import policy as P
+from imafs.ima import policy_parse as PP
+from imafs.ima.policy import PolicyError
 from imafs.ima import templates as T
 from imafs.ima import tpm
 
@@ -152,15 +153,15 @@ def test_template_digest_sizes_come_from_the_table():
 def test_policy_appraise_algos_resolve_through_the_table():
     available = H.available_algos()
     assert available == [a.name for a in H.HASH_ALGOS.values() if a.available]
-    rule = P.parse_rule("appraise appraise_algos=" + ",".join(reversed(available)))
+    rule = PP.parse_rule("appraise appraise_algos=" + ",".join(reversed(available)))
     assert rule.appraise_algos == tuple(available)      # printed in kernel id order
     for a in H.HASH_ALGOS.values():
         if not a.available:
-            with pytest.raises(P.PolicyError, match="unavailable hash algorithm"):
-                P.parse_rule(f"appraise appraise_algos={a.name}")
+            with pytest.raises(PolicyError, match="unavailable hash algorithm"):
+                PP.parse_rule(f"appraise appraise_algos={a.name}")
     for alias in ("sha3_256", "SHA256", "sm3-256"):     # the kernel's names only
-        with pytest.raises(P.PolicyError, match="unknown hash algorithm"):
-            P.parse_rule(f"appraise appraise_algos={alias}")
+        with pytest.raises(PolicyError, match="unknown hash algorithm"):
+            PP.parse_rule(f"appraise appraise_algos={alias}")
 
 
 def test_tpm_banks_are_kernel_names():

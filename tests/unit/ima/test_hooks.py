@@ -11,7 +11,8 @@ import pytest
 
 from imafs.ima import hooks as hk
 from imafs.ima.iint import FsInfo
-from imafs.ima.policy import MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, Policy, parse_policy
+from imafs.ima.policy import MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, Policy
+from imafs.ima.policy_parse import parse_policy
 
 MMAP = [("MMAP_CHECK_REQPROT", MAY_EXEC), ("MMAP_CHECK", MAY_EXEC)]
 CALLER = {"uid": 1000, "euid": 1000, "suid": 1000, "gid": 100, "egid": 100, "sgid": 100}

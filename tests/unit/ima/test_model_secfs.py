@@ -25,7 +25,7 @@ from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.modelfile import format_model, parse_model
 from imafs.ima.modelstore import ModelStore
-from imafs.ima.policy import parse_policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.securityfs import FILES, MODEL, Securityfs, SecurityfsError
 from imafs.store import Store
 

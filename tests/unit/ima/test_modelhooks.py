@@ -29,7 +29,7 @@ from imafs.ima.iint import Subject
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.modelstore import ModelStore
-from imafs.ima.policy import parse_policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
 ME = Subject(os.getpid(), os.getuid(), os.getgid())

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imafs.ima.policy import (MAY_EXEC, MAY_READ, AccessEvent, Policy, PolicyError,
-                              parse_policy, parse_rule)
+from imafs.ima.policy import MAY_EXEC, MAY_READ, AccessEvent, Policy, PolicyError
+from imafs.ima.policy_parse import parse_policy, parse_rule
 
 
 @pytest.mark.parametrize("text,printed", [

@@ -25,7 +25,8 @@ from imafs.ima.engine import Engine
 from imafs.ima.iint import Subject
 from imafs.ima.keys import Keyring, keyid_of
 from imafs.ima.measurelog import MeasurementList
-from imafs.ima.policy import MAX_POLICY_BYTES, parse_policy
+from imafs.ima.policy import MAX_POLICY_BYTES
+from imafs.ima.policy_parse import parse_policy
 from imafs.ima.securityfs import FILES, MODEL, Securityfs, SecurityfsError, children
 from imafs.ima.securityfs_write import SIGNED_POLICY_REQUIRED
 from imafs.store import Store
