@@ -273,6 +273,9 @@ class IntegrityHooks(Hooks):
     def wrote(self, token) -> None:
         self.engine.file_written(token)
 
+    def flushed(self, token) -> None:
+        self.engine.file_flushed(token)
+
     # ------------------------------------------------------------------ verified reads
     def read(self, token, fd, off, size):
         """On the event loop: the verified bytes when the engine can check them right

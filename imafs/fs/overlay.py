@@ -108,7 +108,11 @@ class Hooks:
         return None
 
     def wrote(self, token) -> None:
-        pass
+        """The handle wrote or truncated the file."""
+
+    def flushed(self, token) -> None:
+        """A descriptor of the handle was closed (FLUSH; RELEASE comes when the last
+        reference -- a descriptor elsewhere, a mapping -- goes)."""
 
     def setattr(self, caller: Caller, inode: "Inode", uid: int | None, gid: int | None,
                 mode: int | None, apply):
@@ -591,10 +595,21 @@ class Overlay(pyfuse3.Operations):
             or fields.update_mtime or fields.update_ctime))
             and caller.uid != 0 and node.kind != stat.S_IFDIR)
         st0 = os.fstat(nfd) if chown_sgid else None
+        if not (fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid or fields.update_atime or fields.update_mtime
+                or fields.update_ctime):
+            # no field at all: chown(f, -1, -1) (or the kernel's set-id decision
+            # before a write); ext4 updates ctime for it, as the backing file system
+            # does for the same call here
+            sysio.fchown_empty(nfd, -1, -1)
         if fields.update_size:
             h = self.handles.get(fh) if fh is not None else None
             if isinstance(h, OpenFile) and h.writable:
                 os.ftruncate(h.fd, attr.st_size)
+                if h.token is not None:
+                    # ftruncate(fd): a change through this handle, as a write (its
+                    # last close re-measures and relabels)
+                    self.hooks.wrote(h.token)
             else:
                 os.truncate(path, attr.st_size)
         if fields.update_uid or fields.update_gid:

@@ -10,12 +10,20 @@ TreeCache        trees       file identity -> version + verity tree (leaf level)
 VerdictCache     done        file identity + hash(version, verdict key, the
                              chain's fingerprints) -> namespaces that measured,
                              namespaces that verify reads
+WriteMarks       writing     file identity -> b"" while a writer opened through
+                             the mount has not been seen closing
 ===============  ==========  ====================================================
 
 File identity: ``(st_dev, st_ino)`` as two big-endian u64; version: ``(mtime_ns,
 ctime_ns, size, generation)`` as four big-endian u64. An entry of another version is
 ignored. The verdict cache keeps the database name ``done`` of the layout before the
 engine split, so a state directory written by it keeps its verdicts.
+
+A version is what stat shows; a write within one timestamp tick that keeps the size
+would not change it. Through the mount the engine sees every write itself, except
+after a crash: a file marked in ``writing`` when a mount starts (a writer was open
+when the daemon died) loses its entries in all three caches (:func:`purge_unfinished`),
+so its next open is measured and appraised again.
 """
 from __future__ import annotations
 
@@ -215,3 +223,59 @@ class VerdictCache:
                             break
         except Exception as e:  # noqa: BLE001
             log.warning("verdict cache: cannot delete entries: %s", e)
+
+
+class WriteMarks:
+    """Files a writer has open through the mount (db ``writing``): marked when a
+    writable open is decided, unmarked when the last writer's close was processed.
+    A mark found when a mount starts means the daemon died in between: what the
+    caches hold about that file may describe a version the writer changed."""
+    DB = "writing"
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db(self.DB) if store is not None else None
+
+    def add(self, key) -> None:
+        self._write(lambda txn: txn.put(_IDENTITY.pack(*key), b""), "mark")
+
+    def discard(self, key) -> None:
+        self._write(lambda txn: txn.delete(_IDENTITY.pack(*key)), "unmark")
+
+    def _write(self, op, what: str) -> None:
+        if self.db is None:
+            return
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                op(txn)
+        except Exception as e:  # noqa: BLE001 - logged; the caches check versions
+            log.warning("write marks: cannot %s a file: %s", what, e)
+
+    def take_all(self) -> list[tuple[int, int]]:
+        """Every marked identity, the marks removed."""
+        if self.db is None:
+            return []
+        out = []
+        try:
+            with self.store.env.begin(write=True, db=self.db) as txn:
+                for k, _v in txn.cursor():
+                    if len(k) == _IDENTITY.size:
+                        out.append(_IDENTITY.unpack(bytes(k)))
+                txn.drop(self.db, delete=False)
+        except Exception as e:  # noqa: BLE001
+            log.warning("write marks: cannot read them: %s", e)
+        return out
+
+
+def purge_unfinished(marks: WriteMarks, *caches) -> int:
+    """At mount: forget what ``caches`` (DigestCache, TreeCache, VerdictCache) hold
+    about the files a writer had open when the daemon last stopped without seeing it
+    close. Returns how many files."""
+    keys = marks.take_all()
+    for key in keys:
+        for c in caches:
+            c.delete(key)
+    if keys:
+        log.info("%d file(s) were open for write when imafs stopped: their cached "
+                 "digests and verdicts are dropped", len(keys))
+    return len(keys)

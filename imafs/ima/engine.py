@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from imafs.ima import appraise as ap
 from imafs.ima import digest_cache, hashing, query
 from imafs.ima.audit import AuditLog
-from imafs.ima.cache import DigestCache, TreeCache, VerdictCache
+from imafs.ima.cache import DigestCache, TreeCache, VerdictCache, WriteMarks, purge_unfinished
 from imafs.ima.collect import Collector, Stats, needed
 from imafs.ima.evm_hooks import Change, EvmHooks
 from imafs.ima.hooks import ExecRoles, OpenMode, events, has_measure, verdict_key
@@ -98,6 +98,10 @@ class Engine:
         self.digests = DigestCache(cache_store)
         self.trees = TreeCache(cache_store)
         self.verdicts = VerdictCache(cache_store)
+        # files with a writer open through the mount: a crash in between leaves their
+        # mark, and the next mount drops what the caches say about them
+        self.write_marks = WriteMarks(cache_store)
+        purge_unfinished(self.write_marks, self.digests, self.trees, self.verdicts)
         self._stats = Stats()
         self.iints = IIntTable()
         self.exec_roles = ExecRoles()
@@ -271,6 +275,9 @@ class Engine:
                 self.modelling.file_open(req)
             # 6. the handle counted (a refused open never gets one): readers are the
             # read-only opens (the kernel's i_readcount)
+            if mode.writable and not ii.write_mark:
+                self.write_marks.add(f.key)
+                ii.write_mark = True
             with COUNTS:
                 if mode.readable and not mode.writable:
                     ii.readers += 1
@@ -300,7 +307,9 @@ class Engine:
             # policy or keys change), and after a remount the verdict cache
             if req.verdict_key is not None and writers == 0 and ii.version == f.version:
                 ii.verdicts[req.verdict_key] = (epochs, req.decided, verifiers)
-                if req.decided and epochs == chain_epochs(chain):
+                # a pass owed to the new-file allowance is kept in memory only, as
+                # the kernel keeps IMA_NEW_FILE: a remount does not inherit it
+                if req.decided and epochs == chain_epochs(chain) and not ii.new_file:
                     self.verdicts.put(
                         VerdictCache.record_key(f.key, f.version, req.verdict_key,
                                                 chain_fingerprints(chain)),
@@ -416,6 +425,8 @@ class Engine:
         denial = None
         for n, ev, d in req.decided:
             xattr = xattrs.get(n.id)
+            if d.hash:      # IMA_HASH: the last writer's close rewrites the hash
+                req.ii.update_xattr.add(n.id)
             if d.measure:
                 self._store(req, n, d, xattr, algos)
             if d.audit and n.id not in req.ii.audited:
@@ -461,6 +472,9 @@ class Engine:
         if not fresh:
             result = cached[1]
         else:
+            # IMA_NEW_FILE: set when an open that created the file finds no label
+            if mode.created and not xattr:
+                ii.new_file = True
             result = None
             if d.digest_cache_appraise:     # a list that was appraised: tried first
                 result = digest_cache.appraisal(
@@ -473,14 +487,14 @@ class Engine:
                     xattr, d, lambda a: self.collector.digest(ii, f, a, algos | {a}),
                     n.keyring,
                     verity_digest=lambda a: self.collector.verity_digest(ii, f, a, algos),
-                    default_algo=n.hash_algo, new_file=mode.created, file_size=f.st.st_size,
+                    default_algo=n.hash_algo, new_file=ii.new_file, file_size=f.st.st_size,
                     evm_status=self.evm.appraisal_status(n, evm_result))
             ii.appraised[cache_key] = (n.epoch(), result)
         if result.passed:
             listed = digest_cache.is_listed(result)
             if mode.writable and (listed or xattr and xattr[0] in (ap.EVM_IMA_XATTR_DIGSIG,
                                                                    ap.IMA_VERITY_DIGSIG)) \
-                    and n.appraise_mode == "enforce" and not mode.created:
+                    and n.appraise_mode == "enforce" and not ii.new_file:
                 # a signed file is immutable: the kernel refuses to open it for write;
                 # the digest_cache patches, a file a digest list vouches for too
                 what = "file in a digest list" if listed else "signed file"
@@ -491,9 +505,9 @@ class Engine:
                 return AccessDenied(errno.EACCES,
                                     f"{os.fsdecode(f.path)}: {what} opened for write")
             if mode.writable:
-                ii.update_xattr.add(n.id)
+                ii.update_xattr.add(n.id)   # IMA_UPDATE_XATTR
             return None
-        if mode.created:
+        if mode.created or ii.new_file:
             return None
         if fresh:   # as the kernel: audited when appraised, not on a cached status
             self.audit.record("appraise", ns=n.path, path=f.path, pid=subject.pid,
@@ -513,6 +527,8 @@ class Engine:
             except OSError as e:
                 log.warning("fix: cannot write %s of %s: %s", n.xattr_name,
                             os.fsdecode(f.path), e)
+            if mode.writable:
+                ii.update_xattr.add(n.id)   # fixed: the status is a pass
             return None
         if n.appraise_mode == "enforce":
             return AccessDenied(errno.EACCES, f"{os.fsdecode(f.path)}: {result}")
@@ -576,63 +592,103 @@ class Engine:
                 ii.readers -= 1
             if state.writable:
                 ii.writers -= 1
-                if ii.writers == 0 and ii.dirty:
-                    ii.dirty = False
-                    return Pending(self._last_writer, state)
+                if state.kept:
+                    ii.kept_writers -= 1
+                if ii.writers == 0 and (ii.dirty or ii.new_file or ii.write_mark):
+                    changed, ii.dirty = ii.dirty, False
+                    return Pending(self._last_writer, state, changed)
         return None
 
     def file_written(self, state: OpenState) -> None:
+        """The file was written, or truncated, through this writable handle."""
         state.iint.dirty = True
 
-    def _last_writer(self, state: OpenState) -> None:
-        """ima_check_last_writer: the last writer closed a changed file. Forget its
-        verdicts (the next open re-measures), and update the hash xattr where policy
-        says so (``hash`` rule, appraise in fix mode, or an appraised writer whose
-        appraisal passed -- a new file, a file whose hash matched: ima_update_xattr;
-        never over a signature)."""
+    def file_flushed(self, state: OpenState) -> None:
+        """A descriptor of this handle was closed (FUSE FLUSH). A writable handle that
+        stays unreleased afterwards is kept open by a mapping, most likely."""
+        if state.writable and not state.kept:
+            with COUNTS:
+                state.kept = True
+                state.iint.kept_writers += 1
+
+    def _last_writer(self, state: OpenState, changed: bool = True) -> None:
+        """ima_check_last_writer: the last writer closed the file. If it changed
+        (``changed``: written or truncated through the mount) or is a new file, forget
+        its verdicts (the next open re-measures), end the new-file allowance, and
+        update the hash xattr where policy says so (``hash`` rule, appraise in fix
+        mode, or an appraised writer whose appraisal passed -- a new file, a file whose
+        hash matched: ima_update_xattr; never over a signature). Then the file's write
+        mark goes (a crash before this point leaves it: cache.purge_unfinished)."""
         ii, f = state.iint, state.file
         with ii.lock:
-            update, ii.update_xattr = ii.update_xattr, set()
             try:
-                fd = f.reopen()
-            except OSError:
-                ii.reset(None)
-                return
-            try:
-                st = os.fstat(fd)
-                ii.reset(stat_version(st) + (f.generation,))
-                for n, _ev, d in state.decisions:
-                    if not (d.hash or (d.appraise and (n.appraise_mode == "fix"
-                                                       or n.id in update))):
-                        continue
-                    # the value this namespace appraises with (f.getxattr's fd is
-                    # closed): a child without its own has the file's (the image's)
-                    cur = n.ima_xattr(lambda name: _fgetxattr(fd, name))
-                    if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
-                        continue    # ima_update_xattr(): never over a signature (IMA_DIGSIG)
-                    digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
-                    try:
-                        f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
-                        self.evm.ima_written(n, replace(
-                            f, fd=fd, st=st, getxattr=lambda name: _fgetxattr(fd, name)))
-                    except OSError as e:
-                        log.warning("cannot update %s of %s: %s", n.xattr_name,
-                                    os.fsdecode(f.path), e)
+                if changed or ii.new_file:
+                    self._relabel(state)
             finally:
-                os.close(fd)
+                if ii.writers == 0 and ii.write_mark:
+                    self.write_marks.discard(f.key)
+                    ii.write_mark = False
+
+    def _relabel(self, state: OpenState) -> None:
+        """The changed part of _last_writer (ii.lock held): the hash of every
+        namespace that asked for an update since the last one (IMA_UPDATE_XATTR: an
+        appraised writable open that passed or was fixed, a ``hash`` rule), and of
+        the closing handle's fix-mode and ``hash`` decisions."""
+        ii, f = state.iint, state.file
+        update, ii.update_xattr = ii.update_xattr, set()
+        ii.new_file = False
+        # what the caches hold describes the content before the writer: a file system
+        # whose timestamps are coarser than the writes may show the same version
+        for cache in (self.digests, self.trees, self.verdicts):
+            cache.delete(f.key)
+        for n, _ev, d in state.decisions:
+            if d.hash or (d.appraise and n.appraise_mode == "fix"):
+                update.add(n.id)
+        try:
+            fd = f.reopen()
+        except OSError:
+            ii.reset(None)
+            return
+        try:
+            st = os.fstat(fd)
+            ii.reset(stat_version(st) + (f.generation,))
+            for nid in sorted(update):
+                n = self.tree.by_id.get(nid)
+                if n is None:
+                    continue
+                # the value this namespace appraises with (f.getxattr's fd is
+                # closed): a child without its own has the file's (the image's)
+                cur = n.ima_xattr(lambda name: _fgetxattr(fd, name))
+                if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
+                    continue    # ima_update_xattr(): never over a signature (IMA_DIGSIG)
+                digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
+                try:
+                    f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
+                    self.evm.ima_written(n, replace(
+                        f, fd=fd, st=st, getxattr=lambda name: _fgetxattr(fd, name)))
+                except OSError as e:
+                    log.warning("cannot update %s of %s: %s", n.xattr_name,
+                                os.fsdecode(f.path), e)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ inode changes
     def file_changed(self, key, size: int | None = None) -> None:
-        """Attributes or xattrs changed through the mount: verdicts are stale.
+        """Attributes or xattrs changed through the mount: verdicts are stale (the
+        kernel's IMA_CHANGE_ATTR; the new-file allowance stays, as since 6.14).
         ``size``: the file's size now; one that differs from the measured size is a
         content change through the mount (truncate), which, like a writable open,
-        ends the read-time verification of the handles open now."""
+        ends the read-time verification of the handles open now -- and, while a
+        writer has the file open through the mount, is a change its last close
+        relabels (as the kernel's i_version check there sees a truncate by path)."""
         ii = self.iints.find(key)
         if ii is not None:
             with ii.lock:
                 if size is not None and (ii.version is None or ii.version[2] != size):
                     with COUNTS:
                         ii.wgen += 1
+                        if ii.writers:
+                            ii.dirty = True
                 ii.reset(None)
 
     def inode_setattr(self, subject: Subject, key, change: Change, apply, file=None):

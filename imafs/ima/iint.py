@@ -177,7 +177,8 @@ class IInt:
     """Per-inode integrity state (the kernel's iint)."""
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
-                 "update_xattr", "verdicts", "live", "live_wgen", "binfmt")
+                 "update_xattr", "verdicts", "live", "live_wgen", "binfmt", "new_file",
+                 "write_mark", "kept_writers")
 
     def __init__(self, key):
         self.key = key
@@ -206,6 +207,18 @@ class IInt:
         self.live: dict = {}
         self.live_wgen = 0
         self.binfmt = None      # (version, is ELF, PT_INTERP path or None)
+        # the kernel's IMA_NEW_FILE: an appraised open created the file and found no
+        # label, so it may be opened without one until the last writer closes it; kept
+        # across reset() (attribute changes: the kernel since 6.14 keeps it across
+        # ima_inode_post_setattr), lost with the IInt (as the kernel's with its inode)
+        self.new_file = False
+        # the file is marked in the verdict cache's write marks (a writer is or was open
+        # through the mount and its last close has not been processed yet)
+        self.write_mark = False
+        # writable handles whose descriptors were all closed while FUSE has not released
+        # them: a shared writable mapping (or a descriptor another process holds) keeps
+        # them open -- the kernel's "mmapped_writers"
+        self.kept_writers = 0
 
     def reset(self, version) -> None:
         self.version = version
@@ -279,3 +292,6 @@ class OpenState:
     wgen: int = 0
     failed: set | None = None   # id()s of the trees this handle's reads failed
     ref: object = None      # the adapter's own data about the handle (opaque here)
+    # a writable handle whose descriptor was closed (FUSE FLUSH) but which is not
+    # released yet: counted in IInt.kept_writers
+    kept: bool = False
