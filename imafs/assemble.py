@@ -242,7 +242,7 @@ def build(opts) -> Filesystem:
     verify_reads = vr == "on" if vr in ("on", "off") else any(
         r.action == "appraise" for r in rules)
     engine = Engine(tree, store=store, audit=audit, verify_reads=verify_reads,
-                    cache_store=cache_store,
+                    cache_store=cache_store, mmap_check=x.get("mmap_check") or "all-elf",
                     **({"tree_memory": x["tree_memory"] << 20}
                        if x.get("tree_memory") is not None else {}))
     hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
@@ -266,9 +266,9 @@ def build(opts) -> Filesystem:
                                             mountpoint=mountpoint),
         open_as=open_as)))
     log.info("root namespace: %d policy rule(s), %d key(s), appraise %s, template %s, hash %s, "
-             "verify-reads %s, EVM %s", len(rules), len(keyring), root.appraise_mode,
-             root.template, root.hash_algo, "on" if verify_reads else "off",
-             root.evm.describe())
+             "verify-reads %s, mmap-check %s, EVM %s", len(rules), len(keyring),
+             root.appraise_mode, root.template, root.hash_algo,
+             "on" if verify_reads else "off", engine.mmap_check, root.evm.describe())
     # the binder last: a namespace's cgroup goes only once nothing serves it
     return Filesystem(overlay, [hooks.close, audit.close, store.close, cache_store.close,
                                 binder.close]

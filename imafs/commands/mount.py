@@ -31,9 +31,9 @@ def _mount(args) -> int:
         extra={"keys_dirs": args.keys or [], "key_files": args.key or [],
                "appraise": args.appraise, "template": args.template, "hash": args.hash,
                "audit_log": args.audit_log, "verify_reads": args.verify_reads,
-               "tpm": args.tpm, "evm": args.evm, "evm_key": args.evm_key,
-               "evm_fsuuid": args.evm_fsuuid, "tree_memory": args.tree_memory,
-               "ns_quota": args.ns_quota})
+               "mmap_check": args.mmap_check, "tpm": args.tpm, "evm": args.evm,
+               "evm_key": args.evm_key, "evm_fsuuid": args.evm_fsuuid,
+               "tree_memory": args.tree_memory, "ns_quota": args.ns_quota})
     _check_engine_args(opts)
     try:
         return daemon.mount(opts)
@@ -176,6 +176,15 @@ def register(sub) -> None:
                         "0 or - for no limit; default list:1000000:256M) and namespaces:N "
                         "(how many namespaces a child and its descendants may hold, default "
                         "64); a namespace at its list quota fails closed (EIO) alone")
+    p.add_argument("--mmap-check", choices=["off", "mount-programs", "all-elf"],
+                   default="all-elf",
+                   help="FUSE shows no mmap: which read-only opens of an ELF file stand for "
+                        "a library load, with its MMAP_CHECK hooks: all-elf (every one, "
+                        "default: no process loads unappraised code through the mount, "
+                        "but cp or sha256sum of an unsigned library is refused under an "
+                        "MMAP_CHECK appraise rule), mount-programs (those of processes "
+                        "running a program from the mount, e.g. a container chrooted "
+                        "into it), off (none: only execs and their loader)")
     p.add_argument("--tpm", metavar="TCTI",
                    help="also extend the root namespace's list into PCR 10 (and the PCR of "
                         "each entry) of this TPM 2.0, e.g. swtpm:host=127.0.0.1,port=2321 or "

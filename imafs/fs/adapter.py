@@ -30,6 +30,9 @@ from imafs.ima.engine import (AccessDenied, Change, Engine, FileRef, FsInfo, Ope
 
 log = logging.getLogger("imafs.fs.adapter")
 
+#: how long an open waits for the kernel to write back a file's dirty pages
+WRITEBACK_TIMEOUT = 30.0
+
 
 def _identity(inode: Inode, root_key, pid: int, path: bytes) -> tuple[int, int] | None:
     """(st_dev, st_ino) of what the absolute ``path`` names inside the mount (symlinks
@@ -58,7 +61,8 @@ def _identity(inode: Inode, root_key, pid: int, path: bytes) -> tuple[int, int] 
 
 def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, readable: bool,
              fs: FsInfo, generation: int, resolve=None, fill_cache=None,
-             pread_nowait=None, removexattr=None, opener=None) -> FileRef:
+             pread_nowait=None, removexattr=None, opener=None, writeback=None,
+             shared_mapping=None) -> FileRef:
     """THE place that makes a backing file a ``FileRef`` (an open through the mount,
     a path a control file reads, a file whose attributes change): ``fd`` the open
     descriptor; ``reopen()`` a fresh read-only descriptor of the backing inode,
@@ -75,7 +79,7 @@ def file_ref(fd: int, st: os.stat_result, path: bytes, *, reopen, setxattr, read
         fd=fd, st=st, path=path, readable=readable, reopen=reopen, getxattr=getxattr,
         setxattr=setxattr, fs=fs, resolve=resolve, fill_cache=fill_cache,
         generation=generation, pread_nowait=pread_nowait, removexattr=removexattr,
-        opener=opener)
+        opener=opener, writeback=writeback, shared_mapping=shared_mapping)
 
 
 def fd_file_ref(fd: int, st: os.stat_result, path: bytes, **kw) -> FileRef:
@@ -197,6 +201,8 @@ class IntegrityHooks(Hooks):
         self._inval_q: queue.SimpleQueue | None = None
         self._inval_lock = threading.Lock()
         self._inval_pending: set[int] = set()
+        self._inval_waiters: dict[int, list[threading.Event]] = {}
+        self._mount_dev: int | None = None
         # nodeids whose page cache the digest pass of an open filled (keep_cache)
         self._filled: set[int] = set()
         self._fill_ok = True
@@ -253,7 +259,9 @@ class IntegrityHooks(Hooks):
             resolve=lambda pid, p: _identity(inode, self._mount_root, pid, p),
             fill_cache=lambda: self._fill_cache(inode),
             pread_nowait=sysio.pread_nowait if verify else None,
-            opener=(lambda: sysio.ProcessWatch(pid)) if pid else None)
+            opener=(lambda: sysio.ProcessWatch(pid)) if pid else None,
+            writeback=lambda: self.writeback(inode.nodeid),
+            shared_mapping=lambda pids: self._shared_mapping(inode.nodeid, pids))
 
     def open(self, caller: Caller, inode: Inode, fd: int, flags: int, exec_: bool,
              created: bool = False):
@@ -263,8 +271,41 @@ class IntegrityHooks(Hooks):
         f = self._file(inode, fd, flags, caller.pid)
         if f is None:
             return None
-        return self.engine.file_open(Subject(caller.pid, caller.uid, caller.gid), f,
+        subject = Subject(caller.pid, caller.uid, caller.gid, program_here=self._program_here)
+        return self.engine.file_open(subject, f,
                                      OpenMode.from_flags(flags, exec_=exec_, created=created))
+
+    def _mountdev(self) -> int | None:
+        if self._mount_dev is None and self._root_link is not None:
+            self._mount_dev = sysio.statx_dev(self._root_link)
+        return self._mount_dev
+
+    def _shared_mapping(self, nodeid: int, pids) -> bool:
+        """Does one of ``pids`` map the inode ``nodeid`` of this mount shared (a line
+        of /proc/PID/maps with its device and inode number, and "s" in its perms)?"""
+        dev = self._mountdev()
+        if dev is None:
+            return False
+        want = (f"{os.major(dev):02x}:{os.minor(dev):02x}", str(nodeid))
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/maps", "rb") as fh:
+                    for line in fh:
+                        parts = line.split(None, 5)
+                        if len(parts) >= 5 and (parts[3].decode(), parts[4].decode()) \
+                                == want and parts[1][3:4] == b"s":
+                            return True
+            except OSError:
+                continue
+        return False
+
+    def _program_here(self, pid: int) -> bool:
+        """Does process ``pid`` run a program from this mount (its executable is a file
+        of the mount's device)? Cheap and safe on the event loop: no request reaches
+        the daemon (sysio.statx_dev)."""
+        mdev = self._mountdev()
+        dev = sysio.statx_dev(f"/proc/{pid}/exe")
+        return dev is not None and dev == mdev
 
     def release(self, token):
         """On the event loop (cheap): None, or the slow part as a Pending."""
@@ -273,8 +314,6 @@ class IntegrityHooks(Hooks):
     def wrote(self, token) -> None:
         self.engine.file_written(token)
 
-    def flushed(self, token) -> None:
-        self.engine.file_flushed(token)
 
     # ------------------------------------------------------------------ verified reads
     def read(self, token, fd, off, size):
@@ -396,7 +435,25 @@ class IntegrityHooks(Hooks):
         (EIO) meanwhile, and the invalidation completes right after."""
         if nodeid is None:
             return
+        self._queue_invalidation(nodeid)
+
+    def writeback(self, nodeid: int) -> None:
+        """Have the kernel write back and drop the mount's cached pages of an inode,
+        mapped dirty pages included, and wait until it has (a worker thread: an open
+        deciding on the file's bytes). The kernel does it inside the invalidation
+        (fuse_reverse_inval_inode -> invalidate_inode_pages2_range, which launders
+        dirty pages: WRITE requests, which the event loop serves meanwhile), so it is
+        the invalidation thread's job, for the reason ``invalidate`` gives."""
+        done = threading.Event()
+        self._queue_invalidation(nodeid, done)
+        if not done.wait(WRITEBACK_TIMEOUT):
+            raise OSError(errno.ETIMEDOUT, "the kernel did not write back the file's "
+                                           f"pages within {WRITEBACK_TIMEOUT:.0f} s")
+
+    def _queue_invalidation(self, nodeid: int, done: threading.Event | None = None) -> None:
         with self._inval_lock:
+            if done is not None:
+                self._inval_waiters.setdefault(nodeid, []).append(done)
             if nodeid in self._inval_pending:   # one is queued already
                 return
             self._inval_pending.add(nodeid)
@@ -413,6 +470,7 @@ class IntegrityHooks(Hooks):
                 return
             with self._inval_lock:
                 self._inval_pending.discard(nodeid)
+                waiters = self._inval_waiters.pop(nodeid, ())
             try:
                 pyfuse3.invalidate_inode(nodeid, attr_only=False)
                 log.debug("invalidated the kernel cache of inode %d", nodeid)
@@ -420,12 +478,20 @@ class IntegrityHooks(Hooks):
                 log.debug("invalidate inode %d: %s", nodeid, e)
             except Exception as e:  # noqa: BLE001 - never let the thread die
                 log.warning("invalidate inode %d: %s", nodeid, e)
+            finally:
+                for done in waiters:
+                    done.set()
 
     def close(self) -> None:
         if self._inotify is not None:
             self._inotify.close()
         if self._inval_q is not None:
             self._inval_q.put(None)
+        with self._inval_lock:
+            for waiters in self._inval_waiters.values():
+                for done in waiters:
+                    done.set()
+            self._inval_waiters.clear()
 
     # ------------------------------------------------------------------ attributes
     def _changing(self, inode: Inode, opened: list):

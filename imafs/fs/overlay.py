@@ -110,10 +110,6 @@ class Hooks:
     def wrote(self, token) -> None:
         """The handle wrote or truncated the file."""
 
-    def flushed(self, token) -> None:
-        """A descriptor of the handle was closed (FLUSH; RELEASE comes when the last
-        reference -- a descriptor elsewhere, a mapping -- goes)."""
-
     def setattr(self, caller: Caller, inode: "Inode", uid: int | None, gid: int | None,
                 mode: int | None, apply):
         """A change of owner, group, mode (None: not set) or size through the mount:

@@ -73,6 +73,23 @@ def pread_nowait(fd: int, size: int, off: int) -> bytearray | None:
     return buf
 
 
+AT_STATX_DONT_SYNC = 0x4000
+_STATX_SIZE = 256          # struct statx
+_STATX_DEV = 136           # offset of stx_dev_major, stx_dev_minor (u32 each)
+
+
+def statx_dev(path: str) -> int | None:
+    """The device number of the file ``path`` names, from the attributes the kernel
+    has cached (statx with AT_STATX_DONT_SYNC): a file of this very FUSE mount is
+    answered without a request to the daemon, so the event loop may ask. None when
+    it cannot be found out."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, 0, buf) < 0:
+        return None
+    major, minor = struct.unpack_from("=II", buf.raw, _STATX_DEV)
+    return os.makedev(major, minor)
+
+
 def fchown_empty(fd: int, uid: int, gid: int) -> None:
     """chown the inode behind an O_PATH fd (works on symlinks)."""
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")

@@ -8,8 +8,11 @@ top to bottom the same way:
    (the kernel's IMA_DONE_MASK flags; also kept in LMDB across remounts);
 2. get action: the open's hooks (hooks.py) matched against each namespace's policy;
 3. the inode's lock -- on the event loop only when nothing needs hashing or waiting:
-   otherwise the open returns a :class:`Pending` that a worker thread finishes;
-4. violations (open_writers, ToMToU: ima_rdwr_violation_check);
+   otherwise the open returns a :class:`Pending` that a worker thread finishes (so
+   does an open of a file with writers through the mount: the kernel writes their
+   dirty pages back first, and steps 2-3 run after that, in the worker thread);
+4. violations (open_writers, ToMToU: ima_rdwr_violation_check; code opened while
+   the file has writers through the mount: violations.writers_check);
 5. per decision: collect (collect.py), store (record.py), audit, appraise
    (appraise.py; the metadata's EVM status from evm_hooks.py); 5b. the behaviour
    models of the chain decide (modelhooks.py): IMA measures and appraises, the
@@ -28,7 +31,7 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imafs.ima import appraise as ap
 from imafs.ima import digest_cache, hashing, query
@@ -36,10 +39,12 @@ from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache, WriteMarks, purge_unfinished
 from imafs.ima.collect import Collector, Stats, needed
 from imafs.ima.evm_hooks import Change, EvmHooks
-from imafs.ima.hooks import ExecRoles, OpenMode, events, has_measure, verdict_key
+from imafs.ima.hooks import (MMAP_CHECK_MODES, ExecRoles, OpenMode, events, load_role,
+                             verdict_key)
 from imafs.ima.modelhooks import Modelling, models_of
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
-                            OpenState, Pending, Subject, settle, stat_version)
+                            OpenState, Pending, Subject, settle)
+from imafs.ima.lastwriter import LastWriter
 from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epochs,
                                   chain_fingerprints)
 from imafs.ima.policy import AccessEvent, Decision
@@ -47,14 +52,13 @@ from imafs.ima.readverify import ReadVerifier, ReadVerifyError, verifiers_of
 from imafs.ima.record import Recorder, measurement_spec
 from imafs.ima.treemem import DEFAULT_BUDGET as DEFAULT_TREE_MEMORY
 from imafs.ima.treemem import TreeMemory
+from imafs.ima.violations import rdwr_violation_check, writers_check
 
 log = logging.getLogger("imafs.engine")
 
 # the engine's interface, for the FUSE adapter and the control directory
 __all__ = ["AccessDenied", "Change", "Engine", "FileRef", "FsInfo", "OpenMode", "OpenState",
            "Pending", "ReadVerifyError", "Subject", "settle"]
-
-_VIOLATION_FUNCS = ("FILE_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT")
 
 
 @dataclass(slots=True)
@@ -82,14 +86,19 @@ class OpenRequest:
 class Engine:
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
                  verify_reads: bool = False, cache_store=None,
-                 tree_memory: int = DEFAULT_TREE_MEMORY):
+                 tree_memory: int = DEFAULT_TREE_MEMORY, mmap_check: str = "all-elf"):
         """``store`` holds what must survive a crash (lists, PCRs, namespaces, keys;
         synchronous commits). ``cache_store`` holds digests, verity trees and
         verdicts, which are only a cache: a lost entry is rehashed or decided again,
         so its commits need not wait for the disk (default: ``store``).
         ``verify_reads``: every digest pass also builds the file's verity tree, and
         reads of measured/appraised files are checked with it. ``tree_memory``: the
-        bytes of verity trees kept in memory (treemem.py)."""
+        bytes of verity trees kept in memory (treemem.py). ``mmap_check``: which
+        read-only opens of ELF files stand for a library load (hooks.MMAP_CHECK_MODES,
+        docs/kernel-mapping.md)."""
+        if mmap_check not in MMAP_CHECK_MODES:
+            raise ValueError(f"mmap_check must be one of {MMAP_CHECK_MODES}")
+        self.mmap_check = mmap_check
         self.tree = tree
         self.store = store
         self.audit = audit or AuditLog(None)
@@ -114,6 +123,8 @@ class Engine:
         self.xattrs = XattrView(tree)
         self.evm = EvmHooks(tree, self.xattrs, self.audit)
         self.modelling = Modelling(self.collector)
+        self.last_writer = LastWriter(tree, (self.digests, self.trees, self.verdicts),
+                                      self.write_marks, self.evm)
 
     # ------------------------------------------------------------------ state
     def active(self) -> bool:
@@ -182,6 +193,8 @@ class Engine:
             req.models = models_of(ns)
         if mode.exec_ and funcs is None:
             req.role = self.exec_roles.role(subject, f, req.ii)
+        elif funcs is None:
+            req.role = load_role(self.mmap_check, subject, False)
         state = self.process_measurement(req)
         if type(state) is Pending:
             return state
@@ -204,6 +217,12 @@ class Engine:
                 state = self._recorded_verdict(req)
             if state is not None:
                 return state
+        # a writer through the mount may hold dirty pages the backing file does not
+        # have yet: what decides (ELF or not, the hash) is read after they are written
+        # back, in a worker thread
+        if ii.writers and f.writeback is not None and self._reads_for_access(req):
+            return Pending(self._finish_open, req, cost=f.st.st_size,
+                           owner=(req.subject.uid, req.ns.id))
         # 2. get action: the open's hooks, matched in every namespace of the chain
         self._get_action(req)
         # 3. the inode's lock, without waiting; the digests at hand without hashing
@@ -221,10 +240,31 @@ class Engine:
         return Pending(self._finish_open, req, cost=req.f.st.st_size if req.decided else 0,
                        owner=(req.subject.uid, req.ns.id))
 
+    def _get_action(self, req: OpenRequest) -> None:
+        req.events = events(req.chain, req.subject, req.f, req.ii, req.mode.mask,
+                            req.mode.exec_, req.funcs, req.role)
+        req.decided = self.get_action(req.ns, req.events)
+
+    @staticmethod
+    def _reads_for_access(req: OpenRequest) -> bool:
+        """Does the access decision depend on the file's bytes: an exec (ELF or
+        not), or a chain that appraises."""
+        return req.mode.exec_ or any(r.action == "appraise" for n in req.chain
+                                     for r in n.policy.rules)
+
     def _finish_open(self, req: OpenRequest):
         """Pending.finish() of an open (a worker thread): steps 3-8 of the same
-        decision. A verdict that another open of the same kind made while this one
-        waited for the lock is taken as step 1 would have."""
+        decision (and 2 first, after the writeback, when the file had writers). A
+        verdict that another open of the same kind made while this one waited for
+        the lock is taken as step 1 would have."""
+        if req.events is None:
+            try:
+                req.f.writeback()
+            except OSError as e:
+                log.warning("%s: the mount's dirty pages were not written back: %s",
+                            os.fsdecode(req.f.path), e)
+            req.f.st = os.fstat(req.f.fd)
+            self._get_action(req)
         req.ii.lock.acquire()
         state = None
         if req.verdict_key is not None:
@@ -248,7 +288,7 @@ class Engine:
         req.decided = self.get_action(req.ns, req.events)
 
     def _decided(self, req: OpenRequest, state):
-        if req.role is not None:
+        if req.role is not None and req.mode.exec_:
             self.exec_roles.decided(req.subject, req.f, req.ii, req.role)
         return state
 
@@ -263,7 +303,10 @@ class Engine:
             epochs = chain_epochs(chain)
             writers = ii.writers
             # 4. violations, before anything is measured
-            self._rdwr_violation_check(req)
+            rdwr_violation_check(self.recorder, req)
+            denial = writers_check(self.audit, self.get_action, req)
+            if denial is not None:
+                raise denial
             # 5. collect, store, audit, appraise (raises AccessDenied to refuse)
             if req.decided:
                 if mode.direct:
@@ -284,6 +327,8 @@ class Engine:
                 if mode.writable:
                     ii.writers += 1
                     ii.wgen += 1
+                    pid = req.subject.pid
+                    ii.writer_pids[pid] = ii.writer_pids.get(pid, 0) + 1
             state = OpenState(ii, req.ns, f, mode.readable, mode.writable, req.decided,
                               subject=req.subject, wgen=ii.wgen)
             # 7. read-time verification: a read-only handle of a file nobody writes
@@ -393,30 +438,7 @@ class Engine:
             self.reads.add(ii, state)
         return state
 
-    # ------------------------------------------------------------------ steps 4-5
-    def _rdwr_violation_check(self, req: OpenRequest) -> None:
-        """ima_rdwr_violation_check, before anything is measured: for FILE_CHECK and
-        MMAP_CHECK, in every namespace whose policy has a measure rule -- whether or
-        not a rule matched this open (a writer matches no read rule, yet it is the
-        one that causes a ToMToU)."""
-        ii = req.ii
-        for n in req.chain:
-            if not has_measure(n.policy):
-                continue
-            for ev in req.events:
-                if ev.func not in _VIOLATION_FUNCS:
-                    continue
-                if req.mode.writable:
-                    if n.id in ii.must_measure and ii.readers > 0:
-                        self.recorder.violation(n, req.f, req.subject, "ToMToU", req.ns.id)
-                    break       # one per open: a writer triggers FILE_CHECK only
-                must = any(d.measure for nn, e, d in req.decided if nn is n and e is ev)
-                if must:
-                    ii.must_measure.add(n.id)
-                    if ii.writers > 0:
-                        self.recorder.violation(n, req.f, req.subject, "open_writers",
-                                                req.ns.id)
-
+    # ------------------------------------------------------------------ step 5
     def _process(self, req: OpenRequest) -> None:
         """Per decision, in chain order: store the measurement, audit, appraise (the
         first refusal wins; the others still measure and audit)."""
@@ -584,7 +606,8 @@ class Engine:
         soon as FUSE RELEASE arrives, before it handles any later request: the counts
         (the kernel's i_readcount / i_writecount) drop in order, and a
         ``close(w); open(r)`` is never seen as open-writers. Returns None, or the
-        slow part (the last writer's close: re-measure, relabel) as a Pending."""
+        slow part (the last writer's close: re-measure, relabel: lastwriter.py) as a
+        Pending."""
         ii = state.iint
         with COUNTS:
             self.reads.drop(state)
@@ -592,85 +615,19 @@ class Engine:
                 ii.readers -= 1
             if state.writable:
                 ii.writers -= 1
-                if state.kept:
-                    ii.kept_writers -= 1
+                pid = state.subject.pid if state.subject is not None else 0
+                if ii.writer_pids.get(pid, 0) > 1:
+                    ii.writer_pids[pid] -= 1
+                else:
+                    ii.writer_pids.pop(pid, None)
                 if ii.writers == 0 and (ii.dirty or ii.new_file or ii.write_mark):
                     changed, ii.dirty = ii.dirty, False
-                    return Pending(self._last_writer, state, changed)
+                    return Pending(self.last_writer.close, state, changed)
         return None
 
     def file_written(self, state: OpenState) -> None:
         """The file was written, or truncated, through this writable handle."""
         state.iint.dirty = True
-
-    def file_flushed(self, state: OpenState) -> None:
-        """A descriptor of this handle was closed (FUSE FLUSH). A writable handle that
-        stays unreleased afterwards is kept open by a mapping, most likely."""
-        if state.writable and not state.kept:
-            with COUNTS:
-                state.kept = True
-                state.iint.kept_writers += 1
-
-    def _last_writer(self, state: OpenState, changed: bool = True) -> None:
-        """ima_check_last_writer: the last writer closed the file. If it changed
-        (``changed``: written or truncated through the mount) or is a new file, forget
-        its verdicts (the next open re-measures), end the new-file allowance, and
-        update the hash xattr where policy says so (``hash`` rule, appraise in fix
-        mode, or an appraised writer whose appraisal passed -- a new file, a file whose
-        hash matched: ima_update_xattr; never over a signature). Then the file's write
-        mark goes (a crash before this point leaves it: cache.purge_unfinished)."""
-        ii, f = state.iint, state.file
-        with ii.lock:
-            try:
-                if changed or ii.new_file:
-                    self._relabel(state)
-            finally:
-                if ii.writers == 0 and ii.write_mark:
-                    self.write_marks.discard(f.key)
-                    ii.write_mark = False
-
-    def _relabel(self, state: OpenState) -> None:
-        """The changed part of _last_writer (ii.lock held): the hash of every
-        namespace that asked for an update since the last one (IMA_UPDATE_XATTR: an
-        appraised writable open that passed or was fixed, a ``hash`` rule), and of
-        the closing handle's fix-mode and ``hash`` decisions."""
-        ii, f = state.iint, state.file
-        update, ii.update_xattr = ii.update_xattr, set()
-        ii.new_file = False
-        # what the caches hold describes the content before the writer: a file system
-        # whose timestamps are coarser than the writes may show the same version
-        for cache in (self.digests, self.trees, self.verdicts):
-            cache.delete(f.key)
-        for n, _ev, d in state.decisions:
-            if d.hash or (d.appraise and n.appraise_mode == "fix"):
-                update.add(n.id)
-        try:
-            fd = f.reopen()
-        except OSError:
-            ii.reset(None)
-            return
-        try:
-            st = os.fstat(fd)
-            ii.reset(stat_version(st) + (f.generation,))
-            for nid in sorted(update):
-                n = self.tree.by_id.get(nid)
-                if n is None:
-                    continue
-                # the value this namespace appraises with (f.getxattr's fd is
-                # closed): a child without its own has the file's (the image's)
-                cur = n.ima_xattr(lambda name: _fgetxattr(fd, name))
-                if cur and cur[0] in (ap.EVM_IMA_XATTR_DIGSIG, ap.IMA_VERITY_DIGSIG):
-                    continue    # ima_update_xattr(): never over a signature (IMA_DIGSIG)
-                digest = hashing.hash_fd(fd, [n.hash_algo]).digests[n.hash_algo]
-                try:
-                    f.setxattr(n.xattr_name, ap.hash_xattr(n.hash_algo, digest))
-                    self.evm.ima_written(n, replace(
-                        f, fd=fd, st=st, getxattr=lambda name: _fgetxattr(fd, name)))
-                except OSError as e:
-                    log.warning("cannot update %s of %s: %s", n.xattr_name,
-                                os.fsdecode(f.path), e)
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------------ inode changes
     def file_changed(self, key, size: int | None = None) -> None:
@@ -772,9 +729,3 @@ class Engine:
         ``query`` control file): see query.py."""
         return query.explain(self, subject, f, exec_=exec_)
 
-
-def _fgetxattr(fd: int, name: str) -> bytes | None:
-    try:
-        return os.getxattr(fd, name)
-    except OSError:
-        return None

@@ -21,6 +21,16 @@ from imafs.ima.policy import MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, AccessEv
 
 INTERP_WINDOW = 2.0    # seconds between an ELF's exec open and its loader's
 MMAP_HOOKS = (("MMAP_CHECK_REQPROT", MAY_EXEC), ("MMAP_CHECK", MAY_EXEC))
+#: the hooks of code the kernel maps or runs: an open appraised for one of them while
+#: the file has writers through the mount is refused (violations.writers_check)
+CODE_FUNCS = frozenset({"BPRM_CHECK", "CREDS_CHECK", "MMAP_CHECK", "MMAP_CHECK_REQPROT"})
+#: ``--mmap-check``: which read-only opens of an ELF file stand for a library load
+#: (the MMAP_CHECK approximation): none, those of processes running a program from
+#: the mount, or all
+MMAP_CHECK_MODES = ("off", "mount-programs", "all-elf")
+#: the role of a read-only open the --mmap-check setting excludes from the
+#: approximation (part of the verdict key, as an exec open's role is)
+NO_LOAD = "no-load"
 #: AccessEvent fields that need the caller's ids from /proc
 SUBJECT_FIELDS = frozenset({"uid", "euid", "gid", "egid", "suid", "sgid"})
 _FUNC_ALIAS = {"FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK_REQPROT": "MMAP_CHECK",
@@ -180,19 +190,41 @@ def verdict_key(chain, ns, subject: Subject, mask: int, exec_: bool, role) -> tu
     return (ns.id, who, mask, exec_, role)
 
 
+def load_role(mode: str, subject: Subject, exec_: bool) -> str | None:
+    """The role of a non-exec open under ``--mmap-check`` ``mode``: None when a
+    read-only open of an ELF file by this subject stands for a library load (the
+    approximation applies), :data:`NO_LOAD` when it does not. Exec opens: None (their
+    role is ExecRoles')."""
+    if exec_ or mode == "all-elf":
+        return None
+    if mode == "mount-programs" and subject.runs_program_here():
+        return None
+    return NO_LOAD
+
+
+def may_load(chain, f: FileRef, mask: int, exec_: bool, role: str | None) -> bool:
+    """Could this open be a library load under the approximation, whatever the file
+    holds: a read-only open, not an exec, of a regular file, that the --mmap-check
+    setting covers, under a chain with a rule that can match MMAP_CHECK."""
+    return (not exec_ and role is None and mask == MAY_READ
+            and stat.S_ISREG(f.st.st_mode)
+            and any(has_func(ns.policy, "MMAP_CHECK") for ns in chain))
+
+
 def events(chain, subject: Subject, f: FileRef, ii: IInt, mask: int, exec_: bool,
-           funcs=None, role: str | None = None) -> list[AccessEvent]:
+           funcs=None, role: str | None = None, *, assume_load: bool = False
+           ) -> list[AccessEvent]:
     """The AccessEvents of one open: one per hook (``funcs`` overrides the hooks
     derived from the open, e.g. POLICY_CHECK). A read-only open of an ELF file that
     is not an exec stands for the dynamic loader's open of a library: the mmap hooks
-    follow it (when some rule of the chain can match them)."""
+    follow it (when some rule of the chain can match them, and ``role`` is not
+    :data:`NO_LOAD`). ``assume_load``: take such an open for a library load whatever
+    the file holds (what a loader may read while a writer can still change it)."""
     if funcs:
         hooks = list(funcs)
     else:
-        library = (not exec_ and mask == MAY_READ and stat.S_ISREG(f.st.st_mode)
-                   and f.st.st_size >= 4
-                   and any(has_func(ns.policy, "MMAP_CHECK") for ns in chain)
-                   and binfmt_of(ii, f)[0])
+        library = may_load(chain, f, mask, exec_, role) and (
+            assume_load or (f.st.st_size >= 4 and binfmt_of(ii, f)[0]))
         hooks = open_hooks(mask, exec_, role, library)
     return access_events(hooks, subject_ids(chain, subject), f.st, f.fs,
                          os.fsdecode(f.path), exec_, role, subject.pid)

@@ -78,6 +78,18 @@ class Subject:
     uid: int
     gid: int
     _ids: dict | None = field(default=None, repr=False, compare=False)
+    # (pid) -> whether that process runs a program from the mount (its executable is
+    # a file of the mount), supplied by the adapter; None: it does not
+    program_here: Callable[[int], bool] | None = field(default=None, repr=False,
+                                                      compare=False)
+    _here: bool | None = field(default=None, repr=False, compare=False)
+
+    def runs_program_here(self) -> bool:
+        """Does the process run a program from the mount (asked once per Subject)?"""
+        if self._here is None:
+            self._here = bool(self.program_here is not None and self.pid > 0
+                              and self.program_here(self.pid))
+        return self._here
 
     def ids(self) -> dict:
         """uid, euid, suid, gid, egid, sgid (from /proc/PID/status, else fsuid/fsgid);
@@ -158,6 +170,13 @@ class FileRef:
     # asked for this open is gone (a pidfd: no pid reuse). A hashing pass for nobody
     # is abandoned (pyfuse3 delivers no FUSE interrupts); None: never abandoned
     opener: Callable[[], object] | None = None
+    # () -> None: have the kernel write back (or drop) the mount's dirty pages of this
+    # file, and wait for it (a worker thread only: the WRITEs it causes are served
+    # meanwhile); None when there is no page cache to sync
+    writeback: Callable[[], None] | None = None
+    # (pids) -> whether one of these processes maps the file shared (MAP_SHARED): the
+    # kernel's "mmapped_writers" rather than "open_writers"; None: unknown
+    shared_mapping: Callable[[list[int]], bool] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -178,7 +197,7 @@ class IInt:
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
                  "update_xattr", "verdicts", "live", "live_wgen", "binfmt", "new_file",
-                 "write_mark", "kept_writers")
+                 "write_mark", "writer_pids")
 
     def __init__(self, key):
         self.key = key
@@ -215,10 +234,9 @@ class IInt:
         # the file is marked in the verdict cache's write marks (a writer is or was open
         # through the mount and its last close has not been processed yet)
         self.write_mark = False
-        # writable handles whose descriptors were all closed while FUSE has not released
-        # them: a shared writable mapping (or a descriptor another process holds) keeps
-        # them open -- the kernel's "mmapped_writers"
-        self.kept_writers = 0
+        # pid -> writable handles it opened through the mount (under COUNTS): whose
+        # mappings to look at when a refusal names its cause
+        self.writer_pids: dict[int, int] = {}
 
     def reset(self, version) -> None:
         self.version = version
@@ -292,6 +310,3 @@ class OpenState:
     wgen: int = 0
     failed: set | None = None   # id()s of the trees this handle's reads failed
     ref: object = None      # the adapter's own data about the handle (opaque here)
-    # a writable handle whose descriptor was closed (FUSE FLUSH) but which is not
-    # released yet: counted in IInt.kept_writers
-    kept: bool = False
