@@ -12,7 +12,7 @@ import stat
 from imafs.ima import appraise as ap
 from imafs.ima import digest_cache
 from imafs.ima import digest_lists as dl
-from imafs.ima.hooks import events
+from imafs.ima.hooks import events, load_role
 from imafs.ima.iint import FileRef, Subject
 from imafs.ima.policy import MAY_EXEC, MAY_READ
 
@@ -27,7 +27,8 @@ def explain(engine, subject: Subject, f: FileRef, *, exec_: bool = False) -> dic
         return out
     collector = engine.collector
     ii = engine.iints.get(f.key)
-    evs = events(ns.chain(), subject, f, ii, MAY_EXEC if exec_ else MAY_READ, exec_)
+    evs = events(ns.chain(), subject, f, ii, MAY_EXEC if exec_ else MAY_READ, exec_,
+                 role=load_role(engine.mmap_check, subject, exec_))
     with ii.lock:
         if ii.version != f.version:
             ii.reset(f.version)
