@@ -69,7 +69,7 @@ is mounted in the chroot (none of the commands needs one).
   r-ls     ``ls -lR /usr > /dev/null``
   r-tar    ``tar c /usr | wc -c``
 
-Measurements apart from the modes (``--only`` keys: hash, ns, dl, attack, model)
+Measurements apart from the modes (``--only`` keys: hash, ns, dl, attack, model, notice)
   hash     imafs's own hashing (imafs.ima.hashing.hash_fd, sha256, and sha256 with the
            fs-verity Merkle tree in the same pass) of the 256 MiB file, page cache dropped
            ("cold") and cached, against hashlib.sha256 over the same bytes in memory
@@ -87,6 +87,9 @@ Measurements apart from the modes (``--only`` keys: hash, ns, dl, attack, model)
            with --smoke) in a child namespace of a mount of their own, against the same
            without a model, under plain appraisal (the files signed) and an empty policy;
            decide_chain alone in-process
+  notice   the delay before a change behind the mount is noticed (EIO on the next read
+           of the changed block, all pages cached): write(2), a shared-mapping write
+           with its mtime put back (a mount of its own), and the stat pass alone
 
 Method
   * Every timed run of a FUSE mode starts on a fresh mount (the mount is not timed): no
@@ -142,7 +145,8 @@ def parse_args(argv=None):
                                 epilog="Modes: " + ", ".join(m.name for m in MODES)
                                 + " (integrity-off: another name of overlay, c of passthrough-c). Workloads: a, b "
                                 "(b-cold and b-warm), c, d, e, f; with --rootfs r-true, r-dpkg, "
-                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns, dl, model.")
+                                "r-apt, r-ls, r-tar (r for all); measurements: hash, ns, dl, attack, "
+                                "model, notice.")
     p.add_argument("--reps", type=int, default=3, help="timed runs per workload and mode (median)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a smoke test (500 files, 32 MiB, 50 execs, 200 creates, "

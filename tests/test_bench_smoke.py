@@ -368,3 +368,19 @@ def test_passthrough_ll_from_gzipped_example(tmp_path, monkeypatch):
     with pytest.raises(MountFailed, match="passthrough_ll: exit status"):
         bad.start()
     assert not is_mounted(mnt) and bad.proc is None
+
+
+@pytest.mark.slow
+@pytest.mark.mount
+@needs_root
+@pytest.mark.timeout(200)
+def test_bench_notice_delay(tmp_path):
+    """The delay before a change behind the mount is noticed: each way measured
+    (seconds, at least 5 runs), in the JSON and the markdown report."""
+    p, data, text, png = _run(["--only", "notice", "--modes", "native"], tmp_path, 190)
+    secs = data["notice"]["seconds"]
+    assert sorted(secs) == ["mapping", "stat pass", "write"]
+    for way, ts in secs.items():
+        assert len(ts) >= 5 and all(0 < t < 30 for t in ts), (way, ts)
+    assert "## Changes behind the mount" in text
+    assert "(inotify IN_MODIFY)" in text and "stat pass alone" in text

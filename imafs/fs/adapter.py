@@ -206,9 +206,11 @@ class IntegrityHooks(Hooks):
         # nodeids whose page cache the digest pass of an open filled (keep_cache)
         self._filled: set[int] = set()
         self._fill_ok = True
-        # inotify on the backing inodes of files verified handles hold open: a change
-        # behind the mount drops the kernel's pages of the file at once
+        # inotify (and a stat pass) on the backing inodes of files verified handles hold
+        # open: a change behind the mount drops the kernel's pages of the file at once;
+        # id(token) -> nodeid of the handles registered there
         self._inotify = Inotify(self._changed_behind) if engine.verify_reads else None
+        self._watched: dict[int, int] = {}
 
     def _mount_root(self):
         """The mount root's identity, as the kernel's inode has it (read once the
@@ -309,6 +311,9 @@ class IntegrityHooks(Hooks):
 
     def release(self, token):
         """On the event loop (cheap): None, or the slow part as a Pending."""
+        nodeid = self._watched.pop(id(token), None)
+        if nodeid is not None:
+            self._inotify.release(nodeid)
         return self.engine.file_release(token)
 
     def wrote(self, token) -> None:
@@ -365,10 +370,13 @@ class IntegrityHooks(Hooks):
         if token is not None and self.engine.verify_reads:
             token.ref = inode.nodeid
             if token.tree is not None:
-                if self._inotify is not None:
+                if self._inotify is not None and id(token) not in self._watched:
+                    # the pinned descriptor: the handle pins its node while it is
+                    # open, so the stat pass may fstat it until the release
                     try:
                         with inode.pinned() as fd:
                             self._inotify.watch(inode.nodeid, fd)
+                        self._watched[id(token)] = inode.nodeid
                     except OSError as e:
                         log.warning("inotify watch of inode %d: %s", inode.nodeid, e)
                 if inode.nodeid in self._unverified:

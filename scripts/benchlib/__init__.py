@@ -9,6 +9,7 @@
     passthrough_c.py  building passthrough_ll from the example Debian ships in libfuse3-dev
     measure.py     the measurements without a mount (hashing, namespace resolution)
     model.py       behaviour models: cost per event (a mount of its own)
+    notice.py      the delay before a change behind the mount is noticed (a mount of its own)
     run.py         Bench: the tree, the timed runs, one mode after another
     results.py     ratios, the issues' targets, the machine, JSON out and in
     report.py      the printed tables and the markdown report

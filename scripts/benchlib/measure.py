@@ -1,6 +1,8 @@
-"""The measurements without a mount (``--only`` keys ``hash``, ``ns`` and ``dl``):
-imafs's own hashing against hashlib, the per-open cost of finding the caller's
-namespace, and a digest list's load time and per-open lookup cost."""
+"""The measurements outside the workloads (``--only`` keys ``hash``, ``ns``, ``dl`` and
+``notice``): imafs's own hashing against hashlib, the per-open cost of finding the
+caller's namespace, a digest list's load time and per-open lookup cost (all three
+without a mount), and the delay before a change behind the mount is noticed
+(notice.py: a mount of its own)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from benchlib import drop_page_cache, import_imafs, read_files
 
-MICRO = ("hash", "ns", "dl", "attack", "model")   # attack, model: benchlib/attack.py, model.py
+MICRO = ("hash", "ns", "dl", "attack", "model", "notice")   # attack, model, notice: their modules
 
 
 def hashing_micro(path: Path, reps: int) -> dict:

@@ -7,6 +7,7 @@ import statistics
 
 from benchlib import ROOTFS, TREE
 from benchlib.measure import DL_ROWS, NS_ROWS, hashing_summary
+from benchlib.notice import notice_summary
 from benchlib.modes import OVERLAY, PASSTHROUGH_C, reference
 from benchlib.results import cell_summary, fmt_ratio, issue_targets, target_cells
 from benchlib.run import Bench
@@ -90,6 +91,14 @@ def print_tables(bench: Bench) -> None:
             from benchlib.model import model_lines
             for line in model_lines(mo):
                 print("  " + line)
+    nt = bench.micro.get("notice")
+    if nt:
+        print("\ndelay before a change behind the mount is noticed (EIO)")
+        if "error" in nt:
+            print(f"  n/a ({nt['error']})")
+        for r in notice_summary(nt):
+            print(f"  {r['label']:62s} {r['median'] * 1e3:7.1f} ms median "
+                  f"{r['max'] * 1e3:7.1f} ms max")
     if bench.rootfs_info:
         ri = bench.rootfs_info
         print(f"\nrootfs {ri['source']}: {ri['files']:,} files, {ri['bytes'] / 2**20:.0f} MiB; "
@@ -117,7 +126,7 @@ def markdown(bench: Bench, info: dict, plot_rel: str | None) -> str:
             for target in (TREE, ROOTFS):
                 out += _summary(bench, target, key, kind, title)
     out += (_modes(bench) + _hashing(bench) + _ns(bench) + _digest_list(bench) + _attack(bench)
-            + _model(bench) + _rootfs(bench) + _per_workload(bench))
+            + _model(bench) + _notice(bench) + _rootfs(bench) + _per_workload(bench))
     out += ["Sizes: " + ", ".join(f"{k}={v}" for k, v in bench.sizes.__dict__.items()) + ".",
             ""]
     return "\n".join(out)
@@ -278,6 +287,18 @@ def _model(bench: Bench) -> list[str]:
              "overlay.")
     return _micro(bench, "model", "Behaviour models", intro,
                   lambda r: [f"- {md(line)}" for line in model_lines(r)])
+
+
+def _notice(bench: Bench) -> list[str]:
+    intro = ("How long a change behind the mount takes to be noticed while a verified "
+             "handle holds the file open and all its pages are cached: from the change "
+             "to the EIO of a read of the changed block, polled every millisecond "
+             "(`scripts/benchlib/notice.py`; docs/read-verification.md). Until then the "
+             "reads return the measured bytes (checked).")
+    return _micro(bench, "notice", "Changes behind the mount", intro, lambda nt: [
+        "| change | median | max | runs |", "|---|---:|---:|---|"] + [
+        f"| {r['label']} | {r['median'] * 1e3:.1f} ms | {r['max'] * 1e3:.1f} ms | "
+        f"{len(r['times'])} |" for r in notice_summary(nt)])
 
 
 def _rootfs(bench: Bench) -> list[str]:

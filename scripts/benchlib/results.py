@@ -188,6 +188,7 @@ def to_json(bench: Bench, info: dict) -> dict:
         "ns_resolution": bench.micro.get("ns_resolution"),
         "digest_list": bench.micro.get("digest_list"),
         "model": bench.micro.get("model"),
+        "notice": bench.micro.get("notice"),
         "rootfs": bench.rootfs_info or None,
     }
 
@@ -227,6 +228,8 @@ def load_json(path: str, args) -> tuple[Bench, dict]:
         bench.micro["digest_list"] = data["digest_list"]
     if data.get("model"):
         bench.micro["model"] = data["model"]
+    if data.get("notice"):
+        bench.micro["notice"] = data["notice"]
     bench.rootfs_info = dict(data.get("rootfs") or {})
     if "built" in bench.rootfs_info:   # a file written before results kept suite and date only
         bench.rootfs_info["built"] = built_record(bench.rootfs_info["built"])

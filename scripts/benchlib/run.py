@@ -15,6 +15,7 @@ from pathlib import Path
 
 from benchlib import DROP_CACHES, IMAFS, REPO, ROOTFS, TREE, drop_page_cache, env
 from benchlib.measure import digest_list_micro, hashing_micro, ns_resolution_micro
+from benchlib.notice import notice_micro
 from benchlib import passthrough_c
 from benchlib.modes import IMAFS_DAEMON, PIN, Mode
 from benchlib.mounts import (CPassthroughMount, ImafsMount, MountFailed, daemon_cpu,
@@ -295,6 +296,12 @@ class Bench:
                 self.micro["model"] = model_micro(self)
             except Exception as e:  # noqa: BLE001 - reported as n/a
                 self.micro["model"] = {"error": str(e) or type(e).__name__}
+        if "notice" in self.micro_keys:
+            self.log("bench: delay before a change behind the mount is noticed")
+            try:
+                self.micro["notice"] = notice_micro(5 if self.args.quick else 20)
+            except Exception as e:  # noqa: BLE001 - reported as n/a
+                self.micro["notice"] = {"error": str(e) or type(e).__name__}
         for k, v in self.micro.items():
             self.log(f"bench:   {k}: " + (f"n/a ({v['error']})" if "error" in v else "done"))
 
