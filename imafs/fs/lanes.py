@@ -16,6 +16,10 @@ root's open of a small file waited a minute (issue 14). So:
   it in turn (trio's limiters are first come, first served, and an owner waits
   with one pass at a time).
 
+The slow part of a release (the last writer's close: the file hashed again and
+relabelled) runs on threads of its own (``Overlay.release_limiter``): opens of the
+file wait for it in the lanes, so it must never wait for a lane's thread itself.
+
 An owner's passes queue behind each other, not in front of anybody else's. A pass
 whose opener has gone is abandoned by the engine (``FileRef.opener``), which frees
 its slot.

@@ -280,6 +280,9 @@ class Overlay(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.lanes = Lanes(max_threads)     # worker threads (fs/lanes.py)
+        # the slow part of releases (the last writer's close) has threads of its own:
+        # opens of the file wait for it in theirs
+        self.release_limiter = trio.CapacityLimiter(max(2, max_threads // 2))
         rootfd = os.open(self.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(rootfd)
         self.root_dev, self.root_ino = st.st_dev, st.st_ino
@@ -1053,7 +1056,7 @@ class Overlay(pyfuse3.Operations):
     async def _release_token(self, token) -> None:
         r = self.hooks.release(token)
         if type(r) is Pending:
-            await self._in_thread(r.finish)
+            await trio.to_thread.run_sync(r.finish, limiter=self.release_limiter)
 
     async def fsync(self, fh, datasync):
         h = self.handles.get(fh)

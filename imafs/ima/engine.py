@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from imafs.ima import appraise as ap
@@ -203,6 +204,10 @@ class Engine:
     def process_measurement(self, req: OpenRequest):
         """The inline attempt of an open (steps 1-3; the rest in ``_measure``)."""
         ii, f, mode = req.ii, req.f, req.mode
+        # the last writer's close is being processed: its outcome first
+        if ii.settling is not None:
+            return Pending(self._after_close, req, cost=f.st.st_size,
+                           owner=(req.subject.uid, req.ns.id))
         # what the models (step 5b) need and is not at hand -- who acts, from /proc;
         # the file's sha256 -- is read in a worker thread, and then the whole open is
         inline = not req.models or self.modelling.ready(req)
@@ -239,6 +244,17 @@ class Engine:
         (uid, namespace), for the FUSE layer to schedule fairly."""
         return Pending(self._finish_open, req, cost=req.f.st.st_size if req.decided else 0,
                        owner=(req.subject.uid, req.ns.id))
+
+    def _after_close(self, req: OpenRequest):
+        """Pending.finish() of an open that came while the last writer's close was
+        processed: wait for it, then decide."""
+        done = req.ii.settling
+        if done is not None:
+            done.wait()
+        state = self.process_measurement(req)
+        if type(state) is Pending:
+            return state.finish()
+        return self._decided(req, state)
 
     def _get_action(self, req: OpenRequest) -> None:
         req.events = events(req.chain, req.subject, req.f, req.ii, req.mode.mask,
@@ -622,7 +638,8 @@ class Engine:
                     ii.writer_pids.pop(pid, None)
                 if ii.writers == 0 and (ii.dirty or ii.new_file or ii.write_mark):
                     changed, ii.dirty = ii.dirty, False
-                    return Pending(self.last_writer.close, state, changed)
+                    ii.settling = done = threading.Event()
+                    return Pending(self.last_writer.close, state, changed, done)
         return None
 
     def file_written(self, state: OpenState) -> None:

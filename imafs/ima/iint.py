@@ -197,7 +197,7 @@ class IInt:
     __slots__ = ("key", "version", "digests", "tree", "measured", "must_measure",
                  "appraised", "audited", "readers", "writers", "lock", "dirty", "wgen",
                  "update_xattr", "verdicts", "live", "live_wgen", "binfmt", "new_file",
-                 "write_mark", "writer_pids")
+                 "write_mark", "writer_pids", "settling")
 
     def __init__(self, key):
         self.key = key
@@ -237,6 +237,10 @@ class IInt:
         # pid -> writable handles it opened through the mount (under COUNTS): whose
         # mappings to look at when a refusal names its cause
         self.writer_pids: dict[int, int] = {}
+        # set while the last writer's close is processed (a worker thread): an open
+        # that comes meanwhile waits for it, as the kernel's close finishes before
+        # close(2) returns
+        self.settling: threading.Event | None = None
 
     def reset(self, version) -> None:
         self.version = version

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from imafs.ima import appraise as ap
 from imafs.ima import hashing
-from imafs.ima.iint import OpenState, stat_version
+from imafs.ima.iint import COUNTS, OpenState, stat_version
 
 log = logging.getLogger("imafs.engine")
 
@@ -30,17 +30,27 @@ class LastWriter:
         self.marks = marks          # WriteMarks
         self.evm = evm              # EvmHooks: HMACs follow a rewritten hash
 
-    def close(self, state: OpenState, changed: bool = True) -> None:
-        """``changed``: the file was written or truncated through the mount."""
+    def close(self, state: OpenState, changed: bool = True, done=None) -> None:
+        """``changed``: the file was written or truncated through the mount; ``done``:
+        the IInt's ``settling`` event, set (and cleared from it) once finished."""
         ii, f = state.iint, state.file
-        with ii.lock:
-            try:
-                if changed or ii.new_file:
-                    self._relabel(state)
-            finally:
-                if ii.writers == 0 and ii.write_mark:
-                    self.marks.discard(f.key)
-                    ii.write_mark = False
+        try:
+            with ii.lock:
+                try:
+                    if changed or ii.new_file:
+                        self._relabel(state)
+                    else:       # test_and_clear_bit(IMA_UPDATE_XATTR) all the same
+                        ii.update_xattr = set()
+                finally:
+                    if ii.writers == 0 and ii.write_mark:
+                        self.marks.discard(f.key)
+                        ii.write_mark = False
+        finally:
+            if done is not None:
+                with COUNTS:
+                    if ii.settling is done:
+                        ii.settling = None
+                done.set()
 
     def _relabel(self, state: OpenState) -> None:
         """ii.lock held."""

@@ -172,6 +172,29 @@ def test_writes_through_a_shared_mapping_relabel(make_mount, world_tmp, policy, 
     assert appraise_failures(m, "/f") == []
 
 
+def test_reopen_right_after_the_last_close(make_mount, world_tmp, policy, mode):
+    """close() returns before FUSE's RELEASE is processed, and the last writer's close
+    (the hash rewritten) takes a worker thread: an open that comes meanwhile waits for
+    it (fsx's close/reopen: "docloseopen: open: Permission denied" before)."""
+    m = mount(make_mount, world_tmp, policy, mode)
+    f = m.mnt / "f"
+    content = bytearray(b"a" * 4096)
+    write_file(f, bytes(content))
+    for i in range(150):
+        fd = os.open(f, os.O_RDWR)
+        os.pwrite(fd, bytes([i % 251]) * 64, (i * 37) % 4000)
+        content[(i * 37) % 4000:(i * 37) % 4000 + 64] = bytes([i % 251]) * 64
+        if i % 3 == 0:
+            os.ftruncate(fd, 4096 - i)
+            del content[4096 - i:]
+            content.extend(bytes(max(0, 4096 - i - len(content))))
+        os.close(fd)
+        fd = os.open(f, os.O_RDONLY)         # at once
+        assert os.read(fd, 8192) == bytes(content), i
+        os.close(fd)
+    assert appraise_failures(m, "/f") == []
+
+
 def test_rename_over_keeps_each_hash(make_mount, world_tmp, policy, mode):
     m = mount(make_mount, world_tmp, policy, mode)
     b = m.backing
