@@ -124,7 +124,9 @@ def test_verdicts_follow_the_setting_across_remounts(make_mount, world_tmp, keyd
     state reuses (and the other way round)."""
     m = mount(make_mount, world_tmp, keydir, rootfs, "all-elf")
     lib = m.mnt / "lib/unsigned.so"
-    host_read = lambda: subprocess.run(["cat", str(lib)], capture_output=True).returncode == 0  # noqa: E731
+
+    def host_read():
+        return subprocess.run(["cat", str(lib)], capture_output=True).returncode == 0
     assert not host_read()
     m.restart(m.args + ["--mmap-check", "off"])
     assert host_read() and host_read()
