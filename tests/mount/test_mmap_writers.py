@@ -24,7 +24,6 @@ import mmap
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
