@@ -82,6 +82,7 @@ class OpenRequest:
     models: list = ()                    # [(namespace, behaviour model)] of the chain
     actor: object = None                 # who acts, for them (when known on the loop)
     model_events: tuple | None = None    # the events this open is (when known on it)
+    writeback: bool = False              # writers' dirty pages first (worker thread)
 
 
 class Engine:
@@ -226,6 +227,7 @@ class Engine:
         # have yet: what decides (ELF or not, the hash) is read after they are written
         # back, in a worker thread
         if ii.writers and f.writeback is not None and self._reads_for_access(req):
+            req.writeback = True
             return Pending(self._finish_open, req, cost=f.st.st_size,
                            owner=(req.subject.uid, req.ns.id))
         # 2. get action: the open's hooks, matched in every namespace of the chain
@@ -273,7 +275,7 @@ class Engine:
         decision (and 2 first, after the writeback, when the file had writers). A
         verdict that another open of the same kind made while this one waited for
         the lock is taken as step 1 would have."""
-        if req.events is None:
+        if req.writeback:
             try:
                 req.f.writeback()
             except OSError as e:

@@ -195,7 +195,7 @@ def test_created_file_known_by_instance_until_its_last_link_goes(world):
     settle(eng.inode_event(ME, "inode_create", _facts(world, "new", mode=0o100644)))
     (world.dir / "new").write_text("written\n")
     st = world.open("new", OpenMode(writable=True, created=True))
-    eng.file_release(st)
+    settle(eng.file_release(st))      # the last writer's close, finished
     world.engine.file_release(world.open("new"))
     key = world.ref("new").key
     assert key in ns.model.created
