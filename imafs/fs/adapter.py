@@ -278,8 +278,8 @@ class IntegrityHooks(Hooks):
                                      OpenMode.from_flags(flags, exec_=exec_, created=created))
 
     def _mountdev(self) -> int | None:
-        if self._mount_dev is None and self._root_link is not None:
-            self._mount_dev = sysio.statx_dev(self._root_link)
+        if self._mount_dev is None and self._mountpoint is not None:
+            self._mount_dev = _mount_dev(self._mountpoint)     # mountinfo, read once
         return self._mount_dev
 
     def _shared_mapping(self, nodeid: int, pids) -> bool:
