@@ -18,7 +18,8 @@ from imafs.ima.engine import AccessDenied, Engine, FileRef, OpenMode, Pending, S
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
-from imafs.ima.policy import Policy, parse_policy
+from imafs.ima.policy import Policy
+from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
 
