@@ -6,12 +6,15 @@ real mounts, that everything that depended on the close stays exact:
 - a control file's close (a policy or keys written through it take effect there)
   is seen by every open that follows the close(2): the open waits for the release;
 - control-file writes report their errors from write(2), and close(2) succeeds (as
-  the kernel's securityfs release).
+  the kernel's securityfs release);
+- a program rewritten and executed right after its last writer's close(2) is
+  appraised with the hash that close wrote: the exec's open waits for the release.
 """
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -80,3 +83,22 @@ def test_control_write_errors_come_from_write_and_close_succeeds(make_mount):
     assert write_ctl(p, b"measure func=FILE_CHECK\nmeasure func=BOGUS") == (0, 0)
     assert p.read_text() == ""
     assert "line 2, column 9: " in m.log_text()
+
+
+def test_a_program_rewritten_and_run_at_once(make_mount, world_tmp):
+    """A script relabelled by its last writer's close (the hash rewritten in a
+    worker thread at RELEASE) and executed right after close(2): its appraisal
+    (enforce, BPRM_CHECK) waits for that close and passes, every round."""
+    pol = world_tmp / "policy-exec"
+    pol.write_text("appraise func=BPRM_CHECK\nappraise func=FILE_CHECK mask=^MAY_READ\n")
+    m = make_mount(["--policy", str(pol), "--appraise", "enforce"])
+    f = m.mnt / "prog"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o755)
+    os.write(fd, b"#!/bin/sh\necho 0\n")
+    os.close(fd)
+    for i in range(1, 80):
+        fd = os.open(f, os.O_RDWR | os.O_TRUNC)
+        os.write(fd, b"#!/bin/sh\necho %d\n" % i)
+        os.close(fd)
+        r = subprocess.run([str(f)], capture_output=True, text=True)    # at once
+        assert (r.returncode, r.stdout) == (0, f"{i}\n"), (i, r)
