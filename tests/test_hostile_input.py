@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import IMAFS, REPO
-from imafs.ima import templates
+from imafs.ima import template_lib, templates
 from imafs.ima.policy import MAX_POLICY_BYTES
 from imafs.ima.templates import parse_ascii, parse_binary
 from imafs.ima.verifylog import parse_pcr_file, verify
@@ -65,7 +65,7 @@ def test_binary_list_announcing_huge_records_allocates_nothing():
     for data in cases:
         tracemalloc.start()
         try:
-            with pytest.raises(templates.TemplateError) as ei:
+            with pytest.raises(template_lib.TemplateError) as ei:
                 list(parse_binary(io.BytesIO(data)))
             _, peak = tracemalloc.get_traced_memory()
         finally:
@@ -80,7 +80,7 @@ def test_ascii_list_line_length_is_bounded(monkeypatch):
     data = io.BytesIO(b"10 " + b"a" * (16 << 20))
     tracemalloc.start()
     try:
-        with pytest.raises(templates.TemplateError, match="line longer than"):
+        with pytest.raises(template_lib.TemplateError, match="line longer than"):
             list(parse_ascii(data))
         _, peak = tracemalloc.get_traced_memory()
     finally:

@@ -7,10 +7,11 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from imafs.ima import template_lib as TL
 from imafs.ima import templates as T
-from imafs.ima.templates import (TemplateEntry, TemplateError, build_entry, buf_entry,
-                                 parse_ascii, parse_ascii_line, parse_binary,
-                                 violation_entry)
+from imafs.ima.template_lib import TemplateError
+from imafs.ima.templates import (TemplateEntry, build_entry, buf_entry, parse_ascii,
+                                 parse_ascii_line, parse_binary, violation_entry)
 
 HYP = settings(deadline=None, max_examples=300,
                suppress_health_check=[HealthCheck.too_slow])
@@ -329,25 +330,25 @@ name_bytes = st.binary(min_size=0, max_size=80).map(
 
 @st.composite
 def field_data(draw, fid):
-    kind = T.FIELD_KINDS[fid]
-    if kind == T.DIGEST:
+    kind = TL.FIELD_KINDS[fid]
+    if kind == TL.DIGEST:
         return draw(st.binary(min_size=20, max_size=20))
-    if kind == T.STRING:
+    if kind == TL.STRING:
         if fid == "n":
             return draw(name_bytes.map(lambda b: b[:255])) + b"\0"
         if fid == "xattrnames":     # ascii cannot tell "" from "\0": use one form
             n = draw(name_bytes)
             return n + b"\0" if n else b""
         return draw(name_bytes) + b"\0"
-    if kind in (T.DIGEST_ALGO, T.DIGEST_TYPE_ALGO):
+    if kind in (TL.DIGEST_ALGO, TL.DIGEST_TYPE_ALGO):
         algo = draw(st.sampled_from(ALGOS))
-        digest = draw(st.binary(min_size=T.hash_size(algo), max_size=T.hash_size(algo)))
-        if kind == T.DIGEST_ALGO:
-            return T.encode_d_ng(algo, digest)
-        return T.encode_d_ngv2(draw(st.sampled_from(T.DIGEST_TYPES)), algo, digest)
-    if kind == T.HEX:
+        digest = draw(st.binary(min_size=TL.hash_size(algo), max_size=TL.hash_size(algo)))
+        if kind == TL.DIGEST_ALGO:
+            return TL.encode_d_ng(algo, digest)
+        return TL.encode_d_ngv2(draw(st.sampled_from(TL.DIGEST_TYPES)), algo, digest)
+    if kind == TL.HEX:
         return draw(st.binary(max_size=300))
-    size = T._UINT_SIZES[fid]
+    size = TL._UINT_SIZES[fid]
     return draw(st.integers(0, (1 << 8 * size) - 1)).to_bytes(size, "little")
 
 

@@ -18,7 +18,7 @@ def _pcr_arg(text: str):
 def _pcr_value(text: str):
     """``BANK:INDEX=HEX``, HEX as ``tpm2_pcrread`` prints it too (``0x`` prefix, upper
     case): (bank, index, value). The value must be exactly the bank's digest size."""
-    from imafs.ima.templates import hash_size
+    from imafs.ima.template_lib import hash_size
     from imafs.ima.verifylog import NUM_PCRS
     usage = f"--pcr takes BANK:INDEX=HEX (e.g. sha256:10=0x0831d9...), not {text!r}"
     head, sep, value = text.partition("=")
@@ -67,7 +67,7 @@ def _run(args) -> int:
         expected.setdefault(bank, {})[n] = value
     # every bank named must be one we can compute, and every bank with expected values
     # is replayed: a misspelt bank must never make a list "match" unchecked
-    from imafs.ima.templates import new_hash
+    from imafs.ima.template_lib import new_hash
     banks = [b for b in args.banks.split(",") if b]
     for b in [args.bank, *banks, *expected]:
         try:

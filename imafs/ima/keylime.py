@@ -50,7 +50,8 @@ from typing import Iterable, Iterator
 
 from imafs.ima import hashing
 from imafs.ima.namespaces import NS_EVENTS
-from imafs.ima.templates import TemplateError, parse_ascii_line
+from imafs.ima.template_lib import TemplateError
+from imafs.ima.templates import parse_ascii_line
 
 log = logging.getLogger("imafs.keylime")
 

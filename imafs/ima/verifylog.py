@@ -27,8 +27,8 @@ from typing import BinaryIO, Iterable, Iterator
 
 from imafs.ima import appraise as ap
 from imafs.ima.namespaces import NS_CREATE, NS_EVENTS, NS_INIT, NS_REMOVE, parse_event
-from imafs.ima.templates import TemplateEntry, TemplateError, hash_size, new_hash, \
-    parse_ascii, parse_binary
+from imafs.ima.template_lib import TemplateError, hash_size, new_hash
+from imafs.ima.templates import TemplateEntry, parse_ascii, parse_binary
 
 NUM_PCRS = 24
 

@@ -19,7 +19,7 @@ from imafs.ima import appraise as ap
 from imafs.ima import hashing as H
 from imafs.ima import policy_parse as PP
 from imafs.ima.policy import PolicyError
-from imafs.ima import templates as T
+from imafs.ima import template_lib as TL
 from imafs.ima import tpm
 
 
@@ -142,12 +142,12 @@ def test_xattr_algorithm_ids_resolve_through_the_table():
 
 def test_template_digest_sizes_come_from_the_table():
     for a in H.HASH_ALGOS.values():
-        assert T.hash_size(a.name) == a.digest_size
-        field = T.encode_d_ng(a.name, None)
+        assert TL.hash_size(a.name) == a.digest_size
+        field = TL.encode_d_ng(a.name, None)
         assert field == a.name.encode() + b":\0" + bytes(a.digest_size)
     for other in ("SHA256", "sha3_256", "sm3-256", "nosuch"):
         with pytest.raises(ValueError, match="unknown hash algorithm"):
-            T.hash_size(other)
+            TL.hash_size(other)
 
 
 def test_policy_appraise_algos_resolve_through_the_table():
