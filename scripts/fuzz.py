@@ -44,7 +44,7 @@ message, an input that takes longer than --timeout seconds, or resident memory o
 Engines: ``atheris`` (coverage-guided libFuzzer, ``pip install atheris``; one process
 per target, the default when importable), ``hypothesis`` (random and seed-mutated
 inputs, shrinks a failure) and ``random`` (seed mutations only, no dependency).
-Exit status 0 when no target failed. tests/test_hostile_input.py runs the same
+Exit status 0 when no target failed. tests/unit/test_hostile_input.py runs the same
 targets with a few hundred hypothesis inputs each.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _seed_entries():
 
 def _cert_seeds() -> list[bytes]:
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-    import _ima_testkeys as tk
+    from helpers import testkeys as tk
     c = tk.cert(tk.key("ec"))
     r = tk.cert(tk.key("rsa"), ski=False)
     return [tk.der(c), tk.pem(c), tk.der(r), tk.pem(r) + tk.pem(c),

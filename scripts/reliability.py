@@ -17,7 +17,7 @@ mount takes far longer to record a million opens), then:
   4. with --verify, replays the binary list against pcrs/ with evmctl.
 
 Prints one line per figure and, last, a JSON object with all of them.
-tests/test_load.py::test_large_list runs the same steps with 200,000 entries.
+tests/stress/test_load.py::test_large_list runs the same steps with 200,000 entries.
 """
 from __future__ import annotations
 

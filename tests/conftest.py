@@ -1,133 +1,112 @@
-"""Shared fixtures. Mount tests mount real FUSE filesystems in temporary directories
-and always unmount them, even when the test fails."""
+"""Shared fixtures and the session's checks (the helpers: tests/helpers/; the layout:
+docs/development.md).
+
+Tests sit by level: tests/unit/ (no mount), tests/mount/, tests/interop/ (real
+external tools), tests/stress/; each test gets its level as a marker (``-m unit``),
+the levels run in that order, and a test under tests/unit/ that asks for a mount is
+refused at collection.
+
+Every temporary directory the session makes (``tempfile``'s, ``world_tmp``) is inside
+one directory, /tmp/imafs-XXXXXXXX; pytest's ``tmp_path`` stays in pytest's own
+directory of the session. Mount tests mount real FUSE file systems there and always
+unmount them, even when the test fails; at the end the session fails when a FUSE
+mount is left under either, listing it (and unmounting it)."""
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import subprocess
 import tempfile
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-IMAFS = [sys.executable, "-m", "imafs"]
+from helpers.mounts import (IMAFS, Mount, REPO, ROOTFS_CACHE, force_unmount, is_mounted,
+                            mounts_under)
 
 
-def _is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == path for line in f)
+TESTS = Path(__file__).resolve().parent
+LEVELS = ("unit", "mount", "interop", "stress")      # the directories, fastest first
+MOUNT_FIXTURES = {"make_mount", "plain_mount"}
+_session_tmp: Path | None = None
+_basetemp: Path | None = None
 
 
-def force_unmount(mnt: str) -> None:
-    """Unmount whatever is at mnt, even when the daemon hangs or died."""
-    for cmd in (["fusermount3", "-u", mnt], ["umount", mnt], ["umount", "-l", mnt]):
-        if not _is_mounted(mnt):
-            return
-        subprocess.run(cmd, capture_output=True)
-    if _is_mounted(mnt):
-        # a wedged daemon: abort its FUSE connection, then detach
-        try:
-            dev = os.stat(mnt).st_dev
-        except OSError:
-            dev = None
-        if dev is not None:
-            ctl = "/sys/fs/fuse/connections"
-            if not os.path.exists(os.path.join(ctl, str(os.minor(dev)))):
-                subprocess.run(["mount", "-t", "fusectl", "none", ctl], capture_output=True)
-            with contextlib.suppress(OSError):
-                Path(ctl, str(os.minor(dev)), "abort").write_text("1")
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+@pytest.hookimpl(trylast=True)          # after pytest's own, which makes tmp_path_factory
+def pytest_configure(config):
+    """One directory for every temporary directory the session makes (``tempfile``'s,
+    ``world_tmp``); pytest's ``tmp_path`` stays in pytest's own directory of the session
+    (a socket path under it, gpg-agent's, is near the 108-byte limit)."""
+    global _session_tmp, _basetemp
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None:
+        _basetemp = factory.getbasetemp()
+    _session_tmp = Path(tempfile.mkdtemp(prefix="imafs-", dir="/tmp"))
+    os.chmod(_session_tmp, 0o755)       # unprivileged test users traverse it
+    tempfile.tempdir = str(_session_tmp)
 
 
-class Mount:
-    """One imafs mount: ``backing``, ``mnt``, ``state``, plus helpers."""
-
-    def __init__(self, backing: Path, mnt: Path, state: Path, args: list[str]):
-        self.backing, self.mnt, self.state, self.args = backing, mnt, state, args
-        self.log = state / "imafs.log"
-        self.wrap: list[str] = []     # a command the mount runs under (prlimit ...)
-
-    def start(self) -> "Mount":
-        cmd = self.wrap + IMAFS + ["mount", str(self.backing), str(self.mnt), "--state", str(self.state),
-                       "--log-file", str(self.log), "--log-level", "debug"] + self.args
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
-        if p.returncode != 0:
-            raise RuntimeError(f"mount failed ({p.returncode}): {p.stderr}\n{self.log_text()}")
-        assert _is_mounted(str(self.mnt))
-        return self
-
-    def stop(self) -> None:
-        if _is_mounted(str(self.mnt)):
-            subprocess.run(IMAFS + ["umount", str(self.mnt)], capture_output=True, timeout=60,
-                           cwd=REPO)
-        force_unmount(str(self.mnt))
-
-    def restart(self, extra: list[str] | None = None) -> "Mount":
-        self.stop()
-        if extra is not None:
-            self.args = extra
-        return self.start()
-
-    def pid(self) -> int:
-        """The daemon's pid."""
-        return int((self.state / "daemon.lock").read_text().strip())
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def ctl(self, name: str = "") -> Path:
-        return self.mnt / ".imafs" / name
-
-    def query(self, path: str) -> dict:
-        """Write ``path`` to the control file ``query`` and read back its JSON answer
-        through the same descriptor, as the interface asks."""
-        fd = os.open(self.ctl("query"), os.O_RDWR)
-        try:
-            os.write(fd, path.encode() + b"\n")
-            data = b""
-            while chunk := os.pread(fd, 65536, len(data)):
-                data += chunk
-        finally:
-            os.close(fd)
-        return json.loads(data)
-
-    def audit(self) -> list[dict]:
-        """The records of the mount's audit log (none yet: [])."""
-        try:
-            text = (self.state / "audit.log").read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines()]
-
-
-def readable(path) -> bool:
-    """Can the file be read whole (False: EACCES, e.g. refused by appraisal)?"""
+def _level(item) -> str | None:
     try:
-        with open(path, "rb") as f:
-            f.read()
-        return True
-    except PermissionError:
-        return False
+        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 else ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test gets its level as a marker (``-m unit``) and runs in level order (unit
+    first); a test outside the level directories, or a unit test that asks for a
+    mount, stops the session."""
+    for item in items:
+        level = _level(item)
+        if level is None:
+            continue
+        if level not in LEVELS:
+            raise pytest.UsageError(f"{item.nodeid}: tests sit by level in tests/unit/, "
+                                    f"tests/mount/, tests/interop/ or tests/stress/ "
+                                    f"(docs/development.md)")
+        item.add_marker(level)
+        if level == "unit" and MOUNT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid}: a unit test mounts nothing; "
+                                    f"tests that mount go under tests/mount/")
+    order = {lv: i for i, lv in enumerate(LEVELS)}
+    items.sort(key=lambda it: order.get(_level(it), len(LEVELS)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A FUSE mount left under the session's directories fails the session: listed,
+    then unmounted (as gocryptfs's test runner does)."""
+    if _session_tmp is None:
+        return
+    left = mounts_under(_session_tmp, fuse_only=True)
+    if _basetemp is not None:
+        left += mounts_under(_basetemp, fuse_only=True)
+    for mnt in left:
+        force_unmount(mnt)
+    if left:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = (f"{len(left)} FUSE mount(s) left behind by the tests (now unmounted):\n"
+               + "".join(f"  {m}\n" for m in left))
+        if tr is not None:
+            tr.write_sep("=", "mounts left behind", red=True)
+            tr.write(msg)
+        else:
+            print(msg)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif exitstatus == pytest.ExitCode.OK and not mounts_under(_session_tmp):
+        shutil.rmtree(_session_tmp, ignore_errors=True)     # kept when a test failed
 
 
 @pytest.fixture
 def world_tmp():
     """A temporary directory that unprivileged test users can traverse (pytest's
     tmp_path lives under a 0700 directory)."""
-    d = Path(tempfile.mkdtemp(prefix="imafs-test-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="w"))      # in the session's directory
     os.chmod(d, 0o755)
     yield d
     for sub in d.iterdir():
-        if _is_mounted(str(sub)):
+        if is_mounted(str(sub)):
             force_unmount(str(sub))
     shutil.rmtree(d, ignore_errors=True)
 
@@ -169,35 +148,13 @@ def make_mount(world_tmp):
         mt.stop()
     # a daemon that failed leaves its log: show it for the failing test
     for mt in mounts:
-        assert not _is_mounted(str(mt.mnt)), f"{mt.mnt} still mounted"
+        assert not is_mounted(str(mt.mnt)), f"{mt.mnt} still mounted"
 
 
 @pytest.fixture
 def plain_mount(make_mount):
     """A passthrough mount with integrity off."""
     return make_mount(["--no-integrity"])
-
-
-def run_as(uid: int, gid: int, argv: list[str], **kw):
-    """Run argv as uid/gid (no supplementary groups)."""
-    def demote():
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return subprocess.run(argv, preexec_fn=demote, **kw)
-
-
-def wait_for(pred, timeout=5.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-ROOTFS_CACHE = Path(os.environ.get("IMAFS_ROOTFS_CACHE",
-                                   "/var/cache/imafs/rootfs-bookworm-minbase"))
 
 
 @pytest.fixture(scope="session")
@@ -241,26 +198,3 @@ def debian_digest_list(debian_rootfs, tmp_path_factory):
                    check=True, capture_output=True, cwd=REPO)
     return type("DebianList", (), {"list": out, "keys": keys, "unsigned": unsigned})
 
-
-@contextlib.contextmanager
-def overlay_of(lower: Path, work: Path):
-    """A writable view of ``lower`` that never changes it: an overlayfs mount (upper
-    and work directories in ``work``), or a copy where overlayfs cannot be mounted.
-    Yields the merged directory; unmounted on exit."""
-    merged = work / "merged"
-    for sub in ("upper", "work", "merged"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'work'}",
-                        str(merged)], capture_output=True, text=True)
-    if p.returncode != 0:
-        merged.rmdir()
-        subprocess.run(["cp", "-a", str(lower), str(merged)], check=True)
-        yield merged
-        return
-    try:
-        yield merged
-    finally:
-        subprocess.run(["umount", str(merged)], capture_output=True)
-        if _is_mounted(str(merged)):
-            subprocess.run(["umount", "-l", str(merged)], capture_output=True)

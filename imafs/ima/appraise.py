@@ -298,7 +298,7 @@ def sign_v3(private_key, algo: str, verity_digest: bytes, keyid: int) -> bytes:
     in ``algo`` is ``verity_digest``: the signature is over ``file_id_hash()``, the
     hash of the kernel's ``struct ima_file_id`` (as ``calc_file_id_hash()`` in
     security/integrity/ima/ima_appraise.c computes it). Debian's evmctl 1.4 can neither
-    write nor check such values; tests/test_appraise_interop.py checks them with
+    write nor check such values; tests/interop/test_appraise.py checks them with
     ``fsverity digest`` and ``openssl dgst``."""
     a = hash_algo(algo)
     return _sig_value(IMA_VERITY_DIGSIG, 3, a, keyid,

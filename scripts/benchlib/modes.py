@@ -32,7 +32,7 @@ APPRAISE_SIG_POLICY = ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=ima
 # (imafs.ima.policy_parse.BUILTIN_POLICIES, as the kernel prints it) or rule text. The first
 # matching appraise rule decides, so the signature rules for executables and libraries
 # go before appraise_tcb's "appraise fowner=0" (which accepts a hash), as the kernel
-# puts its secure-boot signature rules before the appraise_tcb ones (tests/test_rootfs.py).
+# puts its secure-boot signature rules before the appraise_tcb ones (tests/mount/test_rootfs.py).
 SIG_EXEC_RULES = ("appraise func=BPRM_CHECK appraise_type=imasig\n"
                   "appraise func=MMAP_CHECK appraise_type=imasig\n")
 ROOTFS_MEASURE = ("tcb",)

@@ -88,7 +88,7 @@ imafs_keylime_agent() {
     echo "$want" > "$stamp"
 }
 
-# The Debian rootfs of tests/test_rootfs.py (scripts/rootfs.sh), built when missing.
+# The Debian rootfs of tests/mount/test_rootfs.py (scripts/rootfs.sh), built when missing.
 # Rule: build it unless IMAFS_BUILD_ROOTFS=0, within IMAFS_ROOTFS_TIMEOUT seconds
 # (default 300; a build took 36 s against the configured mirror on a 2-CPU test
 # machine). A failed or timed-out build is not retried for a day (marker
@@ -103,11 +103,11 @@ imafs_rootfs() {
     if [ "${IMAFS_BUILD_ROOTFS:-auto}" != 1 ] && [ -n "$(find "$cache.failed" -mmin -1440 2>/dev/null)" ]; then
         return 0
     fi
-    echo "setup: building the Debian rootfs for tests/test_rootfs.py (IMAFS_BUILD_ROOTFS=0 skips)" >&2
+    echo "setup: building the Debian rootfs for tests/mount/test_rootfs.py (IMAFS_BUILD_ROOTFS=0 skips)" >&2
     if timeout "${IMAFS_ROOTFS_TIMEOUT:-300}" "$top/scripts/rootfs.sh" "$cache" >/dev/null; then
         rm -f "$cache.failed"
     else
-        echo "setup: rootfs build failed or timed out; tests/test_rootfs.py will skip" >&2
+        echo "setup: rootfs build failed or timed out; tests/mount/test_rootfs.py will skip" >&2
         mkdir -p "$(dirname "$cache")" && touch "$cache.failed"
     fi
     return 0

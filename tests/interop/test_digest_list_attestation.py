@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import IMAFS, REPO, Mount, overlay_of
+from helpers.mounts import IMAFS, REPO, Mount, overlay_of
 
 pytestmark = [pytest.mark.interop, pytest.mark.mount, pytest.mark.slow,
               pytest.mark.timeout(900)]

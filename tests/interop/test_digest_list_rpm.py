@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO
+from helpers.mounts import IMAFS, REPO
 from imafs.ima import digest_lists as dl
 from imafs.sources import SourceError, rpm
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount
+from helpers.mounts import IMAFS, REPO, Mount, is_mounted, force_unmount
 from . import keylime_services as ks
 
 pytestmark = [pytest.mark.interop, pytest.mark.mount, pytest.mark.timeout(900)]
@@ -219,7 +219,7 @@ def test_demo_keylime_step():
     m = re.search(r"files in (/tmp/imafs-demo\.[A-Za-z0-9]+)/rootfs", r.stdout)
     work = m.group(1) if m else None
     for mnt in ("mnt", "mnt-attested"):
-        if work and _is_mounted(f"{work}/{mnt}"):
+        if work and is_mounted(f"{work}/{mnt}"):
             force_unmount(f"{work}/{mnt}")
             pytest.fail(f"the demo left {work}/{mnt} mounted\n{r.stdout}\n{r.stderr}")
     assert r.returncode == 0, r.stdout + r.stderr

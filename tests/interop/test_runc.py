@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from _escape_helper import build_escape
-from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount, wait_for
+from helpers.escape import build_escape
+from helpers.mounts import IMAFS, REPO, Mount, is_mounted, force_unmount, wait_for
 from imafs.ima.keys import keyid_of
 from imafs.ima.namespaces import parse_event
 from imafs.ima.templates import parse_ascii
@@ -168,7 +168,7 @@ class Runc:
             force_unmount(str(self.mnt))
         if self.overlay:
             subprocess.run(["umount", str(self.merged)], capture_output=True)
-            if _is_mounted(str(self.merged)):
+            if is_mounted(str(self.merged)):
                 subprocess.run(["umount", "-l", str(self.merged)], capture_output=True)
 
 
@@ -182,7 +182,7 @@ def rt(debian_rootfs):
         yield r
     finally:
         r.close()
-        if not _is_mounted(str(r.mnt)) and not _is_mounted(str(r.merged)):
+        if not is_mounted(str(r.mnt)) and not is_mounted(str(r.merged)):
             shutil.rmtree(work, ignore_errors=True)
 
 

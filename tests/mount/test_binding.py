@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from _escape_helper import build_escape
-from conftest import IMAFS, REPO, wait_for
-from test_namespaces_mount import (buf_id, cg_key, host_sh, keygen, keyid, lines, names,
+from helpers.escape import build_escape
+from helpers.mounts import IMAFS, REPO, wait_for
+from helpers.containers import (buf_id, cg_key, host_sh, keygen, keyid, lines, names,
                                    ns_bufs, sign)
 
 pytestmark = pytest.mark.mount

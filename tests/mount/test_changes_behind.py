@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from helpers.mounts import wait_for
 from imafs.cli import main as imafs_main
 
 pytestmark = pytest.mark.mount

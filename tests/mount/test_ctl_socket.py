@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO, wait_for
+from helpers.mounts import IMAFS, REPO, wait_for
 from imafs.ctl import protocol as P
 from imafs.fs.daemon import RUN_DIR, _infofile, mount_record
 from imafs.ima.templates import parse_ascii

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO, Mount, overlay_of
+from helpers.mounts import IMAFS, REPO, Mount, overlay_of
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO, run_as
+from helpers.mounts import IMAFS, REPO, run_as
 
 pytestmark = pytest.mark.mount
 

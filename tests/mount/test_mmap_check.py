@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_as
+from helpers.mounts import run_as
 from helpers.loadable import LOADER, build, make_rootfs
 from imafs.cli import main as imafs_main
 
@@ -138,7 +138,7 @@ def test_verdicts_follow_the_setting_across_remounts(make_mount, world_tmp, keyd
 
 
 def test_an_unknown_setting_is_refused(world_tmp, rootfs):
-    from conftest import IMAFS, REPO
+    from helpers.mounts import IMAFS, REPO
     r = subprocess.run(IMAFS + ["mount", str(rootfs), str(world_tmp), "--mmap-check", "some"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "--mmap-check" in r.stderr

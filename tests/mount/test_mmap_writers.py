@@ -27,7 +27,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_as, wait_for
+from helpers.mounts import run_as, wait_for
 from helpers.loadable import LOADER, Mapper, build, make_rootfs
 from imafs.cli import main as imafs_main
 from imafs.ima.templates import parse_ascii

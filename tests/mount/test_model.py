@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAFS, REPO, Mount, _is_mounted, force_unmount, run_as, wait_for
+from helpers.mounts import IMAFS, REPO, Mount, is_mounted, force_unmount, run_as, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -103,7 +103,7 @@ class World:
             force_unmount(str(self.mount.mnt))
         if self.overlay:
             subprocess.run(["umount", str(self.merged)], capture_output=True)
-            if _is_mounted(str(self.merged)):
+            if is_mounted(str(self.merged)):
                 subprocess.run(["umount", "-l", str(self.merged)], capture_output=True)
 
     # ------------------------------------------------------------------ helpers

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _is_mounted, force_unmount, run_as, wait_for
+from helpers.mounts import is_mounted, force_unmount, run_as, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -373,10 +373,10 @@ def coarse_backing(world_tmp):
         # the imafs mount on top goes first (make_mount's teardown runs after this
         # fixture's only if it was requested first: unmount it here too)
         for sub in world_tmp.iterdir():
-            if sub.name.startswith("mnt") and _is_mounted(str(sub)):
+            if sub.name.startswith("mnt") and is_mounted(str(sub)):
                 force_unmount(str(sub))
         subprocess.run(["umount", str(mp)], capture_output=True)
-        if _is_mounted(str(mp)):
+        if is_mounted(str(mp)):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
 
 

@@ -96,7 +96,7 @@ def test_child_at_its_quota_fails_closed_alone(make_mount, world_tmp):
 
 
 def test_quota_is_refused_when_malformed(make_mount, world_tmp):
-    from conftest import IMAFS, REPO
+    from helpers.mounts import IMAFS, REPO
     b, mnt = world_tmp / "b", world_tmp / "m"
     b.mkdir()
     mnt.mkdir()

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import IMAFS, REPO
+from helpers.mounts import IMAFS, REPO
 from imafs.ima.templates import parse_ascii
 
 pytestmark = [pytest.mark.mount,

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_as
+from helpers.mounts import run_as
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from helpers.mounts import wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

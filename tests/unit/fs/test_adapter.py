@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import wait_for
+from helpers.mounts import wait_for
 from imafs.fs import adapter as adapter_mod
 from imafs.fs.adapter import IntegrityHooks
 from imafs.fs.nodefd import NodeFds

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-import _ima_testkeys as tk
+from helpers import testkeys as tk
 from imafs.assemble import namespace_tree
 from imafs.fs.adapter import fd_file_ref, open_as_writer, open_in_mount
 from imafs.ima import appraise as ap

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-import _ima_testkeys as tk
+from helpers import testkeys as tk
 
 from imafs.ima import appraise as ap
 from imafs.ima import collect

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import _ima_testkeys as tk
+from helpers import testkeys as tk
 from imafs.ima import appraise as ap
 from imafs.ima import evm
 from imafs.ima.keys import Keyring, keyid_of

@@ -330,7 +330,7 @@ def test_set_id_bits_dropped_by_a_write_keep_the_hmac(world):
 def test_signatures_are_never_rewritten(world):
     """A type-3 signature that verifies lets a change through (INTEGRITY_PASS); the
     kernel would replace it by an HMAC, imafs keeps it -- it fails from then on."""
-    from _ima_testkeys import cert, der, key
+    from helpers.testkeys import cert, der, key
     root = world.tree.root
     priv = key("ec", 3)
     info = root.keyring.add(der(cert(priv)))

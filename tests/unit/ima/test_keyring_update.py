@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings, strategies as st
 
-import _ima_testkeys as tk
+from helpers import testkeys as tk
 from imafs.ima import keyring_update as ku
 from imafs.ima.keys import Keyring, keyid_of
 

@@ -14,7 +14,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-import _ima_testkeys as tk
+from helpers import testkeys as tk
 from imafs.assemble import namespace_tree
 from imafs.fs.adapter import open_in_mount
 from imafs.ima import securityfs_write

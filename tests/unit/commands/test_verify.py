@@ -1,0 +1,284 @@
+"""``imafs verify`` (in process): offline appraisal with keys, and with
+``--policy`` the verdict a mount with that policy gives (the mount itself:
+tests/mount/test_verify.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from imafs.cli import main
+from imafs.commands import verify
+from imafs.ima.keys import Keyring
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
+    return d
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "a").write_bytes(b"alpha\n")
+    (tmp_path / "b").write_bytes(b"beta\n" * 1000)
+    return tmp_path
+
+
+def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tmp_path, capsys):
+    d = tmp_path / "k"
+    d.mkdir()
+    for n in ("signing_key.pem", "signing_cert.der"):
+        (d / n).write_bytes((keydir / n).read_bytes())
+    (d / "junk.der").write_bytes(b"junk")
+    run(capsys, "sign", "--key", keydir / "signing_key.pem", files / "a")
+    rc, out, err = run(capsys, "verify", "--keys", d, files / "a")
+    assert rc == 0 and "junk.der" in err and "signing_key" not in err
+    rc, _, err = run(capsys, "verify", "--key", d / "junk.der", files / "a")
+    assert rc == 2 and "not an X.509 certificate" in err
+
+
+# --- verify --policy: the mount's verdict ------------------------------------------
+@pytest.fixture
+def kinds(keydir, tmp_path, capsys):
+    """One file per kind of security.ima value (and one without)."""
+    d = tmp_path / "kinds"
+    d.mkdir()
+    key = str(keydir / "signing_key.pem")
+    for n in ("v2", "v2-512", "v3", "hash", "hash-512", "none", "bad-v2"):
+        (d / n).write_bytes(n.encode() * 1000)
+    for argv in (["--key", key, d / "v2", d / "bad-v2"], ["--key", key, "-a", "sha512", d / "v2-512"],
+                 ["--verity", "--key", key, d / "v3"], ["--hash-only", d / "hash"],
+                 ["--hash-only", "-a", "sha512", d / "hash-512"]):
+        assert main(["sign", "-q", *map(str, argv)]) == 0
+    with open(d / "bad-v2", "ab") as f:
+        f.write(b"!")
+    capsys.readouterr()
+    return d
+
+
+def verdicts(capsys, keydir, kinds, *opts):
+    rc, out, err = run(capsys, "verify", "-q", "--keys", keydir, *opts,
+                       *sorted(kinds.iterdir()))
+    got = {}
+    for line in out.splitlines():
+        path, _, v = line.partition(": ")
+        got[path.rsplit("/", 1)[1]] = v
+    return rc, got, err
+
+
+def _policy(tmp_path, text):
+    p = tmp_path / f"policy{abs(hash(text))}"
+    p.write_text(text)
+    return p
+
+
+PASS_ALL = {"v2": "pass", "v2-512": "pass", "v3": "pass", "hash": "pass", "hash-512": "pass"}
+
+
+def test_verify_without_policy_is_unchanged(capsys, keydir, kinds):
+    rc, got, _ = verdicts(capsys, keydir, kinds)
+    assert rc == 1 and got == {**PASS_ALL, "none": "fail (missing-hash)",
+                               "bad-v2": "fail (invalid-signature)"}
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--require-sig")
+    assert got == {"v2": "pass", "v2-512": "pass", "v3": "pass",
+                   "hash": "fail (IMA-signature-required)",
+                   "hash-512": "fail (IMA-signature-required)",
+                   "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}
+
+
+POLICY_VERDICTS = [
+    # appraise_type=imasig without digest_type: a v3 signature is refused, as the mount does
+    ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig",
+     {"v2": "pass", "v2-512": "pass", "v3": "fail (IMA-signature-required)",
+      "hash": "fail (IMA-signature-required)", "hash-512": "fail (IMA-signature-required)",
+      "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}),
+    # a plain appraise rule: v3 is checked over the file digest, and fails
+    ("appraise func=FILE_CHECK",
+     {**PASS_ALL, "v3": "fail (invalid-verity-signature)", "none": "fail (missing-hash)",
+      "bad-v2": "fail (invalid-signature)"}),
+    ("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3",
+     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
+      "v3": "pass", "hash": "fail (verity-signature-required)",
+      "hash-512": "fail (verity-signature-required)",
+      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
+    ("appraise func=FILE_CHECK appraise_algos=sha512",
+     {"v2": "fail (denied-hash-algorithm)", "v2-512": "pass",
+      "v3": "fail (invalid-verity-signature)", "hash": "fail (denied-hash-algorithm)",
+      "hash-512": "pass", "none": "fail (missing-hash)", "bad-v2": "fail (invalid-signature)"}),
+    # digest_type=verity from a measure rule is OR-ed into the decision (kernel, engine)
+    ("measure func=FILE_CHECK digest_type=verity template=ima-ngv2\n"
+     "appraise func=FILE_CHECK appraise_type=imasig",
+     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
+      "v3": "pass", "hash": "fail (verity-signature-required)",
+      "hash-512": "fail (verity-signature-required)",
+      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
+    # rules for other hooks, masks or owners: not appraised, allowed
+    ("appraise func=BPRM_CHECK appraise_type=imasig\nappraise func=FILE_CHECK mask=MAY_WRITE\n"
+     "appraise fowner=1000", {n: "not appraised" for n in (*PASS_ALL, "none", "bad-v2")}),
+]
+
+
+@pytest.mark.parametrize("rule, want", POLICY_VERDICTS)
+def test_verify_policy_gives_the_rules_verdict(capsys, keydir, kinds, tmp_path, rule, want):
+    rc, got, err = verdicts(capsys, keydir, kinds, "--policy", _policy(tmp_path, rule + "\n"))
+    assert got == want and err == ""
+    assert rc == (1 if any(v.startswith("fail") for v in want.values()) else 0)
+
+
+def test_verify_policy_exec_dont_appraise_and_verbose(capsys, keydir, kinds, tmp_path):
+    pol = _policy(tmp_path, "dont_appraise fowner=1000\n"
+                  "appraise func=BPRM_CHECK mask=MAY_EXEC appraise_type=imasig\n")
+    os.chown(kinds / "none", 1000, 1000)
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--policy", pol)
+    assert rc == 0 and set(got.values()) == {"not appraised"}
+    rc, got, _ = verdicts(capsys, keydir, kinds, "--policy", pol, "--exec")
+    assert rc == 1 and got["none"] == "not appraised" and got["v2"] == "pass"
+    assert got["hash"] == "fail (IMA-signature-required)"
+    rc, out, _ = run(capsys, "verify", "-v", "--keys", keydir, "--policy", pol, "--exec",
+                     kinds / "v2", kinds / "hash")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{kinds}/v2: pass (signed by key ")
+    assert lines[0].endswith("; BPRM_CHECK rule 'appraise func=BPRM_CHECK mask=MAY_EXEC "
+                             "appraise_type=imasig')")
+    assert lines[1].startswith(f"{kinds}/hash: fail (IMA-signature-required) [fail: ")
+    rc, out, _ = run(capsys, "verify", "--failures-only", "--keys", keydir, "--policy", pol,
+                     kinds / "v2", kinds / "none")
+    assert (rc, out) == (0, "")
+
+
+def test_verify_policy_builtin_uses_the_file_system(capsys, keydir, tmp_path):
+    """appraise_tcb: root's files are appraised, except on tmpfs (fsmagic), as the
+    mount decides from the backing file's file system."""
+    import shutil
+    import tempfile
+    disk = tmp_path / "f"
+    disk.write_bytes(b"unsigned")
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        mem = os.path.join(shm, "f")
+        with open(mem, "wb") as f:
+            f.write(b"unsigned")
+        rc, out, _ = run(capsys, "verify", "--policy", "appraise_tcb", disk, mem)
+        assert rc == 1 and out == f"{disk}: fail (missing-hash)\n{mem}: not appraised\n"
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_verify_policy_usage_errors(capsys, keydir, files, tmp_path):
+    rc, _, err = run(capsys, "verify", "--policy", "tcb", "--require-sig", files / "a")
+    assert rc == 2 and "--require-sig and --policy" in err
+    rc, _, err = run(capsys, "verify", "--exec", files / "a")
+    assert rc == 2 and "--exec needs --policy" in err
+    bad = _policy(tmp_path, "appraise func=FILE_CHECK\nappraise bogus=1\n")
+    rc, _, err = run(capsys, "verify", "--policy", bad, files / "a")
+    assert rc == 2 and f"imafs verify: --policy: {bad}: line 2, column 10: " in err, err
+    rc, _, err = run(capsys, "verify", "--policy", tmp_path / "missing", files / "a")
+    assert rc == 2 and "cannot read policy" in err
+
+
+def test_verify_policy_mmap_check_for_elf_files(capsys, keydir, tmp_path):
+    """A read-only open of an ELF file is also the dynamic loader's MMAP_CHECK, as the
+    mount takes it (FUSE sees no mmap); other files are not."""
+    import shutil
+    elf, text = tmp_path / "lib.so", tmp_path / "notes"
+    shutil.copy("/bin/true", elf)
+    text.write_bytes(b"not an ELF file")
+    pol = _policy(tmp_path, "appraise func=MMAP_CHECK appraise_type=imasig\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf, text)
+    assert rc == 1 and out == f"{elf}: fail (IMA-signature-required)\n{text}: not appraised\n"
+    assert run(capsys, "sign", "-q", "--key", keydir / "signing_key.pem", elf)[0] == 0
+    for opts in ([], ["--exec"]):     # an exec maps the ELF's segments too
+        rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, *opts, elf, text)
+        assert rc == 0 and out == f"{elf}: pass\n{text}: not appraised\n"
+
+
+def test_verify_policy_exec_creds_check_sees_the_set_id_credentials(capsys, keydir, tmp_path):
+    import shutil
+    plain, setuid = tmp_path / "plain", tmp_path / "setuid"
+    for p in (plain, setuid):
+        shutil.copy("/bin/true", p)
+    os.chown(setuid, 1000, 0)
+    os.chmod(setuid, 0o4755)
+    pol = _policy(tmp_path, "appraise func=CREDS_CHECK euid=1000 appraise_type=imasig\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, "--exec", plain,
+                     setuid)
+    assert rc == 1 and out == (f"{plain}: not appraised\n"
+                               f"{setuid}: fail (IMA-signature-required)\n")
+    rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, setuid)
+    assert rc == 0 and out == f"{setuid}: not appraised\n"        # a read: no CREDS_CHECK
+
+
+def test_verify_policy_sees_the_file_systems_uuid(capsys, tmp_path, monkeypatch):
+    """fsuuid= rules compare the backing file system's UUID, as the mount does (the
+    file-system facts are read for every policy, not only for those Policy.needs
+    names: it leaves fsuuid out, since None is the null UUID there)."""
+    from imafs.ima.iint import FsInfo
+    uuid = "6f1a2b3c-0000-4000-8000-00000000abcd"
+    monkeypatch.setattr(verify, "fs_info",
+                        lambda fd, dev: FsInfo(magic=0xEF53, name="ext4", uuid=uuid))
+    f = tmp_path / "f"
+    f.write_bytes(b"unsigned")
+    rc, out, _ = run(capsys, "verify", "--policy",
+                     _policy(tmp_path, f"appraise fsuuid={uuid}\n"), f)
+    assert (rc, out) == (1, f"{f}: fail (missing-hash)\n")
+    other = "6f1a2b3c-0000-4000-8000-000000000000"
+    rc, out, _ = run(capsys, "verify", "--policy",
+                     _policy(tmp_path, f"appraise fsuuid={other}\n"), f)
+    assert (rc, out) == (0, f"{f}: not appraised\n")
+
+
+@pytest.mark.parametrize("policy_text", [
+    "appraise func=FILE_CHECK\n", "appraise func=MMAP_CHECK_REQPROT\n",
+    "appraise fowner=0\n", "measure func=BPRM_CHECK\n"])
+def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
+    """verify --policy asks Policy.match about the events the engine derives from the
+    same open (a guard against the two hook mappings drifting apart)."""
+    import shutil
+    from imafs.ima import hooks
+    from imafs.ima.engine import Engine, FileRef, Subject
+    from imafs.ima.keys import Keyring
+    from imafs.ima.measurelog import MeasurementList
+    from imafs.ima.namespaces import Namespace, NamespaceTree
+    from imafs.ima.policy import Policy
+    from imafs.ima.policy_parse import parse_policy
+    from imafs.store import Store
+    elf, suid, text = tmp_path / "elf", tmp_path / "suid", tmp_path / "text"
+    shutil.copy("/bin/true", elf)
+    shutil.copy("/bin/true", suid)
+    os.chmod(suid, 0o6755)
+    os.chown(suid, 1000, 1000)
+    text.write_bytes(b"#!/bin/sh\n")
+    store = Store(str(tmp_path / "lmdb"), sync=False)
+    try:
+        policy = Policy(parse_policy(policy_text))
+        root = Namespace(id=0, name="", parent=None, policy=policy,
+                         mlist=MeasurementList(store, 0), keyring=Keyring())
+        engine = Engine(NamespaceTree(root), store=store)
+        me = Subject(os.getpid(), 0, 0)
+        for p in (elf, suid, text):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                f = FileRef(fd=fd, st=st, path=b"/x", readable=True, reopen=lambda: -1,
+                            getxattr=lambda n: None, setxattr=lambda n, v: None)
+                ii = engine.iints.get(f.key)
+                for exec_ in (False, True):
+                    role = engine.exec_roles.role(me, f, ii) if exec_ else None
+                    theirs = hooks.events(root.chain(), me, f, ii,
+                                          0 if exec_ else 4, exec_, role=role)
+                    ours = verify._root_events(policy, "/x", fd, st, exec_)
+                    key = lambda e: (e.func, e.mask, e.uid, e.euid, e.gid, e.egid,  # noqa
+                                     e.fowner, e.fgroup)
+                    assert [key(e) for e in ours] == [key(e) for e in theirs], (p, exec_)
+            finally:
+                os.close(fd)
+    finally:
+        store.close()
