@@ -23,7 +23,8 @@ import pyfuse3
 
 from imafs.fs import sysio
 from imafs.fs.inotify import Inotify
-from imafs.fs.overlay import Caller, Denied, Hooks, Inode
+from imafs.fs.inode import Caller, Denied, Inode
+from imafs.fs.overlay import Hooks
 from imafs.fs.resolve import open_as_seen_by, open_regular, resolve
 from imafs.ima.engine import (AccessDenied, Change, Engine, FileRef, FsInfo, OpenMode, Pending,
                                Subject)

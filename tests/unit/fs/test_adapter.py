@@ -14,7 +14,7 @@ from helpers.mounts import wait_for
 from imafs.fs import adapter as adapter_mod
 from imafs.fs.adapter import IntegrityHooks
 from imafs.fs.nodefd import NodeFds
-from imafs.fs.overlay import Caller, Denied, Inode
+from imafs.fs.inode import Caller, Denied, Inode
 from imafs.ima.engine import AccessDenied, FileRef, OpenMode, OpenState, Pending, Subject
 
 CALLER = Caller(pid=4242, uid=1000, gid=100)
