@@ -258,11 +258,6 @@ class Engine:
             return state.finish()
         return self._decided(req, state)
 
-    def _get_action(self, req: OpenRequest) -> None:
-        req.events = events(req.chain, req.subject, req.f, req.ii, req.mode.mask,
-                            req.mode.exec_, req.funcs, req.role)
-        req.decided = self.get_action(req.ns, req.events)
-
     @staticmethod
     def _reads_for_access(req: OpenRequest) -> bool:
         """Does the access decision depend on the file's bytes: an exec (ELF or
