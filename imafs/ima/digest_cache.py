@@ -39,6 +39,7 @@ from imafs.ima.digest_index import IndexError_, ListInfo
 from imafs.ima.hooks import OpenMode
 from imafs.ima.iint import AccessDenied, FileRef, Subject, settle
 from imafs.ima.policy import MAY_READ
+from imafs.ima.quota import QuotaExceeded, admit_digest_list
 
 log = logging.getLogger("imafs.engine")
 
@@ -186,6 +187,10 @@ def load(engine, ns, subject: Subject, f: FileRef, *, label: str | None = None,
     if idx.get(label) is not None:      # before it is measured: nothing to undo
         raise DigestListRefused(errno.EEXIST, f"a digest list named {label!r} is already "
                                               f"loaded in namespace {ns.path}")
+    try:
+        admit_digest_list(ns, idx, size, engine.audit)
+    except QuotaExceeded as e:
+        raise DigestListRefused(errno.ENOSPC, f"{path}: {e}") from None
     state = None
     try:
         with engine.tree.acting_as(subject.pid, ns):

@@ -5,8 +5,9 @@ every per-namespace bound of issues 14 (item 5) and 15 is a kind here.
 A child namespace's measurement list (and, with issues 17 and 18, its digest lists
 and its behaviour model) lives in the host's LMDB: a container that reads new files
 forever would fill the host's disk. Each namespace has a :class:`Quota`: per kind of
-store (``list``; later ``digest-lists``, ``model``) at most so many entries and so
-many bytes. A store that would go past it is refused (:class:`QuotaExceeded`) and
+store (``list``, ``digest-lists``) at most so many entries and so many bytes. (A
+behaviour model is bounded by the model itself: at most ``Model.max_points``
+coefficients and ``max_records`` trajectory and forensics records, model.py.) A store that would go past it is refused (:class:`QuotaExceeded`) and
 the namespace fails closed -- its accesses that need a new entry of that kind are
 refused (record.py: EIO, as any entry that cannot be stored) -- while the host and
 its siblings go on; the first refusal of each namespace and kind is audited
@@ -25,6 +26,8 @@ below the root, ``--ns-quota``) gives: :meth:`Quota.within`.
 
 For the ``list`` kind, entries are the list's entries and bytes the size of its
 binary view (``binary_runtime_measurements``, sha1 bank: what a verifier fetches).
+For ``digest-lists``, entries are the lists loaded and bytes the sizes of their
+files (a refused load is ENOSPC, the lists already loaded go on vouching).
 The root namespace has no quota (the kernel's list has none; the mount's own limits
 bound its namespaces).
 """
@@ -38,8 +41,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("imafs.engine")
 
-KINDS = ("list", "namespaces")   # digest lists (17) and models (18) add theirs
+KINDS = ("list", "digest-lists", "namespaces")
 DEFAULT_LIST = (1_000_000, 256 << 20)   # a child's list: entries, bytes of the binary view
+DEFAULT_DIGEST_LISTS = (64, 512 << 20)  # a child's digest lists: lists, bytes of list files
 DEFAULT_NAMESPACES = (64, None)         # a child's subtree: namespaces (a count, no size)
 MAX_NAMESPACES = 1024                   # the mount's own (namespaces.MAX_NAMESPACES)
 COUNT_ONLY = ("namespaces",)
@@ -66,7 +70,8 @@ def _number(text: str, *, size: bool) -> int | None:
     m = _SIZE.match(text.upper()) if size else re.fullmatch(r"\d+", text)
     if m is None:
         raise QuotaError(f"{text!r} is not a {'size (N, NK, NM, NG)' if size else 'count'}")
-    return int(m.group(1)) * _UNITS[m.group(2)] if size else int(text)
+    value = int(m.group(1)) * _UNITS[m.group(2)] if size else int(text)
+    return value or None        # "00", "0K": zero too, no limit (as it prints back)
 
 
 @dataclass
@@ -80,7 +85,8 @@ class Quota:
     @classmethod
     def default(cls) -> "Quota":
         """A child namespace's quota when nothing says otherwise."""
-        return cls({"list": DEFAULT_LIST, "namespaces": DEFAULT_NAMESPACES})
+        return cls({"list": DEFAULT_LIST, "digest-lists": DEFAULT_DIGEST_LISTS,
+                    "namespaces": DEFAULT_NAMESPACES})
 
     @classmethod
     def unlimited(cls) -> "Quota":
@@ -182,3 +188,14 @@ def admit_list_entry(ns, entry, audit=None) -> None:
         if not entry.violation and ml.listed(entry):
             return
         raise
+
+
+def admit_digest_list(ns, idx, size: int, audit=None) -> None:
+    """Before a list file of ``size`` bytes goes into namespace ``ns``'s digest lists
+    (``idx``): within its quota, else QuotaExceeded."""
+    quota = getattr(ns, "quota", None)
+    if quota is None or "digest-lists" not in quota.limits:
+        return
+    loaded = idx.lists()
+    quota.admit(ns.path, "digest-lists", len(loaded), sum(i.size for i in loaded), size,
+                audit)

@@ -103,3 +103,40 @@ def test_quota_is_refused_when_malformed(make_mount, world_tmp):
     p = subprocess.run(IMAFS + ["mount", str(b), str(mnt), "--ns-quota", "list:many"],
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode != 0 and "list:many" in p.stderr
+
+
+def test_digest_lists_of_a_child_at_its_quota(make_mount, world_tmp):
+    """A container loads digest lists into its own namespace until its quota
+    (``digest-lists:ENTRIES``): the next load is ENOSPC from write(2), audited once
+    with the kind; the lists loaded stay; the host (no quota) loads as many as it
+    likes."""
+    import hashlib
+    from imafs.ima import digest_lists as dl
+    backing = world_tmp / "rootfs"
+    backing.mkdir()
+    _rootfs(backing)
+    (backing / "lists").mkdir()
+    for i in range(3):
+        lst = dl.DigestList((dl.Block.of("file", "sha256",
+                                          [hashlib.sha256(b"%d" % i).digest()]),))
+        (backing / "lists" / f"l{i}.list").write_bytes(lst.to_bytes())
+    pol = world_tmp / "policy"
+    pol.write_text(POLICY)
+    m = make_mount(["--policy", str(pol), "--ns-quota", "digest-lists:2"], backing=backing)
+    r = _container(m, "lists", """
+        for i in 0 1 2; do
+          echo /lists/l$i.list > /.imafs/digest_list_add && echo loaded=$i || echo refused=$i
+        done
+        ls /.imafs/digest_lists_loaded/""")
+    assert r.returncode == 0, r.stderr
+    assert "loaded=0" in r.stdout and "loaded=1" in r.stdout and "refused=2" in r.stdout, \
+        (r.stdout, r.stderr)
+    assert "No space left on device" in r.stderr, r.stderr
+    assert sorted(os.listdir(m.ctl("namespaces/lists/digest_lists_loaded"))) == \
+        ["l0.list", "l1.list"]
+    recs = [a for a in m.audit() if a["type"] == "quota_exceeded"]
+    assert len(recs) == 1 and recs[0]["kind"] == "digest-lists" and recs[0]["ns"] == "/lists"
+    assert "digest-lists quota reached (2 entries, at most 2)" in m.log_text()
+    for i in range(3):               # the root namespace has no quota
+        (m.ctl("digest_list_add")).write_text(f"{m.mnt}/lists/l{i}.list\n")
+    assert len(os.listdir(m.ctl("digest_lists_loaded"))) == 3
