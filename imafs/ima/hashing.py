@@ -20,6 +20,9 @@ Pure Python (hashlib, os.pread); no FUSE or trio import.
 Like the kernel's IMA (ima_calc_file_hash), :func:`hash_fd` hashes the file up
 to the size ``fstat`` reports when it starts; if the file is shorter by then,
 the result covers (and ``FileDigests.size`` reports) what was there.
+
+One concern, over 600 lines by a little: the algorithm table and the one streaming
+pass that every digest (file, verity leaves) goes through; the Merkle tree is in verity.py.
 """
 from __future__ import annotations
 

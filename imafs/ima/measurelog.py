@@ -20,6 +20,9 @@ Views are ``ascii_<bank>`` and ``binary_<bank>`` for every bank of the list;
 (one B-tree lookup), then renders at most CHECKPOINT_EVERY - 1 entries to reach
 the offset: O(log n) per read, no list in memory.  The index costs about
 4 * 30 / CHECKPOINT_EVERY bytes per entry with two banks.
+
+One concern, over 600 lines by a little: the list and its PCR banks are stored in one
+transaction per append, so they cannot be cut apart without losing that.
 """
 from __future__ import annotations
 
