@@ -245,7 +245,7 @@ def build(opts) -> Filesystem:
                     cache_store=cache_store, mmap_check=x.get("mmap_check") or "all-elf",
                     **({"tree_memory": x["tree_memory"] << 20}
                        if x.get("tree_memory") is not None else {}))
-    hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint)
+    hooks = IntegrityHooks(engine, mountpoint=opts.mountpoint, read_only=opts.read_only)
     overlay = Overlay(opts.backing, hooks=hooks, **common)
     # the control files read the paths written to them inside the mount only; the
     # digest-list files as their writer sees them (a file of the mount: its backing one)

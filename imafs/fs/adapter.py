@@ -156,6 +156,11 @@ def _setxattr(inode: Inode, name: str, value: bytes) -> None:
         os.setxattr(sysio.proc_path(fd), name, value)
 
 
+def _read_only(*_args) -> None:
+    """The xattr writer of a file of a read-only mount."""
+    raise OSError(errno.EROFS, "read-only mount")
+
+
 def _removexattr(inode: Inode, name: str) -> None:
     """Remove an xattr of the backing inode (through its /proc/self/fd path)."""
     with inode.pinned() as fd:
@@ -188,8 +193,12 @@ def _lstat(parent: Inode, name: bytes) -> os.stat_result | None:
 class IntegrityHooks(Hooks):
     xattr_hooks = True
 
-    def __init__(self, engine: Engine, *, mountpoint: str | None = None):
+    def __init__(self, engine: Engine, *, mountpoint: str | None = None,
+                 read_only: bool = False):
         self.engine = engine
+        # -o ro: the backing directory is never written, appraise_mode=fix included
+        # (its xattr writes fail EROFS, which the engine logs and goes on)
+        self._read_only = read_only
         self._mountpoint = os.path.realpath(mountpoint) if mountpoint else None
         self._root_key = None   # the mount root's (dev major, minor, ino): _mount_root
         self._fs: dict[int, FsInfo] = {}
@@ -256,8 +265,8 @@ class IntegrityHooks(Hooks):
         return file_ref(
             fd, st, inode.path(), readable=(flags & os.O_ACCMODE) != os.O_WRONLY,
             reopen=lambda: inode.reopen(os.O_RDONLY | os.O_CLOEXEC),
-            setxattr=lambda n, v: _setxattr(inode, n, v),
-            removexattr=lambda n: _removexattr(inode, n),
+            setxattr=_read_only if self._read_only else lambda n, v: _setxattr(inode, n, v),
+            removexattr=_read_only if self._read_only else lambda n: _removexattr(inode, n),
             fs=self._fsinfo(fd, st.st_dev), generation=self._generation(inode, fd, st.st_dev),
             resolve=lambda pid, p: _identity(inode, self._mount_root, pid, p),
             fill_cache=lambda: self._fill_cache(inode),

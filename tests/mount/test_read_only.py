@@ -142,3 +142,19 @@ def test_the_daemon_refuses_changes_if_the_mount_is_made_writable(m):
     erofs(os.rename, motd, m.mnt / "etc" / "moved")
     assert sorted(os.listdir(m.backing / "etc")) == ["motd", "unsigned"]
     assert (m.mnt / "etc" / "motd").read_text() == "hello\n"
+
+
+def test_fix_mode_leaves_the_backing_directory_alone(make_mount, world_tmp):
+    """``--appraise fix`` on a read-only mount: a file without a hash still opens
+    (fix mode never refuses), but no ``security.ima`` is written to the backing
+    directory; the daemon logs why."""
+    b = world_tmp / "backing-ro-fix"
+    b.mkdir()
+    (b / "unlabelled").write_text("no hash\n")
+    (world_tmp / "fix.policy").write_text("appraise func=FILE_CHECK mask=MAY_READ\n")
+    mt = make_mount(["-o", "ro", "--appraise", "fix",
+                     "--policy", str(world_tmp / "fix.policy")], backing=b)
+    assert (mt.mnt / "unlabelled").read_text() == "no hash\n"
+    assert "security.ima" not in os.listxattr(b / "unlabelled")
+    log = mt.log.read_text()
+    assert "fix: cannot write security.ima" in log and "read-only" in log, log[-2000:]
