@@ -495,7 +495,7 @@ class Targets:
                 raise Bug("a host-file option was taken from inside the mount")
 
     def ns_event(self, data: bytes) -> None:
-        from imafs.ima.namespaces import parse_event
+        from imafs.ima.nsevents import parse_event
         try:
             f = parse_event(data)
         except ValueError as e:

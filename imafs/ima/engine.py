@@ -46,8 +46,8 @@ from imafs.ima.modelhooks import Modelling, models_of
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
                             OpenState, Pending, Subject, settle)
 from imafs.ima.lastwriter import LastWriter
-from imafs.ima.namespaces import (Namespace, NamespaceTree, XattrView, chain_epochs,
-                                  chain_fingerprints)
+from imafs.ima.namespaces import Namespace, NamespaceTree, chain_epochs, chain_fingerprints
+from imafs.ima.nsxattr import XattrView
 from imafs.ima.policy import AccessEvent, Decision
 from imafs.ima.readverify import ReadVerifier, ReadVerifyError, verifiers_of
 from imafs.ima.record import Recorder, measurement_spec

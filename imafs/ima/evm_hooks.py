@@ -4,7 +4,7 @@ as the engine calls them -- evm_verifyxattr() for an appraisal, evm_inode_setatt
 through the mount, and evm_inode_post_*() (evm_update_evmxattr) after it.
 
 The formats and the check itself are evm.py's; which ``security.ima`` and
-``security.evm`` a namespace sees is namespaces.py's :class:`XattrView` (``value``).
+``security.evm`` a namespace sees is nsxattr.py's :class:`XattrView` (``value``).
 A namespace's EVM (:class:`EvmState`) is its mode -- ``enforce`` (an EVM failure
 fails the appraisal; a change the kernel refuses is EPERM), ``log`` (failures and
 refused changes are audited, nothing is refused), ``off`` (EVM is not there) -- its

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 from imafs.ima import hashing
-from imafs.ima.namespaces import NS_EVENTS
+from imafs.ima.nsevents import NS_EVENTS
 from imafs.ima.template_lib import TemplateError
 from imafs.ima.templates import parse_ascii_line
 

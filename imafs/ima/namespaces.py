@@ -9,14 +9,15 @@ Persistence: child namespaces (their options and policies) are in the store's ``
 database; lists, PCRs and keys in their own databases. The root namespace is not
 stored here: its policy (and its keys) come from the command line at each mount.
 
-``ns-create`` and ``ns-remove`` (:meth:`NamespaceTree.ns_create`, ``ns_remove``)
-record the change in the parent's list and move processes through the binder.
+``ns-create``, ``ns-join`` and ``ns-remove`` (:meth:`NamespaceTree.ns_create`,
+``ns_join``, ``ns_remove``) record the change in the parent's list (the records:
+nsevents.py) and move processes through the binder.
 
 Each namespace has its own ``security.ima`` and ``security.evm``: the root's are the
 file's own attributes; a child's are kept under private names
 (``security.imafs.nsID.ima``, ``.evm``), written and read as ``security.ima`` /
-``security.evm`` by the child's processes (:class:`XattrView`), and never replace the
-host's. A child that has written no ``security.ima`` of its own sees, and appraises
+``security.evm`` by the child's processes (nsxattr.py's :class:`XattrView`), and never
+replace the host's. A child that has written no ``security.ima`` of its own sees, and appraises
 against its own keyring, the file's own (the image's) value
 (:meth:`Namespace.ima_xattr`). Each namespace has its own EVM state (mode, HMAC key,
 flags: ``Namespace.evm``, imafs/ima/evm_hooks.py).
@@ -38,24 +39,16 @@ from imafs.ima import nsoptions
 from imafs.ima.evm_hooks import EvmState
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
+from imafs.ima.nsevents import (NS_CREATE, NS_INIT, NS_JOIN, NS_JOIN_FAILED, NS_REMOVE,
+                                event_data)
 from imafs.ima.nsoptions import APPRAISE_MODES, NAME_RE, OptionError  # noqa: F401
+from imafs.ima.nsxattr import EVM_XATTR, IMA_XATTR, PRIVATE_XATTR_PREFIX
 from imafs.ima.policy import Policy
 from imafs.ima.quota import DEFAULT_NAMESPACES, Quota
 from imafs.ima.record import record_buffer
 
 log = logging.getLogger("imafs.engine")
 
-IMA_XATTR = "security.ima"
-EVM_XATTR = "security.evm"
-#: the prefix of the names under which child namespaces keep their own security.ima
-PRIVATE_XATTR_PREFIX = "security.imafs."
-
-# The ima-buf entries namespace events record (their data: ``event_data``, parsed
-# back by ``parse_event``): in the parent's list, ns-create, ns-remove, ns-join and
-# ns-join-failed; in the child's, ns-init (the same data as its ns-create).
-NS_CREATE, NS_INIT, NS_REMOVE = "ns-create", "ns-init", "ns-remove"
-NS_JOIN, NS_JOIN_FAILED = "ns-join", "ns-join-failed"
-NS_EVENTS = (NS_CREATE, NS_INIT, NS_REMOVE, NS_JOIN, NS_JOIN_FAILED)
 # Limits, as the kernel's for user namespaces: every open is measured, appraised and
 # recorded in its namespace's list and every ancestor's (so the depth bounds what one
 # open costs), and each namespace holds a policy, a list, PCRs, a keyring and a cgroup.
@@ -565,10 +558,10 @@ class NamespaceTree:
         if check is not None:
             check()
         uuid_ = getattr(target, "uuid", "")
-        data = (f"ns-join name={target.path} id={target.id} uuid={uuid_} "
+        data = (f"{NS_JOIN} name={target.path} id={target.id} uuid={uuid_} "
                 f"from={base.path}").encode()
         try:
-            record_buffer(target.parent, "ns-join", data)
+            record_buffer(target.parent, NS_JOIN, data)
         except Exception as e:  # noqa: BLE001 - fail closed: nobody moves unrecorded
             raise NamespaceError(errno.EIO, f"cannot record the join of {target.path}: "
                                             f"{e}") from None
@@ -579,8 +572,8 @@ class NamespaceTree:
                 bind(target)
         except Exception as e:  # noqa: BLE001 - BindingError, OSError
             try:
-                record_buffer(target.parent, "ns-join-failed",
-                              data.replace(b"ns-join ", b"ns-join-failed ", 1))
+                record_buffer(target.parent, NS_JOIN_FAILED,
+                              NS_JOIN_FAILED.encode() + data[len(NS_JOIN):])
             except Exception as e2:  # noqa: BLE001
                 log.error("cannot record the failed join of %s: %s", target.path, e2)
             raise NamespaceError(errno.EPERM, str(e)) from None
@@ -591,129 +584,3 @@ class NamespaceTree:
     def _audit(self, kind: str, **fields) -> None:
         if self.audit is not None:
             self.audit.record(kind, **fields)
-
-
-def event_data(event: str, ns: Namespace) -> bytes:
-    """The data of a namespace event's ima-buf entry: ``ns-create`` (and its
-    ``ns-init``) names the child, its id, UUID and options; ``ns-remove`` adds the
-    child's final entry count and PCR 10 (sha256 bank when the list has it)."""
-    head = f"{event} name={ns.path} id={ns.id} uuid={getattr(ns, 'uuid', '')}"
-    if event in (NS_CREATE, NS_INIT):
-        return (f"{head} template={ns.template} hash={ns.hash_algo} "
-                f"appraise={ns.appraise_mode}").encode()
-    if event == NS_REMOVE:
-        final = f" entries={ns.mlist.count}"
-        try:
-            bank = "sha256" if "sha256" in ns.mlist.banks else ns.mlist.banks[0]
-            final += f" pcr10={bank}:{ns.mlist.pcr(bank, 10).hex()}"
-        except Exception:  # noqa: BLE001 - a list without PCRs (tests)
-            pass
-        return (head + final).encode()
-    return head.encode()
-
-
-def parse_event(data: bytes) -> dict[str, str]:
-    """The fields of a namespace event's data (``event_data``): {"event": NAME,
-    "name": ..., "id": ..., "uuid": ..., ...}; ValueError for data that is not one."""
-    try:
-        words = data.decode("utf-8").split(" ")
-    except UnicodeDecodeError:
-        raise ValueError("namespace event data is not UTF-8") from None
-    if not words or words[0] not in NS_EVENTS:
-        raise ValueError(f"not a namespace event: {data[:40]!r}")
-    out = {"event": words[0]}
-    for w in words[1:]:
-        k, eq, v = w.partition("=")
-        if not eq or not k or k in out:
-            raise ValueError(f"{words[0]}: malformed field {w[:40]!r}")
-        out[k] = v
-    for k in ("name", "id", "uuid"):
-        if k not in out:
-            raise ValueError(f"{words[0]}: no {k}= field")
-    if not out["id"].isdigit():
-        raise ValueError(f"{words[0]}: id {out['id']!r} is not a number")
-    return out
-
-
-class XattrView:
-    """Which ``security.ima`` and ``security.evm`` a process sees: its namespace's own.
-    The root namespace's are the file's attributes; a child's are stored under its
-    private names and read, written and listed as ``security.ima`` /
-    ``security.evm`` by the child's processes only -- where a child has written no
-    ``security.ima``, it reads the file's own (the image's). Private names are nobody's
-    to read, write or list directly. Names are bytes, as the FUSE requests carry them.
-    :meth:`value` is what the engine reads of a file for a namespace (EVM's view)."""
-
-    IMA = IMA_XATTR.encode()
-    EVM = EVM_XATTR.encode()
-    OWN = (IMA, EVM)                    # the names each namespace has its own of
-    PRIVATE = PRIVATE_XATTR_PREFIX.encode()
-    UNKNOWN = PRIVATE + b"unknown"      # a name no file has: reads as ENODATA
-
-    def __init__(self, tree: NamespaceTree):
-        self.tree = tree
-
-    def is_private(self, name: bytes) -> bool:
-        return name.startswith(self.PRIVATE)
-
-    @staticmethod
-    def own_name(ns: Namespace, name: bytes) -> bytes:
-        """Where namespace ``ns`` keeps its own ``name`` (one of OWN)."""
-        return (ns.xattr_name if name == XattrView.IMA else ns.evm_xattr_name).encode()
-
-    def stored_name(self, ns: Namespace, name: bytes) -> bytes | None:
-        """The name a write (or removal) of ``name`` by a process of ``ns`` goes to, or
-        None for ``name`` itself."""
-        if name in self.OWN and ns.id != 0:
-            return self.own_name(ns, name)
-        return None
-
-    def read_name(self, pid: int, name: bytes) -> bytes | tuple | None:
-        """The name a read of ``name`` by ``pid`` reads instead -- or the names, in
-        order, of which the first the file has is read -- or None for ``name``."""
-        if name.startswith(self.PRIVATE):
-            # a namespace's own security.ima is read as security.ima inside it; by its
-            # private name nobody reads it (a sibling would, otherwise)
-            return self.UNKNOWN
-        if name in self.OWN:
-            ns = self.tree.of_pid(pid)
-            if ns is None:
-                return self.UNKNOWN
-            if ns.id != 0:
-                # security.ima: its own, else the file's (the image's); security.evm:
-                # its own (value() says when the engine falls back to the file's)
-                return (self.own_name(ns, name), name) if name == self.IMA else \
-                    self.own_name(ns, name)
-        return None
-
-    def listed(self, pid: int, names: list[bytes]) -> list[bytes]:
-        """The names ``pid`` is shown: ``security.ima`` when its namespace has a value
-        -- its own, or for a child without one the file's -- and ``security.evm`` when
-        it has its own (the host's attribute, or the namespace's private copy); no
-        private name."""
-        out = [n for n in names if n not in self.OWN and not n.startswith(self.PRIVATE)]
-        ns = self.tree.of_pid(pid)
-        if ns is not None:
-            for own in self.OWN:
-                if self.own_name(ns, own) in names or (own == self.IMA and own in names):
-                    out.append(own)
-        return out
-
-    def value(self, ns: Namespace, name: str, getxattr) -> bytes | None:
-        """The value of xattr ``name`` as namespace ``ns`` sees it, read through
-        ``getxattr(name) -> bytes | None``: its own ``security.ima`` (a child without
-        one: the file's, Namespace.ima_xattr) and ``security.evm`` (a child's private
-        ones), every other attribute the file's.
-        A child without a ``security.evm`` of its own sees the file's -- an image's
-        signature -- unless it has a ``security.ima`` of its own, which the file's
-        ``security.evm`` does not cover."""
-        if name == IMA_XATTR:
-            return ns.ima_xattr(getxattr)
-        if name == EVM_XATTR:
-            if ns.id == 0:
-                return getxattr(EVM_XATTR)
-            own = getxattr(ns.evm_xattr_name)
-            if own is not None or getxattr(ns.xattr_name) is not None:
-                return own
-            return getxattr(EVM_XATTR)
-        return getxattr(name)

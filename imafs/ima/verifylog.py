@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
 from imafs.ima import appraise as ap
-from imafs.ima.namespaces import NS_CREATE, NS_EVENTS, NS_INIT, NS_REMOVE, parse_event
+from imafs.ima.nsevents import NS_CREATE, NS_EVENTS, NS_INIT, NS_REMOVE, parse_event
 from imafs.ima.template_lib import TemplateError, hash_size, new_hash
 from imafs.ima.templates import TemplateEntry, parse_ascii, parse_binary
 

@@ -26,7 +26,7 @@ import pytest
 from helpers.escape import build_escape
 from helpers.mounts import IMAFS, REPO, Mount, is_mounted, force_unmount, wait_for
 from imafs.ima.keys import keyid_of
-from imafs.ima.namespaces import parse_event
+from imafs.ima.nsevents import parse_event
 from imafs.ima.templates import parse_ascii
 
 pytestmark = [pytest.mark.interop, pytest.mark.mount, pytest.mark.timeout(600),

@@ -1,9 +1,8 @@
-"""imafs.ima.evm_hooks without a mount: a namespace's EVM state and its flags, the
-view of security.ima/security.evm each namespace has (XattrView.value), and metadata
-changes through Engine.inode_setattr / inode_setxattr on real files -- which
-namespaces check a change, which get a new HMAC (a child's writes never reach the
-host's security.evm), log mode, signatures never rewritten; a child's EVM options
-in ns-create and in its stored record."""
+"""imafs.ima.evm_hooks without a mount: a namespace's EVM state and its flags, and
+metadata changes through Engine.inode_setattr / inode_setxattr on real files -- which namespaces check a change, which get a new HMAC (a child's
+writes never reach the host's security.evm), log mode, signatures never rewritten;
+a child's EVM options in ns-create and in its stored record. The views of
+security.ima/security.evm: tests/unit/ima/test_nsxattr.py."""
 from __future__ import annotations
 
 import errno
@@ -23,7 +22,7 @@ from imafs.ima.evm_hooks import EvmState
 from imafs.ima.evm_secfs import EvmStateError
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
-from imafs.ima.namespaces import NamespaceError, XattrView
+from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
@@ -229,32 +228,6 @@ def test_namespace_epoch_and_fingerprint_follow_evm(world):
     c.evm.write(b"4")
     assert c.fingerprint() != c_fp
     assert root.epoch() == ep and root.fingerprint() == fp
-
-
-# ------------------------------------------------------------------ views
-def test_each_namespace_sees_its_own_ima_and_evm(world):
-    v = XattrView(world.tree)
-    c = world.child("c", CHILD_PID)
-    assert c.evm_xattr_name == f"security.imafs.ns{c.id}.evm"
-    assert v.stored_name(c, b"security.evm") == c.evm_xattr_name.encode()
-    assert v.stored_name(world.tree.root, b"security.evm") is None
-    assert v.read_name(CHILD_PID, b"security.evm") == c.evm_xattr_name.encode()
-    assert v.read_name(CHILD_PID, c.evm_xattr_name.encode()) == v.UNKNOWN
-    names = [b"security.evm", c.evm_xattr_name.encode(), b"user.x"]
-    assert v.listed(CHILD_PID, names) == [b"user.x", b"security.evm"]
-    assert v.listed(HOST_PID, [c.evm_xattr_name.encode(), b"user.x"]) == [b"user.x"]
-    vals = {"security.evm": b"\x05host", "security.ima": b"host-ima",
-            "security.capability": CAPS}
-    get = vals.get
-    # a child with nothing of its own sees the file's security.evm (an image's)
-    assert v.value(c, "security.evm", get) == b"\x05host"
-    assert v.value(c, "security.capability", get) == CAPS
-    # ... not once it has its own security.ima, which the file's does not cover
-    vals[c.xattr_name] = b"own-ima"
-    assert v.value(c, "security.evm", get) is None
-    vals[c.evm_xattr_name] = b"\x02own"
-    assert v.value(c, "security.evm", get) == b"\x02own"
-    assert v.value(world.tree.root, "security.evm", get) == b"\x05host"
 
 
 # ------------------------------------------------------------------ changes

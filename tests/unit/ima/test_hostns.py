@@ -14,7 +14,8 @@ from imafs.ima import hostns
 from imafs.ima.hostns import CreateRequest, HostNamespaces, Target
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
-from imafs.ima.namespaces import NamespaceError, parse_event
+from imafs.ima.namespaces import NamespaceError
+from imafs.ima.nsevents import parse_event
 from imafs.ima.policy import Policy
 from imafs.ima.policy_parse import parse_policy
 from imafs.ima.templates import parse_ascii

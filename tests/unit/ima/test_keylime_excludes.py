@@ -15,7 +15,7 @@ from imafs.assemble import namespace_tree
 from imafs.ima import keylime as kl
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
-from imafs.ima.namespaces import NS_EVENTS
+from imafs.ima.nsevents import NS_EVENTS
 from imafs.ima.templates import build_entry
 from imafs.store import Store
 
