@@ -23,7 +23,10 @@ The FUSE adapter describes an open with :class:`Subject`, :class:`FileRef` and
 :class:`OpenMode`, and gets an :class:`OpenState` to hand back at read and release,
 None (nothing to do: not a regular file), a :class:`Pending` (finish it in a worker
 thread), or :class:`AccessDenied`. Reads (:meth:`Engine.file_read`) and releases
-(:meth:`Engine.file_release`) answer the same way. Nothing here imports FUSE.
+(:meth:`Engine.file_release`) answer the same way. A change of a file's attributes
+or xattrs through the mount, and the names of the xattrs a caller sees, are the
+inode hooks (appraise_hooks.py, mixed into :class:`Engine`). Nothing here imports
+FUSE.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 
 from imafs.ima import appraise as ap
 from imafs.ima import digest_cache, hashing, query
+from imafs.ima.appraise_hooks import InodeHooks
 from imafs.ima.audit import AuditLog
 from imafs.ima.cache import DigestCache, TreeCache, VerdictCache, WriteMarks, purge_unfinished
 from imafs.ima.collect import Collector, Stats, needed
@@ -85,7 +89,7 @@ class OpenRequest:
     writeback: bool = False              # writers' dirty pages first (worker thread)
 
 
-class Engine:
+class Engine(InodeHooks):
     def __init__(self, tree: NamespaceTree, *, store=None, audit: AuditLog | None = None,
                  verify_reads: bool = False, cache_store=None,
                  tree_memory: int = DEFAULT_TREE_MEMORY, mmap_check: str = "all-elf"):
@@ -642,100 +646,6 @@ class Engine:
     def file_written(self, state: OpenState) -> None:
         """The file was written, or truncated, through this writable handle."""
         state.iint.dirty = True
-
-    # ------------------------------------------------------------------ inode changes
-    def file_changed(self, key, size: int | None = None) -> None:
-        """Attributes or xattrs changed through the mount: verdicts are stale (the
-        kernel's IMA_CHANGE_ATTR; the new-file allowance stays, as since 6.14).
-        ``size``: the file's size now; one that differs from the measured size is a
-        content change through the mount (truncate), which, like a writable open,
-        ends the read-time verification of the handles open now -- and, while a
-        writer has the file open through the mount, is a change its last close
-        relabels (as the kernel's i_version check there sees a truncate by path)."""
-        ii = self.iints.find(key)
-        if ii is not None:
-            with ii.lock:
-                if size is not None and (ii.version is None or ii.version[2] != size):
-                    with COUNTS:
-                        ii.wgen += 1
-                        if ii.writers:
-                            ii.dirty = True
-                ii.reset(None)
-
-    def inode_setattr(self, subject: Subject, key, change: Change, apply, file=None):
-        """A change of owner, group, mode or size through the mount by ``subject``:
-        ``apply()`` makes it and returns the stat after it. EVM checks it first and
-        brings HMACs up to date after it (evm_hooks.py; ``file()`` gives the file as a
-        FileRef when EVM needs it, None for a file that is not regular); the file's
-        verdicts are stale. Returns the stat; AccessDenied refuses (nothing done)."""
-        st = self._evm_change(subject, key, change, apply, file)
-        self.file_changed(key, st.st_size if stat.S_ISREG(st.st_mode) else None)
-        return st
-
-    def inode_setxattr(self, subject: Subject, key, path: bytes, name: bytes,
-                       value: bytes | None, apply, file=None, st=None) -> None:
-        """ima_inode_setxattr / ima_inode_removexattr (``value`` None) and EVM's hooks,
-        by ``subject``: a ``security.ima`` value must parse (EINVAL), private names are
-        imafs's own (EPERM); EVM checks the change (evm_hooks.py); ``apply(name)``
-        stores it under ``name`` -- a child namespace's own for ``security.ima`` and
-        ``security.evm``; HMACs follow; the file's verdicts are stale. ``file()`` as
-        for inode_setattr. Given the file's ``st``, the behaviour models'
-        inode_setxattr / inode_removexattr first (EPERM; may read /proc: a worker
-        thread calls this)."""
-        view = self.xattrs
-        if view.is_private(name):
-            raise AccessDenied(errno.EPERM, "namespace-private integrity attributes are "
-                                            "managed by imafs")
-        if name == view.IMA and value is not None:
-            try:
-                ap.parse_ima_xattr(value)
-            except ap.XattrError as e:
-                log.warning("refused security.ima on %s: %s", os.fsdecode(path), e)
-                raise AccessDenied(errno.EINVAL, str(e)) from None
-        if st is not None and self.modelled():
-            settle(self.inode_event(subject, "inode_setxattr" if value is not None
-                                    else "inode_removexattr",
-                                    {"st": st, "path": path, "name": name, "value": value}))
-        stored = name
-        if name in view.OWN:
-            ns = self.namespace_of(subject)
-            stored = view.stored_name(ns, name) or name
-        self._evm_change(subject, key, Change(name=os.fsdecode(name), value=value),
-                         lambda: apply(stored), file)
-        self.file_changed(key)
-
-    def _evm_change(self, subject: Subject, key, change: Change, apply, file):
-        """``apply()`` between EVM's check and its update, under the file's lock (as
-        the kernel's under the inode's), when some namespace has EVM on."""
-        if file is None or not self.evm.active():
-            return apply()
-        ns = self.namespace_of(subject)
-        f = file()
-        if f is None:
-            return apply()
-        ii = self.iints.get(key)
-        with ii.lock:
-            return self.evm.inode_change(ns, f, change, apply, pid=subject.pid,
-                                         uid=subject.uid)
-
-    def inode_event(self, subject: Subject, hook: str, facts: dict):
-        """A namespace operation through the mount, before it is done (the LSM hooks
-        of modelhooks.EVENT_OF: inode_create, inode_unlink, inode_setattr, ...), for
-        the behaviour models of the caller's namespace chain: None (allowed), a
-        Pending (finish it in a worker thread), or AccessDenied (EPERM) to refuse."""
-        pairs = models_of(self.namespace_of(subject))
-        if not pairs:
-            return None
-        return self.modelling.inode_event(subject, pairs, hook, facts)
-
-    def inode_getxattr(self, pid: int, name: bytes) -> bytes | tuple | None:
-        """The name a read of xattr ``name`` by ``pid`` reads instead (a tuple: the
-        first of these names the file has), or None."""
-        return self.xattrs.read_name(pid, name)
-
-    def inode_listxattr(self, pid: int, names: list[bytes]) -> list[bytes]:
-        """The xattr names ``pid`` is shown of ``names``."""
-        return self.xattrs.listed(pid, names)
 
     # ------------------------------------------------------------------ query
     def explain(self, subject: Subject, f: FileRef, *, exec_: bool = False) -> dict:

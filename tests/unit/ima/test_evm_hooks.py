@@ -1,5 +1,6 @@
 """imafs.ima.evm_hooks without a mount: a namespace's EVM state and its flags, and
-metadata changes through Engine.inode_setattr / inode_setxattr on real files -- which namespaces check a change, which get a new HMAC (a child's
+metadata changes through Engine.inode_setattr / inode_setxattr (appraise_hooks.py)
+on real files -- which namespaces check a change, which get a new HMAC (a child's
 writes never reach the host's security.evm), log mode, signatures never rewritten;
 a child's EVM options in ns-create and in its stored record. The views of
 security.ima/security.evm: tests/unit/ima/test_nsxattr.py."""
