@@ -5,7 +5,7 @@ one open, under the caller's namespace **and every ancestor's** policy, and read
 top to bottom the same way:
 
 1. the verdict of an earlier open like this one, if nothing changed since
-   (the kernel's IMA_DONE_MASK flags; also kept in LMDB across remounts);
+   (the kernel's IMA_DONE_MASK flags; also kept in LMDB across remounts: verdicts.py);
 2. get action: the open's hooks (hooks.py) matched against each namespace's policy;
 3. the inode's lock -- on the event loop only when nothing needs hashing or waiting:
    otherwise the open returns a :class:`Pending` that a worker thread finishes (so
@@ -17,7 +17,8 @@ top to bottom the same way:
    (appraise.py; the metadata's EVM status from evm_hooks.py); 5b. the behaviour
    models of the chain decide (modelhooks.py): IMA measures and appraises, the
    model decides afterwards; either can refuse;
-6. the handle counted; 7. its reads verified (readverify.py); 8. the verdict kept.
+6. the handle counted; 7. its reads verified (readverify.py); 8. the verdict kept
+   (verdicts.py).
 
 The FUSE adapter describes an open with :class:`Subject`, :class:`FileRef` and
 :class:`OpenMode`, and gets an :class:`OpenState` to hand back at read and release,
@@ -50,13 +51,14 @@ from imafs.ima.modelhooks import Modelling, models_of
 from imafs.ima.iint import (COUNTS, AccessDenied, FileRef, FsInfo, IInt, IIntTable,
                             OpenState, Pending, Subject, settle)
 from imafs.ima.lastwriter import LastWriter
-from imafs.ima.namespaces import Namespace, NamespaceTree, chain_epochs, chain_fingerprints
+from imafs.ima.namespaces import Namespace, NamespaceTree, chain_epochs
 from imafs.ima.nsxattr import XattrView
 from imafs.ima.policy import AccessEvent, Decision
 from imafs.ima.readverify import ReadVerifier, ReadVerifyError, verifiers_of
 from imafs.ima.record import Recorder, measurement_spec
 from imafs.ima.treemem import DEFAULT_BUDGET as DEFAULT_TREE_MEMORY
 from imafs.ima.treemem import TreeMemory
+from imafs.ima.verdicts import KeptVerdicts
 from imafs.ima.violations import rdwr_violation_check, writers_check
 
 log = logging.getLogger("imafs.engine")
@@ -126,6 +128,8 @@ class Engine(InodeHooks):
         self.recorder = Recorder(store, self.audit)
         self.reads = ReadVerifier(self.recorder, (self.digests, self.trees, self.verdicts),
                                   self._stats)
+        self.kept = KeptVerdicts(tree, self.verdicts, self.collector, self._stats,
+                                 verify_reads=self.verify_reads, reopen=self._reopened)
         self.xattrs = XattrView(tree)
         self.evm = EvmHooks(tree, self.xattrs, self.audit)
         self.modelling = Modelling(self.collector)
@@ -222,9 +226,9 @@ class Engine(InodeHooks):
                                           mode.exec_, req.role)
             if not inline:
                 return self._pending_open(req)
-            state = self._known_verdict(req)
+            state = self.kept.known(req)
             if state is None:
-                state = self._recorded_verdict(req)
+                state = self.kept.recorded(req)
             if state is not None:
                 return state
         # a writer through the mount may hold dirty pages the backing file does not
@@ -286,9 +290,9 @@ class Engine(InodeHooks):
         state = None
         if req.verdict_key is not None:
             try:
-                state = self._known_verdict(req, locked=True)
+                state = self.kept.known(req, locked=True)
                 if state is None and (req.recorded is not None or req.events is None):
-                    state = self._recorded_verdict(req, locked=True)
+                    state = self.kept.recorded(req, locked=True)
             except BaseException:
                 req.ii.lock.release()
                 raise
@@ -368,77 +372,12 @@ class Engine(InodeHooks):
             # 8. the verdict kept: the next open like this one takes step 1 (unless
             # policy or keys change), and after a remount the verdict cache
             if req.verdict_key is not None and writers == 0 and ii.version == f.version:
-                ii.verdicts[req.verdict_key] = (epochs, req.decided, verifiers)
-                # a pass owed to the new-file allowance is kept in memory only, as
-                # the kernel keeps IMA_NEW_FILE: a remount does not inherit it
-                if req.decided and epochs == chain_epochs(chain) and not ii.new_file:
-                    self.verdicts.put(
-                        VerdictCache.record_key(f.key, f.version, req.verdict_key,
-                                                chain_fingerprints(chain)),
-                        sorted(ii.must_measure & {n.id for n in chain}),
-                        [n.id for n in verifiers_of(req.decided)])
+                self.kept.keep(req, epochs, verifiers)
         finally:
             ii.lock.release()
         return state
 
     # ------------------------------------------------------------------ step 1
-    def _known_verdict(self, req: OpenRequest, *, locked: bool = False):
-        """A read-only open like one already decided for this file version: measured,
-        appraised (passed) and audited as it needs, nothing writing the file -- as the
-        kernel's process_measurement() returns when no action is left out of
-        iint->flags. Its OpenState, or None to decide. ``locked``: ii.lock is held
-        (else it is taken without waiting, and None when busy)."""
-        ii, f = req.ii, req.f
-        hit = ii.verdicts.get(req.verdict_key)
-        if hit is None or ii.version != f.version or ii.writers:
-            return None
-        if not locked and not ii.lock.acquire(blocking=False):
-            return None
-        try:
-            if ii.verdicts.get(req.verdict_key) is not hit or ii.version != f.version \
-                    or ii.writers or hit[0] != chain_epochs(req.chain):
-                return None
-            _epochs_then, decided, verifiers = hit
-            if verifiers and ii.tree is None:
-                return None
-            return self._reopened(req, decided, verifiers)
-        finally:
-            if not locked:
-                ii.lock.release()
-
-    def _recorded_verdict(self, req: OpenRequest, *, locked: bool = False):
-        """The verdict of an earlier mount (VerdictCache): this version, this kind of
-        open, the chain's policies, keys and options as they are now -- decided then,
-        measured (the list has the entry), passed. Its OpenState (and the verdict is
-        this mount's), or None to decide. ``locked`` as for ``_known_verdict``."""
-        ii, f = req.ii, req.f
-        if req.recorded is None:
-            req.recorded = self.verdicts.get(VerdictCache.record_key(
-                f.key, f.version, req.verdict_key, chain_fingerprints(req.chain)))
-            if req.recorded is None:
-                return None
-        measuring, verifier_ids = req.recorded
-        by_id = self.tree.by_id
-        if any(i not in by_id for i in measuring + verifier_ids):
-            return None
-        verifiers = tuple(by_id[i] for i in verifier_ids) if self.verify_reads else ()
-        if not locked and not ii.lock.acquire(blocking=False):
-            return None
-        try:
-            if ii.version != f.version:
-                ii.reset(f.version)
-            if ii.writers or (verifiers and not self.collector.warm(ii, f)) or \
-                    (verifiers and ii.tree is None):
-                return None
-            ii.must_measure.update(measuring)
-            state = self._reopened(req, [], verifiers)
-            ii.verdicts[req.verdict_key] = (chain_epochs(req.chain), [], verifiers)
-            self._stats.add(done_records=1)
-            return state
-        finally:
-            if not locked:
-                ii.lock.release()
-
     def _reopened(self, req: OpenRequest, decided, verifiers) -> OpenState:
         """The OpenState of a read-only open decided by a kept verdict (ii.lock held):
         the behaviour models still decide (5b)."""
