@@ -19,11 +19,9 @@ in namespaces created with ``model=learn`` or a model file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import tempfile
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.model_ref import v_coefficient, v_measurement, v_state
 from helpers.mounts import IMAFS, REPO, Mount, is_mounted, force_unmount, run_as, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -221,10 +220,7 @@ def test_three_learning_runs_same_state(world, learned):
         recs = sorted(world.records(f"p{i}", "trajectory"), key=lambda r: r["number"])
         orders.append([r["coefficient"] for r in recs])
         # the measurement: each new coefficient extended in order of first occurrence
-        meas = H(bytes(32) + H(bytes(32) + bytes(32)))
-        for c in orders[-1]:
-            meas = H(meas + H(bytes(32) + bytes.fromhex(c)))
-        assert meas.hex() == measurements[-1]
+        assert v_measurement(bytes(32), orders[-1]).hex() == measurements[-1]
     assert states == [learned] * 3
     # scheduling decides the order, and the order the measurement
     for i in range(3):
@@ -233,7 +229,7 @@ def test_three_learning_runs_same_state(world, learned):
 
 
 def test_independent_recomputation_of_the_state(world, learned):
-    """From ``trajectory`` with docs/models.md's layouts, written here: every
+    """From ``trajectory`` with docs/models.md's layouts (tests/helpers/model_ref.py): every
     coefficient, every identity change, and the state."""
     recs = world.records("p0", "trajectory")
     points = []
@@ -490,89 +486,3 @@ def test_sealed_model_kept_across_a_remount(world, learned):
     r = world.join("w", "tac /etc/hostname; echo tac=$?\n")
     assert "tac=126" in r.stdout, (r.stdout, r.stderr)
     ok(world.join("w"), "after the remount")
-
-
-# ---------------------------------------------------------------------- the verifier
-# written from docs/models.md, not with imafs's encoders
-
-def H(b: bytes) -> bytes:
-    return hashlib.sha256(b).digest()
-
-
-def v_inode(d):
-    return struct.pack("<III", d["uid"], d["gid"], d["mode"])
-
-
-def v_path(d):
-    name = d["pathname"].encode("utf-8", "surrogateescape")
-    if "instance" in d:
-        return (b"\x01" + struct.pack("<I", len(name)) + name
-                + struct.pack("<Q", d["instance"]) + bytes.fromhex(d["owner"]))
-    return b"\x00" + struct.pack("<I", len(name)) + name
-
-
-_FILE = [("access", "u32"), ("inode", "inode"), ("path", "path"), ("digest", "digest")]
-LAYOUT = {
-    "file_open": _FILE, "bprm_check": _FILE,
-    "mmap_file": [("inode", "inode"), ("path", "path"), ("digest", "digest"),
-                  ("prot", "u32"), ("flags", "u32")],
-    "inode_create": [("dir", "inode"), ("path", "path"), ("mode", "u32")],
-    "inode_mkdir": [("dir", "inode"), ("path", "path"), ("mode", "u32")],
-    "inode_unlink": [("dir", "inode"), ("inode", "inode"), ("path", "path")],
-    "inode_rmdir": [("dir", "inode"), ("inode", "inode"), ("path", "path")],
-    "inode_rename": [("old_dir", "inode"), ("inode", "inode"), ("old_path", "path"),
-                     ("new_dir", "inode"), ("target", "opt_inode"), ("new_path", "path")],
-    "inode_link": [("inode", "inode"), ("old_path", "path"), ("new_dir", "inode"),
-                   ("new_path", "path")],
-    "inode_symlink": [("dir", "inode"), ("path", "path"), ("target", "str")],
-    "inode_setattr": [("inode", "inode"), ("path", "path"), ("valid", "u32"),
-                      ("mode", "u32"), ("uid", "u32"), ("gid", "u32"), ("size", "u64")],
-    "inode_setxattr": [("inode", "inode"), ("path", "path"), ("name", "str"),
-                       ("value", "blob"), ("flags", "u32")],
-    "inode_removexattr": [("inode", "inode"), ("path", "path"), ("name", "str")],
-}
-
-
-def v_cell(etype, cell):
-    out = b""
-    for name, kind in LAYOUT[etype]:
-        v = cell[name]
-        if kind == "u32":
-            out += struct.pack("<I", v)
-        elif kind == "u64":
-            out += struct.pack("<Q", v)
-        elif kind == "inode":
-            out += v_inode(v)
-        elif kind == "opt_inode":
-            out += b"\x00" if v is None else b"\x01" + v_inode(v)
-        elif kind == "path":
-            out += v_path(v)
-        elif kind == "digest":
-            out += bytes.fromhex(v)
-        elif kind == "str":
-            s = v.encode("utf-8", "surrogateescape")
-            out += struct.pack("<I", len(s)) + s
-        elif kind == "blob":
-            out += struct.pack("<I", len(bytes.fromhex(v))) + bytes.fromhex(v)
-    return out
-
-
-def v_coefficient(rec):
-    e, c = rec["event"], rec["COE"]
-    coe = struct.pack("<8IQ", c["uid"], c["euid"], c["suid"], c["gid"], c["egid"],
-                      c["sgid"], c["fsuid"], c["fsgid"], c["capeff"])
-    cell = v_cell(e["type"], rec[e["type"]])
-    coef = H(e["type"].encode() + bytes.fromhex(e["p_task_id"]) + bytes.fromhex(e["task_id"])
-             + H(coe) + H(cell))
-    if "new_task_id" in e:
-        ident = H(b"bprm_committing_creds" + bytes.fromhex(e["p_task_id"]) + bytes(32)
-                  + H(coe) + H(cell))
-        assert ident.hex() == e["new_task_id"]
-    return coef
-
-
-def v_state(aggregate: bytes, points, base=bytes(32)):
-    state = H(bytes(32) + H(base + aggregate))
-    for p in sorted(set(points)):
-        state = H(state + H(base + p))
-    return state

@@ -1,7 +1,8 @@
 """Behaviour models without a mount: coefficients, task identities by exec lineage,
 learn/sealed/enforce, state and measurement, records and bounds, pseudonyms, files
 created inside a model, chains of models, and an independent recomputation of the
-state from the trajectory (written here from docs/models.md, not with modelmap)."""
+state from the trajectory (tests/helpers/model_ref.py, written from docs/models.md, not
+with modelmap)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,8 @@ from hypothesis import given, settings, strategies as st
 from imafs.ima import model as M
 from imafs.ima import modelmap as mm
 from imafs.ima.modelfile import format_model, parse_model
+
+from helpers.model_ref import LAYOUT, v_coefficient, v_measurement, v_state
 
 ROOT = mm.Coe()
 USER = mm.Coe(1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 0)
@@ -489,91 +492,7 @@ def test_load_refuses_another_platform_and_a_sealed_model():
 
 
 # --------------------------------------------------------------------- independent check
-# Written from docs/models.md only: the byte layout of COE and CELL parts, the
-# coefficient, the task identity and the state. No imafs encoder is used.
-
-def H(b: bytes) -> bytes:
-    return hashlib.sha256(b).digest()
-
-
-def v_inode(d):
-    return struct.pack("<III", d["uid"], d["gid"], d["mode"])
-
-
-def v_path(d):
-    name = d["pathname"].encode("utf-8", "surrogateescape")
-    if "instance" in d:
-        return (b"\x01" + struct.pack("<I", len(name)) + name
-                + struct.pack("<Q", d["instance"]) + bytes.fromhex(d["owner"]))
-    return b"\x00" + struct.pack("<I", len(name)) + name
-
-
-FILE = [("access", "u32"), ("inode", "inode"), ("path", "path"), ("digest", "digest")]
-LAYOUT = {
-    "file_open": FILE, "bprm_check": FILE,
-    "mmap_file": [("inode", "inode"), ("path", "path"), ("digest", "digest"),
-                  ("prot", "u32"), ("flags", "u32")],
-    "inode_create": [("dir", "inode"), ("path", "path"), ("mode", "u32")],
-    "inode_mkdir": [("dir", "inode"), ("path", "path"), ("mode", "u32")],
-    "inode_unlink": [("dir", "inode"), ("inode", "inode"), ("path", "path")],
-    "inode_rmdir": [("dir", "inode"), ("inode", "inode"), ("path", "path")],
-    "inode_rename": [("old_dir", "inode"), ("inode", "inode"), ("old_path", "path"),
-                     ("new_dir", "inode"), ("target", "opt_inode"), ("new_path", "path")],
-    "inode_link": [("inode", "inode"), ("old_path", "path"), ("new_dir", "inode"),
-                   ("new_path", "path")],
-    "inode_symlink": [("dir", "inode"), ("path", "path"), ("target", "str")],
-    "inode_setattr": [("inode", "inode"), ("path", "path"), ("valid", "u32"),
-                      ("mode", "u32"), ("uid", "u32"), ("gid", "u32"), ("size", "u64")],
-    "inode_setxattr": [("inode", "inode"), ("path", "path"), ("name", "str"),
-                       ("value", "blob"), ("flags", "u32")],
-    "inode_removexattr": [("inode", "inode"), ("path", "path"), ("name", "str")],
-}
-
-
-def v_cell(etype, cell):
-    out = b""
-    for name, kind in LAYOUT[etype]:
-        v = cell[name]
-        if kind == "u32":
-            out += struct.pack("<I", v)
-        elif kind == "u64":
-            out += struct.pack("<Q", v)
-        elif kind == "inode":
-            out += v_inode(v)
-        elif kind == "opt_inode":
-            out += b"\x00" if v is None else b"\x01" + v_inode(v)
-        elif kind == "path":
-            out += v_path(v)
-        elif kind == "digest":
-            out += bytes.fromhex(v)
-        elif kind == "str":
-            s = v.encode("utf-8", "surrogateescape")
-            out += struct.pack("<I", len(s)) + s
-        elif kind == "blob":
-            out += struct.pack("<I", len(bytes.fromhex(v))) + bytes.fromhex(v)
-    return out
-
-
-def v_coefficient(rec):
-    e, c = rec["event"], rec["COE"]
-    coe = struct.pack("<8IQ", c["uid"], c["euid"], c["suid"], c["gid"], c["egid"],
-                      c["sgid"], c["fsuid"], c["fsgid"], c["capeff"])
-    cell = v_cell(e["type"], rec[e["type"]])
-    coef = H(e["type"].encode() + bytes.fromhex(e["p_task_id"]) + bytes.fromhex(e["task_id"])
-             + H(coe) + H(cell))
-    if "new_task_id" in e:
-        ident = H(b"bprm_committing_creds" + bytes.fromhex(e["p_task_id"]) + bytes(32)
-                  + H(coe) + H(cell))
-        assert ident.hex() == e["new_task_id"]
-    return coef
-
-
-def v_state(aggregate: bytes, points, base=bytes(32)):
-    state = H(bytes(32) + H(base + aggregate))
-    for p in sorted(set(points)):
-        state = H(state + H(base + p))
-    return state
-
+# tests/helpers/model_ref.py recomputes from docs/models.md, with no imafs encoder.
 
 def every_event_workload(m: M.Model):
     a = actor("w")
@@ -613,10 +532,8 @@ def test_independent_recomputation_of_the_state_from_trajectory():
         points.append(coef)
     assert v_state(aggregate, points) == m.state()
     # the measurement: each new coefficient, in order of first occurrence
-    meas = H(bytes(32) + H(bytes(32) + aggregate))
-    for r in sorted(recs, key=lambda r: r["number"]):
-        meas = H(meas + H(bytes(32) + bytes.fromhex(r["coefficient"])))
-    assert meas == m.measurement
+    order = [r["coefficient"] for r in sorted(recs, key=lambda r: r["number"])]
+    assert v_measurement(aggregate, order) == m.measurement
 
 
 def test_independent_recomputation_in_enforce_mode_includes_forensics():
