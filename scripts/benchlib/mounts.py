@@ -2,11 +2,16 @@
 each always unmounted and its daemon always waited for (or ended), and the last
 resorts for a mount whose daemon hangs or died. ``prefix`` is an argv the daemon's
 command runs under (``taskset -c 0`` for a pinned mode): the daemon and every thread
-it starts inherit it."""
+it starts inherit it.
+
+``is_mounted``, ``mounts_under`` and ``force_unmount`` are the tests' too
+(tests/helpers/mounts.py imports them from here, so that the bench needs nothing from
+tests/ and runs on its own)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,15 +31,26 @@ def is_mounted(path) -> bool:
         return any(line.split(" ")[4] == path for line in f)
 
 
-def mounts_under(path: Path) -> list[str]:
-    prefix = os.path.realpath(path) + "/"
+def mounts_under(under, *, fuse_only: bool = False) -> list[str]:
+    """The mount points at or under ``under`` (``fuse_only``: of FUSE file systems --
+    ``fuse``, ``fuse.*``, ``fuseblk``, not fusectl's /sys/fs/fuse/connections), from
+    /proc/self/mountinfo (octal escapes decoded)."""
+    root = os.path.realpath(under).rstrip("/") + "/"
+    out = []
     with open("/proc/self/mountinfo") as f:
-        return [m for line in f if (m := line.split(" ")[4]).startswith(prefix)]
+        for line in f:
+            parts = line.split()
+            fstype = parts[parts.index("-") + 1]
+            mp = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda x: bytes([int(x.group(1), 8)]),
+                                    os.fsencode(parts[4])))
+            fuse = fstype in ("fuse", "fuseblk") or fstype.startswith("fuse.")
+            if (mp + "/").startswith(root) and (fuse or not fuse_only):
+                out.append(mp)
+    return out
 
 
 def force_unmount(mnt: str) -> None:
-    """Unmount whatever is at mnt, even when the daemon hangs or died (as
-    tests/conftest.py does)."""
+    """Unmount whatever is at mnt, even when the daemon hangs or died."""
     for cmd in (["fusermount3", "-u", mnt], ["umount", mnt], ["umount", "-l", mnt]):
         if not is_mounted(mnt):
             return

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,50 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 IMAFS = [sys.executable, "-m", "imafs"]
 
-
-def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == path for line in f)
-
-
-def mounts_under(under: str | Path, *, fuse_only: bool = False) -> list[str]:
-    """The mount points at or under ``under`` (``fuse_only``: of FUSE file systems --
-    ``fuse``, ``fuse.*``, ``fuseblk``, not fusectl's /sys/fs/fuse/connections), from
-    /proc/self/mountinfo (octal escapes decoded)."""
-    root = os.path.realpath(under).rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            fstype = parts[parts.index("-") + 1]
-            mp = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda x: bytes([int(x.group(1), 8)]),
-                                    os.fsencode(parts[4])))
-            fuse = fstype in ("fuse", "fuseblk") or fstype.startswith("fuse.")
-            if (mp + "/").startswith(root) and (fuse or not fuse_only):
-                out.append(mp)
-    return out
-
-
-def force_unmount(mnt: str) -> None:
-    """Unmount whatever is at mnt, even when the daemon hangs or died."""
-    for cmd in (["fusermount3", "-u", mnt], ["umount", mnt], ["umount", "-l", mnt]):
-        if not is_mounted(mnt):
-            return
-        subprocess.run(cmd, capture_output=True)
-    if is_mounted(mnt):
-        # a wedged daemon: abort its FUSE connection, then detach
-        try:
-            dev = os.stat(mnt).st_dev
-        except OSError:
-            dev = None
-        if dev is not None:
-            ctl = "/sys/fs/fuse/connections"
-            if not os.path.exists(os.path.join(ctl, str(os.minor(dev)))):
-                subprocess.run(["mount", "-t", "fusectl", "none", ctl], capture_output=True)
-            with contextlib.suppress(OSError):
-                Path(ctl, str(os.minor(dev)), "abort").write_text("1")
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+# finding and unmounting mounts, one implementation with the bench's (which must run
+# without tests/): scripts/benchlib/mounts.py
+if str(REPO / "scripts") not in sys.path:
+    sys.path.append(str(REPO / "scripts"))
+from benchlib.mounts import force_unmount, is_mounted, mounts_under  # noqa: E402,F401
 
 
 class Mount:
