@@ -1,93 +1,12 @@
 """``imafs verify --policy`` against a real mount of the same files and policy
-(the command alone: tests/unit/commands/test_verify.py)."""
+(the command alone: tests/unit/commands/test_verify.py; the files and policies of
+both: tests/helpers/verify_kinds.py)."""
 from __future__ import annotations
 
 import pytest
 
-from imafs.cli import main
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
-    return d
-
-
-# --- verify --policy: the mount's verdict ------------------------------------------
-@pytest.fixture
-def kinds(keydir, tmp_path, capsys):
-    """One file per kind of security.ima value (and one without)."""
-    d = tmp_path / "kinds"
-    d.mkdir()
-    key = str(keydir / "signing_key.pem")
-    for n in ("v2", "v2-512", "v3", "hash", "hash-512", "none", "bad-v2"):
-        (d / n).write_bytes(n.encode() * 1000)
-    for argv in (["--key", key, d / "v2", d / "bad-v2"], ["--key", key, "-a", "sha512", d / "v2-512"],
-                 ["--verity", "--key", key, d / "v3"], ["--hash-only", d / "hash"],
-                 ["--hash-only", "-a", "sha512", d / "hash-512"]):
-        assert main(["sign", "-q", *map(str, argv)]) == 0
-    with open(d / "bad-v2", "ab") as f:
-        f.write(b"!")
-    capsys.readouterr()
-    return d
-
-
-def verdicts(capsys, keydir, kinds, *opts):
-    rc, out, err = run(capsys, "verify", "-q", "--keys", keydir, *opts,
-                       *sorted(kinds.iterdir()))
-    got = {}
-    for line in out.splitlines():
-        path, _, v = line.partition(": ")
-        got[path.rsplit("/", 1)[1]] = v
-    return rc, got, err
-
-
-def _policy(tmp_path, text):
-    p = tmp_path / f"policy{abs(hash(text))}"
-    p.write_text(text)
-    return p
-
-
-PASS_ALL = {"v2": "pass", "v2-512": "pass", "v3": "pass", "hash": "pass", "hash-512": "pass"}
-
-
-POLICY_VERDICTS = [
-    # appraise_type=imasig without digest_type: a v3 signature is refused, as the mount does
-    ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig",
-     {"v2": "pass", "v2-512": "pass", "v3": "fail (IMA-signature-required)",
-      "hash": "fail (IMA-signature-required)", "hash-512": "fail (IMA-signature-required)",
-      "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}),
-    # a plain appraise rule: v3 is checked over the file digest, and fails
-    ("appraise func=FILE_CHECK",
-     {**PASS_ALL, "v3": "fail (invalid-verity-signature)", "none": "fail (missing-hash)",
-      "bad-v2": "fail (invalid-signature)"}),
-    ("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3",
-     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
-      "v3": "pass", "hash": "fail (verity-signature-required)",
-      "hash-512": "fail (verity-signature-required)",
-      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
-    ("appraise func=FILE_CHECK appraise_algos=sha512",
-     {"v2": "fail (denied-hash-algorithm)", "v2-512": "pass",
-      "v3": "fail (invalid-verity-signature)", "hash": "fail (denied-hash-algorithm)",
-      "hash-512": "pass", "none": "fail (missing-hash)", "bad-v2": "fail (invalid-signature)"}),
-    # digest_type=verity from a measure rule is OR-ed into the decision (kernel, engine)
-    ("measure func=FILE_CHECK digest_type=verity template=ima-ngv2\n"
-     "appraise func=FILE_CHECK appraise_type=imasig",
-     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
-      "v3": "pass", "hash": "fail (verity-signature-required)",
-      "hash-512": "fail (verity-signature-required)",
-      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
-    # rules for other hooks, masks or owners: not appraised, allowed
-    ("appraise func=BPRM_CHECK appraise_type=imasig\nappraise func=FILE_CHECK mask=MAY_WRITE\n"
-     "appraise fowner=1000", {n: "not appraised" for n in (*PASS_ALL, "none", "bad-v2")}),
-]
+from helpers.cli import keydir  # noqa: F401 (a fixture)
+from helpers.verify_kinds import POLICY_VERDICTS, kinds, policy_file, verdicts  # noqa: F401
 
 
 @pytest.mark.mount
@@ -95,9 +14,8 @@ def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, ma
     """For each policy: what a mount with it says of a read by root of each file (its
     query file's appraisal, the open allowed or EACCES, the cause in its audit log) is
     what verify --policy says."""
-    import json
     for rule, _ in POLICY_VERDICTS:
-        pol = _policy(tmp_path, rule + "\n")
+        pol = policy_file(tmp_path, rule + "\n")
         rc, said, _ = verdicts(capsys, keydir, kinds, "--policy", pol)
         m = make_mount(["--policy", str(pol), "--keys", str(keydir)], backing=kinds)
         try:
@@ -114,9 +32,7 @@ def test_verify_policy_agrees_with_the_mount(capsys, keydir, kinds, tmp_path, ma
                     assert not fails, (rule, n, q)
                 except PermissionError:
                     assert fails, (rule, n, q)
-                    log = [json.loads(x) for x in
-                           (m.state / "audit.log").read_text().splitlines()]
-                    assert [r["cause"] for r in log if r["type"] == "appraise"
+                    assert [r["cause"] for r in m.audit() if r["type"] == "appraise"
                             and r["path"] == f"/{n}"][-1] == fails[0]["cause"]
                 did[n] = verdict
         finally:

@@ -7,22 +7,10 @@ import stat
 import pytest
 from cryptography import x509
 
-from imafs.cli import main
 from imafs.commands import sign
 from imafs.ima.keys import Keyring, keyid_of, keyid_of_public_key
 
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
-    return d
+from helpers.cli import keydir, run  # noqa: F401 (fixtures)
 
 
 # --- keygen -------------------------------------------------------------------------

@@ -18,30 +18,11 @@ from imafs.ima.verity import fsverity_digest_fd
 from imafs.ima.keys import Keyring, keyid_of, keyid_of_public_key
 
 from helpers import testkeys as tk
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+from helpers.cli import files, keydir, run  # noqa: F401 (fixtures)
 
 
 def ima(path, name="security.ima"):
     return os.getxattr(path, name)
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
-    return d
-
-
-@pytest.fixture
-def files(tmp_path):
-    (tmp_path / "a").write_bytes(b"alpha\n")
-    (tmp_path / "b").write_bytes(b"beta\n" * 1000)
-    return tmp_path
 
 
 # --- sign ---------------------------------------------------------------------------

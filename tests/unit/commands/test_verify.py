@@ -7,29 +7,12 @@ import os
 
 import pytest
 
-from imafs.cli import main
 from imafs.commands import verify
 from imafs.ima.keys import Keyring
 
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    assert main(["keygen", "--out", str(d), "--cn", "unit test"]) == 0
-    return d
-
-
-@pytest.fixture
-def files(tmp_path):
-    (tmp_path / "a").write_bytes(b"alpha\n")
-    (tmp_path / "b").write_bytes(b"beta\n" * 1000)
-    return tmp_path
+from helpers.cli import files, keydir, run  # noqa: F401 (fixtures)
+from helpers.verify_kinds import (PASS_ALL, POLICY_VERDICTS, kinds,  # noqa: F401 (a fixture)
+                                  policy_file, verdicts)
 
 
 def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tmp_path, capsys):
@@ -45,44 +28,6 @@ def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tm
     assert rc == 2 and "not an X.509 certificate" in err
 
 
-# --- verify --policy: the mount's verdict ------------------------------------------
-@pytest.fixture
-def kinds(keydir, tmp_path, capsys):
-    """One file per kind of security.ima value (and one without)."""
-    d = tmp_path / "kinds"
-    d.mkdir()
-    key = str(keydir / "signing_key.pem")
-    for n in ("v2", "v2-512", "v3", "hash", "hash-512", "none", "bad-v2"):
-        (d / n).write_bytes(n.encode() * 1000)
-    for argv in (["--key", key, d / "v2", d / "bad-v2"], ["--key", key, "-a", "sha512", d / "v2-512"],
-                 ["--verity", "--key", key, d / "v3"], ["--hash-only", d / "hash"],
-                 ["--hash-only", "-a", "sha512", d / "hash-512"]):
-        assert main(["sign", "-q", *map(str, argv)]) == 0
-    with open(d / "bad-v2", "ab") as f:
-        f.write(b"!")
-    capsys.readouterr()
-    return d
-
-
-def verdicts(capsys, keydir, kinds, *opts):
-    rc, out, err = run(capsys, "verify", "-q", "--keys", keydir, *opts,
-                       *sorted(kinds.iterdir()))
-    got = {}
-    for line in out.splitlines():
-        path, _, v = line.partition(": ")
-        got[path.rsplit("/", 1)[1]] = v
-    return rc, got, err
-
-
-def _policy(tmp_path, text):
-    p = tmp_path / f"policy{abs(hash(text))}"
-    p.write_text(text)
-    return p
-
-
-PASS_ALL = {"v2": "pass", "v2-512": "pass", "v3": "pass", "hash": "pass", "hash-512": "pass"}
-
-
 def test_verify_without_policy_is_unchanged(capsys, keydir, kinds):
     rc, got, _ = verdicts(capsys, keydir, kinds)
     assert rc == 1 and got == {**PASS_ALL, "none": "fail (missing-hash)",
@@ -94,47 +39,15 @@ def test_verify_without_policy_is_unchanged(capsys, keydir, kinds):
                    "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}
 
 
-POLICY_VERDICTS = [
-    # appraise_type=imasig without digest_type: a v3 signature is refused, as the mount does
-    ("appraise func=FILE_CHECK mask=MAY_READ appraise_type=imasig",
-     {"v2": "pass", "v2-512": "pass", "v3": "fail (IMA-signature-required)",
-      "hash": "fail (IMA-signature-required)", "hash-512": "fail (IMA-signature-required)",
-      "none": "fail (IMA-signature-required)", "bad-v2": "fail (invalid-signature)"}),
-    # a plain appraise rule: v3 is checked over the file digest, and fails
-    ("appraise func=FILE_CHECK",
-     {**PASS_ALL, "v3": "fail (invalid-verity-signature)", "none": "fail (missing-hash)",
-      "bad-v2": "fail (invalid-signature)"}),
-    ("appraise func=FILE_CHECK digest_type=verity appraise_type=sigv3",
-     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
-      "v3": "pass", "hash": "fail (verity-signature-required)",
-      "hash-512": "fail (verity-signature-required)",
-      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
-    ("appraise func=FILE_CHECK appraise_algos=sha512",
-     {"v2": "fail (denied-hash-algorithm)", "v2-512": "pass",
-      "v3": "fail (invalid-verity-signature)", "hash": "fail (denied-hash-algorithm)",
-      "hash-512": "pass", "none": "fail (missing-hash)", "bad-v2": "fail (invalid-signature)"}),
-    # digest_type=verity from a measure rule is OR-ed into the decision (kernel, engine)
-    ("measure func=FILE_CHECK digest_type=verity template=ima-ngv2\n"
-     "appraise func=FILE_CHECK appraise_type=imasig",
-     {"v2": "fail (verity-signature-required)", "v2-512": "fail (verity-signature-required)",
-      "v3": "pass", "hash": "fail (verity-signature-required)",
-      "hash-512": "fail (verity-signature-required)",
-      "none": "fail (verity-signature-required)", "bad-v2": "fail (verity-signature-required)"}),
-    # rules for other hooks, masks or owners: not appraised, allowed
-    ("appraise func=BPRM_CHECK appraise_type=imasig\nappraise func=FILE_CHECK mask=MAY_WRITE\n"
-     "appraise fowner=1000", {n: "not appraised" for n in (*PASS_ALL, "none", "bad-v2")}),
-]
-
-
 @pytest.mark.parametrize("rule, want", POLICY_VERDICTS)
 def test_verify_policy_gives_the_rules_verdict(capsys, keydir, kinds, tmp_path, rule, want):
-    rc, got, err = verdicts(capsys, keydir, kinds, "--policy", _policy(tmp_path, rule + "\n"))
+    rc, got, err = verdicts(capsys, keydir, kinds, "--policy", policy_file(tmp_path, rule + "\n"))
     assert got == want and err == ""
     assert rc == (1 if any(v.startswith("fail") for v in want.values()) else 0)
 
 
 def test_verify_policy_exec_dont_appraise_and_verbose(capsys, keydir, kinds, tmp_path):
-    pol = _policy(tmp_path, "dont_appraise fowner=1000\n"
+    pol = policy_file(tmp_path, "dont_appraise fowner=1000\n"
                   "appraise func=BPRM_CHECK mask=MAY_EXEC appraise_type=imasig\n")
     os.chown(kinds / "none", 1000, 1000)
     rc, got, _ = verdicts(capsys, keydir, kinds, "--policy", pol)
@@ -177,7 +90,7 @@ def test_verify_policy_usage_errors(capsys, keydir, files, tmp_path):
     assert rc == 2 and "--require-sig and --policy" in err
     rc, _, err = run(capsys, "verify", "--exec", files / "a")
     assert rc == 2 and "--exec needs --policy" in err
-    bad = _policy(tmp_path, "appraise func=FILE_CHECK\nappraise bogus=1\n")
+    bad = policy_file(tmp_path, "appraise func=FILE_CHECK\nappraise bogus=1\n")
     rc, _, err = run(capsys, "verify", "--policy", bad, files / "a")
     assert rc == 2 and f"imafs verify: --policy: {bad}: line 2, column 10: " in err, err
     rc, _, err = run(capsys, "verify", "--policy", tmp_path / "missing", files / "a")
@@ -191,7 +104,7 @@ def test_verify_policy_mmap_check_for_elf_files(capsys, keydir, tmp_path):
     elf, text = tmp_path / "lib.so", tmp_path / "notes"
     shutil.copy("/bin/true", elf)
     text.write_bytes(b"not an ELF file")
-    pol = _policy(tmp_path, "appraise func=MMAP_CHECK appraise_type=imasig\n")
+    pol = policy_file(tmp_path, "appraise func=MMAP_CHECK appraise_type=imasig\n")
     rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, elf, text)
     assert rc == 1 and out == f"{elf}: fail (IMA-signature-required)\n{text}: not appraised\n"
     assert run(capsys, "sign", "-q", "--key", keydir / "signing_key.pem", elf)[0] == 0
@@ -207,7 +120,7 @@ def test_verify_policy_exec_creds_check_sees_the_set_id_credentials(capsys, keyd
         shutil.copy("/bin/true", p)
     os.chown(setuid, 1000, 0)
     os.chmod(setuid, 0o4755)
-    pol = _policy(tmp_path, "appraise func=CREDS_CHECK euid=1000 appraise_type=imasig\n")
+    pol = policy_file(tmp_path, "appraise func=CREDS_CHECK euid=1000 appraise_type=imasig\n")
     rc, out, _ = run(capsys, "verify", "--keys", keydir, "--policy", pol, "--exec", plain,
                      setuid)
     assert rc == 1 and out == (f"{plain}: not appraised\n"
@@ -227,11 +140,11 @@ def test_verify_policy_sees_the_file_systems_uuid(capsys, tmp_path, monkeypatch)
     f = tmp_path / "f"
     f.write_bytes(b"unsigned")
     rc, out, _ = run(capsys, "verify", "--policy",
-                     _policy(tmp_path, f"appraise fsuuid={uuid}\n"), f)
+                     policy_file(tmp_path, f"appraise fsuuid={uuid}\n"), f)
     assert (rc, out) == (1, f"{f}: fail (missing-hash)\n")
     other = "6f1a2b3c-0000-4000-8000-000000000000"
     rc, out, _ = run(capsys, "verify", "--policy",
-                     _policy(tmp_path, f"appraise fsuuid={other}\n"), f)
+                     policy_file(tmp_path, f"appraise fsuuid={other}\n"), f)
     assert (rc, out) == (0, f"{f}: not appraised\n")
 
 
@@ -245,6 +158,7 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
     from imafs.ima import hooks
     from imafs.ima.engine import Engine, FileRef, Subject
     from imafs.ima.keys import Keyring
+
     from imafs.ima.measurelog import MeasurementList
     from imafs.ima.namespaces import Namespace, NamespaceTree
     from imafs.ima.policy import Policy
