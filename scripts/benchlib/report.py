@@ -6,7 +6,9 @@ from __future__ import annotations
 import statistics
 
 from benchlib import ROOTFS, TREE
+from benchlib.attack import attack_lines
 from benchlib.measure import DL_ROWS, NS_ROWS, hashing_summary
+from benchlib.model import model_lines
 from benchlib.notice import notice_summary
 from benchlib.modes import OVERLAY, PASSTHROUGH_C, reference
 from benchlib.results import cell_summary, fmt_ratio, issue_targets, target_cells
@@ -28,6 +30,30 @@ def _engine(c: dict) -> str:
                       ("hashed_files", "cache_hits", "done_records", "entries")) if e else ""
 
 
+def _cells(w, c: dict) -> dict:
+    """The figures of one workload's run in one mode (``c``: its cell_summary, with a
+    median), formatted alike for the printed and the markdown per-workload tables."""
+    return {"median": f"{c['median']:.3f}",
+            "rate": f"{w.amount / c['median']:,.0f} {w.unit}" if w.amount else "",
+            "/int-off": fmt_ratio(c["ratio_overlay"]),
+            "/C": fmt_ratio(c["ratio_passthrough_c"]),
+            "/native": fmt_ratio(c["ratio_native"])}
+
+
+def _print_micro(bench: Bench, key: str, title: str, lines) -> None:
+    """A measurement's printed section: its title, then ``lines(result)`` or why it
+    is n/a (the markdown's is _micro)."""
+    r = bench.micro.get(key)
+    if not r:
+        return
+    print(f"\n{title}")
+    if "error" in r:
+        print(f"  n/a ({r['error']})")
+        return
+    for line in lines(r):
+        print("  " + line)
+
+
 def print_tables(bench: Bench) -> None:
     res = bench.results
     width = max([21] + [len(m.name) for m in bench.modes])
@@ -40,65 +66,30 @@ def print_tables(bench: Bench) -> None:
             if s["median"] is None:
                 print(f"  {m.name:{width}s} n/a ({s['error']})")
                 continue
-            rate = f"{w.amount / s['median']:,.0f} {w.unit}" if w.amount else ""
-            print(f"  {m.name:{width}s} {s['median']:9.3f} {rate:>14s} "
-                  f"{fmt_ratio(s['ratio_overlay']):>9s} {fmt_ratio(s['ratio_passthrough_c']):>7s} "
-                  f"{fmt_ratio(s['ratio_native']):>8s}"
+            f = _cells(w, s)
+            print(f"  {m.name:{width}s} {f['median']:>9s} {f['rate']:>14s} "
+                  f"{f['/int-off']:>9s} {f['/C']:>7s} {f['/native']:>8s}"
                   + (f"  ({s['note']})" if s["note"] else ""))
-    hs = bench.micro.get("hashing")
-    if hs:
-        print(f"\nhashing of the big file ({hs.get('bytes', 0) / 2**20:.0f} MiB)")
-        if "error" in hs:
-            print(f"  n/a ({hs['error']})")
-        for r in hashing_summary(hs):
-            print(f"  {r['label']:52s} {r['median']:7.3f} s {r['mib_s']:8,.0f} MiB/s "
-                  f"{r['vs_hashlib']:6.2f}x hashlib")
-    ns = bench.micro.get("ns_resolution")
-    if ns:
-        print("\nnamespace resolution per open")
-        if "error" in ns:
-            print(f"  n/a ({ns['error']})")
-        for k, label in NS_ROWS.items():
-            if k in ns.get("us", {}):
-                print(f"  {label:56s} {ns['us'][k]:6.1f} us")
-    dlm = bench.micro.get("digest_list")
-    if dlm:
-        print("\ndigest list")
-        if "error" in dlm:
-            print(f"  n/a ({dlm['error']})")
-        else:
-            print(f"  load of {dlm['digests']:,} digests ({dlm['bytes'] / 2**20:.1f} MiB list) "
-                  f"{statistics.median(dlm['load_s']):.2f} s, removal "
-                  f"{statistics.median(dlm['remove_s']):.2f} s")
-            for k, label in DL_ROWS.items():
-                if k in dlm.get("us", {}):
-                    print(f"  {label:56s} {dlm['us'][k]:6.1f} us")
-    at = bench.micro.get("attack")
-    if at:
-        print("\nhashing attack (issue 14): root's cold small-file opens")
-        if "error" in at:
-            print(f"  n/a ({at['error']})")
-        else:
-            from benchlib.attack import attack_lines
-            for line in attack_lines(at):
-                print("  " + line)
-    mo = bench.micro.get("model")
-    if mo:
-        print("\nbehaviour models (issue 18): cost per event")
-        if "error" in mo:
-            print(f"  n/a ({mo['error']})")
-        else:
-            from benchlib.model import model_lines
-            for line in model_lines(mo):
-                print("  " + line)
-    nt = bench.micro.get("notice")
-    if nt:
-        print("\ndelay before a change behind the mount is noticed (EIO)")
-        if "error" in nt:
-            print(f"  n/a ({nt['error']})")
-        for r in notice_summary(nt):
-            print(f"  {r['label']:62s} {r['median'] * 1e3:7.1f} ms median "
-                  f"{r['max'] * 1e3:7.1f} ms max")
+    hs = bench.micro.get("hashing") or {}
+    _print_micro(bench, "hashing",
+                 f"hashing of the big file ({hs.get('bytes', 0) / 2**20:.0f} MiB)", lambda h: [
+                     f"{r['label']:52s} {r['median']:7.3f} s {r['mib_s']:8,.0f} MiB/s "
+                     f"{r['vs_hashlib']:6.2f}x hashlib" for r in hashing_summary(h)])
+    _print_micro(bench, "ns_resolution", "namespace resolution per open", lambda ns: [
+        f"{label:56s} {ns['us'][k]:6.1f} us" for k, label in NS_ROWS.items()
+        if k in ns.get("us", {})])
+    _print_micro(bench, "digest_list", "digest list", lambda d: [
+        f"load of {d['digests']:,} digests ({d['bytes'] / 2**20:.1f} MiB list) "
+        f"{statistics.median(d['load_s']):.2f} s, removal "
+        f"{statistics.median(d['remove_s']):.2f} s"] + [
+        f"{label:56s} {d['us'][k]:6.1f} us" for k, label in DL_ROWS.items()
+        if k in d.get("us", {})])
+    _print_micro(bench, "attack", "hashing attack (issue 14): root's cold small-file opens",
+                 attack_lines)
+    _print_micro(bench, "model", "behaviour models (issue 18): cost per event", model_lines)
+    _print_micro(bench, "notice", "delay before a change behind the mount is noticed (EIO)",
+                 lambda nt: [f"{r['label']:62s} {r['median'] * 1e3:7.1f} ms median "
+                             f"{r['max'] * 1e3:7.1f} ms max" for r in notice_summary(nt)])
     if bench.rootfs_info:
         ri = bench.rootfs_info
         print(f"\nrootfs {ri['source']}: {ri['files']:,} files, {ri['bytes'] / 2**20:.0f} MiB; "
@@ -268,7 +259,6 @@ def _digest_list(bench: Bench) -> list[str]:
 
 
 def _attack(bench: Bench) -> list[str]:
-    from benchlib.attack import attack_lines
     intro = ("Issue 14 item 3: uid 1000 opens ten big sparse ELF-magic files read-only "
              "(policy: measure MMAP_CHECK and FILE_CHECK reads, --verify-reads on), each "
              "hashed whole with its verity tree; meanwhile root opens and reads small files "
@@ -278,7 +268,6 @@ def _attack(bench: Bench) -> list[str]:
 
 
 def _model(bench: Bench) -> list[str]:
-    from benchlib.model import model_lines
     intro = ("Issue 18: one process opens and reads small files in a child namespace, "
              "without a behaviour model, learning (every event new) and enforcing (every "
              "event in the model); the cost per event two ways: the difference of the medians "
@@ -330,11 +319,9 @@ def _per_workload(bench: Bench) -> list[str]:
             if c["median"] is None:
                 out.append(f"| {m.name} | n/a ({md(c['error'])}) | | | | | | |")
                 continue
-            rate = f"{w.amount / c['median']:,.0f} {w.unit}" if w.amount else ""
+            f = _cells(w, c)
             runs = ", ".join(f"{t:.3f}" for t in c["times"])
-            out.append(f"| {m.name} | {c['median']:.3f} s | {runs} | {rate} | "
-                       f"{fmt_ratio(c['ratio_overlay'])} | "
-                       f"{fmt_ratio(c['ratio_passthrough_c'])} | {fmt_ratio(c['ratio_native'])} "
-                       f"| {_engine(c)} |")
+            out.append(f"| {m.name} | {f['median']} s | {runs} | {f['rate']} | "
+                       f"{f['/int-off']} | {f['/C']} | {f['/native']} | {_engine(c)} |")
         out.append("")
     return out
