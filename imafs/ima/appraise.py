@@ -207,16 +207,23 @@ def parse_ima_xattr(value: bytes) -> ImaXattr:
     raise XattrError(f"unknown security.ima type 0x{t:02x}", 0)
 
 
-def describe_xattr(value: bytes | None) -> str:
-    """A log-friendly description of any value (never raises)."""
+def describe_value(value: bytes | None, name: str, parse, error: type) -> str:
+    """A log-friendly description of any value of the xattr ``name`` (never raises):
+    ``parse(value).describe()``, or the start of the bytes and why ``parse`` refused
+    them (``error``)."""
     if value is None:
-        return "no security.ima"
+        return f"no {name}"
     try:
-        return parse_ima_xattr(value).describe()
-    except XattrError as e:
+        return parse(value).describe()
+    except error as e:
         head = bytes(value[:16]).hex()
         more = "..." if len(value) > 16 else ""
-        return f"malformed security.ima {head}{more} ({len(value)} bytes): {e}"
+        return f"malformed {name} {head}{more} ({len(value)} bytes): {e}"
+
+
+def describe_xattr(value: bytes | None) -> str:
+    """A log-friendly description of any security.ima value (never raises)."""
+    return describe_value(value, "security.ima", parse_ima_xattr, XattrError)
 
 
 def needed_algo(value: bytes | None) -> str | None:

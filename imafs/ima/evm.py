@@ -231,15 +231,8 @@ def parse_evm_xattr(value: bytes) -> EvmXattr:
 
 
 def describe_evm_xattr(value: bytes | None) -> str:
-    """A log-friendly description of any value (never raises)."""
-    if value is None:
-        return "no security.evm"
-    try:
-        return parse_evm_xattr(value).describe()
-    except EvmXattrError as e:
-        head = bytes(value[:16]).hex()
-        more = "..." if len(value) > 16 else ""
-        return f"malformed security.evm {head}{more} ({len(value)} bytes): {e}"
+    """A log-friendly description of any security.evm value (never raises)."""
+    return ap.describe_value(value, XATTR_NAME_EVM, parse_evm_xattr, EvmXattrError)
 
 
 # --- the file, as a namespace sees it -----------------------------------------------------
