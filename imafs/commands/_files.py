@@ -1,14 +1,20 @@
-"""What ``imafs sign`` and ``imafs verify`` share: the files named on the command line
-(walked, refused with one reason each), opened safely, with a progress bar; EVM's
-options and what EVM covers of a file."""
+"""What the commands share about files: those named on the command line (walked,
+refused with one reason each), opened safely, with a progress bar; EVM's options and
+what EVM covers of a file (``imafs sign`` and ``imafs verify``); the type of an
+``--algo`` argument; and a file written whole or not at all (the commands that write
+keys, lists, policies, models)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import stat
 import sys
+import tempfile
 import uuid as uuidlib
+
+from imafs.ima import hashing
 
 
 def walk(paths, recursive: bool, skip_special: bool):
@@ -88,6 +94,17 @@ def progress(total: int, quiet: bool, unit: str = "file"):
                 disable=quiet or not sys.stderr.isatty())
 
 
+def algo_arg(text: str) -> str:
+    """argparse type: a hash algorithm (any name hashing knows it by) that this Python
+    can compute; its canonical name."""
+    try:
+        a = hashing.hash_algo(text)
+        a.constructor()
+    except hashing.HashAlgoError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return a.name
+
+
 def xattr_name(which: str) -> str:
     """``--xattr security|user``."""
     return "user.ima" if which == "user" else "security.ima"
@@ -150,3 +167,22 @@ def evm_metadata(fd: int, args, config, overrides: dict | None = None):
     uuid = args.uuid if args.uuid is not False else sysio.fs_uuid(fd, st.st_dev)
     return evm.FileMetadata.collect(getxattr, st, generation=sysio.generation(fd, st.st_dev)
                                     & 0xFFFFFFFF, fs_uuid=uuid, config=config)
+
+
+def write_whole(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` as the file ``path``, whole or not at all: into a new temporary
+    file beside it (mode ``mode`` from the start, synced), then renamed over ``path``.
+    On a failure the temporary file is removed, ``path`` is as it was, and the
+    OSError is raised."""
+    fd, tmp = tempfile.mkstemp(prefix=".imafs-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -7,6 +7,7 @@ import os
 import stat
 import sys
 
+from imafs.commands._files import algo_arg
 from imafs.ima import hashing, verity
 
 HELP = "print file digests (flat, or fs-verity with --verity)"
@@ -19,15 +20,6 @@ digest (hash of the fs-verity descriptor, not the Merkle root), byte for byte wh
 `fsverity digest` prints for the same --hash-alg, --block-size and --salt.
 
 Files that cannot be read are reported on stderr; the exit status is then 1."""
-
-
-def _flat_algo(text: str) -> str:
-    try:
-        a = hashing.hash_algo(text)
-        a.constructor()
-    except hashing.HashAlgoError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return a.name
 
 
 def _verity_algo(text: str) -> str:
@@ -75,7 +67,7 @@ def register(subparsers) -> None:
                    help="fs-verity Merkle tree block size (default 4096)")
     p.add_argument("--salt", type=_salt, default=None, metavar="HEX",
                    help="fs-verity salt, as hex (at most 32 bytes)")
-    p.add_argument("--algo", type=_flat_algo, action="append", default=None,
+    p.add_argument("--algo", type=algo_arg, action="append", default=None,
                    metavar="ALG", help="flat digest algorithm (kernel name, e.g. sha256, "
                    "sha1, sha512, sm3); repeat for several; default sha256")
     p.add_argument("--compact", action="store_true",

@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 import imafs
+from imafs.commands._files import algo_arg, write_whole
 from imafs.ima import digest_lists as dl
 from imafs.ima import hashing
 
@@ -113,14 +114,10 @@ def register(subparsers) -> None:
 
 
 def _algo(text: str) -> str:
-    try:
-        a = hashing.hash_algo(text)
-        a.constructor()
-    except hashing.HashAlgoError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if a.name == "md5":
+    name = algo_arg(text)
+    if name == "md5":
         raise argparse.ArgumentTypeError("md5 is no reference value")
-    return a.name
+    return name
 
 
 def _run(args) -> int:
@@ -143,21 +140,7 @@ def _generator(args) -> str:
 
 def _write(path: str, lst: dl.DigestList) -> None:
     data = lst.to_bytes()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".imafs-list-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_whole(path, data, 0o644)
     _say(f"{path}: {lst.count} digests of {len(lst.blocks)} packages ({len(data)} bytes)")
 
 

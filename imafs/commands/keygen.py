@@ -10,6 +10,7 @@ import datetime as dt
 import os
 
 from imafs.commands import CommandError
+from imafs.commands._files import write_whole
 from imafs.ima import keys as km
 
 KEY_NAME, CERT_DER, CERT_PEM = "signing_key.pem", "signing_cert.der", "signing_cert.pem"
@@ -82,24 +83,12 @@ def cmd_keygen(args) -> int:
     key_pem = key.private_bytes(serialization.Encoding.PEM,
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write(targets[0], key_pem, 0o600)
-    _write(targets[1], cert.public_bytes(serialization.Encoding.DER), 0o644)
-    _write(targets[2], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_whole(targets[0], key_pem, 0o600)
+    write_whole(targets[1], cert.public_bytes(serialization.Encoding.DER), 0o644)
+    write_whole(targets[2], cert.public_bytes(serialization.Encoding.PEM), 0o644)
     print(f"key id {km.keyid_of(cert):08x}: wrote {targets[0]} (private), "
           f"{targets[1]}, {targets[2]}")
     return 0
-
-
-def _write(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def register(sub) -> None:

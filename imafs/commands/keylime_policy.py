@@ -8,6 +8,7 @@ import os
 import sys
 
 from imafs.commands import CommandError
+from imafs.commands._files import write_whole
 
 DESCRIPTION = """\
 Write a keylime (7.x) runtime policy: the JSON document a keylime verifier checks an
@@ -163,16 +164,9 @@ def _run(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
         return 0
-    tmp = f"{args.output}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.output)
+        write_whole(args.output, text.encode())
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise CommandError(f"--output: {e.strerror}")
     nkeys = len(json.loads(policy["verification-keys"])["keyids"]) \
         if policy["verification-keys"] else 0

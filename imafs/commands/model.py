@@ -10,11 +10,11 @@ prints what it holds.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from imafs.commands import CommandError
+from imafs.commands._files import write_whole
 from imafs.ima.modelfile import MAX_MODEL_BYTES, ModelFileError, parse_model
 
 
@@ -81,16 +81,9 @@ def _export(args) -> int:
     if args.output == "-":
         sys.stdout.buffer.write(data)
     else:
-        tmp = f"{args.output}.tmp{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, args.output)
+            write_whole(args.output, data)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise CommandError(f"{args.output}: {e.strerror}") from None
     if not args.quiet:
         print(f"{args.output if args.output != '-' else '<stdout>'}: "
