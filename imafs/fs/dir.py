@@ -199,22 +199,19 @@ class DirOps:
                           lambda d, p: os.symlink(target, name, dir_fd=d))
 
     async def unlink(self, parent_inode, name, ctx):
-        self._writable()
-        parent = self.inode(parent_inode)
-        await self._lsm(ctx, "inode_unlink", parent=parent, name=name)
-        try:
-            with self._pinned(parent) as pfd:
-                os.unlink(name, dir_fd=pfd)
-        except OSError as e:
-            raise _fuse_error(e)
+        await self._remove(parent_inode, name, ctx, "inode_unlink", os.unlink)
 
     async def rmdir(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name, ctx, "inode_rmdir", os.rmdir)
+
+    async def _remove(self, parent_inode, name, ctx, hook: str, remove) -> None:
+        """unlink or rmdir (``remove``) of ``name`` in the parent, after the hook."""
         self._writable()
         parent = self.inode(parent_inode)
-        await self._lsm(ctx, "inode_rmdir", parent=parent, name=name)
+        await self._lsm(ctx, hook, parent=parent, name=name)
         try:
             with self._pinned(parent) as pfd:
-                os.rmdir(name, dir_fd=pfd)
+                remove(name, dir_fd=pfd)
         except OSError as e:
             raise _fuse_error(e)
 

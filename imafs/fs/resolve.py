@@ -81,6 +81,18 @@ def _regular(st: os.stat_result) -> os.stat_result:
     return st
 
 
+def _blocking_regular(fd: int) -> os.stat_result:
+    """The stat of ``fd`` (a file opened O_NONBLOCK), checked once more to be a regular
+    file's, and ``fd`` made blocking; ``fd`` is closed when either fails."""
+    try:
+        st = _regular(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return st
+
+
 def open_regular(root_fd: int, path: str,
                  mountpoint: str = "") -> tuple[int, os.stat_result, str]:
     """Open a path of the mount -- absolute in the mount, or a host path below
@@ -104,12 +116,7 @@ def open_regular(root_fd: int, path: str,
         fd = os.open(sysio.proc_path(node_fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     finally:
         os.close(node_fd)
-    try:
-        st = _regular(os.fstat(fd))
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
+    st = _blocking_regular(fd)
     return fd, st, rel
 
 
@@ -154,12 +161,7 @@ def open_as_seen_by(pid: int, path: str, *, mount_dev: int | None, backing_of,
             fd = os.open(sysio.proc_path(node), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     finally:
         os.close(node)
-    try:
-        st = _regular(os.fstat(fd))
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
+    st = _blocking_regular(fd)
     return fd, st, shown, on_mount
 
 
