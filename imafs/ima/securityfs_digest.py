@@ -156,26 +156,13 @@ class DigestQuery(Session):
     def write(self, buf: bytes) -> int:
         try:
             text = _one_line(buf, "digest (ALGO:HEX)")
-            algo, sep, hexd = text.partition(":")
-            if not sep:
-                raise ValueError(f"expected ALGO:HEX (sha256:<hex>), got {quote(buf)}")
-            try:
-                a = hashing.hash_algo(algo)
-            except (ValueError, hashing.HashAlgoError) as e:
-                raise ValueError(f"{algo}: {e}") from None
-            try:
-                digest = bytes.fromhex(hexd)
-            except ValueError:
-                raise ValueError(f"{hexd!r} is no hexadecimal digest") from None
-            if len(digest) != a.digest_size:
-                raise ValueError(f"a {a.name} digest has {a.digest_size} bytes, not "
-                                 f"{len(digest)}")
+            algo, digest = hashing.parse_digest(text)   # HashAlgoError is a ValueError
         except ValueError as e:
             log.warning("digest_query of namespace %s refused (pid %d): %s", self.ns.path,
                         self.pid, e)
             raise SecurityfsError(errno.EINVAL, str(e)) from None
         idx = self.ns.digest_lists
-        refs = idx.query(a.name, digest) if idx is not None else []
+        refs = idx.query(algo, digest) if idx is not None else []
         lines = []
         for ref in refs:
             if ref.type == dl.COMPACT_DIGEST_LIST:
@@ -189,7 +176,7 @@ class DigestQuery(Session):
             pkg = ref.list.package(ref.block)
             lines.append(line + (f" -- {pkg.name} {pkg.version}" if pkg else ""))
         if not lines:
-            lines.append(f"{a.name}:{digest.hex()}: in no loaded digest list")
+            lines.append(f"{algo}:{digest.hex()}: in no loaded digest list")
         self.result = ("\n".join(lines) + "\n").encode()
         return len(buf)
 

@@ -246,10 +246,17 @@ def build_entry(template: str, *, name: str | bytes, algo: str = "sha256",
         raise ValueError(f"unknown template {template!r}")
     if digest is None:
         raise ValueError("a measurement needs a digest (use violation_entry for violations)")
+    return TemplateEntry(pcr, template, _fields(ids, name, algo, digest, xattr, evm_xattr,
+                                                buf, ns_id, digest_type))
+
+
+def _fields(ids, name, algo, digest, xattr, evm_xattr, buf, ns_id, digest_type) -> tuple:
+    """The template fields ``ids`` of one entry; ``digest`` None: a violation's (zero
+    digests; the ``ima`` template's ``d`` then takes any ``algo``)."""
     fields = []
     for fid in ids:
         if fid == "d":
-            if algo not in ("sha1", "md5"):
+            if digest is not None and algo not in ("sha1", "md5"):
                 raise ValueError("the ima template records a sha1 or md5 digest")
             fields.append(encode_d(digest))
         elif fid == "n":
@@ -270,7 +277,7 @@ def build_entry(template: str, *, name: str | bytes, algo: str = "sha256",
             fields.append(encode_ns(ns_id))
         else:   # d-modsig, modsig, xattr*, iuid, igid, imode: not collected here
             fields.append(b"")
-    return TemplateEntry(pcr, template, tuple(fields))
+    return tuple(fields)
 
 
 def buf_entry(name: str | bytes, buf: bytes, *, algo: str = "sha256", pcr: int = 10,
@@ -289,23 +296,8 @@ def violation_entry(template: str, name: str | bytes, *, pcr: int = 10,
     ids = _field_ids_for(template)
     if ids is None:
         raise ValueError(f"unknown template {template!r}")
-    fields = []
-    for fid in ids:
-        if fid == "d":
-            fields.append(encode_d(None))
-        elif fid == "n":
-            fields.append(encode_n(name))
-        elif fid == "n-ng":
-            fields.append(encode_n_ng(name))
-        elif fid == "d-ng":
-            fields.append(encode_d_ng(algo, None))
-        elif fid == "d-ngv2":
-            fields.append(encode_d_ngv2("ima", algo, None))
-        elif fid == "ns":
-            fields.append(encode_ns(ns_id))
-        else:
-            fields.append(b"")
-    return TemplateEntry(pcr, template, tuple(fields), violation=True)
+    return TemplateEntry(pcr, template, _fields(ids, name, algo, None, None, None, None, ns_id,
+                                                "ima"), violation=True)
 
 
 # -- parsers ------------------------------------------------------------------
