@@ -3,13 +3,17 @@ shared object and program that leave a mark when they run, a library whose mark 
 which of its bytes ran, and ``mapper``, a static program that writes a file through
 the mount and keeps it open with a shared writable mapping (the attack of issue 14
 item 1); a signed rootfs that runs them (``make_rootfs``). Compiled with gcc once per
-test session (``build``)."""
+test session (``build``). The fixtures ``code`` (built once per test module; the
+module skipped without a compiler) and ``keydir`` (the rootfs's signing key), for a
+test module to import by name."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from imafs.cli import main
 
@@ -187,3 +191,18 @@ class Mapper:
         self.p.wait(30)
         self.p.stdout.close()
         self.p.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    try:
+        return build(tmp_path_factory.mktemp("code"))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys") / "k"
+    assert main(["keygen", "--out", str(d), "--cn", "loadable"]) == 0
+    return d

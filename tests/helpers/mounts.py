@@ -66,8 +66,9 @@ class Mount:
         return self.mnt / ".imafs" / name
 
     def query(self, path: str) -> dict:
-        """Write ``path`` to the control file ``query`` and read back its JSON answer
-        through the same descriptor, as the interface asks."""
+        """Write ``path`` (or a request such as ``exec PATH``) to the control file
+        ``query`` and read back its JSON answer through the same descriptor, as the
+        interface asks."""
         fd = os.open(self.ctl("query"), os.O_RDWR)
         try:
             os.write(fd, path.encode() + b"\n")

@@ -123,7 +123,7 @@ def test_rootfs_appraised_by_its_digest_list(debian_rootfs, debian_digest_list, 
                 "boot_aggregate", "/usr/bin/dash", "/lists/unsigned.list",
                 "/lists/tampered.list", "/lists/debian.list"]
 
-            ans = query_exec(m, "/usr/bin/ls")
+            ans = m.query("exec /usr/bin/ls")
             assert "digest in list debian.list (from coreutils 9.1-1)" in json.dumps(ans)
             assert p_ok(chroot(m, "ls / >/dev/null"))
             # a binary from no package, and one changed behind the mount
@@ -166,18 +166,6 @@ def restart(m: Mount) -> None:
 def p_ok(p: subprocess.CompletedProcess) -> bool:
     assert p.returncode == 0, p.stderr
     return True
-
-
-def query_exec(m: Mount, path: str) -> dict:
-    fd = os.open(m.ctl("query"), os.O_RDWR)
-    try:
-        os.write(fd, f"exec {path}\n".encode())
-        data = b""
-        while chunk := os.pread(fd, 65536, len(data)):
-            data += chunk
-    finally:
-        os.close(fd)
-    return json.loads(data)
 
 
 PCR_COMMANDS = ["dpkg -l", "apt-get --version", "ls -l /usr/bin", "tar --version",
@@ -223,7 +211,7 @@ def test_predictable_pcr(debian_rootfs, debian_digest_list, work):
             assert [ln.split()[-1] for ln in lists[0].splitlines()] == [
                 "boot_aggregate", "/lists/debian.list"]
             # and every program was decided: its verdict came from the list
-            ans = query_exec(mounts[0], "/usr/bin/dpkg")
+            ans = mounts[0].query("exec /usr/bin/dpkg")
             assert "debian.list (from dpkg " in json.dumps(ans)
         finally:
             for m in mounts:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,23 +15,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers.fuzz_targets import EXAMPLES, fuzz
 from helpers.mounts import IMAFS, REPO
 from imafs.ima.policy import MAX_POLICY_BYTES
 from imafs.ima.templates import parse_ascii, parse_binary
 from imafs.ima.verifylog import verify
-
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-
-
-def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("imafs_fuzz", REPO / "scripts" / "fuzz.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fuzz = _fuzz_module()
 
 
 def run(argv, **kw):

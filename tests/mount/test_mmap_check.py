@@ -22,28 +22,12 @@ import subprocess
 import pytest
 
 from helpers.mounts import run_as
-from helpers.loadable import LOADER, build, make_rootfs
-from imafs.cli import main as imafs_main
+from helpers.loadable import LOADER, code, keydir, make_rootfs  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.mount
 
 POLICY = ("appraise func=BPRM_CHECK appraise_type=imasig\n"
           "appraise func=MMAP_CHECK appraise_type=imasig\n")
-
-
-@pytest.fixture(scope="module")
-def code(tmp_path_factory):
-    try:
-        return build(tmp_path_factory.mktemp("code"))
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys") / "k"
-    assert imafs_main(["keygen", "--out", str(d), "--cn", "mmap-check"]) == 0
-    return d
 
 
 @pytest.fixture

@@ -28,8 +28,7 @@ import subprocess
 import pytest
 
 from helpers.mounts import run_as, wait_for
-from helpers.loadable import LOADER, Mapper, build, make_rootfs
-from imafs.cli import main as imafs_main
+from helpers.loadable import LOADER, Mapper, code, keydir, make_rootfs  # noqa: F401 (fixtures)
 from imafs.ima.templates import parse_ascii
 
 pytestmark = pytest.mark.mount
@@ -38,21 +37,6 @@ CODE_POLICY = ("appraise func=BPRM_CHECK appraise_type=imasig\n"
                "appraise func=MMAP_CHECK appraise_type=imasig\n")
 WITH_FILE_CHECK = CODE_POLICY + "appraise func=FILE_CHECK mask=^MAY_READ\n"
 ETXTBSY_LOADER = "Error 26"     # how ld.so prints ETXTBSY for the file it runs
-
-
-@pytest.fixture(scope="module")
-def code(tmp_path_factory):
-    try:
-        return build(tmp_path_factory.mktemp("code"))
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def keydir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys") / "k"
-    assert imafs_main(["keygen", "--out", str(d), "--cn", "loadable"]) == 0
-    return d
 
 
 def mount_rootfs(make_mount, world_tmp, code, keydir, policy, *extra):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.mounts import is_mounted, force_unmount, run_as, wait_for
+from helpers.mounts import is_mounted, force_unmount, readable, run_as, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -60,15 +60,6 @@ def labelled(backing: Path, name: str) -> bool:
     writer's close, seen after close() returned: FUSE releases asynchronously)?"""
     p = backing / name
     return wait_for(lambda: label(p) == sha(p.read_bytes()), 10)
-
-
-def can_read(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.read()
-        return True
-    except PermissionError:
-        return False
 
 
 def write_file(path, data: bytes, flags=os.O_RDWR | os.O_CREAT | os.O_EXCL) -> None:
@@ -221,7 +212,7 @@ def test_rename_over_keeps_each_hash(make_mount, world_tmp, policy, mode):
         time.sleep(0.3)
         assert label(b / "target") != sha(content)
     if policy == POLICIES["masked"] and mode == "enforce":
-        assert not can_read(m.mnt / "target")
+        assert not readable(m.mnt / "target")
     else:
         assert (m.mnt / "target").read_bytes() == content
         assert labelled(b, "target")
@@ -241,7 +232,7 @@ def test_truncate_by_path_as_the_kernel(make_mount, world_tmp, policy, mode):
     time.sleep(0.3)
     assert label(b / "f") == old            # not rewritten
     if mode == "enforce":
-        assert not can_read(f)
+        assert not readable(f)
         assert appraise_failures(m, "/f") == ["invalid-hash"]
     else:
         assert f.read_bytes() == b"y" * 100
@@ -279,11 +270,11 @@ def test_new_file_allowance_survives_chmod_and_chown(make_mount, world_tmp, poli
         r = run_as(1000, 1000, ["python3", "-c", "import sys; open(sys.argv[1]).read()",
                                 str(f)], capture_output=True)
         assert r.returncode == 0, r.stderr
-        assert can_read(f)
+        assert readable(f)
     assert appraise_failures(m, "/d/new") == []
     # a hard link is the same inode: the same allowance
     os.link(f, d / "link")
-    assert can_read(d / "link")
+    assert readable(d / "link")
 
 
 def test_new_file_allowance_ends_at_the_last_writer_close(make_mount, world_tmp, policy):
@@ -295,7 +286,7 @@ def test_new_file_allowance_ends_at_the_last_writer_close(make_mount, world_tmp,
     f = m.mnt / "f"
     os.close(os.open(f, os.O_CREAT | os.O_EXCL, 0o644))
     os.chmod(f, 0o600)
-    assert can_read(f)
+    assert readable(f)
     fd = os.open(f, os.O_WRONLY)
     os.write(fd, b"x")
     os.close(fd)
@@ -303,7 +294,7 @@ def test_new_file_allowance_ends_at_the_last_writer_close(make_mount, world_tmp,
         assert labelled(m.backing, "f")
         assert f.read_bytes() == b"x"
     else:
-        assert wait_for(lambda: not can_read(f))
+        assert wait_for(lambda: not readable(f))
         assert label(m.backing / "f") is None
         assert appraise_failures(m, "/f") == ["missing-hash"]
     # an O_RDWR writer is appraised by both rules: it passes (a hash matching, or
@@ -324,9 +315,9 @@ def test_new_file_allowance_is_not_kept_across_a_remount(make_mount, world_tmp, 
     m = mount(make_mount, world_tmp, policy)
     f = m.mnt / "empty"
     os.close(os.open(f, os.O_CREAT | os.O_EXCL, 0o644))
-    assert can_read(f) and can_read(f)
+    assert readable(f) and readable(f)
     m.restart(m.args)
-    assert not can_read(f)
+    assert not readable(f)
     assert appraise_failures(m, "/empty") == ["missing-hash"]
 
 
@@ -345,7 +336,7 @@ def test_chown_minus_one_updates_ctime(make_mount, world_tmp):
         after_backing = os.stat(m.backing / p.name).st_ctime_ns
         assert after_backing > before, p
         assert wait_for(lambda: os.stat(p).st_ctime_ns == after_backing, 3), p
-    assert labelled(m.backing, "f") and can_read(f)
+    assert labelled(m.backing, "f") and readable(f)
 
 
 # -- a crash between the last write and the last close ------------------------------------
@@ -410,7 +401,7 @@ def test_crash_between_the_last_write_and_the_last_close(make_mount, world_tmp,
             os.unlink(f)
         write_file(f, b"A" * 4096)
         assert labelled(b, "f")
-        assert can_read(f) and can_read(f)
+        assert readable(f) and readable(f)
         fd = os.open(f, os.O_RDWR)
         fds.append(fd)
         os.pwrite(fd, b"B" * 4096, 0)
@@ -435,7 +426,7 @@ def test_crash_between_the_last_write_and_the_last_close(make_mount, world_tmp,
     hashed = json.loads(m.ctl("stats").read_text())["hashed_files"]
     if mode == "enforce":
         # measured again: the old hash no longer matches -> refused
-        assert not can_read(f)
+        assert not readable(f)
         assert appraise_failures(m, "/f") == ["invalid-hash"]
     else:
         assert f.read_bytes() == b"B" * 4096
@@ -458,7 +449,7 @@ def test_same_second_rewrite_through_the_mount_is_measured_again(make_mount, wor
             os.unlink(f)
         write_file(f, b"A" * 4096)
         assert labelled(b, "f")
-        assert can_read(f)
+        assert readable(f)
         fd = os.open(f, os.O_RDWR)
         os.pwrite(fd, b"B" * 4096, 0)
         os.close(fd)

@@ -7,7 +7,6 @@ atheris when installed); here each gets a bounded number of hypothesis inputs
 Through a mount: tests/mount/test_hostile_input.py."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -16,23 +15,11 @@ import tracemalloc
 
 import pytest
 
+from helpers.fuzz_targets import EXAMPLES, fuzz
 from helpers.mounts import IMAFS, REPO
 from imafs.ima import template_lib, templates
 from imafs.ima.templates import parse_ascii, parse_binary
 from imafs.ima.verifylog import parse_pcr_file
-
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
-
-
-def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("imafs_fuzz", REPO / "scripts" / "fuzz.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fuzz = _fuzz_module()
 
 
 # ------------------------------------------------------------------ offline parsers
