@@ -1,15 +1,47 @@
-"""Namespace trees without a mount and processes with a known pid, for the
-namespace and control-file tests."""
+"""Namespace trees without a mount, a stand-in for the binder that moves processes
+(``Binder``), and processes with a known pid, for the namespace and control-file
+tests."""
 from __future__ import annotations
 
 import subprocess
 
+from imafs.ima.binding import BindingError
 from imafs.ima.keys import Keyring
 from imafs.ima.measurelog import MeasurementList
 from imafs.ima.namespaces import Namespace, NamespaceTree
 from imafs.ima.policy import Policy
 from imafs.ima.policy_parse import parse_policy
 from imafs.ima.quota import Quota
+
+
+class Binder:
+    """A stand-in for imafs.ima.binding's Binder: which namespace each pid is in, a
+    dict (``where``; an unknown pid is in ``default``); ``fail`` makes binds raise
+    (a process that did not move); ``removed``: the namespaces removed."""
+
+    def __init__(self, default: int | None = 0):
+        self.where: dict[int, int] = {}
+        self.removed: list[int] = []
+        self.fail = False
+        self.default = default
+
+    def ns_of(self, pid):
+        return self.where.get(pid, self.default)
+
+    def read_ns(self, pid):
+        return self.ns_of(pid)
+
+    def bind(self, pid, ns_id, **kw):
+        if self.fail:
+            raise BindingError(f"pid {pid} did not move into namespace {ns_id}")
+        self.where[pid] = ns_id
+        return "cgroup"
+
+    def members(self, ns_id):
+        return [p for p, n in self.where.items() if n == ns_id]
+
+    def remove(self, ns_id):
+        self.removed.append(ns_id)
 
 
 def make_tree(store=None, resolver=None, binder=None) -> NamespaceTree:

@@ -27,6 +27,8 @@ from imafs.ima.namespaces import NamespaceError
 from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
+from helpers.namespaces import Binder
+
 HOST_PID, CHILD_PID, GRANDCHILD_PID = 1001, 1002, 1003
 IMA = ap.hash_xattr("sha256", bytes(range(32)))
 CAPS = bytes.fromhex("0100000200200000000000000000000000000000")
@@ -40,23 +42,6 @@ def key_file(d, name, data=None):
     return p
 
 
-class Binder:
-    def __init__(self):
-        self.where = {}
-
-    def ns_of(self, pid):
-        return self.where.get(pid)
-
-    def bind(self, pid, ns_id):
-        self.where[pid] = ns_id
-
-    def members(self, ns_id):
-        return [p for p, n in self.where.items() if n == ns_id]
-
-    def remove(self, ns_id):
-        pass
-
-
 class World:
     """A root namespace with EVM (``root_evm``) and the children tests make, a file
     ``f`` in ``tmp`` to change, an engine over them."""
@@ -66,7 +51,7 @@ class World:
         self.store = Store(str(tmp / "lmdb"), sync=False)
         self.audit_path = tmp / "audit.log"
         self.audit = AuditLog(str(self.audit_path))
-        self.binder = Binder()
+        self.binder = Binder(default=None)
         self.binder.bind(HOST_PID, 0)
         self.root_key = key_file(tmp, "root.key") if root_key else None
         root_evm = EvmState(root_mode, evm.HmacKey.from_file(str(self.root_key))

@@ -29,28 +29,10 @@ from imafs.ima.policy_parse import parse_policy
 from imafs.ima.securityfs import FILES, MODEL, Securityfs, SecurityfsError
 from imafs.store import Store
 
+from helpers.namespaces import Binder
+
 ME = os.getpid()
 A = M.Actor((1, 1), None, mm.Coe())
-
-
-class Binder:
-    def __init__(self):
-        self.where: dict[int, int] = {}
-
-    def ns_of(self, pid):
-        return self.where.get(pid, 0)
-
-    read_ns = ns_of
-
-    def bind(self, pid, ns_id, *, whole_pidns=True):
-        self.where[pid] = ns_id
-        return "cgroup"
-
-    def members(self, ns_id):
-        return [p for p, n in self.where.items() if n == ns_id]
-
-    def remove(self, ns_id):
-        pass
 
 
 class World:

@@ -32,26 +32,9 @@ from imafs.ima.modelstore import ModelStore
 from imafs.ima.policy_parse import parse_policy
 from imafs.store import Store
 
+from helpers.namespaces import Binder
+
 ME = Subject(os.getpid(), os.getuid(), os.getgid())
-
-
-class Binder:
-    def __init__(self):
-        self.where: dict[int, int] = {}
-
-    def ns_of(self, pid):
-        return self.where.get(pid, 0)
-
-    read_ns = ns_of
-
-    def bind(self, pid, ns_id):
-        self.where[pid] = ns_id
-
-    def members(self, ns_id):
-        return [p for p, n in self.where.items() if n == ns_id]
-
-    def remove(self, ns_id):
-        pass
 
 
 class World:

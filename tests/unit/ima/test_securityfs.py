@@ -15,11 +15,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from helpers import testkeys as tk
+from helpers.namespaces import Binder
 from imafs.assemble import namespace_tree
 from imafs.fs.adapter import open_in_mount
 from imafs.ima import securityfs_write
 from imafs.ima.audit import AuditLog
-from imafs.ima.binding import BindingError
 from imafs.ima.capability import OWN_PIDNS, OWN_USERNS, Creds
 from imafs.ima.engine import Engine
 from imafs.ima.iint import Subject
@@ -33,31 +33,6 @@ from imafs.store import Store
 
 ME = os.getpid()
 CAP_ALL, SYS_ADMIN, DAC_OVERRIDE = (1 << 41) - 1, 1 << 21, 1 << 1
-
-
-class Binder:
-    """Places processes (pid -> namespace id; the root when not told) and moves them."""
-
-    def __init__(self):
-        self.where: dict[int, int] = {}
-        self.removed: list[int] = []
-        self.fail = False
-
-    def ns_of(self, pid):
-        return self.where.get(pid, 0)
-
-    read_ns = ns_of
-
-    def bind(self, pid, ns_id, **kw):
-        if self.fail:
-            raise BindingError(f"pid {pid} did not move into namespace {ns_id}")
-        self.where[pid] = ns_id
-
-    def members(self, ns_id):
-        return [p for p, n in self.where.items() if n == ns_id]
-
-    def remove(self, ns_id):
-        self.removed.append(ns_id)
 
 
 class World:
