@@ -22,17 +22,38 @@ def command_modules() -> list[str]:
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
-def build_parser() -> argparse.ArgumentParser:
+# commands whose module has another name than the command's (mount.py: umount too)
+MODULE_OF = {"umount": "mount"}
+
+
+def _module_for(argv: list[str]) -> str | None:
+    """The one command module ``argv`` needs (its first word names the command), or
+    None: all of them (no command, ``--help``, a word that is no command)."""
+    word = next((w for w in argv if not w.startswith("-")), None)
+    if word is None or word != argv[0]:
+        return None
+    name = MODULE_OF.get(word, word.replace("-", "_"))
+    return name if name in command_modules() else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``imafs``; given ``argv``, only the module of its command is
+    imported (``imafs umount`` need not load every command's dependencies)."""
     p = argparse.ArgumentParser(prog="imafs", description=__doc__)
     p.add_argument("--version", action="version", version=f"imafs {imafs.__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for name in command_modules():
+    only = _module_for(argv) if argv else None
+    for name in [only] if only else command_modules():
         importlib.import_module(f"imafs.commands.{name}").register(sub)
+    if only and argv[0] not in sub.choices:
+        return build_parser()
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # a command whose positional words may also follow its options (imafs ns create
     # MNT NAME --pid PID OPTION=VALUE...) names the list they join (set_defaults(

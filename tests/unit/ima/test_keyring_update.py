@@ -74,7 +74,7 @@ def test_garbage_is_refused_with_a_reason(data, final):
     (b"remove 123\n", False, "remove: bad key id '123'"),
     (b"remove 0123abcd abcd\n", False, "remove: bad sha256 fingerprint 'abcd'"),
     (b"hello\n", False, "the path of one, or 'remove KEYID [SHA256]'"),
-])
+], ids=lambda v: v if isinstance(v, str) else None if isinstance(v, bool) else "")
 def test_refusals_say_what(data, final, reason):
     with pytest.raises(ku.KeyInput) as e:
         ku.key_items(data, final)
