@@ -1,5 +1,5 @@
 """Load: 16 processes of mixed work (exec of a binary and of scripts, reads, writes,
-renames, readdir, control-file reads) for IMAFS_LOAD_SECONDS (default 60) against
+renames, readdir, control-file reads) for IMAFS_LOAD_SECONDS (default 30) against
 one mount, 4 on the host and 6 in each of two child integrity namespaces.
 
 Checks: no error at all (every file a worker changes is its own, so the backing file
@@ -48,7 +48,7 @@ from stress.loadworker import POLICY, POOL, pool_version  # noqa: E402
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
-SECONDS = float(os.environ.get("IMAFS_LOAD_SECONDS", "60"))
+SECONDS = float(os.environ.get("IMAFS_LOAD_SECONDS", "30"))
 WORKER = Path(__file__).with_name("loadworker.py")
 FACT_PCR = {"x": 11, "r": 10}      # exec: BPRM_CHECK on PCR 11; read: FILE_CHECK on 10
 
@@ -183,7 +183,7 @@ def test_sixteen_workers_two_namespaces(make_mount, world_tmp):
 
 
 def test_large_list(world_tmp):
-    """A list of IMAFS_LIST_ENTRIES (default 200,000; scripts/reliability.py --million
+    """A list of IMAFS_LIST_ENTRIES (default 100,000; scripts/reliability.py --million
     for a million) written straight into a --state: cat of the ascii and binary lists
     streams (rate printed), the daemon's resident memory stays under 200 MiB while it
     does, evmctl replays the binary list, and a restart is ready in under 3 s."""
@@ -193,7 +193,7 @@ def test_large_list(world_tmp):
                                                   REPO / "scripts" / "reliability.py")
     rel = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rel)
-    n = int(os.environ.get("IMAFS_LIST_ENTRIES", "200000"))
+    n = int(os.environ.get("IMAFS_LIST_ENTRIES", "100000"))
     fig = rel.run(n, keep=str(world_tmp / "big"), verify=True, log=print)
     for view in ("ascii_runtime_measurements", "binary_runtime_measurements"):
         c = fig[view]

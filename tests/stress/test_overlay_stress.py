@@ -41,7 +41,7 @@ GROUPS = [
 ]
 USER_GROUP = ("as a user", "--dentry 1 --dir 1 --link 1 --symlink 1 --rename 1 --touch 1 "
                            "--chmod 1 --utime 1 --xattr 1 --hdd 1 --hdd-bytes 8M --open 1")
-SECONDS = 7
+SECONDS = 5
 COARSE = {"filename", "link", "symlink", "chdir", "dirdeep", "dirmany", "dentry", "iomix",
           "sync-file", "xattr", "copy-file", "chmod"}
 UID = 4021
