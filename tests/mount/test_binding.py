@@ -143,8 +143,16 @@ def test_a_pid_namespace_keeps_its_processes_and_takes_in_newcomers(bm):
     finally:
         p.kill()
         p.wait()
-    r = host_sh(f"echo box > {mnt}/.imafs/ns-remove", pidns=False)
-    assert r.returncode == 0, r.stderr
+    # the kernel tears a pid namespace down after its init's parent is gone, not with
+    # it: --kill-child's SIGKILL and the reaping of the namespace's orphans take a
+    # moment, during which the namespace is still busy (the OCI hook's poststop waits
+    # the same way)
+    removed = []
+
+    def remove():
+        removed.append(host_sh(f"echo box > {mnt}/.imafs/ns-remove", pidns=False))
+        return removed[-1].returncode == 0
+    assert wait_for(remove, 15, 0.2), removed[-1].stderr
 
 
 def _build_escape(m, world_tmp) -> str:

@@ -43,7 +43,10 @@ USER_GROUP = ("as a user", "--dentry 1 --dir 1 --link 1 --symlink 1 --rename 1 -
                            "--chmod 1 --utime 1 --xattr 1 --hdd 1 --hdd-bytes 8M --open 1")
 SECONDS = 5
 COARSE = {"filename", "link", "symlink", "chdir", "dirdeep", "dirmany", "dentry", "iomix",
-          "sync-file", "xattr", "copy-file", "chmod"}
+          "sync-file", "xattr", "copy-file", "chmod",
+          # a parent and a child contend for byte-range locks with blocking F_SETLKW;
+          # on a loaded 2-CPU machine they can finish no counted round in 5 s (seen in CI)
+          "lockofd", "locka"}
 UID = 4021
 
 
