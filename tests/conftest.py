@@ -20,10 +20,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from helpers.mounts import (IMAFS, Mount, REPO, ROOTFS_CACHE, force_unmount, is_mounted,
                             mounts_under)
 
+
+# no per-example deadline: the suite runs two workers beside mounted daemons on two
+# CPUs, where one descheduled example would be reported as DeadlineExceeded or Flaky
+settings.register_profile("imafs", deadline=None)
+settings.load_profile("imafs")
 
 TESTS = Path(__file__).resolve().parent
 LEVELS = ("unit", "mount", "interop", "stress")      # the directories, fastest first

@@ -23,6 +23,14 @@ if str(REPO / "scripts") not in sys.path:
 from benchlib.mounts import force_unmount, is_mounted, mounts_under  # noqa: E402,F401
 
 
+def _is_daemon(pid: int) -> bool:
+    """Whether ``pid`` is still a live imafs daemon (a zombie reads an empty cmdline)."""
+    try:
+        return b"imafs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Mount:
     """One imafs mount: ``backing``, ``mnt``, ``state``, plus helpers."""
 
@@ -41,10 +49,18 @@ class Mount:
         return self
 
     def stop(self) -> None:
+        try:
+            pid = self.pid()
+        except (OSError, ValueError):
+            pid = None
         if is_mounted(str(self.mnt)):
             subprocess.run(IMAFS + ["umount", str(self.mnt)], capture_output=True, timeout=60,
                            cwd=REPO)
         force_unmount(str(self.mnt))
+        if pid is not None:
+            # `imafs umount` waits for the daemon 10 s at most; a restart on the same
+            # --state before it has exited would find the state in use
+            wait_for(lambda: not _is_daemon(pid), 30, 0.05)
 
     def restart(self, extra: list[str] | None = None) -> "Mount":
         self.stop()
@@ -107,7 +123,10 @@ def run_as(uid: int, gid: int, argv: list[str], **kw):
     return subprocess.run(argv, preexec_fn=demote, **kw)
 
 
-def wait_for(pred, timeout=5.0, interval=0.02):
+def wait_for(pred, timeout=30.0, interval=0.02):
+    """Poll ``pred`` until it is true or ``timeout`` has passed; its last value. Only
+    for waiting on something expected to happen (the time costs nothing then): a
+    loaded two-CPU CI machine needs the generous default."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():

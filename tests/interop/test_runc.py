@@ -92,7 +92,7 @@ class Runc:
         self.profile("web", WEB_POLICY, "template=ima-ng\n")
         self.profile("signed", SIGNED_POLICY, "appraise=enforce\n")
         self.conf.write_text(f"profiles = {self.profiles}\narchive = {self.archive}\n"
-                             f"state_dir = {self.hookstate}\nremove_wait = 10\n")
+                             f"state_dir = {self.hookstate}\nremove_wait = 30\n")
         subprocess.run(["runc", "spec", "--bundle", str(self.bundle)], check=True)
         self.spec = json.loads((self.bundle / "config.json").read_text())
 
@@ -254,7 +254,7 @@ def test_runc_exec_lands_in_the_containers_namespace(rt):
         r = rt.runc("exec", cid, "cat", "/etc/hostname")
         assert r.returncode == 0, r.stderr
         # measured by the container's own FILE_CHECK rule only if exec is inside it
-        assert wait_for(lambda: b"/etc/hostname" in child_names(rt, cid), 3)
+        assert wait_for(lambda: b"/etc/hostname" in child_names(rt, cid), 10)
     finally:
         rt.delete(cid)
 
@@ -474,7 +474,8 @@ def test_a_runc_container_cannot_change_its_namespace_read_a_sibling_or_leave(rt
         rt.delete(c)
         holder.kill()
         holder.wait()
-        wait_for(lambda: imafs("ns", "remove", rt.mnt, "other", ok=False).returncode == 0)
+        assert wait_for(lambda: imafs("ns", "remove", rt.mnt, "other", ok=False).returncode == 0,
+                        30, 0.2)
     assert rt.namespaces() == []
 
 
@@ -539,7 +540,8 @@ def test_the_hook_fails_closed(rt, case, why):
         if holder is not None:
             holder.kill()
             holder.wait()
-            wait_for(lambda: imafs("ns", "remove", rt.mnt, "taken", ok=False).returncode == 0)
+            assert wait_for(lambda: imafs("ns", "remove", rt.mnt, "taken", ok=False).returncode
+                            == 0, 30, 0.2)
 
 
 def test_a_hand_made_container_still_works(rt):

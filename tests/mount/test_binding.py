@@ -118,7 +118,7 @@ def test_a_pid_namespace_keeps_its_processes_and_takes_in_newcomers(bm):
     ready = m.backing / "tmp" / "ready"
     p = subprocess.Popen(["unshare", "--fork", "--kill-child", "--pid", "--mount-proc",
                           "bash", "-c", f"""
-        (sleep 0.5; cat {mnt}/data/f1 > /dev/null; sleep 60) &
+        (while [ ! -e {ready} ]; do sleep 0.05; done; cat {mnt}/data/f1 > /dev/null; sleep 60) &
         echo box > {mnt}/.imafs/ns-create || exit 9
         echo '{MEASURE_READS.strip()}' > {mnt}/.imafs/policy || exit 8
         setsid sh -c '(sh -c "sleep 0.3; cat {mnt}/data/f2 > /dev/null" &) &'

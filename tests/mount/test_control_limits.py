@@ -127,7 +127,7 @@ def test_policy_file_over_a_mib_is_refused_before_it_is_hashed(make_mount, world
     before = p.read_text()
     t = time.monotonic()
     assert steps(p, b"/huge.policy\n") == [("err", errno.EFBIG), 0]
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 10        # reading 8 GiB would take minutes
     assert p.read_text() == before
     assert f"/huge.policy: policy file over {MAX_POLICY_BYTES} bytes ({8 << 30})" \
         in m.log_text()

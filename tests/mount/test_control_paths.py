@@ -125,7 +125,7 @@ def test_non_regular_files_are_refused_at_once(sm, ctl, line, logged):
             before = len(m.log_text())
             [(err, took)] = write_from(m.ctl(ctl), line.format(path=path), m.fifo)
             assert err == errno.EINVAL, (ctl, path, err)
-            assert took < 1.0, (ctl, path, took)
+            assert took < 5.0, (ctl, path, took)   # a FIFO opened would block for good
             new = m.log_text()[before:]
             want = logged + re.escape(f"{path}: not a regular file ({kind})")
             assert len(re.findall(want, new)) == 1, (ctl, path, new)

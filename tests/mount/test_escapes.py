@@ -23,12 +23,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers.mounts import IMAFS, REPO
+from helpers.mounts import IMAFS, REPO, wait_for
 from helpers.containers import (buf_id, cg_key, container, host_sh, keygen,
                                    lines, names, ns_bufs, sign)
 
@@ -142,7 +141,7 @@ def test_child_cannot_read_or_write_host_control_files(esc):
     host_policy = m.ctl("policy").read_text()
     hold = subprocess.Popen(["bash", "-c", f"exec 5<>{m.ctl('policy')} 6<{m.ctl('ascii_runtime_measurements')}; exec sleep 60"])
     try:
-        time.sleep(0.3)
+        assert wait_for(lambda: os.path.exists(f"/proc/{hold.pid}/fd/6"), 10)
         handle = subprocess.run([sys.executable, str(m.fh), "get", str(m.ctl("policy"))],
                                 capture_output=True, text=True, check=True).stdout.split()
         r = host_sh(f"""
@@ -504,17 +503,21 @@ def test_open_for_write_while_executed_elsewhere(esc):
     the host's list (and counted in its violations)."""
     m = esc
     v_before = int(m.ctl("violations").read_text())
+    ready = [m.backing / "tmp" / n for n in ("runner.ready", "reader.ready")]
+    for f in ready:
+        f.unlink(missing_ok=True)
     runner = container(m, """
     echo runner > /.imafs/ns-create || exit 9
-    /opt/sleeper/busybox sleep 3
+    /opt/sleeper/busybox sh -c 'echo > /tmp/runner.ready; exec /opt/sleeper/busybox sleep 30'
     """, wait=False)
     reader = container(m, """
     echo reader > /.imafs/ns-create || exit 9
     exec 3< /data/secret
-    sleep 3
+    echo > /tmp/reader.ready
+    sleep 30
     """, wait=False)
     try:
-        time.sleep(1.0)
+        assert wait_for(lambda: all(f.exists() for f in ready), 30), "containers not ready"
         r = container(m, """
         echo writer > /.imafs/ns-create || exit 9
         echo x >> /opt/sleeper/busybox; echo byname=$?
@@ -522,8 +525,9 @@ def test_open_for_write_while_executed_elsewhere(esc):
         echo tampered >> /data/secret; echo tomtou=$?
         """)
     finally:
-        runner.communicate(timeout=30)
-        reader.communicate(timeout=30)
+        for p in (runner, reader):
+            p.kill()
+            p.communicate(timeout=30)
     out = lines(r)
     assert out["byname"] != "0" and out["bylink"] != "0", r
     assert r.stderr.count("busy") >= 2, r.stderr

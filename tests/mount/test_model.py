@@ -423,7 +423,7 @@ def test_events_stream_and_a_waiting_read_ended_by_a_signal(world, learned):
         t = time.monotonic()
         p.send_signal(sig)
         p.wait(timeout=10)
-        assert time.monotonic() - t < 3
+        assert time.monotonic() - t < 8     # the daemon answers the interrupt
 
 
 def test_xattr_events_by_a_process_that_joined(world, learned):

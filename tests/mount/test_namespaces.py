@@ -130,8 +130,8 @@ def test_daemonized_grandchild_stays(ns_mount):
     m = ns_mount(MEASURE_READS, ["--template", "ima-ns"], prepare=prepare)
     r = container(m, f"""
     echo d1 > /.imafs/ns-create && printf '{MEASURE_READS}' > /.imafs/policy || exit 9
-    setsid sh -c 'sh -c "sleep 0.5; cat /file > /tmp/out; cat /proc/self/stat > /tmp/stat" &' &
-    sleep 1.5
+    setsid sh -c 'sh -c "sleep 1; cat /file > /tmp/out; cat /proc/self/stat > /tmp/stat" &' &
+    while [ ! -s /tmp/stat ]; do sleep 0.05; done
     """)
     assert r.returncode == 0, r.stderr
     assert (m.backing / "tmp" / "out").read_text() == "read by the daemon\n"

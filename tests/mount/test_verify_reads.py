@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -103,12 +104,19 @@ def read_on(fd, got: bytearray, chunk=65536):
         return e
 
 
-def seen(m=None):
-    """Let the daemon see a change made behind the mount: it learns of it by inotify,
-    asynchronously; until then a reader may be served the pages of the version it
-    opened (which the digest pass of its open stored in the page cache): measured
-    bytes, never changed ones."""
-    time.sleep(1.0)
+def invalidations(m) -> int:
+    """How many cache invalidations the daemon has sent the kernel (or tried: ENOENT
+    when the kernel had already forgotten the inode), from its debug log."""
+    return len(re.findall(r"invalidate(?:d the kernel cache of)? inode \d+", m.log_text()))
+
+
+def seen(m, before: int) -> None:
+    """Wait until the daemon has seen a change made behind the mount: it learns of it
+    by inotify, asynchronously, and then drops the kernel's cache of the inode; until
+    then a reader may be served the pages of the version it opened (which the digest
+    pass of its open stored in the page cache): measured bytes, never changed ones.
+    ``before`` is ``invalidations(m)`` from before the change."""
+    assert wait_for(lambda: invalidations(m) > before, 30), "the daemon never saw the change"
 
 
 def changed_bytes(got, orig) -> int:
@@ -140,8 +148,9 @@ def test_change_behind_the_mount_mid_read(make_mount, world_tmp, how):
     try:
         got = read_half(fd, data)
         assert got == data[:len(got)]
+        n = invalidations(m)
         tamper(f, data, how)
-        seen()
+        seen(m, n)
         err = read_on(fd, got)
     finally:
         os.close(fd)
@@ -169,8 +178,9 @@ def test_a_fresh_open_after_restoring_is_appraised_and_served(make_mount, world_
     fd = os.open(m.mnt / "big", os.O_RDONLY)
     try:
         os.read(fd, 4096)
+        n = invalidations(m)
         tamper(f, data, "same")
-        seen()
+        seen(m, n)
         with pytest.raises(OSError) as ei:
             os.pread(fd, 1 << 20, len(data) // 2)
         assert ei.value.errno == errno.EIO
@@ -233,14 +243,16 @@ def test_mmap_after_the_change_never_shows_new_bytes(make_mount, world_tmp, how)
     child = _mmap_child(m.mnt / "big", len(data))
     try:
         assert child.stdout.readline().strip() == "ready"
+        n = invalidations(m)
         tamper(f, data, "same")
-        seen()
+        seen(m, n)
         if how == "failed-read":
             os.posix_fadvise(other, 0, 0, os.POSIX_FADV_DONTNEED)
             with pytest.raises(OSError) as ei:
                 os.pread(other, 1 << 20, len(data) - (1 << 20))
             assert ei.value.errno == errno.EIO
-            time.sleep(0.5)   # the invalidation is sent right after the EIO reply
+            n = invalidations(m)   # one more is sent right after the EIO reply
+            assert wait_for(lambda: invalidations(m) > n, 30)
         out, _ = child.communicate("go\n", timeout=SH)
     finally:
         os.close(other)
@@ -351,9 +363,10 @@ def test_the_digest_pass_fills_the_page_cache(make_mount, world_tmp):
         # (of an unchanged file) checked against both trees
         data2 = bytearray(data)
         data2[5] ^= 1
+        n = invalidations(m)
         f.write_bytes(bytes(data2))
         sign_v2(f)
-        seen()
+        seen(m, n)
         with pytest.raises(OSError):        # block 0 differs from the open handle's tree
             (m.mnt / f.name).read_bytes()
         s2 = _stats(m)

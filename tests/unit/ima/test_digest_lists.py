@@ -307,4 +307,4 @@ def test_scale_sanity(store):
     t = time.perf_counter()
     for d in digests[:5000]:
         assert idx.lookup("sha256", d) is not None
-    assert (time.perf_counter() - t) / 5000 < 200e-6
+    assert (time.perf_counter() - t) / 5000 < 1e-3    # ~5-9 us alone; a quadratic index would be far over
