@@ -2,8 +2,10 @@
 ratio is measured against. It is built at bench time from the source Debian ships in
 libfuse3-dev (``/usr/share/doc/libfuse3-dev/examples``, some files possibly gzipped),
 with the command its Makefile uses, into the run's work directory: nothing of it is
-committed or kept. It runs ``passthrough_ll -f -o source=BACKING MNT`` with its
-defaults (multi-threaded, cache=auto, 1 s entry and attribute timeouts)."""
+committed or kept. It runs ``passthrough_ll -f -o source=BACKING,MOUNT_OPTIONS MNT``
+with its defaults (multi-threaded, cache=auto, 1 s entry and attribute timeouts) and
+the kernel mount options an imafs mount by root has (``MOUNT_OPTIONS``: a rootfs's
+``/dev/null`` is a device node, refused EACCES on a FUSE mount without ``dev``)."""
 from __future__ import annotations
 
 import gzip
@@ -12,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
+MOUNT_OPTIONS = "default_permissions,allow_other,suid,dev"   # as imafs/fs/daemon.py's
 SOURCE = "passthrough_ll.c"
 NEEDS = "scripts/lib/setup.sh installs gcc, libfuse3-dev and pkg-config"
 
@@ -59,4 +62,4 @@ def build(dest: Path) -> Path:
 
 def command(binary: Path, backing: Path, mnt: Path) -> list[str]:
     """The daemon's command line: in the foreground, the backing as its source."""
-    return [str(binary), "-f", "-o", f"source={backing}", str(mnt)]
+    return [str(binary), "-f", "-o", f"source={backing},{MOUNT_OPTIONS}", str(mnt)]
