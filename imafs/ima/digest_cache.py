@@ -20,8 +20,9 @@ never merged; ``ima_digest_cache.c``) add to ``process_measurement``, per namesp
 
 The engine calls :func:`wanted_algos`, :func:`measured` and :func:`appraisal`; the
 control files (securityfs_digest.py) call :func:`load` and :func:`unload`, the control
-socket (imafs/ctl/server.py) :class:`HostLists`; the query file :func:`lookup`. No FUSE
-here.
+socket (imafs/ctl/server.py) :class:`HostLists`; the query file :func:`lookup`; ``imafs
+verify --digest-list`` (no mount) :func:`load_offline`, :func:`lookup_in` and
+:func:`listed_pass`. No FUSE here.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ from imafs.ima.quota import QuotaExceeded, admit_digest_list
 
 log = logging.getLogger("imafs.engine")
 
-__all__ = ["Found", "ListedPass", "DigestListRefused", "wanted_algos", "lookup", "found",
-           "measured", "appraisal", "is_listed", "load", "unload", "list_actions",
+__all__ = ["Found", "ListedPass", "DigestListRefused", "wanted_algos", "lookup", "lookup_in",
+           "found", "measured", "appraisal", "listed_pass", "is_listed", "load",
+           "load_offline", "read_all", "unload", "list_actions", "actions_of",
            "HostLists"]
 
 DIGEST_LIST_CHECK = "DIGEST_LIST_CHECK"
@@ -96,7 +98,12 @@ def lookup(n, digest_for: Callable[[str], bytes]) -> Found | None:
     """Is the file (``digest_for(algo)``: its digest) in a list of namespace ``n``?
     Each algorithm the lists hold is tried (sorted: the same answer every time); the
     actions are those of every list holding it, in any algorithm."""
-    idx = n.digest_lists
+    return lookup_in(n.digest_lists, digest_for)
+
+
+def lookup_in(idx, digest_for: Callable[[str], bytes]) -> Found | None:
+    """:func:`lookup` in one index (None: no lists) -- what ``imafs verify
+    --digest-list`` asks of the lists it loaded offline (:func:`load_offline`)."""
     if idx is None:
         return None
     first = None
@@ -133,7 +140,13 @@ def appraisal(req, n, digest_for: Callable[[str], bytes]) -> ListedPass | None:
     list holding the file's digest was appraised when it was loaded -- else None (the
     file is then appraised from its ``security.ima`` as usual: the patches try the
     digest cache first)."""
-    f = found(req, n, digest_for)
+    return listed_pass(found(req, n, digest_for))
+
+
+def listed_pass(f: Found | None) -> ListedPass | None:
+    """The pass a digest found in the lists (``f``) gives an ``appraise ...
+    digest_cache=`` decision: only if a list holding it was appraised when it was
+    loaded (the patches' "the same action must have been done to the list")."""
     if f is None or not f.actions & dl.ACTION_APPRAISED:
         return None
     return ListedPass(ap.PASS, None, f.algo, None, f"digest in list {f.label}")
@@ -152,18 +165,30 @@ def list_actions(ns, state) -> int:
     also ACTION_APPRAISED_DIGSIG). Appraisal in log or fix mode that did not pass,
     and appraise_mode=off, are no appraisal."""
     ii = state.iint
-    actions = 0
+    measured_ = False
+    results = []
     for n, _ev, d in state.decisions:
         if n is not ns:
             continue
         if d.measure and d.pcr in ii.measured.get(n.id, ()):
-            actions |= dl.ACTION_MEASURED
+            measured_ = True
         if d.appraise and n.appraise_mode != "off":
             cached = ii.appraised.get((n.id, ap.decision_flags(d)))
-            if cached is not None and cached[1].passed:
-                actions |= dl.ACTION_APPRAISED
-                if cached[1].keyid is not None:
-                    actions |= dl.ACTION_APPRAISED_DIGSIG
+            if cached is not None:
+                results.append(cached[1])
+    return actions_of(measured_, results)
+
+
+def actions_of(measured_: bool, appraisals) -> int:
+    """The actions a list's load did to it: ``measured_`` (its entry was stored), and
+    the results of its appraisals (``ap.AppraiseResult``): one that passed makes it
+    appraised, by a signature (a key id) appraised_digsig."""
+    actions = dl.ACTION_MEASURED if measured_ else 0
+    for r in appraisals:
+        if r.passed:
+            actions |= dl.ACTION_APPRAISED
+            if r.keyid is not None:
+                actions |= dl.ACTION_APPRAISED_DIGSIG
     return actions
 
 
@@ -181,12 +206,7 @@ def load(engine, ns, subject: Subject, f: FileRef, *, label: str | None = None,
     path = os.fsdecode(f.path)
     label = label or os.path.basename(path.rstrip("/"))
     size = f.st.st_size
-    if size > dl.MAX_LIST_SIZE:
-        raise DigestListRefused(errno.EFBIG, f"{path}: a digest list is at most "
-                                             f"{dl.MAX_LIST_SIZE} bytes ({size})")
-    if idx.get(label) is not None:      # before it is measured: nothing to undo
-        raise DigestListRefused(errno.EEXIST, f"a digest list named {label!r} is already "
-                                              f"loaded in namespace {ns.path}")
+    _admissible(idx, path, label, size, f"namespace {ns.path}")
     try:
         admit_digest_list(ns, idx, size, engine.audit)
     except QuotaExceeded as e:
@@ -196,7 +216,7 @@ def load(engine, ns, subject: Subject, f: FileRef, *, label: str | None = None,
         with engine.tree.acting_as(subject.pid, ns):
             state = settle(engine.file_open(subject, f, OpenMode(),
                                             funcs=[(DIGEST_LIST_CHECK, MAY_READ)]))
-        data = _read_all(f.fd, size)
+        data = read_all(f.fd, size)
         actions = list_actions(ns, state) if state is not None else 0
         _same_bytes(engine, state, f, data, path)
     except AccessDenied as e:       # appraisal refused it, or its entry cannot be stored
@@ -207,20 +227,57 @@ def load(engine, ns, subject: Subject, f: FileRef, *, label: str | None = None,
     finally:
         if state is not None:
             engine.file_release(state)
-    rec = dict(origin or {})
-    rec.setdefault("path", path)
-    rec.setdefault("time", int(time.time()))
-    try:
-        info = idx.add(label, data, actions=actions, origin=rec)
-    except IndexError_ as e:
-        raise DigestListRefused(e.errno, f"{path}: {e}" if path not in str(e) else str(e)) \
-            from None
+    info = _add(idx, path, label, data, actions, origin)
     engine.audit.record("digest_list_add", ns=ns.path, path=path, label=label,
                         digest=f"{info.algo}:{info.digest.hex()}",
                         actions=dl.format_actions(actions), pid=subject.pid, uid=subject.uid)
     log.info("namespace %s: digest list %s loaded from %s (%s, %d digests)", ns.path, label,
              path, dl.format_actions(actions), info.count)
     return info
+
+
+def load_offline(idx, path: str, data: bytes, *, measured: bool, appraisals,
+                 label: str | None = None, origin: dict | None = None) -> ListInfo:
+    """A list loaded without a mount (``imafs verify --digest-list``), into ``idx``
+    (e.g. a :func:`imafs.ima.digest_index.scratch_index`), as :func:`load` loads it:
+    ``data`` is the file's content, read (at most MAX_LIST_SIZE + 1 bytes) from
+    ``path``; the caller has matched its policy for a DIGEST_LIST_CHECK open of it by
+    root: ``measured``, a rule measures it; ``appraisals``, the results of the
+    appraising decisions (``ap.AppraiseResult``, computed over ``data``), a failure of
+    which refuses the load, as in an enforcing mount (EACCES). The same size and name
+    checks, the same actions (:func:`actions_of`), the same parser and index.
+    DigestListRefused naming ``path`` on any refusal; nothing is loaded then."""
+    label = label or os.path.basename(path.rstrip("/"))
+    _admissible(idx, path, label, len(data), "the lists given")
+    appraisals = list(appraisals)
+    for r in appraisals:
+        if not r.passed:
+            raise DigestListRefused(errno.EACCES, f"{path}: {r}")
+    return _add(idx, path, label, data, actions_of(measured, appraisals), origin)
+
+
+def _admissible(idx, path: str, label: str, size: int, where: str) -> None:
+    """A list of ``size`` bytes may be loaded as ``label``: not too big, and no list
+    of that name is loaded -- checked before it is measured: nothing to undo."""
+    if size > dl.MAX_LIST_SIZE:
+        raise DigestListRefused(errno.EFBIG, f"{path}: a digest list is at most "
+                                             f"{dl.MAX_LIST_SIZE} bytes ({size})")
+    if idx.get(label) is not None:
+        raise DigestListRefused(errno.EEXIST, f"a digest list named {label!r} is already "
+                                              f"loaded in {where}")
+
+
+def _add(idx, path: str, label: str, data: bytes, actions: int, origin) -> ListInfo:
+    """The list into the index (parsed there: a malformed list is refused whole, with
+    the byte offset), with how it was loaded."""
+    rec = dict(origin or {})
+    rec.setdefault("path", path)
+    rec.setdefault("time", int(time.time()))
+    try:
+        return idx.add(label, data, actions=actions, origin=rec)
+    except IndexError_ as e:
+        raise DigestListRefused(e.errno, f"{path}: {e}" if path not in str(e) else str(e)) \
+            from None
 
 
 def unload(engine, ns, subject: Subject, label: str, f: FileRef | None = None) -> ListInfo:
@@ -237,7 +294,7 @@ def unload(engine, ns, subject: Subject, label: str, f: FileRef | None = None) -
                                               f"namespace {ns.path}")
     if f is not None:
         try:
-            data = _read_all(f.fd, min(f.st.st_size, dl.MAX_LIST_SIZE + 1))
+            data = read_all(f.fd, min(f.st.st_size, dl.MAX_LIST_SIZE + 1))
         except OSError as e:
             raise DigestListRefused(e.errno or errno.EIO, f"{os.fsdecode(f.path)}: "
                                                           f"{e.strerror or e}") from None
@@ -255,7 +312,7 @@ def unload(engine, ns, subject: Subject, label: str, f: FileRef | None = None) -
     return info
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def read_all(fd: int, size: int) -> bytes:
     """The file's first ``size`` bytes (and no more: a file that grew is checked by
     its digest)."""
     parts, off = [], 0

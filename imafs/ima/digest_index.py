@@ -27,17 +27,20 @@ not outlive it), :meth:`state` is the same for the same loaded lists across moun
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from imafs.ima import digest_lists as dl
 from imafs.ima import hashing
 
-__all__ = ["DigestListIndex", "ListInfo", "Ref", "Hit", "IndexError_", "MAX_LABEL"]
+__all__ = ["DigestListIndex", "ListInfo", "Ref", "Hit", "IndexError_", "MAX_LABEL",
+           "scratch_index"]
 
 MAX_LABEL = 255
 _BE32 = struct.Struct(">I")
@@ -418,6 +421,20 @@ class DigestListIndex:
             self._info_cache.clear()
         self._info_cache[list_id] = info
         return info
+
+
+@contextlib.contextmanager
+def scratch_index() -> Iterator[DigestListIndex]:
+    """A :class:`DigestListIndex` of its own, in a private temporary LMDB store that is
+    deleted on exit -- for lists loaded without a mount (``imafs verify
+    --digest-list``): the same parser, checks and lookups as a mount's index."""
+    from imafs.store import Store
+    with tempfile.TemporaryDirectory(prefix="imafs-dl-") as d:
+        store = Store(d, sync=False)
+        try:
+            yield DigestListIndex(store, 0)
+        finally:
+            store.close()
 
 
 def _block_of_entries(lst: dl.DigestList) -> list[int]:

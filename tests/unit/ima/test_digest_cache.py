@@ -324,3 +324,93 @@ def test_lookup_ors_the_actions_of_every_list(tmp_path):
         assert idx.state() == s0      # the same lists: the same state
     finally:
         store.close()
+
+
+# ------------------------------------------------- without a mount (imafs verify --digest-list)
+
+def _offline_list(*contents: bytes) -> bytes:
+    digests = sorted({hashlib.sha256(c).digest() for c in contents})
+    prov = dl.Provenance("debian", packages=(dl.Package("bash", "5.2.15-2+b7", 0, "amd64",
+                                                        len(digests)),))
+    return dl.DigestList((dl.Block.of("file", "sha256", digests),), prov).to_bytes()
+
+
+def test_scratch_index_is_private_and_goes_away():
+    from imafs.ima.digest_index import scratch_index
+    with scratch_index() as idx:
+        where = idx.store.path
+        assert os.path.isdir(where) and idx.count() == 0
+    assert not os.path.exists(where)
+
+
+def test_load_offline_keeps_the_actions_done_to_the_list():
+    """The actions are those the mount keeps (actions_of, as list_actions): measured,
+    appraised, by a signature; a list not appraised vouches for no appraisal
+    (listed_pass None) but is found (lookup_in) with its actions."""
+    from imafs.ima import digest_cache as dc
+    from imafs.ima.digest_index import scratch_index
+    sig = ap.AppraiseResult(ap.PASS, None, "sha256", 0x1234, "signed")
+    with scratch_index() as idx:
+        info = dc.load_offline(idx, "/l/signed.list", _offline_list(b"a"), measured=True,
+                               appraisals=[sig])
+        assert info.label == "signed.list" and info.actions == (
+            dl.ACTION_MEASURED | dl.ACTION_APPRAISED | dl.ACTION_APPRAISED_DIGSIG)
+        dc.load_offline(idx, "/l/hash.list", _offline_list(b"b"), measured=False,
+                        appraisals=[ap.AppraiseResult(ap.PASS, None, "sha256")])
+        dc.load_offline(idx, "/l/none.list", _offline_list(b"c"), measured=True,
+                        appraisals=[])
+
+        def digest(content, algo):
+            return hashlib.new(algo, content).digest()
+        f = dc.lookup_in(idx, functools.partial(digest, b"a"))
+        p = dc.listed_pass(f)
+        assert dc.is_listed(p) and p.passed and p.detail == \
+            "digest in list signed.list (from bash 5.2.15-2+b7)"
+        assert dc.lookup_in(idx, functools.partial(digest, b"b")).actions == \
+            dl.ACTION_APPRAISED
+        f = dc.lookup_in(idx, functools.partial(digest, b"c"))
+        assert f.actions == dl.ACTION_MEASURED and dc.listed_pass(f) is None
+        assert dc.lookup_in(idx, functools.partial(digest, b"d")) is None
+        assert dc.listed_pass(None) is None and dc.lookup_in(None, None) is None
+
+
+def test_load_offline_refuses_as_the_mount_does():
+    """A failed appraisal (EACCES), a malformed list (EINVAL, the byte offset), a name
+    or content already loaded (EEXIST), a list too big (EFBIG): refused naming the
+    file, and nothing is loaded."""
+    from imafs.ima import digest_cache as dc
+    from imafs.ima.digest_index import scratch_index
+
+    def refused_(err, *a, **kw):
+        with pytest.raises(dc.DigestListRefused) as e:
+            dc.load_offline(idx, *a, **kw)
+        assert e.value.errno == err, str(e.value)
+        return str(e.value)
+    good = _offline_list(b"a")
+    unsigned = ap.AppraiseResult(ap.FAIL, "IMA-signature-required", None, None,
+                                 "no security.ima")
+    with scratch_index() as idx:
+        why = refused_(errno.EACCES, "/l/u.list", good, measured=True,
+                       appraisals=[unsigned])
+        assert why.startswith("/l/u.list: ") and "IMA-signature-required" in why
+        why = refused_(errno.EINVAL, "/l/bad.list", good[:-1], measured=False, appraisals=[])
+        assert "/l/bad.list" in why and "byte " in why
+        assert idx.count() == 0
+        dc.load_offline(idx, "/l/a.list", good, measured=False, appraisals=[])
+        assert "'a.list' is already loaded" in refused_(
+            errno.EEXIST, "/m/a.list", _offline_list(b"x"), measured=False, appraisals=[])
+        assert "/l/b.list" in refused_(errno.EEXIST, "/l/b.list", good, measured=False,
+                                       appraisals=[])
+        assert "/l/big.list" in refused_(errno.EFBIG, "/l/big.list",
+                                         bytes(dl.MAX_LIST_SIZE + 1), measured=False,
+                                         appraisals=[])
+        assert [i.label for i in idx.lists()] == ["a.list"]
+
+
+def test_actions_of():
+    from imafs.ima.digest_cache import actions_of
+    fail = ap.AppraiseResult(ap.FAIL, "invalid-hash")
+    assert actions_of(False, []) == 0
+    assert actions_of(True, [fail]) == dl.ACTION_MEASURED
+    assert actions_of(False, [fail, ap.AppraiseResult(ap.PASS, None, keyid=7)]) == \
+        dl.ACTION_APPRAISED | dl.ACTION_APPRAISED_DIGSIG
