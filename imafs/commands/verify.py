@@ -11,6 +11,7 @@ enforce`` checks it, and its status goes into the appraisal.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -21,7 +22,9 @@ from imafs.commands import _files
 from imafs.commands._files import open_regular, progress, walk
 from imafs.fs.sysio import fs_info
 from imafs.ima import appraise as ap
-from imafs.ima import binfmt, hashing, hooks
+from imafs.ima import binfmt, digest_cache, hashing, hooks
+from imafs.ima import digest_lists as dl
+from imafs.ima.digest_index import scratch_index
 from imafs.ima import keys as km
 from imafs.ima.policy import MAY_READ, Decision, Policy, PolicyError
 from imafs.ima.policy_parse import load_policy_arg
@@ -75,22 +78,76 @@ def _root_events(policy, path: str, fd: int, st, exec_: bool, fs_cache: dict | N
             return False
     role = ("elf" if elf() else "other") if exec_ else None
     library = not exec_ and hooks.has_func(policy, "MMAP_CHECK") and elf()
-    # the file system the mount sees is the backing file's (run verify on the backing
-    # tree, not through the mount): the mount's own fs_info, once per device. Always:
-    # Policy.needs leaves out fsuuid (None is the null UUID, not "unknown")
+    return hooks.access_events(hooks.open_hooks(MAY_READ, exec_, role, library), _ROOT_IDS,
+                               st, _fs(fd, st, fs_cache), path, exec_, role)
+
+
+def _fs(fd: int, st, fs_cache: dict | None):
+    """The file system the mount sees, the backing file's (run verify on the backing
+    tree, not through the mount): the mount's own fs_info, once per device. Always:
+    Policy.needs leaves out fsuuid (None is the null UUID, not "unknown")."""
     fs = fs_cache.get(st.st_dev) if fs_cache is not None else None
     if fs is None:
         fs = fs_info(fd, st.st_dev)
         if fs_cache is not None:
             fs_cache[st.st_dev] = fs
-    return hooks.access_events(hooks.open_hooks(MAY_READ, exec_, role, library), _ROOT_IDS,
-                               st, fs, path, exec_, role)
+    return fs
+
+
+def _xattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+        return None
+
+
+def _decide(policy, events, value, digest_for, verity, ring, *, default_algo: str,
+            evm_status, lists=None):
+    """The mount's step 5 for one open by root, appraisal side: each event's decision
+    (``policy.match``); an appraising one is appraised once per decision flags -- with
+    ``digest_cache=``, by the digest lists first (``lists``, a DigestListIndex: the
+    engine's lookup and pass, imafs.ima.digest_cache), then by the file's value.
+    Returns (the first failure, else the first pass, else None; every appraisal's
+    result; whether a rule measures the open)."""
+    verdict = None
+    seen: dict = {}
+    results = []
+    measured = False
+    found: list = []
+
+    def listed():
+        if not found:
+            found.append(digest_cache.lookup_in(lists, digest_for))
+        return found[0]
+    for ev in events:
+        d = policy.match(ev)       # all pairs: digest_type is OR-ed, as the engine's
+        measured = measured or d.measure
+        if not d.appraise:
+            continue
+        flags = ap.decision_flags(d)
+        if flags not in seen:
+            r = digest_cache.listed_pass(listed()) if d.digest_cache_appraise else None
+            if r is None:
+                r = ap.appraise_decision(value, d, digest_for, ring, verity_digest=verity,
+                                         default_algo=default_algo, evm_status=evm_status)
+            seen[flags] = r
+            results.append(r)
+        r = seen[flags]
+        r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
+                                f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))
+        if not r.passed:
+            return r, results, measured
+        verdict = verdict or r
+    return verdict, results, measured
 
 
 def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
                 require_sig: bool = False, default_algo: str = "sha256",
                 policy=None, exec_: bool = False,
-                fs_cache: dict | None = None, evm_check=None) -> ap.AppraiseResult | None:
+                fs_cache: dict | None = None, evm_check=None,
+                lists=None) -> ap.AppraiseResult | None:
     """Offline appraisal of one file.
 
     Without ``policy``: as an ``appraise`` rule without options (``require_sig``:
@@ -105,15 +162,12 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
     appraises the access (the mount allows it unappraised). ``fs_cache``: a dict
     that keeps the file-system facts (fsmagic, ...) per device across calls.
     ``evm_check(fd) -> evm.EvmResult``: EVM's status of the file, which the appraisal
-    takes (as with ``--evm enforce``) and the result's ``evm`` attribute holds."""
+    takes (as with ``--evm enforce``) and the result's ``evm`` attribute holds.
+    ``lists`` (with ``policy``): the DigestListIndex of the lists loaded by
+    :func:`load_lists`, which ``digest_cache=`` decisions consult as the mount's."""
     fd = open_regular(path)
     try:
-        try:
-            value = os.getxattr(fd, xattr_name)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-                raise
-            value = None
+        value = _xattr(fd, xattr_name)
         cache: dict[str, bytes] = {}
 
         def digest_for(a: str) -> bytes:
@@ -137,27 +191,70 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
                                                   verity_digest=verity,
                                                   default_algo=default_algo,
                                                   evm_status=evm_status), evm_r)
-        verdict = None
-        seen: dict = {}
-        for ev in _root_events(policy, path, fd, os.fstat(fd), exec_, fs_cache):
-            d = policy.match(ev)       # all pairs: digest_type is OR-ed, as the engine's
-            if not d.appraise:
-                continue
-            flags = (d.appraise_type, d.appraise_algos, d.digest_type)
-            if flags not in seen:
-                seen[flags] = ap.appraise_decision(value, d, digest_for, ring,
-                                                   verity_digest=verity,
-                                                   default_algo=default_algo,
-                                                   evm_status=evm_status)
-            r = seen[flags]
-            r = dataclasses.replace(r, detail=f"{r.detail}; {ev.func} rule "
-                                    f"'{str(d.appraise_rule).rstrip()}'".lstrip("; "))
-            if not r.passed:
-                return _with_evm(r, evm_r)
-            verdict = verdict or r
+        verdict, _, _ = _decide(policy, _root_events(policy, path, fd, os.fstat(fd), exec_,
+                                                     fs_cache),
+                                value, digest_for, verity, ring, default_algo=default_algo,
+                                evm_status=evm_status, lists=lists)
         return _with_evm(verdict, evm_r) if verdict is not None else None
     finally:
         os.close(fd)
+
+
+def load_lists(paths, idx, policy, ring, *, xattr_name: str = "security.ima",
+               default_algo: str = "sha256", fs_cache: dict | None = None,
+               evm_check=None) -> list:
+    """--digest-list: each list into ``idx`` (an imafs.ima.digest_index.scratch_index),
+    in the order given, as a mount with ``policy`` loads it for root (digest_list_add):
+    the open is the hook DIGEST_LIST_CHECK, measured and appraised as the policy says
+    (its appraisal over the very bytes parsed), a failed appraisal refuses it, and
+    :func:`imafs.ima.digest_cache.load_offline` checks and parses it and keeps the
+    actions done to it. Returns the ListInfos; CommandError naming the list on any
+    refusal (nothing is verified then)."""
+    out = []
+    for path in paths:
+        try:
+            fd = open_regular(path)
+        except OSError as e:
+            raise CommandError(f"--digest-list {path}: {e.strerror or e}")
+        try:
+            st = os.fstat(fd)
+            data = digest_cache.read_all(fd, min(st.st_size, dl.MAX_LIST_SIZE + 1))
+            value = _xattr(fd, xattr_name)
+            memo: dict[str, bytes] = {}
+
+            def digest_for(a: str) -> bytes:
+                if a not in memo:
+                    memo[a] = hashing.hash_algo(a).new(data).digest()
+                return memo[a]
+
+            def verity(a: str):
+                try:
+                    return fsverity_digest_fd(fd, a)
+                except hashing.HashAlgoError:
+                    return None
+            evm_r = evm_check(fd) if evm_check is not None else None
+            evm_status = evm_r.status if evm_r is not None and value else ap.UNKNOWN
+            events = hooks.access_events([(digest_cache.DIGEST_LIST_CHECK, MAY_READ)],
+                                         _ROOT_IDS, st, _fs(fd, st, fs_cache), path,
+                                         False, None)
+            _, results, measured = _decide(policy, events, value, digest_for, verity, ring,
+                                           default_algo=default_algo,
+                                           evm_status=evm_status, lists=idx)
+            info = digest_cache.load_offline(idx, path, data, measured=measured,
+                                             appraisals=results,
+                                             origin={"path": path, "via": "imafs verify"})
+        except digest_cache.DigestListRefused as e:
+            why = str(e) if path in str(e) else f"{path}: {e}"
+            raise CommandError(f"--digest-list {why} "
+                               f"({errno.errorcode.get(e.errno, e.errno)})") from None
+        except (OSError, ValueError) as e:
+            raise CommandError(f"--digest-list {path}: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
+        finally:
+            os.close(fd)
+        out.append(info)
+    return out
+
 
 
 def _with_evm(r: ap.AppraiseResult, evm_r) -> ap.AppraiseResult:
@@ -209,9 +306,29 @@ def cmd_verify(args) -> int:
         raise CommandError("--evm checks security.evm, which covers security.ima: not with "
                            "--xattr user")
     evm_check = _evm_checker(args, ring) if args.evm else None
+    if args.digest_list and policy is None:
+        raise CommandError("--digest-list needs --policy: its rules say whether a list "
+                           "counts (digest_cache=) and how a list is loaded "
+                           "(func=DIGEST_LIST_CHECK)")
+    fs_cache: dict = {}
+    with scratch_index() if args.digest_list else contextlib.nullcontext() as idx:
+        for info in load_lists(args.digest_list or (), idx, policy, ring, xattr_name=name,
+                               default_algo=default, fs_cache=fs_cache,
+                               evm_check=evm_check):
+            if not info.actions & dl.ACTION_APPRAISED:
+                print(f"imafs verify: {info.origin['path']}: loaded as {info.label} "
+                      f"({dl.format_actions(info.actions)}): no rule appraises "
+                      f"DIGEST_LIST_CHECK, so it vouches for no appraisal", file=sys.stderr)
+            elif args.verbose:
+                print(f"imafs verify: {info.origin['path']}: loaded as {info.label} "
+                      f"({info.count} digests, {dl.format_actions(info.actions)})",
+                      file=sys.stderr)
+        return _verify_all(args, ring, name, default, policy, evm_check, fs_cache, idx)
+
+
+def _verify_all(args, ring, name, default, policy, evm_check, fs_cache, lists) -> int:
     todo = list(walk(args.paths, args.recursive, args.skip_special))
     bad = 0
-    fs_cache: dict = {}
     with progress(len(todo), args.quiet) as bar:
         for path, why in todo:
             bar.update(1)
@@ -219,7 +336,7 @@ def cmd_verify(args) -> int:
                 try:
                     r = verify_file(path, ring, xattr_name=name, require_sig=args.require_sig,
                                     default_algo=default, policy=policy, exec_=args.exec_,
-                                    fs_cache=fs_cache, evm_check=evm_check)
+                                    fs_cache=fs_cache, evm_check=evm_check, lists=lists)
                 except IsADirectoryError as e:
                     why = e.strerror
                 except OSError as e:
@@ -268,7 +385,8 @@ def register(sub) -> None:
         "(FILE_CHECK and BPRM_CHECK, MAY_EXEC; for an ELF file also CREDS_CHECK with the "
         "set-id credentials, and the mmap hooks): the matching appraise rule's "
         "appraise_type, appraise_algos and digest_type decide what is checked, and a file "
-        "no rule appraises prints 'PATH: not appraised' (the mount allows it). Run it on "
+        "no rule appraises prints 'PATH: not appraised' (the mount allows it); with "
+        "--digest-list, digest_cache= rules consult the lists as the mount's do. Run it on "
         "the backing tree: fsmagic/fsname/fsuuid are those of the files' file system. "
         "Exit 0 when no file fails, else 1.")
     p.add_argument("--keys", action="append", metavar="DIR",
@@ -280,6 +398,12 @@ def register(sub) -> None:
                    "not with --policy")
     p.add_argument("--policy", metavar="FILE|tcb|appraise_tcb",
                    help="answer as a mount with this root policy would (see above)")
+    p.add_argument("--digest-list", action="append", metavar="LIST",
+                   help="with --policy: a digest list loaded first, as the mount loads "
+                   "it (DIGEST_LIST_CHECK: measured and appraised as the policy says, "
+                   "with --keys/--key; a refused or malformed list stops the command); "
+                   "digest_cache= rules then pass a file whose digest is in a list that "
+                   "was appraised (repeatable, loaded in the order given)")
     p.add_argument("--exec", dest="exec_", action="store_true",
                    help="with --policy: the verdict for an exec (BPRM_CHECK), not a read")
     p.add_argument("-a", "--hash", default="sha256",

@@ -83,3 +83,45 @@ POLICY_VERDICTS = [
     ("appraise func=BPRM_CHECK appraise_type=imasig\nappraise func=FILE_CHECK mask=MAY_WRITE\n"
      "appraise fowner=1000", {n: "not appraised" for n in (*PASS_ALL, "none", "bad-v2")}),
 ]
+
+
+# ---------------------------------------------------------- digest lists (--digest-list)
+
+#: a list is loaded only signed (DIGEST_LIST_CHECK appraised), and a read passes by it
+LIST_POLICY = ("measure func=DIGEST_LIST_CHECK\n"
+               "appraise func=DIGEST_LIST_CHECK appraise_type=imasig\n"
+               "appraise func=FILE_CHECK mask=MAY_READ digest_cache=content\n")
+#: a list is loaded unappraised (measured only): it vouches for no appraisal
+UNAPPRAISED_LIST_POLICY = ("measure func=DIGEST_LIST_CHECK\n"
+                           "appraise func=FILE_CHECK mask=MAY_READ digest_cache=content\n")
+#: under LIST_POLICY with lists/t.list: the list first, then security.ima
+LISTED_VERDICTS = {"listed-1": "pass", "listed-2": "pass", "signed": "pass",
+                   "tampered": "fail (missing-hash)", "unlisted": "fail (missing-hash)"}
+
+
+@pytest.fixture
+def listed(keydir, tmp_path, capsys):
+    """A few files (``files/``) and digest lists of some of them (``lists/``):
+    t.list (signed) holds listed-1, listed-2 and tampered (changed since), not
+    unlisted nor signed (signed with the key instead); unsigned.list holds the same
+    and is not signed; bad.list is t.list cut short by one byte (malformed), signed."""
+    import hashlib
+    from imafs.ima import digest_lists as dl
+    root = tmp_path / "listed"
+    files, lists = root / "files", root / "lists"
+    files.mkdir(parents=True)
+    lists.mkdir()
+    for n in LISTED_VERDICTS:
+        (files / n).write_bytes(n.encode() * 100)
+    digests = sorted(hashlib.sha256((files / n).read_bytes()).digest()
+                     for n in ("listed-1", "listed-2", "tampered"))
+    data = dl.DigestList((dl.Block.of("file", "sha256", digests),)).to_bytes()
+    for n, d in (("t.list", data), ("unsigned.list", data), ("bad.list", data[:-1])):
+        (lists / n).write_bytes(d)
+    with open(files / "tampered", "ab") as f:
+        f.write(b"!")
+    key = str(keydir / "signing_key.pem")
+    for p in (files / "signed", lists / "t.list", lists / "bad.list"):
+        assert main(["sign", "-q", "--key", key, str(p)]) == 0
+    capsys.readouterr()
+    return root

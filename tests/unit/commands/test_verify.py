@@ -11,8 +11,9 @@ from imafs.commands import verify
 from imafs.ima.keys import Keyring
 
 from helpers.cli import files, keydir, run  # noqa: F401 (fixtures)
-from helpers.verify_kinds import (PASS_ALL, POLICY_VERDICTS, kinds,  # noqa: F401 (a fixture)
-                                  policy_file, verdicts)
+from helpers.verify_kinds import (LIST_POLICY, LISTED_VERDICTS,  # noqa: F401 (fixtures)
+                                  PASS_ALL, POLICY_VERDICTS, UNAPPRAISED_LIST_POLICY, kinds,
+                                  listed, policy_file, verdicts)
 
 
 def test_verify_keys_dir_ignores_private_keys_and_reports_junk(keydir, files, tmp_path, capsys):
@@ -196,3 +197,76 @@ def test_verify_policy_events_are_the_engines(tmp_path, policy_text):
                 os.close(fd)
     finally:
         store.close()
+
+
+def _snapshot(root):
+    """Every file under root: name, size, mtime, xattrs (to see that nothing changed)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p)] = (st.st_size, st.st_mtime_ns,
+                       {a: os.getxattr(p, a) for a in os.listxattr(p)})
+    return out
+
+
+def test_verify_digest_list_vouches_for_its_files(capsys, keydir, listed, tmp_path):
+    """With the signed list, the files it holds pass (-v: by the list), a file it does
+    not hold is appraised by its security.ima (signed: pass, none: fail), a file
+    changed since fails; without the list the listed files fail. A list loaded while
+    no rule appraises DIGEST_LIST_CHECK vouches for no appraisal (said on stderr)."""
+    files, lists = listed / "files", listed / "lists"
+    pol = policy_file(tmp_path, LIST_POLICY)
+    rc, got, err = verdicts(capsys, keydir, files, "--policy", pol)
+    assert rc == 1 and err == "" and got == {**LISTED_VERDICTS, "listed-1": "fail (missing-hash)",
+                                             "listed-2": "fail (missing-hash)"}
+    rc, got, err = verdicts(capsys, keydir, files, "--policy", pol,
+                            "--digest-list", lists / "t.list")
+    assert rc == 1 and err == "" and got == LISTED_VERDICTS
+    rc, out, err = run(capsys, "verify", "-q", "-v", "--keys", keydir, "--policy", pol,
+                       "--digest-list", lists / "t.list", files / "listed-1", files / "signed")
+    assert rc == 0 and f"{lists / 't.list'}: loaded as t.list (3 digests, measured,appraised," \
+        "appraised_digsig)" in err
+    assert f"{files / 'listed-1'}: pass (digest in list t.list; FILE_CHECK rule" in out
+    assert f"{files / 'signed'}: pass (signed" in out, out
+    unappraised = policy_file(tmp_path, UNAPPRAISED_LIST_POLICY)
+    rc, got, err = verdicts(capsys, keydir, files, "--policy", unappraised,
+                            "--digest-list", lists / "unsigned.list")
+    assert rc == 1 and got["listed-1"] == "fail (missing-hash)" and got["signed"] == "pass"
+    assert "loaded as unsigned.list (measured): no rule appraises DIGEST_LIST_CHECK" in err
+
+
+@pytest.mark.parametrize("lst, keys, want", [
+    ("unsigned.list", True, ": nolabel (IMA-signature-required): no security.ima (EACCES)"),
+    ("t.list", False, ": fail (invalid-signature): no key with id"),
+    ("bad.list", True, ": bad.list: byte "),        # signed, appraised, then parsed
+    ("missing.list", True, ": No such file or directory"),
+])
+def test_verify_digest_list_refused(capsys, keydir, listed, tmp_path, lst, keys, want):
+    """A list the mount would refuse (unsigned when the policy appraises it, a
+    signature no key verifies, malformed, missing), after a good one: exit 2, a message
+    naming the file, no verdict printed, nothing changed, no scratch index left."""
+    import tempfile
+    files, lists = listed / "files", listed / "lists"
+    pol = policy_file(tmp_path, LIST_POLICY)
+    first = ("--digest-list", lists / "t.list") if keys else ()
+    before = _snapshot(listed)
+    left = set(os.listdir(tempfile.gettempdir()))
+    rc, out, err = run(capsys, "verify", "-q", *(("--keys", keydir) if keys else ()),
+                       "--policy", pol, *first, "--digest-list", lists / lst,
+                       *sorted(files.iterdir()))
+    assert rc == 2 and out == "", (out, err)
+    assert err.startswith(f"imafs verify: --digest-list {lists / lst}: ") and want in err, err
+    assert _snapshot(listed) == before
+    assert set(os.listdir(tempfile.gettempdir())) == left
+
+
+def test_verify_digest_list_usage_errors(capsys, keydir, listed, tmp_path):
+    lists = listed / "lists"
+    rc, _, err = run(capsys, "verify", "--digest-list", lists / "t.list",
+                     listed / "files" / "listed-1")
+    assert rc == 2 and "--digest-list needs --policy" in err
+    rc, out, err = run(capsys, "verify", "--keys", keydir, "--policy",
+                       policy_file(tmp_path, LIST_POLICY), "--digest-list", lists / "t.list",
+                       "--digest-list", lists / "t.list", listed / "files" / "listed-1")
+    assert rc == 2 and out == "" and "a digest list named 't.list' is already loaded" in err \
+        and "(EEXIST)" in err
