@@ -133,10 +133,15 @@ class Client:
             req["fds"] = list(fds)
         data = P.encode(req)
         try:
-            if fds:
-                n = socket.send_fds(self.sock, [data], list(fds.values()))
-                data = data[n:]
-            self.sock.sendall(data)
+            try:
+                if fds:
+                    n = socket.send_fds(self.sock, [data], list(fds.values()))
+                    data = data[n:]
+                self.sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                # a daemon at its connection limit answers before it reads and closes:
+                # its reason may be waiting to be read
+                pass
             line = self._read_line()
         except socket.timeout:
             raise CtlError(f"{op}: the daemon did not answer in time") from None

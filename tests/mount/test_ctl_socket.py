@@ -71,10 +71,13 @@ def raw(m, *lines: bytes, fds=(), read=True) -> list[dict]:
     out, buf = [], b""
     with s:
         for i, line in enumerate(lines):
-            if fds and i == 0:
-                socket.send_fds(s, [line], list(fds))
-            else:
-                s.sendall(line)
+            try:
+                if fds and i == 0:
+                    socket.send_fds(s, [line], list(fds))
+                else:
+                    s.sendall(line)
+            except BrokenPipeError:     # refused before the daemon read: its answer waits
+                pass
             if not read:
                 continue
             while b"\n" not in buf:
@@ -199,6 +202,9 @@ def test_connections_are_bounded(m):
             held.append(s)
         ans = raw(m, b'{"v":1,"op":"hello"}\n')
         assert ans[0]["errno"] == "EAGAIN" and "at once" in ans[0]["error"]
+        # the command line says why, whether the refusal came before or after its request
+        r = imafs("ns", "list", m.mnt, ok=False)
+        assert r.returncode != 0 and "at once: try again" in r.stderr, r.stderr
     finally:
         for s in held:
             s.close()
