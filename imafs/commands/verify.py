@@ -103,6 +103,31 @@ def _xattr(fd: int, name: str) -> bytes | None:
         return None
 
 
+def _appraised(fd: int, xattr_name: str, evm_check, data: bytes | None = None):
+    """What an appraisal of the open file ``fd`` takes: its value (``xattr_name``), its
+    digest per algorithm (of ``data`` when given -- the very bytes a list is parsed
+    from -- else of the file, each computed once), its fs-verity digest, and EVM's
+    result and status. Returns (value, digest_for, verity, evm_r, evm_status)."""
+    value = _xattr(fd, xattr_name)
+    cache: dict[str, bytes] = {}
+
+    def digest_for(a: str) -> bytes:
+        if a not in cache:
+            cache[a] = (hashing.hash_algo(a).new(data).digest() if data is not None
+                        else hashing.hash_fd(fd, [a])[a])
+        return cache[a]
+
+    def verity(a: str):
+        try:
+            return fsverity_digest_fd(fd, a)
+        except hashing.HashAlgoError:       # fs-verity has no such algorithm
+            return None
+
+    evm_r = evm_check(fd) if evm_check is not None else None
+    evm_status = evm_r.status if evm_r is not None and value else ap.UNKNOWN
+    return value, digest_for, verity, evm_r, evm_status
+
+
 def _decide(policy, events, value, digest_for, verity, ring, *, default_algo: str,
             evm_status, lists=None):
     """The mount's step 5 for one open by root, appraisal side: each event's decision
@@ -167,22 +192,7 @@ def verify_file(path: str, ring, *, xattr_name: str = "security.ima",
     :func:`load_lists`, which ``digest_cache=`` decisions consult as the mount's."""
     fd = open_regular(path)
     try:
-        value = _xattr(fd, xattr_name)
-        cache: dict[str, bytes] = {}
-
-        def digest_for(a: str) -> bytes:
-            if a not in cache:
-                cache[a] = hashing.hash_fd(fd, [a])[a]
-            return cache[a]
-
-        def verity(a: str):
-            try:
-                return fsverity_digest_fd(fd, a)
-            except hashing.HashAlgoError:       # fs-verity has no such algorithm
-                return None
-
-        evm_r = evm_check(fd) if evm_check is not None else None
-        evm_status = evm_r.status if evm_r is not None and value else ap.UNKNOWN
+        value, digest_for, verity, evm_r, evm_status = _appraised(fd, xattr_name, evm_check)
         if policy is None:
             d = Decision(appraise=True, appraise_type="imasig" if require_sig else None,
                          digest_type=("verity" if value and value[0] == ap.IMA_VERITY_DIGSIG
@@ -219,21 +229,8 @@ def load_lists(paths, idx, policy, ring, *, xattr_name: str = "security.ima",
         try:
             st = os.fstat(fd)
             data = digest_cache.read_all(fd, min(st.st_size, dl.MAX_LIST_SIZE + 1))
-            value = _xattr(fd, xattr_name)
-            memo: dict[str, bytes] = {}
-
-            def digest_for(a: str) -> bytes:
-                if a not in memo:
-                    memo[a] = hashing.hash_algo(a).new(data).digest()
-                return memo[a]
-
-            def verity(a: str):
-                try:
-                    return fsverity_digest_fd(fd, a)
-                except hashing.HashAlgoError:
-                    return None
-            evm_r = evm_check(fd) if evm_check is not None else None
-            evm_status = evm_r.status if evm_r is not None and value else ap.UNKNOWN
+            value, digest_for, verity, _, evm_status = _appraised(fd, xattr_name, evm_check,
+                                                                  data)
             events = hooks.access_events([(digest_cache.DIGEST_LIST_CHECK, MAY_READ)],
                                          _ROOT_IDS, st, _fs(fd, st, fs_cache), path,
                                          False, None)
@@ -254,7 +251,6 @@ def load_lists(paths, idx, policy, ring, *, xattr_name: str = "security.ima",
             os.close(fd)
         out.append(info)
     return out
-
 
 
 def _with_evm(r: ap.AppraiseResult, evm_r) -> ap.AppraiseResult:
